@@ -1,0 +1,3 @@
+from pond.cli import main
+
+raise SystemExit(main())

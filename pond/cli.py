@@ -1,0 +1,320 @@
+"""The `pond` command: the only module that prints or exits.
+
+Exit codes: 0 ok; 1 error; 2 usage; 3 pond unreachable; 4 pond refused the request;
+`pond submit --wait` exits with the job's own exit code (130 if it was cancelled).
+Results go to stdout, errors to stderr as `error: ...` and `hint: ...`.
+"""
+
+import argparse
+import base64
+import json
+import os
+import sys
+import time
+
+from pond import __version__
+from pond.client import Client
+from pond.errors import PondError
+from pond.settings import DEFAULT_STATE_DIR, client_settings, read_private, server_settings
+
+EXIT_CANCELLED = 130
+TERMINAL = ("done", "failed", "cancelled")
+
+EXAMPLES = """examples:
+  pond up                                        # a whole local pool; Ctrl-C stops it
+  pond submit --wait -- python3 -c 'print(42)'   # run a job, print its output, exit with its code
+  pond submit --tag repo:acme --capability harness.codex -- ./agent.sh
+  pond jobs; pond job ID; pond logs ID --follow; pond cancel ID
+  pond serve --bind 127.0.0.1:8001 --state-dir ./pond-state
+  pond admin pairing-code; pond admin enrollment-code --uses 5; pond admin workers
+"""
+
+
+def _client(args):
+    token = read_private(args.token_file) if args.token_file else None
+    s = client_settings(args.pond, args.state_dir, token, os.environ)
+    return Client(s.url, s.token, s.timeout)
+
+
+def _print_json(data):
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _table(rows, columns):
+    """An aligned text table; columns are (title, key-or-function)."""
+    def cell(row, key):
+        value = key(row) if callable(key) else row.get(key)
+        return "-" if value is None else str(value)
+
+    cells = [[title for title, _ in columns]] + [[cell(r, key) for _, key in columns] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def _ago(ts):
+    if not ts:
+        return None
+    s = max(0, time.time() - ts)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
+
+
+# -- commands -------------------------------------------------------------------
+
+def cmd_serve(args):
+    from pond.server import serve
+    settings = server_settings(args.bind, args.state_dir, os.environ, args.admin_token_file,
+                               args.poll_hold, args.access_log)
+    return serve(settings)
+
+
+def cmd_up(args):
+    from pond.up import up
+    state = args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR
+    return up(state, args.bind, args.tags, args.capabilities, args.concurrency)
+
+
+def cmd_submit(args):
+    client = _client(args)
+    if not args.command:
+        raise PondError("no command to run", "example: pond submit --wait -- python3 -c 'print(42)'", code="usage")
+    body = {"command": args.command, "tags": args.tag, "capabilities": args.capability,
+            "env": dict(_env_pair(e) for e in args.env)}
+    if args.timeout:
+        body["timeout"] = args.timeout
+    if args.name:
+        body["name"] = args.name
+    if args.sandbox:
+        body["sandbox"] = _json_arg(args.sandbox, "--sandbox")
+    if args.tenant:
+        body["tenant"] = args.tenant
+    job = client.post("/v1/jobs", body)
+    if not args.wait:
+        _print_json(job) if args.json else print(job["id"])
+        return 0
+    print(f"submitted {job['id']}", file=sys.stderr)
+    return _follow(client, job["id"], announce_wait=True)
+
+
+def _env_pair(text):
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise PondError(f"--env {text!r} is not NAME=VALUE", "example: --env MODE=fast", code="usage")
+    return name, value
+
+
+def _json_arg(text, flag):
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise PondError(f"{flag} is not valid JSON", f"""example: {flag} '{{"profile": "none"}}'""",
+                        code="usage") from None
+
+
+def _follow(client, job_id, announce_wait=False):
+    """Stream a job's output until it ends; return its exit status for the shell."""
+    after, said_waiting = 0, False
+    while True:
+        page = client.get(f"/v1/jobs/{job_id}/logs", after=after, wait=20)
+        for chunk in page["chunks"]:
+            stream = sys.stdout if chunk["stream"] == "stdout" else sys.stderr
+            stream.buffer.write(base64.b64decode(chunk["data"]))
+            stream.flush()
+        after = page["next"]
+        if announce_wait and not said_waiting and page["state"] == "queued" and not page["chunks"]:
+            waiting = client.get(f"/v1/jobs/{job_id}").get("waiting")
+            if waiting:
+                print(f"waiting: {waiting['reason']}", file=sys.stderr)
+                said_waiting = True
+        if page["complete"]:
+            return _exit_status(client.get(f"/v1/jobs/{job_id}"))
+
+
+def _exit_status(job):
+    if job["state"] == "done":
+        return 0
+    if job["state"] == "cancelled":
+        print(f"job {job['id']} was cancelled", file=sys.stderr)
+        return EXIT_CANCELLED
+    if job.get("error"):
+        print(f"job {job['id']} failed: {job['error']}", file=sys.stderr)
+    code = job.get("exit_code")
+    return code if isinstance(code, int) and 0 < code < 256 else 1
+
+
+def cmd_jobs(args):
+    data = _client(args).get("/v1/jobs", state=args.state, limit=args.limit)
+    if args.json:
+        return _print_json(data)
+    _table(data["jobs"], [("ID", "id"), ("STATE", "state"), ("EXIT", "exit_code"), ("WORKER", "worker"),
+                          ("CREATED", lambda j: _ago(j["created_at"])), ("COMMAND", lambda j: " ".join(j["command"])[:60])])
+
+
+def cmd_job(args):
+    job = _client(args).get(f"/v1/jobs/{args.id}")
+    if args.json:
+        return _print_json(job)
+    for key in ("id", "name", "state", "exit_code", "error", "worker", "orchestrator", "attempt"):
+        if job.get(key) not in (None, ""):
+            print(f"{key + ':':14}{job[key]}")
+    print(f"{'command:':14}{' '.join(job['command'])}")
+    print(f"{'needs:':14}tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}")
+    print(f"{'sandbox:':14}{json.dumps(job['sandbox'], sort_keys=True)}")
+    if job.get("waiting"):
+        print(f"{'waiting:':14}{job['waiting']['reason']}")
+
+
+def cmd_logs(args):
+    client = _client(args)
+    if args.follow:
+        _follow(client, args.id)
+        return 0
+    after = 0
+    while True:
+        page = client.get(f"/v1/jobs/{args.id}/logs", after=after)
+        for chunk in page["chunks"]:
+            stream = sys.stdout if chunk["stream"] == "stdout" else sys.stderr
+            stream.buffer.write(base64.b64decode(chunk["data"]))
+        if not page["chunks"]:
+            break
+        after = page["next"]
+    sys.stdout.flush()
+
+
+def cmd_cancel(args):
+    job = _client(args).post(f"/v1/jobs/{args.id}/cancel")
+    if args.json:
+        return _print_json(job)
+    print(f"{job['id']} {job['state']}" + (" (cancel requested)" if job["cancel_requested"] else ""))
+
+
+def cmd_pairing_code(args):
+    body = {"ttl": args.ttl} if args.ttl else {}
+    if args.name:
+        body["name"] = args.name
+    data = _client(args).post("/v1/admin/pool/pairing-codes", body)
+    if args.json:
+        return _print_json(data)
+    print(data["code"])
+    print(f"one-time, expires in {data['ttl']} s; on the orchestrator host run:\n"
+          f"  python swarm.py pair --pond {_client(args).url} --code {data['code']}", file=sys.stderr)
+
+
+def cmd_enrollment_code(args):
+    body = {k: v for k, v in (("ttl", args.ttl), ("uses", args.uses)) if v}
+    data = _client(args).post("/v1/admin/pool/enrollment-codes", body)
+    if args.json:
+        return _print_json(data)
+    print(data["code"])
+    print(f"enrolls up to {data['uses']} worker(s), expires in {data['ttl']} s; on a worker host run:\n"
+          f"  python swarm.py worker --orchestrator URL --enroll-code {data['code']} --tags ... --capabilities ...",
+          file=sys.stderr)
+
+
+def cmd_orchestrators(args):
+    data = _client(args).get("/v1/admin/pool/orchestrators")
+    if args.json:
+        return _print_json(data)
+    _table(data["orchestrators"], [("ID", "id"), ("NAME", "name"), ("WORKERS", "workers"),
+                                   ("ONLINE", "workers_online"), ("LAST SEEN", lambda o: _ago(o["last_seen"]))])
+
+
+def cmd_workers(args):
+    data = _client(args).get("/v1/admin/pool/workers")
+    if args.json:
+        return _print_json(data)
+    _table(data["workers"], [("ID", "id"), ("ORCHESTRATOR", "orchestrator"), ("ONLINE", "online"),
+                             ("SLOTS", "slots"), ("FREE", "free"), ("TAGS", lambda w: ",".join(w["tags"])),
+                             ("CAPABILITIES", lambda w: ",".join(w["capabilities"])),
+                             ("LAST SEEN", lambda w: _ago(w["last_seen"]))])
+
+
+# -- parser ---------------------------------------------------------------------
+
+def build_parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--pond", metavar="URL", help="pond's URL (default: from --state-dir, or $POND_URL)")
+    common.add_argument("--state-dir", metavar="DIR",
+                        help=f"pond's state dir, to find its URL and admin token (default: $POND_STATE_DIR or {DEFAULT_STATE_DIR})")
+    common.add_argument("--token-file", metavar="FILE", help="file holding the admin token (default: DIR/admin-token)")
+    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = argparse.ArgumentParser(prog="pond", description="pond: control plane of a pull-based worker pool",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"pond {__version__}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("serve", help="run pond", parents=[common])
+    s.add_argument("--bind", metavar="HOST:PORT", help="default 127.0.0.1:8001 (port 0: any free port)")
+    s.add_argument("--admin-token-file", metavar="FILE", help="admin token (required off loopback)")
+    s.add_argument("--poll-hold", type=float, metavar="S", help="seconds an idle poll is held (default 25)")
+    s.add_argument("--access-log", action="store_true", help="log every request")
+    s.set_defaults(fn=cmd_serve)
+
+    s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
+    s.add_argument("--bind", metavar="HOST:PORT", help="where pond listens (default 127.0.0.1:8001, else any free port)")
+    s.add_argument("--tags", default="pool:trusted,pool:local", help="the worker's tags (default: %(default)s)")
+    s.add_argument("--capabilities", default="harness.*,sandbox.*", help="the worker's capability globs (default: %(default)s)")
+    s.add_argument("--concurrency", type=int, default=2, help="the worker's slots (default: %(default)s)")
+    s.set_defaults(fn=cmd_up)
+
+    s = sub.add_parser("submit", help="submit a job: pond submit [options] -- COMMAND [ARG...]", parents=[common])
+    s.add_argument("--tag", action="append", default=[], help="a tag the worker must have (repeatable)")
+    s.add_argument("--capability", action="append", default=[], help="a capability the worker must have (repeatable)")
+    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment for the job")
+    s.add_argument("--timeout", type=float, metavar="S", help="seconds the job may run")
+    s.add_argument("--name", help="a label for the job")
+    s.add_argument("--tenant", help="tenant id (for sandbox tier byo)")
+    s.add_argument("--sandbox", metavar="JSON", help='sandbox block, e.g. \'{"profile": "none", "tier": "any"}\'')
+    s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("jobs", help="list jobs", parents=[common])
+    s.add_argument("--state", help="only jobs in this state")
+    s.add_argument("--limit", type=int, default=50)
+    s.set_defaults(fn=cmd_jobs)
+
+    for name, fn, helptext in (("job", cmd_job, "show one job (and why it waits)"),
+                               ("cancel", cmd_cancel, "cancel a job")):
+        s = sub.add_parser(name, help=helptext, parents=[common])
+        s.add_argument("id")
+        s.set_defaults(fn=fn)
+
+    s = sub.add_parser("logs", help="print a job's output", parents=[common])
+    s.add_argument("id")
+    s.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    s.set_defaults(fn=cmd_logs)
+
+    admin = sub.add_parser("admin", help="pool administration").add_subparsers(dest="admin_cmd", metavar="COMMAND",
+                                                                                required=True)
+    s = admin.add_parser("pairing-code", help="mint a one-time orchestrator pairing code", parents=[common])
+    s.add_argument("--ttl", type=int, metavar="S", help="seconds it stays valid (default 600)")
+    s.add_argument("--name", help="a name for the orchestrator")
+    s.set_defaults(fn=cmd_pairing_code)
+    s = admin.add_parser("enrollment-code", help="mint a worker enrollment code", parents=[common])
+    s.add_argument("--ttl", type=int, metavar="S", help="seconds it stays valid (default 3600)")
+    s.add_argument("--uses", type=int, help="how many workers it may enroll (default 1)")
+    s.set_defaults(fn=cmd_enrollment_code)
+    s = admin.add_parser("orchestrators", help="list paired orchestrators", parents=[common])
+    s.set_defaults(fn=cmd_orchestrators)
+    s = admin.add_parser("workers", help="list enrolled workers", parents=[common])
+    s.set_defaults(fn=cmd_workers)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) and args.command[0] == "--":
+        args.command = args.command[1:]
+    try:
+        return args.fn(args) or 0
+    except PondError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return getattr(e, "exit_code", 2 if e.code in ("usage", "config") else 1)
+    except KeyboardInterrupt:
+        return EXIT_CANCELLED
+    except BrokenPipeError:
+        return 0

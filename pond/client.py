@@ -1,0 +1,107 @@
+"""A small keep-alive JSON client for pond's API, used by the CLI and `pond up`.
+
+One http.client connection per thread, reused across calls (urllib opens a new TCP
+connection per request). A stale kept-alive connection that the server closed is
+retried once; nothing else is retried here.
+"""
+
+import http.client
+import json
+import socket
+import threading
+from urllib.parse import urlencode, urlsplit
+
+from pond.errors import PondError
+
+EXIT_UNREACHABLE = 3
+EXIT_REFUSED = 4
+
+
+class ClientError(PondError):
+    """An error answer from pond, or no answer at all; carries the CLI exit code."""
+
+    def __init__(self, message, hint="", status=None, code="client", exit_code=EXIT_REFUSED):
+        super().__init__(message, hint, code=code)
+        self.status = status
+        self.exit_code = exit_code
+
+
+class Client:
+    def __init__(self, url, token=None, timeout=30.0):
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise ClientError(f"pond URL {url!r} is not http://HOST:PORT", "example: --pond http://127.0.0.1:8001",
+                              exit_code=2)
+        self.url = url.rstrip("/")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.token = token
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _conn(self, timeout):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._local.conn = conn
+        conn.sock.settimeout(timeout)
+        return conn
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def request(self, method, path, body=None, query=None, timeout=None):
+        if query:
+            path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
+        payload = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        for attempt in (1, 2):
+            reused = getattr(self._local, "conn", None) is not None
+            try:
+                conn = self._conn(timeout or self.timeout)
+                conn.request(method, path, body=payload, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                self.close()
+                if reused and attempt == 1:
+                    continue
+                raise self._unreachable(e) from None
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                raise self._unreachable(e) from None
+        if resp.getheader("Connection", "").lower() == "close":
+            self.close()
+        return self._decode(resp.status, raw, method, path)
+
+    def _unreachable(self, e):
+        return ClientError(f"cannot reach pond at {self.url}: {e.__class__.__name__}: {e}",
+                           "is it running? start a local pool with `pond up`, or pass --pond URL",
+                           code="unreachable", exit_code=EXIT_UNREACHABLE)
+
+    def _decode(self, status, raw, method, path):
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = None
+        if 200 <= status < 300 and data is not None:
+            return data
+        err = (data or {}).get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            raise ClientError(err.get("message", "error"), err.get("hint", ""), status, err.get("code", "error"))
+        snippet = raw[:200].decode(errors="replace")
+        raise ClientError(f"{method} {path} answered {status} with a non-JSON body: {snippet!r}",
+                          "is --pond pointing at pond, not at something else?", status)
+
+    def get(self, path, **query):
+        return self.request("GET", path, query=query or None)
+
+    def post(self, path, body=None, timeout=None):
+        return self.request("POST", path, body=body if body is not None else {}, timeout=timeout)

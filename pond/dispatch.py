@@ -1,0 +1,175 @@
+"""Dispatch: how queued jobs reach workers, and how their reports come back.
+
+    consumer ── POST /v1/jobs ──▶ store (queued) ── work.notify() ─┐
+                                                                   ▼
+    orchestrator ── POST /v1/orch/poll (held ≤ hold s) ──▶ claim(): one transaction that
+                                                           assigns queued jobs to this
+                                                           binding's online workers
+    orchestrator ◀── {jobs: [assignment...], cancels: [...]} ──┘
+    orchestrator ── POST /v1/orch/jobs/{id}/state|chunk (X-Claim-Token) ──▶ report_*()
+
+Free slots are pond's own count: a worker's slots (from the latest snapshot) minus its
+jobs that are assigned or running. pond learns a slot is free from the job's final
+report, which wakes held polls, so a poll never works from a stale offer
+(specs/protocol.md §4 explains why offers are not carried on the poll).
+"""
+
+import secrets
+import threading
+import time
+
+from pond import matching, tokens, wire
+from pond.errors import BadRequest, NotFound, StaleAttempt, Unauthorized
+from pond.jobs import TERMINAL, JobState, transition
+
+MAX_CLAIM = 64          # assignments in one poll answer
+REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+
+class Notifier:
+    """A version counter with a condition: wait until something changed since `version`."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self.version = 0
+
+    def notify(self):
+        with self._cond:
+            self.version += 1
+            self._cond.notify_all()
+
+    def wait(self, version, timeout):
+        with self._cond:
+            self._cond.wait_for(lambda: self.version != version, timeout)
+
+
+def claim(pond, binding_id, max_jobs=MAX_CLAIM):
+    """Assign queued jobs to this binding's online workers with free slots, oldest first.
+
+    One write transaction: two polls can never assign the same job. Among matching
+    workers, the one with the most free slots gets the job.
+    """
+    store = pond.store
+    with store.transaction():
+        workers = [w for w in store.workers(binding_id) if w["online"]]
+        if not workers:
+            return []
+        active = store.active_counts(binding_id)
+        free = {w["id"]: w["slots"] - active.get(w["id"], 0) for w in workers}
+        if max(free.values()) <= 0:
+            return []
+        out = []
+        for group in store.queued_groups():
+            fit = [w for w in workers if free[w["id"]] > 0
+                   and matching.matches(w, group["tags"], group["capabilities"])]
+            room = sum(free[w["id"]] for w in fit)
+            if not room:
+                continue
+            for job in store.queued_jobs(group["req_key"], min(room, max_jobs - len(out))):
+                worker = max(fit, key=lambda w: free[w["id"]])
+                out.append(_assign(pond, job, worker, binding_id))
+                free[worker["id"]] -= 1
+            if len(out) >= max_jobs or max(free.values()) <= 0:
+                break
+        return out
+
+
+def _assign(pond, job, worker, binding_id):
+    claim_token = secrets.token_urlsafe(24)
+    pond.store.assign_job(job["id"], worker["id"], binding_id, tokens.digest(claim_token), pond.now())
+    return {
+        "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
+        "worker": worker["id"], "command": job["command"], "env": job["env"], "name": job["name"],
+        "tags": job["tags"], "capabilities": job["capabilities"], "sandbox": job["sandbox"],
+        "timeout": job["timeout"],
+    }
+
+
+def poll(pond, req):
+    """POST /v1/orch/poll: answer at once if there is work or a cancel, else hold until there is."""
+    body = wire.obj(req.body, "poll", ("wait",))
+    hold = wire.number(body.get("wait"), "wait", 0, 3600, default=pond.settings.poll_hold)
+    hold = min(hold, pond.settings.poll_hold)
+    binding = req.principal
+    pond.store.touch_binding(binding["id"], pond.now())
+    deadline = time.monotonic() + hold
+    while True:
+        version = pond.work.version
+        jobs = claim(pond, binding["id"])
+        cancels = pond.store.cancels_to_send(binding["id"])
+        remaining = deadline - time.monotonic()
+        if jobs or cancels or remaining <= 0:
+            break
+        pond.work.wait(version, remaining)
+    if jobs:
+        pond.logs.notify()
+    return 200, {"jobs": jobs,
+                 "cancels": [{"job_id": c["id"], "attempt": c["attempt"], "worker": c["worker_id"]}
+                             for c in cancels]}
+
+
+def _reported_job(pond, req):
+    """The job a report is about, if this binding holds its current attempt (fencing)."""
+    job = pond.store.job(req.params["id"])
+    if job is None or job["binding_id"] != req.principal["id"]:
+        raise NotFound(f"job {req.params['id'][:40]!r} is not assigned to this orchestrator",
+                       "report only jobs this binding received from /v1/orch/poll")
+    attempt = wire.number((req.body or {}).get("attempt") if isinstance(req.body, dict) else None,
+                          "attempt", 1, 2**31, integer=True)
+    if attempt is None:
+        raise BadRequest("report: missing field 'attempt'", "echo the attempt from the assignment")
+    claim_token = req.headers.get("X-Claim-Token")
+    if not claim_token:
+        raise Unauthorized("missing X-Claim-Token header", "echo the claim_token from the assignment")
+    if attempt != job["attempt"] or not tokens.matches(claim_token, job["claim_hash"]):
+        raise StaleAttempt(f"job {job['id']}: attempt {attempt} is not the current attempt "
+                           f"({job['attempt']}) or its claim token does not match",
+                           "drop this report: the job was reassigned or cancelled")
+    return job, attempt
+
+
+def report_state(pond, req):
+    """POST /v1/orch/jobs/{id}/state: running, or a final state with exit code and trailing output."""
+    job, attempt = _reported_job(pond, req)
+    body = wire.obj(req.body, "state report",
+                    ("attempt", "state", "exit_code", "error", "chunks"), ("attempt", "state"))
+    if body["state"] not in {s.value for s in REPORT_STATES}:
+        raise BadRequest(f"state {str(body['state'])[:40]!r} cannot be reported",
+                         "one of: " + ", ".join(s.value for s in REPORT_STATES))
+    to_state = JobState(body["state"])
+    exit_code = wire.number(body.get("exit_code"), "exit_code", -255, 255, integer=True)
+    error = wire.optional_string(body.get("error"), "error", max_len=2000)
+    _check_outcome(to_state, exit_code, error)
+    chunks = wire.chunks(body.get("chunks"))
+    if chunks:
+        pond.store.add_chunks(job["id"], attempt, chunks)
+    if job["state"] == to_state.value:
+        return 200, {"job": job["id"], "state": job["state"], "duplicate": True}
+    now = pond.now()
+    if to_state is JobState.RUNNING:
+        transition(pond.store, job, to_state, started_at=now)
+    else:
+        transition(pond.store, job, to_state, started_at=job["started_at"] or now, finished_at=now,
+                   exit_code=exit_code, error=error)
+        pond.work.notify()        # a slot is free
+    pond.logs.notify()
+    return 200, {"job": job["id"], "state": to_state.value}
+
+
+def _check_outcome(state, exit_code, error):
+    if state is JobState.DONE and exit_code != 0:
+        raise BadRequest("a done report needs exit_code 0", "report failed for a non-zero exit code")
+    if state is JobState.FAILED and exit_code in (None, 0) and not error:
+        raise BadRequest("a failed report needs a non-zero exit_code or an error")
+
+
+def report_chunk(pond, req):
+    """POST /v1/orch/jobs/{id}/chunk: one piece of output; a repeated (stream, seq) is stored once."""
+    job, attempt = _reported_job(pond, req)
+    body = wire.obj(req.body, "chunk", ("attempt", "stream", "seq", "data"), ("attempt", "stream", "seq", "data"))
+    chunks = wire.chunks([{k: body[k] for k in ("stream", "seq", "data")}])
+    if JobState(job["state"]) in TERMINAL:
+        raise StaleAttempt(f"job {job['id']} has ended; late output is refused", "drop this chunk")
+    pond.store.add_chunks(job["id"], attempt, chunks)
+    pond.logs.notify()
+    return 200, {"job": job["id"], "stored": True}

@@ -1,0 +1,193 @@
+"""The job: its states, its transitions, and the /v1/jobs API (submit, inspect, logs, cancel).
+
+    queued ──claim──▶ assigned ──report──▶ running ──report──▶ done | failed | cancelled
+       │                 │                                     ▲
+       └──cancel─────────┴──report (a short job skips running)─┘
+
+specs/states.md is the normative table; TRANSITIONS below is the same table, and
+every state change goes through transition(), which refuses anything else.
+"""
+
+import time
+from enum import Enum
+
+from pond import matching, tokens, wire
+from pond.errors import BadRequest, InvalidTransition, NotFound
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    ASSIGNED = "assigned"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+
+TRANSITIONS = {
+    JobState.QUEUED: frozenset({JobState.ASSIGNED, JobState.CANCELLED}),
+    JobState.ASSIGNED: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELLED: frozenset(),
+}
+
+PROFILES = ("none", "untrusted-code-read", "untrusted-code-write")
+TIERS = ("trusted", "byo", "any")
+OVERRIDES = ("memory", "cpus", "pids_limit", "tmpfs_size", "image")
+TIER_TAGS = {"trusted": ["pool:trusted"], "byo": ["pool:byo"], "any": []}
+DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
+MAX_TIMEOUT = 7 * 24 * 3600
+SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant")
+
+
+def transition(store, job, to_state, **fields):
+    """Move `job` (a row) to `to_state` if the table allows it; InvalidTransition otherwise."""
+    from_state = JobState(job["state"])
+    to_state = JobState(to_state)
+    if to_state not in TRANSITIONS[from_state]:
+        raise InvalidTransition(job["id"], from_state.value, to_state.value)
+    if not store.update_job_state(job["id"], from_state.value, to_state.value, fields):
+        current = store.job(job["id"])
+        raise InvalidTransition(job["id"], current["state"], to_state.value)
+
+
+def parse_sandbox(value, tenant):
+    """The sandbox block of design.md §6 -> (block, extra required tags, extra capabilities)."""
+    if value is None:
+        return dict(DEFAULT_SANDBOX), [], []
+    value = wire.obj(value, "sandbox", ("profile", "tier", "backend", "overrides"))
+    block = dict(DEFAULT_SANDBOX, **value)
+    if block["profile"] not in PROFILES:
+        raise BadRequest(f"sandbox.profile {str(block['profile'])[:40]!r} is unknown", "one of: " + ", ".join(PROFILES))
+    if block["tier"] not in TIERS:
+        raise BadRequest(f"sandbox.tier {str(block['tier'])[:40]!r} is unknown", "one of: " + ", ".join(TIERS))
+    block["overrides"] = wire.obj(block["overrides"], "sandbox.overrides", OVERRIDES)
+    for key, val in block["overrides"].items():
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)) or len(str(val)) > 64:
+            raise BadRequest(f"sandbox.overrides.{key} must be a short string or number")
+    tags = list(TIER_TAGS[block["tier"]])
+    if block["tier"] == "byo":
+        if not tenant:
+            raise BadRequest("sandbox.tier byo needs a tenant", 'add "tenant": "<project id>" to the job')
+        tags.append(f"tenant:{tenant}")
+    caps = []
+    if block["backend"] is not None:
+        backend = wire.string(block["backend"], "sandbox.backend", 32, wire.CAPABILITY_RE)
+        caps.append(f"sandbox.{backend}")
+    return block, tags, caps
+
+
+def submit(pond, req):
+    """POST /v1/jobs: validate, store as queued, wake the orchestrators' polls."""
+    body = wire.obj(req.body, "job", SUBMIT_FIELDS, ("command",))
+    tenant = wire.optional_string(body.get("tenant"), "tenant", max_len=128, pattern=wire.TAG_RE)
+    sandbox, tier_tags, sandbox_caps = parse_sandbox(body.get("sandbox"), tenant)
+    tags = sorted(set(wire.string_list(body.get("tags"), "tags", wire.TAG_RE,
+                                       hint="tags look like repo:acme or pool:trusted")) | set(tier_tags))
+    caps = sorted(set(wire.string_list(body.get("capabilities"), "capabilities", wire.CAPABILITY_RE,
+                                       hint="capabilities look like harness.codex (no globs in a job)"))
+                  | set(sandbox_caps))
+    job = {
+        "id": tokens.new_id("j"),
+        "state": JobState.QUEUED.value,
+        "name": wire.optional_string(body.get("name"), "name", max_len=64, pattern=wire.NAME_RE),
+        "command": wire.argv(body["command"]),
+        "env": wire.env(body.get("env")),
+        "tags": tags,
+        "capabilities": caps,
+        "sandbox": sandbox,
+        "timeout": wire.number(body.get("timeout"), "timeout", 1, MAX_TIMEOUT),
+        "created_at": pond.now(),
+    }
+    pond.store.add_job(job, matching.requirement_key(tags, caps))
+    pond.work.notify()
+    return 201, view(pond, pond.store.job(job["id"]))
+
+
+def get(pond, req):
+    return 200, view(pond, _find(pond, req.params["id"]))
+
+
+def list_jobs(pond, req):
+    state = req.query.get("state")
+    if state is not None and state not in {s.value for s in JobState}:
+        raise BadRequest(f"state {state[:40]!r} is unknown", "one of: " + ", ".join(s.value for s in JobState))
+    limit = _int_query(req, "limit", 100, 1, 1000)
+    return 200, {"jobs": [view(pond, row, explain=False) for row in pond.store.jobs(state, limit)],
+                 "counts": pond.store.job_counts()}
+
+
+def cancel(pond, req):
+    """POST /v1/jobs/{id}/cancel: a queued job ends at once; an assigned or running one is told to stop."""
+    job = _find(pond, req.params["id"])
+    state = JobState(job["state"])
+    if state in TERMINAL:
+        return 200, view(pond, job)
+    if state is JobState.QUEUED:
+        try:
+            transition(pond.store, job, JobState.CANCELLED, finished_at=pond.now(), error="cancelled while queued")
+        except InvalidTransition:
+            pass   # claimed in the meantime: fall through to a cancel request
+        else:
+            pond.logs.notify()
+            return 200, view(pond, pond.store.job(job["id"]))
+    pond.store.request_cancel(job["id"])
+    pond.work.notify()
+    return 202, view(pond, pond.store.job(job["id"]))
+
+
+def logs(pond, req):
+    """GET /v1/jobs/{id}/logs?after=CURSOR&wait=S: chunks after a cursor, held until there are some."""
+    job_id = req.params["id"]
+    _find(pond, job_id)
+    after = _int_query(req, "after", 0, 0, 2**62)
+    limit = _int_query(req, "limit", 1000, 1, 5000)
+    wait = _int_query(req, "wait", 0, 0, int(pond.settings.poll_hold))
+    deadline = time.monotonic() + wait
+    while True:
+        version = pond.logs.version
+        rows = pond.store.chunks(job_id, after, limit)
+        job = pond.store.job(job_id)
+        finished = JobState(job["state"]) in TERMINAL
+        remaining = deadline - time.monotonic()
+        if rows or finished or remaining <= 0:
+            break
+        pond.logs.wait(version, remaining)
+    chunks = [{"cursor": r["id"], "attempt": r["attempt"], "stream": r["stream"], "seq": r["seq"],
+               "data": wire.b64encode(r["data"])} for r in rows]
+    return 200, {"job": job_id, "chunks": chunks, "next": rows[-1]["id"] if rows else after,
+                 "state": job["state"], "exit_code": job["exit_code"],
+                 "complete": finished and len(rows) < limit}
+
+
+def view(pond, row, explain=True):
+    """A job row as the API shows it; a queued job says why it waits."""
+    out = {k: row[k] for k in ("id", "name", "state", "command", "env", "tags", "capabilities", "sandbox",
+                               "timeout", "attempt", "exit_code", "error", "created_at", "assigned_at",
+                               "started_at", "finished_at")}
+    out["worker"] = row["worker_id"]
+    out["orchestrator"] = row["binding_id"]
+    out["cancel_requested"] = bool(row["cancel_requested"])
+    if explain and row["state"] == JobState.QUEUED.value:
+        out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts())
+    return out
+
+
+def _find(pond, job_id):
+    row = pond.store.job(job_id)
+    if row is None:
+        raise NotFound(f"job {job_id[:40]!r} does not exist", "list jobs with `pond jobs`")
+    return row
+
+
+def _int_query(req, name, default, lo, hi):
+    raw = req.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        raise BadRequest(f"query parameter {name}={raw[:40]!r} must be a whole number from {lo} to {hi}")
+    return int(raw)

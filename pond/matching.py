@@ -1,0 +1,65 @@
+"""Which worker may take which job, and why a job waits.
+
+A job's required tags must be a subset of the worker's tags; each required
+capability must match one of the worker's capability globs (fnmatch-style, case
+sensitive: `harness.*` matches `harness.codex`). specs/matching.md states the rule and
+specs/vectors/matching.json holds the cases both pond and swarm.py are tested on.
+"""
+
+from fnmatch import fnmatchcase
+
+from pond.wire import canonical
+
+
+def requirement_key(tags, capabilities):
+    """Jobs with equal keys have equal requirements; the queue is grouped by it."""
+    return canonical([sorted(tags), sorted(capabilities)])
+
+
+def capability_matches(globs, capability):
+    return any(fnmatchcase(capability, glob) for glob in globs)
+
+
+def missing(worker, tags, capabilities):
+    """(tags the worker lacks, capabilities none of its globs match)."""
+    have = set(worker["tags"])
+    return ([t for t in sorted(tags) if t not in have],
+            [c for c in sorted(capabilities) if not capability_matches(worker["capabilities"], c)])
+
+
+def matches(worker, tags, capabilities):
+    lacks_tags, lacks_caps = missing(worker, tags, capabilities)
+    return not lacks_tags and not lacks_caps
+
+
+def explain(job, workers, active):
+    """Why a queued job has not started: {reason, online, matching, free}."""
+    tags, caps = job["tags"], job["capabilities"]
+    online = [w for w in workers if w["online"]]
+    fit = [w for w in online if matches(w, tags, caps)]
+    free = [w for w in fit if w["slots"] - active.get(w["id"], 0) > 0]
+    counts = {"online": len(online), "matching": len(fit), "free": len(free)}
+    if not workers:
+        reason = "no worker has enrolled; mint a code with `pond admin enrollment-code`"
+    elif not online:
+        reason = f"no worker is online ({len(workers)} enrolled, all offline)"
+    elif free:
+        reason = "a matching worker has a free slot; the job starts on its orchestrator's next poll"
+    elif fit:
+        reason = f"all {len(fit)} matching workers are busy"
+    else:
+        reason = "; ".join(_gaps(online, tags, caps))
+    offline_fit = [w for w in workers if not w["online"] and matches(w, tags, caps)]
+    if offline_fit and not fit:
+        reason += f" ({len(offline_fit)} matching worker(s) enrolled but offline)"
+    return dict(reason=reason, **counts)
+
+
+def _gaps(online, tags, caps):
+    gaps = [f"no worker with tag {t}" for t in sorted(tags) if not any(t in w["tags"] for w in online)]
+    gaps += [f"no worker with capability {c}" for c in sorted(caps)
+             if not any(capability_matches(w["capabilities"], c) for w in online)]
+    if not gaps:
+        needs = ", ".join([*sorted(tags), *sorted(caps)])
+        gaps.append(f"no single online worker has all of: {needs}")
+    return gaps

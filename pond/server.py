@@ -1,0 +1,310 @@
+"""The HTTP adapter: the only module that touches http.server.
+
+It owns the route table, caps header and body sizes, bounds each socket read in time,
+caps open connections, parses JSON in and writes JSON out in one buffered write with
+TCP_NODELAY (the stock handler costs ~44 ms per kept-alive POST: Nagle against delayed
+ACKs, see ../shared/reference/perf-baselines.md), and renders every PondError as
+{"error": {"code", "message", "hint"}}. Anything else becomes a 500 without a
+traceback, which is logged here and is always a bug.
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qsl, urlsplit
+
+from pond import PROTOCOL_VERSION, __version__, dispatch, enrollment, jobs, pairing, tokens
+from pond.errors import (BadRequest, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
+                         Unauthorized, Unavailable, Forbidden)
+from pond.settings import ENDPOINT_FILE, MAX_HEADER_BYTES, WORKER_OFFLINE_AFTER, write_private
+from pond.store import Store
+
+log = logging.getLogger("pond")
+REAPER_INTERVAL = 2.0
+_ID = r"(?P<id>[A-Za-z0-9_-]{1,64})"
+
+
+def healthz(pond, req):
+    return 200, {"ok": True, "version": __version__, "protocol_version": PROTOCOL_VERSION}
+
+
+def metrics(pond, req):
+    lines = ["# TYPE pond_jobs gauge"]
+    for state, n in sorted(pond.store.job_counts().items()):
+        lines.append(f'pond_jobs{{state="{state}"}} {n}')
+    workers = pond.store.workers()
+    lines += ["# TYPE pond_workers gauge",
+              f'pond_workers{{online="true"}} {sum(1 for w in workers if w["online"])}',
+              f'pond_workers{{online="false"}} {sum(1 for w in workers if not w["online"])}',
+              "# TYPE pond_orchestrators gauge", f"pond_orchestrators {len(pond.store.bindings())}",
+              "# TYPE pond_http_requests_total counter", f"pond_http_requests_total {pond.requests}"]
+    return 200, "\n".join(lines) + "\n"
+
+
+# (method, path pattern, who may call, handler). "admin": the admin token;
+# "orch": a binding token; None: open.
+ROUTES = [
+    ("GET", r"/healthz", None, healthz),
+    ("GET", r"/metrics", None, metrics),
+    ("POST", r"/v1/jobs", "admin", jobs.submit),
+    ("GET", r"/v1/jobs", "admin", jobs.list_jobs),
+    ("GET", rf"/v1/jobs/{_ID}", "admin", jobs.get),
+    ("GET", rf"/v1/jobs/{_ID}/logs", "admin", jobs.logs),
+    ("POST", rf"/v1/jobs/{_ID}/cancel", "admin", jobs.cancel),
+    ("POST", r"/v1/admin/pool/pairing-codes", "admin", pairing.mint_code),
+    ("POST", r"/v1/admin/pool/enrollment-codes", "admin", enrollment.mint_code),
+    ("GET", r"/v1/admin/pool/orchestrators", "admin", pairing.list_orchestrators),
+    ("GET", r"/v1/admin/pool/workers", "admin", enrollment.list_workers),
+    ("POST", r"/v1/orch/pair", None, pairing.pair),
+    ("GET", r"/v1/orch/whoami", "orch", pairing.whoami),
+    ("POST", r"/v1/orch/poll", "orch", dispatch.poll),
+    ("POST", rf"/v1/orch/jobs/{_ID}/state", "orch", dispatch.report_state),
+    ("POST", rf"/v1/orch/jobs/{_ID}/chunk", "orch", dispatch.report_chunk),
+    ("POST", r"/v1/orch/workers/snapshot", "orch", enrollment.snapshot),
+    ("POST", r"/v1/orch/enrollment/(?P<code>[A-Za-z0-9-]{1,32})/consumed", "orch", enrollment.consumed),
+]
+_COMPILED = [(m, re.compile(p + r"\Z"), who, fn) for m, p, who, fn in ROUTES]
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    params: dict
+    query: dict
+    headers: object
+    body: object
+    principal: object = None
+
+
+@dataclass
+class Pond:
+    """What every handler gets: the store, the settings, the two wake-up notifiers, the clock."""
+
+    settings: object
+    store: Store
+    work: dispatch.Notifier = field(default_factory=dispatch.Notifier)   # polls wait on it
+    logs: dispatch.Notifier = field(default_factory=dispatch.Notifier)   # log followers wait on it
+    now: object = time.time
+    log: logging.Logger = log
+    requests: int = 0
+
+
+def route(method, path):
+    allowed = []
+    for m, pattern, who, fn in _COMPILED:
+        match = pattern.match(path)
+        if match:
+            if m == method:
+                return who, fn, match.groupdict()
+            allowed.append(m)
+    if allowed:
+        raise MethodNotAllowed(f"{method} is not allowed on {path[:100]}", "allowed: " + ", ".join(allowed))
+    raise NotFound(f"no such endpoint: {path[:100]}", "see specs/protocol.md for the endpoints")
+
+
+def _clean(text):
+    """Untrusted text made safe for one log line."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)[:200])
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"pond/{__version__}"
+    disable_nagle_algorithm = True
+    pond = None          # set by make_server
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def do_PUT(self):
+        self._handle("PUT")
+
+    def do_DELETE(self):
+        self._handle("DELETE")
+
+    def do_PATCH(self):
+        self._handle("PATCH")
+
+    def do_HEAD(self):
+        self._handle("HEAD")
+
+    def _handle(self, method):
+        pond = self.pond
+        pond.requests += 1
+        try:
+            fn, req = self._request(method)
+            status, payload = fn(pond, req)
+        except PondError as e:
+            status, payload = e.status, e.to_json()
+            if e.status in (413, 431):
+                self.close_connection = True
+        except Exception:
+            log.exception("unhandled error in %s %s", method, _clean(self.path))
+            status, payload = 500, PondError("internal error; pond logged the details",
+                                             "report it with pond's log around this time").to_json()
+        self._send(status, payload)
+
+    def _request(self, method):
+        size = sum(len(k) + len(v) for k, v in self.headers.items())
+        if size > MAX_HEADER_BYTES:
+            raise HeadersTooLarge(f"request headers are {size} bytes; the limit is {MAX_HEADER_BYTES}")
+        parts = urlsplit(self.path)
+        who, fn, params = route(method, parts.path)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        req = Request(method, parts.path, params, query, self.headers, self._body())
+        if who == "admin":
+            self._check_admin()
+        elif who == "orch":
+            req.principal = pairing.authenticate(self.pond, self.headers.get("Authorization"))
+        return fn, req
+
+    def _check_admin(self):
+        header = self.headers.get("Authorization") or ""
+        if not header.startswith("Bearer "):
+            raise Unauthorized("missing admin token",
+                               "send Authorization: Bearer <token>; on loopback it is in <state-dir>/admin-token")
+        if not tokens.same(header[7:].strip(), self.pond.settings.admin_token):
+            raise Forbidden("the admin token is not valid", "use the token in pond's <state-dir>/admin-token",
+                            code="token_invalid")
+
+    def _body(self):
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise BadRequest("chunked request bodies are not accepted", "send a Content-Length")
+        raw_length = self.headers.get("Content-Length")
+        if raw_length is None:
+            return None
+        if not raw_length.isdigit():
+            self.close_connection = True
+            raise BadRequest("Content-Length is not a number")
+        length = int(raw_length)
+        if length > self.pond.settings.max_body:
+            raise PayloadTooLarge(f"request body of {length} bytes is over the {self.pond.settings.max_body} limit",
+                                  "send output in chunks of at most 1 MiB")
+        if length == 0:
+            return None
+        raw = self.rfile.read(length)
+        if len(raw) < length:
+            self.close_connection = True
+            raise BadRequest("request body ended early")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("request body is not valid JSON", "send a JSON object") from None
+
+    def _send(self, status, payload):
+        if isinstance(payload, str):
+            body, ctype = payload.encode(), "text/plain; version=0.0.4"
+        else:
+            body, ctype = json.dumps(payload, separators=(",", ":")).encode(), "application/json"
+        head = (f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Connection: {'close' if self.close_connection else 'keep-alive'}\r\n\r\n")
+        if self.command == "HEAD":
+            body = b""
+        try:
+            self.wfile.write(head.encode() + body)
+        except OSError:
+            self.close_connection = True
+        if self.pond.settings.access_log:
+            log.info("%s %s %s", self.command, _clean(self.path), status)
+
+    def send_error(self, code, message=None, explain=None):
+        """Protocol errors found by http.server itself (bad request line, huge header) answer JSON too."""
+        self.close_connection = True
+        err = PondError(message or "malformed request", explain or "", code="protocol")
+        err.status = code
+        if not hasattr(self, "command") or self.command is None:
+            self.command = ""
+        self._send(code, err.to_json())
+
+    def log_message(self, fmt, *args):
+        pass
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, handler, max_connections):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                body = json.dumps(Unavailable("too many open connections", "retry in a second").to_json()).encode()
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def make_server(settings):
+    store = Store(settings.db_path)
+    pond = Pond(settings=settings, store=store)
+    handler = type("PondHandler", (Handler,), {"pond": pond, "timeout": settings.request_timeout})
+    server = Server((settings.host, settings.port), handler, settings.max_connections)
+    return pond, server
+
+
+def _reaper(pond, stop):
+    """Background upkeep: workers whose orchestrator went silent go offline."""
+    while not stop.wait(REAPER_INTERVAL):
+        try:
+            if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
+                pond.work.notify()
+        except Exception:
+            log.exception("reaper")
+
+
+def serve(settings, ready=None):
+    """Run pond until SIGINT/SIGTERM. Prints one 'pond listening on URL' line on stdout when ready."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pond %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    pond, server = make_server(settings)
+    host, port = server.server_address[:2]
+    url = f"http://{host}:{port}"
+    write_private(settings.state_dir / ENDPOINT_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+    stop = threading.Event()
+    reaper = threading.Thread(target=_reaper, args=(pond, stop), name="reaper", daemon=True)
+    reaper.start()
+
+    def shutdown(signum, frame):
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    print(f"pond listening on {url} (state dir {settings.state_dir})", flush=True)
+    if ready:
+        ready(url)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        stop.set()
+        server.server_close()
+        reaper.join(timeout=5)
+        pond.store.close()
+        log.info("stopped")
+    return 0

@@ -1,0 +1,156 @@
+"""Settings, resolved once: flags > environment (POND_*) > state-dir files > defaults.
+
+The rest of pond never reads os.environ or argparse namespaces; it gets a frozen
+ServerSettings or ClientSettings from here.
+"""
+
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from pond.errors import ConfigError
+
+DEFAULT_STATE_DIR = ".pond-state"       # the public docs' POND_STATE_DIR default
+DEFAULT_BIND = "127.0.0.1:8001"          # the public docs' example port
+DEFAULT_POLL_HOLD = 25.0                 # s a /v1/orch/poll is held open when there is no work
+MAX_POLL_HOLD = 60.0                     # s; a client asking for more gets this
+DEFAULT_LOGS_HOLD = 25.0                 # s a logs?wait= read is held open
+MAX_BODY = 4 * 1024 * 1024               # bytes in one request body
+MAX_HEADER_BYTES = 16 * 1024             # bytes of request headers
+REQUEST_TIMEOUT = 30.0                   # s a socket may sit idle while a request is read
+MAX_CONNECTIONS = 256                    # open connections; more get 503
+PAIRING_TTL = 600                        # s a pairing code stays valid (max MAX_CODE_TTL)
+ENROLLMENT_TTL = 3600                    # s an enrollment code stays valid
+MAX_CODE_TTL = 7 * 24 * 3600
+WORKER_OFFLINE_AFTER = 60.0              # s without a snapshot that lists a worker online
+
+ADMIN_TOKEN_FILE = "admin-token"         # in the state dir, mode 0600
+ENDPOINT_FILE = "endpoint.json"          # in the state dir: where this pond listens
+DB_FILE = "pond.db"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str
+    port: int
+    state_dir: Path
+    admin_token: str
+    poll_hold: float = DEFAULT_POLL_HOLD
+    max_body: int = MAX_BODY
+    request_timeout: float = REQUEST_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+    access_log: bool = False
+
+    @property
+    def db_path(self):
+        return self.state_dir / DB_FILE
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    url: str
+    token: str
+    state_dir: Path
+    timeout: float = 30.0
+
+
+def parse_bind(text):
+    """'HOST:PORT' -> (host, port); raise ConfigError with an example otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--bind {text!r} is not HOST:PORT", "example: --bind 127.0.0.1:8001")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def write_private(path, text):
+    """Write a file that only its owner can read (0600), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def read_private(path):
+    """Read a secret file, refusing one that others can read."""
+    path = Path(path)
+    mode = path.stat().st_mode & 0o077
+    if mode:
+        raise ConfigError(f"{path} is readable by group or others (mode {oct(path.stat().st_mode & 0o777)})",
+                          f"run: chmod 600 {path}")
+    return path.read_text().strip()
+
+
+def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False):
+    host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
+    state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    token = _server_admin_token(host, state, env, admin_token_file)
+    hold = float(poll_hold if poll_hold is not None else env.get("POND_POLL_HOLD", DEFAULT_POLL_HOLD))
+    if not 0 < hold <= MAX_POLL_HOLD:
+        raise ConfigError(f"poll hold {hold} s is out of range", f"give a value in (0, {MAX_POLL_HOLD:g}]")
+    return ServerSettings(host=host, port=port, state_dir=state, admin_token=token,
+                          poll_hold=hold, access_log=access_log)
+
+
+def _server_admin_token(host, state, env, token_file):
+    if token_file:
+        return read_private(token_file)
+    if env.get("POND_ADMIN_TOKEN"):
+        return env["POND_ADMIN_TOKEN"]
+    path = state / ADMIN_TOKEN_FILE
+    if path.exists():
+        return read_private(path)
+    if not is_loopback(host):
+        raise ConfigError(
+            f"refusing to listen on {host} without an admin token",
+            "pass --admin-token-file FILE (mode 0600) or set POND_ADMIN_TOKEN, or bind 127.0.0.1",
+        )
+    token = "pond_admin_" + secrets.token_urlsafe(32)
+    write_private(path, token + "\n")
+    return token
+
+
+def client_settings(url, state_dir, token, env, timeout=30.0):
+    """Find pond and its admin token: flags, then POND_URL/POND_ADMIN_TOKEN, then the state dir."""
+    state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
+    url = url or env.get("POND_URL") or _endpoint_url(state)
+    if not url:
+        raise ConfigError(
+            f"cannot find pond: no --pond, no POND_URL, and no {state / ENDPOINT_FILE}",
+            "start one with `pond up`, or pass --pond URL (or --state-dir DIR of a running pond)",
+        )
+    token = token or env.get("POND_ADMIN_TOKEN") or _state_token(state)
+    if not token:
+        raise ConfigError(
+            f"no admin token: no --token, no POND_ADMIN_TOKEN, and no {state / ADMIN_TOKEN_FILE}",
+            "pass --token-file FILE, set POND_ADMIN_TOKEN, or point --state-dir at pond's state dir",
+        )
+    return ClientSettings(url=url.rstrip("/"), token=token, state_dir=state, timeout=timeout)
+
+
+def _endpoint_url(state):
+    try:
+        return json.loads((state / ENDPOINT_FILE).read_text())["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _state_token(state):
+    path = state / ADMIN_TOKEN_FILE
+    return read_private(path) if path.exists() else None

@@ -1,0 +1,340 @@
+"""All of pond's SQL. Other modules call these named functions, never execute().
+
+SQLite in WAL mode with synchronous=NORMAL: a commit survives a crash of pond's
+process (kill -9 included); only an OS crash or power loss can take the last few
+commits. One connection, guarded by a re-entrant lock; every write that must be
+atomic (a claim, a code redemption, a state change) runs in one BEGIN IMMEDIATE
+transaction and checks rowcount. A PostgreSQL store would implement the same
+functions.
+
+JSON columns (tags, capabilities, command, env, sandbox, scope) are stored as text
+and returned decoded; rows come back as plain dicts.
+"""
+
+import json
+import sqlite3
+import threading
+from contextlib import contextmanager
+
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS pairing_codes (
+    code_hash   TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    used_at     REAL,
+    binding_id  TEXT
+);
+CREATE TABLE IF NOT EXISTS bindings (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    token_hash  TEXT NOT NULL,
+    scope       TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    last_seen   REAL,
+    revoked_at  REAL
+);
+CREATE TABLE IF NOT EXISTS enrollment_codes (
+    code_hash   TEXT PRIMARY KEY,
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    uses_left   INTEGER NOT NULL,
+    uses        INTEGER NOT NULL,
+    tag_ceiling TEXT,
+    fingerprint TEXT
+);
+CREATE TABLE IF NOT EXISTS workers (
+    id           TEXT PRIMARY KEY,
+    binding_id   TEXT NOT NULL,
+    name         TEXT NOT NULL,
+    tags         TEXT NOT NULL,
+    capabilities TEXT NOT NULL,
+    slots        INTEGER NOT NULL,
+    online       INTEGER NOT NULL DEFAULT 0,
+    enrolled_at  REAL NOT NULL,
+    last_seen    REAL
+);
+CREATE INDEX IF NOT EXISTS workers_binding ON workers(binding_id);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq              INTEGER PRIMARY KEY,
+    id               TEXT NOT NULL UNIQUE,
+    state            TEXT NOT NULL,
+    name             TEXT,
+    command          TEXT NOT NULL,
+    env              TEXT NOT NULL,
+    tags             TEXT NOT NULL,
+    capabilities     TEXT NOT NULL,
+    req_key          TEXT NOT NULL,
+    sandbox          TEXT NOT NULL,
+    timeout          REAL,
+    created_at       REAL NOT NULL,
+    assigned_at      REAL,
+    started_at       REAL,
+    finished_at      REAL,
+    attempt          INTEGER NOT NULL DEFAULT 0,
+    claim_hash       TEXT,
+    worker_id        TEXT,
+    binding_id       TEXT,
+    exit_code        INTEGER,
+    error            TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    cancel_sent      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, req_key, seq);
+CREATE INDEX IF NOT EXISTS jobs_binding ON jobs(binding_id, state);
+CREATE TABLE IF NOT EXISTS chunks (
+    id       INTEGER PRIMARY KEY,
+    job_id   TEXT NOT NULL,
+    attempt  INTEGER NOT NULL,
+    stream   TEXT NOT NULL,
+    seq      INTEGER NOT NULL,
+    data     BLOB NOT NULL,
+    UNIQUE (job_id, attempt, stream, seq)
+);
+CREATE INDEX IF NOT EXISTS chunks_job ON chunks(job_id, id);
+"""
+
+_JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling")
+ACTIVE_STATES = ("assigned", "running")
+
+
+def _row(cursor, row):
+    out = {}
+    for (name, *_), value in zip(cursor.description, row):
+        if name in _JSON_COLUMNS and value is not None:
+            value = json.loads(value)
+        out[name] = value
+    return out
+
+
+def _dump(value):
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class Store:
+    """The SQLite store. Thread-safe; use transaction() to group writes atomically."""
+
+    def __init__(self, path):
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.row_factory = _row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        with self.transaction():
+            version = self._db.execute("PRAGMA user_version").fetchone()["user_version"]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"{path} has schema {version}; this pond knows up to {SCHEMA_VERSION}")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self):
+        """One BEGIN IMMEDIATE transaction; nested calls join the outer one."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield self
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            else:
+                self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
+
+    def _all(self, sql, args=()):
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _one(self, sql, args=()):
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _write(self, sql, args=()):
+        with self.transaction():
+            return self._db.execute(sql, args).rowcount
+
+    # -- pairing ---------------------------------------------------------------
+
+    def add_pairing_code(self, code_hash, name, scope, now, expires_at):
+        self._write("INSERT INTO pairing_codes (code_hash, name, scope, created_at, expires_at)"
+                    " VALUES (?, ?, ?, ?, ?)", (code_hash, name, _dump(scope), now, expires_at))
+
+    def pairing_code(self, code_hash):
+        return self._one("SELECT * FROM pairing_codes WHERE code_hash = ?", (code_hash,))
+
+    def use_pairing_code(self, code_hash, binding_id, now):
+        """Mark a code used; False if someone else used it first."""
+        return self._write("UPDATE pairing_codes SET used_at = ?, binding_id = ?"
+                           " WHERE code_hash = ? AND used_at IS NULL",
+                           (now, binding_id, code_hash)) == 1
+
+    def add_binding(self, binding_id, name, token_hash, scope, now):
+        self._write("INSERT INTO bindings (id, name, token_hash, scope, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (binding_id, name, token_hash, _dump(scope), now))
+
+    def binding(self, binding_id):
+        return self._one("SELECT * FROM bindings WHERE id = ?", (binding_id,))
+
+    def bindings(self):
+        return self._all(
+            "SELECT b.id, b.name, b.scope, b.created_at, b.last_seen, b.revoked_at,"
+            " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id) AS workers,"
+            " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id AND w.online) AS workers_online"
+            " FROM bindings b ORDER BY b.created_at")
+
+    def touch_binding(self, binding_id, now):
+        self._write("UPDATE bindings SET last_seen = ? WHERE id = ?", (now, binding_id))
+
+    # -- enrollment ------------------------------------------------------------
+
+    def add_enrollment_code(self, code_hash, now, expires_at, uses, tag_ceiling, fingerprint):
+        self._write("INSERT INTO enrollment_codes (code_hash, created_at, expires_at, uses_left, uses,"
+                    " tag_ceiling, fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (code_hash, now, expires_at, uses, uses,
+                     None if tag_ceiling is None else _dump(tag_ceiling), fingerprint))
+
+    def enrollment_code(self, code_hash):
+        return self._one("SELECT * FROM enrollment_codes WHERE code_hash = ?", (code_hash,))
+
+    def use_enrollment_code(self, code_hash):
+        """Take one use of a code; False if none was left."""
+        return self._write("UPDATE enrollment_codes SET uses_left = uses_left - 1"
+                           " WHERE code_hash = ? AND uses_left > 0", (code_hash,)) == 1
+
+    # -- workers ---------------------------------------------------------------
+
+    def add_worker(self, worker_id, binding_id, name, tags, capabilities, slots, now):
+        self._write("INSERT INTO workers (id, binding_id, name, tags, capabilities, slots, online,"
+                    " enrolled_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                    (worker_id, binding_id, name, _dump(tags), _dump(capabilities), slots, now, now))
+
+    def worker(self, worker_id):
+        return self._one("SELECT * FROM workers WHERE id = ?", (worker_id,))
+
+    def workers(self, binding_id=None):
+        if binding_id is None:
+            return self._all("SELECT * FROM workers ORDER BY enrolled_at")
+        return self._all("SELECT * FROM workers WHERE binding_id = ? ORDER BY enrolled_at", (binding_id,))
+
+    def online_workers(self):
+        return self._all("SELECT * FROM workers WHERE online = 1 ORDER BY enrolled_at")
+
+    def update_worker(self, worker_id, binding_id, tags, capabilities, slots, online, last_seen):
+        return self._write("UPDATE workers SET tags = ?, capabilities = ?, slots = ?, online = ?, last_seen = ?"
+                           " WHERE id = ? AND binding_id = ?",
+                           (_dump(tags), _dump(capabilities), slots, int(online), last_seen,
+                            worker_id, binding_id)) == 1
+
+    def set_workers_offline(self, binding_id, keep_ids):
+        """Mark every worker of a binding that is not in keep_ids offline."""
+        marks = ",".join("?" * len(keep_ids)) or "''"
+        self._write(f"UPDATE workers SET online = 0 WHERE binding_id = ? AND online = 1 AND id NOT IN ({marks})",
+                    (binding_id, *keep_ids))
+
+    def expire_workers(self, before):
+        """Workers whose orchestrator has not listed them since `before` go offline."""
+        return self._write("UPDATE workers SET online = 0 WHERE online = 1 AND last_seen < ?", (before,))
+
+    def active_counts(self, binding_id=None):
+        """worker id -> number of its jobs that are assigned or running."""
+        sql = "SELECT worker_id, COUNT(*) AS n FROM jobs WHERE state IN ('assigned', 'running')"
+        args = ()
+        if binding_id is not None:
+            sql += " AND binding_id = ?"
+            args = (binding_id,)
+        return {r["worker_id"]: r["n"] for r in self._all(sql + " GROUP BY worker_id", args)}
+
+    # -- jobs ------------------------------------------------------------------
+
+    def add_job(self, job, req_key):
+        self._write(
+            "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox,"
+            " timeout, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
+             _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
+             job["timeout"], job["created_at"]))
+
+    def job(self, job_id):
+        return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+
+    def jobs(self, state=None, limit=100):
+        if state:
+            return self._all("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit))
+        return self._all("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+
+    def job_counts(self):
+        return {r["state"]: r["n"] for r in self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+
+    def queued_groups(self):
+        """The distinct requirement sets of queued jobs, oldest first."""
+        return self._all(
+            "SELECT req_key, tags, capabilities, MIN(seq) AS first FROM jobs WHERE state = 'queued'"
+            " GROUP BY req_key ORDER BY first")
+
+    def queued_jobs(self, req_key, limit):
+        return self._all("SELECT * FROM jobs WHERE state = 'queued' AND req_key = ? ORDER BY seq LIMIT ?",
+                         (req_key, limit))
+
+    def assign_job(self, job_id, worker_id, binding_id, claim_hash, now):
+        """queued -> assigned, as a new attempt; False if the job was not queued."""
+        return self._write(
+            "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, worker_id = ?, binding_id = ?,"
+            " claim_hash = ?, assigned_at = ? WHERE id = ? AND state = 'queued'",
+            (worker_id, binding_id, claim_hash, now, job_id)) == 1
+
+    _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested"))
+
+    def update_job_state(self, job_id, from_state, to_state, fields):
+        """Move a job from exactly `from_state` to `to_state`, setting fields; False if it was not there."""
+        assert set(fields) <= self._UPDATABLE, fields
+        sets = "".join(f", {name} = ?" for name in fields)
+        return self._write(f"UPDATE jobs SET state = ?{sets} WHERE id = ? AND state = ?",
+                           (to_state, *fields.values(), job_id, from_state)) == 1
+
+    def request_cancel(self, job_id):
+        return self._write("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,)) == 1
+
+    def cancels_to_send(self, binding_id):
+        """Jobs of this binding with a cancel requested and not yet sent; marks them sent."""
+        sql = ("SELECT id, attempt, worker_id FROM jobs WHERE binding_id = ? AND cancel_requested = 1"
+               " AND cancel_sent = 0 AND state IN ('assigned', 'running')")
+        if not self._all(sql, (binding_id,)):      # the common case: no write lock taken
+            return []
+        with self.transaction():
+            rows = self._all(sql, (binding_id,))
+            for r in rows:
+                self._db.execute("UPDATE jobs SET cancel_sent = 1 WHERE id = ?", (r["id"],))
+            return rows
+
+    # -- chunks ----------------------------------------------------------------
+
+    def add_chunks(self, job_id, attempt, chunks):
+        """Store (stream, seq, bytes) chunks; a chunk seen before is ignored."""
+        with self.transaction():
+            self._db.executemany(
+                "INSERT OR IGNORE INTO chunks (job_id, attempt, stream, seq, data) VALUES (?, ?, ?, ?, ?)",
+                [(job_id, attempt, stream, seq, data) for stream, seq, data in chunks])
+
+    def chunks(self, job_id, after=0, limit=1000):
+        return self._all("SELECT id, attempt, stream, seq, data FROM chunks WHERE job_id = ? AND id > ?"
+                         " ORDER BY id LIMIT ?", (job_id, after, limit))
