@@ -231,16 +231,26 @@ def cmd_workers(args):
 
 # -- parser ---------------------------------------------------------------------
 
-def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--pond", metavar="URL", help="pond's URL (default: from --state-dir, or $POND_URL)")
-    common.add_argument("--state-dir", metavar="DIR",
-                        help=f"pond's state dir, to find its URL and admin token (default: $POND_STATE_DIR or {DEFAULT_STATE_DIR})")
-    common.add_argument("--token-file", metavar="FILE", help="file holding the admin token (default: DIR/admin-token)")
-    common.add_argument("--json", action="store_true", help="print JSON instead of a table")
+def _common(suppress):
+    """Options every command takes, before or after its name (`pond --state-dir D jobs` = `pond jobs --state-dir D`)."""
+    c = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else None
+    c.add_argument("--pond", metavar="URL", default=default,
+                   help="pond's URL (default: from --state-dir, or $POND_URL)")
+    c.add_argument("--state-dir", metavar="DIR", default=default,
+                   help=f"pond's state dir, to find its URL and admin token (default: $POND_STATE_DIR or {DEFAULT_STATE_DIR})")
+    c.add_argument("--token-file", metavar="FILE", default=default,
+                   help="file holding the admin token (default: DIR/admin-token)")
+    c.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                   help="print JSON instead of a table")
+    return c
 
+
+def build_parser():
+    common = _common(suppress=True)
     p = argparse.ArgumentParser(prog="pond", description="pond: control plane of a pull-based worker pool",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=[_common(suppress=False)])
     p.add_argument("--version", action="version", version=f"pond {__version__}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 

@@ -1,0 +1,1612 @@
+#!/usr/bin/env python3
+"""swarm: the orchestrator and worker of a pond pool. One file, standard library only.
+
+Install: copy this file to the host. Python >= 3.11. (`cryptography` is optional;
+later versions use it to unseal credentials and sign results.)
+
+    pond ◀── long-poll /v1/orch/poll, push state/chunks/snapshots ── swarm.py serve
+                                                                        ▲
+                  long-poll /v1/worker/claim, push state/chunks ──── swarm.py worker × N
+
+Every connection dials inward: pond never calls the orchestrator, the orchestrator
+never calls a worker. specs/protocol.md is the contract for both hops.
+
+Commands
+  pair     redeem a pairing code; write backend-handle.json (0600)
+  serve    the orchestrator: relay jobs from pond to workers and results back
+  worker   enroll once with a code, then claim and run jobs
+  status   the orchestrator's view of its pool        } operator commands against a
+  jobs     jobs the orchestrator holds now            } running `serve`, authorized
+  cancel   stop a job running in this pool            } by its --token
+
+Files
+  backend-handle.json          pond URL, binding id, binding token (0600)
+  <serve state-dir>/swarm.db   enrolled workers (their tokens hashed)
+  <serve state-dir>/serve.json where the orchestrator listens
+  <worker state-dir>/worker.json  worker id and token (0600); jobs/ per-job directories
+
+Exit codes
+  0 ok · 1 error · 2 usage or settings · 3 cannot reach pond or the orchestrator ·
+  4 refused (bad, used or expired code; revoked or unknown token)
+"""
+
+# ============================================================================
+# Imports (standard library only)
+# ============================================================================
+
+import argparse
+import base64
+import collections
+import errno
+import fcntl
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import secrets
+import selectors
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+__all__ = ["PROTOCOL_VERSION", "SwarmError", "capability_matches", "job_matches", "resolve_capabilities",
+           "main"]
+
+# ============================================================================
+# Constants and defaults
+# ============================================================================
+
+VERSION = "0.1.0"
+PROTOCOL_VERSION = 1                  # specs/protocol.md; pond answers it on pair and whoami
+POND_POLL_WAIT = 25.0                 # s pond may hold the orchestrator's poll
+CLAIM_WAIT = 25.0                     # s the orchestrator may hold a worker's claim
+WORKER_GRACE = 15.0                   # s after its last claim that a worker still counts as online
+SNAPSHOT_INTERVAL = 20.0              # s between worker snapshots when nothing changes
+CHUNK_INTERVAL = 0.25                 # s a job's output may wait before it is sent
+CHUNK_BYTES = 64 * 1024               # bytes of output per chunk
+CANCEL_GRACE = 10.0                   # s between SIGTERM and SIGKILL
+ORPHAN_DRAIN = 0.5                    # s to read pipes still held open after the job's process exited
+MAX_BODY = 4 * 1024 * 1024            # bytes in one request to the orchestrator
+REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
+BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
+HANDLE_FILE = "backend-handle.json"
+DEFAULT_SERVE_STATE = "swarm-state"
+DEFAULT_WORKER_STATE = "swarm-worker"
+SANDBOX_BACKENDS = ("process",)       # what this file can enforce (design.md §6)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+# ============================================================================
+# Errors
+# ============================================================================
+
+
+class SwarmError(Exception):
+    """An error for the operator: what went wrong, what to do next, and the exit code."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message, hint="", exit_code=None):
+        super().__init__(message)
+        self.message, self.hint = message, hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class UsageError(SwarmError):
+    exit_code = EXIT_USAGE
+
+
+class Unreachable(SwarmError):
+    """No answer: connection refused, reset or timed out. Loops retry these."""
+
+    exit_code = EXIT_UNREACHABLE
+
+
+class Refused(SwarmError):
+    """An error answer from pond or the orchestrator: {"error": {code, message, hint}}."""
+
+    exit_code = EXIT_REFUSED
+
+    def __init__(self, status, code, message, hint=""):
+        super().__init__(message, hint)
+        self.status, self.code = status, code
+
+    @property
+    def retryable(self):
+        return self.status >= 500 or self.status == 429
+
+
+class HttpError(Exception):
+    """Raised by a handler of our own server; rendered as a JSON error with this status."""
+
+    def __init__(self, status, code, message, hint=""):
+        super().__init__(message)
+        self.status, self.code, self.message, self.hint = status, code, message, hint
+
+
+# ============================================================================
+# Utilities
+# ============================================================================
+
+log = logging.getLogger("swarm")
+
+
+def setup_logging(role):
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s swarm[{role}] %(levelname)s %(message)s")
+
+
+def clean(text, limit=200):
+    """Untrusted text made safe for one log line."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)[:limit])
+
+
+def write_private(path, text):
+    """Write a file only its owner can read (0600), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_private(path, what):
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise UsageError(f"{path} ({what}) is readable by group or others", f"run: chmod 600 {path}")
+        return path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"{path} ({what}) does not exist") from None
+
+
+def private_dir(path):
+    path = Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def lock_dir(path, what):
+    """Hold an exclusive lock on a state dir for this process's life."""
+    f = open(Path(path) / "lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise UsageError(f"{path} is in use by another {what}", "give each process its own --state-dir") from None
+    return f
+
+
+def digest(secret):
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_token(kind, record_id):
+    """-> (`<kind>.<id>.<secret>` to hand out once, the secret's hash to keep)."""
+    secret = secrets.token_urlsafe(32)
+    return f"{kind}.{record_id}.{secret}", digest(secret)
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter, so a fleet does not retry in step."""
+
+    def __init__(self, start=BACKOFF_START, cap=BACKOFF_MAX):
+        self.start, self.cap, self.n = start, cap, 0
+
+    def next(self):
+        delay = random.uniform(0, min(self.cap, self.start * 2 ** self.n))
+        self.n = min(self.n + 1, 30)
+        return delay
+
+    def reset(self):
+        self.n = 0
+
+
+# ============================================================================
+# Wire format (specs/protocol.md; mirrors pond/wire.py and pond/matching.py)
+# ============================================================================
+
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]{0,127}$")
+CAPABILITY_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]][a-z0-9._*?\[\]!-]{0,127}$")
+CODE_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+TERMINAL_STATES = ("done", "failed", "cancelled")
+
+
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def capability_matches(globs, capability):
+    return any(fnmatchcase(capability, glob) for glob in globs)
+
+
+def job_matches(tags, globs, job):
+    """(ok, reason): the job's tags are a subset of ours and each capability matches a glob."""
+    lacking = [t for t in sorted(job.get("tags", [])) if t not in set(tags)]
+    if lacking:
+        return False, f"worker lacks tag {lacking[0]}"
+    for cap in sorted(job.get("capabilities", [])):
+        if not capability_matches(globs, cap):
+            return False, f"worker lacks capability {cap}"
+    return True, ""
+
+
+def split_list(text, pattern, flag):
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    for item in items:
+        if not pattern.match(item):
+            raise UsageError(f"{flag}: {item!r} is not allowed", f"it must match {pattern.pattern}")
+    return sorted(set(items))
+
+
+def resolve_capabilities(globs, backends=SANDBOX_BACKENDS):
+    """The capability globs this worker may advertise, and warnings for the rest.
+
+    A sandbox capability is advertised only if this worker can enforce it
+    (design.md §6), so `sandbox.*` becomes the concrete backends available and
+    `sandbox.firecracker` is dropped with a warning. A glob that would match any
+    sandbox name (`*`, `s*`) is refused: it would claim sandboxes we cannot enforce.
+    """
+    out, warnings = set(), []
+    for glob in globs:
+        if glob.startswith("sandbox."):
+            found = [f"sandbox.{b}" for b in backends if fnmatchcase(f"sandbox.{b}", glob)]
+            if not found:
+                warnings.append(f"cannot enforce {glob}: this worker has sandboxes {', '.join(backends)}")
+            out.update(found)
+        elif fnmatchcase("sandbox.probe-unknown", glob):
+            raise UsageError(f"capability glob {glob!r} would also claim sandboxes this worker cannot enforce",
+                             "list them apart, e.g. --capabilities 'harness.*,sandbox.*'")
+        else:
+            out.add(glob)
+    return sorted(out), warnings
+
+
+# ============================================================================
+# HTTP client (keep-alive; one connection per thread)
+# ============================================================================
+
+
+class HttpClient:
+    def __init__(self, base_url, token=None, what="server"):
+        parts = urlsplit(base_url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise UsageError(f"{base_url!r} is not an http://HOST:PORT URL", "example: http://127.0.0.1:8080")
+        self.url = base_url.rstrip("/")
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.token, self.what = token, what
+        self._local = threading.local()
+
+    def close(self):
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def _conn(self, timeout):
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            conn.connect()
+            conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._local.conn = conn
+        conn.sock.settimeout(timeout)
+        return conn
+
+    def call(self, method, path, body=None, headers=None, timeout=30.0):
+        payload = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        head = {"Content-Type": "application/json"}
+        if self.token:
+            head["Authorization"] = f"Bearer {self.token}"
+        head.update(headers or {})
+        for attempt in (1, 2):
+            reused = getattr(self._local, "conn", None) is not None
+            try:
+                conn = self._conn(timeout)
+                conn.request(method, path, body=payload, headers=head)
+                resp = conn.getresponse()
+                raw = resp.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                self.close()      # a kept-alive connection the server closed: try once more
+                if not (reused and attempt == 1):
+                    raise self._unreachable(e) from None
+            except (OSError, http.client.HTTPException) as e:
+                self.close()
+                raise self._unreachable(e) from None
+        if resp.getheader("Connection", "").lower() == "close":
+            self.close()
+        return self._decode(resp.status, raw, method, path)
+
+    def _unreachable(self, e):
+        return Unreachable(f"cannot reach the {self.what} at {self.url}: {e.__class__.__name__}: {e}",
+                           f"is the {self.what} running and is the URL right?")
+
+    def _decode(self, status, raw, method, path):
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = None
+        if 200 <= status < 300 and isinstance(data, dict):
+            return data
+        err = data.get("error") if isinstance(data, dict) else None
+        if isinstance(err, dict):
+            raise Refused(status, err.get("code", "error"), err.get("message", "error"), err.get("hint", ""))
+        raise Refused(status, "bad_answer", f"{method} {path} answered {status} without a JSON error: "
+                      f"{raw[:120].decode(errors='replace')!r}", f"is that URL really the {self.what}?")
+
+
+# ============================================================================
+# HTTP server (JSON in and out, bounded, one buffered write, TCP_NODELAY)
+# ============================================================================
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """Routes requests to `server.routes`: [(method, compiled path regex, handler)].
+
+    A handler gets (handler_instance, match, body) and returns (status, payload).
+    """
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"swarm/{VERSION}"
+    disable_nagle_algorithm = True
+    timeout = REQUEST_TIMEOUT
+
+    def do_GET(self):
+        self._handle("GET")
+
+    def do_POST(self):
+        self._handle("POST")
+
+    def do_PUT(self):
+        self._handle("PUT")
+
+    def do_DELETE(self):
+        self._handle("DELETE")
+
+    def _handle(self, method):
+        try:
+            fn, match = self._route(method)
+            status, payload = fn(self, match, self._body())
+        except HttpError as e:
+            status, payload = e.status, {"error": {"code": e.code, "message": e.message, "hint": e.hint}}
+        except Exception:
+            log.exception("unhandled error in %s %s", method, clean(self.path))
+            status, payload = 500, {"error": {"code": "internal", "message": "internal error; see the log",
+                                              "hint": "report it with the orchestrator's log"}}
+        self._send(status, payload)
+
+    def _route(self, method):
+        path = urlsplit(self.path).path
+        allowed = []
+        for m, pattern, fn in self.server.routes:
+            match = pattern.match(path)
+            if match:
+                if m == method:
+                    return fn, match
+                allowed.append(m)
+        if allowed:
+            raise HttpError(405, "method_not_allowed", f"{method} is not allowed here", "allowed: " + ", ".join(allowed))
+        raise HttpError(404, "not_found", f"no such endpoint: {clean(path, 100)}", "see specs/protocol.md")
+
+    def _body(self):
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True
+            raise HttpError(400, "bad_request", "chunked request bodies are not accepted", "send a Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None or raw == "0":
+            return None
+        if not raw.isdigit():
+            self.close_connection = True
+            raise HttpError(400, "bad_request", "Content-Length is not a number")
+        if int(raw) > MAX_BODY:
+            self.close_connection = True
+            raise HttpError(413, "payload_too_large", f"request body over the {MAX_BODY}-byte limit")
+        data = self.rfile.read(int(raw))
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise HttpError(400, "bad_request", "request body is not valid JSON", "send a JSON object") from None
+
+    def _send(self, status, payload):
+        if isinstance(payload, str):
+            body, ctype = payload.encode(), "text/plain; version=0.0.4"
+        else:
+            body, ctype = json.dumps(payload, separators=(",", ":")).encode(), "application/json"
+        head = (f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"Connection: {'close' if self.close_connection else 'keep-alive'}\r\n\r\n").encode()
+        try:
+            self.wfile.write(head + body)
+        except OSError:
+            self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        self.close_connection = True
+        self._send(code, {"error": {"code": "protocol", "message": message or "malformed request",
+                                    "hint": explain or ""}})
+
+    def log_message(self, fmt, *args):
+        pass
+
+    def bearer(self):
+        header = self.headers.get("Authorization") or ""
+        if not header.startswith("Bearer "):
+            raise HttpError(401, "unauthorized", "missing bearer token", "send Authorization: Bearer <token>")
+        return header[7:].strip()
+
+
+def obj(body, where, allowed, required=()):
+    """Validate a JSON object body: a 400 that names the field and lists the allowed ones."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", f"{where} must be a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise HttpError(400, "bad_request", f"{where}: unknown field {clean(unknown[0], 40)!r}",
+                        "allowed fields: " + ", ".join(sorted(allowed)))
+    for key in required:
+        if key not in body:
+            raise HttpError(400, "bad_request", f"{where}: missing field {key!r}")
+    return body
+
+
+def string_list(value, where, pattern):
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > 64 or not all(isinstance(v, str) and pattern.match(v) for v in value):
+        raise HttpError(400, "bad_request", f"{where} must be a list of at most 64 strings matching {pattern.pattern}")
+    return sorted(set(value))
+
+
+def whole(value, where, lo, hi, default=None):
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise HttpError(400, "bad_request", f"{where} must be a number from {lo} to {hi}")
+    return value
+
+
+class JsonServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, routes, max_connections=256):
+        super().__init__(address, JsonHandler)
+        self.routes = [(m, re.compile(p + r"\Z"), fn) for m, p, fn in routes]
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)      # over the connection cap: refuse at once
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+# ============================================================================
+# Settings (resolved once from flags > environment > files > defaults)
+# ============================================================================
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    pond_url: str
+    code: str
+    out: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    host: str
+    port: int
+    state_dir: Path
+    handle: Path
+    pond_url: str
+    token_hash: str           # sha256 of the operator token (POOL_SECRET)
+    poll_wait: float = POND_POLL_WAIT
+    claim_wait: float = CLAIM_WAIT
+    snapshot_interval: float = SNAPSHOT_INTERVAL
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    orchestrator: str
+    state_dir: Path
+    enroll_code: str
+    name: str
+    tags: tuple
+    capabilities: tuple
+    concurrency: int
+    repo_root: Path
+    claim_wait: float = CLAIM_WAIT
+    keep_job_dirs: bool = False
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    orchestrator: str
+    token: str
+    json: bool
+
+
+def parse_bind(text):
+    host, sep, port = (text or "").rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--bind {text!r} is not HOST:PORT", "example: --bind 127.0.0.1:8080")
+    return host.strip("[]"), int(port)
+
+
+def resolve_token(flag_value, token_file, env):
+    """The operator token: --token, then --token-file, then $SWARM_TOKEN.
+
+    Prefer --token-file or SWARM_TOKEN: a --token value is visible to every user in `ps`.
+    """
+    if flag_value:
+        return flag_value
+    if token_file:
+        return read_private(token_file, "token file").strip()
+    return env.get("SWARM_TOKEN") or ""
+
+
+def load_handle(path):
+    try:
+        handle = json.loads(read_private(path, "backend handle"))
+    except ValueError:
+        raise UsageError(f"{path} is not valid JSON", "pair again: swarm.py pair --pond URL --code CODE") from None
+    for key in ("pond_url", "binding_id", "token", "protocol_version"):
+        if key not in handle:
+            raise UsageError(f"{path} has no {key!r}", "pair again: swarm.py pair --pond URL --code CODE")
+    if handle["protocol_version"] != PROTOCOL_VERSION:
+        raise UsageError(f"{path} was written for protocol {handle['protocol_version']}; this swarm.py speaks "
+                         f"{PROTOCOL_VERSION}", "use a swarm.py of the same release as pond, or pair again")
+    return handle
+
+
+def serve_settings(args, env):
+    host, port = parse_bind(args.bind)
+    token = resolve_token(args.token, args.token_file, env)
+    if not token:
+        raise UsageError("serve needs an operator token", "pass --token-file FILE or set SWARM_TOKEN "
+                         "(--token POOL_SECRET works too, but shows in ps)")
+    state = private_dir(args.state_dir or DEFAULT_SERVE_STATE)
+    handle_path = Path(args.handle) if args.handle else (
+        Path(HANDLE_FILE) if Path(HANDLE_FILE).exists() else state / HANDLE_FILE)
+    handle = load_handle(handle_path)
+    return ServeSettings(host=host, port=port, state_dir=state, handle=handle_path,
+                         pond_url=(args.pond or handle["pond_url"]).rstrip("/"), token_hash=digest(token),
+                         poll_wait=args.poll_wait, claim_wait=args.claim_wait,
+                         snapshot_interval=args.snapshot_interval)
+
+
+def worker_settings(args, env):
+    if args.concurrency < 1 or args.concurrency > 256:
+        raise UsageError("--concurrency must be from 1 to 256")
+    tags = split_list(args.tags, TAG_RE, "--tags")
+    globs = split_list(args.capabilities, CAPABILITY_GLOB_RE, "--capabilities")
+    caps, warnings = resolve_capabilities(globs)
+    for w in warnings:
+        log.warning("%s; not advertised", w)
+    state = private_dir(args.state_dir or DEFAULT_WORKER_STATE)
+    repo_root = Path(args.repo_root or state / "checkouts").resolve()
+    if not args.repo_root:
+        repo_root.mkdir(exist_ok=True)
+    if not repo_root.is_dir():
+        raise UsageError(f"--repo-root {repo_root} is not a directory", "create it, or leave --repo-root out")
+    code = args.enroll_code or env.get("SWARM_ENROLL_CODE") or ""
+    if code and not CODE_RE.match(code):
+        raise UsageError("--enroll-code is not an enrollment code", "codes look like ABCD-EFGH-JKMN")
+    return WorkerSettings(orchestrator=args.orchestrator.rstrip("/"), state_dir=state, enroll_code=code,
+                          name=args.name or socket.gethostname()[:64], tags=tuple(tags), capabilities=tuple(caps),
+                          concurrency=args.concurrency, repo_root=repo_root, claim_wait=args.claim_wait,
+                          keep_job_dirs=args.keep_job_dirs)
+
+
+def operator_settings(args, env):
+    token = resolve_token(args.token, args.token_file, env)
+    if not token:
+        raise UsageError("this command needs the orchestrator's operator token",
+                         "pass --token-file FILE or set SWARM_TOKEN (the POOL_SECRET given to serve)")
+    url = args.orchestrator
+    if not url:
+        try:
+            url = json.loads((Path(args.state_dir or DEFAULT_SERVE_STATE) / "serve.json").read_text())["url"]
+        except (OSError, ValueError, KeyError):
+            raise UsageError("cannot find the orchestrator", "pass --orchestrator URL or --state-dir DIR of a "
+                             "running `swarm.py serve`") from None
+    return OperatorSettings(orchestrator=url, token=token, json=args.json)
+
+
+# ============================================================================
+# Pairing
+# ============================================================================
+
+
+def pair(s):
+    """Redeem a pairing code with pond and write the backend handle (0600)."""
+    pond = HttpClient(s.pond_url, what="pond")
+    body = {"code": s.code}
+    if s.name:
+        body["name"] = s.name
+    answer = pond.call("POST", "/v1/orch/pair", body)
+    if answer.get("protocol_version") != PROTOCOL_VERSION:
+        raise SwarmError(f"pond speaks protocol {answer.get('protocol_version')}; this swarm.py speaks "
+                         f"{PROTOCOL_VERSION}", "use the swarm.py that ships with this pond")
+    handle = {"pond_url": s.pond_url, "binding_id": answer["binding_id"], "token": answer["token"],
+              "name": answer.get("name"), "protocol_version": answer["protocol_version"], "paired_at": time.time()}
+    s.out.parent.mkdir(parents=True, exist_ok=True)
+    write_private(s.out, json.dumps(handle, indent=2) + "\n")
+    print(f"paired as {answer['binding_id']}; wrote {s.out}")
+    return EXIT_OK
+
+
+# ============================================================================
+# Orchestrator: worker registry (SQLite in the state dir)
+# ============================================================================
+
+REGISTRY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS workers (
+    id TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL, tags TEXT NOT NULL,
+    capabilities TEXT NOT NULL, slots INTEGER NOT NULL, enrolled_at REAL NOT NULL
+)"""
+
+
+class Registry:
+    """Enrolled workers, kept across restarts so a worker never has to enroll twice."""
+
+    def __init__(self, path):
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(REGISTRY_SCHEMA)
+
+    def all(self):
+        with self._lock:
+            rows = self._db.execute("SELECT id, name, token_hash, tags, capabilities, slots FROM workers").fetchall()
+        return [dict(id=r[0], name=r[1], token_hash=r[2], tags=json.loads(r[3]), capabilities=json.loads(r[4]),
+                     slots=r[5]) for r in rows]
+
+    def add(self, w, token_hash):
+        with self._lock:
+            self._db.execute("INSERT INTO workers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             (w["id"], w["name"], token_hash, json.dumps(w["tags"]), json.dumps(w["capabilities"]),
+                              w["slots"], time.time()))
+
+    def update(self, w):
+        with self._lock:
+            self._db.execute("UPDATE workers SET tags = ?, capabilities = ?, slots = ? WHERE id = ?",
+                             (json.dumps(w.tags), json.dumps(w.capabilities), w.slots, w.id))
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+
+# ============================================================================
+# Orchestrator: the pool (worker sessions, their queues) and the outbox to pond
+# ============================================================================
+
+
+class Session:
+    """One enrolled worker as the orchestrator sees it: its queue of assignments and its cancels."""
+
+    def __init__(self, row, lock):
+        self.id, self.name, self.token_hash = row["id"], row["name"], row["token_hash"]
+        self.tags, self.capabilities, self.slots = row["tags"], row["capabilities"], row["slots"]
+        self.queue = collections.deque()       # assigned by pond, not yet handed to the worker
+        self.jobs = {}                          # job id -> assignment the worker holds
+        self.cancels = []
+        self.claiming = 0
+        self.last_seen = 0.0
+        self.cond = threading.Condition(lock)
+
+    def online(self, now):
+        return self.claiming > 0 or now - self.last_seen < WORKER_GRACE
+
+    def view(self, now):
+        return {"id": self.id, "name": self.name, "tags": self.tags, "capabilities": self.capabilities,
+                "slots": self.slots, "online": self.online(now)}
+
+
+class Outbox:
+    """Messages for pond, sent in order by one thread.
+
+    A final state report replaces a `running` report for the same job that has not
+    been sent yet, so a short job costs pond one request, not two.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._items = collections.deque()
+
+    def put(self, msg):
+        with self._cond:
+            if msg["kind"] == "state" and msg["body"]["state"] in TERMINAL_STATES:
+                self._items = collections.deque(
+                    m for m in self._items
+                    if not (m["kind"] == "state" and m["job_id"] == msg["job_id"] and m["body"]["state"] == "running"))
+            self._items.append(msg)
+            self._cond.notify()
+
+    def peek(self, timeout):
+        with self._cond:
+            self._cond.wait_for(lambda: self._items, timeout)
+            return self._items[0] if self._items else None
+
+    def pop(self, msg):
+        with self._cond:
+            if self._items and self._items[0] is msg:
+                self._items.popleft()
+
+    def __len__(self):
+        return len(self._items)
+
+
+class Pool:
+    """The orchestrator's state: sessions by worker id, and what must go to pond."""
+
+    def __init__(self, registry, pond, claim_wait):
+        self.lock = threading.Lock()
+        self.registry, self.pond, self.claim_wait = registry, pond, claim_wait
+        self.sessions = {row["id"]: Session(row, self.lock) for row in registry.all()}
+        self.outbox = Outbox()
+        self.snapshot_due = threading.Event()
+        self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
+        self.pond_ok = False
+
+    # -- enrollment ----------------------------------------------------------
+
+    def enroll(self, body):
+        body = obj(body, "enroll", ("code", "name", "tags", "capabilities", "slots"), ("code",))
+        code = body["code"]
+        if not isinstance(code, str) or not CODE_RE.match(code):
+            raise HttpError(400, "bad_request", "code is not an enrollment code", "codes look like ABCD-EFGH-JKMN")
+        worker = {"name": body.get("name") or "worker",
+                  "tags": string_list(body.get("tags"), "tags", TAG_RE),
+                  "capabilities": string_list(body.get("capabilities"), "capabilities", CAPABILITY_GLOB_RE),
+                  "slots": int(whole(body.get("slots"), "slots", 1, 256, default=1))}
+        try:
+            answer = self.pond.call("POST", f"/v1/orch/enrollment/{code}/consumed", worker)
+        except Refused as e:     # pond's verdict on the code goes back to the worker as is
+            raise HttpError(e.status if e.status < 500 else 502, e.code, e.message, e.hint) from None
+        except Unreachable as e:
+            raise HttpError(503, "pond_unreachable", "the orchestrator cannot reach pond to check the code",
+                            "retry when pond is back") from e
+        worker["id"] = answer["worker_id"]
+        token, token_hash = new_token("wkr", worker["id"])
+        self.registry.add(worker, token_hash)
+        with self.lock:
+            self.sessions[worker["id"]] = Session(dict(worker, token_hash=token_hash), self.lock)
+        self.snapshot_due.set()
+        log.info("enrolled worker %s (%s)", worker["id"], clean(worker["name"]))
+        return {"worker_id": worker["id"], "token": token, "protocol_version": PROTOCOL_VERSION}
+
+    def authenticate(self, token):
+        parts = token.split(".")
+        session = self.sessions.get(parts[1]) if len(parts) == 3 and parts[0] == "wkr" else None
+        if session is None or not hmac.compare_digest(digest(parts[2]), session.token_hash):
+            raise HttpError(403, "token_invalid", "this worker token is not known here",
+                            "enroll again with a new code: swarm.py worker --enroll-code CODE")
+        return session
+
+    # -- claim: the worker's long-poll ----------------------------------------
+
+    def claim(self, session, body):
+        body = obj(body, "claim", ("wait", "tags", "capabilities", "slots"))
+        wait = min(whole(body.get("wait"), "wait", 0, 3600, default=self.claim_wait), self.claim_wait)
+        self._update_offer(session, body)
+        deadline = time.monotonic() + wait
+        with self.lock:
+            came_online = not session.online(time.time())
+            session.claiming += 1
+            session.last_seen = time.time()
+            if came_online:
+                self.snapshot_due.set()
+            try:
+                while not session.queue and not session.cancels:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    session.cond.wait(remaining)
+                jobs = list(session.queue)
+                session.queue.clear()
+                cancels, session.cancels = session.cancels, []
+                for job in jobs:
+                    session.jobs[job["job_id"]] = job
+            finally:
+                session.claiming -= 1
+                session.last_seen = time.time()
+        return {"jobs": jobs, "cancels": cancels}
+
+    def _update_offer(self, session, body):
+        """A worker restarted with other --tags/--capabilities/--concurrency: tell pond."""
+        tags = string_list(body.get("tags"), "tags", TAG_RE) if "tags" in body else session.tags
+        caps = (string_list(body.get("capabilities"), "capabilities", CAPABILITY_GLOB_RE)
+                if "capabilities" in body else session.capabilities)
+        slots = int(whole(body.get("slots"), "slots", 1, 256, default=session.slots))
+        if (tags, caps, slots) != (session.tags, session.capabilities, session.slots):
+            session.tags, session.capabilities, session.slots = tags, caps, slots
+            self.registry.update(session)
+            self.snapshot_due.set()
+
+    # -- from pond --------------------------------------------------------------
+
+    def deliver(self, jobs, cancels):
+        """Hand a poll answer to the workers: assignments to their queues, cancels to whoever holds the job."""
+        with self.lock:
+            for job in jobs:
+                session = self.sessions.get(job.get("worker"))
+                if session is None:
+                    log.error("pond assigned %s to unknown worker %s", job.get("job_id"), clean(job.get("worker")))
+                    self._report(job, {"attempt": job["attempt"], "state": "failed",
+                                       "error": "worker unknown to its orchestrator"})
+                    continue
+                session.queue.append(job)
+                session.cond.notify_all()
+            for cancel in cancels:
+                self._cancel_locked(cancel["job_id"], "pond")
+
+    def _cancel_locked(self, job_id, by):
+        for session in self.sessions.values():
+            for job in list(session.queue):
+                if job["job_id"] == job_id:           # never reached the worker: end it here
+                    session.queue.remove(job)
+                    self._report(job, {"attempt": job["attempt"], "state": "cancelled",
+                                       "error": f"cancelled by {by} before it started"})
+                    return True
+            if job_id in session.jobs:
+                session.cancels.append({"job_id": job_id, "attempt": session.jobs[job_id]["attempt"]})
+                session.cond.notify_all()
+                return True
+        return False
+
+    def cancel(self, job_id):
+        with self.lock:
+            return self._cancel_locked(job_id, "the pool operator")
+
+    # -- from workers ------------------------------------------------------------
+
+    def held_job(self, session, job_id, claim_token):
+        with self.lock:
+            job = session.jobs.get(job_id)
+        if job is None or not hmac.compare_digest(job["claim_token"], claim_token or ""):
+            raise HttpError(409, "stale_attempt", f"job {clean(job_id, 40)} is not held by this worker",
+                            "drop this report")
+        return job
+
+    def report_state(self, session, job_id, claim_token, body):
+        job = self.held_job(session, job_id, claim_token)
+        body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks"), ("attempt", "state"))
+        if body["attempt"] != job["attempt"]:
+            raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
+        if body["state"] in TERMINAL_STATES:
+            with self.lock:
+                session.jobs.pop(job_id, None)
+                self.recent.append({"job_id": job_id, "worker": session.id, "state": body["state"],
+                                    "exit_code": body.get("exit_code"), "finished_at": time.time()})
+        self._report(job, body)
+        return {"accepted": True}
+
+    def report_chunk(self, session, job_id, claim_token, body):
+        job = self.held_job(session, job_id, claim_token)
+        body = obj(body, "chunk", ("attempt", "stream", "seq", "data"), ("attempt", "stream", "seq", "data"))
+        self.outbox.put({"kind": "chunk", "job_id": job_id, "claim_token": job["claim_token"], "body": body})
+        return {"accepted": True}
+
+    def _report(self, job, body):
+        self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"], "body": body})
+
+    # -- views -------------------------------------------------------------------
+
+    def snapshot(self):
+        now = time.time()
+        with self.lock:
+            return [s.view(now) for s in self.sessions.values()]
+
+    def status(self):
+        now = time.time()
+        with self.lock:
+            workers = [dict(s.view(now), running=len(s.jobs), queued=len(s.queue),
+                            last_seen=s.last_seen or None) for s in self.sessions.values()]
+        return {"pond_reachable": self.pond_ok, "outbox": len(self.outbox), "workers": workers}
+
+    def jobs(self):
+        with self.lock:
+            held = [{"job_id": j["job_id"], "worker": s.id, "state": "running", "command": j["command"]}
+                    for s in self.sessions.values() for j in s.jobs.values()]
+            held += [{"job_id": j["job_id"], "worker": s.id, "state": "assigned", "command": j["command"]}
+                     for s in self.sessions.values() for j in s.queue]
+            return {"jobs": held, "recent": list(self.recent)[-50:]}
+
+
+# ============================================================================
+# Orchestrator: the two links to pond (poll loop, push loop) and `serve`
+# ============================================================================
+
+
+def poll_loop(pool, pond, stop, wait, fatal):
+    """Long-poll pond for assignments and cancels; hand them to the pool."""
+    backoff = Backoff()
+    while not stop.is_set():
+        try:
+            answer = pond.call("POST", "/v1/orch/poll", {"wait": wait}, timeout=wait + 15)
+        except Refused as e:
+            if e.status in (401, 403):
+                fatal(SwarmError(f"pond refused this orchestrator: {e.message}", e.hint, EXIT_REFUSED))
+                return
+            pool.pond_ok = False
+            delay = backoff.next()
+            log.warning("poll refused (%s %s); retrying in %.1f s", e.status, e.code, delay)
+            stop.wait(delay)
+            continue
+        except Unreachable as e:
+            pool.pond_ok = False
+            delay = backoff.next()
+            log.warning("waiting for pond at %s (%s); retrying in %.1f s", pond.url, e.message, delay)
+            stop.wait(delay)
+            continue
+        if not pool.pond_ok:
+            log.info("connected to pond at %s", pond.url)
+            pool.snapshot_due.set()
+        pool.pond_ok = True
+        backoff.reset()
+        pool.deliver(answer.get("jobs", []), answer.get("cancels", []))
+
+
+def push_loop(pool, pond, stop):
+    """Send the outbox to pond in order; retry what pond did not get, drop what it refused."""
+    backoff = Backoff()
+    while True:
+        msg = pool.outbox.peek(0.5)
+        if msg is None:
+            if stop.is_set():
+                return
+            continue
+        path = f"/v1/orch/jobs/{msg['job_id']}/{msg['kind']}"
+        try:
+            pond.call("POST", path, msg["body"], headers={"X-Claim-Token": msg["claim_token"]})
+        except Refused as e:
+            if e.retryable:
+                stop.wait(backoff.next())
+                continue
+            log.warning("pond refused %s for %s: %s (%s)", msg["kind"], msg["job_id"], clean(e.message), e.code)
+        except Unreachable:
+            if stop.is_set():
+                return          # pond is gone and we are stopping; the rest is lost (issue: outbox on disk)
+            stop.wait(backoff.next())
+            continue
+        backoff.reset()
+        pool.outbox.pop(msg)
+
+
+def snapshot_loop(pool, pond, stop, interval):
+    """Tell pond which workers are online: at once on a change, and every `interval` seconds."""
+    backoff = Backoff()
+    last_online, last_sent = None, 0.0
+    while not stop.is_set():
+        pool.snapshot_due.wait(min(interval, 2.0))
+        workers = pool.snapshot()
+        online = {w["id"] for w in workers if w["online"]}
+        changed = pool.snapshot_due.is_set() or online != last_online
+        if not changed and time.monotonic() - last_sent < interval:
+            continue
+        pool.snapshot_due.clear()
+        try:
+            answer = pond.call("POST", "/v1/orch/workers/snapshot", {"workers": workers})
+        except (Refused, Unreachable) as e:
+            if isinstance(e, Refused):
+                log.warning("snapshot refused: %s", clean(e.message))
+            pool.snapshot_due.set()
+            stop.wait(backoff.next())
+            continue
+        last_online, last_sent = online, time.monotonic()
+        backoff.reset()
+        for unknown in answer.get("unknown", []):
+            log.warning("pond does not know worker %s", clean(unknown))
+
+
+def orchestrator_routes(pool, token_hash):
+    def worker_auth(h):
+        return pool.authenticate(h.bearer())
+
+    def operator_auth(h):
+        if not hmac.compare_digest(digest(h.bearer()), token_hash):
+            raise HttpError(403, "token_invalid", "the operator token is not valid",
+                            "use the POOL_SECRET given to `swarm.py serve --token`")
+
+    def claim_token(h):
+        return h.headers.get("X-Claim-Token") or ""
+
+    def cancel(h, m, body):
+        operator_auth(h)
+        if not pool.cancel(m["id"]):
+            raise HttpError(404, "not_found", f"job {m['id']} is not held by this pool",
+                            "list jobs with `swarm.py jobs`; cancel queued jobs with `pond cancel`")
+        return 202, {"job_id": m["id"], "cancel": "sent"}
+
+    job = r"/v1/worker/jobs/(?P<id>[A-Za-z0-9_-]{1,64})"
+    return [
+        ("GET", r"/healthz", lambda h, m, b: (200, {"ok": True, "version": VERSION, "pond_reachable": pool.pond_ok})),
+        ("GET", r"/metrics", lambda h, m, b: (200, _orchestrator_metrics(pool))),
+        ("POST", r"/v1/worker/enroll", lambda h, m, b: (201, pool.enroll(b))),
+        ("POST", r"/v1/worker/claim", lambda h, m, b: (200, pool.claim(worker_auth(h), b))),
+        ("POST", job + r"/state",
+         lambda h, m, b: (200, pool.report_state(worker_auth(h), m["id"], claim_token(h), b))),
+        ("POST", job + r"/chunk",
+         lambda h, m, b: (200, pool.report_chunk(worker_auth(h), m["id"], claim_token(h), b))),
+        ("GET", r"/v1/pool/status", lambda h, m, b: (operator_auth(h), (200, pool.status()))[1]),
+        ("GET", r"/v1/pool/jobs", lambda h, m, b: (operator_auth(h), (200, pool.jobs()))[1]),
+        ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", cancel),
+    ]
+
+
+def _orchestrator_metrics(pool):
+    status = pool.status()
+    return "\n".join([
+        "# TYPE swarm_workers gauge",
+        f'swarm_workers{{online="true"}} {sum(1 for w in status["workers"] if w["online"])}',
+        f'swarm_workers{{online="false"}} {sum(1 for w in status["workers"] if not w["online"])}',
+        "# TYPE swarm_jobs_running gauge", f"swarm_jobs_running {sum(w['running'] for w in status['workers'])}",
+        "# TYPE swarm_outbox gauge", f"swarm_outbox {status['outbox']}",
+        "# TYPE swarm_pond_reachable gauge", f"swarm_pond_reachable {int(status['pond_reachable'])}", ""])
+
+
+def serve(s):
+    """Run the orchestrator until SIGINT/SIGTERM."""
+    lock = lock_dir(s.state_dir, "`swarm.py serve`")
+    handle = load_handle(s.handle)
+    pond = HttpClient(s.pond_url, handle["token"], what="pond")
+    registry = Registry(s.state_dir / "swarm.db")
+    pool = Pool(registry, pond, s.claim_wait)
+    server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash))
+    url = f"http://{server.server_address[0]}:{server.server_address[1]}"
+    write_private(s.state_dir / "serve.json", json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+    stop, failure = threading.Event(), []
+
+    def fatal(err):
+        failure.append(err)
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def on_signal(signum, frame):
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threads = [threading.Thread(target=poll_loop, args=(pool, pond, stop, s.poll_wait, fatal), daemon=True,
+                                name="poll"),
+               threading.Thread(target=snapshot_loop, args=(pool, pond, stop, s.snapshot_interval), daemon=True,
+                                name="snapshot")]
+    pusher = threading.Thread(target=push_loop, args=(pool, pond, stop), daemon=True, name="push")
+    for t in threads + [pusher]:
+        t.start()
+    log.info("binding %s, pond %s, %d enrolled worker(s)", handle["binding_id"], s.pond_url, len(pool.sessions))
+    print(f"swarm serve listening on {url}", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        stop.set()
+        server.server_close()
+        pusher.join(timeout=5)       # deliver what is already in the outbox, briefly
+        registry.close()
+        lock.close()
+        log.info("stopped")
+    if failure:
+        raise failure[0]
+    return EXIT_OK
+
+
+# ============================================================================
+# Worker: identity and enrollment
+# ============================================================================
+
+
+def load_identity(state_dir):
+    path = state_dir / "worker.json"
+    if not path.exists():
+        return None
+    try:
+        return json.loads(read_private(path, "worker identity"))
+    except ValueError:
+        raise UsageError(f"{path} is not valid JSON", f"remove it and enroll again with --enroll-code") from None
+
+
+def enroll(s, orch):
+    """Enroll with a code through the orchestrator; keep the identity in worker.json (0600)."""
+    if not s.enroll_code:
+        raise UsageError("this worker has not enrolled yet", "pass --enroll-code CODE (mint one with "
+                         "`pond admin enrollment-code`)")
+    answer = orch.call("POST", "/v1/worker/enroll",
+                       {"code": s.enroll_code, "name": s.name, "tags": list(s.tags),
+                        "capabilities": list(s.capabilities), "slots": s.concurrency})
+    identity = {"worker_id": answer["worker_id"], "token": answer["token"], "orchestrator": s.orchestrator,
+                "enrolled_at": time.time()}
+    write_private(s.state_dir / "worker.json", json.dumps(identity, indent=2) + "\n")
+    log.info("enrolled as %s", identity["worker_id"])
+    return identity
+
+
+# ============================================================================
+# Worker: reporting to the orchestrator
+# ============================================================================
+
+
+class Reporter:
+    """Sends a worker's reports to its orchestrator in order, from one thread.
+
+    A final state replaces an unsent `running` for the same job; reports the
+    orchestrator refuses as stale are dropped; the rest are retried with backoff.
+    """
+
+    def __init__(self, orch):
+        self.orch, self.outbox = orch, Outbox()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="reporter", daemon=True)
+        self.thread.start()
+
+    def state(self, job, state, **fields):
+        self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"],
+                         "body": dict(attempt=job["attempt"], state=state, **fields)})
+
+    def chunk(self, job, stream, seq, data):
+        self.outbox.put({"kind": "chunk", "job_id": job["job_id"], "claim_token": job["claim_token"],
+                         "body": {"attempt": job["attempt"], "stream": stream, "seq": seq, "data": b64(data)}})
+
+    def _run(self):
+        backoff = Backoff()
+        while True:
+            msg = self.outbox.peek(0.5)
+            if msg is None:
+                if self.stop.is_set():
+                    return
+                continue
+            try:
+                self.orch.call("POST", f"/v1/worker/jobs/{msg['job_id']}/{msg['kind']}", msg["body"],
+                               headers={"X-Claim-Token": msg["claim_token"]})
+            except Refused as e:
+                if e.retryable:
+                    time.sleep(backoff.next())
+                    continue
+                log.warning("orchestrator refused %s for %s: %s", msg["kind"], msg["job_id"], clean(e.message))
+            except Unreachable:
+                if self.stop.is_set():
+                    return
+                time.sleep(backoff.next())
+                continue
+            backoff.reset()
+            self.outbox.pop(msg)
+
+    def close(self, timeout=5.0):
+        self.stop.set()
+        self.thread.join(timeout)
+
+
+# ============================================================================
+# Worker: running one job (the `process` sandbox provider)
+# ============================================================================
+
+
+def job_env(job, home, tmp, repo_root):
+    """A scrubbed environment: nothing of the worker's own leaks into the job but PATH and locale."""
+    env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8"),
+           "HOME": str(home), "TMPDIR": str(tmp), "SWARM_JOB_ID": job["job_id"],
+           "SWARM_ATTEMPT": str(job["attempt"]), "SWARM_REPO_ROOT": str(repo_root)}
+    env.update(job.get("env") or {})
+    return env
+
+
+class Output:
+    """A job's stdout and stderr, cut into numbered chunks (specs/protocol.md §5)."""
+
+    def __init__(self, job, reporter):
+        self.job, self.reporter = job, reporter
+        self.buf = {"stdout": bytearray(), "stderr": bytearray()}
+        self.seq = {"stdout": 0, "stderr": 0}
+        self.flushed_at = time.monotonic()
+
+    def add(self, stream, data):
+        self.buf[stream] += data
+        if len(self.buf[stream]) >= CHUNK_BYTES:
+            self.flush()
+
+    def flush(self):
+        for stream, buf in self.buf.items():
+            while buf:
+                piece = bytes(buf[:CHUNK_BYTES])
+                del buf[:CHUNK_BYTES]
+                self.reporter.chunk(self.job, stream, self.seq[stream], piece)
+                self.seq[stream] += 1
+        self.flushed_at = time.monotonic()
+
+    def tail(self):
+        """What is left, as chunks to ride on the final state report."""
+        out = []
+        for stream, buf in self.buf.items():
+            while buf:
+                piece = bytes(buf[:CHUNK_BYTES])
+                del buf[:CHUNK_BYTES]
+                out.append({"stream": stream, "seq": self.seq[stream], "data": b64(piece)})
+                self.seq[stream] += 1
+        return out
+
+
+def _signal_group(pid, sig):
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def run_process(job, workdir, env, output, cancel):
+    """Run the job's command in its own session; -> (exit_code, error, ended_by)."""
+    try:
+        proc = subprocess.Popen(job["command"], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    except OSError as e:
+        code = 127 if e.errno == errno.ENOENT else 126
+        return code, f"cannot start {clean(job['command'][0], 100)}: {e.strerror}", None
+    sel = selectors.DefaultSelector()
+    for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+        os.set_blocking(pipe.fileno(), False)
+        sel.register(pipe, selectors.EVENT_READ, stream)
+    deadline = time.monotonic() + job["timeout"] if job.get("timeout") else None
+    ended_by, kill_at, exited_at = None, None, None
+    try:
+        while True:
+            now = time.monotonic()
+            if ended_by is None and (cancel.is_set() or (deadline and now >= deadline)):
+                ended_by = "cancel" if cancel.is_set() else "timeout"
+                _signal_group(proc.pid, signal.SIGTERM)
+                kill_at = now + CANCEL_GRACE
+            if kill_at and now >= kill_at:
+                _signal_group(proc.pid, signal.SIGKILL)
+                kill_at = None
+            if sel.get_map():
+                for key, _ in sel.select(CHUNK_INTERVAL):
+                    data = os.read(key.fileobj.fileno(), 65536)
+                    if data:
+                        output.add(key.data, data)
+                    else:
+                        sel.unregister(key.fileobj)
+            else:
+                try:
+                    proc.wait(CHUNK_INTERVAL)
+                except subprocess.TimeoutExpired:
+                    pass
+            if time.monotonic() - output.flushed_at >= CHUNK_INTERVAL:
+                output.flush()
+            if proc.poll() is not None:
+                exited_at = exited_at or time.monotonic()
+                if not sel.get_map() or time.monotonic() - exited_at > ORPHAN_DRAIN:
+                    break
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)      # whatever the job left behind in its group
+        sel.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        proc.wait()
+    rc = proc.returncode
+    code = 128 - rc if rc < 0 else rc
+    error = None
+    if ended_by == "timeout":
+        error = f"timed out after {job['timeout']:g} s"
+    elif rc < 0:
+        error = f"killed by signal {-rc}"
+    return code, error, ended_by
+
+
+def run_job(job, s, reporter, cancel):
+    """Run one assignment end to end: fresh directory, process, output, final report."""
+    ok, reason = job_matches(s.tags, s.capabilities, job)
+    if not ok:       # pond matched it; a mismatch here means something upstream is wrong: fail closed
+        reporter.state(job, "failed", exit_code=None, error=f"refused by worker: {reason}")
+        return
+    jobdir = s.state_dir / "jobs" / f"{job['job_id']}.{job['attempt']}"
+    shutil.rmtree(jobdir, ignore_errors=True)
+    for sub in ("work", "home", "tmp"):
+        (jobdir / sub).mkdir(parents=True, mode=0o700)
+    output = Output(job, reporter)
+    reporter.state(job, "running")
+    try:
+        code, error, ended_by = run_process(job, jobdir / "work", job_env(job, jobdir / "home", jobdir / "tmp",
+                                                                         s.repo_root), output, cancel)
+    finally:
+        if not s.keep_job_dirs:
+            shutil.rmtree(jobdir, ignore_errors=True)
+    state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
+    fields = {"exit_code": code, "chunks": output.tail()}
+    if error:
+        fields["error"] = error
+    reporter.state(job, state, **fields)
+
+
+# ============================================================================
+# Worker: the claim loop and slots
+# ============================================================================
+
+
+class Slots:
+    """`concurrency` runner threads fed from one queue; cancel events by job id."""
+
+    def __init__(self, s, reporter):
+        self.s, self.reporter = s, reporter
+        self.queue = collections.deque()
+        self.cond = threading.Condition()
+        self.cancels = {}
+        self.stopping = False
+        self.threads = [threading.Thread(target=self._run, name=f"slot-{i}", daemon=True)
+                        for i in range(s.concurrency)]
+        for t in self.threads:
+            t.start()
+
+    def add(self, job):
+        with self.cond:
+            self.cancels[job["job_id"]] = threading.Event()
+            self.queue.append(job)
+            self.cond.notify()
+
+    def cancel(self, job_id):
+        event = self.cancels.get(job_id)
+        if event is not None:
+            event.set()
+
+    def _run(self):
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.queue or self.stopping)
+                if not self.queue:
+                    return
+                job = self.queue.popleft()
+            try:
+                run_job(job, self.s, self.reporter, self.cancels[job["job_id"]])
+            except Exception as e:
+                log.exception("job %s", job["job_id"])
+                self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
+            finally:
+                self.cancels.pop(job["job_id"], None)
+
+    def stop(self, cancel_running):
+        with self.cond:
+            self.stopping = True
+            dropped = list(self.queue)
+            self.queue.clear()
+            self.cond.notify_all()
+        for job in dropped:
+            self.reporter.state(job, "cancelled", error="worker stopped before the job started")
+        if cancel_running:
+            for event in list(self.cancels.values()):
+                event.set()
+        for t in self.threads:
+            t.join(CANCEL_GRACE + 5)
+
+
+def worker(s):
+    """Enroll if needed, then claim and run jobs until SIGINT/SIGTERM."""
+    lock = lock_dir(s.state_dir, "`swarm.py worker`")
+    orch = HttpClient(s.orchestrator, what="orchestrator")
+    identity = load_identity(s.state_dir)
+    if identity is None:
+        identity = enroll(s, orch)
+    elif s.enroll_code:
+        log.info("already enrolled as %s; --enroll-code is not needed", identity["worker_id"])
+    claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator")
+    reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator"))
+    slots = Slots(s, reporter)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        claim_client.close()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"swarm worker {identity['worker_id']} ready: tags {','.join(s.tags) or '-'}; "
+          f"capabilities {','.join(s.capabilities) or '-'}; concurrency {s.concurrency}", flush=True)
+    try:
+        return claim_loop(s, claim_client, slots, stop, identity)
+    finally:
+        slots.stop(cancel_running=True)
+        reporter.close()
+        lock.close()
+        log.info("stopped")
+
+
+def claim_loop(s, orch, slots, stop, identity):
+    backoff = Backoff()
+    offer = {"wait": s.claim_wait, "tags": list(s.tags), "capabilities": list(s.capabilities),
+             "slots": s.concurrency}
+    waiting_since = None
+    while not stop.is_set():
+        try:
+            answer = orch.call("POST", "/v1/worker/claim", offer, timeout=s.claim_wait + 15)
+        except Refused as e:
+            if e.status in (401, 403):
+                raise SwarmError(f"the orchestrator refused this worker ({identity['worker_id']}): {e.message}",
+                                 f"enroll again: remove {s.state_dir / 'worker.json'} and pass --enroll-code CODE",
+                                 EXIT_REFUSED) from None
+            stop.wait(backoff.next())
+            continue
+        except Unreachable as e:
+            if stop.is_set():
+                break
+            if waiting_since is None:
+                waiting_since = time.monotonic()
+                log.warning("waiting for the orchestrator at %s (%s)", s.orchestrator, e.message)
+            stop.wait(backoff.next())
+            continue
+        if waiting_since is not None:
+            log.info("orchestrator is back after %.1f s", time.monotonic() - waiting_since)
+            waiting_since = None
+        backoff.reset()
+        for job in answer.get("jobs", []):
+            slots.add(job)
+        for cancel in answer.get("cancels", []):
+            slots.cancel(cancel["job_id"])
+    return EXIT_OK
+
+
+# ============================================================================
+# Operator commands: status, jobs, cancel (against a running `serve`)
+# ============================================================================
+
+
+def _table(rows, columns):
+    cells = [[title for title, _ in columns]]
+    for row in rows:
+        cells.append(["-" if (v := (key(row) if callable(key) else row.get(key))) is None else str(v)
+                      for _, key in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def status(s):
+    data = HttpClient(s.orchestrator, s.token, what="orchestrator").call("GET", "/v1/pool/status")
+    if s.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; outbox: {data['outbox']} message(s)")
+    _table(data["workers"], [("WORKER", "id"), ("NAME", "name"), ("ONLINE", "online"), ("SLOTS", "slots"),
+                             ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
+                             ("CAPABILITIES", lambda w: ",".join(w["capabilities"]))])
+    return EXIT_OK
+
+
+def jobs(s):
+    data = HttpClient(s.orchestrator, s.token, what="orchestrator").call("GET", "/v1/pool/jobs")
+    if s.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    _table(data["jobs"], [("JOB", "job_id"), ("WORKER", "worker"), ("STATE", "state"),
+                          ("COMMAND", lambda j: " ".join(j["command"])[:60])])
+    return EXIT_OK
+
+
+def cancel(s, job_id):
+    data = HttpClient(s.orchestrator, s.token, what="orchestrator").call("POST", f"/v1/pool/jobs/{job_id}/cancel")
+    print(json.dumps(data, indent=2) if s.json else f"{job_id}: cancel sent")
+    return EXIT_OK
+
+
+# ============================================================================
+# Command line
+# ============================================================================
+
+EXAMPLES = """examples:
+  python swarm.py pair --pond http://127.0.0.1:8001 --code ABCD-EFGH-JKMN
+  SWARM_TOKEN=POOL_SECRET python swarm.py serve --bind 127.0.0.1:8080 --state-dir ./swarm-state
+  python swarm.py worker --orchestrator http://orch.lan:8080 --enroll-code CODE \\
+      --tags pool:trusted,repo:acme --capabilities 'harness.*,sandbox.process' --repo-root /srv/checkouts --concurrency 2
+  python swarm.py status --state-dir ./swarm-state --token-file pool-token
+"""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="swarm.py", description="swarm: orchestrator and worker for pond",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"swarm {VERSION} (protocol {PROTOCOL_VERSION})")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("pair", help="redeem a pairing code, write backend-handle.json")
+    s.add_argument("--pond", required=True, metavar="URL", help="pond's URL")
+    s.add_argument("--code", help="the pairing code (or $SWARM_PAIRING_CODE)")
+    s.add_argument("--out", default=HANDLE_FILE, help="where to write the handle (default: %(default)s)")
+    s.add_argument("--name", help="a name for this orchestrator")
+
+    s = sub.add_parser("serve", help="run the orchestrator")
+    s.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT", help="default %(default)s")
+    s.add_argument("--token", help="operator token for status/jobs/cancel (visible in ps: prefer --token-file or $SWARM_TOKEN)")
+    s.add_argument("--token-file", metavar="FILE", help="file holding the operator token (0600)")
+    s.add_argument("--state-dir", metavar="DIR", help=f"default ./{DEFAULT_SERVE_STATE}")
+    s.add_argument("--handle", metavar="FILE", help=f"backend handle (default ./{HANDLE_FILE}, else DIR/{HANDLE_FILE})")
+    s.add_argument("--pond", metavar="URL", help="pond's URL, if it moved since pairing")
+    s.add_argument("--poll-wait", type=float, default=POND_POLL_WAIT, help=argparse.SUPPRESS)
+    s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
+    s.add_argument("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help=argparse.SUPPRESS)
+
+    s = sub.add_parser("worker", help="enroll (once) and run jobs")
+    s.add_argument("--orchestrator", required=True, metavar="URL")
+    s.add_argument("--enroll-code", metavar="CODE", help="needed the first time only (or $SWARM_ENROLL_CODE)")
+    s.add_argument("--tags", default="", help="comma-separated, e.g. pool:trusted,repo:acme")
+    s.add_argument("--capabilities", default="", help="comma-separated globs, e.g. 'harness.*,sandbox.process'")
+    s.add_argument("--repo-root", metavar="DIR", help="where checkouts live (default DIR/checkouts)")
+    s.add_argument("--concurrency", type=int, default=1, help="jobs at once (default %(default)s)")
+    s.add_argument("--state-dir", metavar="DIR", help=f"identity and job directories (default ./{DEFAULT_WORKER_STATE})")
+    s.add_argument("--name", help="a name for this worker (default: the host name)")
+    s.add_argument("--keep-job-dirs", action="store_true", help="keep each job's directory after it ends")
+    s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
+
+    for name, helptext in (("status", "the orchestrator's pool"), ("jobs", "jobs held by the orchestrator"),
+                           ("cancel", "cancel a job running in this pool")):
+        s = sub.add_parser(name, help=helptext)
+        if name == "cancel":
+            s.add_argument("job_id")
+        s.add_argument("--orchestrator", metavar="URL", help="default: from DIR/serve.json")
+        s.add_argument("--state-dir", metavar="DIR", help=f"the serve state dir (default ./{DEFAULT_SERVE_STATE})")
+        s.add_argument("--token", help="the operator token (visible in ps: prefer --token-file or $SWARM_TOKEN)")
+        s.add_argument("--token-file", metavar="FILE")
+        s.add_argument("--json", action="store_true", help="print JSON")
+    return p
+
+
+def run(args, env):
+    if args.cmd == "pair":
+        code = args.code or env.get("SWARM_PAIRING_CODE")
+        if not code:
+            raise UsageError("pair needs a code", "pass --code CODE (mint one with `pond admin pairing-code`)")
+        return pair(PairSettings(pond_url=args.pond.rstrip("/"), code=code, out=Path(args.out), name=args.name))
+    if args.cmd == "serve":
+        setup_logging("serve")
+        return serve(serve_settings(args, env))
+    if args.cmd == "worker":
+        setup_logging("worker")
+        return worker(worker_settings(args, env))
+    s = operator_settings(args, env)
+    return {"status": lambda: status(s), "jobs": lambda: jobs(s), "cancel": lambda: cancel(s, args.job_id)}[args.cmd]()
+
+
+def main(argv=None):
+    if sys.version_info < (3, 11):
+        print("error: swarm.py needs Python 3.11 or newer", file=sys.stderr)
+        return EXIT_USAGE
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args, os.environ)
+    except SwarmError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
