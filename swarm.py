@@ -292,6 +292,7 @@ class HttpClient:
         self.url = base_url.rstrip("/")
         self.host, self.port = parts.hostname, parts.port or 80
         self.token, self.what = token, what
+        self.aborted = False
         self._local = threading.local()
 
     def close(self):
@@ -299,6 +300,20 @@ class HttpClient:
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def abort(self):
+        """Wake a call blocked on this thread's connection (from a signal handler) and refuse new calls.
+
+        Closing is not enough: the response object keeps the socket open, so a held
+        long-poll would sit out its hold; shutdown() ends the blocked read at once.
+        """
+        self.aborted = True
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _conn(self, timeout):
         conn = getattr(self._local, "conn", None)
@@ -317,6 +332,8 @@ class HttpClient:
             head["Authorization"] = f"Bearer {self.token}"
         head.update(headers or {})
         for attempt in (1, 2):
+            if self.aborted:
+                raise Unreachable(f"stopped talking to the {self.what}")
             reused = getattr(self._local, "conn", None) is not None
             try:
                 conn = self._conn(timeout)
@@ -1423,7 +1440,7 @@ def worker(s):
 
     def on_signal(signum, frame):
         stop.set()
-        claim_client.close()
+        claim_client.abort()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)

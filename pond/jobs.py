@@ -146,7 +146,7 @@ def logs(pond, req):
     _find(pond, job_id)
     after = _int_query(req, "after", 0, 0, 2**62)
     limit = _int_query(req, "limit", 1000, 1, 5000)
-    wait = _int_query(req, "wait", 0, 0, int(pond.settings.poll_hold))
+    wait = min(_int_query(req, "wait", 0, 0, 3600), pond.settings.poll_hold)
     deadline = time.monotonic() + wait
     while True:
         version = pond.logs.version

@@ -1,0 +1,264 @@
+"""Fixtures: real pond, orchestrator and worker processes on port 0, real SQLite files.
+
+Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse fixture
+fails a test that leaves a child process or a thread behind.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SWARM = str(ROOT / "swarm.py")
+READY_TIMEOUT = 20.0
+
+
+def env_for_children():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for key in ("POND_URL", "POND_STATE_DIR", "POND_ADMIN_TOKEN", "SWARM_TOKEN"):
+        env.pop(key, None)
+    return env
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+class Proc:
+    """A started child process whose first stdout line is its ready line."""
+
+    def __init__(self, argv, log_path, env=None, cwd=None):
+        self.argv = argv
+        self.log_path = Path(log_path)
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL,
+                                     env=env or env_for_children(), cwd=cwd or ROOT, start_new_session=True)
+        self.lines = []
+        self._got = threading.Event()
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line.decode(errors="replace").rstrip("\n"))
+            self._got.set()
+        self._got.set()
+
+    def ready(self, timeout=READY_TIMEOUT):
+        if not self._got.wait(timeout) or not self.lines:
+            self.stop()
+            raise AssertionError(f"{self.argv[:4]} not ready in {timeout} s; log:\n{self.stderr()}")
+        return self.lines[0]
+
+    def url(self):
+        line = self.ready()
+        return line.split(" on ", 1)[1].split()[0]
+
+    def stderr(self):
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self):
+        return self.proc.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout=15.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._pump.join(5)
+        self.proc.stdout.close()
+        self.log.close()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+def run(argv, timeout=30, env=None, cwd=None, input=None):
+    """Run a command to completion (never longer than `timeout`)."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env or env_for_children(),
+                          cwd=cwd or ROOT, input=input)
+
+
+class PondHandle:
+    def __init__(self, proc, state_dir):
+        from pond.client import Client
+        self.proc, self.state_dir = proc, Path(state_dir)
+        self.url = proc.url()
+        self.token = (self.state_dir / "admin-token").read_text().strip()
+        self.client = Client(self.url, self.token)
+
+    def api(self, method, path, body=None, token="admin", headers=None, raw=None):
+        """(status, decoded JSON) without raising: for checking error answers."""
+        import http.client
+        from urllib.parse import urlsplit
+        parts = urlsplit(self.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        head = {"Content-Type": "application/json"}
+        if token == "admin":
+            head["Authorization"] = f"Bearer {self.token}"
+        elif token:
+            head["Authorization"] = f"Bearer {token}"
+        head.update(headers or {})
+        payload = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        try:
+            conn.request(method, path, body=payload, headers=head)
+            resp = conn.getresponse()
+            data = resp.read()
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(data)
+        except ValueError:
+            return resp.status, data.decode(errors="replace")
+
+    def cli(self, *args, timeout=60):
+        return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *args], timeout=timeout)
+
+    def pairing_code(self, **body):
+        return self.client.post("/v1/admin/pool/pairing-codes", body)["code"]
+
+    def enrollment_code(self, **body):
+        return self.client.post("/v1/admin/pool/enrollment-codes", body)["code"]
+
+    def job(self, job_id):
+        return self.client.get(f"/v1/jobs/{job_id}")
+
+    def submit(self, command, **fields):
+        return self.client.post("/v1/jobs", dict(command=command, **fields))
+
+    def wait_job(self, job_id, states=("done", "failed", "cancelled"), timeout=20):
+        return wait_for(lambda: (j := self.job(job_id))["state"] in states and j, timeout,
+                        what=f"job {job_id} to reach {states}")
+
+    def output(self, job_id):
+        import base64
+        out = {"stdout": b"", "stderr": b""}
+        page = self.client.get(f"/v1/jobs/{job_id}/logs")
+        for c in page["chunks"]:
+            out[c["stream"]] += base64.b64decode(c["data"])
+        return out
+
+
+class Pool:
+    """Builds pools for a test: pond, orchestrators, workers; stops them all afterwards."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.procs = []
+        self.n = 0
+
+    def _dir(self, name):
+        self.n += 1
+        d = self.tmp / f"{name}{self.n}"
+        d.mkdir()
+        return d
+
+    def start(self, argv, name):
+        proc = Proc(argv, self.tmp / f"{name}{self.n}.log")
+        self.procs.append(proc)
+        return proc
+
+    def pond(self, poll_hold=5):
+        state = self._dir("pond")
+        proc = self.start([sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state),
+                           "--poll-hold", str(poll_hold)], "pond")
+        return PondHandle(proc, state)
+
+    def orchestrator(self, pond, token="pool-secret", extra=()):
+        state = self._dir("orch")
+        handle = state / "backend-handle.json"
+        done = run([sys.executable, SWARM, "pair", "--pond", pond.url, "--code", pond.pairing_code(),
+                    "--out", str(handle)])
+        assert done.returncode == 0, done.stderr
+        token_file = state / "pool-token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        proc = self.start([sys.executable, SWARM, "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state),
+                           "--handle", str(handle), "--token-file", str(token_file), "--poll-wait", "5",
+                           "--claim-wait", "5", "--snapshot-interval", "1", *extra], "orch")
+        proc.state_dir, proc.token_file = state, token_file
+        proc.url()
+        return proc
+
+    def worker(self, pond, orch, tags="", capabilities="", concurrency=1, code=None, extra=(), state=None,
+               wait_online=True):
+        state = state or self._dir("worker")
+        argv = [sys.executable, SWARM, "worker", "--orchestrator", orch.url(), "--state-dir", str(state),
+                "--tags", tags, "--capabilities", capabilities, "--concurrency", str(concurrency),
+                "--claim-wait", "5", *extra]
+        if not (state / "worker.json").exists():
+            argv += ["--enroll-code", code or pond.enrollment_code()]
+        proc = self.start(argv, "worker")
+        proc.state_dir = state
+        line = proc.ready()
+        proc.worker_id = line.split()[2]
+        if wait_online:
+            wait_for(lambda: any(w["id"] == proc.worker_id and w["online"]
+                                 for w in pond.client.get("/v1/admin/pool/workers")["workers"]),
+                     10, what=f"worker {proc.worker_id} online in pond")
+        return proc
+
+    def stop_all(self):
+        for proc in self.procs:           # signal all first, so their shutdowns overlap
+            if proc.alive():
+                proc.proc.send_signal(signal.SIGTERM)
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+@pytest.fixture
+def pool(tmp_path):
+    p = Pool(tmp_path)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+def _children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """Fail a test that leaves a child process or a non-daemon thread behind."""
+    threads_before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    while _children(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.05)        # a stopped child may take a moment to be reaped
+    assert not _children(os.getpid()), f"child processes left behind: {_children(os.getpid())}"
+    extra = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
+    assert not extra, f"threads left behind: {extra}"
