@@ -256,6 +256,17 @@ def split_list(text, pattern, flag):
     return sorted(set(items))
 
 
+def _could_match_sandbox(glob):
+    """Whether a glob not written as sandbox.* could still match some sandbox.<name>.
+
+    Conservative on purpose (fail closed): if the literal text before the first
+    wildcard is a prefix of "sandbox.", some sandbox name may match (`*`, `s*`,
+    `*.firecracker`, `?andbox.x`).
+    """
+    literal = re.split(r"[*?\[]", glob, maxsplit=1)[0]
+    return glob != literal and "sandbox.".startswith(literal)
+
+
 def resolve_capabilities(globs, backends=SANDBOX_BACKENDS):
     """The capability globs this worker may advertise, and warnings for the rest.
 
@@ -271,8 +282,8 @@ def resolve_capabilities(globs, backends=SANDBOX_BACKENDS):
             if not found:
                 warnings.append(f"cannot enforce {glob}: this worker has sandboxes {', '.join(backends)}")
             out.update(found)
-        elif fnmatchcase("sandbox.probe-unknown", glob):
-            raise UsageError(f"capability glob {glob!r} would also claim sandboxes this worker cannot enforce",
+        elif _could_match_sandbox(glob):
+            raise UsageError(f"capability glob {glob!r} could also claim sandboxes this worker cannot enforce",
                              "list them apart, e.g. --capabilities 'harness.*,sandbox.*'")
         else:
             out.add(glob)
@@ -400,8 +411,9 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def _handle(self, method):
         try:
+            body = self._body()           # first, so an error answer never leaves a body unread on the connection
             fn, match = self._route(method)
-            status, payload = fn(self, match, self._body())
+            status, payload = fn(self, match, body)
         except HttpError as e:
             status, payload = e.status, {"error": {"code": e.code, "message": e.message, "hint": e.hint}}
         except Exception:
@@ -436,11 +448,33 @@ class JsonHandler(BaseHTTPRequestHandler):
         if int(raw) > MAX_BODY:
             self.close_connection = True
             raise HttpError(413, "payload_too_large", f"request body over the {MAX_BODY}-byte limit")
-        data = self.rfile.read(int(raw))
+        data = self._read_exactly(int(raw))
         try:
             return json.loads(data)
         except (ValueError, UnicodeDecodeError):
             raise HttpError(400, "bad_request", "request body is not valid JSON", "send a JSON object") from None
+
+    def _read_exactly(self, length):
+        """Read the body within REQUEST_TIMEOUT in total, so a trickling client cannot hold a thread."""
+        deadline = time.monotonic() + REQUEST_TIMEOUT
+        parts, got = [], 0
+        while got < length:
+            remaining = deadline - time.monotonic()
+            part = b""
+            if remaining > 0:
+                self.connection.settimeout(remaining)
+                try:
+                    part = self.rfile.read1(min(length - got, 65536))
+                except TimeoutError:
+                    pass
+            if not part:
+                self.close_connection = True
+                raise HttpError(400, "bad_request", "request body ended early or too slowly",
+                                f"send all {length} bytes within {REQUEST_TIMEOUT:g} s")
+            parts.append(part)
+            got += len(part)
+        self.connection.settimeout(REQUEST_TIMEOUT)
+        return b"".join(parts)
 
     def _send(self, status, payload):
         if isinstance(payload, str):
@@ -826,7 +860,9 @@ class Pool:
 
     def authenticate(self, token):
         parts = token.split(".")
-        session = self.sessions.get(parts[1]) if len(parts) == 3 and parts[0] == "wkr" else None
+        if len(parts) != 3 or parts[0] != "wkr":
+            raise HttpError(401, "unauthorized", "the worker token is malformed", "use the token in worker.json")
+        session = self.sessions.get(parts[1])
         if session is None or not hmac.compare_digest(digest(parts[2]), session.token_hash):
             raise HttpError(403, "token_invalid", "this worker token is not known here",
                             "enroll again with a new code: swarm.py worker --enroll-code CODE")
@@ -910,6 +946,8 @@ class Pool:
     # -- from workers ------------------------------------------------------------
 
     def held_job(self, session, job_id, claim_token):
+        if not claim_token:
+            raise HttpError(401, "unauthorized", "missing X-Claim-Token header", "echo the assignment's claim_token")
         with self.lock:
             job = session.jobs.get(job_id)
         if job is None or not hmac.compare_digest(job["claim_token"], claim_token or ""):
@@ -1048,6 +1086,22 @@ def snapshot_loop(pool, pond, stop, interval):
             log.warning("pond does not know worker %s", clean(unknown))
 
 
+def check_binding(pond):
+    """Fail fast on a revoked token or a pond of another protocol; an unreachable pond is only logged."""
+    try:
+        me = pond.call("GET", "/v1/orch/whoami")
+    except Unreachable as e:
+        log.warning("pond is not reachable yet (%s); the poll loop keeps trying", e.message)
+        return
+    except Refused as e:
+        if e.status in (401, 403):
+            raise SwarmError(f"pond refused this orchestrator: {e.message}", e.hint, EXIT_REFUSED) from None
+        return
+    if me.get("protocol_version") != PROTOCOL_VERSION:
+        raise SwarmError(f"pond speaks protocol {me.get('protocol_version')}; this swarm.py speaks {PROTOCOL_VERSION}",
+                         "use the swarm.py that ships with this pond", EXIT_REFUSED)
+
+
 def orchestrator_routes(pool, token_hash):
     def worker_auth(h):
         return pool.authenticate(h.bearer())
@@ -1101,7 +1155,12 @@ def serve(s):
     pond = HttpClient(s.pond_url, handle["token"], what="pond")
     registry = Registry(s.state_dir / "swarm.db")
     pool = Pool(registry, pond, s.claim_wait)
-    server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash))
+    try:
+        server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash))
+    except OSError as e:
+        registry.close()
+        raise UsageError(f"cannot listen on {s.host}:{s.port}: {e.strerror}",
+                         "pick a free port with --bind HOST:PORT (port 0: any free port)") from None
     url = f"http://{server.server_address[0]}:{server.server_address[1]}"
     write_private(s.state_dir / "serve.json", json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     stop, failure = threading.Event(), []
@@ -1124,6 +1183,7 @@ def serve(s):
     pusher = threading.Thread(target=push_loop, args=(pool, pond, stop), daemon=True, name="push")
     for t in threads + [pusher]:
         t.start()
+    check_binding(pond)
     log.info("binding %s, pond %s, %d enrolled worker(s)", handle["binding_id"], s.pond_url, len(pool.sessions))
     print(f"swarm serve listening on {url}", flush=True)
     try:
@@ -1163,6 +1223,9 @@ def enroll(s, orch):
     answer = orch.call("POST", "/v1/worker/enroll",
                        {"code": s.enroll_code, "name": s.name, "tags": list(s.tags),
                         "capabilities": list(s.capabilities), "slots": s.concurrency})
+    if answer.get("protocol_version") != PROTOCOL_VERSION:
+        raise SwarmError(f"the orchestrator speaks protocol {answer.get('protocol_version')}; this worker speaks "
+                         f"{PROTOCOL_VERSION}", "run the same swarm.py release on both", EXIT_REFUSED)
     identity = {"worker_id": answer["worker_id"], "token": answer["token"], "orchestrator": s.orchestrator,
                 "enrolled_at": time.time()}
     write_private(s.state_dir / "worker.json", json.dumps(identity, indent=2) + "\n")
@@ -1342,6 +1405,9 @@ def run_process(job, workdir, env, output, cancel):
 def run_job(job, s, reporter, cancel):
     """Run one assignment end to end: fresh directory, process, output, final report."""
     ok, reason = job_matches(s.tags, s.capabilities, job)
+    backend = (job.get("sandbox") or {}).get("backend")
+    if ok and backend is not None and backend not in SANDBOX_BACKENDS:
+        ok, reason = False, f"worker cannot enforce sandbox {backend}"
     if not ok:       # pond matched it; a mismatch here means something upstream is wrong: fail closed
         reporter.state(job, "failed", exit_code=None, error=f"refused by worker: {reason}")
         return

@@ -19,8 +19,8 @@ import threading
 import time
 
 from pond import matching, tokens, wire
-from pond.errors import BadRequest, NotFound, StaleAttempt, Unauthorized
-from pond.jobs import TERMINAL, JobState, transition
+from pond.errors import BadRequest, InvalidTransition, NotFound, StaleAttempt, Unauthorized
+from pond.jobs import TERMINAL, TRANSITIONS, JobState, transition
 
 MAX_CLAIM = 64          # assignments in one poll answer
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
@@ -46,7 +46,9 @@ class Notifier:
 def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     """Assign queued jobs to this binding's online workers with free slots, oldest first.
 
-    One write transaction: two polls can never assign the same job. Among matching
+    One write transaction: two polls can never assign the same job. Queued jobs are
+    grouped by requirements; each group that some free worker fits offers its oldest
+    jobs, and the offers are taken in submission order across groups. Among matching
     workers, the one with the most free slots gets the job.
     """
     store = pond.store
@@ -58,18 +60,21 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
         free = {w["id"]: w["slots"] - active.get(w["id"], 0) for w in workers}
         if max(free.values()) <= 0:
             return []
-        out = []
+        candidates = []
         for group in store.queued_groups():
             fit = [w for w in workers if free[w["id"]] > 0
                    and matching.matches(w, group["tags"], group["capabilities"])]
-            room = sum(free[w["id"]] for w in fit)
-            if not room:
+            room = min(sum(free[w["id"]] for w in fit), max_jobs)
+            if room:
+                candidates += [(job["seq"], job, fit) for job in store.queued_jobs(group["req_key"], room)]
+        out = []
+        for _, job, fit in sorted(candidates, key=lambda c: c[0]):
+            worker = max(fit, key=lambda w: free[w["id"]])
+            if free[worker["id"]] <= 0:
                 continue
-            for job in store.queued_jobs(group["req_key"], min(room, max_jobs - len(out))):
-                worker = max(fit, key=lambda w: free[w["id"]])
-                out.append(_assign(pond, job, worker, binding_id))
-                free[worker["id"]] -= 1
-            if len(out) >= max_jobs or max(free.values()) <= 0:
+            out.append(_assign(pond, job, worker, binding_id))
+            free[worker["id"]] -= 1
+            if len(out) >= max_jobs:
                 break
         return out
 
@@ -141,10 +146,12 @@ def report_state(pond, req):
     error = wire.optional_string(body.get("error"), "error", max_len=2000)
     _check_outcome(to_state, exit_code, error)
     chunks = wire.chunks(body.get("chunks"))
-    if chunks:
-        pond.store.add_chunks(job["id"], attempt, chunks)
     if job["state"] == to_state.value:
         return 200, {"job": job["id"], "state": job["state"], "duplicate": True}
+    if to_state not in TRANSITIONS[JobState(job["state"])]:
+        raise InvalidTransition(job["id"], job["state"], to_state.value)     # before storing its output
+    if chunks:
+        pond.store.add_chunks(job["id"], attempt, chunks)
     now = pond.now()
     if to_state is JobState.RUNNING:
         transition(pond.store, job, to_state, started_at=now)

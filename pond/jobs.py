@@ -105,7 +105,7 @@ def submit(pond, req):
     }
     pond.store.add_job(job, matching.requirement_key(tags, caps))
     pond.work.notify()
-    return 201, view(pond, pond.store.job(job["id"]))
+    return 201, view(pond, pond.store.job(job["id"]), explain=False)   # `pond job ID` explains; keep submit fast
 
 
 def get(pond, req):
@@ -150,9 +150,9 @@ def logs(pond, req):
     deadline = time.monotonic() + wait
     while True:
         version = pond.logs.version
-        rows = pond.store.chunks(job_id, after, limit)
-        job = pond.store.job(job_id)
+        job = pond.store.job(job_id)       # state first: a final report stores its chunks before its state
         finished = JobState(job["state"]) in TERMINAL
+        rows = pond.store.chunks(job_id, after, limit)
         remaining = deadline - time.monotonic()
         if rows or finished or remaining <= 0:
             break

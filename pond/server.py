@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from pond import PROTOCOL_VERSION, __version__, dispatch, enrollment, jobs, pairing, tokens
-from pond.errors import (BadRequest, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
+from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          Unauthorized, Unavailable, Forbidden)
 from pond.settings import ENDPOINT_FILE, MAX_HEADER_BYTES, WORKER_OFFLINE_AFTER, write_private
 from pond.store import Store
@@ -159,10 +159,11 @@ class Handler(BaseHTTPRequestHandler):
         size = sum(len(k) + len(v) for k, v in self.headers.items())
         if size > MAX_HEADER_BYTES:
             raise HeadersTooLarge(f"request headers are {size} bytes; the limit is {MAX_HEADER_BYTES}")
+        body = self._body()           # first, so an error answer never leaves a body unread on the connection
         parts = urlsplit(self.path)
         who, fn, params = route(method, parts.path)
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        req = Request(method, parts.path, params, query, self.headers, self._body())
+        req = Request(method, parts.path, params, query, self.headers, body)
         if who == "admin":
             self._check_admin()
         elif who == "orch":
@@ -194,14 +195,34 @@ class Handler(BaseHTTPRequestHandler):
                                   "send output in chunks of at most 1 MiB")
         if length == 0:
             return None
-        raw = self.rfile.read(length)
-        if len(raw) < length:
-            self.close_connection = True
-            raise BadRequest("request body ended early")
+        raw = self._read_exactly(length)
         try:
             return json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise BadRequest("request body is not valid JSON", "send a JSON object") from None
+
+    def _read_exactly(self, length):
+        """Read the body within request_timeout in total, not per recv: a trickling client cannot hold a thread."""
+        deadline = time.monotonic() + self.pond.settings.request_timeout
+        parts, got = [], 0
+        while got < length:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.close_connection = True
+                raise BadRequest(f"request body not received within {self.pond.settings.request_timeout:g} s",
+                                 "send the whole body promptly", code="request_timeout")
+            self.connection.settimeout(remaining)
+            try:
+                part = self.rfile.read1(min(length - got, 65536))
+            except TimeoutError:
+                part = b""
+            if not part:
+                self.close_connection = True
+                raise BadRequest("request body ended early", f"Content-Length said {length} bytes")
+            parts.append(part)
+            got += len(part)
+        self.connection.settimeout(self.pond.settings.request_timeout)
+        return b"".join(parts)
 
     def _send(self, status, payload):
         if isinstance(payload, str):
@@ -265,7 +286,12 @@ def make_server(settings):
     store = Store(settings.db_path)
     pond = Pond(settings=settings, store=store)
     handler = type("PondHandler", (Handler,), {"pond": pond, "timeout": settings.request_timeout})
-    server = Server((settings.host, settings.port), handler, settings.max_connections)
+    try:
+        server = Server((settings.host, settings.port), handler, settings.max_connections)
+    except OSError as e:
+        store.close()
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}",
+                          "pick a free port with --bind HOST:PORT (port 0: any free port)") from None
     return pond, server
 
 

@@ -17,7 +17,6 @@ DEFAULT_STATE_DIR = ".pond-state"       # the public docs' POND_STATE_DIR defaul
 DEFAULT_BIND = "127.0.0.1:8001"          # the public docs' example port
 DEFAULT_POLL_HOLD = 25.0                 # s a /v1/orch/poll is held open when there is no work
 MAX_POLL_HOLD = 60.0                     # s; a client asking for more gets this
-DEFAULT_LOGS_HOLD = 25.0                 # s a logs?wait= read is held open
 MAX_BODY = 4 * 1024 * 1024               # bytes in one request body
 MAX_HEADER_BYTES = 16 * 1024             # bytes of request headers
 REQUEST_TIMEOUT = 30.0                   # s a socket may sit idle while a request is read
@@ -88,7 +87,10 @@ def write_private(path, text):
 def read_private(path):
     """Read a secret file, refusing one that others can read."""
     path = Path(path)
-    mode = path.stat().st_mode & 0o077
+    try:
+        mode = path.stat().st_mode & 0o077
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist", "check the path of the token file") from None
     if mode:
         raise ConfigError(f"{path} is readable by group or others (mode {oct(path.stat().st_mode & 0o777)})",
                           f"run: chmod 600 {path}")
