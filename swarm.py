@@ -174,7 +174,8 @@ def read_private(path, what):
             raise UsageError(f"{path} ({what}) is readable by group or others", f"run: chmod 600 {path}")
         return path.read_text()
     except FileNotFoundError:
-        raise UsageError(f"{path} ({what}) does not exist") from None
+        raise UsageError(f"{path} ({what}) does not exist",
+                         "pair first: swarm.py pair --pond URL --code CODE (writes backend-handle.json)") from None
 
 
 def private_dir(path):
@@ -423,6 +424,10 @@ class JsonHandler(BaseHTTPRequestHandler):
         self._send(status, payload)
 
     def _route(self, method):
+        size = sum(len(k) + len(v) for k, v in self.headers.items())
+        if size > 16 * 1024:
+            self.close_connection = True
+            raise HttpError(431, "headers_too_large", f"request headers are {size} bytes; the limit is 16384")
         path = urlsplit(self.path).path
         allowed = []
         for m, pattern, fn in self.server.routes:
@@ -442,7 +447,7 @@ class JsonHandler(BaseHTTPRequestHandler):
         raw = self.headers.get("Content-Length")
         if raw is None or raw == "0":
             return None
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):
             self.close_connection = True
             raise HttpError(400, "bad_request", "Content-Length is not a number")
         if int(raw) > MAX_BODY:
@@ -450,9 +455,12 @@ class JsonHandler(BaseHTTPRequestHandler):
             raise HttpError(413, "payload_too_large", f"request body over the {MAX_BODY}-byte limit")
         data = self._read_exactly(int(raw))
         try:
-            return json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            value = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise HttpError(400, "bad_request", "request body is not valid JSON", "send a JSON object") from None
+        if value is None:
+            raise HttpError(400, "bad_request", "request body is JSON null", "send a JSON object, or no body")
+        return value
 
     def _read_exactly(self, length):
         """Read the body within REQUEST_TIMEOUT in total, so a trickling client cannot hold a thread."""
@@ -491,6 +499,10 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         self.close_connection = True
+        if code == 501:
+            self._send(405, {"error": {"code": "method_not_allowed", "message": f"{self.command} is not allowed",
+                                       "hint": "see specs/protocol.md"}})
+            return
         self._send(code, {"error": {"code": "protocol", "message": message or "malformed request",
                                     "hint": explain or ""}})
 
@@ -518,6 +530,38 @@ def obj(body, where, allowed, required=()):
         if key not in body:
             raise HttpError(400, "bad_request", f"{where}: missing field {key!r}")
     return body
+
+
+def check_chunk(c, where):
+    if c.get("stream") not in ("stdout", "stderr"):
+        raise HttpError(400, "bad_request", f"{where}.stream must be stdout or stderr")
+    whole(c.get("seq"), f"{where}.seq", 0, 2 ** 53)
+    if isinstance(c.get("seq"), float) or not isinstance(c.get("data"), str):
+        raise HttpError(400, "bad_request", f"{where}.seq/data has the wrong type")
+    try:
+        if len(base64.b64decode(c["data"], validate=True)) > 1024 * 1024:
+            raise HttpError(400, "bad_request", f"{where}.data is over 1 MiB")
+    except ValueError:
+        raise HttpError(400, "bad_request", f"{where}.data is not valid base64") from None
+
+
+def check_state_report(body):
+    state = body["state"]
+    if not isinstance(state, str) or state not in ("running",) + TERMINAL_STATES:
+        raise HttpError(400, "bad_request", f"state {clean(state, 40)!r} cannot be reported")
+    code = body.get("exit_code")
+    if code is not None and (isinstance(code, bool) or not isinstance(code, int) or not -255 <= code <= 255):
+        raise HttpError(400, "bad_request", "exit_code must be a whole number from -255 to 255")
+    if state == "done" and code != 0:
+        raise HttpError(400, "bad_request", "a done report needs exit_code 0")
+    if body.get("error") is not None and (not isinstance(body["error"], str) or not body["error"]):
+        raise HttpError(400, "bad_request", "error must be a non-empty string")
+    chunks = body.get("chunks")
+    if chunks is not None:
+        if not isinstance(chunks, list):
+            raise HttpError(400, "bad_request", "chunks must be a list")
+        for i, c in enumerate(chunks):
+            check_chunk(obj(c, f"chunks[{i}]", ("stream", "seq", "data"), ("stream", "seq", "data")), f"chunks[{i}]")
 
 
 def string_list(value, where, pattern):
@@ -657,7 +701,7 @@ def serve_settings(args, env):
 
 def worker_settings(args, env):
     if args.concurrency < 1 or args.concurrency > 256:
-        raise UsageError("--concurrency must be from 1 to 256")
+        raise UsageError("--concurrency must be from 1 to 256", "example: --concurrency 2")
     tags = split_list(args.tags, TAG_RE, "--tags")
     globs = split_list(args.capabilities, CAPABILITY_GLOB_RE, "--capabilities")
     caps, warnings = resolve_capabilities(globs)
@@ -710,7 +754,8 @@ def pair(s):
                          f"{PROTOCOL_VERSION}", "use the swarm.py that ships with this pond")
     handle = {"pond_url": s.pond_url, "binding_id": answer["binding_id"], "token": answer["token"],
               "name": answer.get("name"), "protocol_version": answer["protocol_version"], "paired_at": time.time()}
-    s.out.parent.mkdir(parents=True, exist_ok=True)
+    if not s.out.parent.exists():
+        private_dir(s.out.parent)
     write_private(s.out, json.dumps(handle, indent=2) + "\n")
     print(f"paired as {answer['binding_id']}; wrote {s.out}")
     return EXIT_OK
@@ -950,7 +995,7 @@ class Pool:
             raise HttpError(401, "unauthorized", "missing X-Claim-Token header", "echo the assignment's claim_token")
         with self.lock:
             job = session.jobs.get(job_id)
-        if job is None or not hmac.compare_digest(job["claim_token"], claim_token or ""):
+        if job is None or not hmac.compare_digest(job["claim_token"].encode(), (claim_token or "").encode()):
             raise HttpError(409, "stale_attempt", f"job {clean(job_id, 40)} is not held by this worker",
                             "drop this report")
         return job
@@ -960,6 +1005,7 @@ class Pool:
         body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks"), ("attempt", "state"))
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
+        check_state_report(body)
         if body["state"] in TERMINAL_STATES:
             with self.lock:
                 session.jobs.pop(job_id, None)
@@ -971,6 +1017,7 @@ class Pool:
     def report_chunk(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
         body = obj(body, "chunk", ("attempt", "stream", "seq", "data"), ("attempt", "stream", "seq", "data"))
+        check_chunk(body, "chunk")
         self.outbox.put({"kind": "chunk", "job_id": job_id, "claim_token": job["claim_token"], "body": body})
         return {"accepted": True}
 
@@ -1047,7 +1094,7 @@ def push_loop(pool, pond, stop):
         try:
             pond.call("POST", path, msg["body"], headers={"X-Claim-Token": msg["claim_token"]})
         except Refused as e:
-            if e.retryable:
+            if e.retryable and not stop.is_set():
                 stop.wait(backoff.next())
                 continue
             log.warning("pond refused %s for %s: %s (%s)", msg["kind"], msg["job_id"], clean(e.message), e.code)
@@ -1087,19 +1134,20 @@ def snapshot_loop(pool, pond, stop, interval):
 
 
 def check_binding(pond):
-    """Fail fast on a revoked token or a pond of another protocol; an unreachable pond is only logged."""
+    """Fail fast on a revoked token or a pond of another protocol; -> whether pond answered."""
     try:
         me = pond.call("GET", "/v1/orch/whoami")
     except Unreachable as e:
         log.warning("pond is not reachable yet (%s); the poll loop keeps trying", e.message)
-        return
+        return False
     except Refused as e:
         if e.status in (401, 403):
             raise SwarmError(f"pond refused this orchestrator: {e.message}", e.hint, EXIT_REFUSED) from None
-        return
+        return False
     if me.get("protocol_version") != PROTOCOL_VERSION:
         raise SwarmError(f"pond speaks protocol {me.get('protocol_version')}; this swarm.py speaks {PROTOCOL_VERSION}",
                          "use the swarm.py that ships with this pond", EXIT_REFUSED)
+    return True
 
 
 def orchestrator_routes(pool, token_hash):
@@ -1116,6 +1164,7 @@ def orchestrator_routes(pool, token_hash):
 
     def cancel(h, m, body):
         operator_auth(h)
+        obj(body, "cancel", ())
         if not pool.cancel(m["id"]):
             raise HttpError(404, "not_found", f"job {m['id']} is not held by this pool",
                             "list jobs with `swarm.py jobs`; cancel queued jobs with `pond cancel`")
@@ -1183,7 +1232,7 @@ def serve(s):
     pusher = threading.Thread(target=push_loop, args=(pool, pond, stop), daemon=True, name="push")
     for t in threads + [pusher]:
         t.start()
-    check_binding(pond)
+    pool.pond_ok = check_binding(pond)
     log.info("binding %s, pond %s, %d enrolled worker(s)", handle["binding_id"], s.pond_url, len(pool.sessions))
     print(f"swarm serve listening on {url}", flush=True)
     try:

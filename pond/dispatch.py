@@ -138,7 +138,7 @@ def report_state(pond, req):
     job, attempt = _reported_job(pond, req)
     body = wire.obj(req.body, "state report",
                     ("attempt", "state", "exit_code", "error", "chunks"), ("attempt", "state"))
-    if body["state"] not in {s.value for s in REPORT_STATES}:
+    if not isinstance(body["state"], str) or body["state"] not in {s.value for s in REPORT_STATES}:
         raise BadRequest(f"state {str(body['state'])[:40]!r} cannot be reported",
                          "one of: " + ", ".join(s.value for s in REPORT_STATES))
     to_state = JobState(body["state"])

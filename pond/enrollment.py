@@ -31,6 +31,8 @@ def mint_code(pond, req):
 
 def _worker_body(value, where):
     body = wire.obj(value, where, WORKER_FIELDS)
+    if not isinstance(body.get("online", True), bool):
+        raise BadRequest(f"{where}.online must be true or false")
     return {
         "name": wire.optional_string(body.get("name"), f"{where}.name", max_len=64, pattern=wire.NAME_RE),
         "tags": wire.string_list(body.get("tags"), f"{where}.tags", wire.TAG_RE),

@@ -69,6 +69,8 @@ def parse_sandbox(value, tenant):
     for key, val in block["overrides"].items():
         if isinstance(val, bool) or not isinstance(val, (str, int, float)) or len(str(val)) > 64:
             raise BadRequest(f"sandbox.overrides.{key} must be a short string or number")
+        if isinstance(val, str):
+            wire.utf8(val, f"sandbox.overrides.{key}")
     tags = list(TIER_TAGS[block["tier"]])
     if block["tier"] == "byo":
         if not tenant:
@@ -123,6 +125,7 @@ def list_jobs(pond, req):
 
 def cancel(pond, req):
     """POST /v1/jobs/{id}/cancel: a queued job ends at once; an assigned or running one is told to stop."""
+    wire.obj(req.body, "cancel", ())
     job = _find(pond, req.params["id"])
     state = JobState(job["state"])
     if state in TERMINAL:
@@ -188,6 +191,6 @@ def _int_query(req, name, default, lo, hi):
     raw = req.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
         raise BadRequest(f"query parameter {name}={raw[:40]!r} must be a whole number from {lo} to {hi}")
     return int(raw)

@@ -186,7 +186,7 @@ class Handler(BaseHTTPRequestHandler):
         raw_length = self.headers.get("Content-Length")
         if raw_length is None:
             return None
-        if not raw_length.isdigit():
+        if not (raw_length.isascii() and raw_length.isdigit()):
             self.close_connection = True
             raise BadRequest("Content-Length is not a number")
         length = int(raw_length)
@@ -197,9 +197,12 @@ class Handler(BaseHTTPRequestHandler):
             return None
         raw = self._read_exactly(length)
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+            value = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise BadRequest("request body is not valid JSON", "send a JSON object") from None
+        if value is None:
+            raise BadRequest("request body is JSON null", "send a JSON object, or no body")
+        return value
 
     def _read_exactly(self, length):
         """Read the body within request_timeout in total, not per recv: a trickling client cannot hold a thread."""
@@ -244,7 +247,11 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Protocol errors found by http.server itself (bad request line, huge header) answer JSON too."""
         self.close_connection = True
-        err = PondError(message or "malformed request", explain or "", code="protocol")
+        if code == 501:          # a method http.server has no do_X for
+            code, message, explain = 405, f"{self.command} is not allowed", "see specs/protocol.md"
+            err = PondError(message, explain, code="method_not_allowed")
+        else:
+            err = PondError(message or "malformed request", explain or "", code="protocol")
         err.status = code
         if not hasattr(self, "command") or self.command is None:
             self.command = ""

@@ -51,6 +51,7 @@ def obj(value, where, allowed, required=()):
 def string(value, where, max_len=256, pattern=None, hint=""):
     if not isinstance(value, str) or not value or len(value) > max_len or "\x00" in value:
         raise BadRequest(f"{where} must be a non-empty string of at most {max_len} characters", hint)
+    utf8(value, where)
     if pattern is not None and not pattern.match(value):
         raise BadRequest(f"{where}: {value[:80]!r} is not allowed", hint or f"it must match {pattern.pattern}")
     return value
@@ -83,11 +84,19 @@ def argv(value, where="command"):
         raise BadRequest(f"{where} must be a list of 1 to {MAX_ARGV} strings (argv)",
                          'example: {"command": ["python", "-c", "print(42)"]}')
     for i, arg in enumerate(value):
-        if not isinstance(arg, str) or "\x00" in arg or len(arg.encode()) > MAX_ARG_BYTES:
+        if not isinstance(arg, str) or "\x00" in arg or len(utf8(arg, f"{where}[{i}]")) > MAX_ARG_BYTES:
             raise BadRequest(f"{where}[{i}] must be a string without NUL of at most {MAX_ARG_BYTES} bytes")
     if not value[0]:
         raise BadRequest(f"{where}[0] is empty", "the first element is the program to run")
     return value
+
+
+def utf8(text, where):
+    """The UTF-8 bytes of a string; 400 for one JSON can carry but UTF-8 cannot (a lone surrogate)."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest(f"{where} is not valid Unicode (a lone surrogate?)", "send UTF-8 text") from None
 
 
 def env(value, where="env"):
@@ -97,7 +106,7 @@ def env(value, where="env"):
         raise BadRequest(f"{where} must be an object of at most {MAX_ENV} NAME: value strings")
     for name, val in value.items():
         string(name, f"{where} name", 128, ENV_NAME_RE, "names look like MY_VAR")
-        if not isinstance(val, str) or "\x00" in val or len(val) > MAX_ENV_VALUE:
+        if not isinstance(val, str) or "\x00" in val or len(utf8(val, f"{where}[{name!r}]")) > MAX_ENV_VALUE:
             raise BadRequest(f"{where}[{name!r}] must be a string without NUL of at most {MAX_ENV_VALUE} bytes")
     return value
 

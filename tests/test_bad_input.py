@@ -1,0 +1,1246 @@
+"""Bad input at every endpoint of pond and of the orchestrator: always a JSON 4xx, never a 5xx, never a crash.
+
+The sweep is a catalogue: one Case per bad request (method, path, auth, headers, body -> expected status
+and error code), grouped by endpoint. Each group runs against real processes from the `pool` fixture,
+one case per subtest, and ends by checking that the server is healthy and that what it accepted before
+the sweep is still there. Every request goes over a raw socket, so a case can send what an HTTP client
+library refuses to (NUL bytes, bad request lines, wrong Content-Length).
+
+Placeholders like <job> in a path, header, auth or body string are filled from the world the group
+built (see PondWorld / OrchestratorWorld).
+
+Then the protocol checks of reports (fencing by attempt and claim token, bindings, duplicates), driven
+by hand through the orchestrator protocol, and a hypothesis fuzz of POST /v1/jobs.
+"""
+
+import json
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import wait_for
+
+NO_BODY = object()
+MIB = 1024 * 1024
+UNKNOWN_JOB = "j_000000000000"
+UNKNOWN_CODE = "ABCD-EFGH-JKMN"                 # well formed, never minted
+DEEP_JSON = b"[" * 100_000 + b"]" * 100_000       # valid JSON, nested deeper than any parser's recursion
+BIG_INT = b"9" * 5000                             # over Python's 4300-digit int parsing limit
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad request and the answer it must get."""
+
+    what: str
+    method: str = "GET"
+    path: str = "/"
+    body: object = NO_BODY          # a JSON value to send, or NO_BODY
+    raw: bytes = None               # a body sent as is (overrides `body`)
+    auth: str = None                # "admin" | "orch" | "orch_b" | "worker" | "operator" | a literal header value
+    headers: tuple = ()             # extra (name, value) pairs
+    request: bytes = None           # the whole request, sent as is (overrides everything above)
+    status: object = 400            # an int, or a tuple of acceptable ints
+    code: object = "bad_request"    # the error code, a tuple of acceptable codes, or None for any
+    says: str = ""                  # a word the message or hint must contain (a field name, a value)
+    silent_ok: bool = False         # the server may also just close the connection without an answer
+
+    @property
+    def label(self):
+        return f"{self.method} {self.path}: {self.what}"
+
+
+# -- sending -------------------------------------------------------------------------------------------
+
+PLACEHOLDER = re.compile(r"<([a-z_]+)>")
+
+
+def fill(value, ctx):
+    """Replace <name> placeholders (known names only) in strings, recursively."""
+    if isinstance(value, str):
+        return PLACEHOLDER.sub(lambda m: str(ctx[m[1]]) if m[1] in ctx else m[0], value)
+    if isinstance(value, list):
+        return [fill(v, ctx) for v in value]
+    if isinstance(value, dict):
+        return {fill(k, ctx): fill(v, ctx) for k, v in value.items()}
+    return value
+
+
+def build_request(case, ctx):
+    if case.request is not None:
+        return case.request
+    headers = [("Host", "test"), ("Connection", "close"), ("Content-Type", "application/json")]
+    if case.auth is not None:
+        auth = ctx["tokens"].get(case.auth)
+        headers.append(("Authorization", f"Bearer {auth}" if auth else fill(case.auth, ctx)))
+    headers += [(name, fill(value, ctx)) for name, value in case.headers]
+    if case.raw is not None:
+        body = case.raw
+    elif case.body is not NO_BODY:
+        body = json.dumps(fill(case.body, ctx)).encode()
+    else:
+        body = None
+    if body is not None and not any(name.lower() == "content-length" for name, _ in headers):
+        headers.append(("Content-Length", str(len(body))))
+    head = f"{case.method} {fill(case.path, ctx)} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in headers)
+    return (head + "\r\n").encode("latin-1") + (body or b"")
+
+
+def exchange(url, data, timeout=20):
+    """Send bytes on a fresh connection; -> (status or None if closed silently, decoded body)."""
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass                    # the server may answer (413, 431) and close before reading it all
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    if not answer:
+        return None, None
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+    if length:
+        body = body[:int(length[1])]
+    try:
+        return status, json.loads(body)
+    except ValueError:
+        return status, body.decode(errors="replace")
+
+
+def check(case, status, payload):
+    where = f"{case.label}\n  got {status}: {str(payload)[:400]}"
+    if status is None:
+        assert case.silent_ok, f"no answer at all; {where}"
+        return
+    assert status < 500, f"a 5xx for bad input; {where}"
+    wanted = case.status if isinstance(case.status, tuple) else (case.status,)
+    assert status in wanted, f"expected {wanted}; {where}"
+    if status < 400 or case.method == "HEAD":     # a tolerated oddity, or an answer that has no body by HTTP
+        return
+    assert isinstance(payload, dict) and set(payload) == {"error"}, f"not a JSON error body; {where}"
+    err = payload["error"]
+    assert isinstance(err, dict) and {"code", "message", "hint"} <= set(err), f"error lacks code/message/hint; {where}"
+    assert isinstance(err["code"], str) and err["code"], where
+    assert isinstance(err["message"], str) and err["message"], where
+    assert isinstance(err["hint"], str), where
+    if case.code is not None:
+        codes = case.code if isinstance(case.code, tuple) else (case.code,)
+        assert err["code"] in codes, f"expected code {codes}; {where}"
+    if case.says:
+        assert case.says in err["message"] + " " + err["hint"], f"the error does not mention {case.says!r}; {where}"
+
+
+def sweep(url, cases, ctx, subtests):
+    for case in cases:
+        with subtests.test(msg=case.label):
+            status, payload = exchange(url, build_request(case, ctx))
+            check(case, status, payload)
+
+
+def api(url, method, path, body=NO_BODY, auth=None, headers=()):
+    """A well-formed request (for building worlds and checking outcomes): -> (status, JSON)."""
+    case = Case("api", method, path, body=body, auth=auth, headers=tuple(headers))
+    return exchange(url, build_request(case, {"tokens": {}}))
+
+
+# -- case builders shared by the catalogues -------------------------------------------------------------
+
+def admin_auth_cases(method, path, body=NO_BODY):
+    return [
+        Case("no Authorization header", method, path, body, status=401, code="unauthorized"),
+        Case("Basic instead of Bearer", method, path, body, auth="Basic YWRtaW46YWRtaW4=", status=401,
+             code="unauthorized"),
+        Case("bearer in lower case", method, path, body, auth="bearer <admin_token>", status=401,
+             code="unauthorized"),
+        Case("an empty bearer token", method, path, body, auth="Bearer ", status=(401, 403),
+             code=("unauthorized", "token_invalid")),
+        Case("a wrong admin token", method, path, body, auth="Bearer pond_admin_wrong", status=403,
+             code="token_invalid"),
+        Case("an orchestrator token", method, path, body, auth="orch", status=403, code="token_invalid"),
+        Case("the admin token with a byte too many", method, path, body, auth="Bearer <admin_token>x",
+             status=403, code="token_invalid"),
+        Case("a token of non-ASCII bytes", method, path, body, auth="Bearer \xc3\xa9\xff", status=403,
+             code="token_invalid"),
+    ]
+
+
+def orch_auth_cases(method, path, body=NO_BODY, headers=()):
+    return [
+        Case("no Authorization header", method, path, body, headers=headers, status=401, code="unauthorized"),
+        Case("a garbled bearer token", method, path, body, auth="Bearer garbage", headers=headers, status=401,
+             code="unauthorized"),
+        Case("a token with an empty id", method, path, body, auth="Bearer orch..secret", headers=headers,
+             status=401, code="unauthorized"),
+        Case("a token of the wrong kind", method, path, body, auth="Bearer wkr.<binding>.secret", headers=headers,
+             status=401, code="unauthorized"),
+        Case("the admin token", method, path, body, auth="admin", headers=headers, status=401, code="unauthorized"),
+        Case("an unknown binding", method, path, body, auth="Bearer orch.o_000000000000.secret", headers=headers,
+             status=403, code="token_invalid"),
+        Case("the right binding with a wrong secret", method, path, body, auth="Bearer orch.<binding>.wrong",
+             headers=headers, status=403, code="token_invalid"),
+        Case("a token of non-ASCII bytes", method, path, body, auth="Bearer orch.\xc3\xa9.\xff", headers=headers,
+             status=(401, 403), code=("unauthorized", "token_invalid")),
+    ]
+
+
+def body_shape_cases(method, path, auth, valid, headers=(), null_ok=False):
+    """A body that is not JSON, JSON that is not an object, and an object with an unknown field."""
+    cases = [
+        Case("a body that is not JSON", method, path, raw=b"{command: nope", auth=auth, headers=headers),
+        Case("a body cut short", method, path, raw=b'{"a": [1, 2', auth=auth, headers=headers),
+        Case("a body that is not UTF-8", method, path, raw=b'{"a": "\xff\xfe"}', auth=auth, headers=headers),
+        Case("a body of NUL bytes", method, path, raw=b"\x00" * 16, auth=auth, headers=headers),
+        Case("JSON nested 100000 deep", method, path, raw=DEEP_JSON, auth=auth, headers=headers),
+        Case("a 5000-digit number", method, path, raw=b'{"n": ' + BIG_INT + b"}", auth=auth, headers=headers),
+        Case("a JSON list", method, path, [valid], auth=auth, headers=headers),
+        Case("a JSON string", method, path, "hello", auth=auth, headers=headers),
+        Case("a JSON number", method, path, 42, auth=auth, headers=headers),
+        Case("JSON true", method, path, True, auth=auth, headers=headers),
+        Case("an unknown field", method, path, dict(valid, bogus_field=1), auth=auth, headers=headers,
+             says="bogus_field"),
+    ]
+    if not null_ok:
+        cases.append(Case("JSON null", method, path, None, auth=auth, headers=headers))
+    return cases
+
+
+def get_body_cases(method, path, auth):
+    """A GET ignores its body, but a body that is not JSON is still refused by the HTTP layer."""
+    return [
+        Case("a GET with a body that is not JSON", method, path, raw=b"not json", auth=auth),
+        Case("a GET with a body nested 100000 deep", method, path, raw=DEEP_JSON, auth=auth),
+    ]
+
+
+def protocol_cases(post_path, get_path, header_cap=True):
+    """HTTP-level abuse, the same for pond and the orchestrator."""
+    big_headers = "".join(f"X-Filler-{i}: {'a' * 1000}\r\n" for i in range(17))
+    head = f"POST {post_path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n"
+    cases = [
+        Case("raw garbage instead of a request line", "RAW", "-", request=b"\x00\x01\x02garbage\r\n\r\n",
+             code="protocol"),
+        Case("a request line of three random words", "RAW", "-", request=b"HELLO THERE FRIEND\r\n\r\n",
+             status=(400, 505), code="protocol"),
+        Case("a request line with too many words", "RAW", "-", request=b"GET / / HTTP/1.1\r\n\r\n", code="protocol"),
+        Case("a binary request line", "RAW", "-", request=bytes(range(1, 256)) + b"\r\n\r\n", code="protocol"),
+        Case("an HTTP/0.9 request", "RAW", "-", request=b"GET /\r\n\r\n", status=(400, 404),
+             code=("protocol", "not_found"), silent_ok=True),
+        Case("an empty request", "RAW", "-", request=b"\r\n\r\n", code="protocol", silent_ok=True),
+        Case("a request line of 70000 bytes", "RAW", "-", request=b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n",
+             status=414, code="protocol"),
+        Case("a header line without a colon", "GET", get_path,
+             request=f"GET {get_path} HTTP/1.1\r\nConnection: close\r\nno colon here\r\n\r\n".encode(),
+             status=(200, 400), code=None),
+        Case("headers over 16 KiB", "GET", get_path, request=f"GET {get_path} HTTP/1.1\r\nConnection: close\r\n"
+             f"{big_headers}\r\n".encode(), status=431, code=("headers_too_large", "protocol")),
+        Case("a header line over 64 KiB", "GET", get_path, request=f"GET {get_path} HTTP/1.1\r\nX-Long: "
+             f"{'a' * 70_000}\r\n\r\n".encode(), status=431, code=("headers_too_large", "protocol")),
+        Case("more than 100 headers", "GET", get_path, request=f"GET {get_path} HTTP/1.1\r\n".encode()
+             + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n", status=431,
+             code=("headers_too_large", "protocol")),
+        Case("a body over 4 MiB (declared)", "POST", post_path,
+             request=f"{head}Content-Length: {4 * MIB + 1}\r\n\r\n".encode(), status=413, code="payload_too_large"),
+        Case("a body over 4 MiB (sent)", "POST", post_path,
+             request=f"{head}Content-Length: {4 * MIB + 1}\r\n\r\n".encode() + b"x" * (4 * MIB + 1), status=413,
+             code="payload_too_large"),
+        Case("Transfer-Encoding: chunked", "POST", post_path,
+             request=f"{head}Transfer-Encoding: chunked\r\n\r\n2\r\n{{}}\r\n0\r\n\r\n".encode()),
+        Case("Content-Length that is not a number", "POST", post_path,
+             request=f"{head}Content-Length: ten\r\n\r\n{{}}".encode()),
+        Case("a negative Content-Length", "POST", post_path, request=f"{head}Content-Length: -1\r\n\r\n{{}}".encode()),
+        Case("Content-Length in exponent form", "POST", post_path,
+             request=f"{head}Content-Length: 1e1\r\n\r\n{{}}".encode()),
+        Case("Content-Length in superscript digits", "POST", post_path,
+             request=head.encode() + b"Content-Length: \xb2\r\n\r\n{}"),
+        Case("Content-Length of 10**30", "POST", post_path,
+             request=f"{head}Content-Length: {10 ** 30}\r\n\r\n{{}}".encode(), status=413, code="payload_too_large"),
+        Case("a body shorter than its Content-Length", "POST", post_path,
+             request=f"{head}Content-Length: 100\r\n\r\n{{}}".encode()),
+        Case("a header value with a NUL byte", "POST", post_path,
+             request=f"{head}X-Nul: a\x00b\r\nContent-Length: 1\r\n\r\n[".encode()),
+        Case("an unknown method", "BREW", get_path, status=405, code="method_not_allowed"),
+        Case("OPTIONS", "OPTIONS", get_path, status=405, code="method_not_allowed"),
+        Case("TRACE", "TRACE", get_path, status=405, code="method_not_allowed"),
+        Case("PATCH", "PATCH", get_path, status=405, code="method_not_allowed"),
+        Case("HEAD", "HEAD", post_path, status=405, code="method_not_allowed"),
+        Case("DELETE", "DELETE", get_path, status=405, code="method_not_allowed"),
+        Case("the root path", "GET", "/", status=404, code="not_found"),
+        Case("a path with a trailing slash", "GET", get_path + "/", status=404, code="not_found"),
+        Case("a path in upper case", "GET", get_path.upper(), status=404, code="not_found"),
+        Case("a path with a dot-dot", "GET", "/v1/../healthz", status=404, code="not_found"),
+        Case("a percent-encoded path", "GET", "/%68ealthz", status=404, code="not_found"),
+        Case("an absolute-form URL", "GET", "http://evil.example/nothing", status=404, code="not_found"),
+        Case("a path of 8000 bytes", "GET", "/" + "a" * 8000, status=404, code="not_found"),
+        Case("a path with non-ASCII bytes", "GET", "/v1/\xe9\xff", status=404, code="not_found"),
+    ]
+    if not header_cap:
+        cases = [c for c in cases if c.what != "headers over 16 KiB"]
+    return cases
+
+
+# -- pond: the world a sweep runs in ---------------------------------------------------------------------
+
+class PondWorld:
+    """A pond with: a queued job nobody can take (kept), a job assigned to binding A by a real poll,
+    a second binding B, a worker of A, and fresh and used pairing/enrollment codes."""
+
+    def __init__(self, pool):
+        self.pond = pond = pool.pond(poll_hold=1)
+        self.url = pond.url
+        self.kept = pond.submit([sys.executable, "-c", "print('kept')"], tags=["lane:kept"], name="kept")["id"]
+        self.victim = pond.submit(["true"], tags=["lane:kept"], name="victim")["id"]
+        self.binding, self.token_a = self.pair("alpha")
+        self.binding_b, self.token_b = self.pair("beta")
+        self.used_pcode = pond.pairing_code()
+        self.pair("gamma", self.used_pcode)
+        self.used_ecode = pond.enrollment_code()
+        self.worker = self.enroll(self.token_a, self.used_ecode)
+        self.online(self.token_a, self.worker)
+        self.assigned, self.claim_token = self.assign(["lane:manual"])
+        self.ctx = {
+            "tokens": {"admin": pond.token, "orch": self.token_a, "orch_b": self.token_b},
+            "admin_token": pond.token, "binding": self.binding, "job": self.kept, "victim": self.victim,
+            "assigned": self.assigned, "claim": self.claim_token, "worker": self.worker,
+            "pcode": pond.pairing_code(), "used_pcode": self.used_pcode,
+            "ecode": pond.enrollment_code(), "used_ecode": self.used_ecode,
+        }
+
+    def pair(self, name, code=None):
+        status, body = api(self.url, "POST", "/v1/orch/pair", {"code": code or self.pond.pairing_code(), "name": name})
+        assert status == 201, body
+        return body["binding_id"], body["token"]
+
+    def enroll(self, token, code, tags=("lane:manual",)):
+        status, body = api(self.url, "POST", f"/v1/orch/enrollment/{code}/consumed",
+                           {"name": "manual", "tags": list(tags), "capabilities": ["harness.*"], "slots": 4},
+                           auth=f"Bearer {token}")
+        assert status == 201, body
+        return body["worker_id"]
+
+    def online(self, token, worker, tags=("lane:manual",)):
+        status, body = api(self.url, "POST", "/v1/orch/workers/snapshot",
+                           {"workers": [{"id": worker, "tags": list(tags), "capabilities": ["harness.*"],
+                                         "slots": 4, "online": True}]}, auth=f"Bearer {token}")
+        assert status == 200 and body["unknown"] == [], body
+
+    def assign(self, tags, token=None):
+        """Submit a job for binding A's worker and take its assignment with a real poll."""
+        job = self.pond.submit([sys.executable, "-c", "pass"], tags=tags)["id"]
+        status, body = api(self.url, "POST", "/v1/orch/poll", {"wait": 0}, auth=f"Bearer {token or self.token_a}")
+        assert status == 200 and [j["job_id"] for j in body["jobs"]] == [job], body
+        assignment = body["jobs"][0]
+        assert assignment["attempt"] == 1 and assignment["worker"] == self.worker, assignment
+        return job, assignment["claim_token"]
+
+    def report(self, job, body, claim, token=None, kind="state"):
+        return api(self.url, "POST", f"/v1/orch/jobs/{job}/{kind}", body, auth=f"Bearer {token or self.token_a}",
+                   headers=[("X-Claim-Token", claim)])
+
+    def assert_intact(self):
+        """Healthy, and nothing accepted before the sweep was lost or changed."""
+        status, body = api(self.url, "GET", "/healthz")
+        assert status == 200 and body["ok"] is True, body
+        kept = self.pond.job(self.kept)
+        assert kept["state"] == "queued" and kept["command"][-1] == "print('kept')", kept
+        assert self.pond.job(self.victim)["state"] == "queued", "a refused request cancelled a job"
+        assigned = self.pond.job(self.assigned)
+        assert (assigned["state"], assigned["attempt"]) == ("assigned", 1), assigned
+        bindings = {o["id"] for o in self.pond.client.get("/v1/admin/pool/orchestrators")["orchestrators"]}
+        assert {self.binding, self.binding_b} <= bindings
+
+
+# -- pond catalogue ------------------------------------------------------------------------------------
+
+def submit(what, body=NO_BODY, **kw):
+    return Case(what, "POST", "/v1/jobs", body, auth="admin", **kw)
+
+
+def job_with(**fields):
+    return dict({"command": ["true"]}, **fields)
+
+
+POND_SUBMIT_CASES = [
+    *admin_auth_cases("POST", "/v1/jobs", job_with()),
+    *body_shape_cases("POST", "/v1/jobs", "admin", job_with()),
+    # command
+    submit("no command", {}, says="command"),
+    submit("command null", {"command": None}, says="command"),
+    submit("command a string", {"command": "ls -l"}, says="command"),
+    submit("command an empty list", {"command": []}, says="command"),
+    submit("command an object", {"command": {"0": "ls"}}, says="command"),
+    submit("command with a number", {"command": ["ls", 1]}, says="command[1]"),
+    submit("command with null", {"command": [None]}, says="command[0]"),
+    submit("command with a list", {"command": [["ls"]]}, says="command[0]"),
+    submit("command with an empty program", {"command": [""]}, says="command[0]"),
+    submit("command with a NUL byte", {"command": ["ls", "a\x00b"]}, says="command[1]"),
+    submit("command with a lone surrogate", {"command": ["echo", "\ud800"]}, says="command[1]"),
+    submit("command with a 33 KiB argument", {"command": ["echo", "x" * (33 * 1024)]}, says="command[1]"),
+    submit("command with 257 arguments", {"command": ["echo"] * 257}, says="command"),
+    # env
+    submit("env a list", job_with(env=["A=1"]), says="env"),
+    submit("env a string", job_with(env="A=1"), says="env"),
+    submit("env with a bad name", job_with(env={"1BAD": "x"}), says="env"),
+    submit("env with an empty name", job_with(env={"": "x"}), says="env"),
+    submit("env with a name with '='", job_with(env={"A=B": "x"}), says="env"),
+    submit("env with a number value", job_with(env={"A": 1}), says="env"),
+    submit("env with a null value", job_with(env={"A": None}), says="env"),
+    submit("env with a NUL in a value", job_with(env={"A": "x\x00y"}), says="env"),
+    submit("env with a 40 KiB value", job_with(env={"A": "x" * 40_000}), says="env"),
+    submit("env with 129 names", job_with(env={f"V{i}": "x" for i in range(129)}), says="env"),
+    # tags
+    submit("tags a string", job_with(tags="repo:acme"), says="tags"),
+    submit("tags an object", job_with(tags={"repo": "acme"}), says="tags"),
+    submit("tags with a number", job_with(tags=[1]), says="tags[0]"),
+    submit("tags with null", job_with(tags=[None]), says="tags[0]"),
+    submit("tags with a list", job_with(tags=[["a"]]), says="tags[0]"),
+    submit("tags with an empty string", job_with(tags=[""]), says="tags[0]"),
+    submit("tags with a space", job_with(tags=["repo acme"]), says="tags[0]"),
+    submit("tags with a NUL byte", job_with(tags=["a\x00"]), says="tags[0]"),
+    submit("tags with a 200-character tag", job_with(tags=["a" * 200]), says="tags[0]"),
+    submit("tags with 65 tags", job_with(tags=[f"t{i}" for i in range(65)]), says="tags"),
+    # capabilities
+    submit("capabilities a string", job_with(capabilities="harness.codex"), says="capabilities"),
+    submit("capabilities with a glob", job_with(capabilities=["harness.*"]), says="capabilities[0]"),
+    submit("capabilities in upper case", job_with(capabilities=["Harness"]), says="capabilities[0]"),
+    submit("capabilities with a number", job_with(capabilities=[7]), says="capabilities[0]"),
+    submit("capabilities with an empty string", job_with(capabilities=[""]), says="capabilities[0]"),
+    # sandbox
+    submit("sandbox a string", job_with(sandbox="none"), says="sandbox"),
+    submit("sandbox a list", job_with(sandbox=["none"]), says="sandbox"),
+    submit("sandbox with an unknown field", job_with(sandbox={"profle": "none"}), says="profle"),
+    submit("sandbox.profile unknown", job_with(sandbox={"profile": "bogus"}), says="bogus"),
+    submit("sandbox.profile a number", job_with(sandbox={"profile": 1}), says="sandbox.profile"),
+    submit("sandbox.profile a list", job_with(sandbox={"profile": ["none"]}), says="sandbox.profile"),
+    submit("sandbox.profile null", job_with(sandbox={"profile": None}), says="sandbox.profile"),
+    submit("sandbox.tier unknown", job_with(sandbox={"tier": "gold"}), says="gold"),
+    submit("sandbox.tier an object", job_with(sandbox={"tier": {}}), says="sandbox.tier"),
+    submit("sandbox.tier byo without a tenant", job_with(sandbox={"tier": "byo"}), says="tenant"),
+    submit("sandbox.backend empty", job_with(sandbox={"backend": ""}), says="sandbox.backend"),
+    submit("sandbox.backend with a glob", job_with(sandbox={"backend": "*"}), says="sandbox.backend"),
+    submit("sandbox.backend a number", job_with(sandbox={"backend": 3}), says="sandbox.backend"),
+    submit("sandbox.overrides a list", job_with(sandbox={"overrides": []}), says="sandbox.overrides"),
+    submit("sandbox.overrides with an unknown field", job_with(sandbox={"overrides": {"gpu": 1}}), says="gpu"),
+    submit("sandbox.overrides with a list value", job_with(sandbox={"overrides": {"memory": [1]}}),
+           says="sandbox.overrides.memory"),
+    submit("sandbox.overrides with a boolean", job_with(sandbox={"overrides": {"cpus": True}}),
+           says="sandbox.overrides.cpus"),
+    submit("sandbox.overrides with a 65-character value", job_with(sandbox={"overrides": {"image": "i" * 65}}),
+           says="sandbox.overrides.image"),
+    # timeout
+    submit("timeout 0", job_with(timeout=0), says="timeout"),
+    submit("timeout negative", job_with(timeout=-5), says="timeout"),
+    submit("timeout over a week", job_with(timeout=604_801), says="timeout"),
+    submit("timeout a string", job_with(timeout="60"), says="timeout"),
+    submit("timeout a boolean", job_with(timeout=True), says="timeout"),
+    submit("timeout a list", job_with(timeout=[60]), says="timeout"),
+    submit("timeout NaN", raw=b'{"command": ["true"], "timeout": NaN}', says="timeout"),
+    submit("timeout Infinity", raw=b'{"command": ["true"], "timeout": Infinity}', says="timeout"),
+    submit("timeout 1e400", raw=b'{"command": ["true"], "timeout": 1e400}', says="timeout"),
+    # name and tenant
+    submit("name empty", job_with(name=""), says="name"),
+    submit("name a number", job_with(name=5), says="name"),
+    submit("name with a NUL byte", job_with(name="a\x00b"), says="name"),
+    submit("name with a newline", job_with(name="a\nb"), says="name"),
+    submit("name of 65 characters", job_with(name="n" * 65), says="name"),
+    submit("name of 3 MiB", job_with(name="n" * (3 * MIB)), says="name"),
+    submit("tenant empty", job_with(tenant=""), says="tenant"),
+    submit("tenant a list", job_with(tenant=["acme"]), says="tenant"),
+    submit("tenant with a space", job_with(tenant="ac me"), says="tenant"),
+]
+
+
+def job_get(what, path, status=404, code="not_found", **kw):
+    return Case(what, "GET", path, auth="admin", status=status, code=code, **kw)
+
+
+POND_JOB_READ_CASES = [
+    *admin_auth_cases("GET", "/v1/jobs"),
+    *admin_auth_cases("GET", "/v1/jobs/<job>"),
+    *admin_auth_cases("GET", "/v1/jobs/<job>/logs"),
+    *admin_auth_cases("POST", "/v1/jobs/<victim>/cancel"),
+    *get_body_cases("GET", "/v1/jobs", "admin"),
+    *get_body_cases("GET", "/v1/jobs/<job>", "admin"),
+    *get_body_cases("GET", "/v1/jobs/<job>/logs", "admin"),
+    # GET /v1/jobs?state=&limit=
+    job_get("state unknown", "/v1/jobs?state=bogus", 400, "bad_request", says="bogus"),
+    job_get("state empty", "/v1/jobs?state=", 400, "bad_request"),
+    job_get("state in upper case", "/v1/jobs?state=QUEUED", 400, "bad_request"),
+    job_get("state with a NUL byte", "/v1/jobs?state=queued%00", 400, "bad_request"),
+    job_get("state not UTF-8", "/v1/jobs?state=%FF%FE", 400, "bad_request"),
+    job_get("limit not a number", "/v1/jobs?limit=abc", 400, "bad_request", says="limit"),
+    job_get("limit empty", "/v1/jobs?limit=", 400, "bad_request", says="limit"),
+    job_get("limit 0", "/v1/jobs?limit=0", 400, "bad_request", says="limit"),
+    job_get("limit negative", "/v1/jobs?limit=-1", 400, "bad_request", says="limit"),
+    job_get("limit a fraction", "/v1/jobs?limit=1.5", 400, "bad_request", says="limit"),
+    job_get("limit over the cap", "/v1/jobs?limit=1001", 400, "bad_request", says="limit"),
+    job_get("limit of 400 digits", "/v1/jobs?limit=" + "9" * 400, 400, "bad_request", says="limit"),
+    job_get("limit in superscript digits", "/v1/jobs?limit=%C2%B2", 400, "bad_request", says="limit"),
+    # GET /v1/jobs/{id}
+    job_get("a job that does not exist", f"/v1/jobs/{UNKNOWN_JOB}", says=UNKNOWN_JOB),
+    job_get("a job id of 65 characters", "/v1/jobs/" + "j" * 65),
+    job_get("a job id with a dot", "/v1/jobs/j_1.2"),
+    job_get("a job id with a percent-encoded NUL", "/v1/jobs/j_%00"),
+    job_get("a job id with a space", "/v1/jobs/j%201"),
+    job_get("an empty job id", "/v1/jobs//logs"),
+    # GET /v1/jobs/{id}/logs?after=&wait=&limit=
+    job_get("logs of a job that does not exist", f"/v1/jobs/{UNKNOWN_JOB}/logs"),
+    job_get("logs after=-1", "/v1/jobs/<job>/logs?after=-1", 400, "bad_request", says="after"),
+    job_get("logs after not a number", "/v1/jobs/<job>/logs?after=abc", 400, "bad_request", says="after"),
+    job_get("logs after over 2**62", f"/v1/jobs/<job>/logs?after={2 ** 62 + 1}", 400, "bad_request", says="after"),
+    job_get("logs wait negative", "/v1/jobs/<job>/logs?wait=-1", 400, "bad_request", says="wait"),
+    job_get("logs wait a fraction", "/v1/jobs/<job>/logs?wait=0.5", 400, "bad_request", says="wait"),
+    job_get("logs wait over an hour", "/v1/jobs/<job>/logs?wait=3601", 400, "bad_request", says="wait"),
+    job_get("logs limit 0", "/v1/jobs/<job>/logs?limit=0", 400, "bad_request", says="limit"),
+    job_get("logs limit over the cap", "/v1/jobs/<job>/logs?limit=5001", 400, "bad_request", says="limit"),
+    # POST /v1/jobs/{id}/cancel: a refused cancel must not cancel the victim
+    Case("cancel a job that does not exist", "POST", f"/v1/jobs/{UNKNOWN_JOB}/cancel", auth="admin", status=404,
+         code="not_found"),
+    Case("cancel with a malformed id", "POST", "/v1/jobs/not.an.id/cancel", auth="admin", status=404,
+         code="not_found"),
+    *body_shape_cases("POST", "/v1/jobs/<victim>/cancel", "admin", {}),
+    Case("GET on cancel", "GET", "/v1/jobs/<victim>/cancel", auth="admin", status=405, code="method_not_allowed"),
+    Case("DELETE on a job", "DELETE", "/v1/jobs/<victim>", auth="admin", status=405, code="method_not_allowed"),
+]
+
+
+def admin_post(what, path, body, **kw):
+    return Case(what, "POST", path, body, auth="admin", **kw)
+
+
+PAIRING_CODES = "/v1/admin/pool/pairing-codes"
+ENROLLMENT_CODES = "/v1/admin/pool/enrollment-codes"
+
+POND_ADMIN_CASES = [
+    *get_body_cases("GET", "/healthz", None),
+    *get_body_cases("GET", "/metrics", None),
+    Case("POST on /healthz", "POST", "/healthz", {}, status=405, code="method_not_allowed"),
+    Case("PUT on /metrics", "PUT", "/metrics", status=405, code="method_not_allowed"),
+    # pairing codes
+    *admin_auth_cases("POST", PAIRING_CODES, {}),
+    *body_shape_cases("POST", PAIRING_CODES, "admin", {"ttl": 60}),
+    admin_post("ttl under 30 s", PAIRING_CODES, {"ttl": 29}, says="ttl"),
+    admin_post("ttl over a week", PAIRING_CODES, {"ttl": 604_801}, says="ttl"),
+    admin_post("ttl a fraction", PAIRING_CODES, {"ttl": 60.5}, says="ttl"),
+    admin_post("ttl a string", PAIRING_CODES, {"ttl": "60"}, says="ttl"),
+    admin_post("ttl a boolean", PAIRING_CODES, {"ttl": True}, says="ttl"),
+    admin_post("ttl 10**30", PAIRING_CODES, {"ttl": 10 ** 30}, says="ttl"),
+    admin_post("name empty", PAIRING_CODES, {"name": ""}, says="name"),
+    admin_post("name a list", PAIRING_CODES, {"name": ["orch"]}, says="name"),
+    admin_post("name with a NUL byte", PAIRING_CODES, {"name": "o\x00"}, says="name"),
+    admin_post("name of 100 KiB", PAIRING_CODES, {"name": "o" * 100_000}, says="name"),
+    Case("GET on pairing codes", "GET", PAIRING_CODES, auth="admin", status=405, code="method_not_allowed"),
+    # enrollment codes
+    *admin_auth_cases("POST", ENROLLMENT_CODES, {}),
+    *body_shape_cases("POST", ENROLLMENT_CODES, "admin", {"uses": 2}),
+    admin_post("uses 0", ENROLLMENT_CODES, {"uses": 0}, says="uses"),
+    admin_post("uses over 10000", ENROLLMENT_CODES, {"uses": 10_001}, says="uses"),
+    admin_post("uses negative", ENROLLMENT_CODES, {"uses": -1}, says="uses"),
+    admin_post("uses a string", ENROLLMENT_CODES, {"uses": "2"}, says="uses"),
+    admin_post("uses a fraction", ENROLLMENT_CODES, {"uses": 1.5}, says="uses"),
+    admin_post("ttl under 30 s", ENROLLMENT_CODES, {"ttl": 1}, says="ttl"),
+    admin_post("ttl null in a list", ENROLLMENT_CODES, {"ttl": [None]}, says="ttl"),
+    # listings
+    *admin_auth_cases("GET", "/v1/admin/pool/orchestrators"),
+    *admin_auth_cases("GET", "/v1/admin/pool/workers"),
+    *get_body_cases("GET", "/v1/admin/pool/orchestrators", "admin"),
+    *get_body_cases("GET", "/v1/admin/pool/workers", "admin"),
+    Case("POST on the worker list", "POST", "/v1/admin/pool/workers", {}, auth="admin", status=405,
+         code="method_not_allowed"),
+    Case("an unknown admin path", "GET", "/v1/admin/pool/secrets", auth="admin", status=404, code="not_found"),
+]
+
+
+def orch_post(what, path, body=NO_BODY, **kw):
+    kw.setdefault("auth", "orch")
+    return Case(what, "POST", path, body, **kw)
+
+
+STATE = "/v1/orch/jobs/<assigned>/state"
+CHUNK = "/v1/orch/jobs/<assigned>/chunk"
+CLAIM = (("X-Claim-Token", "<claim>"),)
+RUNNING = {"attempt": 1, "state": "running"}
+A_CHUNK = {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="}
+SNAPSHOT = "/v1/orch/workers/snapshot"
+CONSUMED = "/v1/orch/enrollment/<ecode>/consumed"
+ENROLL_BODY = {"tags": ["lane:x"], "capabilities": ["harness.*"], "slots": 1}
+
+
+def snapshot_of(**fields):
+    return {"workers": [dict({"id": "<worker>", "tags": ["lane:manual"], "capabilities": ["harness.*"], "slots": 4,
+                              "online": True}, **fields)]}
+
+
+def state_report(what, body=NO_BODY, **kw):
+    kw.setdefault("headers", CLAIM)
+    return orch_post(what, kw.pop("path", STATE), body, **kw)
+
+
+def chunk_report(what, body=NO_BODY, **kw):
+    kw.setdefault("headers", CLAIM)
+    return orch_post(what, kw.pop("path", CHUNK), body, **kw)
+
+
+def report_with_chunk(**fields):
+    return dict(RUNNING, chunks=[dict({"stream": "stdout", "seq": 0, "data": "aGk="}, **fields)])
+
+
+POND_ORCH_CASES = [
+    # pair (open)
+    *body_shape_cases("POST", "/v1/orch/pair", None, {"code": "<pcode>"}),
+    orch_post("pair without a code", "/v1/orch/pair", {"name": "x"}, auth=None, says="code"),
+    orch_post("pair with a code that is a number", "/v1/orch/pair", {"code": 123456789012}, auth=None),
+    orch_post("pair with a code that is a list", "/v1/orch/pair", {"code": ["<pcode>"]}, auth=None),
+    orch_post("pair with an empty code", "/v1/orch/pair", {"code": ""}, auth=None),
+    orch_post("pair with a malformed code", "/v1/orch/pair", {"code": "nope"}, auth=None),
+    orch_post("pair with a code with a NUL byte", "/v1/orch/pair", {"code": "ABCD-EFGH-JKM\x00"}, auth=None),
+    orch_post("pair with a code of 1 MiB", "/v1/orch/pair", {"code": "A" * MIB}, auth=None),
+    orch_post("pair with an unknown code", "/v1/orch/pair", {"code": UNKNOWN_CODE}, auth=None, status=403,
+              code="code_unknown"),
+    orch_post("pair with a used code", "/v1/orch/pair", {"code": "<used_pcode>"}, auth=None, status=410,
+              code="code_used"),
+    orch_post("pair with a bad name (the code stays unused)", "/v1/orch/pair", {"code": "<pcode>", "name": "!"},
+              auth=None, says="name"),
+    orch_post("pair with a name that is a number", "/v1/orch/pair", {"code": "<pcode>", "name": 1}, auth=None,
+              says="name"),
+    # whoami
+    *orch_auth_cases("GET", "/v1/orch/whoami"),
+    *get_body_cases("GET", "/v1/orch/whoami", "orch"),
+    Case("POST on whoami", "POST", "/v1/orch/whoami", {}, auth="orch", status=405, code="method_not_allowed"),
+    # poll
+    *orch_auth_cases("POST", "/v1/orch/poll", {"wait": 0}),
+    *body_shape_cases("POST", "/v1/orch/poll", "orch", {"wait": 0}),
+    orch_post("poll wait negative", "/v1/orch/poll", {"wait": -1}, says="wait"),
+    orch_post("poll wait over an hour", "/v1/orch/poll", {"wait": 3601}, says="wait"),
+    orch_post("poll wait a string", "/v1/orch/poll", {"wait": "5"}, says="wait"),
+    orch_post("poll wait a boolean", "/v1/orch/poll", {"wait": False}, says="wait"),
+    orch_post("poll wait NaN", "/v1/orch/poll", raw=b'{"wait": NaN}', says="wait"),
+    # state reports
+    *orch_auth_cases("POST", STATE, RUNNING, headers=CLAIM),
+    *body_shape_cases("POST", STATE, "orch", RUNNING, headers=CLAIM),
+    state_report("no X-Claim-Token", RUNNING, headers=(), status=401, code="unauthorized"),
+    state_report("an empty X-Claim-Token", RUNNING, headers=(("X-Claim-Token", ""),), status=(401, 409),
+                 code=("unauthorized", "stale_attempt")),
+    state_report("a wrong X-Claim-Token", RUNNING, headers=(("X-Claim-Token", "not-the-claim"),), status=409,
+                 code="stale_attempt"),
+    state_report("an X-Claim-Token of non-ASCII bytes", RUNNING, headers=(("X-Claim-Token", "\xc3\xa9\xff"),),
+                 status=409, code="stale_attempt"),
+    state_report("the claim token with a byte too many", RUNNING, headers=(("X-Claim-Token", "<claim>x"),),
+                 status=409, code="stale_attempt"),
+    state_report("the next attempt", dict(RUNNING, attempt=2), status=409, code="stale_attempt"),
+    state_report("attempt missing", {"state": "running"}, says="attempt"),
+    state_report("attempt 0", dict(RUNNING, attempt=0), says="attempt"),
+    state_report("attempt a string", dict(RUNNING, attempt="1"), says="attempt"),
+    state_report("attempt a fraction", dict(RUNNING, attempt=1.5), says="attempt"),
+    state_report("attempt a boolean", dict(RUNNING, attempt=True), says="attempt"),
+    state_report("attempt over 2**31", dict(RUNNING, attempt=2 ** 31 + 1), says="attempt"),
+    state_report("state missing", {"attempt": 1}, says="state"),
+    state_report("state unknown", dict(RUNNING, state="bogus"), says="bogus"),
+    state_report("state empty", dict(RUNNING, state="")),
+    state_report("state in upper case", dict(RUNNING, state="RUNNING")),
+    state_report("state queued", dict(RUNNING, state="queued"), says="queued"),
+    state_report("state assigned", dict(RUNNING, state="assigned"), says="assigned"),
+    state_report("state a number", dict(RUNNING, state=3)),
+    state_report("state a list", dict(RUNNING, state=["done"])),
+    state_report("state an object", dict(RUNNING, state={"done": True})),
+    state_report("done without exit_code", {"attempt": 1, "state": "done"}, says="exit_code"),
+    state_report("done with exit_code 1", {"attempt": 1, "state": "done", "exit_code": 1}, says="exit_code"),
+    state_report("failed with exit_code 0 and no error", {"attempt": 1, "state": "failed", "exit_code": 0}),
+    state_report("exit_code a string", {"attempt": 1, "state": "failed", "exit_code": "1"}, says="exit_code"),
+    state_report("exit_code over 255", {"attempt": 1, "state": "failed", "exit_code": 256}, says="exit_code"),
+    state_report("exit_code under -255", {"attempt": 1, "state": "failed", "exit_code": -256}, says="exit_code"),
+    state_report("exit_code a fraction", {"attempt": 1, "state": "failed", "exit_code": 1.5}, says="exit_code"),
+    state_report("exit_code a boolean", {"attempt": 1, "state": "failed", "exit_code": True}, says="exit_code"),
+    state_report("error empty", {"attempt": 1, "state": "failed", "error": ""}, says="error"),
+    state_report("error a number", {"attempt": 1, "state": "failed", "error": 5}, says="error"),
+    state_report("error with a NUL byte", {"attempt": 1, "state": "failed", "error": "a\x00b"}, says="error"),
+    state_report("error of 2001 characters", {"attempt": 1, "state": "failed", "error": "e" * 2001}, says="error"),
+    state_report("chunks a string", dict(RUNNING, chunks="hi"), says="chunks"),
+    state_report("chunks an object", dict(RUNNING, chunks={"stream": "stdout"}), says="chunks"),
+    state_report("chunks with a number", dict(RUNNING, chunks=[1]), says="chunks[0]"),
+    state_report("65 chunks", dict(RUNNING, chunks=[{"stream": "stdout", "seq": i, "data": ""} for i in range(65)]),
+                 says="chunks"),
+    state_report("a chunk without data", dict(RUNNING, chunks=[{"stream": "stdout", "seq": 0}]), says="data"),
+    state_report("a chunk with an unknown field", report_with_chunk(extra=1), says="extra"),
+    state_report("a chunk on stdin", report_with_chunk(stream="stdin"), says="stream"),
+    state_report("a chunk with a negative seq", report_with_chunk(seq=-1), says="seq"),
+    state_report("a chunk with seq over 2**53", report_with_chunk(seq=2 ** 53 + 1), says="seq"),
+    state_report("a chunk with data not base64", report_with_chunk(data="not base64!"), says="data"),
+    state_report("a chunk with data a number", report_with_chunk(data=5), says="data"),
+    state_report("a job that does not exist", RUNNING, path=f"/v1/orch/jobs/{UNKNOWN_JOB}/state", status=404,
+                 code="not_found"),
+    state_report("a queued job no binding holds", RUNNING, path="/v1/orch/jobs/<job>/state", status=404,
+                 code="not_found"),
+    state_report("a job of another binding", RUNNING, auth="orch_b", status=404, code="not_found"),
+    state_report("a malformed job id", RUNNING, path="/v1/orch/jobs/a.b/state", status=404, code="not_found"),
+    Case("GET on a state report", "GET", STATE, auth="orch", status=405, code="method_not_allowed"),
+    # chunk reports
+    *orch_auth_cases("POST", CHUNK, A_CHUNK, headers=CLAIM),
+    *body_shape_cases("POST", CHUNK, "orch", A_CHUNK, headers=CLAIM),
+    chunk_report("no X-Claim-Token", A_CHUNK, headers=(), status=401, code="unauthorized"),
+    chunk_report("a wrong X-Claim-Token", A_CHUNK, headers=(("X-Claim-Token", "nope"),), status=409,
+                 code="stale_attempt"),
+    chunk_report("the next attempt", dict(A_CHUNK, attempt=2), status=409, code="stale_attempt"),
+    chunk_report("stream missing", {"attempt": 1, "seq": 0, "data": ""}, says="stream"),
+    chunk_report("stream unknown", dict(A_CHUNK, stream="stdin"), says="stream"),
+    chunk_report("stream a list", dict(A_CHUNK, stream=["stdout"]), says="stream"),
+    chunk_report("seq negative", dict(A_CHUNK, seq=-1), says="seq"),
+    chunk_report("seq a string", dict(A_CHUNK, seq="0"), says="seq"),
+    chunk_report("seq a fraction", dict(A_CHUNK, seq=0.5), says="seq"),
+    chunk_report("data not base64", dict(A_CHUNK, data="%%%"), says="data"),
+    chunk_report("data base64 without padding", dict(A_CHUNK, data="aGk"), says="data"),
+    chunk_report("data null", dict(A_CHUNK, data=None), says="data"),
+    chunk_report("data over 1 MiB", dict(A_CHUNK, data="QUFB" * (MIB // 3 + 2)), says="data"),
+    chunk_report("a job of another binding", A_CHUNK, auth="orch_b", status=404, code="not_found"),
+    chunk_report("a job that does not exist", A_CHUNK, path=f"/v1/orch/jobs/{UNKNOWN_JOB}/chunk", status=404,
+                 code="not_found"),
+    # snapshots
+    *orch_auth_cases("POST", SNAPSHOT, snapshot_of()),
+    *body_shape_cases("POST", SNAPSHOT, "orch", snapshot_of()),
+    orch_post("workers missing", SNAPSHOT, {}, says="workers"),
+    orch_post("workers an object", SNAPSHOT, {"workers": {"id": "<worker>"}}, says="workers"),
+    orch_post("workers with a number", SNAPSHOT, {"workers": [1]}, says="workers[0]"),
+    orch_post("workers with null", SNAPSHOT, {"workers": [None, None]}, says="workers"),
+    orch_post("a worker without an id", SNAPSHOT, {"workers": [{"slots": 1}]}, says="id"),
+    orch_post("a worker id that is a number", SNAPSHOT, snapshot_of(id=5), says="id"),
+    orch_post("a worker id of 1000 characters", SNAPSHOT, snapshot_of(id="w" * 1000), says="id"),
+    orch_post("a worker with an unknown field", SNAPSHOT, snapshot_of(gpu=True), says="gpu"),
+    orch_post("a worker with 0 slots", SNAPSHOT, snapshot_of(slots=0), says="slots"),
+    orch_post("a worker with 257 slots", SNAPSHOT, snapshot_of(slots=257), says="slots"),
+    orch_post("a worker with slots a string", SNAPSHOT, snapshot_of(slots="4"), says="slots"),
+    orch_post("a worker with tags a string", SNAPSHOT, snapshot_of(tags="lane:manual"), says="tags"),
+    orch_post("a worker with a bad tag", SNAPSHOT, snapshot_of(tags=["no spaces"]), says="tags"),
+    orch_post("a worker with a bad capability glob", SNAPSHOT, snapshot_of(capabilities=["Harness.*"]),
+              says="capabilities"),
+    orch_post("a worker with an empty name", SNAPSHOT, snapshot_of(name=""), says="name"),
+    orch_post("a worker with online a string", SNAPSHOT, snapshot_of(online="yes"), says="online"),
+    orch_post("a worker with online a number", SNAPSHOT, snapshot_of(online=1), says="online"),
+    orch_post("4097 workers", SNAPSHOT, {"workers": [{"id": f"w{i}"} for i in range(4097)]}, says="workers"),
+    # enrollment consumed
+    *orch_auth_cases("POST", CONSUMED, ENROLL_BODY),
+    *body_shape_cases("POST", CONSUMED, "orch", ENROLL_BODY),
+    orch_post("a malformed enrollment code", "/v1/orch/enrollment/nope/consumed", ENROLL_BODY),
+    orch_post("an enrollment code with forbidden letters", "/v1/orch/enrollment/AAAA-BBBB-CCC0/consumed",
+              ENROLL_BODY),
+    orch_post("an unknown enrollment code", f"/v1/orch/enrollment/{UNKNOWN_CODE}/consumed", ENROLL_BODY,
+              status=403, code="code_unknown"),
+    orch_post("a used enrollment code", "/v1/orch/enrollment/<used_ecode>/consumed", ENROLL_BODY, status=410,
+              code="code_used"),
+    orch_post("an enrollment code of 33 characters", "/v1/orch/enrollment/" + "A" * 33 + "/consumed", ENROLL_BODY,
+              status=404, code="not_found"),
+    orch_post("an enrollment code with a dot", "/v1/orch/enrollment/AB.CD/consumed", ENROLL_BODY, status=404,
+              code="not_found"),
+    orch_post("a worker id chosen by the orchestrator", CONSUMED, dict(ENROLL_BODY, id="w_mine"), says="id"),
+    orch_post("tags a string", CONSUMED, dict(ENROLL_BODY, tags="lane:x"), says="tags"),
+    orch_post("tags with a number", CONSUMED, dict(ENROLL_BODY, tags=[1]), says="tags"),
+    orch_post("capabilities with upper case", CONSUMED, dict(ENROLL_BODY, capabilities=["X"]), says="capabilities"),
+    orch_post("capabilities with null", CONSUMED, dict(ENROLL_BODY, capabilities=[None]), says="capabilities"),
+    orch_post("slots 0", CONSUMED, dict(ENROLL_BODY, slots=0), says="slots"),
+    orch_post("slots a fraction", CONSUMED, dict(ENROLL_BODY, slots=1.5), says="slots"),
+    orch_post("name with a NUL byte", CONSUMED, dict(ENROLL_BODY, name="w\x00"), says="name"),
+    orch_post("online a string", CONSUMED, dict(ENROLL_BODY, online="no"), says="online"),
+    Case("GET on consumed", "GET", CONSUMED, auth="orch", status=405, code="method_not_allowed"),
+]
+
+POND_PROTOCOL_CASES = protocol_cases("/v1/jobs", "/healthz")
+
+POND_CATALOGUE = POND_PROTOCOL_CASES + POND_SUBMIT_CASES + POND_JOB_READ_CASES + POND_ADMIN_CASES + POND_ORCH_CASES
+
+
+# -- pond sweeps ------------------------------------------------------------------------------------------
+
+def test_pond_refuses_malformed_http_and_keeps_its_jobs(pool, subtests):
+    world = PondWorld(pool)
+    sweep(world.url, POND_PROTOCOL_CASES, world.ctx, subtests)
+    world.assert_intact()
+    # The job accepted before the sweep still runs once a worker that fits comes online.
+    orch = pool.orchestrator(world.pond)
+    pool.worker(world.pond, orch, tags="lane:kept")
+    done = world.pond.wait_job(world.kept, timeout=30)
+    assert done["state"] == "done", done
+    assert world.pond.output(world.kept)["stdout"] == b"kept\n"
+
+
+def test_pond_refuses_bad_job_submissions(pool, subtests):
+    world = PondWorld(pool)
+    before = world.pond.client.get("/v1/jobs", limit=1000)["counts"]
+    sweep(world.url, POND_SUBMIT_CASES, world.ctx, subtests)
+    assert world.pond.client.get("/v1/jobs", limit=1000)["counts"] == before, "a refused submission made a job"
+    world.assert_intact()
+
+
+def test_pond_refuses_bad_job_ids_and_queries(pool, subtests):
+    world = PondWorld(pool)
+    sweep(world.url, POND_JOB_READ_CASES, world.ctx, subtests)
+    world.assert_intact()
+
+
+def test_pond_admin_endpoints_refuse_bad_input(pool, subtests):
+    world = PondWorld(pool)
+    sweep(world.url, POND_ADMIN_CASES, world.ctx, subtests)
+    world.assert_intact()
+
+
+def test_pond_orchestrator_endpoints_refuse_bad_input(pool, subtests):
+    world = PondWorld(pool)
+    sweep(world.url, POND_ORCH_CASES, world.ctx, subtests)
+    world.assert_intact()
+    # The codes the sweep showed with bad bodies are still unused, so they still work.
+    status, body = api(world.url, "POST", "/v1/orch/pair", {"code": world.ctx["pcode"]})
+    assert status == 201, f"a refused pair used up its code: {body}"
+    status, body = api(world.url, "POST", f"/v1/orch/enrollment/{world.ctx['ecode']}/consumed", ENROLL_BODY,
+                       auth=f"Bearer {world.token_a}")
+    assert status == 201, f"the enrollment code was used up by a request the sweep expected to be refused: {body}"
+    # The worker is still listed as the last valid snapshot left it.
+    workers = {w["id"]: w for w in world.pond.client.get("/v1/admin/pool/workers")["workers"]}
+    assert workers[world.worker]["online"] and workers[world.worker]["slots"] == 4, workers[world.worker]
+
+
+def matches_route(case, method, pattern):
+    path = fill(case.path, {k: "x_0" for k in ("job", "victim", "assigned", "worker", "binding", "x", "y")}
+                | {k: UNKNOWN_CODE for k in ("pcode", "used_pcode", "ecode", "used_ecode")})
+    return case.method == method and re.fullmatch(pattern, urlsplit(path).path) is not None
+
+
+def test_the_pond_catalogue_covers_every_route():
+    from pond.server import ROUTES
+    missing = [f"{m} {p}" for m, p, _, _ in ROUTES if not any(matches_route(c, m, p) for c in POND_CATALOGUE)]
+    assert not missing, f"routes with no bad-input case: {missing}"
+    for m, p, who, _ in ROUTES:
+        if who is not None:
+            kinds = {c.auth for c in POND_CATALOGUE if matches_route(c, m, p)}
+            assert None in kinds and len(kinds) >= 4, f"{m} {p}: auth is not swept ({kinds})"
+
+
+# -- pond: protocol checks of reports ------------------------------------------------------------------
+
+def test_stale_attempt_or_claim_token_is_refused_and_changes_nothing(pool):
+    world = PondWorld(pool)
+    job, claim = world.assigned, world.claim_token
+    for body, token in (({"attempt": 2, "state": "running"}, claim),
+                        ({"attempt": 2, "state": "done", "exit_code": 0}, claim),
+                        ({"attempt": 1, "state": "running"}, claim[:-1] + ("A" if claim[-1] != "A" else "B")),
+                        ({"attempt": 1, "state": "failed", "exit_code": 3}, "forged-claim-token")):
+        status, answer = world.report(job, body, token)
+        assert (status, answer["error"]["code"]) == (409, "stale_attempt"), (body, answer)
+    status, answer = world.report(job, {"attempt": 2, "stream": "stdout", "seq": 0, "data": "aGk="}, claim,
+                                  kind="chunk")
+    assert (status, answer["error"]["code"]) == (409, "stale_attempt"), answer
+    row = world.pond.job(job)
+    assert (row["state"], row["attempt"], row["exit_code"], row["started_at"]) == ("assigned", 1, None, None), row
+    assert world.pond.output(job) == {"stdout": b"", "stderr": b""}, "a stale chunk was stored"
+    # The holder of the real claim is not disturbed by the refusals.
+    assert world.report(job, {"attempt": 1, "state": "running"}, claim)[0] == 200
+    assert world.pond.job(job)["state"] == "running"
+
+
+def test_report_on_a_job_of_another_binding_is_not_found(pool):
+    world = PondWorld(pool)
+    for kind, body in (("state", {"attempt": 1, "state": "failed", "exit_code": 9}),
+                       ("chunk", {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="})):
+        status, answer = world.report(world.assigned, body, world.claim_token, token=world.token_b, kind=kind)
+        assert (status, answer["error"]["code"]) == (404, "not_found"), answer
+    assert world.pond.job(world.assigned)["state"] == "assigned"
+    assert world.pond.output(world.assigned)["stdout"] == b""
+
+
+def test_duplicate_final_report_is_accepted_once_and_keeps_the_outcome(pool):
+    world = PondWorld(pool)
+    job, claim = world.assigned, world.claim_token
+    done = {"attempt": 1, "state": "done", "exit_code": 0,
+            "chunks": [{"stream": "stdout", "seq": 0, "data": "b2sK"}]}
+    status, first = world.report(job, done, claim)
+    assert status == 200 and first["state"] == "done" and not first.get("duplicate"), first
+    finished = world.pond.job(job)
+    status, again = world.report(job, done, claim)
+    assert status == 200 and again.get("duplicate") is True, again
+    for late in ({"attempt": 1, "state": "failed", "exit_code": 2, "error": "late"},
+                 {"attempt": 1, "state": "cancelled"}, {"attempt": 1, "state": "running"}):
+        status, answer = world.report(job, late, claim)
+        assert (status, answer["error"]["code"]) == (409, "invalid_transition"), (late, answer)
+    status, answer = world.report(job, {"attempt": 1, "stream": "stdout", "seq": 1, "data": "eA=="}, claim,
+                                  kind="chunk")
+    assert (status, answer["error"]["code"]) == (409, "stale_attempt"), answer
+    row = world.pond.job(job)
+    assert {k: row[k] for k in ("state", "exit_code", "error", "finished_at")} == \
+           {k: finished[k] for k in ("state", "exit_code", "error", "finished_at")} == \
+           {"state": "done", "exit_code": 0, "error": None, "finished_at": finished["finished_at"]}
+    assert world.pond.output(job)["stdout"] == b"ok\n", "the duplicate report or a late chunk changed the output"
+
+    # The same for a failed outcome: a second failed report with another exit code changes nothing.
+    job, claim = world.assign(["lane:manual"])
+    assert world.report(job, {"attempt": 1, "state": "failed", "exit_code": 3}, claim)[0] == 200
+    status, again = world.report(job, {"attempt": 1, "state": "failed", "exit_code": 4, "error": "other"}, claim)
+    assert status == 200 and again.get("duplicate") is True, again
+    row = world.pond.job(job)
+    assert (row["state"], row["exit_code"], row["error"]) == ("failed", 3, None), row
+
+
+def test_done_report_with_a_non_zero_exit_code_is_refused(pool):
+    world = PondWorld(pool)
+    for code in (1, -1, 255):
+        status, answer = world.report(world.assigned, {"attempt": 1, "state": "done", "exit_code": code},
+                                      world.claim_token)
+        assert (status, answer["error"]["code"]) == (400, "bad_request"), answer
+        assert "exit_code" in answer["error"]["message"]
+    row = world.pond.job(world.assigned)
+    assert (row["state"], row["exit_code"]) == ("assigned", None), row
+    status, answer = world.report(world.assigned, {"attempt": 1, "state": "failed", "exit_code": 1},
+                                  world.claim_token)
+    assert status == 200 and world.pond.job(world.assigned)["state"] == "failed", answer
+
+
+# -- pond: fuzzed job submissions ---------------------------------------------------------------------------
+
+SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant")
+# Text that often holds what breaks naive code: NUL, lone surrogates, separators, globs, non-ASCII.
+tricky_text = st.text(st.sampled_from(["a", "Z", "0", "_", "-", ".", ":", "=", "*", " ", "\n", "\x00", "\ud800",
+                                       "\udfff", "\u00e9", "\u2028", "\U0001f600"]), max_size=8)
+any_text = st.text(st.characters(exclude_categories=()), max_size=12) | tricky_text
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) | st.floats() | st.text(max_size=12) | any_text,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+field_values = {
+    "command": st.lists(st.text(max_size=8) | any_text | json_values, max_size=4) | json_values,
+    "env": st.dictionaries(any_text, any_text | json_values, max_size=3) | json_values,
+    "tags": st.lists(st.from_regex(r"[a-z]{1,5}:[a-z]{1,5}", fullmatch=True) | json_values, max_size=3),
+    "capabilities": st.lists(st.from_regex(r"[a-z*.]{1,8}", fullmatch=True) | json_values, max_size=3),
+    "sandbox": st.dictionaries(st.sampled_from(["profile", "tier", "backend", "overrides", "x"]),
+                               st.sampled_from(["none", "byo", "trusted", "any", "process", "*"]) | json_values,
+                               max_size=4) | json_values,
+    "timeout": st.integers(-10, 10 ** 7) | st.floats() | json_values,
+    "name": st.text(max_size=70) | any_text | json_values,
+    "tenant": any_text | json_values,
+}
+valid_values = {
+    "command": st.lists(st.text(min_size=1, max_size=8).filter(lambda a: "\x00" not in a), min_size=1, max_size=3),
+    "env": st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,5}", fullmatch=True), st.text(max_size=8), max_size=2),
+    "tags": st.lists(st.from_regex(r"[a-z]{1,5}:[a-z]{1,5}", fullmatch=True), max_size=2),
+    "capabilities": st.lists(st.from_regex(r"[a-z]{1,5}\.[a-z]{1,5}", fullmatch=True), max_size=2),
+    "sandbox": st.fixed_dictionaries({}, optional={
+        "profile": st.sampled_from(["none", "untrusted-code-read", "untrusted-code-write"]),
+        "tier": st.sampled_from(["trusted", "any"]), "backend": st.sampled_from(["process", "docker"]),
+        "overrides": st.dictionaries(st.sampled_from(["memory", "cpus", "pids_limit", "tmpfs_size", "image"]),
+                                     st.integers(0, 10 ** 6) | st.text(max_size=8), max_size=2)}),
+    "timeout": st.integers(1, 604_800) | st.floats(1, 604_800),
+    "name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,10}", fullmatch=True),
+    "tenant": st.from_regex(r"[a-z]{1,8}", fullmatch=True),
+}
+valid_jobs = st.fixed_dictionaries({"command": valid_values["command"]},
+                                   optional={k: v for k, v in valid_values.items() if k != "command"})
+# Mostly-valid bodies reach the deeper checks: a valid job with one field (or one command argument) made hostile.
+one_field_hostile = st.builds(lambda job, kv: {**job, kv[0]: kv[1]}, valid_jobs,
+                              st.sampled_from(SUBMIT_FIELDS).flatmap(lambda k: st.tuples(st.just(k), field_values[k])))
+one_argument_hostile = st.builds(lambda job, i, arg: {**job, "command": job["command"][:i] + [arg] + job["command"][i:]},
+                                 valid_jobs, st.integers(0, 3), any_text | json_values)
+job_bodies = st.one_of(one_field_hostile, one_argument_hostile, valid_jobs, json_values,
+                       st.fixed_dictionaries({}, optional={k: json_values for k in SUBMIT_FIELDS}))
+
+
+def test_fuzzed_job_submissions_never_get_a_5xx(pool):
+    world = PondWorld(pool)
+    accepted = []
+
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=job_bodies)
+    def submit_is_answered(body):
+        raw = json.dumps(body).encode()           # NaN and Infinity go out as the tokens Python's json reads
+        status, payload = exchange(world.url, build_request(Case("fuzz", "POST", "/v1/jobs", raw=raw, auth="admin"),
+                                                            world.ctx))
+        assert status is not None and status < 500, f"{status} for {raw[:300]!r}: {payload}"
+        if status == 201:
+            assert payload["state"] == "queued", payload
+            accepted.append(payload["id"])
+        else:
+            check(Case("fuzz", "POST", "/v1/jobs", status=status, code=None), status, payload)
+
+    submit_is_answered()
+    for job_id in accepted[:20]:
+        assert world.pond.job(job_id)["state"] == "queued"
+    world.assert_intact()
+
+
+def test_fuzzed_bytes_never_get_a_5xx(pool):
+    world = PondWorld(pool)
+
+    @settings(max_examples=100, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(raw=st.binary(max_size=64) | st.text(max_size=64).map(str.encode))
+    def bytes_are_answered(raw):
+        for path in ("/v1/jobs", "/v1/orch/poll"):
+            auth = "admin" if path == "/v1/jobs" else "orch"
+            status, payload = exchange(world.url, build_request(Case("fuzz", "POST", path, raw=raw, auth=auth),
+                                                                world.ctx))
+            assert status is not None and status < 500, f"{status} for {raw!r} on {path}: {payload}"
+
+    bytes_are_answered()
+    world.assert_intact()
+
+
+# -- the orchestrator: the world a sweep runs in --------------------------------------------------------------
+
+class OrchestratorWorld:
+    """A pond, a real `swarm.py serve`, and a worker enrolled by hand that holds two jobs (x and y)."""
+
+    def __init__(self, pool):
+        self.pond = pond = pool.pond(poll_hold=5)
+        self.orch = pool.orchestrator(pond, token="op-secret")
+        self.url = self.orch.url()
+        status, body = api(self.url, "POST", "/v1/worker/enroll",
+                           {"code": pond.enrollment_code(), "name": "manual", "tags": ["lane:manual"],
+                            "capabilities": ["harness.*"], "slots": 2})
+        assert status == 201, body
+        self.worker, self.token = body["worker_id"], body["token"]
+        jobs = [pond.submit([sys.executable, "-c", "pass"], tags=["lane:manual"])["id"] for _ in range(2)]
+        self.held = {}
+
+        def claim():
+            status, body = api(self.url, "POST", "/v1/worker/claim", {"wait": 2}, auth=f"Bearer {self.token}")
+            assert status == 200, body
+            self.held.update({j["job_id"]: j for j in body["jobs"]})
+            return len(self.held) == 2
+
+        wait_for(claim, 30, what="the hand-enrolled worker to hold two jobs")
+        self.x, self.y = (self.held[j] for j in jobs)
+        assert self.x["attempt"] == self.y["attempt"] == 1, self.held      # the catalogue's bodies say attempt 1
+        self.ctx = {
+            "tokens": {"worker": self.token, "operator": "op-secret"},
+            "worker": self.worker, "x": self.x["job_id"], "y": self.y["job_id"], "claim": self.x["claim_token"],
+            "claim_y": self.y["claim_token"],
+        }
+
+    def report(self, job, body, kind="state", claim=None):
+        return api(self.url, "POST", f"/v1/worker/jobs/{job['job_id']}/{kind}", body, auth=f"Bearer {self.token}",
+                   headers=[("X-Claim-Token", claim or job["claim_token"])])
+
+    def assert_intact(self):
+        status, body = api(self.url, "GET", "/healthz")
+        assert status == 200 and body["ok"] is True, body
+        assert self.orch.alive()
+        status, body = api(self.url, "POST", "/v1/worker/claim", {"wait": 0}, auth=f"Bearer {self.token}")
+        assert status == 200, f"the enrolled worker was lost: {body}"
+        status, body = api(self.url, "GET", "/v1/pool/jobs", auth="Bearer op-secret")
+        assert status == 200, body
+        assert self.y["job_id"] in {j["job_id"] for j in body["jobs"]}, f"held job y lost: {body}"
+
+    def assert_reports_still_reach_pond(self):
+        """Both held jobs can still be finished, and pond hears about it: y (never touched by the sweep) first."""
+        for job in (self.y, self.x):
+            status, body = self.report(job, {"attempt": job["attempt"], "state": "done", "exit_code": 0})
+            assert status == 200, (f"{job['job_id']}: a valid final report was refused after the sweep; the "
+                                   f"orchestrator dropped the job on an invalid report it accepted: {body}")
+            try:
+                self.pond.wait_job(job["job_id"], ("done",), timeout=10)
+            except AssertionError:
+                raise AssertionError(f"{job['job_id']}: the orchestrator accepted a valid final report, but pond "
+                                     f"never got it (is its outbox stuck behind a report pond refuses?); pond has "
+                                     f"{self.pond.job(job['job_id'])['state']}") from None
+
+
+# -- orchestrator catalogue ---------------------------------------------------------------------------------
+
+def worker_auth_cases(method, path, body=NO_BODY, headers=()):
+    return [
+        Case("no Authorization header", method, path, body, headers=headers, status=401, code="unauthorized"),
+        Case("Basic instead of Bearer", method, path, body, auth="Basic d2tyOng=", headers=headers, status=401,
+             code="unauthorized"),
+        Case("a garbled bearer token", method, path, body, auth="Bearer garbage", headers=headers,
+             status=(401, 403), code=("unauthorized", "token_invalid")),
+        Case("a token of the wrong kind", method, path, body, auth="Bearer orch.<worker>.secret", headers=headers,
+             status=(401, 403), code=("unauthorized", "token_invalid")),
+        Case("an unknown worker", method, path, body, auth="Bearer wkr.w_000000000000.secret", headers=headers,
+             status=403, code="token_invalid"),
+        Case("the right worker with a wrong secret", method, path, body, auth="Bearer wkr.<worker>.wrong",
+             headers=headers, status=403, code="token_invalid"),
+        Case("the operator token", method, path, body, auth="operator", headers=headers, status=(401, 403),
+             code=("unauthorized", "token_invalid")),
+        Case("a token of non-ASCII bytes", method, path, body, auth="Bearer wkr.\xc3\xa9.\xff", headers=headers,
+             status=(401, 403), code=("unauthorized", "token_invalid")),
+    ]
+
+
+def operator_auth_cases(method, path, body=NO_BODY):
+    return [
+        Case("no Authorization header", method, path, body, status=401, code="unauthorized"),
+        Case("Basic instead of Bearer", method, path, body, auth="Basic b3A6c2VjcmV0", status=401,
+             code="unauthorized"),
+        Case("a wrong operator token", method, path, body, auth="Bearer op-wrong", status=403, code="token_invalid"),
+        Case("the operator token with a byte too many", method, path, body, auth="Bearer op-secretx", status=403,
+             code="token_invalid"),
+        Case("a worker token", method, path, body, auth="worker", status=403, code="token_invalid"),
+        Case("a token of non-ASCII bytes", method, path, body, auth="Bearer \xc3\xa9\xff", status=403,
+             code="token_invalid"),
+    ]
+
+
+ENROLL = "/v1/worker/enroll"
+WCLAIM = "/v1/worker/claim"
+WSTATE = "/v1/worker/jobs/<x>/state"
+WCHUNK = "/v1/worker/jobs/<x>/chunk"
+WCLAIM_X = (("X-Claim-Token", "<claim>"),)
+X_RUNNING = {"attempt": 1, "state": "running"}
+X_CHUNK = {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="}
+
+
+def enroll(what, body=NO_BODY, **kw):
+    return Case(what, "POST", ENROLL, body, **kw)
+
+
+def claim(what, body=NO_BODY, **kw):
+    return Case(what, "POST", WCLAIM, body, auth="worker", **kw)
+
+
+def worker_state(what, body=NO_BODY, **kw):
+    kw.setdefault("headers", WCLAIM_X)
+    return Case(what, "POST", kw.pop("path", WSTATE), body, auth="worker", **kw)
+
+
+def worker_chunk(what, body=NO_BODY, **kw):
+    kw.setdefault("headers", WCLAIM_X)
+    return Case(what, "POST", kw.pop("path", WCHUNK), body, auth="worker", **kw)
+
+
+def enroll_with(**fields):
+    return dict({"code": UNKNOWN_CODE}, **fields)
+
+
+ORCH_PROTOCOL_CASES = protocol_cases(ENROLL, "/healthz")
+
+ORCH_WORKER_CASES = [
+    *get_body_cases("GET", "/healthz", None),
+    *get_body_cases("GET", "/metrics", None),
+    # enroll (open; the orchestrator checks the shape, pond checks the code)
+    *body_shape_cases("POST", ENROLL, None, enroll_with()),
+    enroll("no code", {"name": "w"}, says="code"),
+    enroll("code a number", enroll_with(code=123)),
+    enroll("code empty", enroll_with(code="")),
+    enroll("code with a slash", enroll_with(code="AB/CD")),
+    enroll("code with a NUL byte", enroll_with(code="ABCD\x00")),
+    enroll("code of 1 MiB", enroll_with(code="A" * MIB)),
+    enroll("code malformed for pond", enroll_with(code="nope")),
+    enroll("an unknown code", enroll_with(), status=403, code="code_unknown"),
+    enroll("tags a string", enroll_with(tags="lane:x"), says="tags"),
+    enroll("tags with a number", enroll_with(tags=[1]), says="tags"),
+    enroll("tags with a space", enroll_with(tags=["a b"]), says="tags"),
+    enroll("capabilities with upper case", enroll_with(capabilities=["Harness.*"]), says="capabilities"),
+    enroll("slots 0", enroll_with(slots=0), says="slots"),
+    enroll("slots 257", enroll_with(slots=257), says="slots"),
+    enroll("slots a string", enroll_with(slots="2"), says="slots"),
+    enroll("slots a boolean", enroll_with(slots=True), says="slots"),
+    enroll("slots NaN", raw=f'{{"code": "{UNKNOWN_CODE}", "slots": NaN}}'.encode(), says="slots"),
+    enroll("name a number", enroll_with(name=5), says="name"),
+    enroll("name with a NUL byte", enroll_with(name="w\x00"), says="name"),
+    Case("GET on enroll", "GET", ENROLL, status=405, code="method_not_allowed"),
+    # claim
+    *worker_auth_cases("POST", WCLAIM, {"wait": 0}),
+    *body_shape_cases("POST", WCLAIM, "worker", {"wait": 0}),
+    claim("wait negative", {"wait": -1}, says="wait"),
+    claim("wait over an hour", {"wait": 3601}, says="wait"),
+    claim("wait a string", {"wait": "1"}, says="wait"),
+    claim("wait NaN", {"wait": 0}, raw=b'{"wait": NaN}', says="wait"),
+    claim("tags a string", {"wait": 0, "tags": "lane:manual"}, says="tags"),
+    claim("tags with a number", {"wait": 0, "tags": [1]}, says="tags"),
+    claim("capabilities with null", {"wait": 0, "capabilities": [None]}, says="capabilities"),
+    claim("slots 0", {"wait": 0, "slots": 0}, says="slots"),
+    claim("slots a list", {"wait": 0, "slots": [2]}, says="slots"),
+    # reports: who holds the job
+    *worker_auth_cases("POST", WSTATE, X_RUNNING, headers=WCLAIM_X),
+    *worker_auth_cases("POST", WCHUNK, X_CHUNK, headers=WCLAIM_X),
+    worker_state("no X-Claim-Token", X_RUNNING, headers=(), status=(401, 409), code=("unauthorized", "stale_attempt")),
+    worker_state("a wrong X-Claim-Token", X_RUNNING, headers=(("X-Claim-Token", "nope"),), status=409,
+                 code="stale_attempt"),
+    worker_state("the claim token of another job", X_RUNNING, headers=(("X-Claim-Token", "<claim_y>"),), status=409,
+                 code="stale_attempt"),
+    worker_state("an X-Claim-Token of non-ASCII bytes", X_RUNNING, headers=(("X-Claim-Token", "\xc3\xa9\xff"),),
+                 status=409, code="stale_attempt"),
+    worker_state("the next attempt", dict(X_RUNNING, attempt=2), status=409, code="stale_attempt"),
+    worker_state("a job this worker does not hold", X_RUNNING, path=f"/v1/worker/jobs/{UNKNOWN_JOB}/state",
+                 status=(404, 409), code=("not_found", "stale_attempt")),
+    worker_state("a malformed job id", X_RUNNING, path="/v1/worker/jobs/a.b/state", status=404, code="not_found"),
+    worker_chunk("a wrong X-Claim-Token", X_CHUNK, headers=(("X-Claim-Token", "nope"),), status=409,
+                 code="stale_attempt"),
+    worker_chunk("a job this worker does not hold", X_CHUNK, path=f"/v1/worker/jobs/{UNKNOWN_JOB}/chunk",
+                 status=(404, 409), code=("not_found", "stale_attempt")),
+    # reports: what they say (the orchestrator must refuse what pond would refuse, or the job is stranded)
+    *body_shape_cases("POST", WSTATE, "worker", X_RUNNING, headers=WCLAIM_X),
+    worker_state("attempt missing", {"state": "running"}, says="attempt"),
+    worker_state("attempt a string", dict(X_RUNNING, attempt="1"), status=(400, 409),
+                 code=("bad_request", "stale_attempt")),
+    worker_state("state missing", {"attempt": 1}, says="state"),
+    worker_state("state unknown", dict(X_RUNNING, state="bogus"), says="bogus"),
+    worker_state("state queued", dict(X_RUNNING, state="queued")),
+    worker_state("state a list", dict(X_RUNNING, state=["done"])),
+    worker_state("chunks a string", dict(X_RUNNING, chunks="hi"), says="chunks"),
+    *body_shape_cases("POST", WCHUNK, "worker", X_CHUNK, headers=WCLAIM_X),
+    worker_chunk("stream unknown", dict(X_CHUNK, stream="stdin"), says="stream"),
+    worker_chunk("seq negative", dict(X_CHUNK, seq=-1), says="seq"),
+    worker_chunk("data not base64", dict(X_CHUNK, data="%%%"), says="data"),
+    worker_chunk("data over 1 MiB", dict(X_CHUNK, data="QUFB" * (MIB // 3 + 2)), says="data"),
+    # last: final reports pond refuses (one the orchestrator wrongly accepts takes the job out of the worker's hands)
+    worker_state("exit_code a string", {"attempt": 1, "state": "failed", "exit_code": "1"}, says="exit_code"),
+    worker_state("error a number", {"attempt": 1, "state": "failed", "error": 7}, says="error"),
+    worker_state("done with exit_code 1", {"attempt": 1, "state": "done", "exit_code": 1}, says="exit_code"),
+]
+
+ORCH_OPERATOR_CASES = [
+    *operator_auth_cases("GET", "/v1/pool/status"),
+    *operator_auth_cases("GET", "/v1/pool/jobs"),
+    *operator_auth_cases("POST", "/v1/pool/jobs/<x>/cancel"),
+    *get_body_cases("GET", "/v1/pool/status", "operator"),
+    *get_body_cases("GET", "/v1/pool/jobs", "operator"),
+    Case("cancel a job the pool does not hold", "POST", f"/v1/pool/jobs/{UNKNOWN_JOB}/cancel", auth="operator",
+         status=404, code="not_found"),
+    Case("cancel a malformed job id", "POST", "/v1/pool/jobs/a.b/cancel", auth="operator", status=404,
+         code="not_found"),
+    Case("cancel a job id of 65 characters", "POST", "/v1/pool/jobs/" + "j" * 65 + "/cancel", auth="operator",
+         status=404, code="not_found"),
+    *body_shape_cases("POST", f"/v1/pool/jobs/{UNKNOWN_JOB}/cancel", "operator", {}),
+    Case("POST on status", "POST", "/v1/pool/status", {}, auth="operator", status=405, code="method_not_allowed"),
+    Case("GET on cancel", "GET", "/v1/pool/jobs/<x>/cancel", auth="operator", status=405,
+         code="method_not_allowed"),
+    Case("an unknown pool path", "GET", "/v1/pool/secrets", auth="operator", status=404, code="not_found"),
+]
+
+ORCH_CATALOGUE = ORCH_PROTOCOL_CASES + ORCH_WORKER_CASES + ORCH_OPERATOR_CASES
+
+
+# -- orchestrator sweeps ---------------------------------------------------------------------------------------
+
+def test_orchestrator_refuses_malformed_http(pool, subtests):
+    world = OrchestratorWorld(pool)
+    sweep(world.url, ORCH_PROTOCOL_CASES, world.ctx, subtests)
+    world.assert_intact()
+    world.assert_reports_still_reach_pond()
+
+
+def test_orchestrator_worker_endpoints_refuse_bad_input(pool, subtests):
+    world = OrchestratorWorld(pool)
+    sweep(world.url, ORCH_WORKER_CASES, world.ctx, subtests)
+    world.assert_intact()
+    world.assert_reports_still_reach_pond()
+
+
+def test_orchestrator_operator_endpoints_refuse_bad_input(pool, subtests):
+    world = OrchestratorWorld(pool)
+    sweep(world.url, ORCH_OPERATOR_CASES, world.ctx, subtests)
+    world.assert_intact()
+    world.assert_reports_still_reach_pond()
+
+
+def test_the_orchestrator_catalogue_covers_every_route():
+    import swarm
+    routes = [(m, p) for m, p, _ in swarm.orchestrator_routes(None, "")]
+    missing = [f"{m} {p}" for m, p in routes if not any(matches_route(c, m, p) for c in ORCH_CATALOGUE)]
+    assert not missing, f"routes with no bad-input case: {missing}"

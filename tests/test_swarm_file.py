@@ -1,0 +1,177 @@
+"""swarm.py is one file that an operator copies to a host: standard library only, readable, in order.
+
+These are static checks of the source (AST and text); none of them runs swarm.py.
+"""
+
+import ast
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, SWARM
+
+MAX_LINES = 3000
+# Modules swarm.py may import beyond the standard library, and only inside a function
+# (so the file still runs where they are not installed).
+OPTIONAL_LAZY = {"cryptography"}
+
+# The banner titles in the order the file has them (the text before any "(...)").
+# Reordering or renaming a section must be a deliberate edit of this list.
+EXPECTED_SECTIONS = [
+    "Imports",
+    "Constants and defaults",
+    "Errors",
+    "Utilities",
+    "Wire format",
+    "HTTP client",
+    "HTTP server",
+    "Settings",
+    "Pairing",
+    "Orchestrator: worker registry",
+    "Orchestrator: the pool",
+    "Orchestrator: the two links to pond",
+    "Worker: identity and enrollment",
+    "Worker: reporting to the orchestrator",
+    "Worker: running one job",
+    "Worker: the claim loop and slots",
+    "Operator commands: status, jobs, cancel",
+    "Command line",
+]
+
+BANNER_RULE = re.compile(r"^# ={20,}$")
+
+
+@pytest.fixture(scope="module")
+def source():
+    return Path(SWARM).read_text()
+
+
+@pytest.fixture(scope="module")
+def tree(source):
+    return ast.parse(source, filename=SWARM)
+
+
+def imports(tree):
+    """(root module name, line, inside a function?) for every import statement."""
+    out = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                out.extend((alias.name.split(".")[0], child.lineno, in_function) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                if child.level:            # a relative import: swarm.py is not a package
+                    out.append((f".{child.module or ''}", child.lineno, in_function))
+                else:
+                    out.append((child.module.split(".")[0], child.lineno, in_function))
+            visit(child, nested)
+
+    visit(tree, False)
+    return out
+
+
+def dynamic_imports(tree):
+    """Module names given as string literals to __import__ / importlib.import_module."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            fn = node.func
+            name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+            if name in ("__import__", "import_module") and isinstance(node.args[0].value, str):
+                out.append((node.args[0].value.split(".")[0], node.lineno))
+    return out
+
+
+def banner_titles(source):
+    """Titles of `# ====` / `# Title` / `# ====` banners, in file order."""
+    lines = source.splitlines()
+    titles = []
+    for i in range(len(lines) - 2):
+        if BANNER_RULE.match(lines[i]) and BANNER_RULE.match(lines[i + 2]) and lines[i + 1].startswith("# "):
+            titles.append((i + 1, lines[i + 1][2:].strip()))
+    return titles
+
+
+def test_swarm_imports_only_the_standard_library(tree):
+    stdlib = set(sys.stdlib_module_names)
+    bad = [(name, line) for name, line, _ in imports(tree) if name not in stdlib and name not in OPTIONAL_LAZY]
+    bad += [(name, line) for name, line in dynamic_imports(tree) if name not in stdlib and name not in OPTIONAL_LAZY]
+    assert not bad, f"swarm.py imports modules outside the standard library: {bad}"
+
+
+def test_optional_modules_are_imported_only_inside_functions(tree):
+    eager = [(name, line) for name, line, in_function in imports(tree) if name in OPTIONAL_LAZY and not in_function]
+    assert not eager, (f"swarm.py imports optional modules at module level, so it fails where they are "
+                       f"not installed: {eager}")
+
+
+def test_swarm_is_under_the_line_budget(source):
+    n = len(source.splitlines())
+    assert n < MAX_LINES, f"swarm.py has {n} lines; the budget for one readable file is {MAX_LINES}"
+
+
+def test_banner_sections_appear_in_the_expected_order(source):
+    found = [title.split(" (")[0] for _, title in banner_titles(source)]
+    assert found == EXPECTED_SECTIONS, (
+        "swarm.py's banner sections changed; if on purpose, update EXPECTED_SECTIONS.\n"
+        f"found:    {found}\nexpected: {EXPECTED_SECTIONS}")
+
+
+def test_every_top_level_definition_lives_in_a_section(source, tree):
+    first_banner = banner_titles(source)[0][0]
+    outside = [node.name for node in tree.body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.lineno < first_banner]
+    assert not outside, f"defined before the first banner section: {outside}"
+    starts = [line for line, _ in banner_titles(source)] + [len(source.splitlines()) + 1]
+    empty = [title for (line, title), end in zip(banner_titles(source), starts[1:])
+             if not any(line < node.lineno < end for node in tree.body)]
+    assert not empty, f"banner sections with no code: {empty}"
+
+
+def test_main_is_the_last_top_level_function(tree):
+    functions = [node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    assert functions and functions[-1].name == "main", \
+        f"the last top-level function is {functions[-1].name if functions else None}, not main"
+    after_main = tree.body[tree.body.index(functions[-1]) + 1:]
+    later = [ast.unparse(node).splitlines()[0] for node in after_main
+             if not (isinstance(node, ast.If) and "__name__" in ast.unparse(node.test))]
+    assert not later, f"only the `if __name__ == '__main__':` block may follow main(); found {later}"
+
+
+def test_dunder_all_names_exist(tree):
+    assigned = [node for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets)]
+    assert assigned, "swarm.py has no __all__"
+    names = ast.literal_eval(assigned[0].value)
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            for target in node.targets:
+                for leaf in ast.walk(target):
+                    if isinstance(leaf, ast.Name):
+                        defined.add(leaf.id)
+    missing = [name for name in names if name not in defined]
+    assert not missing, f"__all__ names that swarm.py does not define at top level: {missing}"
+    import swarm            # the names must also resolve on the imported module
+    assert all(hasattr(swarm, name) for name in names)
+
+
+def test_pond_never_imports_swarm():
+    offenders = []
+    for path in sorted((ROOT / "pond").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        names = [name for name, _, _ in imports(tree)] + [name for name, _ in dynamic_imports(tree)]
+        if "swarm" in names:
+            offenders.append(path.name)
+    assert not offenders, f"pond modules import swarm (pond only starts it as a process): {offenders}"
+
+
+def test_swarm_never_imports_pond(tree):
+    names = [(name, line) for name, line, _ in imports(tree) if name == "pond"]
+    names += [(name, line) for name, line in dynamic_imports(tree) if name == "pond"]
+    assert not names, f"swarm.py imports pond (it must run on a host without pond installed): {names}"
