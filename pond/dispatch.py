@@ -23,6 +23,8 @@ from pond.errors import BadRequest, InvalidTransition, NotFound, StaleAttempt, U
 from pond.jobs import TERMINAL, TRANSITIONS, JobState, transition
 
 MAX_CLAIM = 64          # assignments in one poll answer
+TOUCH_EVERY = 5.0       # s between updates of a binding's last_seen
+LIVENESS_CHECK = 2.0    # s between checks that a held poll's orchestrator is still connected
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
@@ -52,6 +54,8 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     workers, the one with the most free slots gets the job.
     """
     store = pond.store
+    if not _has_free_slot(store, binding_id):
+        return []            # most wake-ups while the pool is full end here, without the write lock
     with store.transaction():
         workers = [w for w in store.workers(binding_id) if w["online"]]
         if not workers:
@@ -79,6 +83,11 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
         return out
 
 
+def _has_free_slot(store, binding_id):
+    active = store.active_counts(binding_id)
+    return any(w["online"] and w["slots"] > active.get(w["id"], 0) for w in store.workers(binding_id))
+
+
 def _assign(pond, job, worker, binding_id):
     claim_token = secrets.token_urlsafe(24)
     pond.store.assign_job(job["id"], worker["id"], binding_id, tokens.digest(claim_token), pond.now())
@@ -91,31 +100,54 @@ def _assign(pond, job, worker, binding_id):
 
 
 def poll(pond, req):
-    """POST /v1/orch/poll: answer at once if there is work or a cancel, else hold until there is."""
-    body = wire.obj(req.body, "poll", ("wait",))
-    hold = wire.number(body.get("wait"), "wait", 0, 3600, default=pond.settings.poll_hold)
-    hold = min(hold, pond.settings.poll_hold)
+    """POST /v1/orch/poll {wait?, stream?}: work and cancels for this binding, held until there are some.
+
+    Without `stream`, one answer: at once if there is work, else when some arrives or the
+    hold ends (empty). With `"stream": true`, the response is a stream of answers, one
+    JSON line each, as work arrives, until the hold ends (specs/protocol.md §4): under
+    load a pool then costs no poll request per job.
+    """
+    body = wire.obj(req.body, "poll", ("wait", "stream"))
+    hold = min(wire.number(body.get("wait"), "wait", 0, 3600, default=pond.settings.poll_hold),
+               pond.settings.poll_hold)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise BadRequest("poll.stream must be true or false")
     binding = req.principal
-    pond.store.touch_binding(binding["id"], pond.now())
-    deadline = time.monotonic() + hold
+    if (binding["last_seen"] or 0) < pond.now() - TOUCH_EVERY:      # a write per poll would be waste
+        pond.store.touch_binding(binding["id"], pond.now())
+    answers = _answers(pond, binding["id"], time.monotonic() + hold, req.alive)
+    if stream:
+        return 200, answers
+    return 200, next(answers, {"jobs": [], "cancels": []})
+
+
+def _answers(pond, binding_id, deadline, alive):
+    """Yield each non-empty {jobs, cancels} for a binding until `deadline` (monotonic).
+
+    It stops as soon as the orchestrator has hung up, and never claims for one that
+    has: a job written to a dead connection would be assigned and never run.
+    """
     while True:
+        if not alive():
+            return
         version = pond.work.version
-        jobs = claim(pond, binding["id"])
-        cancels = pond.store.cancels_to_send(binding["id"])
+        jobs = claim(pond, binding_id)
+        cancels = pond.store.cancels_to_send(binding_id)
+        if jobs or cancels:
+            pond.logs.notify()
+            yield {"jobs": jobs, "cancels": [{"job_id": c["id"], "attempt": c["attempt"], "worker": c["worker_id"]}
+                                             for c in cancels]}
+            continue
         remaining = deadline - time.monotonic()
-        if jobs or cancels or remaining <= 0:
-            break
-        pond.work.wait(version, remaining)
-    if jobs:
-        pond.logs.notify()
-    return 200, {"jobs": jobs,
-                 "cancels": [{"job_id": c["id"], "attempt": c["attempt"], "worker": c["worker_id"]}
-                             for c in cancels]}
+        if remaining <= 0:
+            return
+        pond.work.wait(version, min(remaining, LIVENESS_CHECK))
 
 
 def _reported_job(pond, req):
     """The job a report is about, if this binding holds its current attempt (fencing)."""
-    job = pond.store.job(req.params["id"])
+    job = pond.store.job_fence(req.params["id"])
     if job is None or job["binding_id"] != req.principal["id"]:
         raise NotFound(f"job {req.params['id'][:40]!r} is not assigned to this orchestrator",
                        "report only jobs this binding received from /v1/orch/poll")

@@ -107,7 +107,9 @@ def submit(pond, req):
     }
     pond.store.add_job(job, matching.requirement_key(tags, caps))
     pond.work.notify()
-    return 201, view(pond, pond.store.job(job["id"]), explain=False)   # `pond job ID` explains; keep submit fast
+    row = dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
+               worker_id=None, binding_id=None, cancel_requested=0)
+    return 201, view(pond, row, explain=False)    # as stored, without reading it back; `pond job ID` explains
 
 
 def get(pond, req):

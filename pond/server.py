@@ -12,10 +12,13 @@ import json
 import logging
 import os
 import re
+import select
 import signal
+import socket
 import sys
 import threading
 import time
+import types
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
@@ -82,6 +85,17 @@ class Request:
     headers: object
     body: object
     principal: object = None
+    alive: object = None        # () -> False once the client has hung up (held requests check it)
+
+
+def peer_gone(sock):
+    """Whether the client closed its end: a held request has nothing more to send, so a
+    readable socket with no byte to peek at means it hung up (or died)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 @dataclass
@@ -115,11 +129,70 @@ def _clean(text):
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)[:200])
 
 
+class Headers(dict):
+    """Request headers by lower-cased name. A name seen twice keeps its first value."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+
+MAX_HEADERS = 100
+FRAMING = ("content-length", "transfer-encoding")
+
+
+def parse_head(rfile, max_bytes):
+    """Read header lines up to the blank line -> Headers, or (status, message) if they are refused.
+
+    Replaces http.client.parse_headers, which builds an email.message.Message per
+    request: most of a small request's parsing cost here.
+    """
+    headers, total = Headers(), 0
+    while True:
+        raw = rfile.readline(65537)
+        if raw in (b"\r\n", b"\n", b""):
+            return headers
+        total += len(raw)
+        if total > max_bytes or len(headers) >= MAX_HEADERS:
+            return 431, f"request headers over {max_bytes} bytes or {MAX_HEADERS} lines"
+        name, sep, value = raw.decode("iso-8859-1").partition(":")
+        key = name.lower()
+        if not sep or not name or name != name.strip() or " " in name:
+            return 400, "malformed header line"
+        if key in headers:
+            if key in FRAMING:     # two lengths are how requests get smuggled past proxies
+                return 400, f"duplicate {name} header"
+            continue
+        headers[key] = value.strip()
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"pond/{__version__}"
     disable_nagle_algorithm = True
     pond = None          # set by make_server
+
+    def parse_request(self):
+        """Request line and headers, without http.server's email-based parser (see parse_head)."""
+        self.command, self.request_version, self.close_connection = None, "HTTP/0.9", True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, "malformed request line", "send METHOD PATH HTTP/1.1")
+            return False
+        if words[2] not in ("HTTP/1.1", "HTTP/1.0"):
+            self.send_error(505, f"{words[2][:20]} is not supported", "use HTTP/1.1")
+            return False
+        self.command, self.path, self.request_version = words
+        head = parse_head(self.rfile, MAX_HEADER_BYTES)
+        if isinstance(head, tuple):
+            self.send_error(*head)
+            return False
+        self.headers = head
+        connection = head.get("Connection", "").lower()
+        self.close_connection = connection == "close" or (words[2] == "HTTP/1.0" and connection != "keep-alive")
+        if head.get("Expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
     def do_GET(self):
         self._handle("GET")
@@ -145,6 +218,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             fn, req = self._request(method)
             status, payload = fn(pond, req)
+            if isinstance(payload, types.GeneratorType):
+                return self._stream(status, payload)
         except PondError as e:
             status, payload = e.status, e.to_json()
             if e.status in (413, 431):
@@ -156,14 +231,12 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, payload)
 
     def _request(self, method):
-        size = sum(len(k) + len(v) for k, v in self.headers.items())
-        if size > MAX_HEADER_BYTES:
-            raise HeadersTooLarge(f"request headers are {size} bytes; the limit is {MAX_HEADER_BYTES}")
         body = self._body()           # first, so an error answer never leaves a body unread on the connection
         parts = urlsplit(self.path)
         who, fn, params = route(method, parts.path)
         query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        req = Request(method, parts.path, params, query, self.headers, body)
+        req = Request(method, parts.path, params, query, self.headers, body,
+                      alive=lambda: not peer_gone(self.connection))
         if who == "admin":
             self._check_admin()
         elif who == "orch":
@@ -244,12 +317,29 @@ class Handler(BaseHTTPRequestHandler):
         if self.pond.settings.access_log:
             log.info("%s %s %s", self.command, _clean(self.path), status)
 
+    def _stream(self, status, answers):
+        """A chunked response of JSON lines, one chunk each, written as the generator yields them."""
+        try:
+            self.wfile.write(f"HTTP/1.1 {status} OK\r\nContent-Type: application/x-ndjson\r\n"
+                             f"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n".encode())
+            for answer in answers:
+                line = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            self.close_connection = True
+            answers.close()
+        if self.pond.settings.access_log:
+            log.info("%s %s %s (stream)", self.command, _clean(self.path), status)
+
     def send_error(self, code, message=None, explain=None):
         """Protocol errors found by http.server itself (bad request line, huge header) answer JSON too."""
         self.close_connection = True
         if code == 501:          # a method http.server has no do_X for
             code, message, explain = 405, f"{self.command} is not allowed", "see specs/protocol.md"
             err = PondError(message, explain, code="method_not_allowed")
+        elif code == 431:
+            err = HeadersTooLarge(message, "send fewer or shorter headers")
         else:
             err = PondError(message or "malformed request", explain or "", code="protocol")
         err.status = code

@@ -90,13 +90,19 @@ def build_request(case, ctx):
     return (head + "\r\n").encode("latin-1") + (body or b"")
 
 
-def exchange(url, data, timeout=20):
-    """Send bytes on a fresh connection; -> (status or None if closed silently, decoded body)."""
+def exchange(url, data, timeout=20, half_close=True):
+    """Send bytes on a fresh connection; -> (status or None if closed silently, decoded body).
+
+    A sweep case half-closes after sending, so a server waiting for bytes that never
+    come (a short body) answers at once. A well-formed call (api) must not: a held
+    poll or claim takes a half-closed connection for a client that hung up.
+    """
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as sock:
         try:
             sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
+            if half_close:
+                sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass                    # the server may answer (413, 431) and close before reading it all
         answer = b""
@@ -151,7 +157,7 @@ def sweep(url, cases, ctx, subtests):
 def api(url, method, path, body=NO_BODY, auth=None, headers=()):
     """A well-formed request (for building worlds and checking outcomes): -> (status, JSON)."""
     case = Case("api", method, path, body=body, auth=auth, headers=tuple(headers))
-    return exchange(url, build_request(case, {"tokens": {}}))
+    return exchange(url, build_request(case, {"tokens": {}}), half_close=False)
 
 
 # -- case builders shared by the catalogues -------------------------------------------------------------
