@@ -1369,7 +1369,7 @@ def load_identity(state_dir):
     try:
         return json.loads(read_private(path, "worker identity"))
     except ValueError:
-        raise UsageError(f"{path} is not valid JSON", f"remove it and enroll again with --enroll-code") from None
+        raise UsageError(f"{path} is not valid JSON", "remove it and enroll again with --enroll-code") from None
 
 
 def enroll(s, orch):

@@ -238,7 +238,8 @@ def pool(tmp_path):
         p.stop_all()
 
 
-def _children(pid):
+def children(pid):
+    """Live (non-zombie) child processes of `pid`, from /proc."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -257,8 +258,8 @@ def no_leaks():
     threads_before = set(threading.enumerate())
     yield
     deadline = time.monotonic() + 5
-    while _children(os.getpid()) and time.monotonic() < deadline:
+    while children(os.getpid()) and time.monotonic() < deadline:
         time.sleep(0.05)        # a stopped child may take a moment to be reaped
-    assert not _children(os.getpid()), f"child processes left behind: {_children(os.getpid())}"
+    assert not children(os.getpid()), f"child processes left behind: {children(os.getpid())}"
     extra = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
     assert not extra, f"threads left behind: {extra}"

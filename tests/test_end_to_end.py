@@ -2,7 +2,6 @@
 
 import sys
 
-from conftest import run, wait_for
 
 
 def test_job_runs_with_output_and_exit_status(pool):

@@ -9,7 +9,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import env_for_children, run, wait_for
+from conftest import children, env_for_children, run, wait_for
 
 PY = sys.executable
 READY = "submit a job"
@@ -35,7 +35,7 @@ class Up:
                  what="`pond up` to print its summary")
         assert any(READY in line for line in self.lines), f"pond up exited: {self.output()}"
         # Its own children, noted now so that cleanup can reach them even if `pond up` fails.
-        self.children = children_of(self.proc.pid)
+        self.children = children(self.proc.pid)
 
     def output(self):
         return "\n".join(self.lines) + "\n" + b"".join(self.err).decode(errors="replace")
@@ -63,19 +63,6 @@ class Up:
                 pass
         self.proc.stdout.close()
         self.proc.stderr.close()
-
-
-def children_of(pid):
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
 
 
 def cmdline(pid):
