@@ -84,6 +84,10 @@ CHUNK_BYTES = 64 * 1024               # bytes of output per chunk
 CANCEL_GRACE = 10.0                   # s between SIGTERM and SIGKILL
 ORPHAN_DRAIN = 0.5                    # s to read pipes still held open after the job's process exited
 MAX_BODY = 4 * 1024 * 1024            # bytes in one request to the orchestrator
+MAX_HEADER_BYTES, MAX_HEADERS = 16 * 1024, 100   # request headers, as pond
+MAX_CHUNK_BYTES = 1024 * 1024         # bytes of output in one chunk, as pond
+MAX_CHUNKS_PER_REPORT = 64            # chunks on one state report, as pond
+MAX_ERROR = 2000                      # characters of a report's error, as pond
 REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 HANDLE_FILE = "backend-handle.json"
@@ -426,6 +430,34 @@ class HttpClient:
 # ============================================================================
 
 
+class Headers(dict):
+    """Request headers by lower-cased name. A name seen twice keeps its first value."""
+
+    def get(self, name, default=None):
+        return super().get(name.lower(), default)
+
+
+def read_headers(rfile):
+    """Header lines up to the blank line -> Headers, or (status, message) if refused (as pond)."""
+    headers, total = Headers(), 0
+    while True:
+        raw = rfile.readline(65537)
+        if raw in (b"\r\n", b"\n", b""):
+            return headers
+        total += len(raw)
+        if total > MAX_HEADER_BYTES or len(headers) >= MAX_HEADERS:
+            return 431, f"request headers over {MAX_HEADER_BYTES} bytes or {MAX_HEADERS} lines"
+        name, sep, value = raw.decode("iso-8859-1").partition(":")
+        key = name.lower()
+        if not sep or not name or name != name.strip() or " " in name:
+            return 400, "malformed header line"
+        if key in headers:
+            if key in ("content-length", "transfer-encoding"):     # how requests get smuggled
+                return 400, f"duplicate {clean(name, 40)} header"
+            continue
+        headers[key] = value.strip()
+
+
 class JsonHandler(BaseHTTPRequestHandler):
     """Routes requests to `server.routes`: [(method, compiled path regex, handler)].
 
@@ -464,11 +496,30 @@ class JsonHandler(BaseHTTPRequestHandler):
                                               "hint": "report it with the orchestrator's log"}}
         self._send(status, payload)
 
+    def parse_request(self):
+        """Request line and headers with pond's limits, without http.server's email-based parser."""
+        self.command, self.request_version, self.close_connection = None, "HTTP/0.9", True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/"):
+            self.send_error(400, "malformed request line", "send METHOD PATH HTTP/1.1")
+            return False
+        if words[2] not in ("HTTP/1.1", "HTTP/1.0"):
+            self.send_error(400, f"{clean(words[2], 20)} is not supported", "use HTTP/1.1")
+            return False
+        self.command, self.path, self.request_version = words
+        head = read_headers(self.rfile)
+        if isinstance(head, tuple):
+            self.send_error(*head)
+            return False
+        self.headers = head
+        connection = head.get("Connection", "").lower()
+        self.close_connection = connection == "close" or (words[2] == "HTTP/1.0" and connection != "keep-alive")
+        if head.get("Expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
     def _route(self, method):
-        size = sum(len(k) + len(v) for k, v in self.headers.items())
-        if size > 16 * 1024:
-            self.close_connection = True
-            raise HttpError(431, "headers_too_large", f"request headers are {size} bytes; the limit is 16384")
         path = urlsplit(self.path).path
         allowed = []
         for m, pattern, fn in self.server.routes:
@@ -540,32 +591,37 @@ class JsonHandler(BaseHTTPRequestHandler):
 
     def _stream(self, status, answers):
         """A chunked response of JSON lines, one chunk each, written as the generator yields them."""
+        chunked = self.request_version == "HTTP/1.1"      # an HTTP/1.0 client reads until the close
+        self.close_connection = self.close_connection or not chunked
         try:
-            self.wfile.write(f"HTTP/1.1 {status} OK\r\nContent-Type: application/x-ndjson\r\n"
-                             f"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n".encode())
+            self.wfile.write(f"HTTP/1.1 {status} OK\r\nContent-Type: application/x-ndjson\r\n".encode() +
+                             (b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n" if chunked
+                              else b"Connection: close\r\n\r\n"))
             for answer in answers:
                 line = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
                 try:
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
                 except OSError:
                     try:
                         answers.throw(Undelivered)        # let it take back what it handed out
                     except (StopIteration, Undelivered):
                         pass
                     raise
-            self.wfile.write(b"0\r\n\r\n")
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
         except OSError:
             self.close_connection = True
             answers.close()
 
     def send_error(self, code, message=None, explain=None):
+        """Errors found while parsing the request (or an unknown method) answer JSON too."""
         self.close_connection = True
         if code == 501:
             self._send(405, {"error": {"code": "method_not_allowed", "message": f"{self.command} is not allowed",
                                        "hint": "see specs/protocol.md"}})
             return
-        self._send(code, {"error": {"code": "protocol", "message": message or "malformed request",
-                                    "hint": explain or ""}})
+        name = "headers_too_large" if code == 431 else "protocol"
+        self._send(code, {"error": {"code": name, "message": message or "malformed request", "hint": explain or ""}})
 
     def log_message(self, fmt, *args):
         pass
@@ -602,34 +658,54 @@ def obj(body, where, allowed, required=()):
     return body
 
 
+def _integer(value, where, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise HttpError(400, "bad_request", f"{where} must be a whole number from {lo} to {hi}")
+    return value
+
+
 def check_chunk(c, where):
+    """A chunk as pond will take it (pond/wire.py chunks): refuse here what pond would refuse there."""
     if c.get("stream") not in ("stdout", "stderr"):
         raise HttpError(400, "bad_request", f"{where}.stream must be stdout or stderr")
-    whole(c.get("seq"), f"{where}.seq", 0, 2 ** 53)
-    if isinstance(c.get("seq"), float) or not isinstance(c.get("data"), str):
-        raise HttpError(400, "bad_request", f"{where}.seq/data has the wrong type")
+    _integer(c.get("seq"), f"{where}.seq", 0, 2 ** 53)
+    if not isinstance(c.get("data"), str) or len(c["data"]) > MAX_CHUNK_BYTES * 4 // 3 + 4:
+        raise HttpError(400, "bad_request", f"{where}.data must be base64 of at most {MAX_CHUNK_BYTES} bytes")
     try:
-        if len(base64.b64decode(c["data"], validate=True)) > 1024 * 1024:
-            raise HttpError(400, "bad_request", f"{where}.data is over 1 MiB")
+        base64.b64decode(c["data"], validate=True)
     except ValueError:
         raise HttpError(400, "bad_request", f"{where}.data is not valid base64") from None
 
 
 def check_state_report(body):
+    """A state report as pond will take it (pond/dispatch.py report_state).
+
+    The orchestrator stops holding a job once it relays its final report, so a report
+    pond would refuse must be refused here, or the job would stay assigned in pond.
+    """
+    _integer(body["attempt"], "attempt", 1, 2 ** 31)
     state = body["state"]
     if not isinstance(state, str) or state not in ("running",) + TERMINAL_STATES:
         raise HttpError(400, "bad_request", f"state {clean(state, 40)!r} cannot be reported")
     code = body.get("exit_code")
-    if code is not None and (isinstance(code, bool) or not isinstance(code, int) or not -255 <= code <= 255):
-        raise HttpError(400, "bad_request", "exit_code must be a whole number from -255 to 255")
+    if code is not None:
+        _integer(code, "exit_code", -255, 255)
+    error = body.get("error")
+    if error is not None:
+        if not isinstance(error, str) or not error or len(error) > MAX_ERROR or "\x00" in error:
+            raise HttpError(400, "bad_request", f"error must be a string of 1 to {MAX_ERROR} characters without NUL")
+        try:
+            error.encode()
+        except UnicodeEncodeError:
+            raise HttpError(400, "bad_request", "error is not valid Unicode") from None
     if state == "done" and code != 0:
         raise HttpError(400, "bad_request", "a done report needs exit_code 0")
-    if body.get("error") is not None and (not isinstance(body["error"], str) or not body["error"]):
-        raise HttpError(400, "bad_request", "error must be a non-empty string")
+    if state == "failed" and code in (None, 0) and not error:
+        raise HttpError(400, "bad_request", "a failed report needs a non-zero exit_code or an error")
     chunks = body.get("chunks")
     if chunks is not None:
-        if not isinstance(chunks, list):
-            raise HttpError(400, "bad_request", "chunks must be a list")
+        if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS_PER_REPORT:
+            raise HttpError(400, "bad_request", f"chunks must be a list of at most {MAX_CHUNKS_PER_REPORT}")
         for i, c in enumerate(chunks):
             check_chunk(obj(c, f"chunks[{i}]", ("stream", "seq", "data"), ("stream", "seq", "data")), f"chunks[{i}]")
 
@@ -1109,9 +1185,9 @@ class Pool:
     def report_state(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
         body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks"), ("attempt", "state"))
+        check_state_report(body)
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
-        check_state_report(body)
         if body["state"] in TERMINAL_STATES:
             with self.lock:
                 session.jobs.pop(job_id, None)
@@ -1123,6 +1199,8 @@ class Pool:
     def report_chunk(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
         body = obj(body, "chunk", ("attempt", "stream", "seq", "data"), ("attempt", "stream", "seq", "data"))
+        if body["attempt"] != job["attempt"] or isinstance(body["attempt"], bool):
+            raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this chunk")
         check_chunk(body, "chunk")
         self.outbox.put({"kind": "chunk", "job_id": job_id, "claim_token": job["claim_token"], "body": body})
         return {"accepted": True}
@@ -1504,19 +1582,33 @@ def fresh_dir(path):
     """Make `path` an empty directory only we can enter, whatever the last job left there.
 
     Checking that a directory is empty costs microseconds; mkdir + rmtree per job cost
-    ~1.6 ms of kernel CPU here, the largest cost of a short job (bench/README.md).
+    ~1.6 ms of kernel CPU here, the largest cost of a short job (docs/architecture.md).
+    What cannot be removed (a job made it read-only) is made writable and removed; if
+    even that fails, it is moved aside to jobs/trash/, so a slot never stays broken.
     """
-    try:
-        if path.is_symlink() or (path.exists() and not path.is_dir()):
-            path.unlink()
-        elif path.is_dir():
-            with os.scandir(path) as entries:
-                if next(entries, None) is None:
-                    return
-            shutil.rmtree(path)
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.is_dir():
+        with os.scandir(path) as entries:
+            if next(entries, None) is None:
+                return
+        on_error = "onexc" if sys.version_info >= (3, 12) else "onerror"     # renamed in 3.12
+        shutil.rmtree(path, **{on_error: _make_writable_and_retry})
+        if path.exists():
+            trash = path.parent.parent / "trash"
+            trash.mkdir(mode=0o700, exist_ok=True)
+            os.replace(path, trash / f"{path.parent.name}-{path.name}-{secrets.token_hex(4)}")
     path.mkdir(mode=0o700, parents=True)
+
+
+def _make_writable_and_retry(func, target, exc):
+    try:
+        os.chmod(os.path.dirname(target), 0o700)
+        if os.path.isdir(target) and not os.path.islink(target):
+            os.chmod(target, 0o700)
+        func(target)
+    except OSError:
+        pass        # fresh_dir moves what is left aside
 
 
 def _signal_group(pid, sig):
@@ -1602,18 +1694,19 @@ def run_job(job, s, reporter, cancel, slot_dir):
     for d in subdirs:
         fresh_dir(d)
     output = Output(job, reporter)
-    try:
-        code, error, ended_by = run_process(job, subdirs[0], job_env(job, subdirs[1], subdirs[2], s.repo_root),
-                                            output, cancel)
-    finally:
-        if not s.keep_job_dirs:
-            for d in subdirs:
-                fresh_dir(d)
+    code, error, ended_by = run_process(job, subdirs[0], job_env(job, subdirs[1], subdirs[2], s.repo_root),
+                                        output, cancel)
     state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
     fields = {"exit_code": code, "chunks": output.tail()}
     if error:
         fields["error"] = error
-    reporter.state(job, state, **fields)
+    reporter.state(job, state, **fields)      # the result first: cleaning up cannot lose it
+    if not s.keep_job_dirs:
+        for d in subdirs:
+            try:
+                fresh_dir(d)
+            except OSError as e:
+                log.error("cannot empty %s after job %s: %s", d, job["job_id"], e)
 
 
 # ============================================================================

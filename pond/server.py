@@ -180,7 +180,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error(400, "malformed request line", "send METHOD PATH HTTP/1.1")
             return False
         if words[2] not in ("HTTP/1.1", "HTTP/1.0"):
-            self.send_error(505, f"{words[2][:20]} is not supported", "use HTTP/1.1")
+            self.send_error(400, f"{words[2][:20]} is not supported", "use HTTP/1.1")
             return False
         self.command, self.path, self.request_version = words
         head = parse_head(self.rfile, MAX_HEADER_BYTES)
@@ -319,13 +319,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, status, answers):
         """A chunked response of JSON lines, one chunk each, written as the generator yields them."""
+        chunked = self.request_version == "HTTP/1.1"      # an HTTP/1.0 client reads until the close
+        self.close_connection = self.close_connection or not chunked
         try:
-            self.wfile.write(f"HTTP/1.1 {status} OK\r\nContent-Type: application/x-ndjson\r\n"
-                             f"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n".encode())
+            self.wfile.write(f"HTTP/1.1 {status} OK\r\nContent-Type: application/x-ndjson\r\n".encode() +
+                             (b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n" if chunked
+                              else b"Connection: close\r\n\r\n"))
             for answer in answers:
                 line = json.dumps(answer, separators=(",", ":")).encode() + b"\n"
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
-            self.wfile.write(b"0\r\n\r\n")
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
         except OSError:
             self.close_connection = True
             answers.close()

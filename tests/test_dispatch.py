@@ -320,3 +320,18 @@ def test_job_claimed_for_a_worker_that_stopped_runs_when_it_comes_back(pool):
     assert back.worker_id == w.worker_id
     done = wait_end(pond, job["id"], 12, "on the restarted worker")
     assert done["state"] == "done", done
+
+
+def test_a_job_that_leaves_an_undeletable_directory_does_not_break_its_slot(pool):
+    """The slot's directory is reused: whatever a job leaves behind must not cost the next job its run."""
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch, concurrency=1)
+    stuck = ("import os; os.makedirs('locked/deep'); open('locked/deep/f', 'w').write('x');"
+             "os.chmod('locked/deep', 0o500); os.chmod('locked', 0o500); print('left a mess')")
+    first = pond.wait_job(pond.submit([sys.executable, "-c", stuck])["id"])
+    assert first["state"] == "done", first
+    assert pond.output(first["id"])["stdout"] == b"left a mess\n"
+    second = pond.wait_job(pond.submit([sys.executable, "-c", "import os; print(sorted(os.listdir('.')))"])["id"])
+    assert second["state"] == "done", second
+    assert pond.output(second["id"])["stdout"] == b"[]\n"
