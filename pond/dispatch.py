@@ -1,6 +1,6 @@
 """Dispatch: how queued jobs reach workers, and how their reports come back.
 
-    consumer ── POST /v1/jobs ──▶ store (queued) ── work.notify() ─┐
+    consumer ── POST /v1/jobs ──▶ store (queued) ── work.notify(new_job) ─┐
                                                                    ▼
     orchestrator ── POST /v1/orch/poll (held ≤ hold s) ──▶ claim(): one transaction that
                                                            assigns queued jobs to this
@@ -29,20 +29,41 @@ REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANC
 
 
 class Notifier:
-    """A version counter with a condition: wait until something changed since `version`."""
+    """Versions with a condition: wait until something changed since a snapshot.
+
+    Two kinds of change: capacity (a slot freed, a worker or a cancel changed) and new
+    jobs. A poll whose workers have no free slot waits for capacity only, and a new job
+    wakes nobody unless some waiter could take it: while a pool is full, submits cost
+    the held polls nothing.
+    """
 
     def __init__(self):
         self._cond = threading.Condition()
-        self.version = 0
+        self.version = 0          # capacity changes
+        self.jobs_version = 0     # new jobs
+        self._job_waiters = 0
 
-    def notify(self):
+    def notify(self, new_job=False):
         with self._cond:
-            self.version += 1
+            if new_job:
+                self.jobs_version += 1
+                if not self._job_waiters:
+                    return
+            else:
+                self.version += 1
             self._cond.notify_all()
 
-    def wait(self, version, timeout):
+    def snapshot(self):
+        return self.version, self.jobs_version
+
+    def wait(self, snapshot, timeout, new_jobs=True):
         with self._cond:
-            self._cond.wait_for(lambda: self.version != version, timeout)
+            self._job_waiters += new_jobs
+            try:
+                self._cond.wait_for(lambda: self.version != snapshot[0]
+                                    or (new_jobs and self.jobs_version != snapshot[1]), timeout)
+            finally:
+                self._job_waiters -= new_jobs
 
 
 def claim(pond, binding_id, max_jobs=MAX_CLAIM):
@@ -54,8 +75,6 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     workers, the one with the most free slots gets the job.
     """
     store = pond.store
-    if not _has_free_slot(store, binding_id):
-        return []            # most wake-ups while the pool is full end here, without the write lock
     with store.transaction():
         workers = [w for w in store.workers(binding_id) if w["online"]]
         if not workers:
@@ -131,8 +150,9 @@ def _answers(pond, binding_id, deadline, alive):
     while True:
         if not alive():
             return
-        version = pond.work.version
-        jobs = claim(pond, binding_id)
+        snapshot = pond.work.snapshot()
+        free = _has_free_slot(pond.store, binding_id)     # checked without the write lock
+        jobs = claim(pond, binding_id) if free else []
         cancels = pond.store.cancels_to_send(binding_id)
         if jobs or cancels:
             pond.logs.notify()
@@ -142,7 +162,7 @@ def _answers(pond, binding_id, deadline, alive):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
-        pond.work.wait(version, min(remaining, LIVENESS_CHECK))
+        pond.work.wait(snapshot, min(remaining, LIVENESS_CHECK), new_jobs=free)
 
 
 def _reported_job(pond, req):

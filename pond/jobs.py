@@ -106,7 +106,7 @@ def submit(pond, req):
         "created_at": pond.now(),
     }
     pond.store.add_job(job, matching.requirement_key(tags, caps))
-    pond.work.notify()
+    pond.work.notify(new_job=True)
     row = dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                worker_id=None, binding_id=None, cancel_requested=0)
     return 201, view(pond, row, explain=False)    # as stored, without reading it back; `pond job ID` explains
@@ -154,14 +154,14 @@ def logs(pond, req):
     wait = min(_int_query(req, "wait", 0, 0, 3600), pond.settings.poll_hold)
     deadline = time.monotonic() + wait
     while True:
-        version = pond.logs.version
+        snapshot = pond.logs.snapshot()
         job = pond.store.job(job_id)       # state first: a final report stores its chunks before its state
         finished = JobState(job["state"]) in TERMINAL
         rows = pond.store.chunks(job_id, after, limit)
         remaining = deadline - time.monotonic()
         if rows or finished or remaining <= 0:
             break
-        pond.logs.wait(version, remaining)
+        pond.logs.wait(snapshot, remaining)
     chunks = [{"cursor": r["id"], "attempt": r["attempt"], "stream": r["stream"], "seq": r["seq"],
                "data": wire.b64encode(r["data"])} for r in rows]
     return 200, {"job": job_id, "chunks": chunks, "next": rows[-1]["id"] if rows else after,
