@@ -481,9 +481,14 @@ class JsonHandler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._handle("DELETE")
 
+    def handle_one_request(self):
+        self.server.reading(self.connection)
+        super().handle_one_request()
+
     def _handle(self, method):
         try:
             body = self._body()           # first, so an error answer never leaves a body unread on the connection
+            self.server.done_reading(self.connection)        # read in full; a held claim may now wait
             fn, match = self._route(method)
             status, payload = fn(self, match, body)
             if isinstance(payload, types.GeneratorType):
@@ -555,8 +560,8 @@ class JsonHandler(BaseHTTPRequestHandler):
         return value
 
     def _read_exactly(self, length):
-        """Read the body within REQUEST_TIMEOUT in total, so a trickling client cannot hold a thread."""
-        deadline = time.monotonic() + REQUEST_TIMEOUT
+        """Read the body within the request timeout in total, so a trickling client cannot hold a thread."""
+        deadline = time.monotonic() + self.server.request_timeout
         parts, got = [], 0
         while got < length:
             remaining = deadline - time.monotonic()
@@ -570,7 +575,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             if not part:
                 self.close_connection = True
                 raise HttpError(400, "bad_request", "request body ended early or too slowly",
-                                f"send all {length} bytes within {REQUEST_TIMEOUT:g} s")
+                                f"send all {length} bytes within {self.server.request_timeout:g} s")
             parts.append(part)
             got += len(part)
         self.connection.settimeout(REQUEST_TIMEOUT)
@@ -731,10 +736,41 @@ class JsonServer(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, routes, max_connections=256):
+    def __init__(self, address, routes, max_connections=256, request_timeout=REQUEST_TIMEOUT):
         super().__init__(address, JsonHandler)
         self.routes = [(m, re.compile(p + r"\Z"), fn) for m, p, fn in routes]
+        self.request_timeout = request_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._reading = {}          # connection -> monotonic deadline for reading its current request
+        self._reading_lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._cut_slow_readers, name="slow-readers", daemon=True).start()
+
+    def reading(self, connection):
+        with self._reading_lock:
+            self._reading[connection] = time.monotonic() + self.request_timeout
+
+    def done_reading(self, connection):
+        with self._reading_lock:
+            self._reading.pop(connection, None)
+
+    def _cut_slow_readers(self):
+        """Close connections still sending a request past its deadline (see pond/server.py)."""
+        while not self._closed.wait(2.0):
+            now = time.monotonic()
+            with self._reading_lock:
+                late = [c for c, deadline in self._reading.items() if deadline < now]
+                for connection in late:
+                    del self._reading[connection]
+            for connection in late:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def server_close(self):
+        self._closed.set()
+        super().server_close()
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
@@ -746,6 +782,7 @@ class JsonServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.done_reading(request)
             self._slots.release()
 
 
@@ -773,6 +810,7 @@ class ServeSettings:
     poll_wait: float = POND_POLL_WAIT
     claim_wait: float = CLAIM_WAIT
     snapshot_interval: float = SNAPSHOT_INTERVAL
+    request_timeout: float = REQUEST_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -842,7 +880,7 @@ def serve_settings(args, env):
     return ServeSettings(host=host, port=port, state_dir=state, handle=handle_path,
                          pond_url=(args.pond or handle["pond_url"]).rstrip("/"), token_hash=digest(token),
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
-                         snapshot_interval=args.snapshot_interval)
+                         snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout)
 
 
 def worker_settings(args, env):
@@ -1391,7 +1429,8 @@ def serve(s):
     registry = Registry(s.state_dir / "swarm.db")
     pool = Pool(registry, pond, s.claim_wait)
     try:
-        server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash))
+        server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash),
+                            request_timeout=s.request_timeout)
     except OSError as e:
         registry.close()
         raise UsageError(f"cannot listen on {s.host}:{s.port}: {e.strerror}",
@@ -1915,6 +1954,8 @@ def build_parser():
     s.add_argument("--poll-wait", type=float, default=POND_POLL_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help=argparse.SUPPRESS)
+    s.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
+                   help="seconds a client has to send a whole request (default %(default)g)")
 
     s = sub.add_parser("worker", help="enroll (once) and run jobs")
     s.add_argument("--orchestrator", required=True, metavar="URL")

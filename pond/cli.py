@@ -64,7 +64,7 @@ def _ago(ts):
 def cmd_serve(args):
     from pond.server import serve
     settings = server_settings(args.bind, args.state_dir, os.environ, args.admin_token_file,
-                               args.poll_hold, args.access_log)
+                               args.poll_hold, args.access_log, args.request_timeout)
     return serve(settings)
 
 
@@ -259,6 +259,8 @@ def build_parser():
     s.add_argument("--admin-token-file", metavar="FILE", help="admin token (required off loopback)")
     s.add_argument("--poll-hold", type=float, metavar="S", help="seconds an idle poll is held (default 25)")
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--request-timeout", type=float, metavar="S",
+                   help="seconds a client has to send a whole request (default 30)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])

@@ -212,11 +212,16 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self):
         self._handle("HEAD")
 
+    def handle_one_request(self):
+        self.server.reading(self.connection, self.pond.settings.request_timeout)
+        super().handle_one_request()
+
     def _handle(self, method):
         pond = self.pond
         pond.requests += 1
         try:
             fn, req = self._request(method)
+            self.server.done_reading(self.connection)      # read in full; a held poll may now wait
             status, payload = fn(pond, req)
             if isinstance(payload, types.GeneratorType):
                 return self._stream(status, payload)
@@ -363,6 +368,35 @@ class Server(ThreadingHTTPServer):
     def __init__(self, address, handler, max_connections):
         super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._reading = {}          # connection -> monotonic deadline for reading its current request
+        self._reading_lock = threading.Lock()
+
+    def reading(self, connection, seconds):
+        """A request is being read on `connection`: it must be in within `seconds`."""
+        with self._reading_lock:
+            self._reading[connection] = time.monotonic() + seconds
+
+    def done_reading(self, connection):
+        with self._reading_lock:
+            self._reading.pop(connection, None)
+
+    def cut_slow_readers(self):
+        """Close connections still sending a request past its deadline.
+
+        A socket timeout bounds each recv, not the request: a client trickling one byte
+        of its request line or headers at a time would hold a thread forever (slowloris).
+        """
+        now = time.monotonic()
+        with self._reading_lock:
+            late = [c for c, deadline in self._reading.items() if deadline < now]
+            for connection in late:
+                del self._reading[connection]
+        for connection in late:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        return len(late)
 
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
@@ -380,6 +414,7 @@ class Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
+            self.done_reading(request)
             self._slots.release()
 
 
@@ -396,12 +431,15 @@ def make_server(settings):
     return pond, server
 
 
-def _reaper(pond, stop):
-    """Background upkeep: workers whose orchestrator went silent go offline."""
+def _reaper(pond, server, stop):
+    """Background upkeep: workers whose orchestrator went silent go offline; slow requests are cut."""
     while not stop.wait(REAPER_INTERVAL):
         try:
             if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
                 pond.work.notify()
+            if server.cut_slow_readers():
+                log.info("closed connection(s) that did not send a request within %g s",
+                         pond.settings.request_timeout)
         except Exception:
             log.exception("reaper")
 
@@ -415,7 +453,7 @@ def serve(settings, ready=None):
     url = f"http://{host}:{port}"
     write_private(settings.state_dir / ENDPOINT_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     stop = threading.Event()
-    reaper = threading.Thread(target=_reaper, args=(pond, stop), name="reaper", daemon=True)
+    reaper = threading.Thread(target=_reaper, args=(pond, server, stop), name="reaper", daemon=True)
     reaper.start()
 
     def shutdown(signum, frame):

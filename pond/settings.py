@@ -97,7 +97,8 @@ def read_private(path):
     return path.read_text().strip()
 
 
-def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False):
+def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
+                    request_timeout=None):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -106,8 +107,11 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
     hold = float(poll_hold if poll_hold is not None else env.get("POND_POLL_HOLD", DEFAULT_POLL_HOLD))
     if not 0 < hold <= MAX_POLL_HOLD:
         raise ConfigError(f"poll hold {hold} s is out of range", f"give a value in (0, {MAX_POLL_HOLD:g}]")
+    timeout = float(request_timeout or REQUEST_TIMEOUT)
+    if not 0 < timeout <= 600:
+        raise ConfigError(f"request timeout {timeout} s is out of range", "give a value in (0, 600]")
     return ServerSettings(host=host, port=port, state_dir=state, admin_token=token,
-                          poll_hold=hold, access_log=access_log)
+                          poll_hold=hold, access_log=access_log, request_timeout=timeout)
 
 
 def _server_admin_token(host, state, env, token_file):

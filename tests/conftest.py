@@ -181,10 +181,10 @@ class Pool:
         self.procs.append(proc)
         return proc
 
-    def pond(self, poll_hold=5):
+    def pond(self, poll_hold=5, extra=()):
         state = self._dir("pond")
         proc = self.start([sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state),
-                           "--poll-hold", str(poll_hold)], "pond")
+                           "--poll-hold", str(poll_hold), *extra], "pond")
         return PondHandle(proc, state)
 
     def orchestrator(self, pond, token="pool-secret", extra=()):
