@@ -24,6 +24,7 @@ Files
   <serve state-dir>/swarm.db   enrolled workers (their tokens hashed)
   <serve state-dir>/serve.json where the orchestrator listens
   <worker state-dir>/worker.json  worker id and token (0600); jobs/ per-job directories
+  <worker state-dir>/sealing.x25519, signing.ed25519  the worker's private keys (0600; specs/keys.md)
 
 Exit codes
   0 ok · 1 error · 2 usage or settings · 3 cannot reach pond or the orchestrator ·
@@ -300,6 +301,227 @@ def resolve_capabilities(globs, backends=SANDBOX_BACKENDS):
         else:
             out.add(glob)
     return sorted(out), warnings
+
+
+# ============================================================================
+# Keys and fingerprint (specs/keys.md)
+# ============================================================================
+
+SEALING_KEY_FILE = "sealing.x25519"       # pond seals credentials to this key (HPKE)
+SIGNING_KEY_FILE = "signing.ed25519"      # the worker signs its results with this key
+FINGERPRINT_CONTEXT = b"pond-worker-key-v1\x00"
+KEY_BYTES = 32
+
+
+def _key_modules():
+    """`cryptography`'s X25519 and Ed25519, imported here so swarm.py runs where it is not installed."""
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+    except ImportError:
+        raise SwarmError("worker keys need the Python package `cryptography`", "pip install cryptography") from None
+    return x25519, ed25519
+
+
+@dataclass(frozen=True, repr=False)       # no repr: a private key must not end up in a log line
+class WorkerKeys:
+    sealing: bytes                        # raw X25519 private key, 32 bytes
+    signing: bytes                        # raw Ed25519 private key (the RFC 8032 seed), 32 bytes
+
+
+def _create_key_file(path, raw):
+    """Write a new key file, never replacing one.
+
+    link(2) fails when `path` exists, so the file appears complete or not at all, and
+    two processes creating keys at once end up with one key: the loser reads the winner's.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(b64(raw) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_key_file(path, what):
+    text = read_private(path, what)       # refuses a file group or others can read
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != KEY_BYTES:
+        raise UsageError(f"{path} ({what}) does not hold a base64 32-byte key",
+                         "restore it from a backup; a new key (remove the file) is a new worker identity")
+    return raw
+
+
+def load_or_create_keys(state_dir):
+    """The worker's two private keys from its state dir; each is created (0600) when missing."""
+    x25519, ed25519 = _key_modules()
+    raw = {}
+    for name, what, new in ((SEALING_KEY_FILE, "worker sealing key", x25519.X25519PrivateKey.generate),
+                            (SIGNING_KEY_FILE, "worker signing key", ed25519.Ed25519PrivateKey.generate)):
+        path = Path(state_dir) / name
+        if not path.exists():
+            _create_key_file(path, new().private_bytes_raw())
+        raw[name] = _read_key_file(path, what)
+    return WorkerKeys(sealing=raw[SEALING_KEY_FILE], signing=raw[SIGNING_KEY_FILE])
+
+
+def public_keys(keys):
+    """-> (X25519 public key, Ed25519 public key), raw 32 bytes each."""
+    x25519, ed25519 = _key_modules()
+    return (x25519.X25519PrivateKey.from_private_bytes(keys.sealing).public_key().public_bytes_raw(),
+            ed25519.Ed25519PrivateKey.from_private_bytes(keys.signing).public_key().public_bytes_raw())
+
+
+def fingerprint(x25519_public, ed25519_public):
+    """The name of a worker's key pair for operators: lowercase hex SHA-256 (specs/keys.md §3).
+
+    Standard library only, so a host without `cryptography` can still check one.
+    """
+    if len(x25519_public) != KEY_BYTES or len(ed25519_public) != KEY_BYTES:
+        raise ValueError("a worker public key is 32 raw bytes")
+    return hashlib.sha256(FINGERPRINT_CONTEXT + bytes(x25519_public) + bytes(ed25519_public)).hexdigest()
+
+
+def show_fingerprint(state_dir):
+    """`worker --show-fingerprint`: create the keys if needed, print their fingerprint; no enrollment."""
+    x_pub, e_pub = public_keys(load_or_create_keys(private_dir(state_dir)))
+    print(fingerprint(x_pub, e_pub))
+    print(f"sealing x25519 {b64(x_pub)}")
+    print(f"signing ed25519 {b64(e_pub)}")
+    return EXIT_OK
+
+
+# ============================================================================
+# Sealing (specs/sealing.md; mirrors pond/sealing.py)
+# ============================================================================
+
+SEAL_SUITE = "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/ChaCha20-Poly1305"
+SEAL_INFO_PREFIX = b"pond-seal-v1\x00"
+SEAL_ENC_LENGTH = 32     # an X25519 public key
+SEAL_TAG_LENGTH = 16     # ChaCha20-Poly1305
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")     # as pond/wire.py
+
+
+def canonical_json(value):
+    """The bytes both sides derive from JSON (specs/sealing.md §2): one value, one encoding."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _hpke():
+    """cryptography's HPKE, imported here so that swarm.py runs without it (for jobs without credentials)."""
+    try:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives import hpke
+        from cryptography.hazmat.primitives.asymmetric import x25519
+    except ImportError:
+        raise SwarmError("unsealing credentials needs the cryptography package (47 or later, for HPKE)",
+                         "pip install cryptography") from None
+    return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305), x25519, InvalidTag
+
+
+def seal_info(job_id, attempt, fingerprint):
+    """HPKE `info` for one attempt of one job on one worker."""
+    if (not isinstance(job_id, str) or not job_id or not isinstance(attempt, int) or isinstance(attempt, bool)
+            or attempt < 1 or not isinstance(fingerprint, str) or not FINGERPRINT_RE.match(fingerprint)):
+        raise SwarmError("credential could not be unsealed",
+                         "the assignment's job id, attempt or worker fingerprint is malformed")
+    return SEAL_INFO_PREFIX + canonical_json({"attempt": attempt, "fingerprint": fingerprint, "job": job_id})
+
+
+def _unsealable(hint):
+    # One message for every failure, so callers and logs need not tell them apart; the hint names the step.
+    # Neither may carry key, plaintext or ciphertext: this text ends up in logs and job errors.
+    return SwarmError("credential could not be unsealed", hint)
+
+
+def _blob_bytes(blob, field, length=None, minimum=0):
+    try:
+        raw = base64.b64decode(blob[field], validate=True)
+    except (ValueError, TypeError):
+        raise _unsealable(f"the sealed blob's {field} is not base64") from None
+    if (length is not None and len(raw) != length) or len(raw) < minimum:
+        raise _unsealable(f"the sealed blob's {field} has the wrong length")
+    return raw
+
+
+def unseal_env(private_raw, blob, job_id, attempt, fingerprint):
+    """The secret env sealed for this attempt of this job to this worker's X25519 key, or SwarmError."""
+    suite, x25519, InvalidTag = _hpke()
+    info = seal_info(job_id, attempt, fingerprint)
+    if not isinstance(blob, dict) or sorted(blob) != ["ct", "enc", "suite"]:
+        raise _unsealable('a sealed blob has exactly the fields "enc", "ct", "suite"')
+    if blob["suite"] != SEAL_SUITE:
+        raise _unsealable(f"the only suite is {SEAL_SUITE}")
+    enc = _blob_bytes(blob, "enc", length=SEAL_ENC_LENGTH)
+    ct = _blob_bytes(blob, "ct", minimum=SEAL_TAG_LENGTH)
+    try:
+        key = x25519.X25519PrivateKey.from_private_bytes(bytes(private_raw))
+        plaintext = suite.decrypt(enc + ct, key, info=info)
+    except (InvalidTag, TypeError, ValueError):
+        raise _unsealable("it was sealed for another worker key, job, attempt or fingerprint, "
+                          "or altered on the way") from None
+    try:
+        env = json.loads(plaintext.decode("utf-8"))
+    except ValueError:          # UnicodeDecodeError is one
+        env = None
+    if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(v, str)
+                                            and "\x00" not in v for k, v in env.items()):
+        raise _unsealable("it opened but does not hold a {NAME: value} object")
+    return env
+
+
+# ============================================================================
+# Attestation (specs/attestation.md)
+# ============================================================================
+
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+RESULT_PREDICATE_TYPE = "https://pond.dev/attestation/result/v1"
+
+
+def sha256_digest(data):
+    return {"sha256": hashlib.sha256(data).hexdigest()}
+
+
+def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, exit_code, started_at,
+                     finished_at, stdout, stderr):
+    """The in-toto Statement v1 a worker signs for one attempt's result (specs/attestation.md §3).
+
+    stdout and stderr are the whole output as bytes; the statement carries only their digests.
+    """
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": "stdout", "digest": sha256_digest(stdout)},
+                    {"name": "stderr", "digest": sha256_digest(stderr)}],
+        "predicateType": RESULT_PREDICATE_TYPE,
+        "predicate": {"job_id": job_id, "attempt": attempt, "worker_fingerprint": worker_fingerprint,
+                      "exit_code": exit_code, "started_at": started_at, "finished_at": finished_at,
+                      "command_digest": sha256_digest(canonical_json(list(command))), "sandbox": sandbox},
+    }
+
+
+def pae(payload_type, payload):
+    """DSSE v1 pre-authentication encoding: the bytes a signature covers, type and body unambiguous."""
+    kind = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
+
+
+def sign_envelope(ed25519_private, statement, keyid):
+    """A DSSE envelope over the statement, signed with the worker's Ed25519 key; keyid is its fingerprint."""
+    _, ed25519 = _key_modules()
+    payload = canonical_json(statement)
+    sig = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(ed25519_private)).sign(pae(PAYLOAD_TYPE, payload))
+    return {"payload": b64(payload), "payloadType": PAYLOAD_TYPE, "signatures": [{"keyid": keyid, "sig": b64(sig)}]}
 
 
 # ============================================================================
@@ -884,6 +1106,9 @@ def serve_settings(args, env):
 
 
 def worker_settings(args, env):
+    if not args.orchestrator:      # not required by argparse: --show-fingerprint needs no orchestrator
+        raise UsageError("worker needs --orchestrator URL", "example: --orchestrator http://orch.lan:8080 "
+                         "(or --show-fingerprint to print this worker's key fingerprint)")
     if args.concurrency < 1 or args.concurrency > 256:
         raise UsageError("--concurrency must be from 1 to 256", "example: --concurrency 2")
     tags = split_list(args.tags, TAG_RE, "--tags")
@@ -1928,6 +2153,7 @@ EXAMPLES = """examples:
   SWARM_TOKEN=POOL_SECRET python swarm.py serve --bind 127.0.0.1:8080 --state-dir ./swarm-state
   python swarm.py worker --orchestrator http://orch.lan:8080 --enroll-code CODE \\
       --tags pool:trusted,repo:acme --capabilities 'harness.*,sandbox.process' --repo-root /srv/checkouts --concurrency 2
+  python swarm.py worker --show-fingerprint --state-dir ./swarm-worker
   python swarm.py status --state-dir ./swarm-state --token-file pool-token
 """
 
@@ -1958,7 +2184,9 @@ def build_parser():
                    help="seconds a client has to send a whole request (default %(default)g)")
 
     s = sub.add_parser("worker", help="enroll (once) and run jobs")
-    s.add_argument("--orchestrator", required=True, metavar="URL")
+    s.add_argument("--orchestrator", metavar="URL", help="the orchestrator's URL (required to run jobs)")
+    s.add_argument("--show-fingerprint", action="store_true",
+                   help="create this worker's keys if needed, print their fingerprint and exit (no enrollment)")
     s.add_argument("--enroll-code", metavar="CODE", help="needed the first time only (or $SWARM_ENROLL_CODE)")
     s.add_argument("--tags", default="", help="comma-separated, e.g. pool:trusted,repo:acme")
     s.add_argument("--capabilities", default="", help="comma-separated globs, e.g. 'harness.*,sandbox.process'")
@@ -1992,6 +2220,8 @@ def run(args, env):
         setup_logging("serve")
         return serve(serve_settings(args, env))
     if args.cmd == "worker":
+        if args.show_fingerprint:
+            return show_fingerprint(args.state_dir or DEFAULT_WORKER_STATE)
         setup_logging("worker")
         return worker(worker_settings(args, env))
     s = operator_settings(args, env)

@@ -33,6 +33,12 @@ def canonical(value):
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+def canonical_json(value):
+    """The bytes signed or sealed for a JSON value (specs/sealing.md §2, attestation.md §2):
+    sorted keys, no spaces, UTF-8 (not ASCII escapes)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
 def obj(value, where, allowed, required=()):
     if value is None:
         value = {}

@@ -1,0 +1,144 @@
+"""Checking a worker's signed result: a DSSE envelope over an in-toto Statement (specs/attestation.md).
+
+Two steps, so the signature check stays apart from what pond knows about the job:
+verify_envelope checks the signature with the worker's pinned Ed25519 key and returns
+the statement; check_statement checks that the statement speaks of this job, this
+attempt, this worker and exactly this output. Every refusal is the same outward error
+(`attestation_failed`, "attestation failed"), so a forger learns nothing from it; the
+error's `detail` says which check failed, for pond's log.
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from pond.errors import Forbidden
+from pond.wire import canonical_json
+
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+RESULT_PREDICATE_TYPE = "https://pond.dev/attestation/result/v1"
+SUBJECT_NAMES = ("stdout", "stderr")
+MAX_SIGNATURES = 8        # bounds the work an untrusted envelope can ask for
+
+
+def refused(detail):
+    err = Forbidden("attestation failed", "the result is not signed by this job's worker for this attempt and "
+                    "output; pond's log says which check failed", code="attestation_failed")
+    err.detail = detail
+    return err
+
+
+def pae(payload_type, payload):
+    """DSSE v1 pre-authentication encoding: the bytes a signature covers, type and body unambiguous."""
+    kind = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
+
+
+def _b64decode(text, what):
+    # DSSE lets a signer use standard or URL-safe base64; both decode to the same bytes.
+    if not isinstance(text, str):
+        raise refused(f"{what} is not a base64 string")
+    try:
+        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
+    except (binascii.Error, ValueError):
+        raise refused(f"{what} is not base64") from None
+
+
+def _unique_keys(pairs):
+    # Two verifiers must read one payload the same way: a duplicate key could mean one thing to us
+    # and another to a tool that keeps the first value.
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key[:40]!r}")
+        obj[key] = value
+    return obj
+
+
+def _not_json(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def verify_envelope(ed25519_public, envelope):
+    """-> the statement (a dict), once a signature over PAE(payloadType, payload) verifies with the pinned key.
+
+    The signature is checked over the payload bytes as sent, before they are parsed, and
+    the keyid is ignored: DSSE keyids are unauthenticated hints.
+    """
+    if not isinstance(envelope, dict):
+        raise refused("the envelope is not a JSON object")
+    if envelope.get("payloadType") != PAYLOAD_TYPE:
+        raise refused(f"payloadType {str(envelope.get('payloadType'))[:80]!r} is not {PAYLOAD_TYPE}")
+    payload = _b64decode(envelope.get("payload"), "payload")
+    signatures = envelope.get("signatures")
+    if not isinstance(signatures, list) or not 1 <= len(signatures) <= MAX_SIGNATURES:
+        raise refused(f"signatures must be a list of 1 to {MAX_SIGNATURES}")
+    key = Ed25519PublicKey.from_public_bytes(ed25519_public)
+    message = pae(PAYLOAD_TYPE, payload)
+    for signature in signatures:
+        sig = _b64decode(signature.get("sig") if isinstance(signature, dict) else None, "a signature")
+        try:
+            key.verify(sig, message)
+            break
+        except InvalidSignature:
+            continue
+    else:
+        raise refused("no signature verifies with the worker's pinned Ed25519 key")
+    try:
+        statement = json.loads(payload.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_not_json)
+    except (ValueError, RecursionError) as e:      # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise refused(f"the payload is not JSON: {str(e)[:80]}") from None
+    if not isinstance(statement, dict):
+        raise refused("the payload is not a JSON object")
+    return statement
+
+
+def _subject_digests(subject):
+    """{"stdout": hex, "stderr": hex} from the statement's subject list, which must name each exactly once."""
+    out = {}
+    for item in subject if isinstance(subject, list) else [None]:
+        name = item.get("name") if isinstance(item, dict) else None
+        digest = item.get("digest") if isinstance(item, dict) else None
+        if name not in SUBJECT_NAMES or name in out or not isinstance(digest, dict) \
+                or not isinstance(digest.get("sha256"), str):
+            raise refused("the subject must list stdout and stderr once each, with a sha256 digest")
+        out[name] = digest["sha256"]
+    if len(out) != len(SUBJECT_NAMES):
+        raise refused("the subject must list stdout and stderr once each, with a sha256 digest")
+    return out
+
+
+def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None):
+    """-> the predicate, once the statement is about this job, attempt, worker and output.
+
+    stdout and stderr are the output pond holds for the attempt, as bytes. Give `command`
+    (the job's argv) to check the command digest too. A valid signature is not enough: an
+    attestation of another job or attempt, replayed by an orchestrator, is signed too.
+    """
+    if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
+        raise refused(f"the statement's _type is not {STATEMENT_TYPE}")
+    if statement.get("predicateType") != RESULT_PREDICATE_TYPE:
+        raise refused(f"the predicateType is not {RESULT_PREDICATE_TYPE}")
+    predicate = statement.get("predicate")
+    if not isinstance(predicate, dict):
+        raise refused("the predicate is not a JSON object")
+    if predicate.get("job_id") != job_id:
+        raise refused(f"the statement is for job {repr(predicate.get('job_id'))[:80]}, not {job_id}")
+    got = predicate.get("attempt")
+    if type(got) is not int or got != attempt:          # type(): True == 1 in Python
+        raise refused(f"the statement is for attempt {repr(got)[:20]}, not {attempt}")
+    if predicate.get("worker_fingerprint") != fingerprint:
+        raise refused("the statement names another worker fingerprint")
+    digests = _subject_digests(statement.get("subject"))
+    for name, data in (("stdout", stdout), ("stderr", stderr)):
+        if digests[name] != hashlib.sha256(data).hexdigest():
+            raise refused(f"{name} does not match the signed digest")
+    if command is not None and predicate.get("command_digest") != {
+            "sha256": hashlib.sha256(canonical_json(list(command))).hexdigest()}:
+        raise refused("the command does not match the signed command digest")
+    return predicate

@@ -1,0 +1,394 @@
+"""Credential sealing (specs/sealing.md): pond seals, swarm.py unseals, pyhpke checks both.
+
+pyhpke is an independent HPKE implementation (test-only dependency). It is the only one
+that takes a fixed ephemeral key, so it writes the golden vectors in
+specs/vectors/sealing.json: `python tests/test_sealing.py` rewrites them, and
+test_vectors_are_what_pyhpke_derives keeps the file honest.
+"""
+
+import base64
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey
+from pyhpke.kem_key import KEMKeyPair
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # so that the script form finds pond and swarm
+
+import swarm                                                      # noqa: E402
+from pond import keys, sealing                                    # noqa: E402
+from pond.errors import PondError                                 # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+VECTORS_PATH = ROOT / "specs" / "vectors" / "sealing.json"
+PYHPKE = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.CHACHA20_POLY1305)
+RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+# ---------------------------------------------------------------------------
+# Keys, fingerprints and the independent implementation
+# ---------------------------------------------------------------------------
+
+def fixed_key(label):
+    """A reproducible 32-byte private key: the vectors must not change between runs."""
+    return hashlib.sha256(f"pond sealing vectors: {label}".encode()).digest()
+
+
+def x25519_public(private_raw):
+    return x25519.X25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes(*RAW)
+
+
+def ed25519_public(private_raw):
+    return ed25519.Ed25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes(*RAW)
+
+
+def fingerprint(x25519_public_raw, ed25519_public_raw):
+    """The shared definition (specs/sealing.md §1), written out here rather than imported."""
+    return hashlib.sha256(b"pond-worker-key-v1\x00" + x25519_public_raw + ed25519_public_raw).hexdigest()
+
+
+class Worker:
+    def __init__(self, label):
+        self.x25519_private = fixed_key(f"{label} x25519")
+        self.x25519_public = x25519_public(self.x25519_private)
+        self.ed25519_public = ed25519_public(fixed_key(f"{label} ed25519"))
+        self.fingerprint = fingerprint(self.x25519_public, self.ed25519_public)
+
+
+A, B = Worker("worker A"), Worker("worker B")
+
+
+def pyhpke_seal(public_raw, plaintext, info, ephemeral_private=None):
+    pkr = KEMKey.from_pyca_cryptography_key(x25519.X25519PublicKey.from_public_bytes(public_raw))
+    eks = None
+    if ephemeral_private is not None:
+        ek = x25519.X25519PrivateKey.from_private_bytes(ephemeral_private)
+        eks = KEMKeyPair(KEMKey.from_pyca_cryptography_key(ek), KEMKey.from_pyca_cryptography_key(ek.public_key()))
+    # pyhpke has no single-shot seal; RFC 9180 §6.1 defines it as setup + the first seal.
+    enc, context = PYHPKE.create_sender_context(pkr, info, eks=eks)
+    return enc, context.seal(plaintext)
+
+
+def pyhpke_open(private_raw, blob, info):
+    skr = KEMKey.from_pyca_cryptography_key(x25519.X25519PrivateKey.from_private_bytes(private_raw))
+    context = PYHPKE.create_recipient_context(base64.b64decode(blob["enc"]), skr, info)
+    return context.open(base64.b64decode(blob["ct"]))
+
+
+def info_bytes(job, attempt, fp):
+    """specs/sealing.md §3, spelled out independently of both implementations."""
+    body = json.dumps({"attempt": attempt, "fingerprint": fp, "job": job},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return b"pond-seal-v1\x00" + body.encode("utf-8")
+
+
+def blob_of(enc, ct):
+    return {"enc": base64.b64encode(enc).decode(), "ct": base64.b64encode(ct).decode(), "suite": sealing.SUITE_NAME}
+
+
+# ---------------------------------------------------------------------------
+# The vectors, derived with pyhpke from fixed keys
+# ---------------------------------------------------------------------------
+
+POSITIVE = [
+    ("one secret", "j_0123456789ab", 1, {"API_TOKEN": "s3cr3t-t0ken"}),
+    ("several names, non-ASCII value, second attempt", "j_0123456789ab", 2,
+     {"GREETING": "grüße ✓", "EMPTY": "", "A_KEY": "line1\nline2"}),
+    ("empty env", "j_ba9876543210", 1, {}),
+]
+
+
+def flip(b64, index):
+    raw = bytearray(base64.b64decode(b64))
+    raw[index] ^= 0x01
+    return base64.b64encode(bytes(raw)).decode()
+
+
+def negative_cases(base):
+    """Ways a blob sealed for (A, base job, attempt 1) must fail to open."""
+    blob, job = base["blob"], base["job"]
+    as_sealed = {"job": job, "attempt": 1, "fingerprint": A.fingerprint, "x25519_private": A.x25519_private.hex()}
+
+    def case(name, why, blob=blob, **open_with):
+        return {"name": name, "why": why, "open_with": {**as_sealed, **open_with}, "blob": blob}
+
+    return [
+        case("another attempt", "info binds the attempt", attempt=2),
+        case("another job", "info binds the job id", job="j_ba9876543210"),
+        case("another fingerprint", "info binds the worker fingerprint", fingerprint=B.fingerprint),
+        case("another worker's key", "only the holder of the recipient key can open",
+             x25519_private=B.x25519_private.hex(), fingerprint=B.fingerprint),
+        case("flipped ct byte", "the AEAD tag covers the ciphertext", blob={**blob, "ct": flip(blob["ct"], 0)}),
+        case("flipped tag byte", "the last 16 bytes of ct are the tag", blob={**blob, "ct": flip(blob["ct"], -1)}),
+        case("flipped enc byte", "enc feeds the key schedule", blob={**blob, "enc": flip(blob["enc"], 5)}),
+        case("ct shorter than a tag", "ct is at least 16 bytes",
+             blob={**blob, "ct": base64.b64encode(b"short").decode()}),
+        case("enc not 32 bytes", "enc is an X25519 public key",
+             blob={**blob, "enc": base64.b64encode(base64.b64decode(blob["enc"])[:31]).decode()}),
+        case("ct not base64", "standard base64 with padding, nothing else", blob={**blob, "ct": blob["ct"] + "!"}),
+        case("another suite", "there is one suite",
+             blob={**blob, "suite": "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/AES-128-GCM"}),
+        case("missing enc", "enc, ct and suite are required", blob={"ct": blob["ct"], "suite": blob["suite"]}),
+        case("unknown field", "no other field is allowed", blob={**blob, "aad": ""}),
+    ]
+
+
+def build_vectors():
+    positive = []
+    for i, (name, job, attempt, env) in enumerate(POSITIVE):
+        ephemeral = fixed_key(f"ephemeral {i}")
+        info = info_bytes(job, attempt, A.fingerprint)
+        plaintext = sealing.canonical_json(env)
+        enc, ct = pyhpke_seal(A.x25519_public, plaintext, info, ephemeral)
+        positive.append({"name": name, "job": job, "attempt": attempt, "env": env,
+                         "ephemeral_private": ephemeral.hex(), "info_hex": info.hex(),
+                         "plaintext": plaintext.decode("utf-8"), "blob": blob_of(enc, ct)})
+    workers = {label: {"x25519_private": w.x25519_private.hex(), "x25519_public": w.x25519_public.hex(),
+                       "ed25519_public": w.ed25519_public.hex(), "fingerprint": w.fingerprint}
+               for label, w in (("A", A), ("B", B))}
+    return {
+        "about": "Golden vectors for specs/sealing.md, written by pyhpke from fixed keys "
+                 "(python tests/test_sealing.py). Every positive case is sealed to worker A; "
+                 "every negative case must fail to open on both sides.",
+        "suite": sealing.SUITE_NAME,
+        "workers": workers,
+        "positive": positive,
+        "negative": negative_cases(positive[0]),
+    }
+
+
+VECTORS = json.loads(VECTORS_PATH.read_text()) if VECTORS_PATH.exists() else {"positive": [], "negative": []}
+
+
+# ---------------------------------------------------------------------------
+# The two implementations behind one interface
+# ---------------------------------------------------------------------------
+
+def pond_open(private_raw, blob, job, attempt, fp):
+    return sealing.open_env(private_raw, blob, job, attempt, fp)
+
+
+def swarm_open(private_raw, blob, job, attempt, fp):
+    return swarm.unseal_env(private_raw, blob, job, attempt, fp)
+
+
+OPENERS = {"pond": (pond_open, PondError), "swarm": (swarm_open, swarm.SwarmError)}
+
+
+def refusal(impl, private_raw, blob, job, attempt, fp):
+    opener, error = OPENERS[impl]
+    with pytest.raises(error) as caught:
+        opener(private_raw, blob, job, attempt, fp)
+    assert caught.value.message == "credential could not be unsealed"
+    return caught.value
+
+
+# ---------------------------------------------------------------------------
+# Vectors
+# ---------------------------------------------------------------------------
+
+def test_vectors_are_what_pyhpke_derives():
+    assert VECTORS == build_vectors(), "specs/vectors/sealing.json is stale: run python tests/test_sealing.py"
+
+
+def test_vector_fingerprints_follow_the_shared_definition():
+    for w in VECTORS["workers"].values():
+        x_pub, e_pub = bytes.fromhex(w["x25519_public"]), bytes.fromhex(w["ed25519_public"])
+        assert x_pub == x25519_public(bytes.fromhex(w["x25519_private"]))
+        # The fingerprint in info is the one the key modules compute, on both sides.
+        assert w["fingerprint"] == fingerprint(x_pub, e_pub) == keys.fingerprint(x_pub, e_pub) \
+            == swarm.fingerprint(x_pub, e_pub)
+
+
+@pytest.mark.parametrize("case", VECTORS["positive"], ids=lambda c: c["name"])
+def test_vector_enc_is_the_fixed_ephemeral_public_key(case):
+    assert base64.b64decode(case["blob"]["enc"]) == x25519_public(bytes.fromhex(case["ephemeral_private"]))
+
+
+@pytest.mark.parametrize("case", VECTORS["positive"], ids=lambda c: c["name"])
+def test_vector_info_and_plaintext_bytes_match_both_sides(case):
+    fp = VECTORS["workers"]["A"]["fingerprint"]
+    info = bytes.fromhex(case["info_hex"])
+    assert sealing.seal_info(case["job"], case["attempt"], fp) == info
+    assert swarm.seal_info(case["job"], case["attempt"], fp) == info
+    assert sealing.canonical_json(case["env"]) == swarm.canonical_json(case["env"]) == case["plaintext"].encode()
+
+
+@pytest.mark.parametrize("case", VECTORS["positive"], ids=lambda c: c["name"])
+@pytest.mark.parametrize("impl", sorted(OPENERS))
+def test_vector_opens_to_its_env(impl, case):
+    worker = VECTORS["workers"]["A"]
+    opener, _ = OPENERS[impl]
+    env = opener(bytes.fromhex(worker["x25519_private"]), case["blob"], case["job"], case["attempt"],
+                 worker["fingerprint"])
+    assert env == case["env"]
+
+
+@pytest.mark.parametrize("case", VECTORS["negative"], ids=lambda c: c["name"])
+@pytest.mark.parametrize("impl", sorted(OPENERS))
+def test_negative_vector_does_not_open(impl, case):
+    w = case["open_with"]
+    refusal(impl, bytes.fromhex(w["x25519_private"]), case["blob"], w["job"], w["attempt"], w["fingerprint"])
+
+
+def test_negative_vectors_cover_every_binding():
+    names = {c["name"] for c in VECTORS["negative"]}
+    assert {"another attempt", "another job", "another fingerprint", "another worker's key",
+            "flipped ct byte", "flipped enc byte"} <= names
+
+
+# ---------------------------------------------------------------------------
+# Round trips between pond, swarm.py and pyhpke
+# ---------------------------------------------------------------------------
+
+ENV = {"API_TOKEN": "tok-7f3a", "DB_PASSWORD": "pä$$ word"}
+JOB = "j_00000000beef"
+
+
+def test_pond_sealed_env_unseals_on_the_worker():
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    assert sorted(blob) == ["ct", "enc", "suite"] and blob["suite"] == swarm.SEAL_SUITE
+    assert len(base64.b64decode(blob["enc"])) == 32
+    assert swarm.unseal_env(A.x25519_private, blob, JOB, 1, A.fingerprint) == ENV
+
+
+def test_each_seal_uses_a_fresh_ephemeral_key():
+    one = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    two = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    assert one["enc"] != two["enc"] and one["ct"] != two["ct"]
+
+
+def test_blob_carries_no_clear_text():
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    text = json.dumps(blob)
+    decoded = base64.b64decode(blob["enc"]) + base64.b64decode(blob["ct"])
+    for secret in ENV.values():
+        assert secret not in text and secret.encode() not in decoded
+
+
+@pytest.mark.parametrize("change", ["worker key", "job", "attempt", "fingerprint"])
+def test_worker_cannot_unseal_a_blob_meant_for_something_else(change):
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    args = {"private_raw": A.x25519_private, "job": JOB, "attempt": 1, "fp": A.fingerprint}
+    args.update({"worker key": {"private_raw": B.x25519_private, "fp": B.fingerprint},
+                 "job": {"job": "j_00000000dead"}, "attempt": {"attempt": 2},
+                 "fingerprint": {"fp": B.fingerprint}}[change])
+    error = refusal("swarm", args["private_raw"], blob, args["job"], args["attempt"], args["fp"])
+    assert "another worker key, job, attempt or fingerprint" in error.hint
+
+
+@pytest.mark.parametrize("field", ["enc", "ct"])
+def test_tampered_blob_is_refused_on_both_sides(field):
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    tampered = {**blob, field: flip(blob[field], 3)}
+    for impl in sorted(OPENERS):
+        refusal(impl, A.x25519_private, tampered, JOB, 1, A.fingerprint)
+
+
+def test_refusal_names_no_secret():
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    for impl in sorted(OPENERS):
+        error = refusal(impl, A.x25519_private, blob, JOB, 2, A.fingerprint)
+        said = f"{error.message} {error.hint} {error!r}"
+        assert not any(secret in said for secret in ENV.values())
+        assert A.x25519_private.hex() not in said
+
+
+def test_pond_sealed_blob_opens_with_pyhpke():
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 3, A.fingerprint)
+    assert json.loads(pyhpke_open(A.x25519_private, blob, info_bytes(JOB, 3, A.fingerprint))) == ENV
+
+
+def test_pyhpke_sealed_blob_opens_with_pond_and_swarm():
+    enc, ct = pyhpke_seal(A.x25519_public, sealing.canonical_json(ENV), info_bytes(JOB, 3, A.fingerprint))
+    blob = blob_of(enc, ct)
+    assert sealing.open_env(A.x25519_private, blob, JOB, 3, A.fingerprint) == ENV
+    assert swarm.unseal_env(A.x25519_private, blob, JOB, 3, A.fingerprint) == ENV
+
+
+@pytest.mark.parametrize("plaintext", [b"null", b'["A"]', b'{"A": 1}', b'{"1BAD": "x"}', b'{"A": "nul\\u0000"}',
+                                       b"\xff\xfe", b"not json"])
+def test_blob_that_opens_to_something_other_than_an_env_is_refused(plaintext):
+    # Base mode does not authenticate the sender: anyone with the public key can seal, so the content is checked.
+    enc, ct = pyhpke_seal(A.x25519_public, plaintext, info_bytes(JOB, 1, A.fingerprint))
+    for impl in sorted(OPENERS):
+        refusal(impl, A.x25519_private, blob_of(enc, ct), JOB, 1, A.fingerprint)
+
+
+# ---------------------------------------------------------------------------
+# pond refuses to seal what it cannot seal properly
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("public_raw", [bytes(32), b"\x01" + bytes(31), bytes(31)],
+                         ids=["all-zero point", "low-order point", "31 bytes"])
+def test_seal_refuses_an_unusable_worker_key(public_raw):
+    with pytest.raises(PondError) as caught:
+        sealing.seal_env(public_raw, ENV, JOB, 1, A.fingerprint)
+    assert caught.value.code == "seal_failed" and caught.value.status == 400
+
+
+@pytest.mark.parametrize("env", [None, {"1BAD": "x"}, {"A": 1}, {"A": "nul\x00"}, ["A=x"]])
+def test_seal_refuses_what_is_not_an_env(env):
+    with pytest.raises(PondError) as caught:
+        sealing.seal_env(A.x25519_public, env, JOB, 1, A.fingerprint)
+    assert caught.value.code == "seal_failed"
+
+
+@pytest.mark.parametrize("job, attempt, fp", [
+    ("", 1, A.fingerprint), (JOB, 0, A.fingerprint), (JOB, True, A.fingerprint), (JOB, "1", A.fingerprint),
+    (JOB, 1, A.fingerprint.upper()), (JOB, 1, A.fingerprint[:63]),
+])
+def test_info_refuses_a_malformed_binding(job, attempt, fp):
+    with pytest.raises(PondError) as caught:
+        sealing.seal_info(job, attempt, fp)
+    assert caught.value.code == "seal_failed"
+    with pytest.raises(swarm.SwarmError):
+        swarm.seal_info(job, attempt, fp)
+
+
+# ---------------------------------------------------------------------------
+# swarm.py without cryptography
+# ---------------------------------------------------------------------------
+
+# A real missing dependency: a meta-path finder refuses every cryptography import
+# before swarm.py is imported, exactly as on a host where it is not installed.
+WITHOUT_CRYPTOGRAPHY = r"""
+import sys
+
+class NoCryptography:
+    def find_spec(self, name, path=None, target=None):
+        if name == "cryptography" or name.startswith("cryptography."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, NoCryptography())
+import swarm
+blob = {"enc": "", "ct": "", "suite": swarm.SEAL_SUITE}
+try:
+    swarm.unseal_env(bytes(32), blob, "j_0123456789ab", 1, "0" * 64)
+except swarm.SwarmError as e:
+    print(e.message)
+    print(e.hint)
+else:
+    print("unsealed without cryptography?")
+"""
+
+
+def test_worker_without_cryptography_says_what_to_install():
+    out = subprocess.run([sys.executable, "-c", WITHOUT_CRYPTOGRAPHY], cwd=ROOT, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    message, hint = out.stdout.splitlines()
+    assert "cryptography" in message
+    assert hint == "pip install cryptography"
+
+
+if __name__ == "__main__":
+    VECTORS_PATH.write_text(json.dumps(build_vectors(), indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {VECTORS_PATH}")
