@@ -139,6 +139,13 @@ class Refused(SwarmError):
         return self.status >= 500 or self.status == 429
 
 
+class MissingCryptography(SwarmError):
+    """The optional `cryptography` package is not installed: no keys, no unsealing, no signing."""
+
+    def __init__(self, what):
+        super().__init__(f"{what} needs the Python package `cryptography` (48 or later)", "pip install cryptography")
+
+
 class Undelivered(Exception):
     """Thrown into a streamed answer's generator when the server could not write what it yielded."""
 
@@ -311,6 +318,8 @@ SEALING_KEY_FILE = "sealing.x25519"       # pond seals credentials to this key (
 SIGNING_KEY_FILE = "signing.ed25519"      # the worker signs its results with this key
 FINGERPRINT_CONTEXT = b"pond-worker-key-v1\x00"
 KEY_BYTES = 32
+ENROLL_KEY_FIELDS = ("x25519_public", "ed25519_public", "fingerprint")     # sent at enrollment, pinned by pond
+NO_CRYPTOGRAPHY = "cryptography not installed: this worker cannot unseal credentials or sign results"
 
 
 def _key_modules():
@@ -318,7 +327,7 @@ def _key_modules():
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
     except ImportError:
-        raise SwarmError("worker keys need the Python package `cryptography`", "pip install cryptography") from None
+        raise MissingCryptography("worker keys") from None
     return x25519, ed25519
 
 
@@ -391,6 +400,15 @@ def fingerprint(x25519_public, ed25519_public):
     return hashlib.sha256(FINGERPRINT_CONTEXT + bytes(x25519_public) + bytes(ed25519_public)).hexdigest()
 
 
+def enrollment_keys(state_dir):
+    """What enrollment sends so pond pins this worker's keys: {} when `cryptography` is missing (unpinned)."""
+    try:
+        x_pub, e_pub = public_keys(load_or_create_keys(state_dir))
+    except MissingCryptography:         # a bad key file, by contrast, is the operator's to fix
+        return {}
+    return {"x25519_public": b64(x_pub), "ed25519_public": b64(e_pub), "fingerprint": fingerprint(x_pub, e_pub)}
+
+
 def show_fingerprint(state_dir):
     """`worker --show-fingerprint`: create the keys if needed, print their fingerprint; no enrollment."""
     x_pub, e_pub = public_keys(load_or_create_keys(private_dir(state_dir)))
@@ -424,8 +442,7 @@ def _hpke():
         from cryptography.hazmat.primitives import hpke
         from cryptography.hazmat.primitives.asymmetric import x25519
     except ImportError:
-        raise SwarmError("unsealing credentials needs the cryptography package (47 or later, for HPKE)",
-                         "pip install cryptography") from None
+        raise MissingCryptography("unsealing credentials") from None
     return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305), x25519, InvalidTag
 
 
@@ -1179,6 +1196,8 @@ CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, token_hash TEXT NOT NULL, tags TEXT NOT NULL,
     capabilities TEXT NOT NULL, slots INTEGER NOT NULL, enrolled_at REAL NOT NULL
 )"""
+# Workers pond revoked: their tokens are refused with "revoked" from then on.
+REVOKED_SCHEMA = "CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, revoked_at REAL NOT NULL)"
 
 
 class Registry:
@@ -1190,18 +1209,34 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(REGISTRY_SCHEMA)
+        self._db.execute(REVOKED_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(workers)").fetchall()}
+        if "fingerprint" not in columns:       # a swarm.db from before pinned keys
+            self._db.execute("ALTER TABLE workers ADD COLUMN fingerprint TEXT")
 
     def all(self):
         with self._lock:
-            rows = self._db.execute("SELECT id, name, token_hash, tags, capabilities, slots FROM workers").fetchall()
+            rows = self._db.execute("SELECT id, name, token_hash, tags, capabilities, slots, fingerprint"
+                                    " FROM workers").fetchall()
         return [dict(id=r[0], name=r[1], token_hash=r[2], tags=json.loads(r[3]), capabilities=json.loads(r[4]),
-                     slots=r[5]) for r in rows]
+                     slots=r[5], fingerprint=r[6]) for r in rows]
 
     def add(self, w, token_hash):
         with self._lock:
-            self._db.execute("INSERT INTO workers VALUES (?, ?, ?, ?, ?, ?, ?)",
+            self._db.execute("INSERT INTO workers (id, name, token_hash, tags, capabilities, slots, enrolled_at,"
+                             " fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (w["id"], w["name"], token_hash, json.dumps(w["tags"]), json.dumps(w["capabilities"]),
-                              w["slots"], time.time()))
+                              w["slots"], time.time(), w.get("fingerprint")))
+
+    def revoke(self, worker_id):
+        """pond revoked this worker: forget it, and remember that its token is revoked."""
+        with self._lock:
+            self._db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            self._db.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?)", (worker_id, time.time()))
+
+    def revoked(self):
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT id FROM revoked").fetchall()}
 
     def update(self, w):
         with self._lock:
@@ -1224,6 +1259,8 @@ class Session:
     def __init__(self, row, lock):
         self.id, self.name, self.token_hash = row["id"], row["name"], row["token_hash"]
         self.tags, self.capabilities, self.slots = row["tags"], row["capabilities"], row["slots"]
+        self.fingerprint = row.get("fingerprint")     # as pond pinned it at enrollment; None: unpinned
+        self.revoked = False
         self.queue = collections.deque()       # assigned by pond, not yet handed to the worker
         self.jobs = {}                          # job id -> assignment the worker holds
         self.cancels = []
@@ -1235,8 +1272,11 @@ class Session:
         return self.claiming > 0 or now - self.last_seen < WORKER_GRACE
 
     def view(self, now):
-        return {"id": self.id, "name": self.name, "tags": self.tags, "capabilities": self.capabilities,
-                "slots": self.slots, "online": self.online(now)}
+        out = {"id": self.id, "name": self.name, "tags": self.tags, "capabilities": self.capabilities,
+               "slots": self.slots, "online": self.online(now)}
+        if self.fingerprint:
+            out["fingerprint"] = self.fingerprint
+        return out
 
 
 class Outbox:
@@ -1288,6 +1328,7 @@ class Pool:
         self.lock = threading.Lock()
         self.registry, self.pond, self.claim_wait = registry, pond, claim_wait
         self.sessions = {row["id"]: Session(row, self.lock) for row in registry.all()}
+        self.revoked = registry.revoked()      # worker ids pond revoked: their tokens get "revoked"
         self.outbox = Outbox()
         self.snapshot_due = threading.Event()
         self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
@@ -1296,7 +1337,7 @@ class Pool:
     # -- enrollment ----------------------------------------------------------
 
     def enroll(self, body):
-        body = obj(body, "enroll", ("code", "name", "tags", "capabilities", "slots"), ("code",))
+        body = obj(body, "enroll", ("code", "name", "tags", "capabilities", "slots") + ENROLL_KEY_FIELDS, ("code",))
         code = body["code"]
         if not isinstance(code, str) or not CODE_RE.match(code):
             raise HttpError(400, "bad_request", "code is not an enrollment code", "codes look like ABCD-EFGH-JKMN")
@@ -1304,6 +1345,12 @@ class Pool:
                   "tags": string_list(body.get("tags"), "tags", TAG_RE),
                   "capabilities": string_list(body.get("capabilities"), "capabilities", CAPABILITY_GLOB_RE),
                   "slots": int(whole(body.get("slots"), "slots", 1, 256, default=1))}
+        for name in ENROLL_KEY_FIELDS:      # relayed as sent: pond checks them and pins them
+            if body.get(name) is not None:
+                if not isinstance(body[name], str) or len(body[name]) > 64:
+                    raise HttpError(400, "bad_request", f"{name} must be a string of at most 64 characters",
+                                    "send what `swarm.py worker --show-fingerprint` prints")
+                worker[name] = body[name]
         try:
             answer = self.pond.call("POST", f"/v1/orch/enrollment/{code}/consumed", worker)
         except Refused as e:     # pond's verdict on the code goes back to the worker as is
@@ -1312,18 +1359,35 @@ class Pool:
             raise HttpError(503, "pond_unreachable", "the orchestrator cannot reach pond to check the code",
                             "retry when pond is back") from e
         worker["id"] = answer["worker_id"]
+        worker["fingerprint"] = answer.get("fingerprint")      # what pond pinned, not what the worker said
         token, token_hash = new_token("wkr", worker["id"])
         self.registry.add(worker, token_hash)
         with self.lock:
             self.sessions[worker["id"]] = Session(dict(worker, token_hash=token_hash), self.lock)
         self.snapshot_due.set()
-        log.info("enrolled worker %s (%s)", worker["id"], clean(worker["name"]))
-        return {"worker_id": worker["id"], "token": token, "protocol_version": PROTOCOL_VERSION}
+        log.info("enrolled worker %s (%s), %s", worker["id"], clean(worker["name"]),
+                 f"fingerprint {worker['fingerprint']}" if worker["fingerprint"] else "unpinned (no keys)")
+        return {"worker_id": worker["id"], "token": token, "protocol_version": PROTOCOL_VERSION,
+                "fingerprint": worker["fingerprint"]}
+
+    def revoke(self, worker_id):
+        """pond revoked this worker: drop its session and refuse its token from now on."""
+        with self.lock:
+            session = self.sessions.pop(worker_id, None)
+            self.revoked.add(worker_id)
+            if session is not None:
+                session.revoked = True
+                session.cond.notify_all()         # its held claim ends; the next one is refused
+        self.registry.revoke(worker_id)
+        log.warning("pond revoked worker %s: its token is refused from now on", clean(worker_id))
 
     def authenticate(self, token):
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != "wkr":
             raise HttpError(401, "unauthorized", "the worker token is malformed", "use the token in worker.json")
+        if parts[1] in self.revoked:
+            raise HttpError(403, "revoked", "this worker was revoked by the pool's operator",
+                            "ask the operator; a new identity needs new keys, a new code and a new state dir")
         session = self.sessions.get(parts[1])
         if session is None or not hmac.compare_digest(digest(parts[2]), session.token_hash):
             raise HttpError(403, "token_invalid", "this worker token is not known here",
@@ -1361,7 +1425,7 @@ class Pool:
                 with self.lock:
                     while not session.queue and not session.cancels:
                         remaining = deadline - time.monotonic()
-                        if remaining <= 0:
+                        if remaining <= 0 or session.revoked:
                             return
                         session.cond.wait(min(remaining, LIVENESS_CHECK))
                         if not alive():
@@ -1580,6 +1644,11 @@ def snapshot_loop(pool, pond, stop, interval):
         backoff.reset()
         for unknown in answer.get("unknown", []):
             log.warning("pond does not know worker %s", clean(unknown))
+        for refused in answer.get("refused", []):
+            log.warning("pond refused worker %s in the snapshot (%s): %s", clean(refused.get("id")),
+                        clean(refused.get("code")), clean(refused.get("message")))
+        for worker_id in answer.get("revoked", []):
+            pool.revoke(worker_id)
 
 
 def check_binding(pond):
@@ -1714,21 +1783,26 @@ def load_identity(state_dir):
         raise UsageError(f"{path} is not valid JSON", "remove it and enroll again with --enroll-code") from None
 
 
-def enroll(s, orch):
-    """Enroll with a code through the orchestrator; keep the identity in worker.json (0600)."""
+def enroll(s, orch, keys=None):
+    """Enroll with a code through the orchestrator; keep the identity in worker.json (0600).
+
+    `keys` (enrollment_keys) are the public keys and fingerprint pond pins; without them
+    the worker enrolls unpinned.
+    """
     if not s.enroll_code:
         raise UsageError("this worker has not enrolled yet", "pass --enroll-code CODE (mint one with "
                          "`pond admin enrollment-code`)")
     answer = orch.call("POST", "/v1/worker/enroll",
                        {"code": s.enroll_code, "name": s.name, "tags": list(s.tags),
-                        "capabilities": list(s.capabilities), "slots": s.concurrency})
+                        "capabilities": list(s.capabilities), "slots": s.concurrency, **(keys or {})})
     if answer.get("protocol_version") != PROTOCOL_VERSION:
         raise SwarmError(f"the orchestrator speaks protocol {answer.get('protocol_version')}; this worker speaks "
                          f"{PROTOCOL_VERSION}", "run the same swarm.py release on both", EXIT_REFUSED)
     identity = {"worker_id": answer["worker_id"], "token": answer["token"], "orchestrator": s.orchestrator,
-                "enrolled_at": time.time()}
+                "enrolled_at": time.time(), "fingerprint": answer.get("fingerprint")}
     write_private(s.state_dir / "worker.json", json.dumps(identity, indent=2) + "\n")
-    log.info("enrolled as %s", identity["worker_id"])
+    log.info("enrolled as %s (%s)", identity["worker_id"],
+             f"keys pinned, fingerprint {identity['fingerprint']}" if identity["fingerprint"] else "unpinned")
     return identity
 
 
@@ -2037,9 +2111,12 @@ def worker(s):
     """Enroll if needed, then claim and run jobs until SIGINT/SIGTERM."""
     lock = lock_dir(s.state_dir, "`swarm.py worker`")
     orch = HttpClient(s.orchestrator, what="orchestrator")
+    keys = enrollment_keys(s.state_dir)
+    if not keys:
+        log.warning(NO_CRYPTOGRAPHY + " (pip install cryptography; it enrolls unpinned)")
     identity = load_identity(s.state_dir)
     if identity is None:
-        identity = enroll(s, orch)
+        identity = enroll(s, orch, keys)
     elif s.enroll_code:
         log.info("already enrolled as %s; --enroll-code is not needed", identity["worker_id"])
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator")
@@ -2087,9 +2164,10 @@ def claim_loop(s, orch, slots, stop, identity):
                     slots.cancel(cancel["job_id"])
         except Refused as e:
             if e.status in (401, 403):
+                hint = (e.hint if e.code == "revoked" else
+                        f"enroll again: remove {s.state_dir / 'worker.json'} and pass --enroll-code CODE")
                 raise SwarmError(f"the orchestrator refused this worker ({identity['worker_id']}): {e.message}",
-                                 f"enroll again: remove {s.state_dir / 'worker.json'} and pass --enroll-code CODE",
-                                 EXIT_REFUSED) from None
+                                 hint, EXIT_REFUSED) from None
             stop.wait(backoff.next())
         except Unreachable as e:
             if stop.is_set():

@@ -192,6 +192,8 @@ def cmd_pairing_code(args):
     body = {"ttl": args.ttl} if args.ttl else {}
     if args.name:
         body["name"] = args.name
+    if args.scope:
+        body["scope"] = _tag_list(args.scope)
     data = _client(args).post("/v1/admin/pool/pairing-codes", body)
     if args.json:
         return _print_json(data)
@@ -201,21 +203,38 @@ def cmd_pairing_code(args):
 
 
 def cmd_enrollment_code(args):
-    body = {k: v for k, v in (("ttl", args.ttl), ("uses", args.uses)) if v}
+    body = {k: v for k, v in (("ttl", args.ttl), ("uses", args.uses), ("fingerprint", args.fingerprint)) if v}
+    if args.tags:
+        body["tags"] = _tag_list(args.tags)
     data = _client(args).post("/v1/admin/pool/enrollment-codes", body)
     if args.json:
         return _print_json(data)
     print(data["code"])
-    print(f"enrolls up to {data['uses']} worker(s), expires in {data['ttl']} s; on a worker host run:\n"
+    limits = "".join([f"; only for fingerprint {data['fingerprint']}" if data.get("fingerprint") else "",
+                      f"; tags within {','.join(data['tags'])}" if data.get("tags") else ""])
+    print(f"enrolls up to {data['uses']} worker(s), expires in {data['ttl']} s{limits}; on a worker host run:\n"
           f"  python swarm.py worker --orchestrator URL --enroll-code {data['code']} --tags ... --capabilities ...",
           file=sys.stderr)
+
+
+def _tag_list(text):
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_revoke(args):
+    kind = {"orchestrator": "orchestrators", "worker": "workers"}[args.kind]
+    data = _client(args).delete(f"/v1/admin/pool/{kind}/{args.id}")
+    if args.json:
+        return _print_json(data)
+    print(f"revoked {args.kind} {args.id}")
 
 
 def cmd_orchestrators(args):
     data = _client(args).get("/v1/admin/pool/orchestrators")
     if args.json:
         return _print_json(data)
-    _table(data["orchestrators"], [("ID", "id"), ("NAME", "name"), ("WORKERS", "workers"),
+    _table(data["orchestrators"], [("ID", "id"), ("NAME", "name"), ("SCOPE", lambda o: ",".join(o["scope"]) or "-"),
+                                   ("REVOKED", lambda o: "yes" if o["revoked_at"] else "no"), ("WORKERS", "workers"),
                                    ("ONLINE", "workers_online"), ("LAST SEEN", lambda o: _ago(o["last_seen"]))])
 
 
@@ -224,6 +243,9 @@ def cmd_workers(args):
     if args.json:
         return _print_json(data)
     _table(data["workers"], [("ID", "id"), ("ORCHESTRATOR", "orchestrator"), ("ONLINE", "online"),
+                             ("FINGERPRINT", lambda w: (w["fingerprint"] or "unpinned")[:16]),
+                             ("REVOKED", lambda w: "yes" if w["revoked"] else "no"),
+                             ("LAST EVENT", lambda w: w["last_event"] or "-"),
                              ("SLOTS", "slots"), ("FREE", "free"), ("TAGS", lambda w: ",".join(w["tags"])),
                              ("CAPABILITIES", lambda w: ",".join(w["capabilities"])),
                              ("LAST SEEN", lambda w: _ago(w["last_seen"]))])
@@ -303,11 +325,19 @@ def build_parser():
     s = admin.add_parser("pairing-code", help="mint a one-time orchestrator pairing code", parents=[common])
     s.add_argument("--ttl", type=int, metavar="S", help="seconds it stays valid (default 600)")
     s.add_argument("--name", help="a name for the orchestrator")
+    s.add_argument("--scope", metavar="TAGS", help="pool scope: the only tags its workers may have (a,b)")
     s.set_defaults(fn=cmd_pairing_code)
     s = admin.add_parser("enrollment-code", help="mint a worker enrollment code", parents=[common])
     s.add_argument("--ttl", type=int, metavar="S", help="seconds it stays valid (default 3600)")
     s.add_argument("--uses", type=int, help="how many workers it may enroll (default 1)")
+    s.add_argument("--fingerprint", metavar="FP",
+                   help="expected worker fingerprint (`swarm.py worker --show-fingerprint` on the worker host)")
+    s.add_argument("--tags", metavar="TAGS", help="tag ceiling: the only tags the worker may have (a,b)")
     s.set_defaults(fn=cmd_enrollment_code)
+    s = admin.add_parser("revoke", help="revoke an orchestrator binding or a worker", parents=[common])
+    s.add_argument("kind", choices=("orchestrator", "worker"))
+    s.add_argument("id")
+    s.set_defaults(fn=cmd_revoke)
     s = admin.add_parser("orchestrators", help="list paired orchestrators", parents=[common])
     s.set_defaults(fn=cmd_orchestrators)
     s = admin.add_parser("workers", help="list enrolled workers", parents=[common])

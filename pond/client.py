@@ -105,3 +105,6 @@ class Client:
 
     def post(self, path, body=None, timeout=None):
         return self.request("POST", path, body=body if body is not None else {}, timeout=timeout)
+
+    def delete(self, path):
+        return self.request("DELETE", path)

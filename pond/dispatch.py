@@ -151,6 +151,8 @@ def _answers(pond, binding_id, deadline, alive):
         if not alive():
             return
         snapshot = pond.work.snapshot()
+        if pond.store.binding(binding_id)["revoked_at"] is not None:
+            return              # revoked while held: the next poll is refused (pairing.authenticate)
         free = _has_free_slot(pond.store, binding_id)     # checked without the write lock
         jobs = claim(pond, binding_id) if free else []
         cancels = pond.store.cancels_to_send(binding_id)

@@ -8,19 +8,24 @@ A code works once. Its binding token is `orch.<binding id>.<secret>`; pond keeps
 secret's SHA-256 only (specs/protocol.md §2).
 """
 
-from pond import PROTOCOL_VERSION, tokens, wire
-from pond.errors import BadRequest, Forbidden, Gone, Unauthorized
+from pond import PROTOCOL_VERSION, enrollment, tokens, wire
+from pond.errors import BadRequest, Forbidden, Gone, NotFound, Unauthorized
 from pond.settings import MAX_CODE_TTL, PAIRING_TTL
 
 
 def mint_code(pond, req):
-    """POST /v1/admin/pool/pairing-codes {ttl?, name?}: a one-time code, shown once."""
-    body = wire.obj(req.body, "pairing code", ("ttl", "name"))
+    """POST /v1/admin/pool/pairing-codes {ttl?, name?, scope?}: a one-time code, shown once.
+
+    `scope` is the pool scope: the tags any worker of this binding may ever have
+    (enforced at enrollment and at every snapshot, pond/enrollment.py). Without it, none.
+    """
+    body = wire.obj(req.body, "pairing code", ("ttl", "name", "scope"))
     ttl = wire.number(body.get("ttl"), "ttl", 30, MAX_CODE_TTL, default=PAIRING_TTL, integer=True)
     name = wire.optional_string(body.get("name"), "name", max_len=64, pattern=wire.NAME_RE) or "orchestrator"
+    scope = enrollment.ceiling(body.get("scope"), "scope") or []
     code, now = tokens.new_code(), pond.now()
-    pond.store.add_pairing_code(tokens.digest(tokens.normalize_code(code)), name, [], now, now + ttl)
-    return 201, {"code": code, "name": name, "expires_at": now + ttl, "ttl": ttl}
+    pond.store.add_pairing_code(tokens.digest(tokens.normalize_code(code)), name, scope, now, now + ttl)
+    return 201, {"code": code, "name": name, "expires_at": now + ttl, "ttl": ttl, "scope": scope}
 
 
 def pair(pond, req):
@@ -65,7 +70,8 @@ def authenticate(pond, header):
         raise Forbidden("this orchestrator token is not valid", "pair again: `swarm.py pair --code NEW_CODE`",
                         code="token_invalid")
     if row["revoked_at"] is not None:
-        raise Forbidden("this orchestrator binding was revoked", "pair again with a new code", code="revoked")
+        raise Forbidden("this orchestrator binding was revoked", "ask the pool operator; pair again with a new code",
+                        code="revoked")
     return row
 
 
@@ -83,3 +89,15 @@ def list_orchestrators(pond, req):
     if req.body is not None:
         raise BadRequest("GET takes no body")
     return 200, {"orchestrators": pond.store.bindings()}
+
+
+def revoke(pond, req):
+    """DELETE /v1/admin/pool/orchestrators/{id}: the binding's next request is refused; its workers go offline."""
+    if req.body is not None:
+        raise BadRequest("DELETE takes no body")
+    binding_id = req.params["id"]
+    if not pond.store.revoke_binding(binding_id, pond.now()):
+        raise NotFound(f"no orchestrator {binding_id!r}", "list them with `pond admin orchestrators`")
+    pond.work.notify()          # held polls of this binding wake, see it revoked and end
+    pond.log.warning("revoked orchestrator %s", binding_id)
+    return 200, {"binding_id": binding_id, "revoked_at": pond.store.binding(binding_id)["revoked_at"]}

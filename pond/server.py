@@ -65,6 +65,8 @@ ROUTES = [
     ("POST", r"/v1/admin/pool/enrollment-codes", "admin", enrollment.mint_code),
     ("GET", r"/v1/admin/pool/orchestrators", "admin", pairing.list_orchestrators),
     ("GET", r"/v1/admin/pool/workers", "admin", enrollment.list_workers),
+    ("DELETE", rf"/v1/admin/pool/orchestrators/{_ID}", "admin", pairing.revoke),
+    ("DELETE", rf"/v1/admin/pool/workers/{_ID}", "admin", enrollment.revoke),
     ("POST", r"/v1/orch/pair", None, pairing.pair),
     ("GET", r"/v1/orch/whoami", "orch", pairing.whoami),
     ("POST", r"/v1/orch/poll", "orch", dispatch.poll),

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairing_codes (
@@ -55,7 +55,13 @@ CREATE TABLE IF NOT EXISTS workers (
     slots        INTEGER NOT NULL,
     online       INTEGER NOT NULL DEFAULT 0,
     enrolled_at  REAL NOT NULL,
-    last_seen    REAL
+    last_seen    REAL,
+    x25519_public  TEXT,
+    ed25519_public TEXT,
+    fingerprint    TEXT,
+    tag_ceiling    TEXT,
+    revoked_at     REAL,
+    events         TEXT
 );
 CREATE INDEX IF NOT EXISTS workers_binding ON workers(binding_id);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -97,7 +103,12 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE INDEX IF NOT EXISTS chunks_job ON chunks(job_id, id);
 """
 
-_JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling")
+_JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events")
+# Columns added to `workers` by schema 2 (pinned keys, enrollment ceiling, revocation, events):
+# a version-1 pond.db gets them with ALTER TABLE when it is opened.
+WORKER_COLUMNS_V2 = (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
+                     ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"))
+MAX_EVENTS = 20           # per worker, newest last
 ACTIVE_STATES = ("assigned", "running")
 
 
@@ -136,7 +147,16 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            self._migrate(version)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def _migrate(self, version):
+        """Bring an older schema up to SCHEMA_VERSION (inside the opening transaction)."""
+        if version == 1:
+            have = {r["name"] for r in self._db.execute("PRAGMA table_info(workers)").fetchall()}
+            for name, kind in WORKER_COLUMNS_V2:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE workers ADD COLUMN {name} {kind}")
 
     def close(self):
         with self._lock:
@@ -207,6 +227,15 @@ class Store:
             " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id AND w.online) AS workers_online"
             " FROM bindings b ORDER BY b.created_at")
 
+    def revoke_binding(self, binding_id, now):
+        """Revoke a binding and take its workers offline; False if there is no such binding."""
+        with self.transaction():
+            if self._db.execute("UPDATE bindings SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                                (now, binding_id)).rowcount != 1:
+                return False
+            self._worker_write("UPDATE workers SET online = 0 WHERE binding_id = ?", (binding_id,))
+            return True
+
     def touch_binding(self, binding_id, now):
         self._write("UPDATE bindings SET last_seen = ? WHERE id = ?", (now, binding_id))
 
@@ -233,10 +262,27 @@ class Store:
             self._workers_cache.clear()
             return self._db.execute(sql, args).rowcount
 
-    def add_worker(self, worker_id, binding_id, name, tags, capabilities, slots, now):
+    def add_worker(self, worker_id, binding_id, name, tags, capabilities, slots, now, keys=None, tag_ceiling=None):
+        """keys: None (an unpinned worker) or (x25519 base64, ed25519 base64, fingerprint)."""
+        x_pub, e_pub, fp = keys or (None, None, None)
         self._worker_write("INSERT INTO workers (id, binding_id, name, tags, capabilities, slots, online,"
-                    " enrolled_at, last_seen) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                    (worker_id, binding_id, name, _dump(tags), _dump(capabilities), slots, now, now))
+                    " enrolled_at, last_seen, x25519_public, ed25519_public, fingerprint, tag_ceiling, events)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?, '[]')",
+                    (worker_id, binding_id, name, _dump(tags), _dump(capabilities), slots, now, now,
+                     x_pub, e_pub, fp, None if tag_ceiling is None else _dump(tag_ceiling)))
+
+    def refuse_worker(self, worker_id, event):
+        """A snapshot entry was refused: the worker goes offline, keeps its row, and the event is kept."""
+        with self.transaction():
+            row = self._one("SELECT events FROM workers WHERE id = ?", (worker_id,))
+            events = ((row or {}).get("events") or []) + [event]
+            self._worker_write("UPDATE workers SET online = 0, events = ? WHERE id = ?",
+                               (_dump(events[-MAX_EVENTS:]), worker_id))
+
+    def revoke_worker(self, worker_id, now):
+        """Revoke a worker: offline for good; False if there is no such worker."""
+        return self._worker_write("UPDATE workers SET revoked_at = COALESCE(revoked_at, ?), online = 0 WHERE id = ?",
+                                  (now, worker_id)) == 1
 
     def worker(self, worker_id):
         return self._one("SELECT * FROM workers WHERE id = ?", (worker_id,))
@@ -257,7 +303,7 @@ class Store:
 
     def update_worker(self, worker_id, binding_id, tags, capabilities, slots, online, last_seen):
         return self._worker_write("UPDATE workers SET tags = ?, capabilities = ?, slots = ?, online = ?, last_seen = ?"
-                           " WHERE id = ? AND binding_id = ?",
+                           " WHERE id = ? AND binding_id = ? AND revoked_at IS NULL",
                            (_dump(tags), _dump(capabilities), slots, int(online), last_seen,
                             worker_id, binding_id)) == 1
 

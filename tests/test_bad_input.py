@@ -534,6 +534,8 @@ def admin_post(what, path, body, **kw):
 
 PAIRING_CODES = "/v1/admin/pool/pairing-codes"
 ENROLLMENT_CODES = "/v1/admin/pool/enrollment-codes"
+REVOKE_BINDING = "/v1/admin/pool/orchestrators/o_unknown"
+REVOKE_WORKER = "/v1/admin/pool/workers/w_unknown"
 
 POND_ADMIN_CASES = [
     *get_body_cases("GET", "/healthz", None),
@@ -554,6 +556,10 @@ POND_ADMIN_CASES = [
     admin_post("name with a NUL byte", PAIRING_CODES, {"name": "o\x00"}, says="name"),
     admin_post("name of 100 KiB", PAIRING_CODES, {"name": "o" * 100_000}, says="name"),
     Case("GET on pairing codes", "GET", PAIRING_CODES, auth="admin", status=405, code="method_not_allowed"),
+    admin_post("scope a string", PAIRING_CODES, {"scope": "pool:byo"}, says="scope"),
+    admin_post("scope empty", PAIRING_CODES, {"scope": []}, says="scope"),
+    admin_post("scope with a space in a tag", PAIRING_CODES, {"scope": ["pool byo"]}, says="scope"),
+    admin_post("scope with a number", PAIRING_CODES, {"scope": [1]}, says="scope"),
     # enrollment codes
     *admin_auth_cases("POST", ENROLLMENT_CODES, {}),
     *body_shape_cases("POST", ENROLLMENT_CODES, "admin", {"uses": 2}),
@@ -564,6 +570,27 @@ POND_ADMIN_CASES = [
     admin_post("uses a fraction", ENROLLMENT_CODES, {"uses": 1.5}, says="uses"),
     admin_post("ttl under 30 s", ENROLLMENT_CODES, {"ttl": 1}, says="ttl"),
     admin_post("ttl null in a list", ENROLLMENT_CODES, {"ttl": [None]}, says="ttl"),
+    admin_post("fingerprint in upper case", ENROLLMENT_CODES, {"fingerprint": "AB" * 32}, says="fingerprint"),
+    admin_post("fingerprint of 63 characters", ENROLLMENT_CODES, {"fingerprint": "a" * 63}, says="fingerprint"),
+    admin_post("fingerprint a number", ENROLLMENT_CODES, {"fingerprint": 42}, says="fingerprint"),
+    admin_post("fingerprint empty", ENROLLMENT_CODES, {"fingerprint": ""}, says="fingerprint"),
+    admin_post("tags a string", ENROLLMENT_CODES, {"tags": "pool:byo"}, says="tags"),
+    admin_post("tags empty", ENROLLMENT_CODES, {"tags": []}, says="tags"),
+    admin_post("tags with a NUL byte", ENROLLMENT_CODES, {"tags": ["a\x00"]}, says="tags"),
+    # revocation (unknown ids only: the sweep must not revoke the world it runs in)
+    *admin_auth_cases("DELETE", REVOKE_BINDING),
+    *admin_auth_cases("DELETE", REVOKE_WORKER),
+    Case("revoke an unknown orchestrator", "DELETE", REVOKE_BINDING, auth="admin", status=404, code="not_found"),
+    Case("revoke an unknown worker", "DELETE", REVOKE_WORKER, auth="admin", status=404, code="not_found"),
+    Case("revoke an orchestrator with a body", "DELETE", REVOKE_BINDING, {}, auth="admin"),
+    Case("revoke a worker with a body", "DELETE", REVOKE_WORKER, {"why": "x"}, auth="admin"),
+    Case("revoke a worker id with a dot", "DELETE", "/v1/admin/pool/workers/w.1", auth="admin", status=404,
+         code="not_found"),
+    Case("revoke a worker id of 65 characters", "DELETE", "/v1/admin/pool/workers/" + "w" * 65, auth="admin",
+         status=404, code="not_found"),
+    Case("revoke every orchestrator", "DELETE", "/v1/admin/pool/orchestrators", auth="admin", status=405,
+         code="method_not_allowed"),
+    Case("POST on a worker", "POST", REVOKE_WORKER, {}, auth="admin", status=405, code="method_not_allowed"),
     # listings
     *admin_auth_cases("GET", "/v1/admin/pool/orchestrators"),
     *admin_auth_cases("GET", "/v1/admin/pool/workers"),
@@ -588,6 +615,9 @@ A_CHUNK = {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="}
 SNAPSHOT = "/v1/orch/workers/snapshot"
 CONSUMED = "/v1/orch/enrollment/<ecode>/consumed"
 ENROLL_BODY = {"tags": ["lane:x"], "capabilities": ["harness.*"], "slots": 1}
+# Worker A of specs/vectors/keys.json
+KEYS_A = {"x25519_public": "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=",
+          "ed25519_public": "11qYAYKxCrfVS/7TyWQHOg7hcvPapiMlrwIaaPcHURo="}
 
 
 def snapshot_of(**fields):
@@ -763,6 +793,22 @@ POND_ORCH_CASES = [
     orch_post("slots a fraction", CONSUMED, dict(ENROLL_BODY, slots=1.5), says="slots"),
     orch_post("name with a NUL byte", CONSUMED, dict(ENROLL_BODY, name="w\x00"), says="name"),
     orch_post("online a string", CONSUMED, dict(ENROLL_BODY, online="no"), says="online"),
+    orch_post("x25519_public not base64", CONSUMED, dict(ENROLL_BODY, **dict(KEYS_A, x25519_public="!" * 44)),
+              says="x25519_public"),
+    orch_post("ed25519_public of 31 bytes", CONSUMED, dict(ENROLL_BODY, **dict(KEYS_A, ed25519_public="A" * 40 + "AA==")),
+              says="ed25519_public"),
+    orch_post("ed25519_public a number", CONSUMED, dict(ENROLL_BODY, **dict(KEYS_A, ed25519_public=7)), says="ed25519_public"),
+    orch_post("one public key without the other", CONSUMED, dict(ENROLL_BODY, x25519_public=KEYS_A["x25519_public"]),
+              says="ed25519_public"),
+    orch_post("a fingerprint without keys", CONSUMED, dict(ENROLL_BODY, fingerprint="a" * 64), says="keys"),
+    orch_post("a fingerprint in upper case", CONSUMED, dict(ENROLL_BODY, **KEYS_A, fingerprint="A" * 64),
+              says="fingerprint"),
+    orch_post("a fingerprint that is not the keys'", CONSUMED, dict(ENROLL_BODY, **KEYS_A, fingerprint="a" * 64),
+              code="fingerprint_invalid", says="fingerprint"),
+    orch_post("a snapshot fingerprint of 65 characters", SNAPSHOT, snapshot_of(fingerprint="a" * 65),
+              says="fingerprint"),
+    orch_post("a snapshot with one key only", SNAPSHOT, snapshot_of(ed25519_public=KEYS_A["ed25519_public"]),
+              says="x25519_public"),
     Case("GET on consumed", "GET", CONSUMED, auth="orch", status=405, code="method_not_allowed"),
 ]
 
@@ -1156,6 +1202,11 @@ ORCH_WORKER_CASES = [
     enroll("slots NaN", raw=f'{{"code": "{UNKNOWN_CODE}", "slots": NaN}}'.encode(), says="slots"),
     enroll("name a number", enroll_with(name=5), says="name"),
     enroll("name with a NUL byte", enroll_with(name="w\x00"), says="name"),
+    enroll("x25519_public a number", enroll_with(x25519_public=5), says="x25519_public"),
+    enroll("fingerprint of 1 MiB", enroll_with(fingerprint="a" * MIB), says="fingerprint"),
+    enroll("fingerprint not hex (pond says)", enroll_with(fingerprint="z" * 64), says="fingerprint"),
+    enroll("keys not the fingerprint's (pond says)", enroll_with(**KEYS_A, fingerprint="a" * 64),
+           code="fingerprint_invalid"),
     Case("GET on enroll", "GET", ENROLL, status=405, code="method_not_allowed"),
     # claim
     *worker_auth_cases("POST", WCLAIM, {"wait": 0}),
