@@ -43,6 +43,7 @@ import fcntl
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -546,13 +548,26 @@ def sign_envelope(ed25519_private, statement, keyid):
 # ============================================================================
 
 
+def client_tls_context(ca_file=None):
+    """A verifying TLS client context (TLS 1.2+, host names checked): the CA in `ca_file`, else the
+    system trust store. Never a fallback to plain HTTP or to an unverified connection."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca_file or None)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(f"cannot load the CA file {ca_file}: {e}",
+                         "--ca-file is a PEM file with the certificate of the CA that signed the server's") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
 class HttpClient:
-    def __init__(self, base_url, token=None, what="server"):
+    def __init__(self, base_url, token=None, what="server", ca_file=None):
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise UsageError(f"{base_url!r} is not an http://HOST:PORT URL", "example: http://127.0.0.1:8080")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise UsageError(f"{base_url!r} is not an http(s)://HOST:PORT URL", "example: https://orch.lan:8080")
         self.url = base_url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.tls = client_tls_context(ca_file) if parts.scheme == "https" else None
         self.token, self.what = token, what
         self.aborted = False
         self._local = threading.local()
@@ -580,7 +595,10 @@ class HttpClient:
     def _conn(self, timeout):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            if self.tls:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn = conn
@@ -647,8 +665,14 @@ class HttpClient:
             raise
 
     def _unreachable(self, e):
-        return Unreachable(f"cannot reach the {self.what} at {self.url}: {e.__class__.__name__}: {e}",
-                           f"is the {self.what} running and is the URL right?")
+        hint = f"is the {self.what} running and is the URL right?"
+        if isinstance(e, ssl.SSLCertVerificationError):
+            hint = (f"the {self.what}'s TLS certificate did not verify: pass --ca-file FILE with the CA that "
+                    "signed it")
+        elif isinstance(e, ssl.SSLError):
+            hint = (f"a TLS handshake failed: is the scheme right (https:// only if the {self.what} has "
+                    "--tls-cert)? for a private CA pass --ca-file FILE")
+        return Unreachable(f"cannot reach the {self.what} at {self.url}: {e.__class__.__name__}: {e}", hint)
 
     def _decode(self, status, raw, method, path):
         try:
@@ -667,6 +691,32 @@ class HttpClient:
 # ============================================================================
 # HTTP server (JSON in and out, bounded, one buffered write, TCP_NODELAY)
 # ============================================================================
+
+
+def server_tls_context(cert_file, key_file):
+    """A server-side TLS context for --tls-cert/--tls-key (TLS 1.2+)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise UsageError(f"cannot load the TLS certificate {cert_file} / key {key_file}: {e}",
+                         "--tls-cert is a PEM certificate (chain), --tls-key its PEM private key") from None
+    return ctx
+
+
+def peek(sock):
+    """One byte of what the client sent, left unread. An SSLSocket cannot peek, so peek at the
+    TCP socket under it: b"" still means the client hung up (as pond/server.py)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.recv(1, socket.MSG_PEEK)
+    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b"?"
+    finally:
+        raw.close()
 
 
 class Headers(dict):
@@ -875,7 +925,7 @@ class JsonHandler(BaseHTTPRequestHandler):
         readable socket with no byte to peek at means it closed (or died)."""
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
-            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+            return not readable or peek(self.connection) != b""
         except OSError:
             return False
 
@@ -1011,6 +1061,18 @@ class JsonServer(ThreadingHTTPServer):
         self._closed.set()
         super().server_close()
 
+    def use_tls(self, context):
+        """Serve HTTPS. The handshake runs in each connection's thread (on its first read), so a
+        silent client never holds up accept(); the slow-reader cut bounds it like a request."""
+        self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def handle_error(self, request, client_address):
+        e = sys.exc_info()[1]
+        if isinstance(e, (ssl.SSLError, ConnectionError, TimeoutError)):    # a failed handshake: one line
+            log.info("connection from %s dropped: %s", client_address[0], e)
+            return
+        super().handle_error(request, client_address)
+
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)      # over the connection cap: refuse at once
@@ -1036,6 +1098,7 @@ class PairSettings:
     code: str
     out: Path
     name: str
+    ca_file: str = ""         # CA to verify an https:// pond with; "" = the system trust store
 
 
 @dataclass(frozen=True)
@@ -1050,6 +1113,9 @@ class ServeSettings:
     claim_wait: float = CLAIM_WAIT
     snapshot_interval: float = SNAPSHOT_INTERVAL
     request_timeout: float = REQUEST_TIMEOUT
+    tls_cert: str = ""        # both set: serve HTTPS
+    tls_key: str = ""
+    ca_file: str = ""         # CA to verify an https:// pond with
 
 
 @dataclass(frozen=True)
@@ -1064,6 +1130,7 @@ class WorkerSettings:
     repo_root: Path
     claim_wait: float = CLAIM_WAIT
     keep_job_dirs: bool = False
+    ca_file: str = ""         # CA to verify an https:// orchestrator with
 
 
 @dataclass(frozen=True)
@@ -1071,6 +1138,29 @@ class OperatorSettings:
     orchestrator: str
     token: str
     json: bool
+    ca_file: str = ""
+
+
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_tls(host, cert, key, insecure_no_tls):
+    """(cert, key), checked by loading them; plain HTTP off loopback only when asked for explicitly."""
+    if bool(cert) != bool(key):
+        raise UsageError("--tls-cert and --tls-key go together", "pass both: --tls-cert FILE --tls-key FILE")
+    if cert:
+        server_tls_context(cert, key)       # fail at start-up, not at the first connection
+        return str(Path(cert).resolve()), str(Path(key).resolve())
+    if not is_loopback(host) and not insecure_no_tls:
+        raise UsageError(f"refusing to serve plain HTTP on {host}: tokens would cross the network in clear text",
+                         "pass --tls-cert FILE --tls-key FILE, or --insecure-no-tls on a trusted overlay network only")
+    return "", ""
 
 
 def parse_bind(text):
@@ -1108,6 +1198,7 @@ def load_handle(path):
 
 def serve_settings(args, env):
     host, port = parse_bind(args.bind)
+    tls_cert, tls_key = serve_tls(host, args.tls_cert, args.tls_key, args.insecure_no_tls)
     token = resolve_token(args.token, args.token_file, env)
     if not token:
         raise UsageError("serve needs an operator token", "pass --token-file FILE or set SWARM_TOKEN "
@@ -1119,7 +1210,8 @@ def serve_settings(args, env):
     return ServeSettings(host=host, port=port, state_dir=state, handle=handle_path,
                          pond_url=(args.pond or handle["pond_url"]).rstrip("/"), token_hash=digest(token),
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
-                         snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout)
+                         snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout,
+                         tls_cert=tls_cert, tls_key=tls_key, ca_file=args.ca_file or "")
 
 
 def worker_settings(args, env):
@@ -1145,7 +1237,7 @@ def worker_settings(args, env):
     return WorkerSettings(orchestrator=args.orchestrator.rstrip("/"), state_dir=state, enroll_code=code,
                           name=args.name or socket.gethostname()[:64], tags=tuple(tags), capabilities=tuple(caps),
                           concurrency=args.concurrency, repo_root=repo_root, claim_wait=args.claim_wait,
-                          keep_job_dirs=args.keep_job_dirs)
+                          keep_job_dirs=args.keep_job_dirs, ca_file=args.ca_file or "")
 
 
 def operator_settings(args, env):
@@ -1160,7 +1252,7 @@ def operator_settings(args, env):
         except (OSError, ValueError, KeyError):
             raise UsageError("cannot find the orchestrator", "pass --orchestrator URL or --state-dir DIR of a "
                              "running `swarm.py serve`") from None
-    return OperatorSettings(orchestrator=url, token=token, json=args.json)
+    return OperatorSettings(orchestrator=url, token=token, json=args.json, ca_file=args.ca_file or "")
 
 
 # ============================================================================
@@ -1170,7 +1262,7 @@ def operator_settings(args, env):
 
 def pair(s):
     """Redeem a pairing code with pond and write the backend handle (0600)."""
-    pond = HttpClient(s.pond_url, what="pond")
+    pond = HttpClient(s.pond_url, what="pond", ca_file=s.ca_file)
     body = {"code": s.code}
     if s.name:
         body["name"] = s.name
@@ -1719,7 +1811,7 @@ def serve(s):
     """Run the orchestrator until SIGINT/SIGTERM."""
     lock = lock_dir(s.state_dir, "`swarm.py serve`")
     handle = load_handle(s.handle)
-    pond = HttpClient(s.pond_url, handle["token"], what="pond")
+    pond = HttpClient(s.pond_url, handle["token"], what="pond", ca_file=s.ca_file)
     registry = Registry(s.state_dir / "swarm.db")
     pool = Pool(registry, pond, s.claim_wait)
     try:
@@ -1729,7 +1821,9 @@ def serve(s):
         registry.close()
         raise UsageError(f"cannot listen on {s.host}:{s.port}: {e.strerror}",
                          "pick a free port with --bind HOST:PORT (port 0: any free port)") from None
-    url = f"http://{server.server_address[0]}:{server.server_address[1]}"
+    if s.tls_cert:
+        server.use_tls(server_tls_context(s.tls_cert, s.tls_key))
+    url = f"{'https' if s.tls_cert else 'http'}://{server.server_address[0]}:{server.server_address[1]}"
     write_private(s.state_dir / "serve.json", json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     stop, failure = threading.Event(), []
 
@@ -2110,7 +2204,7 @@ class Slots:
 def worker(s):
     """Enroll if needed, then claim and run jobs until SIGINT/SIGTERM."""
     lock = lock_dir(s.state_dir, "`swarm.py worker`")
-    orch = HttpClient(s.orchestrator, what="orchestrator")
+    orch = HttpClient(s.orchestrator, what="orchestrator", ca_file=s.ca_file)
     keys = enrollment_keys(s.state_dir)
     if not keys:
         log.warning(NO_CRYPTOGRAPHY + " (pip install cryptography; it enrolls unpinned)")
@@ -2119,8 +2213,8 @@ def worker(s):
         identity = enroll(s, orch, keys)
     elif s.enroll_code:
         log.info("already enrolled as %s; --enroll-code is not needed", identity["worker_id"])
-    claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator")
-    reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator"))
+    claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
+    reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
     slots = Slots(s, reporter)
     stop = threading.Event()
 
@@ -2195,7 +2289,7 @@ def _table(rows, columns):
 
 
 def status(s):
-    data = HttpClient(s.orchestrator, s.token, what="orchestrator").call("GET", "/v1/pool/status")
+    data = HttpClient(s.orchestrator, s.token, what="orchestrator", ca_file=s.ca_file).call("GET", "/v1/pool/status")
     if s.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -2207,7 +2301,7 @@ def status(s):
 
 
 def jobs(s):
-    data = HttpClient(s.orchestrator, s.token, what="orchestrator").call("GET", "/v1/pool/jobs")
+    data = HttpClient(s.orchestrator, s.token, what="orchestrator", ca_file=s.ca_file).call("GET", "/v1/pool/jobs")
     if s.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -2217,7 +2311,8 @@ def jobs(s):
 
 
 def cancel(s, job_id):
-    data = HttpClient(s.orchestrator, s.token, what="orchestrator").call("POST", f"/v1/pool/jobs/{job_id}/cancel")
+    data = HttpClient(s.orchestrator, s.token, what="orchestrator",
+                      ca_file=s.ca_file).call("POST", f"/v1/pool/jobs/{job_id}/cancel")
     print(json.dumps(data, indent=2) if s.json else f"{job_id}: cancel sent")
     return EXIT_OK
 
@@ -2236,6 +2331,9 @@ EXAMPLES = """examples:
 """
 
 
+CA_FILE_HELP = "CA certificate (PEM) to verify an https:// {} with (default: the system trust store)"
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="swarm.py", description="swarm: orchestrator and worker for pond",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -2247,8 +2345,14 @@ def build_parser():
     s.add_argument("--code", help="the pairing code (or $SWARM_PAIRING_CODE)")
     s.add_argument("--out", default=HANDLE_FILE, help="where to write the handle (default: %(default)s)")
     s.add_argument("--name", help="a name for this orchestrator")
+    s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("pond"))
 
     s = sub.add_parser("serve", help="run the orchestrator")
+    s.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    s.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    s.add_argument("--insecure-no-tls", action="store_true",
+                   help="allow plain HTTP off loopback (a trusted overlay network only)")
+    s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("pond"))
     s.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT", help="default %(default)s")
     s.add_argument("--token", help="operator token for status/jobs/cancel (visible in ps: prefer --token-file or $SWARM_TOKEN)")
     s.add_argument("--token-file", metavar="FILE", help="file holding the operator token (0600)")
@@ -2263,6 +2367,7 @@ def build_parser():
 
     s = sub.add_parser("worker", help="enroll (once) and run jobs")
     s.add_argument("--orchestrator", metavar="URL", help="the orchestrator's URL (required to run jobs)")
+    s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("orchestrator"))
     s.add_argument("--show-fingerprint", action="store_true",
                    help="create this worker's keys if needed, print their fingerprint and exit (no enrollment)")
     s.add_argument("--enroll-code", metavar="CODE", help="needed the first time only (or $SWARM_ENROLL_CODE)")
@@ -2281,6 +2386,7 @@ def build_parser():
         if name == "cancel":
             s.add_argument("job_id")
         s.add_argument("--orchestrator", metavar="URL", help="default: from DIR/serve.json")
+        s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("orchestrator"))
         s.add_argument("--state-dir", metavar="DIR", help=f"the serve state dir (default ./{DEFAULT_SERVE_STATE})")
         s.add_argument("--token", help="the operator token (visible in ps: prefer --token-file or $SWARM_TOKEN)")
         s.add_argument("--token-file", metavar="FILE")
@@ -2293,7 +2399,8 @@ def run(args, env):
         code = args.code or env.get("SWARM_PAIRING_CODE")
         if not code:
             raise UsageError("pair needs a code", "pass --code CODE (mint one with `pond admin pairing-code`)")
-        return pair(PairSettings(pond_url=args.pond.rstrip("/"), code=code, out=Path(args.out), name=args.name))
+        return pair(PairSettings(pond_url=args.pond.rstrip("/"), code=code, out=Path(args.out), name=args.name,
+                                 ca_file=args.ca_file or ""))
     if args.cmd == "serve":
         setup_logging("serve")
         return serve(serve_settings(args, env))

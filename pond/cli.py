@@ -32,8 +32,8 @@ EXAMPLES = """examples:
 
 def _client(args):
     token = read_private(args.token_file) if args.token_file else None
-    s = client_settings(args.pond, args.state_dir, token, os.environ)
-    return Client(s.url, s.token, s.timeout)
+    s = client_settings(args.pond, args.state_dir, token, os.environ, ca_file=args.ca_file)
+    return Client(s.url, s.token, s.timeout, s.ca_file)
 
 
 def _print_json(data):
@@ -64,7 +64,8 @@ def _ago(ts):
 def cmd_serve(args):
     from pond.server import serve
     settings = server_settings(args.bind, args.state_dir, os.environ, args.admin_token_file,
-                               args.poll_hold, args.access_log, args.request_timeout)
+                               args.poll_hold, args.access_log, args.request_timeout,
+                               args.tls_cert, args.tls_key, args.insecure_no_tls)
     return serve(settings)
 
 
@@ -194,12 +195,14 @@ def cmd_pairing_code(args):
         body["name"] = args.name
     if args.scope:
         body["scope"] = _tag_list(args.scope)
-    data = _client(args).post("/v1/admin/pool/pairing-codes", body)
+    client = _client(args)
+    data = client.post("/v1/admin/pool/pairing-codes", body)
     if args.json:
         return _print_json(data)
     print(data["code"])
+    ca = " --ca-file CA.pem" if client.url.startswith("https://") else ""
     print(f"one-time, expires in {data['ttl']} s; on the orchestrator host run:\n"
-          f"  python swarm.py pair --pond {_client(args).url} --code {data['code']}", file=sys.stderr)
+          f"  python swarm.py pair --pond {client.url}{ca} --code {data['code']}", file=sys.stderr)
 
 
 def cmd_enrollment_code(args):
@@ -263,6 +266,9 @@ def _common(suppress):
                    help=f"pond's state dir, to find its URL and admin token (default: $POND_STATE_DIR or {DEFAULT_STATE_DIR})")
     c.add_argument("--token-file", metavar="FILE", default=default,
                    help="file holding the admin token (default: DIR/admin-token)")
+    c.add_argument("--ca-file", metavar="FILE", default=default,
+                   help="CA certificate (PEM) to verify an https:// pond with (default: $POND_CA_FILE, "
+                        "else the system trust store)")
     c.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="print JSON instead of a table")
     return c
@@ -281,6 +287,10 @@ def build_parser():
     s.add_argument("--admin-token-file", metavar="FILE", help="admin token (required off loopback)")
     s.add_argument("--poll-hold", type=float, metavar="S", help="seconds an idle poll is held (default 25)")
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    s.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    s.add_argument("--insecure-no-tls", action="store_true",
+                   help="allow plain HTTP off loopback (a trusted overlay network only)")
     s.add_argument("--request-timeout", type=float, metavar="S",
                    help="seconds a client has to send a whole request (default 30)")
     s.set_defaults(fn=cmd_serve)

@@ -8,6 +8,7 @@ retried once; nothing else is retried here.
 import http.client
 import json
 import socket
+import ssl
 import threading
 from urllib.parse import urlencode, urlsplit
 
@@ -27,13 +28,18 @@ class ClientError(PondError):
 
 
 class Client:
-    def __init__(self, url, token=None, timeout=30.0):
+    def __init__(self, url, token=None, timeout=30.0, ca_file=None):
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ClientError(f"pond URL {url!r} is not http://HOST:PORT", "example: --pond http://127.0.0.1:8001",
-                              exit_code=2)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError(f"pond URL {url!r} is not http(s)://HOST:PORT",
+                              "example: --pond https://pond.lan:8001", exit_code=2)
         self.url = url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or 80
+        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.ca_file = ca_file
+        self._tls = None
+        if parts.scheme == "https":
+            from pond.tls import client_context
+            self._tls = client_context(ca_file)
         self.token = token
         self.timeout = timeout
         self._local = threading.local()
@@ -41,7 +47,10 @@ class Client:
     def _conn(self, timeout):
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+            if self._tls:
+                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self._tls)
+            else:
+                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._local.conn = conn
@@ -82,8 +91,13 @@ class Client:
         return self._decode(resp.status, raw, method, path)
 
     def _unreachable(self, e):
-        return ClientError(f"cannot reach pond at {self.url}: {e.__class__.__name__}: {e}",
-                           "is it running? start a local pool with `pond up`, or pass --pond URL",
+        hint = "is it running? start a local pool with `pond up`, or pass --pond URL"
+        if isinstance(e, ssl.SSLError):
+            hint = ("pond's TLS certificate did not verify: pass --ca-file FILE (or set POND_CA_FILE) with the CA "
+                    "that signed it" if isinstance(e, ssl.SSLCertVerificationError) else
+                    "a TLS handshake failed: is the URL's scheme right (https:// only if pond has --tls-cert)? "
+                    "for a private CA pass --ca-file FILE")
+        return ClientError(f"cannot reach pond at {self.url}: {e.__class__.__name__}: {e}", hint,
                            code="unreachable", exit_code=EXIT_UNREACHABLE)
 
     def _decode(self, status, raw, method, path):

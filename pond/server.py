@@ -14,6 +14,7 @@ import os
 import re
 import select
 import signal
+import ssl
 import socket
 import sys
 import threading
@@ -95,9 +96,23 @@ def peer_gone(sock):
     readable socket with no byte to peek at means it hung up (or died)."""
     try:
         readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""
+        return bool(readable) and _peek(sock) == b""
     except OSError:
         return True
+
+
+def _peek(sock):
+    """One byte of what the client sent, left unread. An SSLSocket cannot peek, so peek at
+    the TCP socket under it: b"" still means the client hung up (an encrypted alert does not)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return sock.recv(1, socket.MSG_PEEK)
+    raw = socket.socket(fileno=os.dup(sock.fileno()))
+    try:
+        return raw.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b"?"
+    finally:
+        raw.close()
 
 
 @dataclass
@@ -400,8 +415,19 @@ class Server(ThreadingHTTPServer):
                 pass
         return len(late)
 
+    def handle_error(self, request, client_address):
+        """A client that fails the TLS handshake or hangs up is its own problem: one log line, no traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, (ssl.SSLError, ConnectionError, TimeoutError)):
+            log.info("connection from %s dropped: %s", client_address[0], e)
+            return
+        super().handle_error(request, client_address)
+
     def process_request(self, request, client_address):
         if not self._slots.acquire(blocking=False):
+            if isinstance(request, ssl.SSLSocket):      # no handshake yet: writing would block the accept loop
+                self.shutdown_request(request)
+                return
             try:
                 body = json.dumps(Unavailable("too many open connections", "retry in a second").to_json()).encode()
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
@@ -430,6 +456,12 @@ def make_server(settings):
         store.close()
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}",
                           "pick a free port with --bind HOST:PORT (port 0: any free port)") from None
+    if settings.tls_cert:
+        from pond.tls import server_context
+        # The handshake runs in the connection's own thread (on its first read), so a slow
+        # or silent client never holds up accept(); cut_slow_readers bounds it like a request.
+        server.socket = server_context(settings.tls_cert, settings.tls_key).wrap_socket(
+            server.socket, server_side=True, do_handshake_on_connect=False)
     return pond, server
 
 
@@ -452,7 +484,7 @@ def serve(settings, ready=None):
                         stream=sys.stderr)
     pond, server = make_server(settings)
     host, port = server.server_address[:2]
-    url = f"http://{host}:{port}"
+    url = f"{settings.scheme}://{host}:{port}"
     write_private(settings.state_dir / ENDPOINT_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
     stop = threading.Event()
     reaper = threading.Thread(target=_reaper, args=(pond, server, stop), name="reaper", daemon=True)

@@ -42,6 +42,12 @@ class ServerSettings:
     request_timeout: float = REQUEST_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
     access_log: bool = False
+    tls_cert: str = ""                   # both set: serve HTTPS
+    tls_key: str = ""
+
+    @property
+    def scheme(self):
+        return "https" if self.tls_cert else "http"
 
     @property
     def db_path(self):
@@ -54,6 +60,7 @@ class ClientSettings:
     token: str
     state_dir: Path
     timeout: float = 30.0
+    ca_file: str = ""                    # CA to verify an https:// pond with; "" = the system trust store
 
 
 def parse_bind(text):
@@ -98,12 +105,13 @@ def read_private(path):
 
 
 def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
-                    request_timeout=None):
+                    request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     token = _server_admin_token(host, state, env, admin_token_file)
+    tls_cert, tls_key = _server_tls(host, tls_cert, tls_key, insecure_no_tls)
     hold = float(poll_hold if poll_hold is not None else env.get("POND_POLL_HOLD", DEFAULT_POLL_HOLD))
     if not 0 < hold <= MAX_POLL_HOLD:
         raise ConfigError(f"poll hold {hold} s is out of range", f"give a value in (0, {MAX_POLL_HOLD:g}]")
@@ -111,7 +119,24 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
     if not 0 < timeout <= 600:
         raise ConfigError(f"request timeout {timeout} s is out of range", "give a value in (0, 600]")
     return ServerSettings(host=host, port=port, state_dir=state, admin_token=token,
-                          poll_hold=hold, access_log=access_log, request_timeout=timeout)
+                          poll_hold=hold, access_log=access_log, request_timeout=timeout,
+                          tls_cert=tls_cert, tls_key=tls_key)
+
+
+def _server_tls(host, cert, key, insecure_no_tls):
+    """(cert, key) paths, checked by loading them; plain HTTP off loopback only when asked for explicitly."""
+    if bool(cert) != bool(key):
+        raise ConfigError("--tls-cert and --tls-key go together", "pass both: --tls-cert FILE --tls-key FILE")
+    if cert:
+        from pond.tls import server_context
+        server_context(cert, key)          # fail at start-up, not at the first connection
+        return str(Path(cert).resolve()), str(Path(key).resolve())
+    if not is_loopback(host) and not insecure_no_tls:
+        raise ConfigError(
+            f"refusing to serve plain HTTP on {host}: tokens would cross the network in clear text",
+            "pass --tls-cert FILE --tls-key FILE, or --insecure-no-tls on a trusted overlay network only",
+        )
+    return "", ""
 
 
 def _server_admin_token(host, state, env, token_file):
@@ -132,7 +157,7 @@ def _server_admin_token(host, state, env, token_file):
     return token
 
 
-def client_settings(url, state_dir, token, env, timeout=30.0):
+def client_settings(url, state_dir, token, env, timeout=30.0, ca_file=None):
     """Find pond and its admin token: flags, then POND_URL/POND_ADMIN_TOKEN, then the state dir."""
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
     url = url or env.get("POND_URL") or _endpoint_url(state)
@@ -147,7 +172,8 @@ def client_settings(url, state_dir, token, env, timeout=30.0):
             f"no admin token: no --token, no POND_ADMIN_TOKEN, and no {state / ADMIN_TOKEN_FILE}",
             "pass --token-file FILE, set POND_ADMIN_TOKEN, or point --state-dir at pond's state dir",
         )
-    return ClientSettings(url=url.rstrip("/"), token=token, state_dir=state, timeout=timeout)
+    return ClientSettings(url=url.rstrip("/"), token=token, state_dir=state, timeout=timeout,
+                          ca_file=ca_file or env.get("POND_CA_FILE") or "")
 
 
 def _endpoint_url(state):

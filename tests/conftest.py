@@ -103,19 +103,24 @@ def run(argv, timeout=30, env=None, cwd=None, input=None):
 
 
 class PondHandle:
-    def __init__(self, proc, state_dir):
+    def __init__(self, proc, state_dir, ca_file=None):
         from pond.client import Client
-        self.proc, self.state_dir = proc, Path(state_dir)
+        self.proc, self.state_dir, self.ca_file = proc, Path(state_dir), ca_file
         self.url = proc.url()
         self.token = (self.state_dir / "admin-token").read_text().strip()
-        self.client = Client(self.url, self.token)
+        self.client = Client(self.url, self.token, ca_file=ca_file)
 
     def api(self, method, path, body=None, token="admin", headers=None, raw=None):
         """(status, decoded JSON) without raising: for checking error answers."""
         import http.client
         from urllib.parse import urlsplit
         parts = urlsplit(self.url)
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+        if parts.scheme == "https":
+            import ssl
+            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=30,
+                                               context=ssl.create_default_context(cafile=self.ca_file))
+        else:
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
         head = {"Content-Type": "application/json"}
         if token == "admin":
             head["Authorization"] = f"Bearer {self.token}"
@@ -135,7 +140,8 @@ class PondHandle:
             return resp.status, data.decode(errors="replace")
 
     def cli(self, *args, timeout=60):
-        return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *args], timeout=timeout)
+        tls = ("--ca-file", str(self.ca_file)) if self.ca_file else ()
+        return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *tls, *args], timeout=timeout)
 
     def pairing_code(self, **body):
         return self.client.post("/v1/admin/pool/pairing-codes", body)["code"]
@@ -181,17 +187,18 @@ class Pool:
         self.procs.append(proc)
         return proc
 
-    def pond(self, poll_hold=5, extra=()):
+    def pond(self, poll_hold=5, extra=(), ca_file=None):
         state = self._dir("pond")
         proc = self.start([sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state),
                            "--poll-hold", str(poll_hold), *extra], "pond")
-        return PondHandle(proc, state)
+        return PondHandle(proc, state, ca_file)
 
     def orchestrator(self, pond, token="pool-secret", extra=()):
         state = self._dir("orch")
         handle = state / "backend-handle.json"
+        tls = ("--ca-file", str(pond.ca_file)) if pond.ca_file else ()
         done = run([sys.executable, SWARM, "pair", "--pond", pond.url, "--code", pond.pairing_code(),
-                    "--out", str(handle)])
+                    "--out", str(handle), *tls])
         assert done.returncode == 0, done.stderr
         token_file = state / "pool-token"
         token_file.write_text(token)
