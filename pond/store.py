@@ -109,7 +109,6 @@ _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "
 WORKER_COLUMNS_V2 = (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                      ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"))
 MAX_EVENTS = 20           # per worker, newest last
-ACTIVE_STATES = ("assigned", "running")
 
 
 def _row(cursor, row):
@@ -297,9 +296,6 @@ class Store:
                 rows = self._workers_cache[binding_id] = self._all(
                     "SELECT * FROM workers WHERE binding_id = ? ORDER BY enrolled_at", (binding_id,))
             return rows
-
-    def online_workers(self):
-        return self._all("SELECT * FROM workers WHERE online = 1 ORDER BY enrolled_at")
 
     def update_worker(self, worker_id, binding_id, tags, capabilities, slots, online, last_seen):
         return self._worker_write("UPDATE workers SET tags = ?, capabilities = ?, slots = ?, online = ?, last_seen = ?"
