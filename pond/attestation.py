@@ -3,9 +3,9 @@
 Two steps, so the signature check stays apart from what pond knows about the job:
 verify_envelope checks the signature with the worker's pinned Ed25519 key and returns
 the statement; check_statement checks that the statement speaks of this job, this
-attempt, this worker and exactly this output. Every refusal is the same outward error
-(`attestation_failed`, "attestation failed"), so a forger learns nothing from it; the
-error's `detail` says which check failed, for pond's log.
+attempt, this worker and exactly this output and outcome. Every refusal is the same
+outward error (`attestation_failed`, "attestation failed"), so a forger learns nothing
+from it; the error's `detail` says which check failed, for pond's log.
 """
 
 import base64
@@ -23,6 +23,7 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 RESULT_PREDICATE_TYPE = "https://pond.dev/attestation/result/v1"
 SUBJECT_NAMES = ("stdout", "stderr")
+FINAL_STATES = ("done", "failed", "cancelled")      # a result is signed once, when the attempt has ended
 MAX_SIGNATURES = 8        # bounds the work an untrusted envelope can ask for
 
 
@@ -113,12 +114,38 @@ def _subject_digests(subject):
     return out
 
 
-def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None):
-    """-> the predicate, once the statement is about this job, attempt, worker and output.
+def _signed_outcome(predicate):
+    """(state, exit_code, error) as the worker signed them, once each is of its type (§3)."""
+    state, code, error = predicate.get("state"), predicate.get("exit_code"), predicate.get("error")
+    if state not in FINAL_STATES:
+        raise refused(f"the signed state {repr(state)[:40]} is not one of {', '.join(FINAL_STATES)}")
+    if code is not None and type(code) is not int:      # type(): True == 1 in Python
+        raise refused(f"the signed exit_code {repr(code)[:40]} is not an integer or null")
+    if error is not None and not isinstance(error, str):
+        raise refused("the signed error is not a string or null")
+    return state, code, error
+
+
+def _check_outcome(signed, outcome):
+    """The outcome reported beside the envelope, which no signature covers, must be the one signed."""
+    (state, code, error), (told_state, told_code, told_error) = signed, outcome
+    if told_state != state:
+        raise refused(f"the reported state {repr(told_state)[:40]} is not the signed {state!r}")
+    if type(told_code) is not type(code) or told_code != code:    # False == 0, 1.0 == 1 in Python
+        raise refused(f"the reported exit_code {repr(told_code)[:40]} is not the signed {code!r}")
+    if told_error != error:
+        # Untrusted text, as the worker wrote it or as a relay changed it: cut short, repr()'d for the log.
+        raise refused(f"the reported error {repr(told_error)[:80]} is not the signed {repr(error)[:80]}")
+
+
+def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None, outcome=None):
+    """-> the predicate, once the statement is about this job, attempt, worker, output and outcome.
 
     stdout and stderr are the output pond holds for the attempt, as bytes. Give `command`
-    (the job's argv) to check the command digest too. A valid signature is not enough: an
-    attestation of another job or attempt, replayed by an orchestrator, is signed too.
+    (the job's argv) to check the command digest too, and `outcome`, the (state, exit_code,
+    error) reported with the envelope, to check it is the signed one. A valid signature is
+    not enough: an attestation of another job or attempt, replayed by an orchestrator, is
+    signed too.
     """
     if not isinstance(statement, dict) or statement.get("_type") != STATEMENT_TYPE:
         raise refused(f"the statement's _type is not {STATEMENT_TYPE}")
@@ -141,4 +168,26 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
     if command is not None and predicate.get("command_digest") != {
             "sha256": hashlib.sha256(canonical_json(list(command))).hexdigest()}:
         raise refused("the command does not match the signed command digest")
+    signed = _signed_outcome(predicate)        # checked even with no outcome: a result has ended
+    if outcome is not None:
+        _check_outcome(signed, outcome)
     return predicate
+
+
+def verify_job(store, job_id):
+    """`pond verify`: re-check a finished job's stored attestation against the stored output
+    and the worker's pinned key, as pond did when it recorded the result. -> (job, worker, predicate)."""
+    job = store.job(job_id)
+    if job is None:
+        raise refused(f"job {job_id[:64]!r} does not exist")
+    if job["attestation"] is None:
+        raise refused(f"job {job_id} has no attestation (state {job['state']}): its result was not signed")
+    worker = store.worker(job["worker_id"])
+    if worker is None or not worker["ed25519_public"]:
+        raise refused(f"worker {job['worker_id']} has no pinned key in this store")
+    statement = verify_envelope(base64.b64decode(worker["ed25519_public"]), job["attestation"])
+    output = store.output(job_id, job["attempt"])
+    predicate = check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"],
+                                output["stderr"], command=job["command"],
+                                outcome=(job["state"], job["exit_code"], job["error"]))
+    return job, worker, predicate

@@ -2,13 +2,15 @@
 
 swarm.py signs, pond/attestation.py verifies, and securesystemslib's DSSE code (an
 independent implementation) must agree with both: it verifies what the worker signs,
-and pond verifies what it signs. Every tamper case of issue 3 is refused.
+and pond verifies what it signs. Every tamper case of issue 3 is refused, and so is an
+outcome (state, exit code, error) reported other than the worker signed it.
 """
 
 import base64
 import copy
 import hashlib
 import json
+import subprocess
 import sys
 
 import pytest
@@ -36,18 +38,25 @@ def output(inputs):
     return unb64(inputs["stdout_b64"]), unb64(inputs["stderr_b64"])
 
 
+def outcome(inputs):
+    """What the orchestrator reports beside the envelope, unsigned: (state, exit_code, error)."""
+    return inputs["state"], inputs["exit_code"], inputs["error"]
+
+
 def statement_for(inputs):
     stdout, stderr = output(inputs)
     fields = {k: v for k, v in inputs.items() if not k.endswith("_b64")}
     return swarm.result_statement(**fields, stdout=stdout, stderr=stderr)
 
 
-def pond_accepts(public_key, envelope, inputs):
-    """pond's two steps, as it will run them on a reported result; -> the predicate."""
+def pond_accepts(public_key, envelope, inputs, reported=True):
+    """pond's two steps, as it runs them on a reported result; -> the predicate.
+    reported=False leaves out the reported outcome, as `check_statement` allows."""
     statement = attestation.verify_envelope(public_key, envelope)
     stdout, stderr = output(inputs)
     return attestation.check_statement(statement, inputs["job_id"], inputs["attempt"], inputs["worker_fingerprint"],
-                                       stdout, stderr, command=inputs["command"])
+                                       stdout, stderr, command=inputs["command"],
+                                       outcome=outcome(inputs) if reported else None)
 
 
 def sslib_key(public_key, keyid):
@@ -137,10 +146,12 @@ def fresh_worker(state_dir):
     return keys, e_pub, swarm.fingerprint(x_pub, e_pub)
 
 
-def signed_result(keys, fp, job_id="j_aaaaaaaaaaaa", attempt=1, stdout=b"built\n", stderr=b"warning: x\n"):
+def signed_result(keys, fp, job_id="j_aaaaaaaaaaaa", attempt=1, stdout=b"built\n", stderr=b"warning: x\n",
+                  state="done", exit_code=0, error=None):
     inputs = {"job_id": job_id, "attempt": attempt, "command": ["make", "all"],
               "sandbox": {"profile": "none", "tier": "any", "backend": None, "overrides": {}},
-              "worker_fingerprint": fp, "exit_code": 0, "started_at": 1795271248.5, "finished_at": 1795271249.0,
+              "worker_fingerprint": fp, "state": state, "exit_code": exit_code, "error": error,
+              "started_at": 1795271248.5, "finished_at": 1795271249.0,
               "stdout_b64": base64.b64encode(stdout).decode(), "stderr_b64": base64.b64encode(stderr).decode()}
     return swarm.sign_envelope(keys.signing, statement_for(inputs), fp), inputs
 
@@ -185,6 +196,32 @@ def test_securesystemslib_agrees_on_which_signatures_are_bad(case):
     assert sslib_verifies(public, case["envelope"]) is not case["signature_invalid"]
 
 
+OUTCOME = ("state", "exit_code", "error")
+OUTCOME_CASES = [c for c in VECTORS["refused"] if set(c.get("against", ())) & set(OUTCOME)]
+
+
+def test_the_vectors_change_each_part_of_the_outcome():
+    changed = {key for case in OUTCOME_CASES for key in case["against"]}
+    assert changed == set(OUTCOME)
+    assert all(set(case["against"]) <= set(OUTCOME) for case in OUTCOME_CASES)
+
+
+@pytest.mark.parametrize("case", OUTCOME_CASES, ids=lambda c: c["name"])
+def test_outcome_vectors_are_refused_only_for_the_reported_outcome(case):
+    # Without a reported outcome the statement is fine: the refusal is the outcome check's.
+    public = H(SIGNER["ed25519_public"])
+    assert pond_accepts(public, case["envelope"], against(case), reported=False)
+    err = assert_refused(lambda: pond_accepts(public, case["envelope"], against(case)))
+    assert "reported" in err.detail
+
+
+def test_a_signed_state_that_is_not_final_is_refused_without_a_reported_outcome():
+    case = next(c for c in VECTORS["refused"] if c["name"] == "state not a final state")
+    err = assert_refused(lambda: pond_accepts(H(SIGNER["ed25519_public"]), case["envelope"], against(case),
+                                              reported=False))
+    assert "running" in err.detail
+
+
 TAMPERS = {
     "flipped byte in stdout": lambda env, inputs: (env, dict(inputs, stdout_b64=base64.b64encode(b"builT\n").decode())),
     "flipped byte in stderr": lambda env, inputs: (env, dict(inputs, stderr_b64=base64.b64encode(b"warning: y\n").decode())),
@@ -193,6 +230,8 @@ TAMPERS = {
     "flipped byte in the payload": lambda env, inputs: (dict(env, payload=flip_b64(env["payload"], 100)), inputs),
     "attestation of job A submitted for job B": lambda env, inputs: (env, dict(inputs, job_id="j_bbbbbbbbbbbb")),
     "attestation of attempt 1 submitted for attempt 2": lambda env, inputs: (env, dict(inputs, attempt=2)),
+    "success reported as a failure": lambda env, inputs: (env, dict(inputs, state="failed", exit_code=1)),
+    "error added to the report": lambda env, inputs: (env, dict(inputs, error="timed out after 5 s")),
 }
 
 
@@ -209,6 +248,15 @@ def test_tampered_result_from_a_real_worker_is_refused(tmp_path, name):
     pond_accepts(e_pub, envelope, inputs)                                  # untampered: accepted
     envelope, inputs = TAMPERS[name](copy.deepcopy(envelope), inputs)
     assert_refused(lambda: pond_accepts(e_pub, envelope, inputs))
+
+
+def test_failure_reported_as_success_is_refused(tmp_path):
+    keys, e_pub, fp = fresh_worker(tmp_path)
+    envelope, inputs = signed_result(keys, fp, state="failed", exit_code=137, error="killed by signal 9")
+    assert pond_accepts(e_pub, envelope, inputs)["state"] == "failed"
+    success = dict(inputs, state="done", exit_code=0, error=None)      # what a relay would rather say
+    err = assert_refused(lambda: pond_accepts(e_pub, envelope, success))
+    assert "state" in err.detail
 
 
 def test_result_signed_by_another_worker_is_refused(tmp_path):
@@ -252,3 +300,10 @@ def test_signing_without_cryptography_says_pip_install(monkeypatch):
     with pytest.raises(swarm.SwarmError) as caught:
         swarm.sign_envelope(H(SIGNER["ed25519_private"]), VALID[0]["statement"], SIGNER["fingerprint"])
     assert caught.value.hint == "pip install cryptography"
+
+
+def test_make_attestation_writes_exactly_the_committed_vectors(tmp_path):
+    written = tmp_path / "attestation.json"
+    subprocess.run([sys.executable, str(ROOT / "specs" / "vectors" / "make_attestation.py"), str(written)],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    assert written.read_bytes() == (ROOT / "specs" / "vectors" / "attestation.json").read_bytes()
