@@ -91,6 +91,7 @@ MAX_HEADER_BYTES, MAX_HEADERS = 16 * 1024, 100   # request headers, as pond
 MAX_CHUNK_BYTES = 1024 * 1024         # bytes of output in one chunk, as pond
 MAX_CHUNKS_PER_REPORT = 64            # chunks on one state report, as pond
 MAX_ERROR = 2000                      # characters of a report's error, as pond
+MAX_ENVELOPE = 64 * 1024              # bytes of a result's attestation, as pond
 REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 HANDLE_FILE = "backend-handle.json"
@@ -402,12 +403,19 @@ def fingerprint(x25519_public, ed25519_public):
     return hashlib.sha256(FINGERPRINT_CONTEXT + bytes(x25519_public) + bytes(ed25519_public)).hexdigest()
 
 
-def enrollment_keys(state_dir):
-    """What enrollment sends so pond pins this worker's keys: {} when `cryptography` is missing (unpinned)."""
+def worker_keys(state_dir):
+    """The worker's keys, or None where `cryptography` is missing (a bad key file, by contrast, is an error)."""
     try:
-        x_pub, e_pub = public_keys(load_or_create_keys(state_dir))
-    except MissingCryptography:         # a bad key file, by contrast, is the operator's to fix
+        return load_or_create_keys(state_dir)
+    except MissingCryptography:
+        return None
+
+
+def enrollment_keys(keys):
+    """What enrollment sends so pond pins this worker's keys: {} without keys (it enrolls unpinned)."""
+    if keys is None:
         return {}
+    x_pub, e_pub = public_keys(keys)
     return {"x25519_public": b64(x_pub), "ed25519_public": b64(e_pub), "fingerprint": fingerprint(x_pub, e_pub)}
 
 
@@ -509,14 +517,19 @@ RESULT_PREDICATE_TYPE = "https://pond.dev/attestation/result/v1"
 
 
 def sha256_digest(data):
-    return {"sha256": hashlib.sha256(data).hexdigest()}
+    """{"sha256": hex} of bytes, or of a hashlib sha256 object fed as the data streamed."""
+    hashed = data if hasattr(data, "hexdigest") else hashlib.sha256(data)
+    return {"sha256": hashed.hexdigest()}
 
 
-def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, exit_code, started_at,
-                     finished_at, stdout, stderr):
+def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, state, exit_code, error,
+                     started_at, finished_at, stdout, stderr):
     """The in-toto Statement v1 a worker signs for one attempt's result (specs/attestation.md §3).
 
-    stdout and stderr are the whole output as bytes; the statement carries only their digests.
+    stdout and stderr are the whole output as bytes, or their sha256 objects (hashlib) when
+    the worker hashed them as they streamed; the statement carries only their digests. The
+    outcome (state, exit code, error) is signed too, so no relay can turn a failure into a
+    success or the other way round.
     """
     return {
         "_type": STATEMENT_TYPE,
@@ -524,7 +537,8 @@ def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, e
                     {"name": "stderr", "digest": sha256_digest(stderr)}],
         "predicateType": RESULT_PREDICATE_TYPE,
         "predicate": {"job_id": job_id, "attempt": attempt, "worker_fingerprint": worker_fingerprint,
-                      "exit_code": exit_code, "started_at": started_at, "finished_at": finished_at,
+                      "state": state, "exit_code": exit_code, "error": error,
+                      "started_at": started_at, "finished_at": finished_at,
                       "command_digest": sha256_digest(canonical_json(list(command))), "sandbox": sandbox},
     }
 
@@ -1002,6 +1016,10 @@ def check_state_report(body):
             raise HttpError(400, "bad_request", f"chunks must be a list of at most {MAX_CHUNKS_PER_REPORT}")
         for i, c in enumerate(chunks):
             check_chunk(obj(c, f"chunks[{i}]", ("stream", "seq", "data"), ("stream", "seq", "data")), f"chunks[{i}]")
+    envelope = body.get("attestation")
+    if envelope is not None and (not isinstance(envelope, dict) or len(json.dumps(envelope)) > MAX_ENVELOPE):
+        raise HttpError(400, "bad_request", f"attestation must be a DSSE envelope of at most {MAX_ENVELOPE} bytes",
+                        "send the envelope the worker signed, unchanged")
 
 
 def string_list(value, where, pattern):
@@ -1603,7 +1621,8 @@ class Pool:
 
     def report_state(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
-        body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks"), ("attempt", "state"))
+        body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks", "attestation"),
+                   ("attempt", "state"))
         check_state_report(body)
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
@@ -1623,6 +1642,25 @@ class Pool:
         check_chunk(body, "chunk")
         self.outbox.put({"kind": "chunk", "job_id": job_id, "claim_token": job["claim_token"], "body": body})
         return {"accepted": True}
+
+    def seal(self, session, job_id, claim_token, body):
+        """The worker asks for its job's credential: pond seals it to the worker's pinned key.
+
+        Relayed as is: the answer is an HPKE blob only that worker's key opens, for this
+        attempt only, so the orchestrator never sees the clear text and never logs the blob.
+        """
+        job = self.held_job(session, job_id, claim_token)
+        body = obj(body, "seal", ("attempt",), ("attempt",))
+        if body["attempt"] != job["attempt"] or isinstance(body["attempt"], bool):
+            raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop the job")
+        try:
+            return self.pond.call("POST", f"/v1/orch/jobs/{job_id}/seal", {"attempt": job["attempt"]},
+                                  headers={"X-Claim-Token": job["claim_token"]})
+        except Refused as e:
+            raise HttpError(e.status if e.status < 500 else 502, e.code, e.message, e.hint) from None
+        except Unreachable as e:
+            raise HttpError(503, "pond_unreachable", "the orchestrator cannot reach pond to seal the credential",
+                            "retry when pond is back") from e
 
     def _report(self, job, body):
         self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"], "body": body})
@@ -1790,6 +1828,8 @@ def orchestrator_routes(pool, token_hash):
          lambda h, m, b: (200, pool.report_state(worker_auth(h), m["id"], claim_token(h), b))),
         ("POST", job + r"/chunk",
          lambda h, m, b: (200, pool.report_chunk(worker_auth(h), m["id"], claim_token(h), b))),
+        ("POST", job + r"/seal",
+         lambda h, m, b: (200, pool.seal(worker_auth(h), m["id"], claim_token(h), b))),
         ("GET", r"/v1/pool/status", lambda h, m, b: (operator_auth(h), (200, pool.status()))[1]),
         ("GET", r"/v1/pool/jobs", lambda h, m, b: (operator_auth(h), (200, pool.jobs()))[1]),
         ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", cancel),
@@ -1900,6 +1940,35 @@ def enroll(s, orch, keys=None):
     return identity
 
 
+@dataclass(frozen=True, repr=False)       # no repr: it holds the private keys
+class Signer:
+    """What a pinned worker proves itself with: its keys and the fingerprint pond pinned."""
+    keys: WorkerKeys
+    fingerprint: str
+
+
+def check_keys(s, identity, keys):
+    """-> a Signer when pond pinned this worker's keys, None when it enrolled unpinned.
+
+    A pinned worker whose keys changed, or that lost `cryptography`, could neither open
+    a credential nor sign a result pond would accept: it stops here, with what to do.
+    """
+    pinned = identity.get("fingerprint")
+    if not pinned:
+        log.warning("%s: this worker is unpinned; pond gives it only jobs that name no credential, and only "
+                    "when it runs with --allow-unsigned-results (pip install cryptography, then enroll a new "
+                    "state dir to pin keys)", NO_CRYPTOGRAPHY if keys is None else "no keys pinned at enrollment")
+        return None
+    if keys is None:
+        raise MissingCryptography("this worker's pinned keys (its results must be signed)")
+    x_pub, e_pub = public_keys(keys)
+    if fingerprint(x_pub, e_pub) != pinned:
+        raise SwarmError(f"the keys in {s.state_dir} are not the ones pond pinned ({pinned[:16]}...)",
+                         "restore the key files from a backup, or enroll a new state dir with a new code",
+                         EXIT_REFUSED)
+    return Signer(keys=keys, fingerprint=pinned)
+
+
 # ============================================================================
 # Worker: reporting to the orchestrator
 # ============================================================================
@@ -1981,10 +2050,12 @@ class Output:
         self.job, self.reporter = job, reporter
         self.buf = {"stdout": bytearray(), "stderr": bytearray()}
         self.seq = {"stdout": 0, "stderr": 0}
+        self.hashes = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}     # what the result signs
         self.flushed_at = time.monotonic()
         self.announced = False
 
     def add(self, stream, data):
+        self.hashes[stream].update(data)
         self.buf[stream] += data
         if len(self.buf[stream]) >= CHUNK_BYTES:
             self.flush()
@@ -2108,31 +2179,93 @@ def run_process(job, workdir, env, output, cancel):
     return code, error, ended_by
 
 
-def run_job(job, s, reporter, cancel, slot_dir):
-    """Run one assignment end to end: empty directories, process, output, final report.
+def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None):
+    """The final report, signed when this worker's keys are pinned (specs/attestation.md).
 
-    Each slot reuses one directory (work/, home/, tmp/), emptied after every job and
-    checked empty before the next; with --keep-job-dirs each job gets its own, kept.
+    A job that never ran is signed too, over empty output: whatever the worker says
+    of a job, the orchestrator cannot change.
+    """
+    fields = {"exit_code": exit_code}
+    if error:
+        fields["error"] = error
+    if output is not None:
+        fields["chunks"] = output.tail()
+    if signer is not None:
+        hashes = output.hashes if output is not None else {"stdout": b"", "stderr": b""}
+        now = time.time()
+        statement = result_statement(
+            job_id=job["job_id"], attempt=job["attempt"], command=job["command"], sandbox=job.get("sandbox"),
+            worker_fingerprint=signer.fingerprint, state=state, exit_code=exit_code, error=error or None,
+            started_at=started_at or now, finished_at=now, stdout=hashes["stdout"], stderr=hashes["stderr"])
+        fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
+    reporter.state(job, state, **fields)
+
+
+def refusal(s, signer, job):
+    """Why this worker will not run an assignment pond sent it, or None.
+
+    pond matched the job; a mismatch here means something upstream is wrong: fail closed.
     """
     ok, reason = job_matches(s.tags, s.capabilities, job)
     backend = (job.get("sandbox") or {}).get("backend")
     if ok and backend is not None and backend not in SANDBOX_BACKENDS:
         ok, reason = False, f"worker cannot enforce sandbox {backend}"
-    if not ok:       # pond matched it; a mismatch here means something upstream is wrong: fail closed
-        reporter.state(job, "failed", exit_code=None, error=f"refused by worker: {reason}")
+    if ok and job.get("credential") and signer is None:
+        ok, reason = False, "the job names a credential and this worker has no pinned keys to open it"
+    return None if ok else f"refused by worker: {reason}"
+
+
+def unsealed_env(job, signer, orch, cancel):
+    """The credential's env, sealed by pond to this worker's key for this attempt, opened here.
+
+    It goes into the job's environment and nowhere else: not in a log line, not in a
+    report, not on disk. -> (env, None), or (None, why) when it cannot be had.
+    """
+    backoff = Backoff()
+    while not cancel.is_set():
+        try:
+            answer = orch.call("POST", f"/v1/worker/jobs/{job['job_id']}/seal", {"attempt": job["attempt"]},
+                               headers={"X-Claim-Token": job["claim_token"]})
+            break
+        except Refused as e:
+            if not e.retryable:
+                return None, f"credential {job['credential']} was not sealed: {clean(e.message)}"
+        except Unreachable:
+            pass
+        cancel.wait(backoff.next())      # pond or the orchestrator is away: keep asking, as reports do
+    else:
+        return None, "cancelled before its credential was sealed"
+    try:
+        return unseal_env(signer.keys.sealing, answer.get("sealed"), job["job_id"], job["attempt"],
+                          signer.fingerprint), None
+    except SwarmError as e:
+        return None, f"credential {job['credential']}: {e.message} ({e.hint})"
+
+
+def run_job(job, s, reporter, cancel, slot_dir, signer=None, orch=None):
+    """Run one assignment end to end: credential, empty directories, process, output, signed report.
+
+    Each slot reuses one directory (work/, home/, tmp/), emptied after every job and
+    checked empty before the next; with --keep-job-dirs each job gets its own, kept.
+    """
+    why = refusal(s, signer, job)
+    secret_env = {}
+    if why is None and job.get("credential"):
+        secret_env, why = unsealed_env(job, signer, orch, cancel)
+    if why is not None:
+        finish(job, reporter, signer, "cancelled" if cancel.is_set() else "failed", error=why)
         return
     root = s.state_dir / "jobs" / f"{job['job_id']}.{job['attempt']}" if s.keep_job_dirs else slot_dir
     subdirs = [root / "work", root / "home", root / "tmp"]
     for d in subdirs:
         fresh_dir(d)
     output = Output(job, reporter)
-    code, error, ended_by = run_process(job, subdirs[0], job_env(job, subdirs[1], subdirs[2], s.repo_root),
-                                        output, cancel)
+    env = job_env(job, subdirs[1], subdirs[2], s.repo_root)
+    env.update(secret_env)           # the credential's variables win over the job's own
+    started_at = time.time()
+    code, error, ended_by = run_process(job, subdirs[0], env, output, cancel)
     state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
-    fields = {"exit_code": code, "chunks": output.tail()}
-    if error:
-        fields["error"] = error
-    reporter.state(job, state, **fields)      # the result first: cleaning up cannot lose it
+    finish(job, reporter, signer, state, code, error, output, started_at)    # the result first: cleaning up cannot lose it
     if not s.keep_job_dirs:
         for d in subdirs:
             try:
@@ -2149,8 +2282,8 @@ def run_job(job, s, reporter, cancel, slot_dir):
 class Slots:
     """`concurrency` runner threads fed from one queue; cancel events by job id."""
 
-    def __init__(self, s, reporter):
-        self.s, self.reporter = s, reporter
+    def __init__(self, s, reporter, signer=None, orch=None):
+        self.s, self.reporter, self.signer, self.orch = s, reporter, signer, orch
         self.queue = collections.deque()
         self.cond = threading.Condition()
         self.cancels = {}
@@ -2179,7 +2312,7 @@ class Slots:
                     return
                 job = self.queue.popleft()
             try:
-                run_job(job, self.s, self.reporter, self.cancels[job["job_id"]], slot_dir)
+                run_job(job, self.s, self.reporter, self.cancels[job["job_id"]], slot_dir, self.signer, self.orch)
             except Exception as e:
                 log.exception("job %s", job["job_id"])
                 self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
@@ -2193,7 +2326,7 @@ class Slots:
             self.queue.clear()
             self.cond.notify_all()
         for job in dropped:
-            self.reporter.state(job, "cancelled", error="worker stopped before the job started")
+            finish(job, self.reporter, self.signer, "cancelled", error="worker stopped before the job started")
         if cancel_running:
             for event in list(self.cancels.values()):
                 event.set()
@@ -2205,17 +2338,17 @@ def worker(s):
     """Enroll if needed, then claim and run jobs until SIGINT/SIGTERM."""
     lock = lock_dir(s.state_dir, "`swarm.py worker`")
     orch = HttpClient(s.orchestrator, what="orchestrator", ca_file=s.ca_file)
-    keys = enrollment_keys(s.state_dir)
-    if not keys:
-        log.warning(NO_CRYPTOGRAPHY + " (pip install cryptography; it enrolls unpinned)")
+    keys = worker_keys(s.state_dir)
     identity = load_identity(s.state_dir)
     if identity is None:
-        identity = enroll(s, orch, keys)
+        identity = enroll(s, orch, enrollment_keys(keys))
     elif s.enroll_code:
         log.info("already enrolled as %s; --enroll-code is not needed", identity["worker_id"])
+    signer = check_keys(s, identity, keys)
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
     reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
-    slots = Slots(s, reporter)
+    slots = Slots(s, reporter, signer, HttpClient(s.orchestrator, identity["token"], what="orchestrator",
+                                                  ca_file=s.ca_file))
     stop = threading.Event()
 
     def on_signal(signum, frame):

@@ -11,11 +11,12 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from pond import __version__
 from pond.client import Client
 from pond.errors import PondError
-from pond.settings import DEFAULT_STATE_DIR, client_settings, read_private, server_settings
+from pond.settings import DB_FILE, DEFAULT_STATE_DIR, client_settings, read_private, server_settings
 
 EXIT_CANCELLED = 130
 TERMINAL = ("done", "failed", "cancelled")
@@ -65,7 +66,8 @@ def cmd_serve(args):
     from pond.server import serve
     settings = server_settings(args.bind, args.state_dir, os.environ, args.admin_token_file,
                                args.poll_hold, args.access_log, args.request_timeout,
-                               args.tls_cert, args.tls_key, args.insecure_no_tls)
+                               args.tls_cert, args.tls_key, args.insecure_no_tls,
+                               args.credential_key_file, args.allow_unsigned_results)
     return serve(settings)
 
 
@@ -89,6 +91,8 @@ def cmd_submit(args):
         body["sandbox"] = _json_arg(args.sandbox, "--sandbox")
     if args.tenant:
         body["tenant"] = args.tenant
+    if args.credential:
+        body["credential"] = args.credential
     job = client.post("/v1/jobs", body)
     if not args.wait:
         _print_json(job) if args.json else print(job["id"])
@@ -155,7 +159,8 @@ def cmd_job(args):
     job = _client(args).get(f"/v1/jobs/{args.id}")
     if args.json:
         return _print_json(job)
-    for key in ("id", "name", "state", "exit_code", "error", "worker", "orchestrator", "attempt"):
+    for key in ("id", "name", "state", "exit_code", "error", "worker", "orchestrator", "attempt", "credential",
+                "attested"):
         if job.get(key) not in (None, ""):
             print(f"{key + ':':14}{job[key]}")
     print(f"{'command:':14}{' '.join(job['command'])}")
@@ -163,6 +168,33 @@ def cmd_job(args):
     print(f"{'sandbox:':14}{json.dumps(job['sandbox'], sort_keys=True)}")
     if job.get("waiting"):
         print(f"{'waiting:':14}{job['waiting']['reason']}")
+    for event in job.get("events", []):
+        detail = {k: v for k, v in event.items() if k not in ("at", "event", "job")}
+        print(f"{'event:':14}{time.strftime('%H:%M:%S', time.localtime(event['at']))} {event['event']} "
+              + " ".join(f"{k}={v}" for k, v in detail.items()))
+
+
+def cmd_verify(args):
+    """Re-check a job's attestation and stored output with the pinned key, from the state dir: no server."""
+    from pond.attestation import verify_job
+    from pond.store import Store
+    state = Path(args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
+    if not (state / DB_FILE).exists():
+        raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir", code="usage")
+    store = Store(state / DB_FILE, readonly=True)
+    try:
+        job, worker, predicate = verify_job(store, args.id)
+    except PondError as e:
+        e.message = f"job {args.id} does not verify: {getattr(e, 'detail', e.message)}"
+        e.hint = "the stored result is not what the worker signed; `pond job ID` shows the job's events"
+        raise
+    finally:
+        store.close()
+    print(f"verified: job {job['id']} attempt {job['attempt']}: {predicate['state']}, exit code "
+          f"{predicate['exit_code']}")
+    print(f"{'worker:':10}{worker['id']} fingerprint {worker['fingerprint']}")
+    for subject in json.loads(base64.b64decode(job['attestation']['payload']))["subject"]:
+        print(f"{subject['name'] + ':':10}sha256 {subject['digest']['sha256']}")
 
 
 def cmd_logs(args):
@@ -222,6 +254,66 @@ def cmd_enrollment_code(args):
 
 def _tag_list(text):
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def cmd_credential_set(args):
+    """Secrets come from the environment or a file, never from the command line (ps shows it)."""
+    body = {"name": args.name, "env": dict(_env_pair(e) for e in args.env), "secrets": _secrets(args)}
+    if args.provider:
+        body["provider"] = args.provider
+    data = _client(args).post("/v1/admin/credentials", body)
+    if args.json:
+        return _print_json(data)
+    print(f"credential {data['name']}: secrets {', '.join(data['secrets'])}; env {', '.join(data['env']) or '-'}")
+
+
+def _secrets(args):
+    out = {}
+    for name in args.secret:
+        if "=" in name:
+            raise PondError(f"--secret {name.partition('=')[0]}=... puts the secret on the command line, where "
+                            "`ps` and shell history show it", f"export {name.partition('=')[0]} and pass "
+                            f"--secret {name.partition('=')[0]}, or use --secrets-file FILE", code="usage")
+        if name not in os.environ:
+            raise PondError(f"--secret {name}: ${name} is not set", f"export {name}=... first, or use "
+                            "--secrets-file FILE", code="usage")
+        out[name] = os.environ[name]
+    if args.secrets_file:
+        out.update(_secrets_file(args.secrets_file))
+    if not out:
+        raise PondError("no secrets given", "pass --secret NAME (value from $NAME) or --secrets-file FILE",
+                        code="usage")
+    return out
+
+
+def _secrets_file(path):
+    """NAME=VALUE lines (blank lines and # comments skipped), from a file only its owner can read."""
+    out = {}
+    for number, line in enumerate(read_private(path).splitlines(), 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            if not sep:
+                raise PondError(f"{path} line {number} is not NAME=VALUE", "one secret per line: NAME=VALUE",
+                                code="usage")
+            out[name.strip()] = value
+    return out
+
+
+def cmd_credential_list(args):
+    data = _client(args).get("/v1/admin/credentials")
+    if args.json:
+        return _print_json(data)
+    _table(data["credentials"], [("NAME", "name"), ("PROVIDER", "provider"),
+                                 ("SECRETS", lambda c: ",".join(c["secrets"])),
+                                 ("ENV", lambda c: ",".join(c["env"]) or None),
+                                 ("UPDATED", lambda c: _ago(c["updated_at"]))])
+
+
+def cmd_credential_delete(args):
+    data = _client(args).delete(f"/v1/admin/credentials/{args.name}")
+    if args.json:
+        return _print_json(data)
+    print(f"credential {data['name']} deleted")
 
 
 def cmd_revoke(args):
@@ -293,6 +385,12 @@ def build_parser():
                    help="allow plain HTTP off loopback (a trusted overlay network only)")
     s.add_argument("--request-timeout", type=float, metavar="S",
                    help="seconds a client has to send a whole request (default 30)")
+    s.add_argument("--credential-key-file", metavar="FILE",
+                   help="key that encrypts credentials at rest, base64 of 32 bytes, mode 0600 "
+                        "(default: $POND_CREDENTIAL_KEY_FILE, else DIR/credential.key, created)")
+    s.add_argument("--allow-unsigned-results", action="store_true",
+                   help="let workers without pinned keys (no cryptography package) take jobs that name no "
+                        "credential; their results are recorded unsigned")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
@@ -310,6 +408,7 @@ def build_parser():
     s.add_argument("--name", help="a label for the job")
     s.add_argument("--tenant", help="tenant id (for sandbox tier byo)")
     s.add_argument("--sandbox", metavar="JSON", help='sandbox block, e.g. \'{"profile": "none", "tier": "any"}\'')
+    s.add_argument("--credential", metavar="NAME", help="a credential whose env the job gets, sealed to its worker")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(fn=cmd_submit)
@@ -324,6 +423,11 @@ def build_parser():
         s = sub.add_parser(name, help=helptext, parents=[common])
         s.add_argument("id")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("verify", help="re-check a job's signed result and stored output, offline",
+                       parents=[common])
+    s.add_argument("id")
+    s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("logs", help="print a job's output", parents=[common])
     s.add_argument("id")
@@ -348,6 +452,21 @@ def build_parser():
     s.add_argument("kind", choices=("orchestrator", "worker"))
     s.add_argument("id")
     s.set_defaults(fn=cmd_revoke)
+    credential = admin.add_parser("credential", help="credentials: set, list, delete").add_subparsers(
+        dest="credential_cmd", metavar="COMMAND", required=True)
+    s = credential.add_parser("set", help="create or replace a credential", parents=[common])
+    s.add_argument("name")
+    s.add_argument("--secret", action="append", default=[], metavar="NAME",
+                   help="a secret variable, its value taken from $NAME (repeatable; never NAME=VALUE)")
+    s.add_argument("--secrets-file", metavar="FILE", help="secret NAME=VALUE lines, from a 0600 file")
+    s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a variable that is not secret")
+    s.add_argument("--provider", help="e.g. anthropic")
+    s.set_defaults(fn=cmd_credential_set)
+    s = credential.add_parser("list", help="list credentials (names only, never values)", parents=[common])
+    s.set_defaults(fn=cmd_credential_list)
+    s = credential.add_parser("delete", help="delete a credential", parents=[common])
+    s.add_argument("name")
+    s.set_defaults(fn=cmd_credential_delete)
     s = admin.add_parser("orchestrators", help="list paired orchestrators", parents=[common])
     s.set_defaults(fn=cmd_orchestrators)
     s = admin.add_parser("workers", help="list enrolled workers", parents=[common])

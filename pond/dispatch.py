@@ -14,17 +14,19 @@ report, which wakes held polls, so a poll never works from a stale offer
 (specs/protocol.md §4 explains why offers are not carried on the poll).
 """
 
+import base64
 import secrets
 import threading
 import time
 
-from pond import matching, tokens, wire
-from pond.errors import BadRequest, InvalidTransition, NotFound, StaleAttempt, Unauthorized
+from pond import attestation, credentials, matching, tokens, wire
+from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, StaleAttempt, Unauthorized
 from pond.jobs import TERMINAL, TRANSITIONS, JobState, transition
 
 MAX_CLAIM = 64          # assignments in one poll answer
 TOUCH_EVERY = 5.0       # s between updates of a binding's last_seen
 LIVENESS_CHECK = 2.0    # s between checks that a held poll's orchestrator is still connected
+MAX_ENVELOPE = 64 * 1024    # bytes of an attestation: one signature over a statement is ~1.5 KiB
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
@@ -74,9 +76,11 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     jobs, and the offers are taken in submission order across groups. Among matching
     workers, the one with the most free slots gets the job.
     """
-    store = pond.store
+    store, allow_unsigned = pond.store, pond.settings.allow_unsigned
     with store.transaction():
-        workers = [w for w in store.workers(binding_id) if w["online"]]
+        # Without pinned keys a worker can neither open a credential nor sign a result: by
+        # default it takes nothing; with --allow-unsigned-results, nothing that names a credential.
+        workers = [w for w in store.workers(binding_id) if w["online"] and (w["fingerprint"] or allow_unsigned)]
         if not workers:
             return []
         active = store.active_counts(binding_id)
@@ -85,7 +89,7 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
             return []
         candidates = []
         for group in store.queued_groups():
-            fit = [w for w in workers if free[w["id"]] > 0
+            fit = [w for w in workers if free[w["id"]] > 0 and (w["fingerprint"] or not group["credential"])
                    and matching.matches(w, group["tags"], group["capabilities"])]
             room = min(sum(free[w["id"]] for w in fit), max_jobs)
             if room:
@@ -102,9 +106,10 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
         return out
 
 
-def _has_free_slot(store, binding_id):
-    active = store.active_counts(binding_id)
-    return any(w["online"] and w["slots"] > active.get(w["id"], 0) for w in store.workers(binding_id))
+def _has_free_slot(pond, binding_id):
+    active = pond.store.active_counts(binding_id)
+    return any(w["online"] and w["slots"] > active.get(w["id"], 0) and (w["fingerprint"] or pond.settings.allow_unsigned)
+               for w in pond.store.workers(binding_id))
 
 
 def _assign(pond, job, worker, binding_id):
@@ -115,6 +120,7 @@ def _assign(pond, job, worker, binding_id):
         "worker": worker["id"], "command": job["command"], "env": job["env"], "name": job["name"],
         "tags": job["tags"], "capabilities": job["capabilities"], "sandbox": job["sandbox"],
         "timeout": job["timeout"],
+        "credential": job["credential"],     # the intent only: the worker asks for it sealed (seal())
     }
 
 
@@ -153,7 +159,7 @@ def _answers(pond, binding_id, deadline, alive):
         snapshot = pond.work.snapshot()
         if pond.store.binding(binding_id)["revoked_at"] is not None:
             return              # revoked while held: the next poll is refused (pairing.authenticate)
-        free = _has_free_slot(pond.store, binding_id)     # checked without the write lock
+        free = _has_free_slot(pond, binding_id)     # checked without the write lock
         jobs = claim(pond, binding_id) if free else []
         cancels = pond.store.cancels_to_send(binding_id)
         if jobs or cancels:
@@ -188,10 +194,10 @@ def _reported_job(pond, req):
 
 
 def report_state(pond, req):
-    """POST /v1/orch/jobs/{id}/state: running, or a final state with exit code and trailing output."""
+    """POST /v1/orch/jobs/{id}/state: running, or a final state with exit code, trailing output and attestation."""
     job, attempt = _reported_job(pond, req)
     body = wire.obj(req.body, "state report",
-                    ("attempt", "state", "exit_code", "error", "chunks"), ("attempt", "state"))
+                    ("attempt", "state", "exit_code", "error", "chunks", "attestation"), ("attempt", "state"))
     if not isinstance(body["state"], str) or body["state"] not in {s.value for s in REPORT_STATES}:
         raise BadRequest(f"state {str(body['state'])[:40]!r} cannot be reported",
                          "one of: " + ", ".join(s.value for s in REPORT_STATES))
@@ -200,21 +206,108 @@ def report_state(pond, req):
     error = wire.optional_string(body.get("error"), "error", max_len=2000)
     _check_outcome(to_state, exit_code, error)
     chunks = wire.chunks(body.get("chunks"))
+    envelope = _envelope(body.get("attestation"))
     if job["state"] == to_state.value:
         return 200, {"job": job["id"], "state": job["state"], "duplicate": True}
     if to_state not in TRANSITIONS[JobState(job["state"])]:
         raise InvalidTransition(job["id"], job["state"], to_state.value)     # before storing its output
-    if chunks:
-        pond.store.add_chunks(job["id"], attempt, chunks)
-    now = pond.now()
     if to_state is JobState.RUNNING:
-        transition(pond.store, job, to_state, started_at=now)
+        if chunks:
+            pond.store.add_chunks(job["id"], attempt, chunks)
+        transition(pond.store, job, to_state, started_at=pond.now())
     else:
-        transition(pond.store, job, to_state, started_at=job["started_at"] or now, finished_at=now,
-                   exit_code=exit_code, error=error)
+        _finish(pond, job, attempt, to_state, exit_code, error, chunks, envelope)
         pond.work.notify()        # a slot is free
     pond.logs.notify()
     return 200, {"job": job["id"], "state": to_state.value}
+
+
+def _envelope(value):
+    """The attestation of a final report: None, or a DSSE envelope of bounded size (checked by attestation.py)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or len(wire.canonical_json(value)) > MAX_ENVELOPE:
+        raise BadRequest(f"attestation must be a DSSE envelope (a JSON object) of at most {MAX_ENVELOPE} bytes",
+                         "send the envelope the worker signed, unchanged")
+    return value
+
+
+def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope):
+    """Record a final report, in one transaction with its trailing output, once its result is verified.
+
+    A refused result changes nothing: its output is not stored, the job keeps its state,
+    and the refusal is kept as an event on the job and on the worker for the operator.
+    """
+    worker = _worker(pond, job)
+    try:
+        with pond.store.transaction():
+            if chunks:
+                pond.store.add_chunks(job["id"], attempt, chunks)
+            signed = _verify_result(pond, job, attempt, worker, (state.value, exit_code, error), envelope)
+            transition(pond.store, job, state, started_at=job["started_at"] or pond.now(), finished_at=pond.now(),
+                       exit_code=exit_code, error=error)
+            if signed:
+                pond.store.set_attestation(job["id"], envelope)
+    except Forbidden as e:
+        if e.code == "attestation_failed":
+            _result_refused(pond, job, attempt, worker, e.detail)
+        raise
+
+
+def _worker(pond, job):
+    for w in pond.store.workers(job["binding_id"]):      # cached: no query per report
+        if w["id"] == job["worker_id"]:
+            return w
+    return pond.store.worker(job["worker_id"]) or {"id": job["worker_id"], "fingerprint": None}
+
+
+def _verify_result(pond, job, attempt, worker, outcome, envelope):
+    """True: the report's attestation verifies against the worker's pinned key, for this job,
+    attempt, output and outcome. False: it may be recorded unsigned. Refused otherwise.
+
+    Unsigned is allowed only for a job that never ran (no exit code, no output: cancelled
+    before it started, refused by its worker) or, with --allow-unsigned-results, for a
+    worker without pinned keys. A pinned worker's result is never taken unsigned.
+    """
+    never_ran = outcome[1] is None and outcome[0] != JobState.DONE.value \
+        and not pond.store.has_output(job["id"], attempt)
+    if not worker["fingerprint"]:
+        if never_ran or pond.settings.allow_unsigned:
+            return False
+        raise attestation.refused(f"worker {worker['id']} has no pinned keys and pond takes only signed results")
+    if envelope is None:
+        if never_ran:
+            return False
+        raise attestation.refused("the result of a pinned worker carries no attestation")
+    statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)
+    output = pond.store.output(job["id"], attempt)
+    attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
+                                output["stderr"], command=pond.store.job_command(job["id"]), outcome=outcome)
+    return True
+
+
+def _result_refused(pond, job, attempt, worker, detail):
+    event = {"at": pond.now(), "event": "result_refused", "job": job["id"], "attempt": attempt,
+             "worker": worker["id"], "detail": detail}
+    pond.store.add_job_event(job["id"], event)
+    if pond.store.worker(worker["id"]):
+        pond.store.add_worker_event(worker["id"], event)
+    pond.log.warning("job %s attempt %d: result refused, not recorded: %s", job["id"], attempt, detail)
+
+
+def seal(pond, req):
+    """POST /v1/orch/jobs/{id}/seal {attempt} (X-Claim-Token): the job's credential, sealed to the
+    pinned X25519 key of the worker the attempt was assigned to (credentials.seal_for)."""
+    job, attempt = _reported_job(pond, req)
+    wire.obj(req.body, "seal", ("attempt",), ("attempt",))
+    if JobState(job["state"]) not in (JobState.ASSIGNED, JobState.RUNNING):
+        raise StaleAttempt(f"job {job['id']} is {job['state']}; nothing is sealed for it any more", "drop the job")
+    if not job["credential"]:
+        raise BadRequest(f"job {job['id']} names no credential", "ask for a seal only when the assignment names one")
+    answer = credentials.seal_for(pond, job, pond.store.worker(job["worker_id"]), attempt)
+    pond.store.add_job_event(job["id"], {"at": pond.now(), "event": "sealed", "attempt": attempt,
+                                         "credential": answer["credential"], "fingerprint": answer["fingerprint"]})
+    return 200, answer
 
 
 def _check_outcome(state, exit_code, error):

@@ -11,7 +11,7 @@ every state change goes through transition(), which refuses anything else.
 import time
 from enum import Enum
 
-from pond import matching, tokens, wire
+from pond import credentials, matching, tokens, wire
 from pond.errors import BadRequest, InvalidTransition, NotFound
 
 
@@ -41,7 +41,7 @@ OVERRIDES = ("memory", "cpus", "pids_limit", "tmpfs_size", "image")
 TIER_TAGS = {"trusted": ["pool:trusted"], "byo": ["pool:byo"], "any": []}
 DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
 MAX_TIMEOUT = 7 * 24 * 3600
-SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant")
+SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential")
 
 
 def transition(store, job, to_state, **fields):
@@ -104,16 +104,39 @@ def submit(pond, req):
         "sandbox": sandbox,
         "timeout": wire.number(body.get("timeout"), "timeout", 1, MAX_TIMEOUT),
         "created_at": pond.now(),
+        "credential": _credential(pond, body.get("credential")),
     }
-    pond.store.add_job(job, matching.requirement_key(tags, caps))
+    pond.store.add_job(job, matching.requirement_key(tags, caps, sealed=bool(job["credential"])))
     pond.work.notify(new_job=True)
     row = dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
-               worker_id=None, binding_id=None, cancel_requested=0)
+               worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[])
     return 201, view(pond, row, explain=False)    # as stored, without reading it back; `pond job ID` explains
+
+
+def _credential(pond, name):
+    """The credential a job names (its env reaches the worker sealed): it must exist at submit."""
+    if name is None:
+        return None
+    name = wire.string(name, "credential", 64, credentials.NAME_RE, credentials.NAME_HINT)
+    credentials.check_exists(pond, name)
+    return name
 
 
 def get(pond, req):
     return 200, view(pond, _find(pond, req.params["id"]))
+
+
+def attestation(pond, req):
+    """GET /v1/jobs/{id}/attestation: the signed result as pond verified and stored it, with the pinned key."""
+    job = _find(pond, req.params["id"])
+    if job["attestation"] is None:
+        why = ("it has not finished" if JobState(job["state"]) not in TERMINAL else
+               "its result was recorded unsigned (the job never ran, or its worker has no pinned keys)")
+        raise NotFound(f"job {job['id']} has no attestation: {why}", "see `pond job ID` for its state and events")
+    worker = pond.store.worker(job["worker_id"])
+    return 200, {"job": job["id"], "attempt": job["attempt"], "worker": job["worker_id"],
+                 "fingerprint": worker["fingerprint"], "ed25519_public": worker["ed25519_public"],
+                 "envelope": job["attestation"]}
 
 
 def list_jobs(pond, req):
@@ -173,12 +196,17 @@ def view(pond, row, explain=True):
     """A job row as the API shows it; a queued job says why it waits."""
     out = {k: row[k] for k in ("id", "name", "state", "command", "env", "tags", "capabilities", "sandbox",
                                "timeout", "attempt", "exit_code", "error", "created_at", "assigned_at",
-                               "started_at", "finished_at")}
+                               "started_at", "finished_at", "credential")}
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
     out["cancel_requested"] = bool(row["cancel_requested"])
+    # attested: true, the result was signed by the worker's pinned key and verified; false, recorded
+    # unsigned (never ran, or an unpinned worker); null, no result yet.
+    out["attested"] = (row["attestation"] is not None) if JobState(row["state"]) in TERMINAL else None
+    out["events"] = row["events"] or []
     if explain and row["state"] == JobState.QUEUED.value:
-        out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts())
+        out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts(),
+                                          pond.settings.allow_unsigned)
     return out
 
 

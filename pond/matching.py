@@ -11,9 +11,12 @@ from fnmatch import fnmatchcase
 from pond.wire import canonical
 
 
-def requirement_key(tags, capabilities):
-    """Jobs with equal keys have equal requirements; the queue is grouped by it."""
-    return canonical([sorted(tags), sorted(capabilities)])
+def requirement_key(tags, capabilities, sealed=False):
+    """Jobs with equal keys have equal requirements; the queue is grouped by it.
+
+    `sealed`: the job names a credential, so only a worker with pinned keys may take it.
+    """
+    return canonical([sorted(tags), sorted(capabilities)] + (["sealed"] if sealed else []))
 
 
 def capability_matches(globs, capability):
@@ -32,9 +35,24 @@ def matches(worker, tags, capabilities):
     return not lacks_tags and not lacks_caps
 
 
-def explain(job, workers, active):
+def needs_keys(job, allow_unsigned):
+    """Whether only a worker with pinned keys may take the job: it names a credential (sealed to
+    the worker's key), or pond accepts only signed results (the default)."""
+    return bool(job["credential"]) or not allow_unsigned
+
+
+def explain(job, workers, active, allow_unsigned=False):
     """Why a queued job has not started: {reason, online, matching, free}."""
     tags, caps = job["tags"], job["capabilities"]
+    if needs_keys(job, allow_unsigned):
+        unpinned = [w for w in workers if w["online"] and not w["fingerprint"] and matches(w, tags, caps)]
+        workers = [w for w in workers if w["fingerprint"]]
+        if unpinned and not any(w["online"] and matches(w, tags, caps) for w in workers):
+            why = ("it names a credential, sealed only to a pinned key" if job["credential"] else
+                   "pond accepts only signed results (pond serve --allow-unsigned-results lets them in)")
+            return dict(reason=f"{len(unpinned)} matching worker(s) online, none with pinned keys: {why}; "
+                        "enroll workers with the cryptography package installed", online=len(unpinned),
+                        matching=0, free=0)
     online = [w for w in workers if w["online"]]
     fit = [w for w in online if matches(w, tags, caps)]
     free = [w for w in fit if w["slots"] - active.get(w["id"], 0) > 0]

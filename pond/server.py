@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import PROTOCOL_VERSION, __version__, dispatch, enrollment, jobs, pairing, tokens
+from pond import PROTOCOL_VERSION, __version__, credentials, dispatch, enrollment, jobs, pairing, tokens
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          Unauthorized, Unavailable, Forbidden)
 from pond.settings import ENDPOINT_FILE, MAX_HEADER_BYTES, WORKER_OFFLINE_AFTER, write_private
@@ -33,6 +33,7 @@ from pond.store import Store
 log = logging.getLogger("pond")
 REAPER_INTERVAL = 2.0
 _ID = r"(?P<id>[A-Za-z0-9_-]{1,64})"
+_NAME = r"(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,63})"       # a credential name (wire.NAME_RE without spaces)
 
 
 def healthz(pond, req):
@@ -61,6 +62,7 @@ ROUTES = [
     ("GET", r"/v1/jobs", "admin", jobs.list_jobs),
     ("GET", rf"/v1/jobs/{_ID}", "admin", jobs.get),
     ("GET", rf"/v1/jobs/{_ID}/logs", "admin", jobs.logs),
+    ("GET", rf"/v1/jobs/{_ID}/attestation", "admin", jobs.attestation),
     ("POST", rf"/v1/jobs/{_ID}/cancel", "admin", jobs.cancel),
     ("POST", r"/v1/admin/pool/pairing-codes", "admin", pairing.mint_code),
     ("POST", r"/v1/admin/pool/enrollment-codes", "admin", enrollment.mint_code),
@@ -68,11 +70,16 @@ ROUTES = [
     ("GET", r"/v1/admin/pool/workers", "admin", enrollment.list_workers),
     ("DELETE", rf"/v1/admin/pool/orchestrators/{_ID}", "admin", pairing.revoke),
     ("DELETE", rf"/v1/admin/pool/workers/{_ID}", "admin", enrollment.revoke),
+    ("POST", r"/v1/admin/credentials", "admin", credentials.put),
+    ("GET", r"/v1/admin/credentials", "admin", credentials.list_all),
+    ("GET", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.get),
+    ("DELETE", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.delete),
     ("POST", r"/v1/orch/pair", None, pairing.pair),
     ("GET", r"/v1/orch/whoami", "orch", pairing.whoami),
     ("POST", r"/v1/orch/poll", "orch", dispatch.poll),
     ("POST", rf"/v1/orch/jobs/{_ID}/state", "orch", dispatch.report_state),
     ("POST", rf"/v1/orch/jobs/{_ID}/chunk", "orch", dispatch.report_chunk),
+    ("POST", rf"/v1/orch/jobs/{_ID}/seal", "orch", dispatch.seal),
     ("POST", r"/v1/orch/workers/snapshot", "orch", enrollment.snapshot),
     ("POST", r"/v1/orch/enrollment/(?P<code>[A-Za-z0-9-]{1,32})/consumed", "orch", enrollment.consumed),
 ]

@@ -8,7 +8,7 @@ import ipaddress
 import json
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pond.errors import ConfigError
@@ -44,6 +44,8 @@ class ServerSettings:
     access_log: bool = False
     tls_cert: str = ""                   # both set: serve HTTPS
     tls_key: str = ""
+    credential_key: bytes = field(default=b"", repr=False)     # encrypts credentials at rest
+    allow_unsigned: bool = False         # accept results of workers without pinned keys
 
     @property
     def scheme(self):
@@ -105,7 +107,8 @@ def read_private(path):
 
 
 def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
-                    request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False):
+                    request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
+                    credential_key_file=None, allow_unsigned=False):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -120,7 +123,16 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
         raise ConfigError(f"request timeout {timeout} s is out of range", "give a value in (0, 600]")
     return ServerSettings(host=host, port=port, state_dir=state, admin_token=token,
                           poll_hold=hold, access_log=access_log, request_timeout=timeout,
-                          tls_cert=tls_cert, tls_key=tls_key)
+                          tls_cert=tls_cert, tls_key=tls_key,
+                          credential_key=_credential_key(state, env, credential_key_file),
+                          allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1")
+
+
+def _credential_key(state, env, key_file):
+    """The key credentials are encrypted under: the operator's file, else one pond keeps in its state dir."""
+    from pond.credentials import KEY_FILE, load_key
+    given = key_file or env.get("POND_CREDENTIAL_KEY_FILE")
+    return load_key(Path(given), create=False) if given else load_key(state / KEY_FILE, create=True)
 
 
 def _server_tls(host, cert, key, insecure_no_tls):

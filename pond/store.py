@@ -15,8 +15,9 @@ import json
 import sqlite3
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairing_codes (
@@ -87,7 +88,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     exit_code        INTEGER,
     error            TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    cancel_sent      INTEGER NOT NULL DEFAULT 0
+    cancel_sent      INTEGER NOT NULL DEFAULT 0,
+    credential       TEXT,
+    attestation      TEXT,
+    events           TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, req_key, seq);
 CREATE INDEX IF NOT EXISTS jobs_binding ON jobs(binding_id, state);
@@ -101,13 +105,28 @@ CREATE TABLE IF NOT EXISTS chunks (
     UNIQUE (job_id, attempt, stream, seq)
 );
 CREATE INDEX IF NOT EXISTS chunks_job ON chunks(job_id, id);
+CREATE TABLE IF NOT EXISTS credentials (
+    name         TEXT PRIMARY KEY,
+    provider     TEXT,
+    env_names    TEXT NOT NULL,
+    secret_names TEXT NOT NULL,
+    ciphertext   BLOB NOT NULL,
+    key_id       TEXT NOT NULL,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
 """
 
-_JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events")
-# Columns added to `workers` by schema 2 (pinned keys, enrollment ceiling, revocation, events):
-# a version-1 pond.db gets them with ALTER TABLE when it is opened.
-WORKER_COLUMNS_V2 = (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
-                     ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"))
+_JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
+                 "attestation", "env_names", "secret_names")
+# Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
+# opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3: a
+# job's credential, attestation and events (and the credentials table, created above).
+ADDED_COLUMNS = {
+    "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
+                ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT")),
+    "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT")),
+}
 MAX_EVENTS = 20           # per worker, newest last
 
 
@@ -127,13 +146,21 @@ def _dump(value):
 class Store:
     """The SQLite store. Thread-safe; use transaction() to group writes atomically."""
 
-    def __init__(self, path):
+    def __init__(self, path, readonly=False):
         self._lock = threading.RLock()
         self._depth = 0
         # binding id -> its worker rows. Every claim reads them and only enrollment,
         # snapshots and the reaper change them, all through this object; a store shared
         # by several pond replicas (PostgreSQL) would drop this cache.
         self._workers_cache = {}
+        if readonly:         # `pond verify`: read a state dir, running pond or not, and change nothing
+            self._db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
+                                       isolation_level=None, check_same_thread=False)
+            self._db.row_factory = _row
+            version = self._db.execute("PRAGMA user_version").fetchone()["user_version"]
+            if version != SCHEMA_VERSION:
+                raise RuntimeError(f"{path} has schema {version}, not {SCHEMA_VERSION}: start this pond on it once")
+            return
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.row_factory = _row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -151,11 +178,13 @@ class Store:
 
     def _migrate(self, version):
         """Bring an older schema up to SCHEMA_VERSION (inside the opening transaction)."""
-        if version == 1:
-            have = {r["name"] for r in self._db.execute("PRAGMA table_info(workers)").fetchall()}
-            for name, kind in WORKER_COLUMNS_V2:
+        if version in (0, SCHEMA_VERSION):      # 0: a new file, made by SCHEMA as it is now
+            return
+        for table, columns in ADDED_COLUMNS.items():
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
+            for name, kind in columns:
                 if name not in have:
-                    self._db.execute(f"ALTER TABLE workers ADD COLUMN {name} {kind}")
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self):
         with self._lock:
@@ -272,10 +301,13 @@ class Store:
 
     def refuse_worker(self, worker_id, event):
         """A snapshot entry was refused: the worker goes offline, keeps its row, and the event is kept."""
+        self.add_worker_event(worker_id, event, offline=True)
+
+    def add_worker_event(self, worker_id, event, offline=False):
         with self.transaction():
             row = self._one("SELECT events FROM workers WHERE id = ?", (worker_id,))
             events = ((row or {}).get("events") or []) + [event]
-            self._worker_write("UPDATE workers SET online = 0, events = ? WHERE id = ?",
+            self._worker_write("UPDATE workers SET events = ?" + (", online = 0" if offline else "") + " WHERE id = ?",
                                (_dump(events[-MAX_EVENTS:]), worker_id))
 
     def revoke_worker(self, worker_id, now):
@@ -327,18 +359,31 @@ class Store:
     def add_job(self, job, req_key):
         self._write(
             "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox,"
-            " timeout, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " timeout, created_at, credential, events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]')",
             (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
              _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
-             job["timeout"], job["created_at"]))
+             job["timeout"], job["created_at"], job["credential"]))
 
     def job(self, job_id):
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
 
     def job_fence(self, job_id):
         """What a report is checked against, without decoding the job's JSON columns."""
-        return self._one("SELECT id, state, attempt, binding_id, claim_hash, started_at FROM jobs WHERE id = ?",
-                         (job_id,))
+        return self._one("SELECT id, state, attempt, binding_id, claim_hash, started_at, worker_id, credential"
+                         " FROM jobs WHERE id = ?", (job_id,))
+
+    def job_command(self, job_id):
+        return self._one("SELECT command FROM jobs WHERE id = ?", (job_id,))["command"]
+
+    def set_attestation(self, job_id, envelope):
+        self._write("UPDATE jobs SET attestation = ? WHERE id = ?", (_dump(envelope), job_id))
+
+    def add_job_event(self, job_id, event):
+        """Keep an event on the job (a refused result, a seal) for its operator; the newest MAX_EVENTS."""
+        with self.transaction():
+            row = self._one("SELECT events FROM jobs WHERE id = ?", (job_id,))
+            events = ((row or {}).get("events") or []) + [event]
+            self._db.execute("UPDATE jobs SET events = ? WHERE id = ?", (_dump(events[-MAX_EVENTS:]), job_id))
 
     def jobs(self, state=None, limit=100):
         if state:
@@ -361,7 +406,7 @@ class Store:
             " UNION ALL"
             " SELECT (SELECT MIN(req_key) FROM jobs WHERE state = 'queued' AND req_key > g.k) FROM g"
             " WHERE g.k IS NOT NULL)"
-            " SELECT j.req_key, j.tags, j.capabilities, j.seq AS first FROM g"
+            " SELECT j.req_key, j.tags, j.capabilities, j.credential, j.seq AS first FROM g"
             " JOIN jobs j ON j.seq = (SELECT MIN(seq) FROM jobs WHERE state = 'queued' AND req_key = g.k)"
             " ORDER BY first")
 
@@ -409,6 +454,43 @@ class Store:
                 "INSERT OR IGNORE INTO chunks (job_id, attempt, stream, seq, data) VALUES (?, ?, ?, ?, ?)",
                 [(job_id, attempt, stream, seq, data) for stream, seq, data in chunks])
 
+    def output(self, job_id, attempt):
+        """{"stdout": bytes, "stderr": bytes}: an attempt's output as stored, each stream in seq order."""
+        out = {"stdout": bytearray(), "stderr": bytearray()}
+        for r in self._all("SELECT stream, data FROM chunks WHERE job_id = ? AND attempt = ? ORDER BY stream, seq",
+                           (job_id, attempt)):
+            out[r["stream"]] += r["data"]
+        return {k: bytes(v) for k, v in out.items()}
+
+    def has_output(self, job_id, attempt):
+        return self._one("SELECT 1 AS x FROM chunks WHERE job_id = ? AND attempt = ? LIMIT 1",
+                         (job_id, attempt)) is not None
+
     def chunks(self, job_id, after=0, limit=1000):
         return self._all("SELECT id, attempt, stream, seq, data FROM chunks WHERE job_id = ? AND id > ?"
                          " ORDER BY id LIMIT ?", (job_id, after, limit))
+
+    # -- credentials -------------------------------------------------------------
+
+    def put_credential(self, name, provider, env_names, secret_names, ciphertext, key_id, now):
+        """Create or replace a credential; True if it is new."""
+        with self.transaction():
+            new = self._db.execute("UPDATE credentials SET provider = ?, env_names = ?, secret_names = ?,"
+                                   " ciphertext = ?, key_id = ?, updated_at = ? WHERE name = ?",
+                                   (provider, _dump(env_names), _dump(secret_names), ciphertext, key_id, now,
+                                    name)).rowcount == 0
+            if new:
+                self._db.execute("INSERT INTO credentials (name, provider, env_names, secret_names, ciphertext,"
+                                 " key_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                 (name, provider, _dump(env_names), _dump(secret_names), ciphertext, key_id,
+                                  now, now))
+            return new
+
+    def credential(self, name):
+        return self._one("SELECT * FROM credentials WHERE name = ?", (name,))
+
+    def credentials(self):
+        return self._all("SELECT * FROM credentials ORDER BY name")
+
+    def delete_credential(self, name):
+        return self._write("DELETE FROM credentials WHERE name = ?", (name,)) == 1
