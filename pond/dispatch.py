@@ -245,9 +245,7 @@ def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope):
                 pond.store.add_chunks(job["id"], attempt, chunks)
             signed = _verify_result(pond, job, attempt, worker, (state.value, exit_code, error), envelope)
             transition(pond.store, job, state, started_at=job["started_at"] or pond.now(), finished_at=pond.now(),
-                       exit_code=exit_code, error=error)
-            if signed:
-                pond.store.set_attestation(job["id"], envelope)
+                       exit_code=exit_code, error=error, attestation=wire.canonical(envelope) if signed else None)
     except Forbidden as e:
         if e.code == "attestation_failed":
             _result_refused(pond, job, attempt, worker, e.detail)
@@ -269,14 +267,15 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope):
     before it started, refused by its worker) or, with --allow-unsigned-results, for a
     worker without pinned keys. A pinned worker's result is never taken unsigned.
     """
-    never_ran = outcome[1] is None and outcome[0] != JobState.DONE.value \
-        and not pond.store.has_output(job["id"], attempt)
+    def never_ran():
+        return outcome[1] is None and outcome[0] != JobState.DONE.value and not pond.store.has_output(job["id"], attempt)
+
     if not worker["fingerprint"]:
-        if never_ran or pond.settings.allow_unsigned:
+        if pond.settings.allow_unsigned or never_ran():
             return False
         raise attestation.refused(f"worker {worker['id']} has no pinned keys and pond takes only signed results")
     if envelope is None:
-        if never_ran:
+        if never_ran():
             return False
         raise attestation.refused("the result of a pinned worker carries no attestation")
     statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)

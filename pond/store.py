@@ -375,9 +375,6 @@ class Store:
     def job_command(self, job_id):
         return self._one("SELECT command FROM jobs WHERE id = ?", (job_id,))["command"]
 
-    def set_attestation(self, job_id, envelope):
-        self._write("UPDATE jobs SET attestation = ? WHERE id = ?", (_dump(envelope), job_id))
-
     def add_job_event(self, job_id, event):
         """Keep an event on the job (a refused result, a seal) for its operator; the newest MAX_EVENTS."""
         with self.transaction():
@@ -421,7 +418,7 @@ class Store:
             " claim_hash = ?, assigned_at = ? WHERE id = ? AND state = 'queued'",
             (worker_id, binding_id, claim_hash, now, job_id)) == 1
 
-    _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested"))
+    _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested", "attestation"))
 
     def update_job_state(self, job_id, from_state, to_state, fields):
         """Move a job from exactly `from_state` to `to_state`, setting fields; False if it was not there."""
