@@ -81,6 +81,8 @@ POND_POLL_WAIT = 25.0                 # s pond may hold the orchestrator's poll
 CLAIM_WAIT = 25.0                     # s the orchestrator may hold a worker's claim
 WORKER_GRACE = 15.0                   # s after its last claim that a worker still counts as online
 SNAPSHOT_INTERVAL = 20.0              # s between worker snapshots when nothing changes
+RECONNECT_GRACE = 5.0                 # s a worker between two claims still counts for its jobs' leases
+HEARTBEAT_MAX = 15.0                  # s between heartbeats at most; pond's lease / 4 when that is shorter
 LIVENESS_CHECK = 2.0                  # s between checks that a held claim's worker is still connected
 CHUNK_INTERVAL = 0.25                 # s a job's output may wait before it is sent
 CHUNK_BYTES = 64 * 1024               # bytes of output per chunk
@@ -92,6 +94,7 @@ MAX_CHUNK_BYTES = 1024 * 1024         # bytes of output in one chunk, as pond
 MAX_CHUNKS_PER_REPORT = 64            # chunks on one state report, as pond
 MAX_ERROR = 2000                      # characters of a report's error, as pond
 MAX_ENVELOPE = 64 * 1024              # bytes of a result's attestation, as pond
+MAX_HEARTBEAT = 4096                  # attempts in one heartbeat, as pond
 REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 HANDLE_FILE = "backend-handle.json"
@@ -1381,6 +1384,10 @@ class Session:
     def online(self, now):
         return self.claiming > 0 or now - self.last_seen < WORKER_GRACE
 
+    def connected(self, now):
+        """Holding a claim, or between two: its jobs' leases are renewed only while this holds."""
+        return self.claiming > 0 or now - self.last_seen < RECONNECT_GRACE
+
     def view(self, now):
         out = {"id": self.id, "name": self.name, "tags": self.tags, "capabilities": self.capabilities,
                "slots": self.slots, "online": self.online(now)}
@@ -1429,6 +1436,11 @@ class Outbox:
 
     def __len__(self):
         return len(self._items)
+
+    def finals(self):
+        """The final reports still to send: their attempts are held until pond has them."""
+        with self._cond:
+            return [m for m in self._items if m["kind"] == "state" and m["body"]["state"] in TERMINAL_STATES]
 
 
 class Pool:
@@ -1665,6 +1677,27 @@ class Pool:
     def _report(self, job, body):
         self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"], "body": body})
 
+    # -- leases ------------------------------------------------------------------
+
+    def held(self):
+        """Every attempt this pool holds for pond: queued for a worker that is online, running on
+        one, or ended with its final report still in the outbox. Heartbeats renew their leases;
+        the jobs of a worker that went away are left out, so pond requeues them."""
+        now = time.time()
+        with self.lock:
+            jobs = [j for s in self.sessions.values() if s.connected(now) for j in (*s.queue, *s.jobs.values())]
+        held = {j["job_id"]: (j["attempt"], j["claim_token"]) for j in jobs}
+        for m in self.outbox.finals():
+            held[m["job_id"]] = (m["body"]["attempt"], m["claim_token"])
+        return [{"job_id": job_id, "attempt": a, "claim_token": t} for job_id, (a, t) in held.items()]
+
+    def drop_stale(self, job_ids):
+        """pond no longer gives these attempts to us (requeued, cancelled, ended): stop them."""
+        with self.lock:
+            for job_id in job_ids:
+                if self._cancel_locked(job_id, "pond (the attempt's lease was lost)"):
+                    log.warning("job %s: pond moved on from this attempt; stopping it here", clean(job_id))
+
     # -- views -------------------------------------------------------------------
 
     def snapshot(self):
@@ -1781,6 +1814,22 @@ def snapshot_loop(pool, pond, stop, interval):
             pool.revoke(worker_id)
 
 
+def heartbeat_loop(pool, pond, stop):
+    """Renew the leases of every attempt the pool holds, in one request, every lease / 4."""
+    every = 1.0          # until pond says how long its lease is
+    while not stop.wait(every):
+        held = pool.held()
+        try:
+            for start in range(0, max(len(held), 1), MAX_HEARTBEAT):
+                answer = pond.call("POST", "/v1/orch/heartbeat", {"jobs": held[start:start + MAX_HEARTBEAT]})
+                pool.drop_stale(answer.get("stale", []))
+                every = min(HEARTBEAT_MAX, max(0.5, float(answer.get("lease", 60)) / 4))
+        except Refused as e:
+            log.warning("heartbeat refused: %s (%s)", clean(e.message), e.code)
+        except Unreachable:
+            pass            # the poll loop says that pond is away; leases held by pond wait for us
+
+
 def check_binding(pond):
     """Fail fast on a revoked token or a pond of another protocol; -> whether pond answered."""
     try:
@@ -1881,7 +1930,8 @@ def serve(s):
     threads = [threading.Thread(target=poll_loop, args=(pool, pond, stop, s.poll_wait, fatal), daemon=True,
                                 name="poll"),
                threading.Thread(target=snapshot_loop, args=(pool, pond, stop, s.snapshot_interval), daemon=True,
-                                name="snapshot")]
+                                name="snapshot"),
+               threading.Thread(target=heartbeat_loop, args=(pool, pond, stop), daemon=True, name="heartbeat")]
     pusher = threading.Thread(target=push_loop, args=(pool, pond, stop), daemon=True, name="push")
     for t in threads + [pusher]:
         t.start()

@@ -67,7 +67,8 @@ def cmd_serve(args):
     settings = server_settings(args.bind, args.state_dir, os.environ, args.admin_token_file,
                                args.poll_hold, args.access_log, args.request_timeout,
                                args.tls_cert, args.tls_key, args.insecure_no_tls,
-                               args.credential_key_file, args.allow_unsigned_results)
+                               args.credential_key_file, args.allow_unsigned_results, args.lease,
+                               args.max_attempts)
     return serve(settings)
 
 
@@ -93,7 +94,8 @@ def cmd_submit(args):
         body["tenant"] = args.tenant
     if args.credential:
         body["credential"] = args.credential
-    job = client.post("/v1/jobs", body)
+    job = client.post("/v1/jobs", body, headers={"Idempotency-Key": args.idempotency_key}
+                      if args.idempotency_key else None)
     if not args.wait:
         _print_json(job) if args.json else print(job["id"])
         return 0
@@ -169,9 +171,9 @@ def cmd_job(args):
     if job.get("waiting"):
         print(f"{'waiting:':14}{job['waiting']['reason']}")
     for event in job.get("events", []):
-        detail = {k: v for k, v in event.items() if k not in ("at", "event", "job")}
-        print(f"{'event:':14}{time.strftime('%H:%M:%S', time.localtime(event['at']))} {event['event']} "
-              + " ".join(f"{k}={v}" for k, v in detail.items()))
+        detail = event.get("message") or " ".join(f"{k}={v}" for k, v in event.items()
+                                                  if k not in ("at", "event", "job"))
+        print(f"{'event:':14}{time.strftime('%H:%M:%S', time.localtime(event['at']))} {event['event']} {detail}")
 
 
 def cmd_verify(args):
@@ -391,6 +393,10 @@ def build_parser():
     s.add_argument("--allow-unsigned-results", action="store_true",
                    help="let workers without pinned keys (no cryptography package) take jobs that name no "
                         "credential; their results are recorded unsigned")
+    s.add_argument("--lease", type=float, metavar="S",
+                   help="seconds an attempt lives without a heartbeat before its job is requeued (default 60)")
+    s.add_argument("--max-attempts", type=int, metavar="N",
+                   help="attempts of a job whose leases run out before it fails (default 3)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
@@ -409,6 +415,8 @@ def build_parser():
     s.add_argument("--tenant", help="tenant id (for sandbox tier byo)")
     s.add_argument("--sandbox", metavar="JSON", help='sandbox block, e.g. \'{"profile": "none", "tier": "any"}\'')
     s.add_argument("--credential", metavar="NAME", help="a credential whose env the job gets, sealed to its worker")
+    s.add_argument("--idempotency-key", metavar="KEY",
+                   help="submit at most once: the same key gives back the same job (safe to retry)")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(fn=cmd_submit)

@@ -63,11 +63,11 @@ class Client:
             conn.close()
             self._local.conn = None
 
-    def request(self, method, path, body=None, query=None, timeout=None):
+    def request(self, method, path, body=None, query=None, timeout=None, headers=None):
         if query:
             path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         payload = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", **(headers or {})}
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         for attempt in (1, 2):
@@ -117,8 +117,8 @@ class Client:
     def get(self, path, **query):
         return self.request("GET", path, query=query or None)
 
-    def post(self, path, body=None, timeout=None):
-        return self.request("POST", path, body=body if body is not None else {}, timeout=timeout)
+    def post(self, path, body=None, timeout=None, headers=None):
+        return self.request("POST", path, body=body if body is not None else {}, timeout=timeout, headers=headers)
 
     def delete(self, path):
         return self.request("DELETE", path)

@@ -21,11 +21,12 @@ import time
 
 from pond import attestation, credentials, matching, tokens, wire
 from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, StaleAttempt, Unauthorized
-from pond.jobs import TERMINAL, TRANSITIONS, JobState, transition
+from pond.jobs import TERMINAL, TRANSITIONS, JobState, requeue, transition
 
 MAX_CLAIM = 64          # assignments in one poll answer
 TOUCH_EVERY = 5.0       # s between updates of a binding's last_seen
 LIVENESS_CHECK = 2.0    # s between checks that a held poll's orchestrator is still connected
+MAX_HEARTBEAT = 4096      # attempts renewed by one heartbeat
 MAX_ENVELOPE = 64 * 1024    # bytes of an attestation: one signature over a statement is ~1.5 KiB
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
@@ -96,7 +97,9 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
                 candidates += [(job["seq"], job, fit) for job in store.queued_jobs(group["req_key"], room)]
         out = []
         for _, job, fit in sorted(candidates, key=lambda c: c[0]):
-            worker = max(fit, key=lambda w: free[w["id"]])
+            # A job whose lease ran out goes to another worker if one fits: the last may be broken.
+            tried = set(job["tried"] or ())
+            worker = max(fit, key=lambda w: (w["id"] not in tried, free[w["id"]]))
             if free[worker["id"]] <= 0:
                 continue
             out.append(_assign(pond, job, worker, binding_id))
@@ -114,7 +117,9 @@ def _has_free_slot(pond, binding_id):
 
 def _assign(pond, job, worker, binding_id):
     claim_token = secrets.token_urlsafe(24)
-    pond.store.assign_job(job["id"], worker["id"], binding_id, tokens.digest(claim_token), pond.now())
+    now = pond.now()
+    pond.store.assign_job(job["id"], worker["id"], binding_id, tokens.digest(claim_token), now,
+                          now + pond.settings.lease)
     return {
         "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
         "worker": worker["id"], "command": job["command"], "env": job["env"], "name": job["name"],
@@ -287,11 +292,60 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope):
 
 def _result_refused(pond, job, attempt, worker, detail):
     event = {"at": pond.now(), "event": "result_refused", "job": job["id"], "attempt": attempt,
-             "worker": worker["id"], "detail": detail}
+             "worker": worker["id"], "detail": detail,
+             "message": f"result of job {job['id']} attempt {attempt} refused: {detail}"}
     pond.store.add_job_event(job["id"], event)
     if pond.store.worker(worker["id"]):
         pond.store.add_worker_event(worker["id"], event)
     pond.log.warning("job %s attempt %d: result refused, not recorded: %s", job["id"], attempt, detail)
+
+
+def heartbeat(pond, req):
+    """POST /v1/orch/heartbeat {jobs: [{job_id, attempt, claim_token}]}: renew the leases of the
+    attempts this binding's workers hold. -> {renewed, stale: [job_id]}: the orchestrator stops
+    the stale ones (they were requeued, cancelled or ended)."""
+    body = wire.obj(req.body, "heartbeat", ("jobs",), ("jobs",))
+    if not isinstance(body["jobs"], list) or len(body["jobs"]) > MAX_HEARTBEAT:
+        raise BadRequest(f"heartbeat.jobs must be a list of at most {MAX_HEARTBEAT}", "send several heartbeats")
+    held = []
+    for i, item in enumerate(body["jobs"]):
+        item = wire.obj(item, f"jobs[{i}]", ("job_id", "attempt", "claim_token"), ("job_id", "attempt", "claim_token"))
+        held.append((wire.string(item["job_id"], f"jobs[{i}].job_id", 64, wire.ID_RE),
+                     wire.number(item["attempt"], f"jobs[{i}].attempt", 1, 2**31, integer=True),
+                     tokens.digest(wire.string(item["claim_token"], f"jobs[{i}].claim_token", 128))))
+    stale = pond.store.renew_leases(req.principal["id"], held, pond.now() + pond.settings.lease) if held else []
+    return 200, {"renewed": len(held) - len(stale), "stale": stale, "lease": pond.settings.lease}
+
+
+def expire_leases(pond):
+    """The reaper's part: an attempt whose lease ran out is over. Its job is queued again for a
+    new attempt (on another worker if one fits), or fails once it has had max_attempts; a job
+    whose cancel was asked for ends cancelled. Reports of the old attempt are refused from now
+    on (fencing), so a worker that was only slow cannot overwrite the new attempt's result."""
+    changed = 0
+    for job in pond.store.expired_leases(pond.now()):
+        tried = (job["tried"] or []) + [job["worker_id"]]
+        why = f"lease expired on attempt {job['attempt']} (worker {job['worker_id']})"
+        event = {"at": pond.now(), "event": "lease_expired", "attempt": job["attempt"], "worker": job["worker_id"]}
+        try:
+            if job["cancel_requested"]:
+                transition(pond.store, job, JobState.CANCELLED, finished_at=pond.now(),
+                           error=f"cancelled; {why} before it confirmed")
+            elif job["attempt"] >= pond.settings.max_attempts:
+                transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
+                           error=f"{why}; gave up after {job['attempt']} attempt(s)")
+            else:
+                requeue(pond.store, job, tried)
+        except InvalidTransition:
+            continue                # a report got there first
+        pond.store.add_job_event(job["id"], event)
+        pond.log.warning("job %s: %s", job["id"], why)
+        changed += 1
+    if changed:
+        pond.work.notify()
+        pond.work.notify(new_job=True)
+        pond.logs.notify()
+    return changed
 
 
 def seal(pond, req):

@@ -192,7 +192,8 @@ def snapshot(pond, req):
             refusal = _snapshot_refusal(row, w, binding)
             if refusal:
                 code, message = refusal
-                pond.store.refuse_worker(worker_id, {"at": now, "code": code, "message": message})
+                pond.store.refuse_worker(worker_id, {"at": now, "event": "snapshot_refused", "code": code,
+                                                     "message": message})
                 refused.append({"id": worker_id, "code": code, "message": message})
                 pond.log.warning("snapshot of orchestrator %s: worker %s refused: %s", binding_id, worker_id, message)
                 continue
@@ -246,5 +247,5 @@ def list_workers(pond, req):
                     "x25519_public": w["x25519_public"], "ed25519_public": w["ed25519_public"],
                     "tag_ceiling": w["tag_ceiling"], "revoked": w["revoked_at"] is not None,
                     "revoked_at": w["revoked_at"], "events": events,
-                    "last_event": events[-1]["message"] if events else None})
+                    "last_event": events[-1].get("message") if events else None})
     return 200, {"workers": out}

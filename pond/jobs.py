@@ -1,18 +1,20 @@
 """The job: its states, its transitions, and the /v1/jobs API (submit, inspect, logs, cancel).
 
     queued ──claim──▶ assigned ──report──▶ running ──report──▶ done | failed | cancelled
-       │                 │                                     ▲
-       └──cancel─────────┴──report (a short job skips running)─┘
+     ▲ │                 │  │                   │               ▲
+     │ └──cancel─────────┼──┴──report (a short job skips running)┘
+     └───lease expired───┴──────────────────────┘   (a new attempt, up to max_attempts)
 
 specs/states.md is the normative table; TRANSITIONS below is the same table, and
 every state change goes through transition(), which refuses anything else.
 """
 
+import re
 import time
 from enum import Enum
 
 from pond import credentials, matching, tokens, wire
-from pond.errors import BadRequest, InvalidTransition, NotFound
+from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound
 
 
 class JobState(str, Enum):
@@ -28,8 +30,9 @@ TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 
 TRANSITIONS = {
     JobState.QUEUED: frozenset({JobState.ASSIGNED, JobState.CANCELLED}),
-    JobState.ASSIGNED: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
-    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED}),
+    JobState.ASSIGNED: frozenset({JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED,
+                                  JobState.QUEUED}),
+    JobState.RUNNING: frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}),
     JobState.DONE: frozenset(),
     JobState.FAILED: frozenset(),
     JobState.CANCELLED: frozenset(),
@@ -42,6 +45,14 @@ TIER_TAGS = {"trusted": ["pool:trusted"], "byo": ["pool:byo"], "any": []}
 DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential")
+
+
+def requeue(store, job, tried):
+    """assigned|running -> queued, for a new attempt: its lease ran out (dispatch.expire_leases)."""
+    from_state = JobState(job["state"])
+    if JobState.QUEUED not in TRANSITIONS[from_state] or not store.requeue_job(
+            job["id"], from_state.value, job["attempt"], tried):
+        raise InvalidTransition(job["id"], from_state.value, JobState.QUEUED.value)
 
 
 def transition(store, job, to_state, **fields):
@@ -83,9 +94,20 @@ def parse_sandbox(value, tenant):
     return block, tags, caps
 
 
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential")
+
+
 def submit(pond, req):
-    """POST /v1/jobs: validate, store as queued, wake the orchestrators' polls."""
+    """POST /v1/jobs: validate, store as queued, wake the orchestrators' polls.
+
+    With an `Idempotency-Key` header, a retried submit (the client lost the answer) gets
+    the job the first one made, never a second job.
+    """
     body = wire.obj(req.body, "job", SUBMIT_FIELDS, ("command",))
+    key = req.headers.get("Idempotency-Key")
+    if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
+        raise BadRequest("Idempotency-Key must be 1 to 128 of A-Z a-z 0-9 . _ : -", "a UUID will do")
     tenant = wire.optional_string(body.get("tenant"), "tenant", max_len=128, pattern=wire.TAG_RE)
     sandbox, tier_tags, sandbox_caps = parse_sandbox(body.get("sandbox"), tenant)
     tags = sorted(set(wire.string_list(body.get("tags"), "tags", wire.TAG_RE,
@@ -106,10 +128,18 @@ def submit(pond, req):
         "created_at": pond.now(),
         "credential": _credential(pond, body.get("credential")),
     }
-    pond.store.add_job(job, matching.requirement_key(tags, caps, sealed=bool(job["credential"])))
+    # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
+    request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
+    earlier = pond.store.add_job(job, matching.requirement_key(tags, caps, sealed=bool(job["credential"])),
+                                 key, request_hash)
+    if earlier is not None:
+        if earlier["request_hash"] != request_hash:
+            raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",
+                           "use a new key for a new job", code="idempotency_conflict")
+        return 200, view(pond, earlier)
     pond.work.notify(new_job=True)
     row = dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
-               worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[])
+               worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[])
     return 201, view(pond, row, explain=False)    # as stored, without reading it back; `pond job ID` explains
 
 

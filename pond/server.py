@@ -80,6 +80,7 @@ ROUTES = [
     ("POST", rf"/v1/orch/jobs/{_ID}/state", "orch", dispatch.report_state),
     ("POST", rf"/v1/orch/jobs/{_ID}/chunk", "orch", dispatch.report_chunk),
     ("POST", rf"/v1/orch/jobs/{_ID}/seal", "orch", dispatch.seal),
+    ("POST", r"/v1/orch/heartbeat", "orch", dispatch.heartbeat),
     ("POST", r"/v1/orch/workers/snapshot", "orch", enrollment.snapshot),
     ("POST", r"/v1/orch/enrollment/(?P<code>[A-Za-z0-9-]{1,32})/consumed", "orch", enrollment.consumed),
 ]
@@ -455,6 +456,9 @@ class Server(ThreadingHTTPServer):
 
 def make_server(settings):
     store = Store(settings.db_path)
+    # pond was down: no orchestrator could renew a lease meanwhile. A full lease from now
+    # lets them reconnect before any held job is given up on.
+    store.extend_all_leases(time.time() + settings.lease)
     pond = Pond(settings=settings, store=store)
     handler = type("PondHandler", (Handler,), {"pond": pond, "timeout": settings.request_timeout})
     try:
@@ -478,6 +482,7 @@ def _reaper(pond, server, stop):
         try:
             if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
                 pond.work.notify()
+            dispatch.expire_leases(pond)
             if server.cut_slow_readers():
                 log.info("closed connection(s) that did not send a request within %g s",
                          pond.settings.request_timeout)

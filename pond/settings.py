@@ -25,6 +25,8 @@ PAIRING_TTL = 600                        # s a pairing code stays valid (max MAX
 ENROLLMENT_TTL = 3600                    # s an enrollment code stays valid
 MAX_CODE_TTL = 7 * 24 * 3600
 WORKER_OFFLINE_AFTER = 60.0              # s without a snapshot that lists a worker online
+LEASE = 60.0                             # s an attempt lives without a heartbeat from its orchestrator
+MAX_ATTEMPTS = 3                         # attempts of a job whose leases run out, before it fails
 
 ADMIN_TOKEN_FILE = "admin-token"         # in the state dir, mode 0600
 ENDPOINT_FILE = "endpoint.json"          # in the state dir: where this pond listens
@@ -46,6 +48,8 @@ class ServerSettings:
     tls_key: str = ""
     credential_key: bytes = field(default=b"", repr=False)     # encrypts credentials at rest
     allow_unsigned: bool = False         # accept results of workers without pinned keys
+    lease: float = LEASE
+    max_attempts: int = MAX_ATTEMPTS
 
     @property
     def scheme(self):
@@ -108,7 +112,7 @@ def read_private(path):
 
 def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
-                    credential_key_file=None, allow_unsigned=False):
+                    credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -118,6 +122,12 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
     hold = float(poll_hold if poll_hold is not None else env.get("POND_POLL_HOLD", DEFAULT_POLL_HOLD))
     if not 0 < hold <= MAX_POLL_HOLD:
         raise ConfigError(f"poll hold {hold} s is out of range", f"give a value in (0, {MAX_POLL_HOLD:g}]")
+    lease = float(lease if lease is not None else env.get("POND_LEASE", LEASE))
+    if not 2 <= lease <= 3600:
+        raise ConfigError(f"lease {lease} s is out of range", "give a value from 2 to 3600 (default 60)")
+    attempts = int(max_attempts if max_attempts is not None else env.get("POND_MAX_ATTEMPTS", MAX_ATTEMPTS))
+    if not 1 <= attempts <= 100:
+        raise ConfigError(f"max attempts {attempts} is out of range", "give a value from 1 to 100 (default 3)")
     timeout = float(request_timeout or REQUEST_TIMEOUT)
     if not 0 < timeout <= 600:
         raise ConfigError(f"request timeout {timeout} s is out of range", "give a value in (0, 600]")
@@ -125,7 +135,8 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           poll_hold=hold, access_log=access_log, request_timeout=timeout,
                           tls_cert=tls_cert, tls_key=tls_key,
                           credential_key=_credential_key(state, env, credential_key_file),
-                          allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1")
+                          allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1",
+                          lease=lease, max_attempts=attempts)
 
 
 def _credential_key(state, env, key_file):

@@ -91,8 +91,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_sent      INTEGER NOT NULL DEFAULT 0,
     credential       TEXT,
     attestation      TEXT,
-    events           TEXT
+    events           TEXT,
+    lease_until      REAL,
+    tried            TEXT,
+    idempotency_key  TEXT,
+    request_hash     TEXT
 );
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, req_key, seq);
 CREATE INDEX IF NOT EXISTS jobs_binding ON jobs(binding_id, state);
 CREATE TABLE IF NOT EXISTS chunks (
@@ -118,14 +123,15 @@ CREATE TABLE IF NOT EXISTS credentials (
 """
 
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
-                 "attestation", "env_names", "secret_names")
+                 "attestation", "env_names", "secret_names", "tried")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
 # opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3: a
 # job's credential, attestation and events (and the credentials table, created above).
 ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT")),
-    "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT")),
+    "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
+             ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
 }
 MAX_EVENTS = 20           # per worker, newest last
 
@@ -170,10 +176,10 @@ class Store:
             version = self._db.execute("PRAGMA user_version").fetchone()["user_version"]
             if version > SCHEMA_VERSION:
                 raise RuntimeError(f"{path} has schema {version}; this pond knows up to {SCHEMA_VERSION}")
+            self._migrate(version)       # first: SCHEMA's indexes may name columns an old file lacks
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
-            self._migrate(version)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _migrate(self, version):
@@ -181,6 +187,8 @@ class Store:
         if version in (0, SCHEMA_VERSION):      # 0: a new file, made by SCHEMA as it is now
             return
         for table, columns in ADDED_COLUMNS.items():
+            if not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (table,)).fetchone():
+                continue            # SCHEMA creates it whole
             have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})").fetchall()}
             for name, kind in columns:
                 if name not in have:
@@ -356,13 +364,21 @@ class Store:
 
     # -- jobs ------------------------------------------------------------------
 
-    def add_job(self, job, req_key):
-        self._write(
-            "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox,"
-            " timeout, created_at, credential, events) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]')",
-            (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
-             _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
-             job["timeout"], job["created_at"], job["credential"]))
+    def add_job(self, job, req_key, idempotency_key=None, request_hash=None):
+        """Insert a queued job; with an idempotency key, -> the job already stored under it, if any."""
+        with self.transaction():
+            if idempotency_key is not None:
+                row = self._one("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+                if row is not None:
+                    return row
+            self._db.execute(
+                "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
+                " created_at, credential, events, tried, idempotency_key, request_hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
+                (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
+                 _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
+                 job["timeout"], job["created_at"], job["credential"], idempotency_key, request_hash))
+            return None
 
     def job(self, job_id):
         return self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
@@ -411,12 +427,40 @@ class Store:
         return self._all("SELECT * FROM jobs WHERE state = 'queued' AND req_key = ? ORDER BY seq LIMIT ?",
                          (req_key, limit))
 
-    def assign_job(self, job_id, worker_id, binding_id, claim_hash, now):
-        """queued -> assigned, as a new attempt; False if the job was not queued."""
+    def assign_job(self, job_id, worker_id, binding_id, claim_hash, now, lease_until):
+        """queued -> assigned, as a new attempt with a lease; False if the job was not queued."""
         return self._write(
             "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, worker_id = ?, binding_id = ?,"
-            " claim_hash = ?, assigned_at = ? WHERE id = ? AND state = 'queued'",
-            (worker_id, binding_id, claim_hash, now, job_id)) == 1
+            " claim_hash = ?, assigned_at = ?, lease_until = ? WHERE id = ? AND state = 'queued'",
+            (worker_id, binding_id, claim_hash, now, lease_until, job_id)) == 1
+
+    def renew_leases(self, binding_id, held, until):
+        """Extend the leases of (job id, attempt, claim hash) this binding still holds; -> the ids it does not."""
+        stale = []
+        with self.transaction():
+            for job_id, attempt, claim_hash in held:
+                if self._db.execute(
+                        "UPDATE jobs SET lease_until = ? WHERE id = ? AND attempt = ? AND claim_hash = ?"
+                        " AND binding_id = ? AND state IN ('assigned', 'running')",
+                        (until, job_id, attempt, claim_hash, binding_id)).rowcount != 1:
+                    stale.append(job_id)
+        return stale
+
+    def expired_leases(self, now):
+        return self._all("SELECT id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
+                         " FROM jobs WHERE state IN ('assigned', 'running') AND lease_until < ?", (now,))
+
+    def extend_all_leases(self, until):
+        """At start-up: every held job gets a full lease, so orchestrators have time to come back."""
+        self._write("UPDATE jobs SET lease_until = MAX(COALESCE(lease_until, 0), ?)"
+                    " WHERE state IN ('assigned', 'running')", (until,))
+
+    def requeue_job(self, job_id, from_state, attempt, tried):
+        """assigned|running -> queued for a new attempt elsewhere; False if the job moved meanwhile."""
+        return self._write(
+            "UPDATE jobs SET state = 'queued', worker_id = NULL, binding_id = NULL, claim_hash = NULL,"
+            " lease_until = NULL, cancel_sent = 0, started_at = NULL, tried = ?"
+            " WHERE id = ? AND state = ? AND attempt = ?", (_dump(tried), job_id, from_state, attempt)) == 1
 
     _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested", "attestation"))
 

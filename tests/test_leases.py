@@ -1,0 +1,87 @@
+"""Leases and retries (issue 4, first part): an attempt lives while its orchestrator's
+heartbeats renew it; a worker killed with -9 loses it, and the job runs again elsewhere as a
+new attempt, up to --max-attempts. Submits with an Idempotency-Key make one job, never two.
+Real processes; the lease is shortened with `pond serve --lease`."""
+
+import os
+import signal
+import sys
+import time
+
+from conftest import wait_for
+
+# Attempt 1 hangs (and leaves its pid where the test can stop it); a later attempt finishes.
+HANG_FIRST = ("import os, sys, time; d = sys.argv[1]; a = os.environ['SWARM_ATTEMPT']\n"
+              "open(os.path.join(d, 'pid-' + a), 'w').write(str(os.getpid()))\n"
+              "if a == '1': time.sleep(120)\n"
+              "print('attempt', a, 'on', os.environ['SWARM_JOB_ID'])")
+
+
+def stop_leftovers(directory):
+    """The killed worker's job keeps running in its own session: stop it."""
+    for name in os.listdir(directory):
+        if name.startswith("pid-"):
+            try:
+                os.killpg(int(open(os.path.join(directory, name)).read()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def test_a_job_whose_worker_is_killed_runs_again_on_another_worker(pool, tmp_path):
+    pond = pool.pond(extra=("--lease", "3"))
+    orch = pool.orchestrator(pond)
+    first = pool.worker(pond, orch, tags="lane:a")
+    job = pond.submit([sys.executable, "-c", HANG_FIRST, str(tmp_path)], tags=["lane:a"])
+    try:
+        wait_for(lambda: (tmp_path / "pid-1").exists(), 20, what="attempt 1 started")
+        second = pool.worker(pond, orch, tags="lane:a")
+        first.kill()                               # kill -9: no report, no goodbye
+        done = pond.wait_job(job["id"], timeout=45)
+        assert done["state"] == "done" and done["attempt"] == 2, done
+        assert done["worker"] == second.worker_id
+        assert pond.output(job["id"])["stdout"].decode().strip() == f"attempt 2 on {job['id']}"
+        expired = [e for e in done["events"] if e["event"] == "lease_expired"]
+        assert expired and expired[0]["worker"] == first.worker_id and expired[0]["attempt"] == 1, done["events"]
+    finally:
+        stop_leftovers(tmp_path)
+
+
+def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(pool, tmp_path):
+    pond = pool.pond(extra=("--lease", "2", "--max-attempts", "1"))
+    orch = pool.orchestrator(pond)
+    worker = pool.worker(pond, orch)
+    job = pond.submit([sys.executable, "-c", HANG_FIRST, str(tmp_path)])
+    try:
+        wait_for(lambda: (tmp_path / "pid-1").exists(), 20, what="attempt 1 started")
+        worker.kill()
+        done = pond.wait_job(job["id"], timeout=45)
+        assert done["state"] == "failed" and done["attempt"] == 1, done
+        assert "lease expired" in done["error"] and "gave up after 1 attempt" in done["error"], done
+    finally:
+        stop_leftovers(tmp_path)
+
+
+def test_a_live_worker_keeps_its_lease_past_the_lease_time(pool, tmp_path):
+    pond = pool.pond(extra=("--lease", "2"))
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)
+    started = time.monotonic()
+    job = pond.submit([sys.executable, "-c", "import time; time.sleep(5); print('ok')"])
+    done = pond.wait_job(job["id"], timeout=30)
+    assert time.monotonic() - started > 5
+    assert done["state"] == "done" and done["attempt"] == 1 and done["events"] == [], done
+
+
+def test_the_same_idempotency_key_gives_the_same_job(pool):
+    pond = pool.pond()
+    body = {"command": ["true"], "tags": ["lane:x"]}
+    first = pond.api("POST", "/v1/jobs", body, headers={"Idempotency-Key": "deploy-42"})
+    again = pond.api("POST", "/v1/jobs", body, headers={"Idempotency-Key": "deploy-42"})
+    assert first[0] == 201 and again[0] == 200 and again[1]["id"] == first[1]["id"], (first, again)
+    other = pond.api("POST", "/v1/jobs", dict(body, command=["false"]), headers={"Idempotency-Key": "deploy-42"})
+    assert other[0] == 409 and other[1]["error"]["code"] == "idempotency_conflict", other
+    bad = pond.api("POST", "/v1/jobs", body, headers={"Idempotency-Key": "no spaces"})
+    assert bad[0] == 400, bad
+    assert pond.client.get("/v1/jobs")["counts"] == {"queued": 1}
+    cli = pond.cli("submit", "--idempotency-key", "deploy-42", "--tag", "lane:x", "--", "true")
+    assert cli.returncode == 0 and cli.stdout.strip() == first[1]["id"], cli.stderr
