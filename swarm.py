@@ -2191,7 +2191,8 @@ def run_process(job, workdir, env, output, cancel):
             if ended_by is None and (cancel.is_set() or (deadline and now >= deadline)):
                 ended_by = "cancel" if cancel.is_set() else "timeout"
                 _signal_group(proc.pid, signal.SIGTERM)
-                kill_at = now + CANCEL_GRACE
+                grace = job.get("cancel_grace")
+                kill_at = now + (CANCEL_GRACE if grace is None else grace)
             if kill_at and now >= kill_at:
                 _signal_group(proc.pid, signal.SIGKILL)
                 kill_at = None

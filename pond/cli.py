@@ -94,6 +94,8 @@ def cmd_submit(args):
         body["tenant"] = args.tenant
     if args.credential:
         body["credential"] = args.credential
+    if args.cancel_grace is not None:
+        body["cancel_grace"] = args.cancel_grace
     job = client.post("/v1/jobs", body, headers={"Idempotency-Key": args.idempotency_key}
                       if args.idempotency_key else None)
     if not args.wait:
@@ -415,6 +417,8 @@ def build_parser():
     s.add_argument("--tenant", help="tenant id (for sandbox tier byo)")
     s.add_argument("--sandbox", metavar="JSON", help='sandbox block, e.g. \'{"profile": "none", "tier": "any"}\'')
     s.add_argument("--credential", metavar="NAME", help="a credential whose env the job gets, sealed to its worker")
+    s.add_argument("--cancel-grace", type=float, metavar="S",
+                   help="seconds from SIGTERM to SIGKILL when the job is cancelled or times out (default 10)")
     s.add_argument("--idempotency-key", metavar="KEY",
                    help="submit at most once: the same key gives back the same job (safe to retry)")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")

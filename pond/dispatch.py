@@ -26,6 +26,7 @@ from pond.jobs import TERMINAL, TRANSITIONS, JobState, requeue, transition
 MAX_CLAIM = 64          # assignments in one poll answer
 TOUCH_EVERY = 5.0       # s between updates of a binding's last_seen
 LIVENESS_CHECK = 2.0    # s between checks that a held poll's orchestrator is still connected
+BACKSTOP_MARGIN = 30.0    # s past a job's timeout + cancel grace before pond fails it itself
 MAX_HEARTBEAT = 4096      # attempts renewed by one heartbeat
 MAX_ENVELOPE = 64 * 1024    # bytes of an attestation: one signature over a statement is ~1.5 KiB
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
@@ -126,6 +127,7 @@ def _assign(pond, job, worker, binding_id):
         "tags": job["tags"], "capabilities": job["capabilities"], "sandbox": job["sandbox"],
         "timeout": job["timeout"],
         "credential": job["credential"],     # the intent only: the worker asks for it sealed (seal())
+        "cancel_grace": job["cancel_grace"],
     }
 
 
@@ -346,6 +348,23 @@ def expire_leases(pond):
         pond.work.notify(new_job=True)
         pond.logs.notify()
     return changed
+
+
+def expire_overdue(pond):
+    """The timeout backstop: a job still not ended BACKSTOP_MARGIN after its timeout and grace
+    (the worker enforces both) fails here, and the next heartbeat tells its orchestrator to stop it."""
+    # Half a lease at most: a worker that went silent loses its lease first anyway.
+    for job in pond.store.overdue_jobs(pond.now(), min(BACKSTOP_MARGIN, pond.settings.lease / 2)):
+        try:
+            transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
+                       error=f"timed out after {job['timeout']:g} s; its worker did not report the end "
+                             f"(pond's backstop)")
+        except InvalidTransition:
+            continue
+        pond.log.warning("job %s: past its timeout and not ended by worker %s; failed by pond",
+                         job["id"], job["worker_id"])
+        pond.work.notify()
+        pond.logs.notify()
 
 
 def seal(pond, req):

@@ -44,7 +44,9 @@ OVERRIDES = ("memory", "cpus", "pids_limit", "tmpfs_size", "image")
 TIER_TAGS = {"trusted": ["pool:trusted"], "byo": ["pool:byo"], "any": []}
 DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
 MAX_TIMEOUT = 7 * 24 * 3600
-SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential")
+SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
+                 "cancel_grace")
+DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeout
 
 
 def requeue(store, job, tried):
@@ -95,7 +97,8 @@ def parse_sandbox(value, tenant):
 
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential")
+IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
+                     "cancel_grace")
 
 
 def submit(pond, req):
@@ -127,6 +130,7 @@ def submit(pond, req):
         "timeout": wire.number(body.get("timeout"), "timeout", 1, MAX_TIMEOUT),
         "created_at": pond.now(),
         "credential": _credential(pond, body.get("credential")),
+        "cancel_grace": wire.number(body.get("cancel_grace"), "cancel_grace", 0, 3600, default=DEFAULT_CANCEL_GRACE),
     }
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
@@ -226,7 +230,7 @@ def view(pond, row, explain=True):
     """A job row as the API shows it; a queued job says why it waits."""
     out = {k: row[k] for k in ("id", "name", "state", "command", "env", "tags", "capabilities", "sandbox",
                                "timeout", "attempt", "exit_code", "error", "created_at", "assigned_at",
-                               "started_at", "finished_at", "credential")}
+                               "started_at", "finished_at", "credential", "cancel_grace")}
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
     out["cancel_requested"] = bool(row["cancel_requested"])

@@ -483,6 +483,7 @@ def _reaper(pond, server, stop):
             if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
                 pond.work.notify()
             dispatch.expire_leases(pond)
+            dispatch.expire_overdue(pond)
             if server.cut_slow_readers():
                 log.info("closed connection(s) that did not send a request within %g s",
                          pond.settings.request_timeout)

@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     attestation      TEXT,
     events           TEXT,
     lease_until      REAL,
+    cancel_grace     REAL,
     tried            TEXT,
     idempotency_key  TEXT,
     request_hash     TEXT
@@ -131,7 +132,7 @@ ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT")),
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
-             ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
+             ("cancel_grace", "REAL"), ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
 }
 MAX_EVENTS = 20           # per worker, newest last
 
@@ -373,11 +374,12 @@ class Store:
                     return row
             self._db.execute(
                 "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
-                " created_at, credential, events, tried, idempotency_key, request_hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
+                " cancel_grace, created_at, credential, events, tried, idempotency_key, request_hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
-                 job["timeout"], job["created_at"], job["credential"], idempotency_key, request_hash))
+                 job["timeout"], job["cancel_grace"], job["created_at"], job["credential"], idempotency_key,
+                 request_hash))
             return None
 
     def job(self, job_id):
@@ -449,6 +451,13 @@ class Store:
     def expired_leases(self, now):
         return self._all("SELECT id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
                          " FROM jobs WHERE state IN ('assigned', 'running') AND lease_until < ?", (now,))
+
+    def overdue_jobs(self, now, margin):
+        """Jobs with a timeout whose worker has not reported their end long after it should have."""
+        return self._all("SELECT id, state, attempt, worker_id, binding_id, timeout, started_at FROM jobs"
+                         " WHERE state IN ('assigned', 'running') AND timeout IS NOT NULL"
+                         " AND COALESCE(started_at, assigned_at) + timeout + COALESCE(cancel_grace, 10) + ? < ?",
+                         (margin, now))
 
     def extend_all_leases(self, until):
         """At start-up: every held job gets a full lease, so orchestrators have time to come back."""

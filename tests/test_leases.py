@@ -85,3 +85,42 @@ def test_the_same_idempotency_key_gives_the_same_job(pool):
     assert pond.client.get("/v1/jobs")["counts"] == {"queued": 1}
     cli = pond.cli("submit", "--idempotency-key", "deploy-42", "--tag", "lane:x", "--", "true")
     assert cli.returncode == 0 and cli.stdout.strip() == first[1]["id"], cli.stderr
+
+
+IGNORES_SIGTERM = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                   "print('up', flush=True); time.sleep(60)")
+
+
+def test_a_job_that_ignores_sigterm_is_killed_after_its_own_grace(pool):
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)
+    job = pond.submit([sys.executable, "-c", IGNORES_SIGTERM], timeout=1, cancel_grace=0.5)
+    started = time.monotonic()
+    done = pond.wait_job(job["id"], timeout=30)
+    assert done["state"] == "failed" and "timed out after 1 s" in done["error"], done
+    assert done["cancel_grace"] == 0.5 and time.monotonic() - started < 9     # not the default 10 s grace
+
+
+def test_pond_fails_a_job_past_its_timeout_when_the_worker_never_says(pool):
+    """The backstop: an orchestrator keeps the lease alive but its worker never reports."""
+    pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results"))
+    token = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["token"]
+    worker = pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {"tags": []}, token=token)[1]
+    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True}]},
+             token=token)
+    job = pond.submit(["sleep", "60"], timeout=1, cancel_grace=0)
+    status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)
+    (held,) = answer["jobs"]
+    beat = {"jobs": [{k: held[k] for k in ("job_id", "attempt", "claim_token")}]}
+
+    def failed():
+        status, renewed = pond.api("POST", "/v1/orch/heartbeat", beat, token=token)
+        assert status == 200, renewed
+        state = pond.job(job["id"])
+        return state["state"] == "failed" and (state, renewed)
+
+    state, renewed = wait_for(failed, 20, interval=0.5, what="the backstop")
+    assert "pond's backstop" in state["error"] and state["attempt"] == 1, state
+    # The orchestrator learns it at its next heartbeat, and stops the job on its worker.
+    assert pond.api("POST", "/v1/orch/heartbeat", beat, token=token)[1]["stale"] == [job["id"]]
