@@ -28,8 +28,8 @@ MAX_SLOTS = 256
 MAX_WORKERS_PER_SNAPSHOT = 4096
 KEY_FIELDS = ("x25519_public", "ed25519_public", "fingerprint")
 WORKER_FIELDS = ("id", "name", "tags", "capabilities", "slots", "online") + KEY_FIELDS
-FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
-KEY_B64_RE = re.compile(r"^[A-Za-z0-9+/]{43}=$")
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}\Z")
+KEY_B64_RE = re.compile(r"^[A-Za-z0-9+/]{43}=\Z")
 
 
 def fingerprint_field(value, where):

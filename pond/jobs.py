@@ -96,7 +96,7 @@ def parse_sandbox(value, tenant):
     return block, tags, caps
 
 
-IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
                      "cancel_grace")
 

@@ -12,12 +12,12 @@ import re
 
 from pond.errors import BadRequest
 
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]{0,127}$")
-CAPABILITY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-CAPABILITY_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]][a-z0-9._*?\[\]!-]{0,127}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,63}$")
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")       # a job, worker or binding id, as in URL paths
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]{0,127}\Z")
+CAPABILITY_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}\Z")
+CAPABILITY_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]][a-z0-9._*?\[\]!-]{0,127}\Z")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,63}\Z")
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")       # a job, worker or binding id, as in URL paths
 STREAMS = ("stdout", "stderr")
 
 MAX_TAGS = 64

@@ -307,10 +307,13 @@ def protocol_cases(post_path, get_path, header_cap=True):
 
 class PondWorld:
     """A pond with: a queued job nobody can take (kept), a job assigned to binding A by a real poll,
-    a second binding B, a worker of A, and fresh and used pairing/enrollment codes."""
+    a job binding A finished unsigned, a credential (kept) and a queued job that names it, a second
+    binding B, a worker of A, and fresh and used pairing/enrollment codes."""
 
     def __init__(self, pool):
-        self.pond = pond = pool.pond(poll_hold=1)
+        # The worker below is enrolled by hand without keys: unsigned results must be allowed for it to
+        # get jobs. Signed results and their refusals are swept in test_results.py.
+        self.pond = pond = pool.pond(poll_hold=1, extra=("--allow-unsigned-results",))
         self.url = pond.url
         self.kept = pond.submit([sys.executable, "-c", "print('kept')"], tags=["lane:kept"], name="kept")["id"]
         self.victim = pond.submit(["true"], tags=["lane:kept"], name="victim")["id"]
@@ -322,10 +325,17 @@ class PondWorld:
         self.worker = self.enroll(self.token_a, self.used_ecode)
         self.online(self.token_a, self.worker)
         self.assigned, self.claim_token = self.assign(["lane:manual"])
+        self.finished, self.finished_claim = self.assign(["lane:manual"])
+        status, body = self.report(self.finished, {"attempt": 1, "state": "done", "exit_code": 0},
+                                   self.finished_claim)
+        assert status == 200 and body["state"] == "done", body
+        self.credential = pond.client.post("/v1/admin/credentials", KEPT_CREDENTIAL)
+        self.sealed = pond.submit(["true"], tags=["lane:nobody"], credential="kept")["id"]
         self.ctx = {
             "tokens": {"admin": pond.token, "orch": self.token_a, "orch_b": self.token_b},
             "admin_token": pond.token, "binding": self.binding, "job": self.kept, "victim": self.victim,
             "assigned": self.assigned, "claim": self.claim_token, "worker": self.worker,
+            "finished": self.finished, "finished_claim": self.finished_claim, "sealed": self.sealed,
             "pcode": pond.pairing_code(), "used_pcode": self.used_pcode,
             "ecode": pond.enrollment_code(), "used_ecode": self.used_ecode,
         }
@@ -372,9 +382,16 @@ class PondWorld:
         assert (assigned["state"], assigned["attempt"]) == ("assigned", 1), assigned
         bindings = {o["id"] for o in self.pond.client.get("/v1/admin/pool/orchestrators")["orchestrators"]}
         assert {self.binding, self.binding_b} <= bindings
+        assert self.pond.job(self.finished)["state"] == "done"
+        listed = self.pond.client.get("/v1/admin/credentials")["credentials"]
+        assert listed == [self.credential], f"a refused request stored, changed or deleted a credential: {listed}"
 
 
 # -- pond catalogue ------------------------------------------------------------------------------------
+
+KEPT_SECRET = "kept-secret-value"
+KEPT_CREDENTIAL = {"name": "kept", "provider": "anthropic", "env": {"KEPT_REGION": "eu"},
+                   "secrets": {"KEPT_TOKEN": KEPT_SECRET}}
 
 def submit(what, body=NO_BODY, **kw):
     return Case(what, "POST", "/v1/jobs", body, auth="admin", **kw)
@@ -388,6 +405,12 @@ POND_SUBMIT_CASES = [
     *admin_auth_cases("POST", "/v1/jobs", job_with()),
     *body_shape_cases("POST", "/v1/jobs", "admin", job_with()),
     # command
+    # A pattern's `$` also matches before a final newline: every name ends at \Z, so these are refused.
+    submit("a tag ending in a newline", job_with(tags=["repo:acme\n"]), says="tags"),
+    submit("a capability ending in a newline", job_with(capabilities=["harness.codex\n"]), says="capabilities"),
+    submit("an env name ending in a newline", job_with(env={"MODE\n": "x"}), says="env"),
+    submit("a name ending in a newline", job_with(name="build\n"), says="name"),
+    submit("a credential name ending in a newline", job_with(credential="kept\n"), says="credential"),
     submit("no command", {}, says="command"),
     submit("command null", {"command": None}, says="command"),
     submit("command a string", {"command": "ls -l"}, says="command"),
@@ -471,6 +494,14 @@ POND_SUBMIT_CASES = [
     submit("tenant empty", job_with(tenant=""), says="tenant"),
     submit("tenant a list", job_with(tenant=["acme"]), says="tenant"),
     submit("tenant with a space", job_with(tenant="ac me"), says="tenant"),
+    # credential (the name of one stored with POST /v1/admin/credentials)
+    submit("credential a number", job_with(credential=1), says="credential"),
+    submit("credential empty", job_with(credential=""), says="credential"),
+    submit("credential a list", job_with(credential=["kept"]), says="credential"),
+    submit("credential with a space", job_with(credential="ke pt"), says="credential"),
+    submit("credential of 65 characters", job_with(credential="k" * 65), says="credential"),
+    submit("a credential that does not exist", job_with(credential="absent"), status=(400, 404),
+           code=("bad_request", "not_found"), says="absent"),
 ]
 
 
@@ -517,6 +548,17 @@ POND_JOB_READ_CASES = [
     job_get("logs wait over an hour", "/v1/jobs/<job>/logs?wait=3601", 400, "bad_request", says="wait"),
     job_get("logs limit 0", "/v1/jobs/<job>/logs?limit=0", 400, "bad_request", says="limit"),
     job_get("logs limit over the cap", "/v1/jobs/<job>/logs?limit=5001", 400, "bad_request", says="limit"),
+    # GET /v1/jobs/{id}/attestation: only a signed result has one (these workers have no keys)
+    *admin_auth_cases("GET", "/v1/jobs/<finished>/attestation"),
+    *get_body_cases("GET", "/v1/jobs/<finished>/attestation", "admin"),
+    job_get("the attestation of a job that does not exist", f"/v1/jobs/{UNKNOWN_JOB}/attestation", says=UNKNOWN_JOB),
+    job_get("the attestation of a queued job", "/v1/jobs/<job>/attestation", says="not finished"),
+    job_get("the attestation of an assigned job", "/v1/jobs/<assigned>/attestation", says="not finished"),
+    job_get("the attestation of a job finished unsigned", "/v1/jobs/<finished>/attestation", says="unsigned"),
+    job_get("the attestation of a malformed job id", "/v1/jobs/a.b/attestation"),
+    job_get("the attestation of a job id of 65 characters", "/v1/jobs/" + "j" * 65 + "/attestation"),
+    Case("POST on an attestation", "POST", "/v1/jobs/<finished>/attestation", {}, auth="admin", status=405,
+         code="method_not_allowed"),
     # POST /v1/jobs/{id}/cancel: a refused cancel must not cancel the victim
     Case("cancel a job that does not exist", "POST", f"/v1/jobs/{UNKNOWN_JOB}/cancel", auth="admin", status=404,
          code="not_found"),
@@ -602,6 +644,115 @@ POND_ADMIN_CASES = [
 ]
 
 
+CREDENTIALS = "/v1/admin/credentials"
+KEPT = "/v1/admin/credentials/kept"
+
+
+def credential_with(**fields):
+    return dict({"name": "fresh", "secrets": {"FRESH_TOKEN": KEPT_SECRET}}, **fields)
+
+
+def put_credential(what, body=NO_BODY, **kw):
+    return Case(what, "POST", CREDENTIALS, body, auth="admin", **kw)
+
+
+# Every refused request here carries KEPT_SECRET, and none may store anything (PondWorld.assert_intact)
+# or say the secret back (test_pond_credential_endpoints_refuse_bad_input).
+POND_CREDENTIAL_CASES = [
+    # POST /v1/admin/credentials
+    *admin_auth_cases("POST", CREDENTIALS, credential_with(name="intruder")),
+    *body_shape_cases("POST", CREDENTIALS, "admin", credential_with()),
+    put_credential("no body", says="name"),
+    put_credential("no name", {"secrets": {"A": KEPT_SECRET}}, says="name"),
+    put_credential("name null", credential_with(name=None), says="name"),
+    put_credential("name a number", credential_with(name=7), says="name"),
+    put_credential("name empty", credential_with(name=""), says="name"),
+    put_credential("name with a space", credential_with(name="my key"), says="name"),
+    put_credential("name with a slash", credential_with(name="a/b"), says="name"),
+    put_credential("name starting with a dot", credential_with(name=".hidden"), says="name"),
+    put_credential("name starting with a dash", credential_with(name="-x"), says="name"),
+    put_credential("name of 65 characters", credential_with(name="n" * 65), says="name"),
+    put_credential("name with a NUL byte", credential_with(name="a\x00"), says="name"),
+    put_credential("name with a newline", credential_with(name="a\nb"), says="name"),
+    put_credential("name with a trailing newline", credential_with(name="a\n"), says="name"),
+    put_credential("name not ASCII", credential_with(name="cl\u00e9"), says="name"),
+    put_credential("name with a lone surrogate", credential_with(name="a\ud800"), says="name"),
+    put_credential("no secrets", {"name": "fresh", "env": {"A": "1"}}, says="secrets"),
+    put_credential("secrets null", credential_with(secrets=None), says="secrets"),
+    put_credential("secrets empty", credential_with(secrets={}), says="secrets"),
+    put_credential("secrets a list", credential_with(secrets=["A=" + KEPT_SECRET]), says="secrets"),
+    put_credential("secrets a string", credential_with(secrets=KEPT_SECRET), says="secrets"),
+    put_credential("secrets with a bad name", credential_with(secrets={"1BAD": KEPT_SECRET}), says="secrets"),
+    put_credential("secrets with an empty name", credential_with(secrets={"": KEPT_SECRET}), says="secrets"),
+    put_credential("secrets with a name with '='", credential_with(secrets={"A=B": KEPT_SECRET}), says="secrets"),
+    put_credential("secrets with a name ending in a newline", credential_with(secrets={"A\n": KEPT_SECRET}),
+                   says="secrets"),
+    put_credential("secrets with a number value", credential_with(secrets={"A": 1}), says="secrets"),
+    put_credential("secrets with a null value", credential_with(secrets={"A": None}), says="secrets"),
+    put_credential("secrets with an object value", credential_with(secrets={"A": {"v": KEPT_SECRET}}),
+                   says="secrets"),
+    put_credential("secrets with a NUL in a value", credential_with(secrets={"A": KEPT_SECRET + "\x00"}),
+                   says="secrets"),
+    put_credential("secrets with a 40 KiB value", credential_with(secrets={"A": "x" * 40_000}), says="secrets"),
+    put_credential("secrets with 129 names", credential_with(secrets={f"V{i}": KEPT_SECRET for i in range(129)}),
+                   says="secrets"),
+    put_credential("env a list", credential_with(env=["A=1"]), says="env"),
+    put_credential("env a string", credential_with(env="A=1"), says="env"),
+    put_credential("env with a bad name", credential_with(env={"1BAD": "x"}), says="env"),
+    put_credential("env with a name ending in a newline", credential_with(env={"REGION\n": "eu"}), says="env"),
+    put_credential("env with a number value", credential_with(env={"REGION": 1}), says="env"),
+    put_credential("env with a NUL in a value", credential_with(env={"REGION": "e\x00u"}), says="env"),
+    put_credential("a name in both env and secrets", credential_with(env={"FRESH_TOKEN": "x"}), says="FRESH_TOKEN"),
+    put_credential("provider a number", credential_with(provider=1), says="provider"),
+    put_credential("provider empty", credential_with(provider=""), says="provider"),
+    put_credential("provider in upper case", credential_with(provider="Anthropic"), says="provider"),
+    put_credential("provider with a space", credential_with(provider="open ai"), says="provider"),
+    put_credential("provider with a trailing newline", credential_with(provider="anthropic\n"), says="provider"),
+    put_credential("provider of 65 characters", credential_with(provider="p" * 65), says="provider"),
+    # a bad replacement leaves the stored credential as it was
+    put_credential("replace kept with empty secrets", dict(KEPT_CREDENTIAL, secrets={}), says="secrets"),
+    put_credential("replace kept with a bad secret name", dict(KEPT_CREDENTIAL, secrets={"1BAD": KEPT_SECRET}),
+                   says="secrets"),
+    put_credential("replace kept with a name in both", dict(KEPT_CREDENTIAL, env={"KEPT_TOKEN": "x"}),
+                   says="KEPT_TOKEN"),
+    put_credential("replace kept with an unknown field", dict(KEPT_CREDENTIAL, value=KEPT_SECRET), says="value"),
+    put_credential("replace kept with a bad provider", dict(KEPT_CREDENTIAL, provider="A B"), says="provider"),
+    Case("PUT on credentials", "PUT", CREDENTIALS, credential_with(), auth="admin", status=405,
+         code="method_not_allowed"),
+    Case("DELETE on credentials", "DELETE", CREDENTIALS, auth="admin", status=405, code="method_not_allowed"),
+    # GET /v1/admin/credentials and /v1/admin/credentials/{name}
+    *admin_auth_cases("GET", CREDENTIALS),
+    *get_body_cases("GET", CREDENTIALS, "admin"),
+    *admin_auth_cases("GET", KEPT),
+    *get_body_cases("GET", KEPT, "admin"),
+    Case("a credential that does not exist", "GET", CREDENTIALS + "/absent", auth="admin", status=404,
+         code="not_found", says="absent"),
+    Case("a credential name in another case", "GET", CREDENTIALS + "/KEPT", auth="admin", status=404,
+         code="not_found"),
+    Case("a credential name of 65 characters", "GET", CREDENTIALS + "/" + "k" * 65, auth="admin", status=404,
+         code="not_found"),
+    Case("a credential name with a space", "GET", CREDENTIALS + "/ke%20pt", auth="admin", status=404,
+         code="not_found"),
+    Case("a credential name with a percent-encoded NUL", "GET", CREDENTIALS + "/kept%00", auth="admin",
+         status=404, code="not_found"),
+    Case("a credential name starting with a dot", "GET", CREDENTIALS + "/.kept", auth="admin", status=404,
+         code="not_found"),
+    Case("a credential path with a dot-dot", "GET", CREDENTIALS + "/../credentials", auth="admin", status=404,
+         code="not_found"),
+    Case("POST on a credential", "POST", KEPT, credential_with(name="kept"), auth="admin", status=405,
+         code="method_not_allowed"),
+    # DELETE /v1/admin/credentials/{name}: unknown or refused only, the sweep must not delete kept
+    *admin_auth_cases("DELETE", KEPT),
+    Case("delete a credential that does not exist", "DELETE", CREDENTIALS + "/absent", auth="admin", status=404,
+         code="not_found"),
+    Case("delete a credential name of 65 characters", "DELETE", CREDENTIALS + "/" + "k" * 65, auth="admin",
+         status=404, code="not_found"),
+    Case("delete a credential name with a slash", "DELETE", CREDENTIALS + "/kept/x", auth="admin", status=404,
+         code="not_found"),
+    Case("delete a credential with a body", "DELETE", KEPT, {"why": "x"}, auth="admin"),
+]
+
+
 def orch_post(what, path, body=NO_BODY, **kw):
     kw.setdefault("auth", "orch")
     return Case(what, "POST", path, body, **kw)
@@ -609,10 +760,13 @@ def orch_post(what, path, body=NO_BODY, **kw):
 
 STATE = "/v1/orch/jobs/<assigned>/state"
 CHUNK = "/v1/orch/jobs/<assigned>/chunk"
+SEAL = "/v1/orch/jobs/<assigned>/seal"
+A_SEAL = {"attempt": 1}
 CLAIM = (("X-Claim-Token", "<claim>"),)
 RUNNING = {"attempt": 1, "state": "running"}
 A_CHUNK = {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="}
 SNAPSHOT = "/v1/orch/workers/snapshot"
+HEARTBEAT = "/v1/orch/heartbeat"
 CONSUMED = "/v1/orch/enrollment/<ecode>/consumed"
 ENROLL_BODY = {"tags": ["lane:x"], "capabilities": ["harness.*"], "slots": 1}
 # Worker A of specs/vectors/keys.json
@@ -633,6 +787,15 @@ def state_report(what, body=NO_BODY, **kw):
 def chunk_report(what, body=NO_BODY, **kw):
     kw.setdefault("headers", CLAIM)
     return orch_post(what, kw.pop("path", CHUNK), body, **kw)
+
+
+def heartbeat_of(**fields):
+    return {"jobs": [dict({"job_id": "<assigned>", "attempt": 1, "claim_token": "<claim>"}, **fields)]}
+
+
+def seal_request(what, body=NO_BODY, **kw):
+    kw.setdefault("headers", CLAIM)
+    return orch_post(what, kw.pop("path", SEAL), body, **kw)
 
 
 def report_with_chunk(**fields):
@@ -748,6 +911,76 @@ POND_ORCH_CASES = [
     chunk_report("a job of another binding", A_CHUNK, auth="orch_b", status=404, code="not_found"),
     chunk_report("a job that does not exist", A_CHUNK, path=f"/v1/orch/jobs/{UNKNOWN_JOB}/chunk", status=404,
                  code="not_found"),
+    # seal: fenced like a report, then the job must still run and name a credential
+    *orch_auth_cases("POST", SEAL, A_SEAL, headers=CLAIM),
+    *body_shape_cases("POST", SEAL, "orch", A_SEAL, headers=CLAIM),
+    seal_request("no X-Claim-Token", A_SEAL, headers=(), status=401, code="unauthorized"),
+    seal_request("an empty X-Claim-Token", A_SEAL, headers=(("X-Claim-Token", ""),), status=401,
+                 code="unauthorized"),
+    seal_request("a wrong X-Claim-Token", A_SEAL, headers=(("X-Claim-Token", "nope"),), status=409,
+                 code="stale_attempt"),
+    seal_request("the claim token with a byte too many", A_SEAL, headers=(("X-Claim-Token", "<claim>x"),),
+                 status=409, code="stale_attempt"),
+    seal_request("the claim token of another job", A_SEAL, headers=(("X-Claim-Token", "<finished_claim>"),),
+                 status=409, code="stale_attempt"),
+    seal_request("an X-Claim-Token of non-ASCII bytes", A_SEAL, headers=(("X-Claim-Token", "\xc3\xa9\xff"),),
+                 status=409, code="stale_attempt"),
+    seal_request("the next attempt", {"attempt": 2}, status=409, code="stale_attempt"),
+    seal_request("attempt missing", {}, says="attempt"),
+    seal_request("no body", says="attempt"),
+    seal_request("attempt 0", {"attempt": 0}, says="attempt"),
+    seal_request("attempt a string", {"attempt": "1"}, says="attempt"),
+    seal_request("attempt a fraction", {"attempt": 1.5}, says="attempt"),
+    seal_request("attempt a boolean", {"attempt": True}, says="attempt"),
+    seal_request("attempt null", {"attempt": None}, says="attempt"),
+    seal_request("attempt over 2**31", {"attempt": 2 ** 31 + 1}, says="attempt"),
+    seal_request("a job that names no credential", A_SEAL, says="credential"),
+    seal_request("a job that has ended", A_SEAL, path="/v1/orch/jobs/<finished>/seal",
+                 headers=(("X-Claim-Token", "<finished_claim>"),), status=409, code="stale_attempt"),
+    seal_request("a job that does not exist", A_SEAL, path=f"/v1/orch/jobs/{UNKNOWN_JOB}/seal", status=404,
+                 code="not_found"),
+    seal_request("a queued credential job no binding holds", A_SEAL, path="/v1/orch/jobs/<sealed>/seal",
+                 status=404, code="not_found"),
+    seal_request("a job of another binding", A_SEAL, auth="orch_b", status=404, code="not_found"),
+    seal_request("an ended job of another binding", A_SEAL, auth="orch_b", path="/v1/orch/jobs/<finished>/seal",
+                 headers=(("X-Claim-Token", "<finished_claim>"),), status=404, code="not_found"),
+    seal_request("a malformed job id", A_SEAL, path="/v1/orch/jobs/a.b/seal", status=404, code="not_found"),
+    seal_request("a job id of 65 characters", A_SEAL, path="/v1/orch/jobs/" + "j" * 65 + "/seal", status=404,
+                 code="not_found"),
+    Case("GET on a seal", "GET", SEAL, auth="orch", headers=CLAIM, status=405, code="method_not_allowed"),
+    # heartbeats (a refused one renews nothing; one that names a stale attempt is answered, not refused)
+    *orch_auth_cases("POST", HEARTBEAT, heartbeat_of()),
+    *body_shape_cases("POST", HEARTBEAT, "orch", heartbeat_of()),
+    orch_post("jobs missing", HEARTBEAT, {}, says="jobs"),
+    orch_post("jobs null", HEARTBEAT, {"jobs": None}, says="jobs"),
+    orch_post("jobs an object", HEARTBEAT, {"jobs": heartbeat_of()["jobs"][0]}, says="jobs"),
+    orch_post("jobs a string", HEARTBEAT, {"jobs": "<assigned>"}, says="jobs"),
+    orch_post("4097 jobs", HEARTBEAT, {"jobs": heartbeat_of()["jobs"] * 4097}, says="jobs"),
+    orch_post("a job that is a number", HEARTBEAT, {"jobs": [1]}, says="jobs[0]"),
+    orch_post("a job that is null", HEARTBEAT, {"jobs": [None, None]}, says="jobs"),
+    orch_post("a job with an unknown field", HEARTBEAT, heartbeat_of(lease=600), says="lease"),
+    orch_post("a job without a job_id", HEARTBEAT, {"jobs": [{"attempt": 1, "claim_token": "<claim>"}]},
+              says="job_id"),
+    orch_post("a job without an attempt", HEARTBEAT, {"jobs": [{"job_id": "<assigned>", "claim_token": "<claim>"}]},
+              says="attempt"),
+    orch_post("a job without a claim_token", HEARTBEAT, {"jobs": [{"job_id": "<assigned>", "attempt": 1}]},
+              says="claim_token"),
+    orch_post("a job_id that is a number", HEARTBEAT, heartbeat_of(job_id=7), says="job_id"),
+    orch_post("a job_id with a dot", HEARTBEAT, heartbeat_of(job_id="a.b"), says="job_id"),
+    orch_post("a job_id of 65 characters", HEARTBEAT, heartbeat_of(job_id="j" * 65), says="job_id"),
+    orch_post("an attempt of 0", HEARTBEAT, heartbeat_of(attempt=0), says="attempt"),
+    orch_post("an attempt that is a string", HEARTBEAT, heartbeat_of(attempt="1"), says="attempt"),
+    orch_post("an attempt that is a boolean", HEARTBEAT, heartbeat_of(attempt=True), says="attempt"),
+    orch_post("an attempt over 2**31", HEARTBEAT, heartbeat_of(attempt=2 ** 31 + 1), says="attempt"),
+    orch_post("a claim_token that is empty", HEARTBEAT, heartbeat_of(claim_token=""), says="claim_token"),
+    orch_post("a claim_token that is a number", HEARTBEAT, heartbeat_of(claim_token=5), says="claim_token"),
+    orch_post("a claim_token of 129 characters", HEARTBEAT, heartbeat_of(claim_token="c" * 129),
+              says="claim_token"),
+    orch_post("a claim_token with a NUL byte", HEARTBEAT, heartbeat_of(claim_token="<claim>\x00"),
+              says="claim_token"),
+    orch_post("a good job, then a bad one", HEARTBEAT, {"jobs": heartbeat_of()["jobs"] + [{"job_id": 1}]},
+              says="jobs[1]"),
+    Case("GET on heartbeat", "GET", HEARTBEAT, auth="orch", status=405, code="method_not_allowed"),
     # snapshots
     *orch_auth_cases("POST", SNAPSHOT, snapshot_of()),
     *body_shape_cases("POST", SNAPSHOT, "orch", snapshot_of()),
@@ -814,7 +1047,8 @@ POND_ORCH_CASES = [
 
 POND_PROTOCOL_CASES = protocol_cases("/v1/jobs", "/healthz")
 
-POND_CATALOGUE = POND_PROTOCOL_CASES + POND_SUBMIT_CASES + POND_JOB_READ_CASES + POND_ADMIN_CASES + POND_ORCH_CASES
+POND_CATALOGUE = (POND_PROTOCOL_CASES + POND_SUBMIT_CASES + POND_JOB_READ_CASES + POND_ADMIN_CASES
+                  + POND_CREDENTIAL_CASES + POND_ORCH_CASES)
 
 
 # -- pond sweeps ------------------------------------------------------------------------------------------
@@ -866,8 +1100,25 @@ def test_pond_orchestrator_endpoints_refuse_bad_input(pool, subtests):
     assert workers[world.worker]["online"] and workers[world.worker]["slots"] == 4, workers[world.worker]
 
 
+def test_pond_credential_endpoints_refuse_bad_input(pool, subtests):
+    world = PondWorld(pool)
+    for case in POND_CREDENTIAL_CASES:
+        with subtests.test(msg=case.label):
+            status, payload = exchange(world.url, build_request(case, world.ctx))
+            check(case, status, payload)
+            assert KEPT_SECRET not in str(payload), f"{case.label}: the answer says a secret back: {payload}"
+    world.assert_intact()
+    # What any read shows of a credential is the names of its variables, never a value.
+    for path in (CREDENTIALS, KEPT):
+        status, body = api(world.url, "GET", path, auth=f"Bearer {world.pond.token}")
+        assert status == 200 and KEPT_SECRET not in json.dumps(body), body
+    assert world.pond.client.get(KEPT) == world.credential == dict(
+        world.credential, name="kept", provider="anthropic", env=["KEPT_REGION"], secrets=["KEPT_TOKEN"])
+
+
 def matches_route(case, method, pattern):
-    path = fill(case.path, {k: "x_0" for k in ("job", "victim", "assigned", "worker", "binding", "x", "y")}
+    path = fill(case.path, {k: "x_0" for k in ("job", "victim", "assigned", "worker", "binding", "x", "y",
+                                               "finished", "sealed")}
                 | {k: UNKNOWN_CODE for k in ("pcode", "used_pcode", "ecode", "used_ecode")})
     return case.method == method and re.fullmatch(pattern, urlsplit(path).path) is not None
 
@@ -1055,7 +1306,7 @@ class OrchestratorWorld:
     """A pond, a real `swarm.py serve`, and a worker enrolled by hand that holds two jobs (x and y)."""
 
     def __init__(self, pool):
-        self.pond = pond = pool.pond(poll_hold=5)
+        self.pond = pond = pool.pond(poll_hold=5, extra=("--allow-unsigned-results",))    # an unpinned worker
         self.orch = pool.orchestrator(pond, token="op-secret")
         self.url = self.orch.url()
         status, body = api(self.url, "POST", "/v1/worker/enroll",
@@ -1149,6 +1400,7 @@ ENROLL = "/v1/worker/enroll"
 WCLAIM = "/v1/worker/claim"
 WSTATE = "/v1/worker/jobs/<x>/state"
 WCHUNK = "/v1/worker/jobs/<x>/chunk"
+WSEAL = "/v1/worker/jobs/<x>/seal"
 WCLAIM_X = (("X-Claim-Token", "<claim>"),)
 X_RUNNING = {"attempt": 1, "state": "running"}
 X_CHUNK = {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="}
@@ -1170,6 +1422,11 @@ def worker_state(what, body=NO_BODY, **kw):
 def worker_chunk(what, body=NO_BODY, **kw):
     kw.setdefault("headers", WCLAIM_X)
     return Case(what, "POST", kw.pop("path", WCHUNK), body, auth="worker", **kw)
+
+
+def worker_seal(what, body=NO_BODY, **kw):
+    kw.setdefault("headers", WCLAIM_X)
+    return Case(what, "POST", kw.pop("path", WSEAL), body, auth="worker", **kw)
 
 
 def enroll_with(**fields):
@@ -1238,6 +1495,29 @@ ORCH_WORKER_CASES = [
                  code="stale_attempt"),
     worker_chunk("a job this worker does not hold", X_CHUNK, path=f"/v1/worker/jobs/{UNKNOWN_JOB}/chunk",
                  status=(404, 409), code=("not_found", "stale_attempt")),
+    # seal: the orchestrator checks who holds the job, pond checks the rest (x names no credential)
+    *worker_auth_cases("POST", WSEAL, {"attempt": 1}, headers=WCLAIM_X),
+    *body_shape_cases("POST", WSEAL, "worker", {"attempt": 1}, headers=WCLAIM_X),
+    worker_seal("no X-Claim-Token", {"attempt": 1}, headers=(), status=401, code="unauthorized"),
+    worker_seal("an empty X-Claim-Token", {"attempt": 1}, headers=(("X-Claim-Token", ""),), status=401,
+                code="unauthorized"),
+    worker_seal("a wrong X-Claim-Token", {"attempt": 1}, headers=(("X-Claim-Token", "nope"),), status=409,
+                code="stale_attempt"),
+    worker_seal("the claim token of another job", {"attempt": 1}, headers=(("X-Claim-Token", "<claim_y>"),),
+                status=409, code="stale_attempt"),
+    worker_seal("an X-Claim-Token of non-ASCII bytes", {"attempt": 1},
+                headers=(("X-Claim-Token", "\xc3\xa9\xff"),), status=409, code="stale_attempt"),
+    worker_seal("the next attempt", {"attempt": 2}, status=409, code="stale_attempt"),
+    worker_seal("attempt a string", {"attempt": "1"}, status=(400, 409), code=("bad_request", "stale_attempt")),
+    worker_seal("attempt a boolean", {"attempt": True}, status=(400, 409), code=("bad_request", "stale_attempt")),
+    worker_seal("attempt missing", {}, says="attempt"),
+    worker_seal("no body", says="attempt"),
+    worker_seal("a job this worker does not hold", {"attempt": 1}, path=f"/v1/worker/jobs/{UNKNOWN_JOB}/seal",
+                status=409, code="stale_attempt"),
+    worker_seal("a malformed job id", {"attempt": 1}, path="/v1/worker/jobs/a.b/seal", status=404,
+                code="not_found"),
+    worker_seal("a job that names no credential (pond says)", {"attempt": 1}, says="credential"),
+    Case("GET on a seal", "GET", WSEAL, auth="worker", headers=WCLAIM_X, status=405, code="method_not_allowed"),
     # reports: what they say (the orchestrator must refuse what pond would refuse, or the job is stranded)
     *body_shape_cases("POST", WSTATE, "worker", X_RUNNING, headers=WCLAIM_X),
     worker_state("attempt missing", {"state": "running"}, says="attempt"),
