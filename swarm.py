@@ -249,9 +249,9 @@ class Backoff:
 # Wire format (specs/protocol.md; mirrors pond/wire.py and pond/matching.py)
 # ============================================================================
 
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]{0,127}$")
-CAPABILITY_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]][a-z0-9._*?\[\]!-]{0,127}$")
-CODE_RE = re.compile(r"^[A-Za-z0-9-]{1,32}$")
+TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]{0,127}\Z")
+CAPABILITY_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]][a-z0-9._*?\[\]!-]{0,127}\Z")
+CODE_RE = re.compile(r"^[A-Za-z0-9-]{1,32}\Z")
 TERMINAL_STATES = ("done", "failed", "cancelled")
 
 
@@ -436,11 +436,11 @@ def show_fingerprint(state_dir):
 # ============================================================================
 
 SEAL_SUITE = "DHKEM(X25519,HKDF-SHA256)/HKDF-SHA256/ChaCha20-Poly1305"
-SEAL_INFO_PREFIX = b"pond-seal-v1\x00"
+SEAL_INFO_PREFIX = b"pond-seal-v2\x00"
 SEAL_ENC_LENGTH = 32     # an X25519 public key
 SEAL_TAG_LENGTH = 16     # ChaCha20-Poly1305
-FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
-ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")     # as pond/wire.py
+FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}\Z")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}\Z")     # as pond/wire.py
 
 
 def canonical_json(value):
@@ -459,13 +459,22 @@ def _hpke():
     return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305), x25519, InvalidTag
 
 
-def seal_info(job_id, attempt, fingerprint):
-    """HPKE `info` for one attempt of one job on one worker."""
+def job_spec(command, env, sandbox):
+    """The digest of what a job runs, from its assignment (specs/sealing.md §3): a credential
+    sealed for one command, env and sandbox does not open for another, so an orchestrator
+    cannot change what runs to read it."""
+    return hashlib.sha256(canonical_json({"command": command, "env": env, "sandbox": sandbox})).hexdigest()
+
+
+def seal_info(job_id, attempt, fingerprint, spec):
+    """HPKE `info` for one attempt of one job, running `spec` (job_spec), on one worker."""
     if (not isinstance(job_id, str) or not job_id or not isinstance(attempt, int) or isinstance(attempt, bool)
-            or attempt < 1 or not isinstance(fingerprint, str) or not FINGERPRINT_RE.match(fingerprint)):
+            or attempt < 1 or not isinstance(fingerprint, str) or not FINGERPRINT_RE.match(fingerprint)
+            or not isinstance(spec, str) or not FINGERPRINT_RE.match(spec)):
         raise SwarmError("credential could not be unsealed",
-                         "the assignment's job id, attempt or worker fingerprint is malformed")
-    return SEAL_INFO_PREFIX + canonical_json({"attempt": attempt, "fingerprint": fingerprint, "job": job_id})
+                         "the assignment's job id, attempt, worker fingerprint or spec digest is malformed")
+    return SEAL_INFO_PREFIX + canonical_json({"attempt": attempt, "fingerprint": fingerprint, "job": job_id,
+                                              "spec": spec})
 
 
 def _unsealable(hint):
@@ -484,10 +493,11 @@ def _blob_bytes(blob, field, length=None, minimum=0):
     return raw
 
 
-def unseal_env(private_raw, blob, job_id, attempt, fingerprint):
-    """The secret env sealed for this attempt of this job to this worker's X25519 key, or SwarmError."""
+def unseal_env(private_raw, blob, job_id, attempt, fingerprint, spec):
+    """The secret env sealed for this attempt of this job, running `spec`, to this worker's X25519 key;
+    SwarmError otherwise."""
     suite, x25519, InvalidTag = _hpke()
-    info = seal_info(job_id, attempt, fingerprint)
+    info = seal_info(job_id, attempt, fingerprint, spec)
     if not isinstance(blob, dict) or sorted(blob) != ["ct", "enc", "suite"]:
         raise _unsealable('a sealed blob has exactly the fields "enc", "ct", "suite"')
     if blob["suite"] != SEAL_SUITE:
@@ -498,8 +508,8 @@ def unseal_env(private_raw, blob, job_id, attempt, fingerprint):
         key = x25519.X25519PrivateKey.from_private_bytes(bytes(private_raw))
         plaintext = suite.decrypt(enc + ct, key, info=info)
     except (InvalidTag, TypeError, ValueError):
-        raise _unsealable("it was sealed for another worker key, job, attempt or fingerprint, "
-                          "or altered on the way") from None
+        raise _unsealable("it was sealed for another worker key, job, attempt, fingerprint or job spec "
+                          "(command, env, sandbox), or altered on the way") from None
     try:
         env = json.loads(plaintext.decode("utf-8"))
     except ValueError:          # UnicodeDecodeError is one
@@ -2287,8 +2297,9 @@ def unsealed_env(job, signer, orch, cancel):
     else:
         return None, "cancelled before its credential was sealed"
     try:
+        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"))
         return unseal_env(signer.keys.sealing, answer.get("sealed"), job["job_id"], job["attempt"],
-                          signer.fingerprint), None
+                          signer.fingerprint, spec), None
     except SwarmError as e:
         return None, f"credential {job['credential']}: {e.message} ({e.hint})"
 

@@ -16,7 +16,7 @@ import json
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from pond.errors import Forbidden
+from pond.errors import Forbidden, NotFound
 from pond.wire import canonical_json
 
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
@@ -179,9 +179,10 @@ def verify_job(store, job_id):
     and the worker's pinned key, as pond did when it recorded the result. -> (job, worker, predicate)."""
     job = store.job(job_id)
     if job is None:
-        raise refused(f"job {job_id[:64]!r} does not exist")
+        raise NotFound(f"job {job_id[:64]!r} does not exist in this state dir", "check the id and --state-dir")
     if job["attestation"] is None:
-        raise refused(f"job {job_id} has no attestation (state {job['state']}): its result was not signed")
+        raise NotFound(f"job {job_id} has no attestation (state {job['state']})",
+                       "a job that has not ended, or whose result was recorded unsigned, has nothing to verify")
     worker = store.worker(job["worker_id"])
     if worker is None or not worker["ed25519_public"]:
         raise refused(f"worker {job['worker_id']} has no pinned key in this store")

@@ -185,20 +185,30 @@ def cmd_verify(args):
     state = Path(args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
     if not (state / DB_FILE).exists():
         raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir", code="usage")
-    store = Store(state / DB_FILE, readonly=True)
+    try:
+        store = Store(state / DB_FILE, readonly=True)
+    except RuntimeError as e:
+        raise PondError(str(e), "run the pond release that wrote it", code="config") from None
     try:
         job, worker, predicate = verify_job(store, args.id)
     except PondError as e:
-        e.message = f"job {args.id} does not verify: {getattr(e, 'detail', e.message)}"
-        e.hint = "the stored result is not what the worker signed; `pond job ID` shows the job's events"
+        if e.code == "attestation_failed":
+            e.message = f"job {args.id} does not verify: {e.detail}"
+            e.hint = "the stored result is not what the worker signed; `pond job ID` shows the job's events"
         raise
     finally:
         store.close()
+    subjects = {s["name"]: s["digest"]["sha256"]
+                for s in json.loads(base64.b64decode(job["attestation"]["payload"]))["subject"]}
+    if args.json:
+        return _print_json({"verified": True, "job": job["id"], "attempt": job["attempt"], "worker": worker["id"],
+                            "fingerprint": worker["fingerprint"], "state": predicate["state"],
+                            "exit_code": predicate["exit_code"], "sha256": subjects})
     print(f"verified: job {job['id']} attempt {job['attempt']}: {predicate['state']}, exit code "
           f"{predicate['exit_code']}")
     print(f"{'worker:':10}{worker['id']} fingerprint {worker['fingerprint']}")
-    for subject in json.loads(base64.b64decode(job['attestation']['payload']))["subject"]:
-        print(f"{subject['name'] + ':':10}sha256 {subject['digest']['sha256']}")
+    for name, digest in subjects.items():
+        print(f"{name + ':':10}sha256 {digest}")
 
 
 def cmd_logs(args):

@@ -31,7 +31,7 @@ NONCE_BYTES = 12
 AAD_PREFIX = b"pond-credential-v1\x00"
 FIELDS = ("name", "provider", "env", "secrets")
 PROVIDER_RE = wire.CAPABILITY_RE
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")      # it goes in a URL path: no spaces
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")      # it goes in a URL path: no spaces
 NAME_HINT = "names look like anthropic or openai-prod: letters, digits, . _ -"
 
 
@@ -122,6 +122,8 @@ def get(pond, req):
 
 def delete(pond, req):
     """DELETE /v1/admin/credentials/{name}: jobs that name it and have not been sealed yet fail when they try."""
+    if req.body is not None:
+        raise BadRequest("DELETE takes no body", "send the request without one")
     _find(pond, req.params["id"])
     pond.store.delete_credential(req.params["id"])
     return 200, {"name": req.params["id"], "deleted": True}
@@ -156,8 +158,12 @@ def seal_for(pond, job, worker, attempt):
         raise Conflict(f"credential {job['credential']!r} named by job {job['id']} no longer exists",
                        "set it again with `pond admin credential set`, then resubmit the job",
                        code="credential_missing")
+    if worker["revoked_at"] is not None:
+        raise Forbidden(f"worker {worker['id']} was revoked: pond seals nothing to it",
+                        "the job runs again elsewhere once its lease runs out", code="revoked")
     env = decrypt(pond.settings.credential_key, row)
+    spec = sealing.job_spec(job["command"], job["env"], job["sandbox"])       # as submitted, not as relayed
     blob = sealing.seal_env(base64.b64decode(worker["x25519_public"]), env, job["id"], attempt,
-                            worker["fingerprint"])
+                            worker["fingerprint"], spec)
     return {"credential": row["name"], "fingerprint": worker["fingerprint"], "sealed": blob}
 

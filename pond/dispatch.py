@@ -277,6 +277,8 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope):
     def never_ran():
         return outcome[1] is None and outcome[0] != JobState.DONE.value and not pond.store.has_output(job["id"], attempt)
 
+    if worker.get("revoked_at") is not None:
+        raise attestation.refused(f"worker {worker['id']} was revoked; its results are not recorded")
     if not worker["fingerprint"]:
         if pond.settings.allow_unsigned or never_ran():
             return False
@@ -376,7 +378,7 @@ def seal(pond, req):
         raise StaleAttempt(f"job {job['id']} is {job['state']}; nothing is sealed for it any more", "drop the job")
     if not job["credential"]:
         raise BadRequest(f"job {job['id']} names no credential", "ask for a seal only when the assignment names one")
-    answer = credentials.seal_for(pond, job, pond.store.worker(job["worker_id"]), attempt)
+    answer = credentials.seal_for(pond, pond.store.job(job["id"]), pond.store.worker(job["worker_id"]), attempt)
     pond.store.add_job_event(job["id"], {"at": pond.now(), "event": "sealed", "attempt": attempt,
                                          "credential": answer["credential"], "fingerprint": answer["fingerprint"]})
     return 200, answer

@@ -147,6 +147,10 @@ def test_real_worker_result_verifies_with_securesystemslib_and_pond_verify_offli
     pond.proc.stop()
     done = pond.cli("verify", job_id)                       # offline: only the SQLite file
     assert done.returncode == 0 and "verified" in done.stdout, done.stderr
+    data = json.loads(pond.cli("verify", job_id, "--json").stdout)
+    assert data["verified"] is True and data["sha256"]["stdout"] == hashlib.sha256(STDOUT).hexdigest(), data
+    unknown = pond.cli("verify", "j_doesnotexist")
+    assert unknown.returncode == 1 and "does not exist" in unknown.stderr and "hint:" in unknown.stderr
 
     with sqlite3.connect(pond.state_dir / "pond.db") as db:
         changed = db.execute("UPDATE chunks SET data = ? WHERE job_id = ? AND stream = 'stdout'",
@@ -271,3 +275,24 @@ def test_attempt_1s_attestation_is_refused_for_attempt_2(pool):
     assert status == 200, body
     done = pond.job(first["job_id"])
     assert (done["state"], done["attempt"], done["attested"]) == ("done", 2, True), done
+
+
+def test_a_revoked_worker_gets_no_seal_and_its_results_are_refused(pool):
+    pond = pool.pond()
+    liar = Liar(pond)
+    pond.api("POST", "/v1/admin/credentials", {"name": "kept", "secrets": {"TOKEN": "t0ken-value"}})
+    job_id = pond.submit(COMMAND, credential="kept")["id"]
+    (job,) = liar.poll()
+    assert job["job_id"] == job_id and job["credential"] == "kept"
+    status, body = liar.call("POST", f"/v1/orch/jobs/{job_id}/seal", {"attempt": 1},
+                             headers={"X-Claim-Token": job["claim_token"]})
+    assert status == 200 and body["fingerprint"] == liar.fingerprint, body
+    assert pond.api("DELETE", f"/v1/admin/pool/workers/{liar.worker}")[0] == 200
+    status, body = liar.call("POST", f"/v1/orch/jobs/{job_id}/seal", {"attempt": 1},
+                             headers={"X-Claim-Token": job["claim_token"]})
+    assert (status, body["error"]["code"]) == (403, "revoked"), body
+    assert "t0ken-value" not in json.dumps(body)
+    status, body = liar.report(job, liar.genuine(job))
+    assert (status, body["error"]["code"]) == (403, "attestation_failed"), body
+    after = pond.job(job_id)
+    assert after["state"] == "assigned" and "revoked" in refused_events(after["events"], liar.worker)[0]["detail"]

