@@ -1336,6 +1336,8 @@ class Registry:
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(workers)").fetchall()}
         if "fingerprint" not in columns:       # a swarm.db from before pinned keys
             self._db.execute("ALTER TABLE workers ADD COLUMN fingerprint TEXT")
+        if "reason" not in {r[1] for r in self._db.execute("PRAGMA table_info(revoked)").fetchall()}:
+            self._db.execute("ALTER TABLE revoked ADD COLUMN reason TEXT")     # revoked, or evicted
 
     def all(self):
         with self._lock:
@@ -1351,15 +1353,17 @@ class Registry:
                              (w["id"], w["name"], token_hash, json.dumps(w["tags"]), json.dumps(w["capabilities"]),
                               w["slots"], time.time(), w.get("fingerprint")))
 
-    def revoke(self, worker_id):
-        """pond revoked this worker: forget it, and remember that its token is revoked."""
+    def revoke(self, worker_id, reason="revoked"):
+        """pond revoked (or evicted) this worker: forget it, and remember that its token is refused."""
         with self._lock:
             self._db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
-            self._db.execute("INSERT OR IGNORE INTO revoked VALUES (?, ?)", (worker_id, time.time()))
+            self._db.execute("INSERT OR IGNORE INTO revoked (id, revoked_at, reason) VALUES (?, ?, ?)",
+                             (worker_id, time.time(), reason))
 
     def revoked(self):
+        """worker id -> why its token is refused: "revoked" or "evicted"."""
         with self._lock:
-            return {r[0] for r in self._db.execute("SELECT id FROM revoked").fetchall()}
+            return {r[0]: r[1] or "revoked" for r in self._db.execute("SELECT id, reason FROM revoked").fetchall()}
 
     def update(self, w):
         with self._lock:
@@ -1384,6 +1388,7 @@ class Session:
         self.tags, self.capabilities, self.slots = row["tags"], row["capabilities"], row["slots"]
         self.fingerprint = row.get("fingerprint")     # as pond pinned it at enrollment; None: unpinned
         self.revoked = False
+        self.evicting = False                   # evicted by the operator: it gets nothing new, then goes
         self.queue = collections.deque()       # assigned by pond, not yet handed to the worker
         self.jobs = {}                          # job id -> assignment the worker holds
         self.cancels = []
@@ -1460,7 +1465,7 @@ class Pool:
         self.lock = threading.Lock()
         self.registry, self.pond, self.claim_wait = registry, pond, claim_wait
         self.sessions = {row["id"]: Session(row, self.lock) for row in registry.all()}
-        self.revoked = registry.revoked()      # worker ids pond revoked: their tokens get "revoked"
+        self.revoked = registry.revoked()      # worker id -> "revoked" or "evicted": its token is refused
         self.outbox = Outbox()
         self.snapshot_due = threading.Event()
         self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
@@ -1502,21 +1507,63 @@ class Pool:
         return {"worker_id": worker["id"], "token": token, "protocol_version": PROTOCOL_VERSION,
                 "fingerprint": worker["fingerprint"]}
 
-    def revoke(self, worker_id):
-        """pond revoked this worker: drop its session and refuse its token from now on."""
+    def revoke(self, worker_id, reason="revoked"):
+        """pond revoked this worker, or its eviction is complete: drop its session, refuse its token."""
         with self.lock:
             session = self.sessions.pop(worker_id, None)
-            self.revoked.add(worker_id)
+            self.revoked[worker_id] = reason
             if session is not None:
                 session.revoked = True
                 session.cond.notify_all()         # its held claim ends; the next one is refused
-        self.registry.revoke(worker_id)
-        log.warning("pond revoked worker %s: its token is refused from now on", clean(worker_id))
+        self.registry.revoke(worker_id, reason)
+        log.warning("worker %s %s: its token is refused from now on", clean(worker_id),
+                    "was revoked by pond" if reason == "revoked" else "is evicted and holds no job")
+
+    def evict(self, worker_id, drain):
+        """`swarm.py evict`: pond takes the worker out of dispatch (and requeues its jobs unless
+        drain); here it gets nothing new and is disconnected once it holds nothing."""
+        if worker_id not in self.sessions:
+            raise HttpError(404, "not_found", f"no worker {clean(worker_id, 64)} in this pool",
+                            "list them with `swarm.py status`")
+        try:
+            answer = self.pond.call("POST", f"/v1/orch/workers/{worker_id}/evict", {"drain": drain})
+        except Refused as e:
+            raise HttpError(e.status if e.status < 500 else 502, e.code, e.message, e.hint) from None
+        except Unreachable as e:
+            raise HttpError(503, "pond_unreachable", "the orchestrator cannot reach pond to evict the worker",
+                            "retry when pond is back; `pond admin evict` does the same from pond's side") from e
+        self.mark_evicting(worker_id, drain)
+        return answer
+
+    def mark_evicting(self, worker_id, drain):
+        """Evicted (by `swarm.py evict` or in a snapshot answer): without drain, stop what it holds."""
+        with self.lock:
+            session = self.sessions.get(worker_id)
+            if session is None or session.evicting:
+                return
+            session.evicting = True
+            if not drain:      # pond has queued these again: drop the waiting ones, stop the running ones
+                session.queue.clear()
+                session.cancels += [{"job_id": j["job_id"], "attempt": j["attempt"]} for j in session.jobs.values()]
+                session.cond.notify_all()
+            done = not session.queue and not session.jobs
+        log.warning("worker %s evicted (%s)", clean(worker_id), "draining" if drain else "its jobs stopped")
+        if done:
+            self.revoke(worker_id, "evicted")
+
+    def _evicted_once_empty(self, session):
+        with self.lock:
+            done = session.evicting and not session.revoked and not session.queue and not session.jobs
+        if done:
+            self.revoke(session.id, "evicted")
 
     def authenticate(self, token):
         parts = token.split(".")
         if len(parts) != 3 or parts[0] != "wkr":
             raise HttpError(401, "unauthorized", "the worker token is malformed", "use the token in worker.json")
+        if self.revoked.get(parts[1]) == "evicted":
+            raise HttpError(403, "evicted", "this worker was evicted by the pool's operator",
+                            "it takes no more jobs; to come back it needs a new state dir and enrollment code")
         if parts[1] in self.revoked:
             raise HttpError(403, "revoked", "this worker was revoked by the pool's operator",
                             "ask the operator; a new identity needs new keys, a new code and a new state dir")
@@ -1654,6 +1701,7 @@ class Pool:
                 self.recent.append({"job_id": job_id, "worker": session.id, "state": body["state"],
                                     "exit_code": body.get("exit_code"), "finished_at": time.time()})
         self._report(job, body)
+        self._evicted_once_empty(session)
         return {"accepted": True}
 
     def report_chunk(self, session, job_id, claim_token, body):
@@ -1718,7 +1766,7 @@ class Pool:
     def status(self):
         now = time.time()
         with self.lock:
-            workers = [dict(s.view(now), running=len(s.jobs), queued=len(s.queue),
+            workers = [dict(s.view(now), running=len(s.jobs), queued=len(s.queue), evicting=s.evicting,
                             last_seen=s.last_seen or None) for s in self.sessions.values()]
         return {"pond_reachable": self.pond_ok, "outbox": len(self.outbox), "workers": workers}
 
@@ -1822,6 +1870,8 @@ def snapshot_loop(pool, pond, stop, interval):
                         clean(refused.get("code")), clean(refused.get("message")))
         for worker_id in answer.get("revoked", []):
             pool.revoke(worker_id)
+        for entry in answer.get("evicted", []):
+            pool.mark_evicting(entry.get("id"), bool(entry.get("drain")))
 
 
 def heartbeat_loop(pool, pond, stop):
@@ -1877,6 +1927,13 @@ def orchestrator_routes(pool, token_hash):
                             "list jobs with `swarm.py jobs`; cancel queued jobs with `pond cancel`")
         return 202, {"job_id": m["id"], "cancel": "sent"}
 
+    def evict(h, m, body):
+        operator_auth(h)
+        body = obj(body, "evict", ("drain",))
+        if not isinstance(body.get("drain", False), bool):
+            raise HttpError(400, "bad_request", "evict.drain must be true or false")
+        return 200, pool.evict(m["id"], body.get("drain", False))
+
     job = r"/v1/worker/jobs/(?P<id>[A-Za-z0-9_-]{1,64})"
     return [
         ("GET", r"/healthz", lambda h, m, b: (200, {"ok": True, "version": VERSION, "pond_reachable": pool.pond_ok})),
@@ -1892,6 +1949,7 @@ def orchestrator_routes(pool, token_hash):
         ("GET", r"/v1/pool/status", lambda h, m, b: (operator_auth(h), (200, pool.status()))[1]),
         ("GET", r"/v1/pool/jobs", lambda h, m, b: (operator_auth(h), (200, pool.jobs()))[1]),
         ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", cancel),
+        ("POST", r"/v1/pool/workers/(?P<id>[A-Za-z0-9_-]{1,64})/evict", evict),
     ]
 
 
@@ -2453,7 +2511,7 @@ def claim_loop(s, orch, slots, stop, identity):
                     slots.cancel(cancel["job_id"])
         except Refused as e:
             if e.status in (401, 403):
-                hint = (e.hint if e.code == "revoked" else
+                hint = (e.hint if e.code in ("revoked", "evicted") else
                         f"enroll again: remove {s.state_dir / 'worker.json'} and pass --enroll-code CODE")
                 raise SwarmError(f"the orchestrator refused this worker ({identity['worker_id']}): {e.message}",
                                  hint, EXIT_REFUSED) from None
@@ -2502,6 +2560,15 @@ def jobs(s):
         return EXIT_OK
     _table(data["jobs"], [("JOB", "job_id"), ("WORKER", "worker"), ("STATE", "state"),
                           ("COMMAND", lambda j: " ".join(j["command"])[:60])])
+    return EXIT_OK
+
+
+def evict(s, worker_id, drain):
+    data = HttpClient(s.orchestrator, s.token, what="orchestrator", ca_file=s.ca_file).call(
+        "POST", f"/v1/pool/workers/{worker_id}/evict", {"drain": drain})
+    print(json.dumps(data, indent=2) if s.json else
+          f"{worker_id}: evicted; " + ("its running jobs finish first, then it is disconnected" if drain else
+                                       f"{data.get('requeued', 0)} job(s) queued again elsewhere"))
     return EXIT_OK
 
 
@@ -2576,10 +2643,15 @@ def build_parser():
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
 
     for name, helptext in (("status", "the orchestrator's pool"), ("jobs", "jobs held by the orchestrator"),
-                           ("cancel", "cancel a job running in this pool")):
+                           ("cancel", "cancel a job running in this pool"),
+                           ("evict", "take a worker out of the pool: no new jobs, then disconnected")):
         s = sub.add_parser(name, help=helptext)
         if name == "cancel":
             s.add_argument("job_id")
+        if name == "evict":
+            s.add_argument("worker_id")
+            s.add_argument("--drain", action="store_true",
+                           help="let its running jobs finish (default: stop them and queue them again)")
         s.add_argument("--orchestrator", metavar="URL", help="default: from DIR/serve.json")
         s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("orchestrator"))
         s.add_argument("--state-dir", metavar="DIR", help=f"the serve state dir (default ./{DEFAULT_SERVE_STATE})")
@@ -2605,7 +2677,8 @@ def run(args, env):
         setup_logging("worker")
         return worker(worker_settings(args, env))
     s = operator_settings(args, env)
-    return {"status": lambda: status(s), "jobs": lambda: jobs(s), "cancel": lambda: cancel(s, args.job_id)}[args.cmd]()
+    return {"status": lambda: status(s), "jobs": lambda: jobs(s), "cancel": lambda: cancel(s, args.job_id),
+            "evict": lambda: evict(s, args.worker_id, args.drain)}[args.cmd]()
 
 
 def main(argv=None):

@@ -338,6 +338,14 @@ def cmd_revoke(args):
     print(f"revoked {args.kind} {args.id}")
 
 
+def cmd_evict(args):
+    data = _client(args).post(f"/v1/admin/pool/workers/{args.id}/evict", {"drain": args.drain})
+    if args.json:
+        return _print_json(data)
+    print(f"evicted worker {args.id}: " + ("its running jobs finish first" if args.drain else
+                                          f"{data['requeued']} job(s) queued again"))
+
+
 def cmd_orchestrators(args):
     data = _client(args).get("/v1/admin/pool/orchestrators")
     if args.json:
@@ -354,6 +362,7 @@ def cmd_workers(args):
     _table(data["workers"], [("ID", "id"), ("ORCHESTRATOR", "orchestrator"), ("ONLINE", "online"),
                              ("FINGERPRINT", lambda w: (w["fingerprint"] or "unpinned")[:16]),
                              ("REVOKED", lambda w: "yes" if w["revoked"] else "no"),
+                             ("EVICTED", lambda w: ("draining" if w["drain"] else "yes") if w["evicted"] else "no"),
                              ("LAST EVENT", lambda w: w["last_event"] or "-"),
                              ("SLOTS", "slots"), ("FREE", "free"), ("TAGS", lambda w: ",".join(w["tags"])),
                              ("CAPABILITIES", lambda w: ",".join(w["capabilities"])),
@@ -489,6 +498,11 @@ def build_parser():
     s = credential.add_parser("delete", help="delete a credential", parents=[common])
     s.add_argument("name")
     s.set_defaults(fn=cmd_credential_delete)
+    s = admin.add_parser("evict", help="take a worker out of the pool: no new jobs, then disconnected",
+                         parents=[common])
+    s.add_argument("id")
+    s.add_argument("--drain", action="store_true", help="let its running jobs finish (default: requeue them now)")
+    s.set_defaults(fn=cmd_evict)
     s = admin.add_parser("orchestrators", help="list paired orchestrators", parents=[common])
     s.set_defaults(fn=cmd_orchestrators)
     s = admin.add_parser("workers", help="list enrolled workers", parents=[common])

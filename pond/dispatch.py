@@ -82,7 +82,8 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     with store.transaction():
         # Without pinned keys a worker can neither open a credential nor sign a result: by
         # default it takes nothing; with --allow-unsigned-results, nothing that names a credential.
-        workers = [w for w in store.workers(binding_id) if w["online"] and (w["fingerprint"] or allow_unsigned)]
+        workers = [w for w in store.workers(binding_id) if w["online"] and w["evicted_at"] is None
+                   and (w["fingerprint"] or allow_unsigned)]
         if not workers:
             return []
         active = store.active_counts(binding_id)
@@ -112,8 +113,8 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
 
 def _has_free_slot(pond, binding_id):
     active = pond.store.active_counts(binding_id)
-    return any(w["online"] and w["slots"] > active.get(w["id"], 0) and (w["fingerprint"] or pond.settings.allow_unsigned)
-               for w in pond.store.workers(binding_id))
+    return any(w["online"] and w["evicted_at"] is None and w["slots"] > active.get(w["id"], 0)
+               and (w["fingerprint"] or pond.settings.allow_unsigned) for w in pond.store.workers(binding_id))
 
 
 def _assign(pond, job, worker, binding_id):
@@ -328,28 +329,36 @@ def expire_leases(pond):
     on (fencing), so a worker that was only slow cannot overwrite the new attempt's result."""
     changed = 0
     for job in pond.store.expired_leases(pond.now()):
-        tried = (job["tried"] or []) + [job["worker_id"]]
-        why = f"lease expired on attempt {job['attempt']} (worker {job['worker_id']})"
-        event = {"at": pond.now(), "event": "lease_expired", "attempt": job["attempt"], "worker": job["worker_id"]}
-        try:
-            if job["cancel_requested"]:
-                transition(pond.store, job, JobState.CANCELLED, finished_at=pond.now(),
-                           error=f"cancelled; {why} before it confirmed")
-            elif job["attempt"] >= pond.settings.max_attempts:
-                transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
-                           error=f"{why}; gave up after {job['attempt']} attempt(s)")
-            else:
-                requeue(pond.store, job, tried)
-        except InvalidTransition:
-            continue                # a report got there first
-        pond.store.add_job_event(job["id"], event)
-        pond.log.warning("job %s: %s", job["id"], why)
-        changed += 1
+        changed += end_attempt(pond, job, "lease_expired",
+                               f"lease expired on attempt {job['attempt']} (worker {job['worker_id']})")
     if changed:
         pond.work.notify()
         pond.work.notify(new_job=True)
         pond.logs.notify()
     return changed
+
+
+def end_attempt(pond, job, event_name, why, retry_always=False):
+    """Take an attempt away from its worker: requeue the job for a new attempt, or end it (a
+    cancel was asked for, or it had its max_attempts). -> 1 if the job changed, 0 if a report
+    got there first. Reports of the old attempt are refused from now on (fencing)."""
+    tried = (job["tried"] or []) + [job["worker_id"]]
+    event = {"at": pond.now(), "event": event_name, "attempt": job["attempt"], "worker": job["worker_id"],
+             "message": why}
+    try:
+        if job["cancel_requested"]:
+            transition(pond.store, job, JobState.CANCELLED, finished_at=pond.now(),
+                       error=f"cancelled; {why} before it confirmed")
+        elif job["attempt"] >= pond.settings.max_attempts and not retry_always:
+            transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
+                       error=f"{why}; gave up after {job['attempt']} attempt(s)")
+        else:
+            requeue(pond.store, job, tried)
+    except InvalidTransition:
+        return 0
+    pond.store.add_job_event(job["id"], event)
+    pond.log.warning("job %s: %s", job["id"], why)
+    return 1
 
 
 def expire_overdue(pond):

@@ -177,7 +177,7 @@ def snapshot(pond, req):
     entries = [_worker_body(w, f"workers[{i}]") for i, w in enumerate(body["workers"])]
     binding, now = req.principal, pond.now()
     binding_id = binding["id"]
-    unknown, listed, refused, revoked = [], [], [], []
+    unknown, listed, refused, revoked, evicted = [], [], [], [], []
     with pond.store.transaction():
         pinned = {w["id"]: w for w in pond.store.workers(binding_id)}
         for w in entries:
@@ -189,6 +189,8 @@ def snapshot(pond, req):
             if row["revoked_at"] is not None:
                 revoked.append(worker_id)
                 continue
+            if row["evicted_at"] is not None:
+                evicted.append({"id": worker_id, "drain": bool(row["drain"])})
             refusal = _snapshot_refusal(row, w, binding)
             if refusal:
                 code, message = refusal
@@ -203,7 +205,7 @@ def snapshot(pond, req):
         pond.store.set_workers_offline(binding_id, [w["id"] for w in entries if w["online"] and w["id"] in listed])
         pond.store.touch_binding(binding_id, now)
     pond.work.notify()
-    return 200, {"unknown": unknown, "refused": refused, "revoked": revoked}
+    return 200, {"unknown": unknown, "refused": refused, "revoked": revoked, "evicted": evicted}
 
 
 def _snapshot_refusal(row, entry, binding):
@@ -232,6 +234,51 @@ def revoke(pond, req):
     return 200, {"worker_id": worker_id, "revoked_at": row["revoked_at"]}
 
 
+def evict(pond, req):
+    """POST /v1/admin/pool/workers/{id}/evict {drain?}: the worker takes no new jobs, for good.
+
+    Without drain, its jobs are taken from it now and queued again for new attempts (the
+    orchestrator stops them on the worker); with drain, they finish first. Its orchestrator
+    learns it from the next snapshot answer and disconnects the worker once it holds nothing.
+    """
+    return 200, _evict(pond, req.params["id"], _drain(req.body))
+
+
+def evict_from_orchestrator(pond, req):
+    """POST /v1/orch/workers/{id}/evict {drain?}: `swarm.py evict`, for a worker of this binding."""
+    drain = _drain(req.body)
+    row = pond.store.worker(req.params["id"])
+    if row is None or row["binding_id"] != req.principal["id"]:
+        raise NotFound(f"worker {req.params['id'][:64]!r} is not enrolled through this orchestrator",
+                       "list them with `swarm.py status`")
+    return 200, _evict(pond, row["id"], drain)
+
+
+def _drain(body):
+    body = wire.obj(body, "evict", ("drain",))
+    if not isinstance(body.get("drain", False), bool):
+        raise BadRequest("evict.drain must be true or false")
+    return body.get("drain", False)
+
+
+def _evict(pond, worker_id, drain):
+    from pond import dispatch       # dispatch knows how an attempt ends; it does not need us
+    if not pond.store.evict_worker(worker_id, pond.now(), drain):
+        raise NotFound(f"no worker {worker_id[:64]!r}", "list them with `pond admin workers`")
+    requeued = 0
+    if not drain:
+        for job in pond.store.held_jobs(worker_id):
+            requeued += dispatch.end_attempt(pond, job, "evicted", f"worker {worker_id} was evicted",
+                                             retry_always=True)
+    pond.work.notify()
+    pond.work.notify(new_job=True)
+    pond.logs.notify()
+    pond.log.warning("evicted worker %s (%s); %d job(s) queued again", worker_id,
+                     "draining" if drain else "its jobs requeued", requeued)
+    row = pond.store.worker(worker_id)
+    return {"worker_id": worker_id, "evicted_at": row["evicted_at"], "drain": bool(row["drain"]), "requeued": requeued}
+
+
 def list_workers(pond, req):
     """GET /v1/admin/pool/workers: every worker with its free slots."""
     active = pond.store.active_counts()
@@ -246,6 +293,7 @@ def list_workers(pond, req):
                     "fingerprint": w["fingerprint"], "pinned": w["fingerprint"] is not None,
                     "x25519_public": w["x25519_public"], "ed25519_public": w["ed25519_public"],
                     "tag_ceiling": w["tag_ceiling"], "revoked": w["revoked_at"] is not None,
-                    "revoked_at": w["revoked_at"], "events": events,
+                    "revoked_at": w["revoked_at"], "evicted": w["evicted_at"] is not None,
+                    "evicted_at": w["evicted_at"], "drain": bool(w["drain"]), "events": events,
                     "last_event": events[-1].get("message") if events else None})
     return 200, {"workers": out}

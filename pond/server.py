@@ -70,6 +70,7 @@ ROUTES = [
     ("GET", r"/v1/admin/pool/workers", "admin", enrollment.list_workers),
     ("DELETE", rf"/v1/admin/pool/orchestrators/{_ID}", "admin", pairing.revoke),
     ("DELETE", rf"/v1/admin/pool/workers/{_ID}", "admin", enrollment.revoke),
+    ("POST", rf"/v1/admin/pool/workers/{_ID}/evict", "admin", enrollment.evict),
     ("POST", r"/v1/admin/credentials", "admin", credentials.put),
     ("GET", r"/v1/admin/credentials", "admin", credentials.list_all),
     ("GET", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.get),
@@ -81,6 +82,7 @@ ROUTES = [
     ("POST", rf"/v1/orch/jobs/{_ID}/chunk", "orch", dispatch.report_chunk),
     ("POST", rf"/v1/orch/jobs/{_ID}/seal", "orch", dispatch.seal),
     ("POST", r"/v1/orch/heartbeat", "orch", dispatch.heartbeat),
+    ("POST", rf"/v1/orch/workers/{_ID}/evict", "orch", enrollment.evict_from_orchestrator),
     ("POST", r"/v1/orch/workers/snapshot", "orch", enrollment.snapshot),
     ("POST", r"/v1/orch/enrollment/(?P<code>[A-Za-z0-9-]{1,32})/consumed", "orch", enrollment.consumed),
 ]

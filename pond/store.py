@@ -62,7 +62,9 @@ CREATE TABLE IF NOT EXISTS workers (
     fingerprint    TEXT,
     tag_ceiling    TEXT,
     revoked_at     REAL,
-    events         TEXT
+    events         TEXT,
+    evicted_at     REAL,
+    drain          INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS workers_binding ON workers(binding_id);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -130,7 +132,8 @@ _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "
 # job's credential, attestation and events (and the credentials table, created above).
 ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
-                ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT")),
+                ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
+                ("drain", "INTEGER NOT NULL DEFAULT 0")),
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
              ("cancel_grace", "REAL"), ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
 }
@@ -323,6 +326,15 @@ class Store:
         """Revoke a worker: offline for good; False if there is no such worker."""
         return self._worker_write("UPDATE workers SET revoked_at = COALESCE(revoked_at, ?), online = 0 WHERE id = ?",
                                   (now, worker_id)) == 1
+
+    def evict_worker(self, worker_id, now, drain):
+        """No new jobs for this worker, for good; False if there is no such worker."""
+        return self._worker_write("UPDATE workers SET evicted_at = COALESCE(evicted_at, ?), drain = ? WHERE id = ?",
+                                  (now, int(drain), worker_id)) == 1
+
+    def held_jobs(self, worker_id):
+        return self._all("SELECT id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
+                         " FROM jobs WHERE worker_id = ? AND state IN ('assigned', 'running')", (worker_id,))
 
     def worker(self, worker_id):
         return self._one("SELECT * FROM workers WHERE id = ?", (worker_id,))

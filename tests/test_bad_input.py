@@ -633,6 +633,16 @@ POND_ADMIN_CASES = [
     Case("revoke every orchestrator", "DELETE", "/v1/admin/pool/orchestrators", auth="admin", status=405,
          code="method_not_allowed"),
     Case("POST on a worker", "POST", REVOKE_WORKER, {}, auth="admin", status=405, code="method_not_allowed"),
+    # eviction (unknown ids only, as for revocation)
+    *admin_auth_cases("POST", REVOKE_WORKER + "/evict", {}),
+    *body_shape_cases("POST", REVOKE_WORKER + "/evict", "admin", {}),
+    admin_post("evict with drain a string", REVOKE_WORKER + "/evict", {"drain": "yes"}, says="drain"),
+    admin_post("evict with drain null", REVOKE_WORKER + "/evict", {"drain": None}, says="drain"),
+    admin_post("evict with an unknown field", REVOKE_WORKER + "/evict", {"now": True}, says="now"),
+    admin_post("evict an unknown worker", REVOKE_WORKER + "/evict", {}, status=404, code="not_found"),
+    admin_post("evict a worker id with a dot", "/v1/admin/pool/workers/w.1/evict", {}, status=404,
+               code="not_found"),
+    Case("GET on evict", "GET", REVOKE_WORKER + "/evict", auth="admin", status=405, code="method_not_allowed"),
     # listings
     *admin_auth_cases("GET", "/v1/admin/pool/orchestrators"),
     *admin_auth_cases("GET", "/v1/admin/pool/workers"),
@@ -981,6 +991,15 @@ POND_ORCH_CASES = [
     orch_post("a good job, then a bad one", HEARTBEAT, {"jobs": heartbeat_of()["jobs"] + [{"job_id": 1}]},
               says="jobs[1]"),
     Case("GET on heartbeat", "GET", HEARTBEAT, auth="orch", status=405, code="method_not_allowed"),
+    # eviction asked by the orchestrator (swarm.py evict): only for a worker of its own binding
+    *orch_auth_cases("POST", "/v1/orch/workers/w_unknown/evict", {}),
+    *body_shape_cases("POST", "/v1/orch/workers/w_unknown/evict", "orch", {}),
+    orch_post("evict with drain a number", "/v1/orch/workers/w_unknown/evict", {"drain": 1}, says="drain"),
+    orch_post("evict an unknown worker", "/v1/orch/workers/w_unknown/evict", {}, status=404, code="not_found"),
+    orch_post("evict a worker of another binding", "/v1/orch/workers/<worker>/evict", {}, auth="orch_b",
+              status=404, code="not_found"),
+    Case("GET on an orchestrator's evict", "GET", "/v1/orch/workers/w_unknown/evict", auth="orch", status=405,
+         code="method_not_allowed"),
     # snapshots
     *orch_auth_cases("POST", SNAPSHOT, snapshot_of()),
     *body_shape_cases("POST", SNAPSHOT, "orch", snapshot_of()),
@@ -1567,6 +1586,14 @@ ORCH_OPERATOR_CASES = [
     Case("GET on cancel", "GET", "/v1/pool/jobs/<x>/cancel", auth="operator", status=405,
          code="method_not_allowed"),
     Case("an unknown pool path", "GET", "/v1/pool/secrets", auth="operator", status=404, code="not_found"),
+    *operator_auth_cases("POST", "/v1/pool/workers/w_unknown/evict", {}),
+    *body_shape_cases("POST", "/v1/pool/workers/w_unknown/evict", "operator", {}),
+    Case("evict with drain a string", "POST", "/v1/pool/workers/w_unknown/evict", {"drain": "no"}, auth="operator",
+         status=400, code="bad_request"),
+    Case("evict a worker the pool does not have", "POST", "/v1/pool/workers/w_unknown/evict", {}, auth="operator",
+         status=404, code="not_found"),
+    Case("GET on evict", "GET", "/v1/pool/workers/w_unknown/evict", auth="operator", status=405,
+         code="method_not_allowed"),
 ]
 
 ORCH_CATALOGUE = ORCH_PROTOCOL_CASES + ORCH_WORKER_CASES + ORCH_OPERATOR_CASES

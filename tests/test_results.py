@@ -87,7 +87,7 @@ class Liar:
         status, body = self.call("POST", "/v1/orch/workers/snapshot",
                                  {"workers": [{"id": self.worker, "fingerprint": self.fingerprint, "slots": 4,
                                                "online": True}]})
-        assert status == 200 and body == {"unknown": [], "refused": [], "revoked": []}, body
+        assert status == 200 and body == {"unknown": [], "refused": [], "revoked": [], "evicted": []}, body
 
     def call(self, method, path, body=None, headers=None):
         return self.pond.api(method, path, body, token=self.token, headers=headers)
