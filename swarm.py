@@ -62,6 +62,7 @@ import sys
 import threading
 import time
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1321,18 +1322,32 @@ CREATE TABLE IF NOT EXISTS workers (
 )"""
 # Workers pond revoked: their tokens are refused with "revoked" from then on.
 REVOKED_SCHEMA = "CREATE TABLE IF NOT EXISTS revoked (id TEXT PRIMARY KEY, revoked_at REAL NOT NULL)"
+# What must survive a restart of the orchestrator (kill -9 included): the messages pond has not
+# acknowledged yet, in order, and the assignments it holds for its workers until their final report.
+OUTBOX_SCHEMA = "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, msg TEXT NOT NULL)"
+HELD_SCHEMA = ("CREATE TABLE IF NOT EXISTS held (job_id TEXT PRIMARY KEY, worker_id TEXT NOT NULL,"
+               " assignment TEXT NOT NULL)")
 
 
 class Registry:
-    """Enrolled workers, kept across restarts so a worker never has to enroll twice."""
+    """Enrolled workers, kept across restarts so a worker never has to enroll twice; and the
+    outbox and held assignments, so that a restart loses nothing pond has not acknowledged.
+
+    The outbox holds job output until pond has it: the file is 0600 (SQLite gives its -wal and
+    -shm the same mode), and secure_delete zeroes what pond acknowledged instead of leaving it
+    in free pages.
+    """
 
     def __init__(self, path):
         self._lock = threading.Lock()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)            # a swarm.db from before outboxes may be 0644
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(REGISTRY_SCHEMA)
-        self._db.execute(REVOKED_SCHEMA)
+        self._db.execute("PRAGMA secure_delete=ON")
+        for schema in (REGISTRY_SCHEMA, REVOKED_SCHEMA, OUTBOX_SCHEMA, HELD_SCHEMA):
+            self._db.execute(schema)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(workers)").fetchall()}
         if "fingerprint" not in columns:       # a swarm.db from before pinned keys
             self._db.execute("ALTER TABLE workers ADD COLUMN fingerprint TEXT")
@@ -1364,6 +1379,56 @@ class Registry:
         """worker id -> why its token is refused: "revoked" or "evicted"."""
         with self._lock:
             return {r[0]: r[1] or "revoked" for r in self._db.execute("SELECT id, reason FROM revoked").fetchall()}
+
+    # -- the outbox and held assignments (one row write per change: WAL, no fsync) -----------
+
+    @contextmanager
+    def _transaction(self):
+        """One commit for several writes: each commit is a WAL append, the cost that counts here."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def outbox_add(self, msg, release=None, replaced=None):
+        """Queue a message for pond; in the same commit, drop the hold of a job whose final report
+        this is and the unsent `running` report it makes moot. -> the message's seq."""
+        with self._transaction() as db:
+            seq = db.execute("INSERT INTO outbox (msg) VALUES (?)", (json.dumps(msg),)).lastrowid
+            if release is not None:
+                db.execute("DELETE FROM held WHERE job_id = ?", (release,))
+            if replaced is not None:
+                db.execute("DELETE FROM outbox WHERE seq = ?", (replaced,))
+            return seq
+
+    def outbox_remove(self, seq):
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def outbox_all(self):
+        with self._lock:
+            rows = self._db.execute("SELECT seq, msg FROM outbox ORDER BY seq").fetchall()
+        return [dict(json.loads(msg), seq=seq) for seq, msg in rows]
+
+    def hold(self, jobs):
+        if not jobs:
+            return
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO held (job_id, worker_id, assignment) VALUES (?, ?, ?)",
+                           [(j["job_id"], j["worker"], json.dumps(j)) for j in jobs])
+
+    def release(self, job_id):
+        with self._lock:
+            self._db.execute("DELETE FROM held WHERE job_id = ?", (job_id,))
+
+    def held_assignments(self):
+        with self._lock:
+            rows = self._db.execute("SELECT assignment FROM held").fetchall()
+        return [json.loads(assignment) for (assignment,) in rows]
 
     def update(self, w):
         with self._lock:
@@ -1458,6 +1523,31 @@ class Outbox:
             return [m for m in self._items if m["kind"] == "state" and m["body"]["state"] in TERMINAL_STATES]
 
 
+class DurableOutbox(Outbox):
+    """The orchestrator's outbox, kept in swarm.db: a report is on disk before the worker hears
+    "accepted", and leaves it only once pond has answered. After a restart (kill -9 included)
+    what was left is sent again, in order; pond stores a repeat once (§5: duplicates are harmless)."""
+
+    def __init__(self, registry):
+        super().__init__()
+        self.registry = registry
+        for msg in registry.outbox_all():
+            super().put(msg)
+
+    def put(self, msg, release=None):
+        replaced = None
+        if msg["kind"] == "state" and msg["body"]["state"] in TERMINAL_STATES:
+            with self._cond:
+                replaced = self._running.get(msg["job_id"])  # the unsent `running` the final makes moot
+        msg["seq"] = self.registry.outbox_add({k: v for k, v in msg.items() if k != "seq"}, release,
+                                              replaced and replaced["seq"])
+        super().put(msg)
+
+    def pop(self, msg):
+        super().pop(msg)
+        self.registry.outbox_remove(msg["seq"])
+
+
 class Pool:
     """The orchestrator's state: sessions by worker id, and what must go to pond."""
 
@@ -1466,7 +1556,15 @@ class Pool:
         self.registry, self.pond, self.claim_wait = registry, pond, claim_wait
         self.sessions = {row["id"]: Session(row, self.lock) for row in registry.all()}
         self.revoked = registry.revoked()      # worker id -> "revoked" or "evicted": its token is refused
-        self.outbox = Outbox()
+        self.outbox = DurableOutbox(registry)
+        # What this pool held when it stopped: hand it over again. A worker that has the job
+        # already, running or just finished, ignores it (Slots.add); one that never got it runs it.
+        for job in registry.held_assignments():
+            session = self.sessions.get(job["worker"])
+            if session is None:
+                registry.release(job["job_id"])
+            else:
+                session.queue.append(job)
         self.snapshot_due = threading.Event()
         self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
         self.pond_ok = False
@@ -1543,6 +1641,8 @@ class Pool:
                 return
             session.evicting = True
             if not drain:      # pond has queued these again: drop the waiting ones, stop the running ones
+                for job in session.queue:
+                    self.registry.release(job["job_id"])
                 session.queue.clear()
                 session.cancels += [{"job_id": j["job_id"], "attempt": j["attempt"]} for j in session.jobs.values()]
                 session.cond.notify_all()
@@ -1645,6 +1745,8 @@ class Pool:
 
     def deliver(self, jobs, cancels):
         """Hand a poll answer to the workers: assignments to their queues, cancels to whoever holds the job."""
+        # On disk before any worker can claim them (outside the lock: claims need not wait on a commit).
+        self.registry.hold([j for j in jobs if j.get("worker") in self.sessions])
         with self.lock:
             for job in jobs:
                 session = self.sessions.get(job.get("worker"))
@@ -1664,7 +1766,7 @@ class Pool:
                 if job["job_id"] == job_id:           # never reached the worker: end it here
                     session.queue.remove(job)
                     self._report(job, {"attempt": job["attempt"], "state": "cancelled",
-                                       "error": f"cancelled by {by} before it started"})
+                                       "error": f"cancelled by {by} before it started"}, release=job_id)
                     return True
             if job_id in session.jobs:
                 session.cancels.append({"job_id": job_id, "attempt": session.jobs[job_id]["attempt"]})
@@ -1700,7 +1802,8 @@ class Pool:
                 session.jobs.pop(job_id, None)
                 self.recent.append({"job_id": job_id, "worker": session.id, "state": body["state"],
                                     "exit_code": body.get("exit_code"), "finished_at": time.time()})
-        self._report(job, body)
+        # The report is on disk in the commit that releases the hold: never neither, never both.
+        self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
         self._evicted_once_empty(session)
         return {"accepted": True}
 
@@ -1732,8 +1835,9 @@ class Pool:
             raise HttpError(503, "pond_unreachable", "the orchestrator cannot reach pond to seal the credential",
                             "retry when pond is back") from e
 
-    def _report(self, job, body):
-        self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"], "body": body})
+    def _report(self, job, body, release=None):
+        self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"], "body": body},
+                        release)
 
     # -- leases ------------------------------------------------------------------
 
@@ -2407,6 +2511,7 @@ class Slots:
         self.queue = collections.deque()
         self.cond = threading.Condition()
         self.cancels = {}
+        self.finished = collections.OrderedDict()   # job ids this worker ran lately (the newest 4096)
         self.stopping = False
         self.threads = [threading.Thread(target=self._run, args=(s.state_dir / "jobs" / f"slot-{i}",),
                                          name=f"slot-{i}", daemon=True) for i in range(s.concurrency)]
@@ -2415,6 +2520,8 @@ class Slots:
 
     def add(self, job):
         with self.cond:
+            if job["job_id"] in self.cancels or job["job_id"] in self.finished:
+                return       # handed over again by an orchestrator that restarted: run it once
             self.cancels[job["job_id"]] = threading.Event()
             self.queue.append(job)
             self.cond.notify()
@@ -2437,7 +2544,11 @@ class Slots:
                 log.exception("job %s", job["job_id"])
                 self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
             finally:
-                self.cancels.pop(job["job_id"], None)
+                with self.cond:
+                    self.finished[job["job_id"]] = True
+                    if len(self.finished) > 4096:
+                        self.finished.popitem(last=False)
+                    self.cancels.pop(job["job_id"], None)
 
     def stop(self, cancel_running):
         with self.cond:

@@ -12,6 +12,7 @@ and returned decoded; rows come back as plain dicts.
 """
 
 import json
+import os
 import sqlite3
 import threading
 from contextlib import contextmanager
@@ -171,6 +172,10 @@ class Store:
             if version != SCHEMA_VERSION:
                 raise RuntimeError(f"{path} has schema {version}, not {SCHEMA_VERSION}: start this pond on it once")
             return
+        # Job output (a secret a job printed, say) lives here: 0600, and SQLite gives the -wal
+        # and -shm files the database's mode.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.row_factory = _row
         self._db.execute("PRAGMA journal_mode=WAL")

