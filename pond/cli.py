@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from pond import __version__
@@ -19,6 +20,7 @@ from pond.errors import PondError
 from pond.settings import DB_FILE, DEFAULT_STATE_DIR, client_settings, read_private, server_settings
 
 EXIT_CANCELLED = 130
+RETRY_FOR = 10.0        # s the CLI waits for a pond that is down or busy before it gives up (exit 3)
 TERMINAL = ("done", "failed", "cancelled")
 
 EXAMPLES = """examples:
@@ -34,7 +36,8 @@ EXAMPLES = """examples:
 def _client(args):
     token = read_private(args.token_file) if args.token_file else None
     s = client_settings(args.pond, args.state_dir, token, os.environ, ca_file=args.ca_file)
-    return Client(s.url, s.token, s.timeout, s.ca_file)
+    retry_for = args.retry_for if args.retry_for is not None else float(os.environ.get("POND_RETRY_FOR", RETRY_FOR))
+    return Client(s.url, s.token, s.timeout, s.ca_file, retry_for=retry_for)
 
 
 def _print_json(data):
@@ -96,8 +99,9 @@ def cmd_submit(args):
         body["credential"] = args.credential
     if args.cancel_grace is not None:
         body["cancel_grace"] = args.cancel_grace
-    job = client.post("/v1/jobs", body, headers={"Idempotency-Key": args.idempotency_key}
-                      if args.idempotency_key else None)
+    # Always a key: a submit retried after a lost answer then gives back the same job, never two.
+    key = args.idempotency_key or f"pond-cli-{uuid.uuid4().hex}"
+    job = client.post("/v1/jobs", body, headers={"Idempotency-Key": key})
     if not args.wait:
         _print_json(job) if args.json else print(job["id"])
         return 0
@@ -384,6 +388,8 @@ def _common(suppress):
     c.add_argument("--ca-file", metavar="FILE", default=default,
                    help="CA certificate (PEM) to verify an https:// pond with (default: $POND_CA_FILE, "
                         "else the system trust store)")
+    c.add_argument("--retry-for", type=float, metavar="S", default=default,
+                   help=f"seconds to wait for a pond that is down or busy (default: $POND_RETRY_FOR or {RETRY_FOR:g})")
     c.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
                    help="print JSON instead of a table")
     return c

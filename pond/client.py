@@ -2,20 +2,28 @@
 
 One http.client connection per thread, reused across calls (urllib opens a new TCP
 connection per request). A stale kept-alive connection that the server closed is
-retried once; nothing else is retried here.
+retried once at once. With `retry_for`, a pond that is down or overloaded is waited for,
+with capped exponential backoff and full jitter, saying what it waits for: a refused
+connection or a 502/503 never reached pond's handlers, so any request may be sent again;
+a request cut off on the way is sent again only when that is safe (a GET, or a submit with
+an Idempotency-Key).
 """
 
 import http.client
 import json
+import random
 import socket
 import ssl
+import sys
 import threading
+import time
 from urllib.parse import urlencode, urlsplit
 
 from pond.errors import PondError
 
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
+BACKOFF_START, BACKOFF_MAX = 0.2, 5.0      # s, doubling, full jitter
 
 
 class ClientError(PondError):
@@ -28,7 +36,7 @@ class ClientError(PondError):
 
 
 class Client:
-    def __init__(self, url, token=None, timeout=30.0, ca_file=None):
+    def __init__(self, url, token=None, timeout=30.0, ca_file=None, retry_for=0.0):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"pond URL {url!r} is not http(s)://HOST:PORT",
@@ -42,6 +50,7 @@ class Client:
             self._tls = client_context(ca_file)
         self.token = token
         self.timeout = timeout
+        self.retry_for = retry_for
         self._local = threading.local()
 
     def _conn(self, timeout):
@@ -64,6 +73,30 @@ class Client:
             self._local.conn = None
 
     def request(self, method, path, body=None, query=None, timeout=None, headers=None):
+        deadline, delay = time.monotonic() + self.retry_for, BACKOFF_START
+        safe = method == "GET" or "Idempotency-Key" in (headers or {})
+        while True:
+            try:
+                return self._request(method, path, body, query, timeout, headers)
+            except ClientError as e:
+                wait = random.uniform(0, delay)
+                if not self._retryable(e, safe) or time.monotonic() + wait > deadline:
+                    raise
+                print(f"waiting for pond at {self.url} ({e.message.rpartition(': ')[2] or e.code}); "
+                      f"retrying in {wait:.1f} s", file=sys.stderr, flush=True)
+                time.sleep(wait)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    @staticmethod
+    def _retryable(e, safe):
+        if e.status in (502, 503):
+            return True
+        cause = e.__cause__ or e.__context__
+        if e.code != "unreachable" or isinstance(cause, ssl.SSLError):
+            return False          # a certificate does not get better by waiting
+        return isinstance(cause, ConnectionRefusedError) or safe
+
+    def _request(self, method, path, body, query, timeout, headers):
         if query:
             path += "?" + urlencode({k: v for k, v in query.items() if v is not None})
         payload = None if body is None else json.dumps(body).encode()
@@ -82,10 +115,10 @@ class Client:
                 self.close()
                 if reused and attempt == 1:
                     continue
-                raise self._unreachable(e) from None
+                raise self._unreachable(e) from e
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                raise self._unreachable(e) from None
+                raise self._unreachable(e) from e
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
         return self._decode(resp.status, raw, method, path)

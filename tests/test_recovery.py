@@ -80,3 +80,42 @@ def test_a_job_submitted_while_the_orchestrator_is_down_runs_when_it_is_back(poo
     assert pond.job(job["id"])["state"] == "queued"
     pool.orchestrator(pond, state=orch.state_dir, port=port)
     assert pond.wait_job(job["id"], timeout=40)["state"] == "done"
+
+
+def test_the_pond_cli_waits_for_a_pond_that_is_not_up_yet_and_submits_once(pool, tmp_path):
+    import subprocess
+    from conftest import env_for_children
+    state = tmp_path / "late-pond"
+    state.mkdir()
+    (state / "admin-token").write_text("pond_admin_late\n")
+    (state / "admin-token").chmod(0o600)
+    port = free_port()
+    log = tmp_path / "cli.log"
+    with open(log, "w") as err:
+        cli = subprocess.Popen([sys.executable, "-m", "pond", "--pond", f"http://127.0.0.1:{port}",
+                                "--token-file", str(state / "admin-token"), "--retry-for", "60",
+                                "submit", "--", "true"], stdout=subprocess.PIPE, stderr=err, text=True,
+                               env=env_for_children())
+        try:
+            wait_for(lambda: "waiting for pond" in log.read_text(), 20, what="the CLI to say what it waits for")
+            pond = pool.pond(state=state, port=port)
+            out, _ = cli.communicate(timeout=60)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.wait(5)
+    assert cli.returncode == 0, log.read_text()
+    assert "connection refused" in log.read_text().lower() or "refused" in log.read_text()
+    assert pond.client.get("/v1/jobs")["counts"] == {"queued": 1}
+    assert pond.job(out.strip())["state"] == "queued"
+
+
+def test_the_pond_cli_gives_up_after_retry_for(tmp_path):
+    token = tmp_path / "t"
+    token.write_text("x")
+    token.chmod(0o600)
+    started = time.monotonic()
+    done = run([sys.executable, "-m", "pond", "--pond", f"http://127.0.0.1:{free_port()}", "--token-file",
+                str(token), "--retry-for", "1", "jobs"])
+    assert done.returncode == 3 and "cannot reach pond" in done.stderr and "hint:" in done.stderr
+    assert "waiting for pond" in done.stderr and time.monotonic() - started < 10

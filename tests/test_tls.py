@@ -97,7 +97,7 @@ def test_a_client_without_the_ca_file_is_refused_with_a_hint(pool, certs):
                   "--token-file", str(orch.token_file)])
     assert status.returncode == 3, status.stderr
     assert "cannot reach the orchestrator" in status.stderr and "--ca-file" in status.stderr
-    plain = run([sys.executable, "-m", "pond", "--state-dir", str(pond.state_dir),
+    plain = run([sys.executable, "-m", "pond", "--state-dir", str(pond.state_dir), "--retry-for", "0",
                  "--pond", pond.url.replace("https://", "http://"), "jobs"])
     assert plain.returncode == 3, plain.stderr        # no silent fallback: plain HTTP to a TLS port fails
     assert pond.proc.alive() and orch.alive()
