@@ -87,6 +87,7 @@ HEARTBEAT_MAX = 15.0                  # s between heartbeats at most; pond's lea
 LIVENESS_CHECK = 2.0                  # s between checks that a held claim's worker is still connected
 CHUNK_INTERVAL = 0.25                 # s a job's output may wait before it is sent
 CHUNK_BYTES = 64 * 1024               # bytes of output per chunk
+LOG_CAP = 4 * 1024 * 1024             # bytes of a job's output kept, unless its assignment says (as pond)
 CANCEL_GRACE = 10.0                   # s between SIGTERM and SIGKILL
 ORPHAN_DRAIN = 0.5                    # s to read pipes still held open after the job's process exited
 MAX_BODY = 4 * 1024 * 1024            # bytes in one request to the orchestrator
@@ -537,13 +538,13 @@ def sha256_digest(data):
 
 
 def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, state, exit_code, error,
-                     started_at, finished_at, stdout, stderr):
+                     started_at, finished_at, stdout, stderr, dropped=None):
     """The in-toto Statement v1 a worker signs for one attempt's result (specs/attestation.md §3).
 
-    stdout and stderr are the whole output as bytes, or their sha256 objects (hashlib) when
-    the worker hashed them as they streamed; the statement carries only their digests. The
-    outcome (state, exit code, error) is signed too, so no relay can turn a failure into a
-    success or the other way round.
+    stdout and stderr are the output as delivered (past the log cap: its head and tail), as
+    bytes or as sha256 objects (hashlib) fed as it streamed; the statement carries only their
+    digests, and `dropped` how many bytes of each stream the cap left out. The outcome (state,
+    exit code, error) is signed too, so no relay can turn a failure into a success or back.
     """
     return {
         "_type": STATEMENT_TYPE,
@@ -553,7 +554,8 @@ def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, s
         "predicate": {"job_id": job_id, "attempt": attempt, "worker_fingerprint": worker_fingerprint,
                       "state": state, "exit_code": exit_code, "error": error,
                       "started_at": started_at, "finished_at": finished_at,
-                      "command_digest": sha256_digest(canonical_json(list(command))), "sandbox": sandbox},
+                      "command_digest": sha256_digest(canonical_json(list(command))), "sandbox": sandbox,
+                      "dropped": dict(dropped or {"stdout": 0, "stderr": 0})},
     }
 
 
@@ -1030,6 +1032,11 @@ def check_state_report(body):
             raise HttpError(400, "bad_request", f"chunks must be a list of at most {MAX_CHUNKS_PER_REPORT}")
         for i, c in enumerate(chunks):
             check_chunk(obj(c, f"chunks[{i}]", ("stream", "seq", "data"), ("stream", "seq", "data")), f"chunks[{i}]")
+    dropped = body.get("dropped")
+    if dropped is not None and (not isinstance(dropped, dict) or set(dropped) - {"stdout", "stderr"}
+                                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 53
+                                           for v in dropped.values())):
+        raise HttpError(400, "bad_request", "dropped must be {stdout: bytes, stderr: bytes}, whole numbers")
     envelope = body.get("attestation")
     if envelope is not None and (not isinstance(envelope, dict) or len(json.dumps(envelope)) > MAX_ENVELOPE):
         raise HttpError(400, "bad_request", f"attestation must be a DSSE envelope of at most {MAX_ENVELOPE} bytes",
@@ -1792,8 +1799,8 @@ class Pool:
 
     def report_state(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
-        body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks", "attestation"),
-                   ("attempt", "state"))
+        body = obj(body, "state report",
+                   ("attempt", "state", "exit_code", "error", "chunks", "attestation", "dropped"), ("attempt", "state"))
         check_state_report(body)
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
@@ -2266,6 +2273,12 @@ class Output:
     The `running` report goes out with the first flush, CHUNK_INTERVAL after the start or
     as soon as a chunk is full: a job shorter than that costs its orchestrator and pond
     one report, the final one, instead of two.
+
+    The log cap (the assignment's `log_cap`, 4 MiB by default) bounds what is kept of a job:
+    each stream keeps its first quarter of the cap, sent as it comes, and its last quarter,
+    held here in a ring and sent with the final report; what falls between is counted in
+    `dropped`. The hashes cover exactly what is delivered, so the signature still verifies
+    against what pond stores.
     """
 
     def __init__(self, job, reporter):
@@ -2273,14 +2286,29 @@ class Output:
         self.buf = {"stdout": bytearray(), "stderr": bytearray()}
         self.seq = {"stdout": 0, "stderr": 0}
         self.hashes = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}     # what the result signs
+        quarter = (job.get("log_cap") or LOG_CAP) // 4
+        self.head_left = {"stdout": quarter, "stderr": quarter}
+        self.tail_size = quarter
+        self.ring = {"stdout": bytearray(), "stderr": bytearray()}
+        self.dropped = {"stdout": 0, "stderr": 0}
         self.flushed_at = time.monotonic()
         self.announced = False
 
     def add(self, stream, data):
-        self.hashes[stream].update(data)
-        self.buf[stream] += data
-        if len(self.buf[stream]) >= CHUNK_BYTES:
-            self.flush()
+        head = data[:self.head_left[stream]]
+        if head:
+            self.head_left[stream] -= len(head)
+            self.hashes[stream].update(head)
+            self.buf[stream] += head
+            if len(self.buf[stream]) >= CHUNK_BYTES:
+                self.flush()
+        rest = data[len(head):]
+        if rest:
+            ring = self.ring[stream]
+            ring += rest
+            if len(ring) > self.tail_size:
+                self.dropped[stream] += len(ring) - self.tail_size
+                del ring[:len(ring) - self.tail_size]
 
     def _pieces(self):
         for stream, buf in self.buf.items():
@@ -2299,7 +2327,11 @@ class Output:
         self.flushed_at = time.monotonic()
 
     def tail(self):
-        """What is left, as chunks to ride on the final state report."""
+        """What is left, the tail kept past the cap included, as chunks to ride on the final report."""
+        for stream, ring in self.ring.items():
+            self.hashes[stream].update(ring)
+            self.buf[stream] += ring
+            ring.clear()
         return [{"stream": stream, "seq": seq, "data": b64(piece)} for stream, seq, piece in self._pieces()]
 
 
@@ -2413,13 +2445,16 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
         fields["error"] = error
     if output is not None:
         fields["chunks"] = output.tail()
+        if any(output.dropped.values()):
+            fields["dropped"] = dict(output.dropped)
     if signer is not None:
         hashes = output.hashes if output is not None else {"stdout": b"", "stderr": b""}
         now = time.time()
         statement = result_statement(
             job_id=job["job_id"], attempt=job["attempt"], command=job["command"], sandbox=job.get("sandbox"),
             worker_fingerprint=signer.fingerprint, state=state, exit_code=exit_code, error=error or None,
-            started_at=started_at or now, finished_at=now, stdout=hashes["stdout"], stderr=hashes["stderr"])
+            started_at=started_at or now, finished_at=now, stdout=hashes["stdout"], stderr=hashes["stderr"],
+            dropped=output.dropped if output is not None else None)
         fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
     reporter.state(job, state, **fields)
 

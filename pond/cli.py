@@ -71,7 +71,7 @@ def cmd_serve(args):
                                args.poll_hold, args.access_log, args.request_timeout,
                                args.tls_cert, args.tls_key, args.insecure_no_tls,
                                args.credential_key_file, args.allow_unsigned_results, args.lease,
-                               args.max_attempts)
+                               args.max_attempts, args.log_cap)
     return serve(settings)
 
 
@@ -168,7 +168,7 @@ def cmd_job(args):
     if args.json:
         return _print_json(job)
     for key in ("id", "name", "state", "exit_code", "error", "worker", "orchestrator", "attempt", "credential",
-                "attested"):
+                "attested", "dropped"):
         if job.get(key) not in (None, ""):
             print(f"{key + ':':14}{job[key]}")
     print(f"{'command:':14}{' '.join(job['command'])}")
@@ -230,6 +230,14 @@ def cmd_logs(args):
             break
         after = page["next"]
     sys.stdout.flush()
+    _say_dropped(client.get(f"/v1/jobs/{args.id}"))
+
+
+def _say_dropped(job):
+    for stream, n in (job.get("dropped") or {}).items():
+        if n:
+            print(f"[{stream}: {n} bytes past the log cap were dropped between its head and its tail]",
+                  file=sys.stderr)
 
 
 def cmd_cancel(args):
@@ -422,6 +430,8 @@ def build_parser():
                         "credential; their results are recorded unsigned")
     s.add_argument("--lease", type=float, metavar="S",
                    help="seconds an attempt lives without a heartbeat before its job is requeued (default 60)")
+    s.add_argument("--log-cap", type=int, metavar="BYTES",
+                   help="output kept per job unless it says: the head and tail of each stream (default 4 MiB)")
     s.add_argument("--max-attempts", type=int, metavar="N",
                    help="attempts of a job whose leases run out before it fails (default 3)")
     s.set_defaults(fn=cmd_serve)

@@ -129,6 +129,7 @@ def _assign(pond, job, worker, binding_id):
         "timeout": job["timeout"],
         "credential": job["credential"],     # the intent only: the worker asks for it sealed (seal())
         "cancel_grace": job["cancel_grace"],
+        "log_cap": job["log_cap"],
     }
 
 
@@ -205,7 +206,7 @@ def report_state(pond, req):
     """POST /v1/orch/jobs/{id}/state: running, or a final state with exit code, trailing output and attestation."""
     job, attempt = _reported_job(pond, req)
     body = wire.obj(req.body, "state report",
-                    ("attempt", "state", "exit_code", "error", "chunks", "attestation"), ("attempt", "state"))
+                    ("attempt", "state", "exit_code", "error", "chunks", "attestation", "dropped"), ("attempt", "state"))
     if not isinstance(body["state"], str) or body["state"] not in {s.value for s in REPORT_STATES}:
         raise BadRequest(f"state {str(body['state'])[:40]!r} cannot be reported",
                          "one of: " + ", ".join(s.value for s in REPORT_STATES))
@@ -215,6 +216,7 @@ def report_state(pond, req):
     _check_outcome(to_state, exit_code, error)
     chunks = wire.chunks(body.get("chunks"))
     envelope = _envelope(body.get("attestation"))
+    dropped = _dropped(body.get("dropped"))
     if job["state"] == to_state.value:
         return 200, {"job": job["id"], "state": job["state"], "duplicate": True}
     if to_state not in TRANSITIONS[JobState(job["state"])]:
@@ -224,7 +226,7 @@ def report_state(pond, req):
             pond.store.add_chunks(job["id"], attempt, chunks)
         transition(pond.store, job, to_state, started_at=pond.now())
     else:
-        _finish(pond, job, attempt, to_state, exit_code, error, chunks, envelope)
+        _finish(pond, job, attempt, to_state, exit_code, error, chunks, envelope, dropped)
         pond.work.notify()        # a slot is free
     pond.logs.notify()
     return 200, {"job": job["id"], "state": to_state.value}
@@ -240,7 +242,18 @@ def _envelope(value):
     return value
 
 
-def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope):
+def _dropped(value):
+    """{stdout, stderr}: bytes the worker's log cap left out of each stream (zeros when absent)."""
+    out = {"stdout": 0, "stderr": 0}
+    if value is None:
+        return out
+    value = wire.obj(value, "dropped", tuple(out))
+    for stream, n in value.items():
+        out[stream] = wire.number(n, f"dropped.{stream}", 0, 2 ** 53, integer=True)
+    return out
+
+
+def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope, dropped):
     """Record a final report, in one transaction with its trailing output, once its result is verified.
 
     A refused result changes nothing: its output is not stored, the job keeps its state,
@@ -251,9 +264,10 @@ def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope):
         with pond.store.transaction():
             if chunks:
                 pond.store.add_chunks(job["id"], attempt, chunks)
-            signed = _verify_result(pond, job, attempt, worker, (state.value, exit_code, error), envelope)
+            signed = _verify_result(pond, job, attempt, worker, (state.value, exit_code, error), envelope, dropped)
             transition(pond.store, job, state, started_at=job["started_at"] or pond.now(), finished_at=pond.now(),
-                       exit_code=exit_code, error=error, attestation=wire.canonical(envelope) if signed else None)
+                       exit_code=exit_code, error=error, attestation=wire.canonical(envelope) if signed else None,
+                       dropped=wire.canonical(dropped) if any(dropped.values()) else None)
     except Forbidden as e:
         if e.code == "attestation_failed":
             _result_refused(pond, job, attempt, worker, e.detail)
@@ -267,7 +281,7 @@ def _worker(pond, job):
     return pond.store.worker(job["worker_id"]) or {"id": job["worker_id"], "fingerprint": None}
 
 
-def _verify_result(pond, job, attempt, worker, outcome, envelope):
+def _verify_result(pond, job, attempt, worker, outcome, envelope, dropped):
     """True: the report's attestation verifies against the worker's pinned key, for this job,
     attempt, output and outcome. False: it may be recorded unsigned. Refused otherwise.
 
@@ -290,8 +304,11 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope):
         raise attestation.refused("the result of a pinned worker carries no attestation")
     statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)
     output = pond.store.output(job["id"], attempt)
-    attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
-                                output["stderr"], command=pond.store.job_command(job["id"]), outcome=outcome)
+    predicate = attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
+                                            output["stderr"], command=pond.store.job_command(job["id"]),
+                                            outcome=outcome)
+    if predicate.get("dropped", {"stdout": 0, "stderr": 0}) != dropped:
+        raise attestation.refused("the reported dropped bytes are not the signed ones")
     return True
 
 

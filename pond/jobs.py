@@ -15,6 +15,7 @@ from enum import Enum
 
 from pond import credentials, matching, tokens, wire
 from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound
+from pond.settings import MAX_LOG_CAP, MIN_LOG_CAP
 
 
 class JobState(str, Enum):
@@ -45,7 +46,7 @@ TIER_TAGS = {"trusted": ["pool:trusted"], "byo": ["pool:byo"], "any": []}
 DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
-                 "cancel_grace")
+                 "cancel_grace", "log_cap")
 DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeout
 
 
@@ -98,7 +99,7 @@ def parse_sandbox(value, tenant):
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
-                     "cancel_grace")
+                     "cancel_grace", "log_cap")
 
 
 def submit(pond, req):
@@ -131,6 +132,8 @@ def submit(pond, req):
         "created_at": pond.now(),
         "credential": _credential(pond, body.get("credential")),
         "cancel_grace": wire.number(body.get("cancel_grace"), "cancel_grace", 0, 3600, default=DEFAULT_CANCEL_GRACE),
+        "log_cap": wire.number(body.get("log_cap"), "log_cap", MIN_LOG_CAP, MAX_LOG_CAP, integer=True,
+                               default=pond.settings.log_cap),
     }
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
@@ -143,7 +146,8 @@ def submit(pond, req):
         return 200, view(pond, earlier)
     pond.work.notify(new_job=True)
     row = dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
-               worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[])
+               worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
+               dropped=None)
     return 201, view(pond, row, explain=False)    # as stored, without reading it back; `pond job ID` explains
 
 
@@ -230,7 +234,7 @@ def view(pond, row, explain=True):
     """A job row as the API shows it; a queued job says why it waits."""
     out = {k: row[k] for k in ("id", "name", "state", "command", "env", "tags", "capabilities", "sandbox",
                                "timeout", "attempt", "exit_code", "error", "created_at", "assigned_at",
-                               "started_at", "finished_at", "credential", "cancel_grace")}
+                               "started_at", "finished_at", "credential", "cancel_grace", "log_cap", "dropped")}
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
     out["cancel_requested"] = bool(row["cancel_requested"])

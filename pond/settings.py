@@ -27,6 +27,8 @@ MAX_CODE_TTL = 7 * 24 * 3600
 WORKER_OFFLINE_AFTER = 60.0              # s without a snapshot that lists a worker online
 LEASE = 60.0                             # s an attempt lives without a heartbeat from its orchestrator
 MAX_ATTEMPTS = 3                         # attempts of a job whose leases run out, before it fails
+LOG_CAP = 4 * 1024 * 1024                # bytes of a job's output kept (head and tail), unless the job says
+MIN_LOG_CAP, MAX_LOG_CAP = 64 * 1024, 1024 ** 3
 
 ADMIN_TOKEN_FILE = "admin-token"         # in the state dir, mode 0600
 ENDPOINT_FILE = "endpoint.json"          # in the state dir: where this pond listens
@@ -50,6 +52,7 @@ class ServerSettings:
     allow_unsigned: bool = False         # accept results of workers without pinned keys
     lease: float = LEASE
     max_attempts: int = MAX_ATTEMPTS
+    log_cap: int = LOG_CAP
 
     @property
     def scheme(self):
@@ -112,7 +115,8 @@ def read_private(path):
 
 def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
-                    credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None):
+                    credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
+                    log_cap=None):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -128,6 +132,9 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
     attempts = int(max_attempts if max_attempts is not None else env.get("POND_MAX_ATTEMPTS", MAX_ATTEMPTS))
     if not 1 <= attempts <= 100:
         raise ConfigError(f"max attempts {attempts} is out of range", "give a value from 1 to 100 (default 3)")
+    cap = int(log_cap if log_cap is not None else env.get("POND_LOG_CAP", LOG_CAP))
+    if not MIN_LOG_CAP <= cap <= MAX_LOG_CAP:
+        raise ConfigError(f"log cap {cap} bytes is out of range", f"give {MIN_LOG_CAP} to {MAX_LOG_CAP} (default 4 MiB)")
     timeout = float(request_timeout or REQUEST_TIMEOUT)
     if not 0 < timeout <= 600:
         raise ConfigError(f"request timeout {timeout} s is out of range", "give a value in (0, 600]")
@@ -136,7 +143,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           tls_cert=tls_cert, tls_key=tls_key,
                           credential_key=_credential_key(state, env, credential_key_file),
                           allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1",
-                          lease=lease, max_attempts=attempts)
+                          lease=lease, max_attempts=attempts, log_cap=cap)
 
 
 def _credential_key(state, env, key_file):

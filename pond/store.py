@@ -97,6 +97,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     events           TEXT,
     lease_until      REAL,
     cancel_grace     REAL,
+    log_cap          INTEGER,
+    dropped          TEXT,
     tried            TEXT,
     idempotency_key  TEXT,
     request_hash     TEXT
@@ -127,7 +129,7 @@ CREATE TABLE IF NOT EXISTS credentials (
 """
 
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
-                 "attestation", "env_names", "secret_names", "tried")
+                 "attestation", "env_names", "secret_names", "tried", "dropped")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
 # opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3: a
 # job's credential, attestation and events (and the credentials table, created above).
@@ -136,7 +138,7 @@ ADDED_COLUMNS = {
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
                 ("drain", "INTEGER NOT NULL DEFAULT 0")),
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
-             ("cancel_grace", "REAL"), ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
+             ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"), ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
 }
 MAX_EVENTS = 20           # per worker, newest last
 
@@ -391,11 +393,11 @@ class Store:
                     return row
             self._db.execute(
                 "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
-                " cancel_grace, created_at, credential, events, tried, idempotency_key, request_hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
+                " cancel_grace, log_cap, created_at, credential, events, tried, idempotency_key, request_hash)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
-                 job["timeout"], job["cancel_grace"], job["created_at"], job["credential"], idempotency_key,
+                 job["timeout"], job["cancel_grace"], job["log_cap"], job["created_at"], job["credential"], idempotency_key,
                  request_hash))
             return None
 
@@ -488,7 +490,8 @@ class Store:
             " lease_until = NULL, cancel_sent = 0, started_at = NULL, tried = ?"
             " WHERE id = ? AND state = ? AND attempt = ?", (_dump(tried), job_id, from_state, attempt)) == 1
 
-    _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested", "attestation"))
+    _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested", "attestation",
+                            "dropped"))
 
     def update_job_state(self, job_id, from_state, to_state, fields):
         """Move a job from exactly `from_state` to `to_state`, setting fields; False if it was not there."""
