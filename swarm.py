@@ -97,6 +97,7 @@ MAX_CHUNKS_PER_REPORT = 64            # chunks on one state report, as pond
 MAX_ERROR = 2000                      # characters of a report's error, as pond
 MAX_ENVELOPE = 64 * 1024              # bytes of a result's attestation, as pond
 MAX_HEARTBEAT = 4096                  # attempts in one heartbeat, as pond
+MAX_HOLDING = 4096                    # job ids a worker lists as held when it claims
 REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 HANDLE_FILE = "backend-handle.json"
@@ -254,6 +255,7 @@ class Backoff:
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/=+-]{0,127}\Z")
 CAPABILITY_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]][a-z0-9._*?\[\]!-]{0,127}\Z")
 CODE_RE = re.compile(r"^[A-Za-z0-9-]{1,32}\Z")
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 TERMINAL_STATES = ("done", "failed", "cancelled")
 
 
@@ -1043,11 +1045,13 @@ def check_state_report(body):
                         "send the envelope the worker signed, unchanged")
 
 
-def string_list(value, where, pattern):
+def string_list(value, where, pattern, max_items=64):
     if value is None:
         return []
-    if not isinstance(value, list) or len(value) > 64 or not all(isinstance(v, str) and pattern.match(v) for v in value):
-        raise HttpError(400, "bad_request", f"{where} must be a list of at most 64 strings matching {pattern.pattern}")
+    if not isinstance(value, list) or len(value) > max_items or not all(isinstance(v, str) and pattern.match(v)
+                                                                       for v in value):
+        raise HttpError(400, "bad_request",
+                        f"{where} must be a list of at most {max_items} strings matching {pattern.pattern}")
     return sorted(set(value))
 
 
@@ -1684,11 +1688,13 @@ class Pool:
 
     def claim(self, session, body, alive):
         """The worker's long-poll: one answer, or with `"stream": true` a stream of them until the hold ends."""
-        body = obj(body, "claim", ("wait", "stream", "tags", "capabilities", "slots"))
+        body = obj(body, "claim", ("wait", "stream", "tags", "capabilities", "slots", "holding"))
         wait = min(whole(body.get("wait"), "wait", 0, 3600, default=self.claim_wait), self.claim_wait)
         if not isinstance(body.get("stream", False), bool):
             raise HttpError(400, "bad_request", "claim.stream must be true or false")
         self._update_offer(session, body)
+        if "holding" in body:
+            self._hand_over_again(session, string_list(body["holding"], "holding", JOB_ID_RE, MAX_HOLDING))
         answers = self._answers(session, time.monotonic() + wait, alive)
         if body.get("stream"):
             return answers
@@ -1736,6 +1742,18 @@ class Pool:
             with self.lock:
                 session.claiming -= 1
                 session.last_seen = time.time()
+
+    def _hand_over_again(self, session, holding):
+        """The worker says which jobs it holds. One this pool thinks it handed over and the worker
+        does not hold was lost on the way, or with a worker killed and restarted within the lease:
+        it goes back to the worker's queue, the same attempt, instead of being renewed forever."""
+        with self.lock:
+            lost = [j for job_id, j in session.jobs.items() if job_id not in holding]
+            for job in lost:
+                del session.jobs[job["job_id"]]
+                session.queue.append(job)
+        for job in lost:
+            log.warning("worker %s does not hold job %s: handing it over again", session.id, job["job_id"])
 
     def _update_offer(self, session, body):
         """A worker restarted with other --tags/--capabilities/--concurrency: tell pond."""
@@ -1792,6 +1810,13 @@ class Pool:
             raise HttpError(401, "unauthorized", "missing X-Claim-Token header", "echo the assignment's claim_token")
         with self.lock:
             job = session.jobs.get(job_id)
+            if job is None:
+                # After a restart, held assignments wait in the queue to be handed over again; a
+                # worker that reports on one (with its claim token) has it already.
+                job = next((j for j in session.queue if j["job_id"] == job_id), None)
+                if job is not None and hmac.compare_digest(job["claim_token"].encode(), claim_token.encode()):
+                    session.queue.remove(job)
+                    session.jobs[job_id] = job
         if job is None or not hmac.compare_digest(job["claim_token"].encode(), (claim_token or "").encode()):
             raise HttpError(409, "stale_attempt", f"job {clean(job_id, 40)} is not held by this worker",
                             "drop this report")
@@ -2248,6 +2273,9 @@ class Reporter:
             backoff.reset()
             self.outbox.pop(msg)
 
+    def pending_finals(self):
+        return {m["job_id"] for m in self.outbox.finals()}
+
     def close(self, timeout=5.0):
         self.stop.set()
         self.thread.join(timeout)
@@ -2561,6 +2589,12 @@ class Slots:
             self.queue.append(job)
             self.cond.notify()
 
+    def holding(self):
+        """The jobs this worker has: queued, running, or ended with the final report not yet sent."""
+        with self.cond:
+            held = set(self.cancels)
+        return sorted(held | self.reporter.pending_finals())
+
     def cancel(self, job_id):
         event = self.cancels.get(job_id)
         if event is not None:
@@ -2638,7 +2672,7 @@ def claim_loop(s, orch, slots, stop, identity):
     """Hold a streamed claim open on the orchestrator; start each job it sends, stop each it cancels."""
     backoff = Backoff()
     offer = {"wait": s.claim_wait, "stream": True, "tags": list(s.tags), "capabilities": list(s.capabilities),
-             "slots": s.concurrency}
+             "slots": s.concurrency, "holding": []}
     waiting_since = None
 
     def opened():
@@ -2650,6 +2684,7 @@ def claim_loop(s, orch, slots, stop, identity):
 
     while not stop.is_set():
         try:
+            offer["holding"] = slots.holding()
             for answer in orch.stream("POST", "/v1/worker/claim", offer, timeout=s.claim_wait + 15, on_open=opened):
                 for job in answer.get("jobs", []):
                     slots.add(job)

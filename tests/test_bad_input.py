@@ -1501,6 +1501,9 @@ ORCH_WORKER_CASES = [
     claim("capabilities with null", {"wait": 0, "capabilities": [None]}, says="capabilities"),
     claim("slots 0", {"wait": 0, "slots": 0}, says="slots"),
     claim("slots a list", {"wait": 0, "slots": [2]}, says="slots"),
+    claim("holding a string", {"wait": 0, "holding": "j_1"}, says="holding"),
+    claim("holding with a malformed id", {"wait": 0, "holding": ["j.1"]}, says="holding"),
+    claim("holding 4097 ids", {"wait": 0, "holding": [f"j_{i}" for i in range(4097)]}, says="holding"),
     # reports: who holds the job
     *worker_auth_cases("POST", WSTATE, X_RUNNING, headers=WCLAIM_X),
     *worker_auth_cases("POST", WCHUNK, X_CHUNK, headers=WCLAIM_X),

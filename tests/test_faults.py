@@ -1,0 +1,82 @@
+"""Fault injection (issue 4): a few hundred jobs while workers, the orchestrator and pond are
+killed with -9 at random moments and restarted on the same state dirs and ports. Checks: every
+accepted job is there and reaches one terminal state, done; each recorded output is exactly
+what its process wrote, once; prints the figures. bench/faults.py is the long version."""
+
+import os
+import random
+import sys
+import time
+
+from conftest import wait_for
+from test_recovery import free_port
+
+# bench/faults.py runs this same test longer: FAULT_JOBS jobs, FAULT_SECONDS of kills.
+JOBS = int(os.environ.get("FAULT_JOBS", 200))
+CHAOS_SECONDS = float(os.environ.get("FAULT_SECONDS", 25))
+JOB_NAP = float(os.environ.get("FAULT_JOB_NAP", 0.3))
+# Each job writes its own id and a number, so a wrong, mixed or doubled output cannot pass.
+JOB = [sys.executable, "-c", f"import os, random, time; time.sleep(random.random() * {JOB_NAP}); "
+       "j = os.environ['SWARM_JOB_ID']; print(j, sum(map(ord, j)), j[::-1])"]
+
+
+def expected(job_id):
+    return f"{job_id} {sum(map(ord, job_id))} {job_id[::-1]}\n".encode()
+
+
+class Cluster:
+    """pond, one orchestrator and two workers, each restartable where it was."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.pond_port, self.orch_port = free_port(), free_port()
+        self.pond = pool.pond(port=self.pond_port, extra=("--lease", "4", "--max-attempts", "20"))
+        self.orch = pool.orchestrator(self.pond, port=self.orch_port)
+        self.workers = [pool.worker(self.pond, self.orch, concurrency=2) for _ in range(2)]
+        self.kills = {"worker": 0, "orchestrator": 0, "pond": 0}
+
+    def kill_and_restart(self, rng):
+        kind = rng.choice(["worker", "worker", "orchestrator", "pond"])
+        self.kills[kind] += 1
+        if kind == "pond":
+            self.pond.proc.kill()
+            self.pond = self.pool.pond(state=self.pond.state_dir, port=self.pond_port,
+                                       extra=("--lease", "4", "--max-attempts", "20"))
+        elif kind == "orchestrator":
+            self.orch.kill()
+            self.orch = self.pool.orchestrator(self.pond, state=self.orch.state_dir, port=self.orch_port)
+        else:
+            i = rng.randrange(len(self.workers))
+            self.workers[i].kill()
+            self.workers[i] = self.pool.worker(self.pond, self.orch, concurrency=2, state=self.workers[i].state_dir,
+                                               wait_online=False)
+
+
+def terminal_counts(pond):
+    counts = pond.client.get("/v1/jobs", limit=1)["counts"]
+    return sum(counts.get(s, 0) for s in ("done", "failed", "cancelled")), counts
+
+
+def test_jobs_survive_random_kill_9_of_every_process(pool):
+    rng = random.Random(int(time.time()))
+    cluster = Cluster(pool)
+    ids = [cluster.pond.submit(JOB)["id"] for _ in range(JOBS)]
+    deadline = time.monotonic() + CHAOS_SECONDS
+    while time.monotonic() < deadline and terminal_counts(cluster.pond)[0] < JOBS:
+        time.sleep(rng.uniform(0.5, 2.5))
+        cluster.kill_and_restart(rng)
+    wait_for(lambda: terminal_counts(cluster.pond)[0] == JOBS, 180 + JOBS * JOB_NAP / 2, interval=0.5,
+             what="every job to end")
+
+    jobs = {i: cluster.pond.job(i) for i in ids}
+    listed = cluster.pond.client.get("/v1/jobs", limit=1)["counts"]
+    missing = [i for i in ids if jobs[i] is None] + (["count"] if sum(listed.values()) != JOBS else [])
+    wrong = [i for i in ids if i in jobs and (jobs[i]["state"] != "done"
+                                             or cluster.pond.output(i)["stdout"] != expected(i))]
+    retries = sum(j["attempt"] - 1 for j in jobs.values())
+    print(f"\nfaults: jobs {JOBS}, kills worker {cluster.kills['worker']} orchestrator "
+          f"{cluster.kills['orchestrator']} pond {cluster.kills['pond']}, retries {retries}, "
+          f"lost {len(missing)}, wrong or duplicated {len(wrong)}")
+    assert len(jobs) == JOBS and not missing, missing
+    assert not wrong, [(i, jobs[i]["state"], jobs[i]["error"], cluster.pond.output(i)) for i in wrong[:5]]
+    assert all(j["attested"] is True for j in jobs.values())
