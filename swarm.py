@@ -2574,7 +2574,7 @@ class Slots:
         self.queue = collections.deque()
         self.cond = threading.Condition()
         self.cancels = {}
-        self.finished = collections.OrderedDict()   # job ids this worker ran lately (the newest 4096)
+        self.finished = collections.OrderedDict()   # (job id, attempt) this worker ran lately, the newest 4096
         self.stopping = False
         self.threads = [threading.Thread(target=self._run, args=(s.state_dir / "jobs" / f"slot-{i}",),
                                          name=f"slot-{i}", daemon=True) for i in range(s.concurrency)]
@@ -2583,8 +2583,8 @@ class Slots:
 
     def add(self, job):
         with self.cond:
-            if job["job_id"] in self.cancels or job["job_id"] in self.finished:
-                return       # handed over again by an orchestrator that restarted: run it once
+            if job["job_id"] in self.cancels or (job["job_id"], job["attempt"]) in self.finished:
+                return       # handed over again by an orchestrator that restarted: run an attempt once
             self.cancels[job["job_id"]] = threading.Event()
             self.queue.append(job)
             self.cond.notify()
@@ -2614,7 +2614,7 @@ class Slots:
                 self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
             finally:
                 with self.cond:
-                    self.finished[job["job_id"]] = True
+                    self.finished[job["job_id"], job["attempt"]] = True
                     if len(self.finished) > 4096:
                         self.finished.popitem(last=False)
                     self.cancels.pop(job["job_id"], None)

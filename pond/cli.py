@@ -99,6 +99,8 @@ def cmd_submit(args):
         body["credential"] = args.credential
     if args.cancel_grace is not None:
         body["cancel_grace"] = args.cancel_grace
+    if args.retries:
+        body["retries"] = args.retries
     # Always a key: a submit retried after a lost answer then gives back the same job, never two.
     key = args.idempotency_key or f"pond-cli-{uuid.uuid4().hex}"
     job = client.post("/v1/jobs", body, headers={"Idempotency-Key": key})
@@ -454,6 +456,8 @@ def build_parser():
     s.add_argument("--credential", metavar="NAME", help="a credential whose env the job gets, sealed to its worker")
     s.add_argument("--cancel-grace", type=float, metavar="S",
                    help="seconds from SIGTERM to SIGKILL when the job is cancelled or times out (default 10)")
+    s.add_argument("--retries", type=int, metavar="N",
+                   help="run the job again up to N times (0..10) if it exits non-zero (default 0)")
     s.add_argument("--idempotency-key", metavar="KEY",
                    help="submit at most once: the same key gives back the same job (safe to retry)")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")

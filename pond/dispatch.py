@@ -265,6 +265,8 @@ def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope, dropp
             if chunks:
                 pond.store.add_chunks(job["id"], attempt, chunks)
             signed = _verify_result(pond, job, attempt, worker, (state.value, exit_code, error), envelope, dropped)
+            if state is JobState.FAILED and exit_code is not None and _retry(pond, job, attempt, exit_code):
+                return
             transition(pond.store, job, state, started_at=job["started_at"] or pond.now(), finished_at=pond.now(),
                        exit_code=exit_code, error=error, attestation=wire.canonical(envelope) if signed else None,
                        dropped=wire.canonical(dropped) if any(dropped.values()) else None)
@@ -272,6 +274,20 @@ def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope, dropp
         if e.code == "attestation_failed":
             _result_refused(pond, job, attempt, worker, e.detail)
         raise
+
+
+def _retry(pond, job, attempt, exit_code):
+    """A job that ran and failed is run again only if it asked (`retries`): -> whether it was queued
+    again. Its failed attempt's output stays, under that attempt's number."""
+    if not pond.store.take_retry(job["id"]):
+        return False
+    requeue(pond.store, job, (pond.store.job(job["id"])["tried"] or []) + [job["worker_id"]])
+    pond.store.add_job_event(job["id"], {"at": pond.now(), "event": "retried", "attempt": attempt,
+                                         "worker": job["worker_id"], "exit_code": exit_code,
+                                         "message": f"attempt {attempt} failed with exit code {exit_code}; "
+                                                    "run again (the job asked for retries)"})
+    pond.work.notify(new_job=True)
+    return True
 
 
 def _worker(pond, job):

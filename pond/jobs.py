@@ -46,7 +46,8 @@ TIER_TAGS = {"trusted": ["pool:trusted"], "byo": ["pool:byo"], "any": []}
 DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
-                 "cancel_grace", "log_cap")
+                 "cancel_grace", "log_cap", "retries")
+MAX_RETRIES = 10
 DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeout
 
 
@@ -99,7 +100,7 @@ def parse_sandbox(value, tenant):
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
-                     "cancel_grace", "log_cap")
+                     "cancel_grace", "log_cap", "retries")
 
 
 def submit(pond, req):
@@ -134,6 +135,7 @@ def submit(pond, req):
         "cancel_grace": wire.number(body.get("cancel_grace"), "cancel_grace", 0, 3600, default=DEFAULT_CANCEL_GRACE),
         "log_cap": wire.number(body.get("log_cap"), "log_cap", MIN_LOG_CAP, MAX_LOG_CAP, integer=True,
                                default=pond.settings.log_cap),
+        "retries": wire.number(body.get("retries"), "retries", 0, MAX_RETRIES, integer=True, default=0),
     }
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
@@ -147,7 +149,7 @@ def submit(pond, req):
     pond.work.notify(new_job=True)
     row = dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
-               dropped=None)
+               dropped=None, retries_left=job["retries"])
     return 201, view(pond, row, explain=False)    # as stored, without reading it back; `pond job ID` explains
 
 
@@ -234,7 +236,8 @@ def view(pond, row, explain=True):
     """A job row as the API shows it; a queued job says why it waits."""
     out = {k: row[k] for k in ("id", "name", "state", "command", "env", "tags", "capabilities", "sandbox",
                                "timeout", "attempt", "exit_code", "error", "created_at", "assigned_at",
-                               "started_at", "finished_at", "credential", "cancel_grace", "log_cap", "dropped")}
+                               "started_at", "finished_at", "credential", "cancel_grace", "log_cap", "dropped",
+                               "retries_left")}
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
     out["cancel_requested"] = bool(row["cancel_requested"])

@@ -99,6 +99,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_grace     REAL,
     log_cap          INTEGER,
     dropped          TEXT,
+    retries_left     INTEGER NOT NULL DEFAULT 0,
     tried            TEXT,
     idempotency_key  TEXT,
     request_hash     TEXT
@@ -138,7 +139,8 @@ ADDED_COLUMNS = {
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
                 ("drain", "INTEGER NOT NULL DEFAULT 0")),
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
-             ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"), ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
+             ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"),
+             ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
 }
 MAX_EVENTS = 20           # per worker, newest last
 
@@ -393,11 +395,11 @@ class Store:
                     return row
             self._db.execute(
                 "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
-                " cancel_grace, log_cap, created_at, credential, events, tried, idempotency_key, request_hash)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
+                " cancel_grace, log_cap, retries_left, created_at, credential, events, tried, idempotency_key,"
+                " request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
-                 job["timeout"], job["cancel_grace"], job["log_cap"], job["created_at"], job["credential"], idempotency_key,
+                 job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"], job["credential"], idempotency_key,
                  request_hash))
             return None
 
@@ -470,6 +472,11 @@ class Store:
     def expired_leases(self, now):
         return self._all("SELECT id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
                          " FROM jobs WHERE state IN ('assigned', 'running') AND lease_until < ?", (now,))
+
+    def take_retry(self, job_id):
+        """Use one of the retries a job asked for; False if it has none left."""
+        return self._write("UPDATE jobs SET retries_left = retries_left - 1 WHERE id = ? AND retries_left > 0",
+                           (job_id,)) == 1
 
     def overdue_jobs(self, now, margin):
         """Jobs with a timeout whose worker has not reported their end long after it should have."""

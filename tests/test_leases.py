@@ -124,3 +124,21 @@ def test_pond_fails_a_job_past_its_timeout_when_the_worker_never_says(pool):
     assert "pond's backstop" in state["error"] and state["attempt"] == 1, state
     # The orchestrator learns it at its next heartbeat, and stops the job on its worker.
     assert pond.api("POST", "/v1/orch/heartbeat", beat, token=token)[1]["stale"] == [job["id"]]
+
+
+def test_a_failed_job_runs_again_only_if_it_asked_for_retries(pool):
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)
+    flaky = [sys.executable, "-c", "import os, sys; a = int(os.environ['SWARM_ATTEMPT']); print('attempt', a); "
+             "sys.exit(0 if a == 3 else 7)"]
+    asked = pond.submit(flaky, retries=2)
+    done = pond.wait_job(asked["id"], timeout=30)
+    assert done["state"] == "done" and done["attempt"] == 3 and done["retries_left"] == 0, done
+    assert [e["event"] for e in done["events"]] == ["retried", "retried"]
+    assert pond.output(asked["id"])["stdout"] == b"attempt 1\nattempt 2\nattempt 3\n"   # every attempt's output kept
+    once = pond.wait_job(pond.submit(flaky)["id"], timeout=30)
+    assert once["state"] == "failed" and once["attempt"] == 1 and once["exit_code"] == 7, once
+    short = pond.wait_job(pond.submit(flaky, retries=1)["id"], timeout=30)
+    assert short["state"] == "failed" and short["attempt"] == 2 and short["exit_code"] == 7, short
+    assert pond.api("POST", "/v1/jobs", {"command": ["true"], "retries": 11})[0] == 400
