@@ -142,3 +142,16 @@ def test_a_failed_job_runs_again_only_if_it_asked_for_retries(pool):
     short = pond.wait_job(pond.submit(flaky, retries=1)["id"], timeout=30)
     assert short["state"] == "failed" and short["attempt"] == 2 and short["exit_code"] == 7, short
     assert pond.api("POST", "/v1/jobs", {"command": ["true"], "retries": 11})[0] == 400
+
+
+def test_cancel_reaches_a_process_that_ignores_sigterm_within_its_grace(pool):
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)
+    job = pond.submit([sys.executable, "-c", IGNORES_SIGTERM], cancel_grace=1)
+    wait_for(lambda: pond.output(job["id"])["stdout"] == b"up\n", 20, what="the job running")
+    asked = time.monotonic()
+    assert pond.cli("cancel", job["id"]).returncode == 0
+    done = pond.wait_job(job["id"], timeout=20)
+    took = time.monotonic() - asked
+    assert done["state"] == "cancelled" and took < 5, (done, took)      # SIGTERM ignored, SIGKILL after 1 s
