@@ -138,12 +138,17 @@ def _check_outcome(signed, outcome):
         raise refused(f"the reported error {repr(told_error)[:80]} is not the signed {repr(error)[:80]}")
 
 
-def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None, outcome=None):
+NOTHING_DROPPED = {"stdout": 0, "stderr": 0}
+
+
+def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None, outcome=None,
+                    dropped=None):
     """-> the predicate, once the statement is about this job, attempt, worker, output and outcome.
 
     stdout and stderr are the output pond holds for the attempt, as bytes. Give `command`
     (the job's argv) to check the command digest too, and `outcome`, the (state, exit_code,
-    error) reported with the envelope, to check it is the signed one. A valid signature is
+    error) reported with the envelope, to check it is the signed one, and `dropped`, the bytes
+    the log cap left out as reported, to check those too. A valid signature is
     not enough: an attestation of another job or attempt, replayed by an orchestrator, is
     signed too.
     """
@@ -171,12 +176,14 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
     signed = _signed_outcome(predicate)        # checked even with no outcome: a result has ended
     if outcome is not None:
         _check_outcome(signed, outcome)
+    if dropped is not None and predicate.get("dropped", NOTHING_DROPPED) != dropped:
+        raise refused("the reported dropped bytes are not the signed ones")
     return predicate
 
 
 def verify_job(store, job_id):
     """`pond verify`: re-check a finished job's stored attestation against the stored output
-    and the worker's pinned key, as pond did when it recorded the result. -> (job, worker, predicate)."""
+    and the worker's pinned key, as pond did when it recorded the result. -> (job, worker, statement)."""
     job = store.job(job_id)
     if job is None:
         raise NotFound(f"job {job_id[:64]!r} does not exist in this state dir", "check the id and --state-dir")
@@ -188,7 +195,7 @@ def verify_job(store, job_id):
         raise refused(f"worker {job['worker_id']} has no pinned key in this store")
     statement = verify_envelope(base64.b64decode(worker["ed25519_public"]), job["attestation"])
     output = store.output(job_id, job["attempt"])
-    predicate = check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"],
-                                output["stderr"], command=job["command"],
-                                outcome=(job["state"], job["exit_code"], job["error"]))
-    return job, worker, predicate
+    check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"], output["stderr"],
+                    command=job["command"], outcome=(job["state"], job["exit_code"], job["error"]),
+                    dropped=job["dropped"] or NOTHING_DROPPED)
+    return job, worker, statement

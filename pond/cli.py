@@ -196,7 +196,7 @@ def cmd_verify(args):
     except RuntimeError as e:
         raise PondError(str(e), "run the pond release that wrote it", code="config") from None
     try:
-        job, worker, predicate = verify_job(store, args.id)
+        job, worker, statement = verify_job(store, args.id)
     except PondError as e:
         if e.code == "attestation_failed":
             e.message = f"job {args.id} does not verify: {e.detail}"
@@ -204,8 +204,8 @@ def cmd_verify(args):
         raise
     finally:
         store.close()
-    subjects = {s["name"]: s["digest"]["sha256"]
-                for s in json.loads(base64.b64decode(job["attestation"]["payload"]))["subject"]}
+    predicate = statement["predicate"]
+    subjects = {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
     if args.json:
         return _print_json({"verified": True, "job": job["id"], "attempt": job["attempt"], "worker": worker["id"],
                             "fingerprint": worker["fingerprint"], "state": predicate["state"],

@@ -71,16 +71,16 @@ def decrypt(key, row):
     """The full env (non-secret env and secrets) of a stored credential row."""
     if row["key_id"] != key_id(key):
         raise Conflict(f"credential {row['name']!r} was stored under credential key {row['key_id']}, and pond "
-                        f"now runs with key {key_id(key)}",
-                        "start pond with the credential key it was stored under, or set the credential again",
-                        code="credential_key_mismatch")
+                       f"now runs with key {key_id(key)}",
+                       "start pond with the credential key it was stored under, or set the credential again",
+                       code="credential_key_mismatch")
     blob = bytes(row["ciphertext"])
     try:
         clear = ChaCha20Poly1305(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:],
                                               AAD_PREFIX + row["name"].encode())
     except InvalidTag:
         raise Conflict(f"credential {row['name']!r} does not decrypt: its stored row was altered",
-                        "set the credential again", code="credential_key_mismatch") from None
+                       "set the credential again", code="credential_key_mismatch") from None
     return json.loads(clear)
 
 

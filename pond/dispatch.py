@@ -78,12 +78,9 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     jobs, and the offers are taken in submission order across groups. Among matching
     workers, the one with the most free slots gets the job.
     """
-    store, allow_unsigned = pond.store, pond.settings.allow_unsigned
+    store = pond.store
     with store.transaction():
-        # Without pinned keys a worker can neither open a credential nor sign a result: by
-        # default it takes nothing; with --allow-unsigned-results, nothing that names a credential.
-        workers = [w for w in store.workers(binding_id) if w["online"] and w["evicted_at"] is None
-                   and (w["fingerprint"] or allow_unsigned)]
+        workers = [w for w in store.workers(binding_id) if _available(pond, w)]
         if not workers:
             return []
         active = store.active_counts(binding_id)
@@ -111,10 +108,19 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
         return out
 
 
+def _available(pond, worker):
+    """Whether a worker may be given jobs at all: online, not evicted, and with pinned keys.
+
+    Without pinned keys a worker can neither open a credential nor sign a result: by
+    default it takes nothing; with --allow-unsigned-results, nothing that names a credential
+    (claim() checks that per requirement group).
+    """
+    return worker["online"] and worker["evicted_at"] is None and (worker["fingerprint"] or pond.settings.allow_unsigned)
+
+
 def _has_free_slot(pond, binding_id):
     active = pond.store.active_counts(binding_id)
-    return any(w["online"] and w["evicted_at"] is None and w["slots"] > active.get(w["id"], 0)
-               and (w["fingerprint"] or pond.settings.allow_unsigned) for w in pond.store.workers(binding_id))
+    return any(_available(pond, w) and w["slots"] > active.get(w["id"], 0) for w in pond.store.workers(binding_id))
 
 
 def _assign(pond, job, worker, binding_id):
@@ -244,7 +250,7 @@ def _envelope(value):
 
 def _dropped(value):
     """{stdout, stderr}: bytes the worker's log cap left out of each stream (zeros when absent)."""
-    out = {"stdout": 0, "stderr": 0}
+    out = dict(attestation.NOTHING_DROPPED)
     if value is None:
         return out
     value = wire.obj(value, "dropped", tuple(out))
@@ -320,11 +326,9 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope, dropped):
         raise attestation.refused("the result of a pinned worker carries no attestation")
     statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)
     output = pond.store.output(job["id"], attempt)
-    predicate = attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
-                                            output["stderr"], command=pond.store.job_command(job["id"]),
-                                            outcome=outcome)
-    if predicate.get("dropped", {"stdout": 0, "stderr": 0}) != dropped:
-        raise attestation.refused("the reported dropped bytes are not the signed ones")
+    attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
+                                output["stderr"], command=pond.store.job_command(job["id"]), outcome=outcome,
+                                dropped=dropped)
     return True
 
 
@@ -397,6 +401,7 @@ def end_attempt(pond, job, event_name, why, retry_always=False):
 def expire_overdue(pond):
     """The timeout backstop: a job still not ended BACKSTOP_MARGIN after its timeout and grace
     (the worker enforces both) fails here, and the next heartbeat tells its orchestrator to stop it."""
+    failed = 0
     # Half a lease at most: a worker that went silent loses its lease first anyway.
     for job in pond.store.overdue_jobs(pond.now(), min(BACKSTOP_MARGIN, pond.settings.lease / 2)):
         try:
@@ -407,6 +412,8 @@ def expire_overdue(pond):
             continue
         pond.log.warning("job %s: past its timeout and not ended by worker %s; failed by pond",
                          job["id"], job["worker_id"])
+        failed += 1
+    if failed:
         pond.work.notify()
         pond.logs.notify()
 

@@ -52,7 +52,8 @@ DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeo
 
 
 def requeue(store, job, tried):
-    """assigned|running -> queued, for a new attempt: its lease ran out (dispatch.expire_leases)."""
+    """assigned|running -> queued, for a new attempt: its lease ran out or its worker was evicted
+    (dispatch.end_attempt), or it failed and asked for retries (dispatch._retry)."""
     from_state = JobState(job["state"])
     if JobState.QUEUED not in TRANSITIONS[from_state] or not store.requeue_job(
             job["id"], from_state.value, job["attempt"], tried):

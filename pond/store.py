@@ -132,17 +132,21 @@ CREATE TABLE IF NOT EXISTS credentials (
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
                  "attestation", "env_names", "secret_names", "tried", "dropped")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
-# opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3: a
-# job's credential, attestation and events (and the credentials table, created above).
+# opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3:
+# eviction; a job's credential, attestation, events, lease, cancel grace, log cap, retries and
+# idempotency key (and the credentials table, created above).
 ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
                 ("drain", "INTEGER NOT NULL DEFAULT 0")),
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
              ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"),
-             ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"), ("request_hash", "TEXT")),
+             ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
+             ("request_hash", "TEXT")),
 }
-MAX_EVENTS = 20           # per worker, newest last
+MAX_EVENTS = 20           # per worker or job, newest last
+# What ending an attempt (lease expiry, eviction) needs to know of a job.
+ATTEMPT_COLUMNS = "id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
 
 
 def _row(cursor, row):
@@ -324,12 +328,15 @@ class Store:
         """A snapshot entry was refused: the worker goes offline, keeps its row, and the event is kept."""
         self.add_worker_event(worker_id, event, offline=True)
 
+    def _events_with(self, table, row_id, event):
+        """The row's events with `event` appended, the newest MAX_EVENTS, as stored (inside a transaction)."""
+        row = self._one(f"SELECT events FROM {table} WHERE id = ?", (row_id,))
+        return _dump((((row or {}).get("events") or []) + [event])[-MAX_EVENTS:])
+
     def add_worker_event(self, worker_id, event, offline=False):
         with self.transaction():
-            row = self._one("SELECT events FROM workers WHERE id = ?", (worker_id,))
-            events = ((row or {}).get("events") or []) + [event]
             self._worker_write("UPDATE workers SET events = ?" + (", online = 0" if offline else "") + " WHERE id = ?",
-                               (_dump(events[-MAX_EVENTS:]), worker_id))
+                               (self._events_with("workers", worker_id, event), worker_id))
 
     def revoke_worker(self, worker_id, now):
         """Revoke a worker: offline for good; False if there is no such worker."""
@@ -342,8 +349,8 @@ class Store:
                                   (now, int(drain), worker_id)) == 1
 
     def held_jobs(self, worker_id):
-        return self._all("SELECT id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
-                         " FROM jobs WHERE worker_id = ? AND state IN ('assigned', 'running')", (worker_id,))
+        return self._all(f"SELECT {ATTEMPT_COLUMNS} FROM jobs WHERE worker_id = ? AND state IN ('assigned', 'running')",
+                         (worker_id,))
 
     def worker(self, worker_id):
         return self._one("SELECT * FROM workers WHERE id = ?", (worker_id,))
@@ -399,8 +406,8 @@ class Store:
                 " request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
-                 job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"], job["credential"], idempotency_key,
-                 request_hash))
+                 job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"],
+                 job["credential"], idempotency_key, request_hash))
             return None
 
     def job(self, job_id):
@@ -417,9 +424,7 @@ class Store:
     def add_job_event(self, job_id, event):
         """Keep an event on the job (a refused result, a seal) for its operator; the newest MAX_EVENTS."""
         with self.transaction():
-            row = self._one("SELECT events FROM jobs WHERE id = ?", (job_id,))
-            events = ((row or {}).get("events") or []) + [event]
-            self._db.execute("UPDATE jobs SET events = ? WHERE id = ?", (_dump(events[-MAX_EVENTS:]), job_id))
+            self._db.execute("UPDATE jobs SET events = ? WHERE id = ?", (self._events_with("jobs", job_id, event), job_id))
 
     def jobs(self, state=None, limit=100):
         if state:
@@ -470,8 +475,8 @@ class Store:
         return stale
 
     def expired_leases(self, now):
-        return self._all("SELECT id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
-                         " FROM jobs WHERE state IN ('assigned', 'running') AND lease_until < ?", (now,))
+        return self._all(f"SELECT {ATTEMPT_COLUMNS} FROM jobs WHERE state IN ('assigned', 'running') AND lease_until < ?",
+                         (now,))
 
     def take_retry(self, job_id):
         """Use one of the retries a job asked for; False if it has none left."""
@@ -482,6 +487,7 @@ class Store:
         """Jobs with a timeout whose worker has not reported their end long after it should have."""
         return self._all("SELECT id, state, attempt, worker_id, binding_id, timeout, started_at FROM jobs"
                          " WHERE state IN ('assigned', 'running') AND timeout IS NOT NULL"
+                         # a job from before per-job grace has none stored: the default, 10 s
                          " AND COALESCE(started_at, assigned_at) + timeout + COALESCE(cancel_grace, 10) + ? < ?",
                          (margin, now))
 
