@@ -142,7 +142,9 @@ def _follow(client, job_id, announce_wait=False):
                 print(f"waiting: {waiting['reason']}", file=sys.stderr)
                 said_waiting = True
         if page["complete"]:
-            return _exit_status(client.get(f"/v1/jobs/{job_id}"))
+            job = client.get(f"/v1/jobs/{job_id}")
+            _say_dropped(job)
+            return _exit_status(job)
 
 
 def _exit_status(job):

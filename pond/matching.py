@@ -44,6 +44,7 @@ def needs_keys(job, allow_unsigned):
 def explain(job, workers, active, allow_unsigned=False):
     """Why a queued job has not started: {reason, online, matching, free}."""
     tags, caps = job["tags"], job["capabilities"]
+    workers = [w for w in workers if w.get("evicted_at") is None]      # they take nothing new, whatever they fit
     if needs_keys(job, allow_unsigned):
         unpinned = [w for w in workers if w["online"] and not w["fingerprint"] and matches(w, tags, caps)]
         workers = [w for w in workers if w["fingerprint"]]

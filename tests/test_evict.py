@@ -49,12 +49,13 @@ def test_evict_without_drain_requeues_the_running_job_elsewhere_and_disconnects_
 def test_evict_with_drain_lets_the_running_job_finish_first(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
-    w = pool.worker(pond, orch, tags="lane:d")
+    w = pool.worker(pond, orch, tags="lane:d", concurrency=2)        # a slot stays free while it drains
     job = pond.submit(SLOW, tags=["lane:d"], env={"NAP": "3"})
     wait_for(lambda: pond.job(job["id"])["state"] == "running", 20, what="the job running")
     done = operator(orch, "evict", w.worker_id, "--drain")
     assert done.returncode == 0 and "finish first" in done.stdout, done.stderr
     queued = pond.submit(SLOW, tags=["lane:d"], env={"NAP": "0"})      # nobody else can take it
+    assert "free slot" not in pond.job(queued["id"])["waiting"]["reason"]     # the draining worker does not count
     finished = pond.wait_job(job["id"], timeout=30)
     assert finished["state"] == "done" and finished["attempt"] == 1 and finished["attested"] is True, finished
     assert wait_for(lambda: w.proc.poll() is not None, 30, what="the drained worker to exit") and \

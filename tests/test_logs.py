@@ -23,8 +23,9 @@ def test_output_past_the_cap_keeps_head_and_tail_and_says_how_much_was_dropped(p
     assert pond.output(job["id"])["stdout"] == whole[:quarter] + whole[-quarter:]
     verified = pond.cli("verify", job["id"])
     assert verified.returncode == 0, verified.stderr
-    logs = pond.cli("logs", job["id"])
-    assert logs.returncode == 0 and f"{len(whole) - 2 * quarter} bytes past the log cap" in logs.stderr
+    for follow in ((), ("--follow",)):
+        logs = pond.cli("logs", job["id"], *follow)
+        assert logs.returncode == 0 and f"{len(whole) - 2 * quarter} bytes past the log cap" in logs.stderr
 
 
 def test_output_under_the_cap_is_whole_and_nothing_is_dropped(pool):
