@@ -7,6 +7,7 @@ fails a test that leaves a child process or a thread behind.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +27,13 @@ def env_for_children():
     for key in ("POND_URL", "POND_STATE_DIR", "POND_ADMIN_TOKEN", "SWARM_TOKEN"):
         env.pop(key, None)
     return env
+
+
+def free_port():
+    """A port free now, for a process that must come back on the same one after a restart."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):

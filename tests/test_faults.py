@@ -8,8 +8,7 @@ import random
 import sys
 import time
 
-from conftest import wait_for
-from test_recovery import free_port
+from conftest import free_port, wait_for
 
 # bench/faults.py runs this same test longer: FAULT_JOBS jobs, FAULT_SECONDS of kills.
 JOBS = int(os.environ.get("FAULT_JOBS", 200))

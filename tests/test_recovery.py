@@ -4,32 +4,20 @@ recorded once, by its first attempt, with its output intact. Real processes, sam
 and ports after the restart."""
 
 import json
-import socket
 import sqlite3
 import sys
 import time
 
-from conftest import SWARM, run, wait_for
+from conftest import free_port, run, wait_for
 
 # Attempt 1 runs long enough to be caught by a kill; its output proves which attempt it was.
 NAP_THEN_PRINT = [sys.executable, "-c", "import os, sys, time; time.sleep(float(sys.argv[1])); "
                   "print('attempt', os.environ['SWARM_ATTEMPT'], 'of', os.environ['SWARM_JOB_ID'])"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def outbox_rows(orch_state):
     with sqlite3.connect(orch_state / "swarm.db") as db:
         return [json.loads(m) for (m,) in db.execute("SELECT msg FROM outbox ORDER BY seq")]
-
-
-def status(orch):
-    done = run([sys.executable, SWARM, "status", "--orchestrator", orch.url(), "--token", "pool-secret", "--json"])
-    return json.loads(done.stdout) if done.returncode == 0 else None
 
 
 def test_an_orchestrator_killed_mid_job_comes_back_and_the_result_arrives_once(pool):
