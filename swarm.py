@@ -2773,7 +2773,7 @@ class Launch:
             fcntl.fcntl(w, F_SETPIPE_SZ, max(len(self.stdin), 4096))
             os.write(w, self.stdin)
             os.close(w)
-        chan = socket.socketpair() if self.ports else None
+        chan = socket.socketpair() if self.ports is not None else None
         argv = [a.format(*fds) for a in self.argv]
         try:
             self.proc = subprocess.Popen(

@@ -178,3 +178,51 @@ def test_swarm_never_imports_pond(tree):
     names = [(name, line) for name, line, _ in imports(tree) if name == "pond"]
     names += [(name, line) for name, line in dynamic_imports(tree) if name == "pond"]
     assert not names, f"swarm.py imports pond (it must run on a host without pond installed): {names}"
+
+
+def _bound_locally(node):
+    """Names a function or class binds itself (arguments, assignments, imports, nested defs)."""
+    bound = set()
+    for sub in ast.walk(node):
+        if isinstance(sub, ast.arg):
+            bound.add(sub.arg)
+        elif isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
+            bound.add(sub.id)
+        elif isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and sub is not node:
+            bound.add(sub.name)
+        elif isinstance(sub, (ast.Import, ast.ImportFrom)):
+            bound.update((a.asname or a.name).split(".")[0] for a in sub.names)
+    return bound
+
+
+def test_each_section_uses_only_what_is_above_it(source, tree):
+    """swarm.py reads top to bottom: code in a section uses names defined in it or above it,
+    never one from a later section (main() in "Command line", the last, may use anything)."""
+    starts = [line for line, _ in banner_titles(source)]
+    titles = [title.split(" (")[0] for _, title in banner_titles(source)]
+
+    def section(lineno):
+        return max(i for i, start in enumerate(starts) if start <= lineno)
+
+    defined = {}
+    for node in tree.body:
+        names = []
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [leaf.id for t in targets for leaf in ast.walk(t) if isinstance(leaf, ast.Name)]
+        for name in names:
+            defined.setdefault(name, section(node.lineno))
+    later = []
+    for node in tree.body:
+        if node.lineno < starts[0] or isinstance(node, ast.If):
+            continue
+        here = section(node.lineno)
+        local = _bound_locally(node) if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else set()
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) and sub.id not in local:
+                where = defined.get(sub.id)
+                if where is not None and where > here:
+                    later.append(f"{titles[here]}: line {sub.lineno} uses {sub.id} from {titles[where]}")
+    assert not later, "sections using names defined below them:\n" + "\n".join(sorted(set(later)))
