@@ -2176,6 +2176,7 @@ EGRESS_CONNECT_TIMEOUT = 10.0         # s to connect upstream, over all vetted a
 EGRESS_IDLE_TIMEOUT = 300.0           # s a connection may carry no byte either way
 EGRESS_CLOSE_WAIT = 5.0               # s close() waits for the proxy's threads
 EGRESS_POLL = 0.1                     # s between checks for close() in the accept loop
+EGRESS_LINGER = 0.2                   # s a refused client's unread bytes are drained before closing
 # Ranges refused although Python's is_global may call them global (3.11): NAT64 and 6to4 embed an IPv4
 # address of any kind; 192.0.0/24 holds relays. The rest repeats sandbox.md §A.2 so the list reads whole.
 EGRESS_DENIED_NETS = tuple(ipaddress.ip_network(net) for net in (
@@ -2423,7 +2424,7 @@ class EgressProxy:
                 self._threads.add(handler)
                 self._sockets.add(client)
         if full:
-            client.settimeout(1.0)
+            client.settimeout(EGRESS_LINGER)
             self._refuse(client, EgressRefused("over-connection-cap"))
             client.close()
             return
@@ -2539,6 +2540,13 @@ class EgressProxy:
             client.sendall(f"HTTP/1.1 {refused.status} {http.client.responses[refused.status]}\r\n"
                            f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
                            f"Connection: close\r\n\r\n".encode() + body)
+            # Closing with unread bytes would reset the connection and could destroy the answer
+            # before the client reads it: end our side, then drain briefly.
+            client.shutdown(socket.SHUT_WR)
+            client.settimeout(EGRESS_LINGER)
+            deadline = time.monotonic() + EGRESS_LINGER
+            while client.recv(EGRESS_RELAY_CHUNK) and time.monotonic() < deadline:
+                pass
         except OSError:
             pass                            # the client did not wait for its answer
 
