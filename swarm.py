@@ -2183,8 +2183,10 @@ EGRESS_DENIED_NETS = tuple(ipaddress.ip_network(net) for net in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
     "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
     "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16"))
-HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
-                        "proxy-connection", "te", "trailer", "upgrade", "host"))   # host: we set it from the URI
+# Headers not forwarded: hop-by-hop ones, the proxy's credentials, and Host (set from the URI). The body's
+# framing (Content-Length, Transfer-Encoding) stays, because the body is relayed exactly as it was framed.
+EGRESS_DROPPED_HEADERS = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                                    "proxy-connection", "te", "trailer", "upgrade", "host"))
 HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 EGRESS_RELAY_CHUNK = 64 * 1024        # bytes read at once while relaying
@@ -2234,7 +2236,7 @@ def host_matches(host, patterns):
         if literal is not None:
             if ip_literal(pattern) == literal:      # a literal matches only the same address, never a suffix
                 return True
-        elif pattern.startswith("*.") and host.endswith(pattern[1:]) or host == pattern:
+        elif host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
             return True
     return False
 
@@ -2259,7 +2261,7 @@ class EgressPolicy:
     def with_hosts(self, hosts):
         """This policy with a job's allow_hosts added."""
         added = tuple(h for h in hosts if h not in self.allow)
-        return EgressPolicy(self.allow + added, self.deny, self.ports, self.loopback)
+        return EgressPolicy(tuple(self.allow) + added, self.deny, self.ports, self.loopback)
 
     def refusal(self, host, port):
         """Why (host, port) is refused by name, or None. Deny wins over allow."""
@@ -2302,7 +2304,7 @@ def parse_proxy_head(head):
     """A request head -> (host, port, what to send upstream first: None for CONNECT, else the new head)."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+    if len(parts) != 3 or not HEADER_NAME.fullmatch(parts[0]) or not parts[2].startswith("HTTP/1."):
         raise EgressRefused("bad-request", detail="the request line is not METHOD TARGET HTTP/1.x")
     method, target, version = parts
     try:
@@ -2322,11 +2324,12 @@ def parse_proxy_head(head):
     authority = f"[{host}]" if ":" in host else host
     out = [f"{method} {url.path or '/'}{'?' + url.query if url.query else ''} {version}",
            f"Host: {authority}" + ("" if port == 80 else f":{port}")]
+    # A bare CR or LF would let a client smuggle a header (Proxy-Authorization too) past this filter.
     fields = [line.split(":", 1) for line in lines[1:] if line]
-    if any(len(f) != 2 or not HEADER_NAME.fullmatch(f[0]) for f in fields):
+    if any(len(f) != 2 or not HEADER_NAME.fullmatch(f[0]) or set(f[1]) & {"\r", "\n", "\0"} for f in fields):
         raise EgressRefused("bad-request", host, port, detail="a header line is not Name: value")
     named = {n.strip().lower() for name, value in fields if name.lower() == "connection" for n in value.split(",")}
-    out += [f"{name}:{value}" for name, value in fields if name.lower() not in HOP_BY_HOP | named]
+    out += [f"{name}:{value}" for name, value in fields if name.lower() not in EGRESS_DROPPED_HEADERS | named]
     return host, port, ("\r\n".join(out + ["Connection: close", "", ""])).encode("latin-1")
 
 
@@ -2367,13 +2370,13 @@ def shut(sock):
 
 class EgressProxy:
     """One job's egress proxy: accepts on `listener` (bound and listening), decides each request by
-    `policy`, relays the allowed ones, and calls `log_line(dict)` once per decision."""
+    `policy`, relays the allowed ones, and calls `log_line(dict)` once per decision, one call at a time."""
 
     def __init__(self, listener, policy, log_line, max_connections=32):
         self.listener, self.policy, self.log_line = listener, policy, log_line
         self.max_connections = max_connections
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
+        self._lock, self._log_lock = threading.Lock(), threading.Lock()
         self._threads = set()              # connection handlers running now
         self._sockets = set()              # client and upstream sockets open now
         self._acceptor = None
@@ -2552,7 +2555,8 @@ class EgressProxy:
 
     def _decided(self, host, port, verdict, reason, address):
         # Never request bodies or headers: they may hold the job's secrets.
-        self.log_line({"host": host, "port": port, "verdict": verdict, "reason": reason, "address": address})
+        with self._log_lock:
+            self.log_line({"host": host, "port": port, "verdict": verdict, "reason": reason, "address": address})
 
     def _track(self, sock):
         with self._lock:

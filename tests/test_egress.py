@@ -236,7 +236,8 @@ def test_the_loopback_switch_lets_exactly_its_address_through():
     assert policy.vet(["::ffff:127.0.0.1"]) == ("address-not-global", None)
 
 
-@pytest.mark.parametrize("value", ["10.0.0.1", "0.0.0.0", "8.8.8.8", "::ffff:127.0.0.1", "localhost", "", "127.0.0.0/8"])
+@pytest.mark.parametrize("value", ["10.0.0.1", "0.0.0.0", "8.8.8.8", "::ffff:127.0.0.1", "localhost", "",
+                                   "127.0.0.0/8"])
 def test_the_loopback_switch_refuses_anything_but_a_loopback_address(value):
     with pytest.raises(ValueError, match="loopback address"):
         swarm.EgressPolicy(loopback=value)
@@ -257,6 +258,8 @@ def test_with_hosts_adds_a_jobs_hosts_and_keeps_the_rest():
                                  b"GET https://pypi.org/ HTTP/1.1\r\n\r\n", b"GET /relative HTTP/1.1\r\n\r\n",
                                  b"CONNECT user@pypi.org:443 HTTP/1.1\r\n\r\n",
                                  b"GET http://pypi.org/ HTTP/1.1\r\nBad Header: x\r\n\r\n",
+                                 b"GET http://pypi.org/ HTTP/1.1\r\nX: a\nProxy-Authorization: b\r\n\r\n",
+                                 b"G\x00T http://pypi.org/ HTTP/1.1\r\n\r\n",
                                  b"CONNECT pypi_org!:443 HTTP/1.1\r\n\r\n"])
 def test_a_malformed_request_is_a_400(proxies, raw):
     _, address, lines = proxies(swarm.EgressPolicy())
