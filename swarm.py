@@ -2421,22 +2421,15 @@ class EgressProxy:
 
     def _admit(self, client):
         handler = threading.Thread(target=self._handle, args=(client,), name="egress-connection", daemon=True)
-        with self._lock:
-            full = len(self._threads) >= self.max_connections
-            if not full:
+        with self._lock:                    # started under the lock, so close() never sees it unstarted
+            if len(self._threads) < self.max_connections:
+                handler.start()
                 self._threads.add(handler)
                 self._sockets.add(client)
-        if full:
-            client.settimeout(EGRESS_LINGER)
-            self._refuse(client, EgressRefused("over-connection-cap"))
-            client.close()
-            return
-        try:
-            handler.start()
-        except RuntimeError:
-            with self._lock:
-                self._threads.discard(handler)
-            raise
+                return
+        client.settimeout(EGRESS_LINGER)
+        self._refuse(client, EgressRefused("over-connection-cap"))
+        client.close()
 
     def _handle(self, client):
         try:
