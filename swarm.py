@@ -2730,13 +2730,12 @@ class Reporter:
 
 
 # ============================================================================
-# Sandbox providers (specs/sandbox.md §6: bwrap, process, helpers; limits, cgroups, seccomp)
+# Sandbox: confining one job (specs/sandbox.md §6: seccomp, cgroups, rlimits, its network namespace)
 # ============================================================================
 #
-# One small class per provider and one verb: `launch(job, dirs, slot)` -> a Launch (what to
-# exec, with which environment, files and limits). run_process stays the one supervisor of
-# pipes, timeout, cancel and kill. The worker reads the policy from the job's sandbox block
-# itself (confinement()): nothing computed elsewhere decides a mount or a route.
+# The worker reads the policy from the job's sandbox block itself (confinement()): nothing
+# computed elsewhere decides a mount or a route. A Launch is one job's process as a provider
+# set it up; run_process (below) stays the one supervisor of pipes, timeout, cancel and kill.
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 PROFILE_LIMITS = {"memory": 4 * GIB, "cpus": 2, "pids": 512, "tmpfs_size": 1 * GIB, "timeout": 86400}
@@ -3285,7 +3284,11 @@ class Launch:
         return error
 
 
-# --- the providers ---------------------------------------------------------------
+# ============================================================================
+# Sandbox providers (bwrap, process, external helpers; preflight, slots, restarts)
+# ============================================================================
+#
+# One small class per provider and one verb: launch(conf, command, slot, env) -> a Launch.
 
 class ProcessProvider:
     """`process`: the job in its own session and process group, with a scrubbed environment,
