@@ -50,6 +50,7 @@ PROFILE_RATE = 100                                    # py-spy samples per secon
 # The targets (printed beside the numbers; the bench itself never fails on them).
 TARGET_PICKUP_P50_MS = 5.0
 TARGET_PICKUP_P99_MS = 20.0
+UNCONFINED = {"profile": "none"}       # the process provider: what this bench measures today
 TARGET_THROUGHPUT = 400.0                             # jobs/s, 2,000 /bin/true, first submit to last result
 TARGET_IDLE_PCT = 1.0                                 # % of one core, all pool processes together
 
@@ -469,7 +470,7 @@ def bench_pickup(pool, stamp, args):
                 load_from = (system_ticks(), pool_cpu_s(pool), time.monotonic())
             tag = f"pickup-{i}"
             payload = json.dumps({"command": [*stamp, tag], "env": {"STAMP_PORT": port},
-                                  "sandbox": {"profile": "none"}}).encode()
+                                  "sandbox": UNCONFINED}).encode()
             time.sleep(rng.uniform(0.050, 0.150))          # not phase-locked to any timer in the pool
             t0_wall = time.time()
             t0 = time.monotonic()
@@ -592,7 +593,7 @@ def bench_throughput(pool, args):
     ended_before, total_before = terminal_count(watcher)
     if ended_before != total_before:
         raise BenchError(f"the pool is not idle: {total_before - ended_before} job(s) not ended")
-    payload = json.dumps({"command": ["/bin/true"], "sandbox": {"profile": "none"}}).encode()
+    payload = json.dumps({"command": ["/bin/true"], "sandbox": UNCONFINED}).encode()
     ids = [None] * n
     failures = []
     ready = threading.Barrier(k + 1, timeout=30)

@@ -138,17 +138,30 @@ def _check_outcome(signed, outcome):
         raise refused(f"the reported error {repr(told_error)[:80]} is not the signed {repr(error)[:80]}")
 
 
+def _check_sandbox(signed, stored):
+    """The sandbox the worker signed must be the job's stored block, key for key: one an orchestrator
+    loosened on the way (another profile, wider limits, more hosts) is another job (specs/attestation.md §3)."""
+    if signed == stored:
+        return
+    if not isinstance(signed, dict):
+        raise refused(f"the signed sandbox {repr(signed)[:80]} is not the job's sandbox block")
+    differ = sorted(k for k in set(signed) | set(stored) if signed.get(k, ...) != stored.get(k, ...))
+    raise refused("the signed sandbox is not the job's: it differs in " + ", ".join(str(k)[:40] for k in differ[:8])
+                  + f" (signed {repr({k: signed.get(k) for k in differ[:8]})[:200]})")
+
+
 NOTHING_DROPPED = {"stdout": 0, "stderr": 0}
 
 
 def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None, outcome=None,
-                    dropped=None):
+                    dropped=None, sandbox=None):
     """-> the predicate, once the statement is about this job, attempt, worker, output and outcome.
 
     stdout and stderr are the output pond holds for the attempt, as bytes. Give `command`
     (the job's argv) to check the command digest too, and `outcome`, the (state, exit_code,
     error) reported with the envelope, to check it is the signed one, and `dropped`, the bytes
-    the log cap left out as reported, to check those too. A valid signature is
+    the log cap left out as reported, to check those too, and `sandbox`, the job's stored block,
+    to check the worker says it was asked for exactly that one. A valid signature is
     not enough: an attestation of another job or attempt, replayed by an orchestrator, is
     signed too.
     """
@@ -173,6 +186,8 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
     if command is not None and predicate.get("command_digest") != {
             "sha256": hashlib.sha256(canonical_json(list(command))).hexdigest()}:
         raise refused("the command does not match the signed command digest")
+    if sandbox is not None:
+        _check_sandbox(predicate.get("sandbox"), sandbox)
     signed = _signed_outcome(predicate)        # checked even with no outcome: a result has ended
     if outcome is not None:
         _check_outcome(signed, outcome)
@@ -197,5 +212,5 @@ def verify_job(store, job_id):
     output = store.output(job_id, job["attempt"])
     check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"], output["stderr"],
                     command=job["command"], outcome=(job["state"], job["exit_code"], job["error"]),
-                    dropped=job["dropped"] or NOTHING_DROPPED)
+                    dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"])
     return job, worker, statement

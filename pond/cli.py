@@ -27,6 +27,8 @@ EXAMPLES = """examples:
   pond up                                        # a whole local pool; Ctrl-C stops it
   pond submit --wait -- python3 -c 'print(42)'   # run a job, print its output, exit with its code
   pond submit --tag repo:acme --capability harness.codex -- ./agent.sh
+  pond submit --memory 1G --allow-host api.example.org -- ./agent.sh   # sandbox untrusted-code-write (default)
+  pond submit --profile none -- make test        # your own code, unconfined (a warning)
   pond jobs; pond job ID; pond logs ID --follow; pond cancel ID
   pond serve --bind 127.0.0.1:8001 --state-dir ./pond-state
   pond admin pairing-code; pond admin enrollment-code --uses 5; pond admin workers
@@ -71,7 +73,7 @@ def cmd_serve(args):
                                args.poll_hold, args.access_log, args.request_timeout,
                                args.tls_cert, args.tls_key, args.insecure_no_tls,
                                args.credential_key_file, args.allow_unsigned_results, args.lease,
-                               args.max_attempts, args.log_cap)
+                               args.max_attempts, args.log_cap, args.require_sandbox)
     return serve(settings)
 
 
@@ -91,8 +93,7 @@ def cmd_submit(args):
         body["timeout"] = args.timeout
     if args.name:
         body["name"] = args.name
-    if args.sandbox:
-        body["sandbox"] = _json_arg(args.sandbox, "--sandbox")
+    body["sandbox"] = _sandbox_arg(args)
     if args.tenant:
         body["tenant"] = args.tenant
     if args.credential:
@@ -104,11 +105,47 @@ def cmd_submit(args):
     # Always a key: a submit retried after a lost answer then gives back the same job, never two.
     key = args.idempotency_key or f"pond-cli-{uuid.uuid4().hex}"
     job = client.post("/v1/jobs", body, headers={"Idempotency-Key": key})
+    _say_warnings(job)
     if not args.wait:
         _print_json(job) if args.json else print(job["id"])
         return 0
     print(f"submitted {job['id']}", file=sys.stderr)
     return _follow(client, job["id"], announce_wait=True)
+
+
+SANDBOX_FLAGS = (("profile", "--profile"), ("tier", "--tier"), ("backend", "--backend"),
+                 ("allow_host", "--allow-host"), ("memory", "--memory"), ("cpus", "--cpus"), ("pids", "--pids"),
+                 ("tmpfs", "--tmpfs"))
+DEFAULT_PROFILE = "untrusted-code-write"
+
+
+def _sandbox_arg(args):
+    """The job's sandbox block: --sandbox JSON as given, else one built from the sandbox flags."""
+    given = [flag for attr, flag in SANDBOX_FLAGS if getattr(args, attr) not in (None, [])]
+    if args.sandbox:
+        if given:
+            raise PondError(f"--sandbox and {given[0]} both say what the sandbox is",
+                            "give --sandbox JSON alone, or the flags (--profile, --memory, ...) without it",
+                            code="usage")
+        return _json_arg(args.sandbox, "--sandbox")
+    block = {"profile": args.profile or DEFAULT_PROFILE}
+    for key in ("tier", "backend"):
+        if getattr(args, key):
+            block[key] = getattr(args, key)
+    overrides = {key: value for key, value in (("memory", args.memory), ("cpus", args.cpus), ("pids", args.pids),
+                                               ("tmpfs_size", args.tmpfs)) if value is not None}
+    if overrides:
+        block["overrides"] = overrides
+    if args.allow_host:
+        block["allow_hosts"] = args.allow_host
+    return block
+
+
+def _say_warnings(job):
+    for warning in job.get("warnings") or []:
+        print(f"warning: {warning['message']}", file=sys.stderr)
+        if warning.get("hint"):
+            print(f"hint: {warning['hint']}", file=sys.stderr)
 
 
 def _env_pair(text):
@@ -177,13 +214,40 @@ def cmd_job(args):
             print(f"{key + ':':14}{job[key]}")
     print(f"{'command:':14}{' '.join(job['command'])}")
     print(f"{'needs:':14}tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}")
-    print(f"{'sandbox:':14}{json.dumps(job['sandbox'], sort_keys=True)}")
+    print(f"{'sandbox:':14}{_sandbox_line(job['sandbox'])}")
+    for warning in job.get("warnings") or []:
+        print(f"{'warning:':14}{warning['message']}")
     if job.get("waiting"):
         print(f"{'waiting:':14}{job['waiting']['reason']}")
     for event in job.get("events", []):
         detail = event.get("message") or " ".join(f"{k}={v}" for k, v in event.items()
                                                   if k not in ("at", "event", "job"))
         print(f"{'event:':14}{time.strftime('%H:%M:%S', time.localtime(event['at']))} {event['event']} {detail}")
+
+
+def _sandbox_line(block):
+    """profile, tier, backend; limits; allow_hosts: one line for `pond job`."""
+    limits = block.get("limits") or {}
+    shown = []
+    for key, name in (("memory", "memory"), ("cpus", "cpus"), ("pids", "pids"), ("tmpfs_size", "tmpfs"),
+                      ("timeout", "timeout")):
+        if key in limits:
+            value = limits[key]
+            shown.append(f"{name} {_size(value) if key in ('memory', 'tmpfs_size') else value}"
+                         + (" s" if key == "timeout" else ""))
+    line = f"{block.get('profile')}, tier {block.get('tier')}, backend {block.get('backend') or '-'}"
+    if shown:
+        line += "; " + ", ".join(shown)
+    if block.get("allow_hosts"):
+        line += "; allow_hosts " + ", ".join(block["allow_hosts"])
+    return line
+
+
+def _size(n):
+    for suffix, unit in (("G", 1024 ** 3), ("M", 1024 ** 2), ("K", 1024)):
+        if isinstance(n, int) and n and n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)
 
 
 def cmd_verify(args):
@@ -438,6 +502,8 @@ def build_parser():
                    help="output kept per job unless it says: the head and tail of each stream (default 4 MiB)")
     s.add_argument("--max-attempts", type=int, metavar="N",
                    help="attempts of a job whose leases run out before it fails (default 3)")
+    s.add_argument("--require-sandbox", action="store_true",
+                   help="refuse jobs with sandbox profile none (default: $POND_REQUIRE_SANDBOX, else off)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
@@ -454,7 +520,21 @@ def build_parser():
     s.add_argument("--timeout", type=float, metavar="S", help="seconds the job may run")
     s.add_argument("--name", help="a label for the job")
     s.add_argument("--tenant", help="tenant id (for sandbox tier byo)")
-    s.add_argument("--sandbox", metavar="JSON", help='sandbox block, e.g. \'{"profile": "none", "tier": "any"}\'')
+    s.add_argument("--profile", choices=("none", "untrusted-code-read", "untrusted-code-write"),
+                   help=f"sandbox profile (default {DEFAULT_PROFILE}; none runs unconfined)")
+    s.add_argument("--tier", choices=("trusted", "byo", "any"),
+                   help="which workers: trusted (pool:trusted), byo (pool:byo and tenant:<tenant>), any "
+                        "(default: trusted, or any for profile none)")
+    s.add_argument("--backend", metavar="NAME", help="sandbox provider (default bwrap, or process for profile none)")
+    s.add_argument("--allow-host", action="append", default=[], metavar="HOST",
+                   help="a host the job may reach through the egress proxy: name, *.suffix or IP (repeatable; "
+                        "untrusted-code-write only)")
+    s.add_argument("--memory", metavar="SIZE", help="memory limit, at most the default 4G (e.g. 512M)")
+    s.add_argument("--cpus", type=float, metavar="N", help="CPUs, at most the default 2 (e.g. 0.5)")
+    s.add_argument("--pids", type=int, metavar="N", help="processes, at most the default 512")
+    s.add_argument("--tmpfs", metavar="SIZE", help="size of the job's /tmp, at most the default 1G")
+    s.add_argument("--sandbox", metavar="JSON",
+                   help='the whole sandbox block instead of the flags above, e.g. \'{"profile": "none"}\'')
     s.add_argument("--credential", metavar="NAME", help="a credential whose env the job gets, sealed to its worker")
     s.add_argument("--cancel-grace", type=float, metavar="S",
                    help="seconds from SIGTERM to SIGKILL when the job is cancelled or times out (default 10)")

@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 
-from pond import attestation, credentials, matching, tokens, wire
+from pond import attestation, credentials, matching, sandbox, tokens, wire
 from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, StaleAttempt, Unauthorized
 from pond.jobs import TERMINAL, TRANSITIONS, JobState, requeue, transition
 
@@ -132,7 +132,7 @@ def _assign(pond, job, worker, binding_id):
         "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
         "worker": worker["id"], "command": job["command"], "env": job["env"], "name": job["name"],
         "tags": job["tags"], "capabilities": job["capabilities"], "sandbox": job["sandbox"],
-        "timeout": job["timeout"],
+        "timeout": sandbox.effective_timeout(job),     # the worker stops the job at the sooner of the two
         "credential": job["credential"],     # the intent only: the worker asks for it sealed (seal())
         "cancel_grace": job["cancel_grace"],
         "log_cap": job["log_cap"],
@@ -326,9 +326,9 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope, dropped):
         raise attestation.refused("the result of a pinned worker carries no attestation")
     statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)
     output = pond.store.output(job["id"], attempt)
+    command, box = pond.store.job_command_sandbox(job["id"])
     attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
-                                output["stderr"], command=pond.store.job_command(job["id"]), outcome=outcome,
-                                dropped=dropped)
+                                output["stderr"], command=command, outcome=outcome, dropped=dropped, sandbox=box)
     return True
 
 
@@ -399,14 +399,15 @@ def end_attempt(pond, job, event_name, why, retry_always=False):
 
 
 def expire_overdue(pond):
-    """The timeout backstop: a job still not ended BACKSTOP_MARGIN after its timeout and grace
-    (the worker enforces both) fails here, and the next heartbeat tells its orchestrator to stop it."""
+    """The timeout backstop: a job still not ended BACKSTOP_MARGIN after its effective timeout
+    (sandbox.effective_timeout) and grace (the worker enforces both) fails here, and the next
+    heartbeat tells its orchestrator to stop it."""
     failed = 0
     # Half a lease at most: a worker that went silent loses its lease first anyway.
     for job in pond.store.overdue_jobs(pond.now(), min(BACKSTOP_MARGIN, pond.settings.lease / 2)):
         try:
             transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
-                       error=f"timed out after {job['timeout']:g} s; its worker did not report the end "
+                       error=f"timed out after {sandbox.effective_timeout(job):g} s; its worker did not report the end "
                              f"(pond's backstop)")
         except InvalidTransition:
             continue

@@ -27,6 +27,13 @@ class BadRequest(PondError):
     code = "bad_request"
 
 
+class SandboxInvalid(BadRequest):
+    """A job's sandbox block that pond will not take (specs/sandbox.md §5): well-formed JSON, a bad policy."""
+
+    status = 422
+    code = "sandbox_invalid"
+
+
 class Unauthorized(PondError):
     status = 401
     code = "unauthorized"

@@ -13,7 +13,7 @@ import re
 import time
 from enum import Enum
 
-from pond import credentials, matching, tokens, wire
+from pond import credentials, matching, sandbox, tokens, wire
 from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound
 from pond.settings import MAX_LOG_CAP, MIN_LOG_CAP
 
@@ -39,11 +39,6 @@ TRANSITIONS = {
     JobState.CANCELLED: frozenset(),
 }
 
-PROFILES = ("none", "untrusted-code-read", "untrusted-code-write")
-TIERS = ("trusted", "byo", "any")
-OVERRIDES = ("memory", "cpus", "pids_limit", "tmpfs_size", "image")
-TIER_TAGS = {"trusted": ["pool:trusted"], "byo": ["pool:byo"], "any": []}
-DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
                  "cancel_grace", "log_cap", "retries")
@@ -71,34 +66,6 @@ def transition(store, job, to_state, **fields):
         raise InvalidTransition(job["id"], current["state"], to_state.value)
 
 
-def parse_sandbox(value, tenant):
-    """The sandbox block of design.md §6 -> (block, extra required tags, extra capabilities)."""
-    if value is None:
-        return dict(DEFAULT_SANDBOX), [], []
-    value = wire.obj(value, "sandbox", ("profile", "tier", "backend", "overrides"))
-    block = dict(DEFAULT_SANDBOX, **value)
-    if block["profile"] not in PROFILES:
-        raise BadRequest(f"sandbox.profile {str(block['profile'])[:40]!r} is unknown", "one of: " + ", ".join(PROFILES))
-    if block["tier"] not in TIERS:
-        raise BadRequest(f"sandbox.tier {str(block['tier'])[:40]!r} is unknown", "one of: " + ", ".join(TIERS))
-    block["overrides"] = wire.obj(block["overrides"], "sandbox.overrides", OVERRIDES)
-    for key, val in block["overrides"].items():
-        if isinstance(val, bool) or not isinstance(val, (str, int, float)) or len(str(val)) > 64:
-            raise BadRequest(f"sandbox.overrides.{key} must be a short string or number")
-        if isinstance(val, str):
-            wire.utf8(val, f"sandbox.overrides.{key}")
-    tags = list(TIER_TAGS[block["tier"]])
-    if block["tier"] == "byo":
-        if not tenant:
-            raise BadRequest("sandbox.tier byo needs a tenant", 'add "tenant": "<project id>" to the job')
-        tags.append(f"tenant:{tenant}")
-    caps = []
-    if block["backend"] is not None:
-        backend = wire.string(block["backend"], "sandbox.backend", 32, wire.CAPABILITY_RE)
-        caps.append(f"sandbox.{backend}")
-    return block, tags, caps
-
-
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
                      "cancel_grace", "log_cap", "retries")
@@ -115,12 +82,12 @@ def submit(pond, req):
     if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
         raise BadRequest("Idempotency-Key must be 1 to 128 of A-Z a-z 0-9 . _ : -", "a UUID will do")
     tenant = wire.optional_string(body.get("tenant"), "tenant", max_len=128, pattern=wire.TAG_RE)
-    sandbox, tier_tags, sandbox_caps = parse_sandbox(body.get("sandbox"), tenant)
+    box = sandbox.parse(body.get("sandbox"), tenant, pond.settings.require_sandbox)
     tags = sorted(set(wire.string_list(body.get("tags"), "tags", wire.TAG_RE,
-                                       hint="tags look like repo:acme or pool:trusted")) | set(tier_tags))
+                                       hint="tags look like repo:acme or pool:trusted")) | set(box.tags))
     caps = sorted(set(wire.string_list(body.get("capabilities"), "capabilities", wire.CAPABILITY_RE,
                                        hint="capabilities look like harness.codex (no globs in a job)"))
-                  | set(sandbox_caps))
+                  | set(box.capabilities))
     job = {
         "id": tokens.new_id("j"),
         "state": JobState.QUEUED.value,
@@ -129,7 +96,7 @@ def submit(pond, req):
         "env": wire.env(body.get("env")),
         "tags": tags,
         "capabilities": caps,
-        "sandbox": sandbox,
+        "sandbox": box.block,
         "timeout": wire.number(body.get("timeout"), "timeout", 1, MAX_TIMEOUT),
         "created_at": pond.now(),
         "credential": _credential(pond, body.get("credential")),
@@ -246,6 +213,7 @@ def view(pond, row, explain=True):
     # unsigned (never ran, or an unpinned worker); null, no result yet.
     out["attested"] = (row["attestation"] is not None) if JobState(row["state"]) in TERMINAL else None
     out["events"] = row["events"] or []
+    out["warnings"] = sandbox.warnings(row["sandbox"])
     if explain and row["state"] == JobState.QUEUED.value:
         out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts(),
                                           pond.settings.allow_unsigned)

@@ -10,6 +10,8 @@ from fnmatch import fnmatchcase
 
 from pond.wire import canonical
 
+SANDBOX_PREFIX = "sandbox."      # a job's sandbox.<backend> capability (pond/sandbox.py)
+
 
 def requirement_key(tags, capabilities, sealed=False):
     """Jobs with equal keys have equal requirements; the queue is grouped by it.
@@ -76,9 +78,27 @@ def explain(job, workers, active, allow_unsigned=False):
 
 def _gaps(online, tags, caps):
     gaps = [f"no worker with tag {t}" for t in sorted(tags) if not any(t in w["tags"] for w in online)]
-    gaps += [f"no worker with capability {c}" for c in sorted(caps)
-             if not any(capability_matches(w["capabilities"], c) for w in online)]
+    gaps += [_sandbox_gap(online, c) if c.startswith(SANDBOX_PREFIX) else f"no worker with capability {c}"
+             for c in sorted(caps) if not any(capability_matches(w["capabilities"], c) for w in online)]
     if not gaps:
         needs = ", ".join([*sorted(tags), *sorted(caps)])
         gaps.append(f"no single online worker has all of: {needs}")
     return gaps
+
+
+def _sandbox_gap(online, capability):
+    """No online worker enforces the job's sandbox backend: say what each orchestrator's workers do enforce.
+
+    A worker advertises sandbox.<backend> only once its start-up preflight of that provider
+    passed (specs/sandbox.md §6), so a missing provider is usually fixed on the worker host.
+    """
+    by_binding = {}
+    for w in online:
+        by_binding.setdefault(w["binding_id"], []).append(w)
+    pools = []
+    for binding, members in sorted(by_binding.items()):
+        have = sorted({c for w in members for c in w["capabilities"] if c.startswith(SANDBOX_PREFIX)})
+        count = f"{len(members)} online worker{'s' if len(members) > 1 else ''}"
+        pools.append(f"pool {binding} has {count} " + (f"with {', '.join(have)} only" if have else "with no sandbox"))
+    return (f"no worker enforces sandbox {capability.removeprefix(SANDBOX_PREFIX)}: " + ", ".join(pools)
+            + "; a worker drops a sandbox whose start-up preflight failed, see its log")

@@ -53,6 +53,7 @@ class ServerSettings:
     lease: float = LEASE
     max_attempts: int = MAX_ATTEMPTS
     log_cap: int = LOG_CAP
+    require_sandbox: bool = False        # refuse jobs with sandbox profile none (specs/sandbox.md §5)
 
     @property
     def scheme(self):
@@ -116,7 +117,7 @@ def read_private(path):
 def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
-                    log_cap=None):
+                    log_cap=None, require_sandbox=False):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,16 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           tls_cert=tls_cert, tls_key=tls_key,
                           credential_key=_credential_key(state, env, credential_key_file),
                           allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1",
-                          lease=lease, max_attempts=attempts, log_cap=cap)
+                          lease=lease, max_attempts=attempts, log_cap=cap,
+                          require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"))
+
+
+def _env_flag(env, name):
+    """A true/false environment setting; anything else is refused rather than guessed."""
+    value = env.get(name, "").strip().lower()
+    if value not in ("", "true", "false", "1", "0"):
+        raise ConfigError(f"{name}={env[name][:40]!r} is not true or false", f"set {name}=true or unset it")
+    return value in ("true", "1")
 
 
 def _credential_key(state, env, key_file):

@@ -418,8 +418,10 @@ class Store:
         return self._one("SELECT id, state, attempt, binding_id, claim_hash, started_at, worker_id, credential"
                          " FROM jobs WHERE id = ?", (job_id,))
 
-    def job_command(self, job_id):
-        return self._one("SELECT command FROM jobs WHERE id = ?", (job_id,))["command"]
+    def job_command_sandbox(self, job_id):
+        """(command, sandbox) of a job: what a signed result must name (attestation.check_statement)."""
+        row = self._one("SELECT command, sandbox FROM jobs WHERE id = ?", (job_id,))
+        return row["command"], row["sandbox"]
 
     def add_job_event(self, job_id, event):
         """Keep an event on the job (a refused result, a seal) for its operator; the newest MAX_EVENTS."""
@@ -485,10 +487,14 @@ class Store:
 
     def overdue_jobs(self, now, margin):
         """Jobs with a timeout whose worker has not reported their end long after it should have."""
-        return self._all("SELECT id, state, attempt, worker_id, binding_id, timeout, started_at FROM jobs"
-                         " WHERE state IN ('assigned', 'running') AND timeout IS NOT NULL"
+        # The effective timeout, sandbox.effective_timeout in SQL: min(timeout, sandbox.limits.timeout),
+        # either one alone when the other is null (SQLite's two-argument MIN is null if one is).
+        effective = ("COALESCE(MIN(timeout, json_extract(sandbox, '$.limits.timeout')), timeout,"
+                     " json_extract(sandbox, '$.limits.timeout'))")
+        return self._all("SELECT id, state, attempt, worker_id, binding_id, timeout, sandbox, started_at FROM jobs"
+                         f" WHERE state IN ('assigned', 'running') AND {effective} IS NOT NULL"
                          # a job from before per-job grace has none stored: the default, 10 s
-                         " AND COALESCE(started_at, assigned_at) + timeout + COALESCE(cancel_grace, 10) + ? < ?",
+                         f" AND COALESCE(started_at, assigned_at) + {effective} + COALESCE(cancel_grace, 10) + ? < ?",
                          (margin, now))
 
     def extend_all_leases(self, until):

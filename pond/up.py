@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from pond.client import Client
@@ -147,7 +148,7 @@ def up(state_dir, bind, tags, capabilities, concurrency, out=print):
         worker, worker_line = _start_worker(state / "worker", orch_url, admin, py, swarm, logs,
                                             tags, capabilities, concurrency)
         children.append(worker)
-        _summary(out, state, pond_url, orch_url, worker_line, state_dir)
+        _summary(out, state, pond_url, orch_url, worker_line, state_dir, _sandboxes(admin, worker_line, stop))
         while not stop.wait(0.5):
             dead = [c for c in children if not c.alive()]
             if dead:
@@ -196,11 +197,29 @@ def _start_worker(worker_dir, orch_url, admin, py, swarm, logs, tags, capabiliti
     return worker, worker.wait_ready()
 
 
-def _summary(out, state, pond_url, orch_url, worker_line, state_dir_arg):
+def _sandboxes(admin, worker_line, stop, timeout=READY_TIMEOUT):
+    """The sandboxes the worker enforces, as pond sees it once the worker is online: what it
+    advertised after its start-up preflight. -> a line for the summary."""
+    worker_id = worker_line.split()[2] if len(worker_line.split()) > 2 else None
+    deadline = time.monotonic() + timeout
+    while not stop.is_set() and time.monotonic() < deadline:
+        rows = [w for w in admin.get("/v1/admin/pool/workers")["workers"] if w["id"] == worker_id and w["online"]]
+        if rows:
+            have = sorted(c.removeprefix("sandbox.") for c in rows[0]["capabilities"] if c.startswith("sandbox."))
+            if have:
+                return "enforces sandboxes: " + ", ".join(have)
+            return ("enforces no sandbox: jobs wait until a worker does; its log says why each provider was "
+                    "dropped (install bubblewrap, allow unprivileged user namespaces), or submit with --profile none")
+        stop.wait(0.2)
+    return "not online in pond yet; `pond admin workers` shows the sandboxes it enforces once it is"
+
+
+def _summary(out, state, pond_url, orch_url, worker_line, state_dir_arg, sandboxes):
     flag = "" if state_dir_arg in (None, ".pond-state") else f" --state-dir {state_dir_arg}"
     out(f"pond          {pond_url}   (state: {state})")
     out(f"orchestrator  {orch_url}")
     out(f"worker        {worker_line.removeprefix('swarm worker ')}")
+    out(f"              worker {sandboxes}")
     out(f"logs          {state / 'logs'}")
     out("")
     out(f"submit a job:  pond{flag} submit --wait -- python3 -c 'print(42)'")

@@ -161,6 +161,9 @@ class PondHandle:
         return self.client.get(f"/v1/jobs/{job_id}")
 
     def submit(self, command, **fields):
+        """POST /v1/jobs; the job runs unconfined (`sandbox={"profile": "none"}`) unless `sandbox` is given,
+        so a test about something else needs no sandbox provider."""
+        fields.setdefault("sandbox", {"profile": "none"})
         return self.client.post("/v1/jobs", dict(command=command, **fields))
 
     def wait_job(self, job_id, states=("done", "failed", "cancelled"), timeout=20):
@@ -223,6 +226,14 @@ class Pool:
 
     def worker(self, pond, orch, tags="", capabilities="", concurrency=1, code=None, extra=(), state=None,
                wait_online=True):
+        """A worker enrolled with pond through `orch`.
+
+        `sandbox.process` is added to `capabilities` unless they already hold a `sandbox.` glob,
+        so the worker takes the unconfined jobs PondHandle.submit sends by default; give a
+        `sandbox.` glob to choose its sandboxes yourself.
+        """
+        if "sandbox." not in capabilities:
+            capabilities = ",".join(c for c in (capabilities, "sandbox.process") if c)
         state = state or self._dir("worker")
         argv = [sys.executable, SWARM, "worker", "--orchestrator", orch.url(), "--state-dir", str(state),
                 "--tags", tags, "--capabilities", capabilities, "--concurrency", str(concurrency),

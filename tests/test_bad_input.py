@@ -347,14 +347,14 @@ class PondWorld:
 
     def enroll(self, token, code, tags=("lane:manual",)):
         status, body = api(self.url, "POST", f"/v1/orch/enrollment/{code}/consumed",
-                           {"name": "manual", "tags": list(tags), "capabilities": ["harness.*"], "slots": 4},
+                           {"name": "manual", "tags": list(tags), "capabilities": ["harness.*", "sandbox.process"], "slots": 4},
                            auth=f"Bearer {token}")
         assert status == 201, body
         return body["worker_id"]
 
     def online(self, token, worker, tags=("lane:manual",)):
         status, body = api(self.url, "POST", "/v1/orch/workers/snapshot",
-                           {"workers": [{"id": worker, "tags": list(tags), "capabilities": ["harness.*"],
+                           {"workers": [{"id": worker, "tags": list(tags), "capabilities": ["harness.*", "sandbox.process"],
                                          "slots": 4, "online": True}]}, auth=f"Bearer {token}")
         assert status == 200 and body["unknown"] == [], body
 
@@ -398,7 +398,15 @@ def submit(what, body=NO_BODY, **kw):
 
 
 def job_with(**fields):
-    return dict({"command": ["true"]}, **fields)
+    return dict({"command": ["true"], "sandbox": {"profile": "none"}}, **fields)
+
+
+def bad_sandbox(what, sandbox, says, code="sandbox_invalid", **fields):
+    """A job whose sandbox block pond refuses: 422 naming the field (specs/sandbox.md §5)."""
+    return submit(what, job_with(sandbox=sandbox, **fields), status=422, code=code, says=says)
+
+
+WRITE = "untrusted-code-write"
 
 
 POND_SUBMIT_CASES = [
@@ -412,18 +420,18 @@ POND_SUBMIT_CASES = [
     submit("a name ending in a newline", job_with(name="build\n"), says="name"),
     submit("a credential name ending in a newline", job_with(credential="kept\n"), says="credential"),
     submit("no command", {}, says="command"),
-    submit("command null", {"command": None}, says="command"),
-    submit("command a string", {"command": "ls -l"}, says="command"),
-    submit("command an empty list", {"command": []}, says="command"),
-    submit("command an object", {"command": {"0": "ls"}}, says="command"),
-    submit("command with a number", {"command": ["ls", 1]}, says="command[1]"),
-    submit("command with null", {"command": [None]}, says="command[0]"),
-    submit("command with a list", {"command": [["ls"]]}, says="command[0]"),
-    submit("command with an empty program", {"command": [""]}, says="command[0]"),
-    submit("command with a NUL byte", {"command": ["ls", "a\x00b"]}, says="command[1]"),
-    submit("command with a lone surrogate", {"command": ["echo", "\ud800"]}, says="command[1]"),
-    submit("command with a 33 KiB argument", {"command": ["echo", "x" * (33 * 1024)]}, says="command[1]"),
-    submit("command with 257 arguments", {"command": ["echo"] * 257}, says="command"),
+    submit("command null", job_with(command=None), says="command"),
+    submit("command a string", job_with(command="ls -l"), says="command"),
+    submit("command an empty list", job_with(command=[]), says="command"),
+    submit("command an object", job_with(command={"0": "ls"}), says="command"),
+    submit("command with a number", job_with(command=["ls", 1]), says="command[1]"),
+    submit("command with null", job_with(command=[None]), says="command[0]"),
+    submit("command with a list", job_with(command=[["ls"]]), says="command[0]"),
+    submit("command with an empty program", job_with(command=[""]), says="command[0]"),
+    submit("command with a NUL byte", job_with(command=["ls", "a\x00b"]), says="command[1]"),
+    submit("command with a lone surrogate", job_with(command=["echo", "\ud800"]), says="command[1]"),
+    submit("command with a 33 KiB argument", job_with(command=["echo", "x" * (33 * 1024)]), says="command[1]"),
+    submit("command with 257 arguments", job_with(command=["echo"] * 257), says="command"),
     # env
     submit("env a list", job_with(env=["A=1"]), says="env"),
     submit("env a string", job_with(env="A=1"), says="env"),
@@ -452,28 +460,40 @@ POND_SUBMIT_CASES = [
     submit("capabilities in upper case", job_with(capabilities=["Harness"]), says="capabilities[0]"),
     submit("capabilities with a number", job_with(capabilities=[7]), says="capabilities[0]"),
     submit("capabilities with an empty string", job_with(capabilities=[""]), says="capabilities[0]"),
-    # sandbox
-    submit("sandbox a string", job_with(sandbox="none"), says="sandbox"),
-    submit("sandbox a list", job_with(sandbox=["none"]), says="sandbox"),
-    submit("sandbox with an unknown field", job_with(sandbox={"profle": "none"}), says="profle"),
-    submit("sandbox.profile unknown", job_with(sandbox={"profile": "bogus"}), says="bogus"),
-    submit("sandbox.profile a number", job_with(sandbox={"profile": 1}), says="sandbox.profile"),
-    submit("sandbox.profile a list", job_with(sandbox={"profile": ["none"]}), says="sandbox.profile"),
-    submit("sandbox.profile null", job_with(sandbox={"profile": None}), says="sandbox.profile"),
-    submit("sandbox.tier unknown", job_with(sandbox={"tier": "gold"}), says="gold"),
-    submit("sandbox.tier an object", job_with(sandbox={"tier": {}}), says="sandbox.tier"),
-    submit("sandbox.tier byo without a tenant", job_with(sandbox={"tier": "byo"}), says="tenant"),
-    submit("sandbox.backend empty", job_with(sandbox={"backend": ""}), says="sandbox.backend"),
-    submit("sandbox.backend with a glob", job_with(sandbox={"backend": "*"}), says="sandbox.backend"),
-    submit("sandbox.backend a number", job_with(sandbox={"backend": 3}), says="sandbox.backend"),
-    submit("sandbox.overrides a list", job_with(sandbox={"overrides": []}), says="sandbox.overrides"),
-    submit("sandbox.overrides with an unknown field", job_with(sandbox={"overrides": {"gpu": 1}}), says="gpu"),
-    submit("sandbox.overrides with a list value", job_with(sandbox={"overrides": {"memory": [1]}}),
-           says="sandbox.overrides.memory"),
-    submit("sandbox.overrides with a boolean", job_with(sandbox={"overrides": {"cpus": True}}),
-           says="sandbox.overrides.cpus"),
-    submit("sandbox.overrides with a 65-character value", job_with(sandbox={"overrides": {"image": "i" * 65}}),
-           says="sandbox.overrides.image"),
+    # sandbox (tests/test_sandbox_policy.py has the rules; these are the shapes)
+    submit("no sandbox", {"command": ["true"]}, status=422, code="sandbox_required", says="sandbox"),
+    submit("sandbox null", job_with(sandbox=None), status=422, code="sandbox_required", says="sandbox"),
+    bad_sandbox("sandbox a string", "none", "sandbox"),
+    bad_sandbox("sandbox a list", ["none"], "sandbox"),
+    bad_sandbox("sandbox without a profile", {"tier": "any"}, "profile"),
+    bad_sandbox("sandbox with an unknown field", {"profile": "none", "profle": "none"}, "profle"),
+    bad_sandbox("sandbox.profile unknown", {"profile": "bogus"}, "bogus"),
+    bad_sandbox("sandbox.profile a number", {"profile": 1}, "sandbox.profile"),
+    bad_sandbox("sandbox.profile a list", {"profile": ["none"]}, "sandbox.profile"),
+    bad_sandbox("sandbox.profile null", {"profile": None}, "sandbox.profile"),
+    bad_sandbox("sandbox.tier unknown", {"profile": "none", "tier": "gold"}, "gold"),
+    bad_sandbox("sandbox.tier an object", {"profile": "none", "tier": {}}, "sandbox.tier"),
+    bad_sandbox("sandbox.tier byo without a tenant", {"profile": "none", "tier": "byo"}, "tenant"),
+    bad_sandbox("sandbox.backend empty", {"profile": WRITE, "backend": ""}, "sandbox.backend"),
+    bad_sandbox("sandbox.backend with a glob", {"profile": WRITE, "backend": "*"}, "sandbox.backend"),
+    bad_sandbox("sandbox.backend a number", {"profile": WRITE, "backend": 3}, "sandbox.backend"),
+    bad_sandbox("sandbox.backend null", {"profile": WRITE, "backend": None}, "sandbox.backend"),
+    bad_sandbox("sandbox.overrides a list", {"profile": "none", "overrides": []}, "sandbox.overrides"),
+    bad_sandbox("sandbox.overrides with an unknown field", {"profile": "none", "overrides": {"gpu": 1}}, "gpu"),
+    bad_sandbox("sandbox.overrides.pids_limit (the old name)", {"profile": "none", "overrides": {"pids_limit": 1}},
+                "pids_limit"),
+    bad_sandbox("sandbox.overrides with a list value", {"profile": "none", "overrides": {"memory": [1]}},
+                "sandbox.overrides.memory"),
+    bad_sandbox("sandbox.overrides with a boolean", {"profile": "none", "overrides": {"cpus": True}},
+                "sandbox.overrides.cpus"),
+    bad_sandbox("sandbox.overrides.memory of 65 characters", {"profile": "none", "overrides": {"memory": "1" * 65}},
+                "sandbox.overrides.memory"),
+    bad_sandbox("sandbox.overrides.memory with a NUL", {"profile": "none", "overrides": {"memory": "1\x00G"}},
+                "sandbox.overrides.memory"),
+    bad_sandbox("sandbox.allow_hosts a string", {"profile": WRITE, "allow_hosts": "example.org"},
+                "sandbox.allow_hosts"),
+    bad_sandbox("sandbox.allow_hosts with a lone surrogate", {"profile": WRITE, "allow_hosts": ["\ud800.org"]},
+                "sandbox.allow_hosts[0]"),
     # timeout
     submit("timeout 0", job_with(timeout=0), says="timeout"),
     submit("timeout negative", job_with(timeout=-5), says="timeout"),
@@ -481,9 +501,9 @@ POND_SUBMIT_CASES = [
     submit("timeout a string", job_with(timeout="60"), says="timeout"),
     submit("timeout a boolean", job_with(timeout=True), says="timeout"),
     submit("timeout a list", job_with(timeout=[60]), says="timeout"),
-    submit("timeout NaN", raw=b'{"command": ["true"], "timeout": NaN}', says="timeout"),
-    submit("timeout Infinity", raw=b'{"command": ["true"], "timeout": Infinity}', says="timeout"),
-    submit("timeout 1e400", raw=b'{"command": ["true"], "timeout": 1e400}', says="timeout"),
+    submit("timeout NaN", raw=b'{"command": ["true"], "sandbox": {"profile": "none"}, "timeout": NaN}', says="timeout"),
+    submit("timeout Infinity", raw=b'{"command": ["true"], "sandbox": {"profile": "none"}, "timeout": Infinity}', says="timeout"),
+    submit("timeout 1e400", raw=b'{"command": ["true"], "sandbox": {"profile": "none"}, "timeout": 1e400}', says="timeout"),
     # name and tenant
     submit("name empty", job_with(name=""), says="name"),
     submit("name a number", job_with(name=5), says="name"),
@@ -1251,10 +1271,10 @@ field_values = {
     "env": st.dictionaries(any_text, any_text | json_values, max_size=3) | json_values,
     "tags": st.lists(st.from_regex(r"[a-z]{1,5}:[a-z]{1,5}", fullmatch=True) | json_values, max_size=3),
     "capabilities": st.lists(st.from_regex(r"[a-z*.]{1,8}", fullmatch=True) | json_values, max_size=3),
-    "sandbox": st.dictionaries(st.sampled_from(["profile", "tier", "backend", "overrides", "x"]),
-                               st.sampled_from(["none", "byo", "trusted", "any", "process", "*"]) | json_values,
-                               max_size=4) | json_values,
-    "timeout": st.integers(-10, 10 ** 7) | st.floats() | json_values,
+    "sandbox": st.dictionaries(st.sampled_from(["profile", "tier", "backend", "overrides", "allow_hosts", "x"]),
+                               st.sampled_from(["none", "byo", "trusted", "any", "process", "bwrap", "*"])
+                               | json_values, max_size=5) | json_values,
+"timeout": st.integers(-10, 10 ** 7) | st.floats() | json_values,
     "name": st.text(max_size=70) | any_text | json_values,
     "tenant": any_text | json_values,
 }
@@ -1263,17 +1283,18 @@ valid_values = {
     "env": st.dictionaries(st.from_regex(r"[A-Z_][A-Z0-9_]{0,5}", fullmatch=True), st.text(max_size=8), max_size=2),
     "tags": st.lists(st.from_regex(r"[a-z]{1,5}:[a-z]{1,5}", fullmatch=True), max_size=2),
     "capabilities": st.lists(st.from_regex(r"[a-z]{1,5}\.[a-z]{1,5}", fullmatch=True), max_size=2),
-    "sandbox": st.fixed_dictionaries({}, optional={
-        "profile": st.sampled_from(["none", "untrusted-code-read", "untrusted-code-write"]),
-        "tier": st.sampled_from(["trusted", "any"]), "backend": st.sampled_from(["process", "docker"]),
-        "overrides": st.dictionaries(st.sampled_from(["memory", "cpus", "pids_limit", "tmpfs_size", "image"]),
-                                     st.integers(0, 10 ** 6) | st.text(max_size=8), max_size=2)}),
-    "timeout": st.integers(1, 604_800) | st.floats(1, 604_800),
+    "sandbox": st.fixed_dictionaries({"profile": st.sampled_from(["none", "untrusted-code-read", WRITE])}, optional={
+        "tier": st.sampled_from(["trusted", "any"]), "backend": st.sampled_from(["process", "bwrap", "docker"]),
+        "overrides": st.dictionaries(st.sampled_from(["memory", "cpus", "pids", "tmpfs_size", "timeout"]),
+                                     st.integers(1, 512) | st.sampled_from(["1G", "256M", "64K"]), max_size=2),
+        "allow_hosts": st.lists(st.sampled_from(["pypi.org", "*.example.org", "10.0.0.1", "2001:db8::1"]),
+                                max_size=2)}),
+"timeout": st.integers(1, 604_800) | st.floats(1, 604_800),
     "name": st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._ -]{0,10}", fullmatch=True),
     "tenant": st.from_regex(r"[a-z]{1,8}", fullmatch=True),
 }
-valid_jobs = st.fixed_dictionaries({"command": valid_values["command"]},
-                                   optional={k: v for k, v in valid_values.items() if k != "command"})
+valid_jobs = st.fixed_dictionaries({"command": valid_values["command"], "sandbox": valid_values["sandbox"]},
+                                   optional={k: v for k, v in valid_values.items() if k not in ("command", "sandbox")})
 # Mostly-valid bodies reach the deeper checks: a valid job with one field (or one command argument) made hostile.
 one_field_hostile = st.builds(lambda job, kv: {**job, kv[0]: kv[1]}, valid_jobs,
                               st.sampled_from(SUBMIT_FIELDS).flatmap(lambda k: st.tuples(st.just(k), field_values[k])))
@@ -1335,7 +1356,7 @@ class OrchestratorWorld:
         self.url = self.orch.url()
         status, body = api(self.url, "POST", "/v1/worker/enroll",
                            {"code": pond.enrollment_code(), "name": "manual", "tags": ["lane:manual"],
-                            "capabilities": ["harness.*"], "slots": 2})
+                            "capabilities": ["harness.*", "sandbox.process"], "slots": 2})
         assert status == 201, body
         self.worker, self.token = body["worker_id"], body["token"]
         jobs = [pond.submit([sys.executable, "-c", "pass"], tags=["lane:manual"])["id"] for _ in range(2)]

@@ -126,9 +126,9 @@ def test_the_cli_takes_secrets_from_the_environment_or_a_file_never_from_argv(po
 
 def test_a_job_may_only_name_a_credential_that_exists(pool):
     pond = pool.pond()
-    status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "credential": "nope"})
+    status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "credential": "nope", "sandbox": {"profile": "none"}})
     assert status == 404 and "nope" in body["error"]["message"], body
-    status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "credential": "a b"})
+    status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "credential": "a b", "sandbox": {"profile": "none"}})
     assert status == 400, body
 
 
@@ -229,7 +229,8 @@ def test_pond_refuses_to_start_with_a_missing_or_loose_key_file(pool, tmp_path):
 
 def run_without_cryptography(pool, pond, orch, state):
     argv = [str(Path(__file__).resolve().parents[1] / "swarm.py"), "worker", "--orchestrator", orch.url(),
-            "--state-dir", str(state), "--enroll-code", pond.enrollment_code(), "--claim-wait", "5"]
+            "--state-dir", str(state), "--enroll-code", pond.enrollment_code(), "--claim-wait", "5",
+            "--capabilities", "sandbox.process"]
     code = ("import runpy, sys; sys.modules['cryptography'] = None; sys.argv = " + repr(argv) +
             "; runpy.run_path(sys.argv[0], run_name='__main__')")
     w = pool.start([sys.executable, "-c", code], "worker")

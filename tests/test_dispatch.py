@@ -88,7 +88,7 @@ def test_tier_trusted_runs_only_on_a_pool_trusted_worker(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
     untrusted = pool.worker(pond, orch, tags="pool:local")
-    job = pond.submit([PY, "-c", "pass"], sandbox={"tier": "trusted"})
+    job = pond.submit([PY, "-c", "pass"], sandbox={"profile": "none", "tier": "trusted"})
     assert "pool:trusted" in job["tags"]
     proves_dispatch_ran(pond, untrusted)
     view = pond.job(job["id"])
@@ -213,7 +213,8 @@ def test_job_environment_is_scrubbed_and_home_is_per_job(pool, tmp_path):
     env = env_for_children()
     env["WORKER_SECRET"] = "must-not-leak"
     argv = [PY, SWARM, "worker", "--orchestrator", orch.url(), "--state-dir", str(state),
-            "--enroll-code", pond.enrollment_code(), "--concurrency", "2", "--claim-wait", "5"]
+            "--enroll-code", pond.enrollment_code(), "--concurrency", "2", "--claim-wait", "5",
+            "--capabilities", "sandbox.process"]
     w = Proc(argv, tmp_path / "envworker.log", env=env)
     pool.procs.append(w)
     worker_id = w.ready().split()[2]

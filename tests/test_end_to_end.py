@@ -21,8 +21,8 @@ def test_submit_wait_prints_output_and_exits_with_job_code(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
     pool.worker(pond, orch)
-    done = pond.cli("submit", "--wait", "--", sys.executable, "-c", "print(42)")
+    done = pond.cli("submit", "--wait", "--profile", "none", "--", sys.executable, "-c", "print(42)")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "42\n"
-    done = pond.cli("submit", "--wait", "--", sys.executable, "-c", "import sys; sys.exit(7)")
+    done = pond.cli("submit", "--wait", "--profile", "none", "--", sys.executable, "-c", "import sys; sys.exit(7)")
     assert done.returncode == 7

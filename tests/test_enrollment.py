@@ -206,5 +206,5 @@ def test_unenforceable_sandbox_is_dropped_with_a_warning(pool):
     assert "sandbox.firecracker" in w.stderr() and "WARNING" in w.stderr()
     assert "sandbox.firecracker" not in w.lines[0]
     # So a job that needs that sandbox is not given to this worker.
-    job = pond.submit([sys.executable, "-c", "pass"], sandbox={"backend": "firecracker"})
-    assert "no worker with capability sandbox.firecracker" in pond.job(job["id"])["waiting"]["reason"]
+    job = pond.submit([sys.executable, "-c", "pass"], sandbox={"profile": "untrusted-code-write", "backend": "firecracker"})
+    assert "no worker enforces sandbox firecracker" in pond.job(job["id"])["waiting"]["reason"]

@@ -74,7 +74,7 @@ def test_a_live_worker_keeps_its_lease_past_the_lease_time(pool, tmp_path):
 
 def test_the_same_idempotency_key_gives_the_same_job(pool):
     pond = pool.pond()
-    body = {"command": ["true"], "tags": ["lane:x"]}
+    body = {"command": ["true"], "tags": ["lane:x"], "sandbox": {"profile": "none"}}
     first = pond.api("POST", "/v1/jobs", body, headers={"Idempotency-Key": "deploy-42"})
     again = pond.api("POST", "/v1/jobs", body, headers={"Idempotency-Key": "deploy-42"})
     assert first[0] == 201 and again[0] == 200 and again[1]["id"] == first[1]["id"], (first, again)
@@ -83,7 +83,7 @@ def test_the_same_idempotency_key_gives_the_same_job(pool):
     bad = pond.api("POST", "/v1/jobs", body, headers={"Idempotency-Key": "no spaces"})
     assert bad[0] == 400, bad
     assert pond.client.get("/v1/jobs")["counts"] == {"queued": 1}
-    cli = pond.cli("submit", "--idempotency-key", "deploy-42", "--tag", "lane:x", "--", "true")
+    cli = pond.cli("submit", "--idempotency-key", "deploy-42", "--tag", "lane:x", "--profile", "none", "--", "true")
     assert cli.returncode == 0 and cli.stdout.strip() == first[1]["id"], cli.stderr
 
 
@@ -107,7 +107,8 @@ def test_pond_fails_a_job_past_its_timeout_when_the_worker_never_says(pool):
     pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results"))
     token = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["token"]
     worker = pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {"tags": []}, token=token)[1]
-    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True}]},
+    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True,
+                                                                  "capabilities": ["sandbox.process"]}]},
              token=token)
     job = pond.submit(["sleep", "60"], timeout=1, cancel_grace=0)
     status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)
@@ -141,7 +142,7 @@ def test_a_failed_job_runs_again_only_if_it_asked_for_retries(pool):
     assert once["state"] == "failed" and once["attempt"] == 1 and once["exit_code"] == 7, once
     short = pond.wait_job(pond.submit(flaky, retries=1)["id"], timeout=30)
     assert short["state"] == "failed" and short["attempt"] == 2 and short["exit_code"] == 7, short
-    assert pond.api("POST", "/v1/jobs", {"command": ["true"], "retries": 11})[0] == 400
+    assert pond.api("POST", "/v1/jobs", {"command": ["true"], "retries": 11, "sandbox": {"profile": "none"}})[0] == 400
 
 
 def test_cancel_reaches_a_process_that_ignores_sigterm_within_its_grace(pool):

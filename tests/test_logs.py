@@ -41,7 +41,7 @@ def test_output_under_the_cap_is_whole_and_nothing_is_dropped(pool):
 def test_a_log_cap_out_of_range_is_refused(pool):
     pond = pool.pond()
     for cap in (1024, 2 ** 31, "big", True):
-        status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "log_cap": cap})
+        status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "log_cap": cap, "sandbox": {"profile": "none"}})
         assert status == 400 and "log_cap" in body["error"]["message"], body
 
 
@@ -49,7 +49,8 @@ def test_duplicated_and_reordered_chunks_are_stored_once_each(pool):
     pond = pool.pond(extra=("--allow-unsigned-results",))
     token = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["token"]
     worker = pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {"tags": []}, token=token)[1]
-    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True}]},
+    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True,
+                                                                  "capabilities": ["sandbox.process"]}]},
              token=token)
     job_id = pond.submit(["true"])["id"]
     (job,) = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)[1]["jobs"]

@@ -104,8 +104,10 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
         workers = [p for p in kids if b"worker" in cmdline(p) and any(a.endswith(b"swarm.py") for a in cmdline(p))]
         assert len(workers) == 1, [cmdline(p) for p in kids]
         assert kids == {pond_pid, orch_pid, workers[0]}
+        # The sandboxes the worker enforces, as pond sees them (this swarm.py: process only).
+        assert any(line.strip() == "worker enforces sandboxes: process" for line in up.lines), up.output()
 
-        done = pond_cli(state, "submit", "--wait", "--", "python3", "-c", "print(42)")
+        done = pond_cli(state, "submit", "--wait", "--profile", "none", "--", "python3", "-c", "print(42)")
         assert done.returncode == 0, done.stderr
         assert done.stdout == "42\n"
 
@@ -134,7 +136,7 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
         assert [o["id"] for o in admin_list(state, "orchestrators")] == [orch["id"]]
         wait_for(lambda: [(w["id"], w["online"]) for w in admin_list(state, "workers")] == [(worker["id"], True)],
                  15, what="the same single worker online again")
-        done = pond_cli(state, "submit", "--wait", "--", "python3", "-c", "print(42)")
+        done = pond_cli(state, "submit", "--wait", "--profile", "none", "--", "python3", "-c", "print(42)")
         assert done.returncode == 0, done.stderr
         assert done.stdout == "42\n"
         (last, *_) = json.loads(pond_cli(state, "jobs", "--json").stdout)["jobs"]

@@ -82,7 +82,7 @@ def test_the_pond_cli_waits_for_a_pond_that_is_not_up_yet_and_submits_once(pool,
     with open(log, "w") as err:
         cli = subprocess.Popen([sys.executable, "-m", "pond", "--pond", f"http://127.0.0.1:{port}",
                                 "--token-file", str(state / "admin-token"), "--retry-for", "60",
-                                "submit", "--", "true"], stdout=subprocess.PIPE, stderr=err, text=True,
+                                "submit", "--profile", "none", "--", "true"], stdout=subprocess.PIPE, stderr=err, text=True,
                                env=env_for_children())
         try:
             wait_for(lambda: "waiting for pond" in log.read_text(), 20, what="the CLI to say what it waits for")

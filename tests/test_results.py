@@ -86,7 +86,7 @@ class Liar:
         self.worker = body["worker_id"]
         status, body = self.call("POST", "/v1/orch/workers/snapshot",
                                  {"workers": [{"id": self.worker, "fingerprint": self.fingerprint, "slots": 4,
-                                               "online": True}]})
+                                               "online": True, "capabilities": ["sandbox.process"]}]})
         assert status == 200 and body == {"unknown": [], "refused": [], "revoked": [], "evicted": []}, body
 
     def call(self, method, path, body=None, headers=None):

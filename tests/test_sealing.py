@@ -103,7 +103,13 @@ def blob_of(enc, ct):
 # The vectors, derived with pyhpke from fixed keys
 # ---------------------------------------------------------------------------
 
-DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": None, "overrides": {}}
+# The stored form of the sandbox block (specs/sandbox.md §1), as pond's job spec binds it.
+DEFAULT_SANDBOX = {"profile": "none", "tier": "any", "backend": "process",
+                   "limits": {"memory": 4294967296, "cpus": 2, "pids": 512, "tmpfs_size": 1073741824, "timeout": 86400},
+                   "allow_hosts": []}
+WRITE_SANDBOX = {"profile": "untrusted-code-write", "tier": "trusted", "backend": "bwrap",
+                 "limits": {"memory": 2147483648, "cpus": 0.5, "pids": 128, "tmpfs_size": 268435456, "timeout": 600},
+                 "allow_hosts": ["*.example.net", "example.org"]}
 # (name, job, attempt, secret env, the job's command, its own env, its sandbox)
 POSITIVE = [
     ("one secret", "j_0123456789ab", 1, {"API_TOKEN": "s3cr3t-t0ken"},
@@ -111,7 +117,7 @@ POSITIVE = [
     ("several names, non-ASCII value, second attempt", "j_0123456789ab", 2,
      {"GREETING": "grüße ✓", "EMPTY": "", "A_KEY": "line1\nline2"},
      ["./agent.sh", "--model", "grüße"], {"MODE": "fast"},
-     {"profile": "untrusted-code-read", "tier": "trusted", "backend": "process", "overrides": {"memory": "2g"}}),
+     WRITE_SANDBOX),
     ("empty env", "j_ba9876543210", 1, {}, ["true"], {}, DEFAULT_SANDBOX),
 ]
 
@@ -325,7 +331,8 @@ SPEC_INPUTS = {
     "env of null instead of {}": (["./agent.sh"], None, DEFAULT_SANDBOX),
     "weaker tier": (["./agent.sh"], {}, dict(DEFAULT_SANDBOX, tier="byo")),
     "another profile": (["./agent.sh"], {}, dict(DEFAULT_SANDBOX, profile="untrusted-code-read")),
-    "sandbox overrides": (["./agent.sh"], {}, dict(DEFAULT_SANDBOX, overrides={"network": "host"})),
+    "wider limits": (["./agent.sh"], {}, dict(WRITE_SANDBOX, limits=dict(WRITE_SANDBOX["limits"], memory=8 * 2 ** 30))),
+    "another allowed host": (["./agent.sh"], {}, dict(WRITE_SANDBOX, allow_hosts=["*.example.net", "evil.example"])),
     "non-ASCII argument": (["./agent.sh", "grüße ✓"], {"MODE": "ünï"}, DEFAULT_SANDBOX),
 }
 

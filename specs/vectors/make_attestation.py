@@ -36,13 +36,16 @@ INPUT_KEYS = ("job_id", "attempt", "command", "sandbox", "worker_fingerprint", "
 VALID_INPUTS = [
     ("done, non-ASCII output", {
         "job_id": "j_0123456789ab", "attempt": 1, "command": ["python3", "-c", "print('grüße ✓')"],
-        "sandbox": {"profile": "none", "tier": "any", "backend": None, "overrides": {}},
+        "sandbox": {"profile": "none", "tier": "any", "backend": "process",
+                    "limits": {"memory": 4294967296, "cpus": 2, "pids": 512, "tmpfs_size": 1073741824, "timeout": 86400},
+                    "allow_hosts": []},
         "state": "done", "exit_code": 0, "error": None, "started_at": 1795271248.5, "finished_at": 1795271250.25,
         "stdout": "grüße ✓\n".encode(), "stderr": b""}),
     ("failed second attempt, no exit code, stderr", {
         "job_id": "j_0123456789ab", "attempt": 2, "command": ["make", "test"],
-        "sandbox": {"profile": "untrusted-code-read", "tier": "trusted", "backend": "process",
-                    "overrides": {"memory": "2g"}},
+        "sandbox": {"profile": "untrusted-code-write", "tier": "trusted", "backend": "bwrap",
+                    "limits": {"memory": 2147483648, "cpus": 0.5, "pids": 128, "tmpfs_size": 268435456, "timeout": 600},
+                    "allow_hosts": ["*.example.net", "example.org"]},
         "state": "failed", "exit_code": None, "error": "killed by signal 9",
         "started_at": 1795271300.0, "finished_at": 1795271301.125, "stdout": b"", "stderr": b"Killed\n"}),
 ]
