@@ -2198,6 +2198,413 @@ def serve(s):
 
 
 # ============================================================================
+# Job proxies (the egress proxy: CONNECT and absolute-URI HTTP, allowlisted, resolve once)
+# ============================================================================
+# One proxy per untrusted-code-write job, on a listener the worker bound inside the job's network
+# namespace (sandbox.md §C.2). Rules as smokescreen's (§A.2 pattern 2): decide by host name and port,
+# resolve once, refuse if any answer is not a global address, then dial only the addresses that were
+# checked, so DNS rebinding gains nothing. Tunnels are opaque: no TLS is intercepted.
+# Each request gets one decision, given to log_line as {"host", "port", "verdict", "reason", "address"}:
+# the verdict is the policy's; an allowed request whose upstream did not answer says so in its reason.
+
+DEFAULT_EGRESS_HOSTS = ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org", "crates.io",
+                        "static.crates.io", "index.crates.io", "github.com", "codeload.github.com",
+                        "objects.githubusercontent.com")
+EGRESS_HEAD_MAX = 64 * 1024           # bytes of a request line and headers
+EGRESS_HEAD_TIMEOUT = 10.0            # s a client has to send its request head
+EGRESS_RESOLVE_TIMEOUT = 10.0         # s we wait for getaddrinfo
+EGRESS_CONNECT_TIMEOUT = 10.0         # s to connect upstream, over all vetted addresses
+EGRESS_IDLE_TIMEOUT = 300.0           # s a connection may carry no byte either way
+EGRESS_CLOSE_WAIT = 5.0               # s close() waits for the proxy's threads
+EGRESS_POLL = 0.1                     # s between checks for close() in the accept loop
+EGRESS_LINGER = 0.2                   # s a refused client's unread bytes are drained before closing
+# Ranges refused although Python's is_global may call them global (3.11): NAT64 and 6to4 embed an IPv4
+# address of any kind; 192.0.0/24 holds relays. The rest repeats sandbox.md §A.2 so the list reads whole.
+EGRESS_DENIED_NETS = tuple(ipaddress.ip_network(net) for net in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/4", "240.0.0.0/4",
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8", "64:ff9b::/96", "64:ff9b:1::/48", "2002::/16"))
+# Headers not forwarded: hop-by-hop ones, the proxy's credentials, and Host (set from the URI). The body's
+# framing (Content-Length, Transfer-Encoding) stays, because the body is relayed exactly as it was framed.
+EGRESS_DROPPED_HEADERS = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                                    "proxy-connection", "te", "trailer", "upgrade", "host"))
+HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+EGRESS_RELAY_CHUNK = 64 * 1024        # bytes read at once while relaying
+# reason -> (status, the one line the client reads). Policy refusals are 403; the rest say what failed.
+EGRESS_ANSWERS = {
+    "host-not-allowed": (403, "this host is not on the job's allowlist; add it to sandbox.allow_hosts"),
+    "host-denied": (403, "this host is denied by the worker's egress policy"),
+    "ip-literal-not-allowed": (403, "IP literals are refused unless allowed by that exact address"),
+    "port-not-allowed": (403, "this port is not allowed (443, and 80 only where the worker allows it)"),
+    "address-not-global": (403, "this host resolves to an address that is not on the public internet"),
+    "bad-request": (400, "bad request"),
+    "head-too-large": (431, f"the request head is over {EGRESS_HEAD_MAX} bytes"),
+    "head-timeout": (408, f"the request head did not arrive within {EGRESS_HEAD_TIMEOUT:.0f} s"),
+    "over-connection-cap": (503, "this job has too many connections open; close some and retry"),
+    "resolve-failed": (502, "this host name does not resolve"),
+    "resolve-timeout": (504, f"this host name did not resolve within {EGRESS_RESOLVE_TIMEOUT:.0f} s"),
+    "connect-failed": (502, "the upstream refused the connection or is unreachable"),
+    "connect-timeout": (504, f"the upstream did not answer within {EGRESS_CONNECT_TIMEOUT:.0f} s"),
+}
+EGRESS_UPSTREAM_FAILURES = ("connect-failed", "connect-timeout")   # allowed by the policy; the upstream failed
+
+
+def ip_literal(host):
+    """The address a host written as an IP literal names (brackets allowed), or None for a name."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def is_global_address(address):
+    """True only for an address on the public internet; IPv4-mapped IPv6 is judged as its IPv4 address."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip.version == net.version and ip in net for net in EGRESS_DENIED_NETS):
+        return False
+    return ip.is_global and not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                                 or ip.is_reserved or ip.is_unspecified)
+
+
+def host_matches(host, patterns):
+    """Does `host` match one of `patterns` (exact names, `*.suffix`, IP literals; lower-case)?"""
+    literal = ip_literal(host)
+    for pattern in patterns:
+        pattern = pattern.lower().rstrip(".")
+        if literal is not None:
+            if ip_literal(pattern) == literal:      # a literal matches only the same address, never a suffix
+                return True
+        elif host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """What one job may reach. `loopback` is a test switch: ONE loopback address let through."""
+
+    allow: tuple = DEFAULT_EGRESS_HOSTS
+    deny: tuple = ()
+    ports: tuple = (443,)
+    loopback: str | None = None
+
+    def __post_init__(self):
+        # Only loopback, and only one address named explicitly: no value of this switch opens a private range.
+        if self.loopback is not None:
+            ip = ip_literal(str(self.loopback))
+            if ip is None or not ip.is_loopback:
+                raise ValueError(f"EgressPolicy.loopback must be one loopback address such as 127.0.0.1, "
+                                 f"not {self.loopback!r}")
+
+    def with_hosts(self, hosts):
+        """This policy with a job's allow_hosts added."""
+        added = tuple(h for h in hosts if h not in self.allow)
+        return EgressPolicy(tuple(self.allow) + added, self.deny, self.ports, self.loopback)
+
+    def refusal(self, host, port):
+        """Why (host, port) is refused by name, or None. Deny wins over allow."""
+        if host_matches(host, self.deny):
+            return "host-denied"
+        if not host_matches(host, self.allow):
+            return "ip-literal-not-allowed" if ip_literal(host) else "host-not-allowed"
+        return None if port in self.ports else "port-not-allowed"
+
+    def vet(self, addresses):
+        """(reason, None) if any resolved address is refused, else (None, the addresses to dial).
+
+        With the loopback switch on, its own address passes and other loopback answers (a `localhost`
+        that also resolves to ::1) are dropped rather than dialled; every other answer is judged as ever.
+        """
+        switch = None if self.loopback is None else ip_literal(self.loopback)
+        kept = []
+        for address in addresses:
+            ip = ipaddress.ip_address(address)
+            if switch is not None and ip.is_loopback and ip != switch:
+                continue
+            if ip != switch and not is_global_address(ip):
+                return "address-not-global", None
+            kept.append(address)
+        return (None, kept) if kept else ("address-not-global", None)
+
+
+class EgressRefused(Exception):
+    """A request the proxy answers itself with a short status, then closes."""
+
+    def __init__(self, reason, host=None, port=None, address=None, detail=""):
+        super().__init__(reason)
+        self.reason, self.host, self.port, self.address = reason, host, port, address
+        self.status, self.text = EGRESS_ANSWERS[reason]
+        if detail:
+            self.text += f": {detail}"
+
+
+def parse_proxy_head(head):
+    """A request head -> (host, port, what to send upstream first: None for CONNECT, else the new head)."""
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not HEADER_NAME.fullmatch(parts[0]) or not parts[2].startswith("HTTP/1."):
+        raise EgressRefused("bad-request", detail="the request line is not METHOD TARGET HTTP/1.x")
+    method, target, version = parts
+    try:
+        url = urlsplit("//" + target if method == "CONNECT" else target)
+        host, port = (url.hostname or "").rstrip("."), url.port
+    except ValueError:
+        raise EgressRefused("bad-request", detail="the target is not host:port or http://host/") from None
+    if method == "CONNECT" and (port is None or url.path or url.query or "@" in url.netloc):
+        raise EgressRefused("bad-request", detail="CONNECT takes host:port")
+    if method != "CONNECT" and (url.scheme != "http" or "@" in url.netloc):
+        raise EgressRefused("bad-request", detail="give an absolute http:// URI, or CONNECT for https")
+    if not (ip_literal(host) or HOST_NAME.fullmatch(host)):
+        raise EgressRefused("bad-request", detail="the target's host is not a host name or IP literal")
+    port = port or 80
+    if method == "CONNECT":
+        return host, port, None
+    authority = f"[{host}]" if ":" in host else host
+    out = [f"{method} {url.path or '/'}{'?' + url.query if url.query else ''} {version}",
+           f"Host: {authority}" + ("" if port == 80 else f":{port}")]
+    # A bare CR or LF would let a client smuggle a header (Proxy-Authorization too) past this filter.
+    fields = [line.split(":", 1) for line in lines[1:] if line]
+    if any(len(f) != 2 or not HEADER_NAME.fullmatch(f[0]) or set(f[1]) & {"\r", "\n", "\0"} for f in fields):
+        raise EgressRefused("bad-request", host, port, detail="a header line is not Name: value")
+    named = {n.strip().lower() for name, value in fields if name.lower() == "connection" for n in value.split(",")}
+    out += [f"{name}:{value}" for name, value in fields if name.lower() not in EGRESS_DROPPED_HEADERS | named]
+    return host, port, ("\r\n".join(out + ["Connection: close", "", ""])).encode("latin-1")
+
+
+def resolve_once(host, port, stopping, timeout=EGRESS_RESOLVE_TIMEOUT):
+    """[(family, sockaddr)] for host, asked of the resolver once.
+
+    getaddrinfo cannot be interrupted, so it runs in a helper thread: a stalled resolver costs this
+    request `timeout` (or less, once `stopping` is set). The helper itself ends at libc's own resolver
+    timeout (resolv.conf `timeout` x `attempts`) and holds no socket of the job.
+    """
+    answer = []
+
+    def ask():
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except (OSError, UnicodeError) as e:
+            answer.append(e)
+
+    helper = threading.Thread(target=ask, name="egress-resolve", daemon=True)
+    helper.start()
+    deadline = time.monotonic() + timeout
+    while helper.is_alive() and time.monotonic() < deadline and not stopping.is_set():
+        helper.join(EGRESS_POLL)
+    if not answer:
+        raise EgressRefused("resolve-timeout", host, port)
+    if isinstance(answer[0], Exception):
+        raise EgressRefused("resolve-failed", host, port)
+    return [(family, sockaddr) for family, _, _, _, sockaddr in answer[0]]
+
+
+def shut(sock):
+    """Wake whatever thread is blocked on `sock` (connect, recv, send, select); the owner closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class EgressProxy:
+    """One job's egress proxy: accepts on `listener` (bound and listening), decides each request by
+    `policy`, relays the allowed ones, and calls `log_line(dict)` once per decision, one call at a time."""
+
+    def __init__(self, listener, policy, log_line, max_connections=32):
+        self.listener, self.policy, self.log_line = listener, policy, log_line
+        self.max_connections = max_connections
+        self._stopping = threading.Event()
+        self._lock, self._log_lock = threading.Lock(), threading.Lock()
+        self._threads = set()              # connection handlers running now
+        self._sockets = set()              # client and upstream sockets open now
+        self._acceptor = None
+
+    def start(self):
+        self.listener.settimeout(EGRESS_POLL)       # so the accept loop sees close() promptly
+        self._acceptor = threading.Thread(target=self._accept_loop, name="egress-accept", daemon=True)
+        self._acceptor.start()
+
+    def close(self):
+        """Stop accepting, end every connection, and join every thread within EGRESS_CLOSE_WAIT."""
+        self._stopping.set()
+        deadline = time.monotonic() + EGRESS_CLOSE_WAIT
+        if self._acceptor is not None:
+            self._acceptor.join(EGRESS_CLOSE_WAIT)
+        self.listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                shut(sock)
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if any(thread.is_alive() for thread in threads):
+            log.warning("egress proxy: connections still closing after %.0f s", EGRESS_CLOSE_WAIT)
+
+    def _accept_loop(self):
+        while not self._stopping.is_set():
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as e:            # e.g. out of file descriptors: wait, then accept again
+                if not self._stopping.is_set():
+                    log.warning("egress proxy: accept failed: %s", e)
+                    time.sleep(EGRESS_POLL)
+                continue
+            try:
+                self._admit(client)
+            except Exception:
+                log.exception("egress proxy: could not take a connection; closed it")
+                self._untrack(client)
+
+    def _admit(self, client):
+        handler = threading.Thread(target=self._handle, args=(client,), name="egress-connection", daemon=True)
+        with self._lock:                    # started under the lock, so close() never sees it unstarted
+            if len(self._threads) < self.max_connections:
+                handler.start()
+                self._threads.add(handler)
+                self._sockets.add(client)
+                return
+        client.settimeout(EGRESS_LINGER)
+        self._refuse(client, EgressRefused("over-connection-cap"))
+        client.close()
+
+    def _handle(self, client):
+        try:
+            self._serve(client)
+        except Exception:
+            log.exception("egress proxy: a connection failed; closed it")
+        finally:
+            self._untrack(client)
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _serve(self, client):
+        try:
+            head, rest = self._read_head(client)
+            host, port, forward = parse_proxy_head(head)
+            reason = self.policy.refusal(host, port)
+            if reason:
+                raise EgressRefused(reason, host, port)
+            upstream, address = self._connect(host, port)
+        except EgressRefused as refused:
+            self._refuse(client, refused)
+            return
+        try:
+            self._decided(host, port, "allow", "allowed", address)
+            if forward is None:
+                client.sendall(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+            else:
+                upstream.sendall(forward)
+            upstream.sendall(rest)
+            self._relay(client, upstream)
+        except OSError:
+            pass                            # either side went away: the relay is over
+        finally:
+            self._untrack(upstream)
+
+    def _read_head(self, client):
+        """(request head, bytes after it) within EGRESS_HEAD_MAX bytes and EGRESS_HEAD_TIMEOUT s."""
+        deadline, data = time.monotonic() + EGRESS_HEAD_TIMEOUT, b""
+        while b"\r\n\r\n" not in data:
+            if len(data) > EGRESS_HEAD_MAX:
+                raise EgressRefused("head-too-large")
+            client.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                chunk = client.recv(EGRESS_RELAY_CHUNK)
+            except TimeoutError:
+                raise EgressRefused("head-timeout") from None
+            if not chunk:
+                raise EgressRefused("bad-request", detail="the connection closed before the request head ended")
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        if len(head) > EGRESS_HEAD_MAX:
+            raise EgressRefused("head-too-large")
+        return head, rest
+
+    def _connect(self, host, port):
+        """(upstream socket, its address): resolve once, vet every answer, dial only vetted addresses."""
+        answers = resolve_once(host, port, self._stopping)
+        reason, kept = self.policy.vet([sockaddr[0] for _, sockaddr in answers])
+        if reason:
+            raise EgressRefused(reason, host, port)
+        dial = [(family, sockaddr) for family, sockaddr in answers if sockaddr[0] in kept]
+        deadline, reason = time.monotonic() + EGRESS_CONNECT_TIMEOUT, "connect-failed"
+        for family, sockaddr in dial:
+            if time.monotonic() >= deadline:
+                break
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            self._track(sock)
+            try:
+                sock.settimeout(deadline - time.monotonic())
+                sock.connect(sockaddr)
+                return sock, sockaddr[0]
+            except TimeoutError:
+                reason = "connect-timeout"
+            except OSError:
+                reason = "connect-failed"
+            self._untrack(sock)
+        raise EgressRefused(reason, host, port, dial[0][1][0])
+
+    def _relay(self, client, upstream):
+        """Copy bytes both ways until both sides have finished, or nothing moved for EGRESS_IDLE_TIMEOUT.
+        One side's end of stream is passed on to the other, so a response can follow a half-close."""
+        peer = {client: upstream, upstream: client}
+        with selectors.DefaultSelector() as selector:
+            for sock in peer:
+                sock.settimeout(EGRESS_IDLE_TIMEOUT)
+                selector.register(sock, selectors.EVENT_READ)
+            while selector.get_map() and not self._stopping.is_set():
+                ready = selector.select(EGRESS_IDLE_TIMEOUT)
+                if not ready:
+                    return
+                for key, _ in ready:
+                    data = key.fileobj.recv(EGRESS_RELAY_CHUNK)
+                    if data:
+                        peer[key.fileobj].sendall(data)
+                    else:
+                        selector.unregister(key.fileobj)
+                        peer[key.fileobj].shutdown(socket.SHUT_WR)
+
+    def _refuse(self, client, refused):
+        verdict = "allow" if refused.reason in EGRESS_UPSTREAM_FAILURES else "deny"
+        self._decided(refused.host, refused.port, verdict, refused.reason, refused.address)
+        body = (refused.text + "\n").encode()
+        try:
+            client.sendall(f"HTTP/1.1 {refused.status} {http.client.responses[refused.status]}\r\n"
+                           f"Content-Type: text/plain; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+                           f"Connection: close\r\n\r\n".encode() + body)
+            # Closing with unread bytes would reset the connection and could destroy the answer
+            # before the client reads it: end our side, then drain briefly.
+            client.shutdown(socket.SHUT_WR)
+            client.settimeout(EGRESS_LINGER)
+            deadline = time.monotonic() + EGRESS_LINGER
+            while client.recv(EGRESS_RELAY_CHUNK) and time.monotonic() < deadline:
+                pass
+        except OSError:
+            pass                            # the client did not wait for its answer
+
+    def _decided(self, host, port, verdict, reason, address):
+        # Never request bodies or headers: they may hold the job's secrets.
+        with self._log_lock:
+            self.log_line({"host": host, "port": port, "verdict": verdict, "reason": reason, "address": address})
+
+    def _track(self, sock):
+        with self._lock:
+            self._sockets.add(sock)
+            if self._stopping.is_set():     # close() has already woken the others; wake this one too
+                shut(sock)
+
+    def _untrack(self, sock):
+        with self._lock:
+            self._sockets.discard(sock)
+        sock.close()
+
+
+# ============================================================================
 # Worker: identity and enrollment
 # ============================================================================
 
