@@ -558,3 +558,10 @@ def test_a_worker_on_debian_s_python3_cryptography_starts(tmp_path):
     done = subprocess.run([SYSTEM_PYTHON, "-c", probe, str(Path(__file__).resolve().parents[1]), str(state)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and "KEYS" in done.stdout, done.stderr[-600:]
+
+
+def test_a_write_job_runs_on_a_worker_with_the_default_allowlist(escape):
+    """`main` runs without --egress-allow: its proxy takes the default allowlist (not None)."""
+    job, out, err = escape.run(sh("echo ran; echo $HTTP_PROXY"), WRITE)
+    assert (job["state"], job.get("error")) == ("done", None), err
+    assert out == "ran\nhttp://127.0.0.1:3128\n", out
