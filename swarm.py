@@ -154,7 +154,8 @@ class MissingCryptography(SwarmError):
     """The optional `cryptography` package is not installed: no keys, no unsealing, no signing."""
 
     def __init__(self, what):
-        super().__init__(f"{what} needs the Python package `cryptography` (48 or later)", "pip install cryptography")
+        super().__init__(f"{what} needs the Python package `cryptography` (48 or later; older ones have no HPKE)",
+                         "pip install 'cryptography>=48'")
 
 
 class Undelivered(Exception):
@@ -331,12 +332,13 @@ SIGNING_KEY_FILE = "signing.ed25519"      # the worker signs its results with th
 FINGERPRINT_CONTEXT = b"pond-worker-key-v1\x00"
 KEY_BYTES = 32
 ENROLL_KEY_FIELDS = ("x25519_public", "ed25519_public", "fingerprint")     # sent at enrollment, pinned by pond
-NO_CRYPTOGRAPHY = "cryptography not installed: this worker cannot unseal credentials or sign results"
+NO_CRYPTOGRAPHY = "cryptography 48 or later not installed: this worker cannot unseal credentials or sign results"
 
 
 def _key_modules():
     """`cryptography`'s X25519 and Ed25519, imported here so swarm.py runs where it is not installed."""
     try:
+        from cryptography.hazmat.primitives import hpke  # noqa: F401  (keys that cannot unseal are no use to pond)
         from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
     except ImportError:
         raise MissingCryptography("worker keys") from None
@@ -2730,13 +2732,12 @@ class Reporter:
 
 
 # ============================================================================
-# Sandbox providers (specs/sandbox.md §6: bwrap, process, helpers; limits, cgroups, seccomp)
+# Sandbox: confining one job (specs/sandbox.md §6: seccomp, cgroups, rlimits, its network namespace)
 # ============================================================================
 #
-# One small class per provider and one verb: `launch(job, dirs, slot)` -> a Launch (what to
-# exec, with which environment, files and limits). run_process stays the one supervisor of
-# pipes, timeout, cancel and kill. The worker reads the policy from the job's sandbox block
-# itself (confinement()): nothing computed elsewhere decides a mount or a route.
+# The worker reads the policy from the job's sandbox block itself (confinement()): nothing
+# computed elsewhere decides a mount or a route. A Launch is one job's process as a provider
+# set it up; run_process (below) stays the one supervisor of pipes, timeout, cancel and kill.
 
 GIB, MIB = 1024 ** 3, 1024 ** 2
 PROFILE_LIMITS = {"memory": 4 * GIB, "cpus": 2, "pids": 512, "tmpfs_size": 1 * GIB, "timeout": 86400}
@@ -3002,6 +3003,8 @@ class Cgroups:
         slot: v1 cannot lower a memory limit below what an earlier job left charged."""
         dirs = []
         for controller, parent in self.parents.items():
+            if controller == "cpu" and limits["cpus"] >= (os.cpu_count() or 1):
+                continue                          # nothing to limit: spare the job a cgroup move (v1: ~1 ms each)
             d = parent / name
             parent.mkdir(exist_ok=True)
             if self.version == 2:
@@ -3149,6 +3152,11 @@ def landlock_abi():
     return max(abi, 0)
 
 
+class PipeFd(int):
+    """In a Launch's argv: "the n-th data pipe's fd", filled in at spawn. A type of its own, so
+    no argument of the job's command is ever mistaken for one."""
+
+
 class Launch:
     """One job's process, as a provider sets it up: argv, environment, directory, limits.
 
@@ -3181,7 +3189,7 @@ class Launch:
             os.write(w, self.stdin)
             os.close(w)
         chan = socket.socketpair() if self.ports is not None else None
-        argv = [a.format(*fds) for a in self.argv]
+        argv = [str(fds[a]) if isinstance(a, PipeFd) else a for a in self.argv]
         try:
             self.proc = subprocess.Popen(
                 argv, cwd=self.cwd, env=self.env, stdin=stdin, stdout=stdout, stderr=stderr,
@@ -3269,11 +3277,11 @@ class Launch:
     def end(self):
         """After the job: kill whatever it left, close the listeners, drop its cgroups.
         -> an error to report, or None."""
-        error = None
-        if self.cgroups and not kill_cgroups(self.cgroups):
+        error, left = None, cgroup_pids(self.cgroups)
+        if left and not kill_cgroups(self.cgroups):
             error = "processes of the job survived SIGKILL"
-        if self.uid is not None:
-            kill_uid(self.uid)
+        if left and self.uid is not None:
+            kill_uid(self.uid)        # a job cannot leave its cgroup; this is a second net, at a fork's cost
         if self.cgroups and memory_exceeded(self.cgroups):
             error = f"killed: the job reached its memory limit ({int(self.limits['memory'])} bytes)"
         for listener in self.listeners:
@@ -3283,7 +3291,11 @@ class Launch:
         return error
 
 
-# --- the providers ---------------------------------------------------------------
+# ============================================================================
+# Sandbox providers (bwrap, process, external helpers; preflight, slots, restarts)
+# ============================================================================
+#
+# One small class per provider and one verb: launch(conf, command, slot, env) -> a Launch.
 
 class ProcessProvider:
     """`process`: the job in its own session and process group, with a scrubbed environment,
@@ -3335,10 +3347,10 @@ class BwrapProvider:
                 argv += ["--ro-bind", path, path]
         for name in ETC_FILES:
             argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        argv += ["--ro-bind-data", "{1}", "/etc/passwd", "--ro-bind-data", "{2}", "/etc/group",
+        argv += ["--ro-bind-data", PipeFd(1), "/etc/passwd", "--ro-bind-data", PipeFd(2), "/etc/group",
                  "--proc", "/proc", "--dev", "/dev", "--size", str(int(conf["limits"]["tmpfs_size"])), "--tmpfs", "/tmp",
                  "--bind", str(slot.home), SANDBOX_HOME, work, str(slot.work), "/work", "--chdir", "/work",
-                 "--remount-ro", "/", "--seccomp", "{0}", "--", *command]
+                 "--remount-ro", "/", "--seccomp", PipeFd(0), "--", *command]
         passwd = f"root:x:0:0::/:/usr/sbin/nologin\nswarm:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/sh\n"
         group = f"root:x:0:\nswarm:x:{gid}:\n"
         ports = [EGRESS_PORT] if conf["profile"] == "untrusted-code-write" else []

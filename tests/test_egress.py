@@ -28,6 +28,13 @@ class Echo(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, *args):
         pass
 
@@ -124,6 +131,13 @@ def test_absolute_uri_http_is_sent_in_origin_form_without_proxy_credentials(upst
     assert request_line == "GET /path?q=1 HTTP/1.1"
     assert headers == {"Host": f"localhost:{port}", "X-Kept": "2", "Connection": "close"}
     assert lines == [decision("localhost", port, "allow", "allowed", "127.0.0.1")]
+
+
+def test_a_request_body_is_relayed_as_framed(upstream, proxies):
+    port = upstream.server_address[1]
+    _, address, _ = proxies(loopback_policy(port))
+    status, rest = ask(address, f"POST http://localhost:{port}/up HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".encode())
+    assert status == 200 and rest.endswith("\r\n\r\nhello")
 
 
 def test_an_allowed_ip_literal_passes_only_as_the_loopback_switch_address(upstream, proxies):

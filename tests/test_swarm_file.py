@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 3800
+MAX_LINES = 4300
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -38,6 +38,8 @@ EXPECTED_SECTIONS = [
     "Job proxies",
     "Worker: identity and enrollment",
     "Worker: reporting to the orchestrator",
+    "Sandbox: confining one job",
+    "Sandbox providers",
     "Worker: running one job",
     "Worker: the claim loop and slots",
     "Operator commands: status, jobs, cancel",
@@ -45,6 +47,17 @@ EXPECTED_SECTIONS = [
 ]
 
 BANNER_RULE = re.compile(r"^# ={20,}$")
+
+# Lines each section may grow to: a section past its budget should be split or cut, on purpose.
+SECTION_BUDGETS = {
+    "Imports": 50, "Constants and defaults": 40, "Errors": 70, "Utilities": 90, "Wire format": 80,
+    "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 160, "HTTP server": 430,
+    "Settings": 230, "Pairing": 30, "Orchestrator: worker registry": 140, "Orchestrator: the pool": 480,
+    "Orchestrator: the two links to pond": 260, "Job proxies": 420, "Worker: identity and enrollment": 75,
+    "Worker: reporting to the orchestrator": 65, "Sandbox: confining one job": 560, "Sandbox providers": 400,
+    "Worker: running one job": 300, "Worker: the claim loop and slots": 190,
+    "Operator commands: status, jobs, cancel": 60, "Command line": 145,
+}
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +128,15 @@ def test_optional_modules_are_imported_only_inside_functions(tree):
 def test_swarm_is_under_the_line_budget(source):
     n = len(source.splitlines())
     assert n < MAX_LINES, f"swarm.py has {n} lines; the budget for one readable file is {MAX_LINES}"
+
+
+def test_each_section_is_within_its_budget(source):
+    titles = banner_titles(source)
+    ends = [line for line, _ in titles[1:]] + [len(source.splitlines()) + 1]
+    over = [(title.split(" (")[0], end - line, SECTION_BUDGETS.get(title.split(" (")[0]))
+            for (line, title), end in zip(titles, ends)
+            if end - line > SECTION_BUDGETS.get(title.split(" (")[0], 0)]
+    assert not over, f"sections over their line budget (section, lines, budget): {over}"
 
 
 def test_banner_sections_appear_in_the_expected_order(source):
