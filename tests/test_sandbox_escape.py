@@ -414,7 +414,7 @@ def test_pids_over_the_limit_cannot_fork(escape, block):
 
 
 def test_a_file_over_tmpfs_size_is_cut(escape):
-    job, out, err = escape.run(py(FILL), sandbox(overrides={"tmpfs_size": "16M"}))
+    job, out, err = escape.run(py(FILL), sandbox(tmpfs_size="16M"))
     wrote = int(re.search(r"WROTE (\d+)", out).group(1))
     assert "ERRNO" in out and wrote <= 16 * 1024 * 1024, (job, out, err)
 
