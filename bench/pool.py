@@ -20,6 +20,7 @@ process group) and the temp dir removed at the end, on an error and on Ctrl-C to
 """
 
 import argparse
+import base64
 import http.client
 import json
 import os
@@ -384,8 +385,8 @@ class BenchPool:
             for i in range(1, self.n_workers + 1):
                 code = api.call("POST", "/v1/admin/pool/enrollment-codes", {}, expect=201)["code"]
                 w = self._start(f"worker{i}", [sys.executable, str(SWARM), "worker", "--orchestrator", orch_url,
-                                               "--state-dir", str(self.tmp / f"worker{i}"), "--tags", "",
-                                               "--capabilities", "", "--concurrency", str(self.concurrency),
+                                               "--state-dir", str(self.tmp / f"worker{i}"), "--tags", "pool:trusted",
+                                               "--capabilities", "sandbox.*", "--concurrency", str(self.concurrency),
                                                "--enroll-code", code])
                 w.worker_id = w.ready().split()[2]
                 self.workers.append(w)
@@ -467,7 +468,8 @@ def bench_pickup(pool, stamp, args):
             if i == warmup:
                 load_from = (system_ticks(), pool_cpu_s(pool), time.monotonic())
             tag = f"pickup-{i}"
-            payload = json.dumps({"command": [*stamp, tag], "env": {"STAMP_PORT": port}}).encode()
+            payload = json.dumps({"command": [*stamp, tag], "env": {"STAMP_PORT": port},
+                                  "sandbox": {"profile": "none"}}).encode()
             time.sleep(rng.uniform(0.050, 0.150))          # not phase-locked to any timer in the pool
             t0_wall = time.time()
             t0 = time.monotonic()
@@ -521,6 +523,59 @@ def bench_pickup(pool, stamp, args):
 
 
 # ---------------------------------------------------------------------------
+# sandbox: pickup under each provider, in the same run, on the same pool
+# ---------------------------------------------------------------------------
+
+SANDBOX_PROFILES = (("process", {"profile": "none"}), ("bwrap read", {"profile": "untrusted-code-read"}),
+                    ("bwrap write", {"profile": "untrusted-code-write"}))
+TARGET_BWRAP_EXTRA_MS = 5.0       # bwrap may add this much to pickup p50, over process
+
+
+def bench_sandbox(pool, args):
+    """submit -> the job's command runs, for `process` and for `bwrap` (read and write profiles).
+
+    The job is `/usr/bin/date +%s.%N`, which every sandbox can run: it prints the wall clock
+    at its start, read back from its output afterwards (a sandboxed job reaches no socket of
+    ours, so the UDP stamp of `pickup` cannot be used). The profiles take turns, so a drift
+    of the machine's load is shared by all three.
+    """
+    n = args.sandbox_jobs
+    print(f"\nsandbox: {n} sequential jobs per profile, taking turns, after {args.warmup} warm-up; "
+          "job /usr/bin/date +%s.%N, idle gap U(50,150) ms")
+    rng = random.Random(args.seed)
+    api = Api(pool.url, pool.token)
+    started = {name: [] for name, _ in SANDBOX_PROFILES}
+    try:
+        for i in range(args.warmup + n):
+            for name, block in SANDBOX_PROFILES:
+                payload = json.dumps({"command": ["/usr/bin/date", "+%s.%N"], "sandbox": block}).encode()
+                time.sleep(rng.uniform(0.050, 0.150))
+                t0_wall = time.time()
+                status, job = api.raw("POST", "/v1/jobs", payload)
+                if status != 201:
+                    raise BenchError(f"submit answered {status}: {job}")
+                state = wait_done(api, job["id"], time.monotonic() + args.job_timeout)
+                if state != "done":
+                    record = api.call("GET", f"/v1/jobs/{job['id']}")
+                    raise BenchError(f"{name} job {job['id']} ended {state}: {record.get('error')}")
+                chunks = api.call("GET", f"/v1/jobs/{job['id']}/logs")["chunks"]
+                out = b"".join(base64.b64decode(c["data"]) for c in chunks if c["stream"] == "stdout")
+                if i >= args.warmup:
+                    started[name].append(float(out.decode().strip()) - t0_wall)
+    finally:
+        api.close()
+    res = {name: summary_ms(values) for name, values in started.items()}
+    for name, s in res.items():
+        print(f"  {name:12} submit -> command started  {fmt_summary(s)}")
+    extra = max(res["bwrap read"]["p50"], res["bwrap write"]["p50"]) - res["process"]["p50"]
+    res["bwrap_extra_p50_ms"] = extra
+    res["target_met"] = extra <= TARGET_BWRAP_EXTRA_MS
+    print(f"  bwrap adds {extra:.2f} ms to pickup p50 over process (target <= {TARGET_BWRAP_EXTRA_MS:g} ms): "
+          f"{verdict(res['target_met'])}")
+    return res
+
+
+# ---------------------------------------------------------------------------
 # throughput: N x /bin/true, first submit -> last result stored
 # ---------------------------------------------------------------------------
 
@@ -537,7 +592,7 @@ def bench_throughput(pool, args):
     ended_before, total_before = terminal_count(watcher)
     if ended_before != total_before:
         raise BenchError(f"the pool is not idle: {total_before - ended_before} job(s) not ended")
-    payload = json.dumps({"command": ["/bin/true"]}).encode()
+    payload = json.dumps({"command": ["/bin/true"], "sandbox": {"profile": "none"}}).encode()
     ids = [None] * n
     failures = []
     ready = threading.Barrier(k + 1, timeout=30)
@@ -707,9 +762,10 @@ def print_profiles(profile_dir, top=12):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Benchmark a real pond/swarm pool (see bench/README.md).")
-    p.add_argument("what", choices=("pickup", "throughput", "idle", "all"))
+    p.add_argument("what", choices=("pickup", "throughput", "idle", "sandbox", "all"))
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON line of results to FILE")
     p.add_argument("--pickup-jobs", type=int, default=200)
+    p.add_argument("--sandbox-jobs", type=int, default=100, help="jobs per profile for `sandbox` (default %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up jobs before pickup (default %(default)s)")
     p.add_argument("--throughput-jobs", type=int, default=2000)
     p.add_argument("--submitters", type=int, default=1, help="client threads submitting (default %(default)s)")
@@ -759,6 +815,9 @@ def main(argv=None):
         print("         default holds: pond poll hold 25 s, orchestrator claim wait 25 s; 2 workers x concurrency 2")
         if args.what in ("pickup", "all"):
             results["pickup"] = bench_pickup(pool, stamp, args)
+            pool.check_alive()
+        if args.what in ("sandbox", "all"):
+            results["sandbox"] = bench_sandbox(pool, args)
             pool.check_alive()
         if args.what in ("idle", "all"):
             results["idle"] = bench_idle(pool, args)
