@@ -3582,8 +3582,15 @@ class Sandboxes:
             path.unlink(missing_ok=True)
 
     def close(self):
+        """At a clean stop: the slots' directories (emptied after each job) and cgroups."""
         if self.cgroups is not None:
             self.cgroups.remove()
+        for d in [*self.dir.glob("slot-*"), self.dir / "bwrap"]:
+            shutil.rmtree(d, ignore_errors=True)
+        try:
+            self.dir.rmdir()
+        except OSError:
+            pass
 
 
 def _preflight_fix(err):
