@@ -332,7 +332,7 @@ SIGNING_KEY_FILE = "signing.ed25519"      # the worker signs its results with th
 FINGERPRINT_CONTEXT = b"pond-worker-key-v1\x00"
 KEY_BYTES = 32
 ENROLL_KEY_FIELDS = ("x25519_public", "ed25519_public", "fingerprint")     # sent at enrollment, pinned by pond
-NO_CRYPTOGRAPHY = "cryptography 48 or later not installed: this worker cannot unseal credentials or sign results"
+NO_CRYPTOGRAPHY = "cryptography not installed: this worker cannot unseal credentials or sign results"
 
 
 def _key_modules():

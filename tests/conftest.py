@@ -6,10 +6,12 @@ fails a test that leaves a child process or a thread behind.
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SWARM = str(ROOT / "swarm.py")
 READY_TIMEOUT = 20.0
+# A Python the jobs themselves can run: a root worker runs each job as its slot's own uid,
+# which cannot enter /root, where the interpreter running the tests may live (pyenv, a venv).
+JOB_PY = "/usr/bin/python3"
 
 
 def env_for_children():
@@ -70,8 +75,9 @@ class Proc:
 
     def ready(self, timeout=READY_TIMEOUT):
         if not self._got.wait(timeout) or not self.lines:
-            self.stop()
-            raise AssertionError(f"{self.argv[:4]} not ready in {timeout} s; log:\n{self.stderr()}")
+            self.stop()            # closes the log file: read it by name
+            raise AssertionError(f"{self.argv[:4]} not ready in {timeout} s; log:\n"
+                                 f"{self.log_path.read_text(errors='replace')}")
         return self.lines[0]
 
     def url(self):
@@ -256,6 +262,16 @@ class Pool:
                 proc.proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
             proc.stop()
+
+
+@pytest.fixture
+def shared_path():
+    """A directory a job may read and write whatever uid it runs as, to meet the test there:
+    a root worker runs each slot as its own uid, which cannot enter pytest's 0700 tmp_path."""
+    d = Path(tempfile.mkdtemp(prefix="pond-test-shared-"))
+    d.chmod(0o777)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -299,7 +299,7 @@ def test_signing_without_cryptography_says_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives.asymmetric", None)
     with pytest.raises(swarm.SwarmError) as caught:
         swarm.sign_envelope(H(SIGNER["ed25519_private"]), VALID[0]["statement"], SIGNER["fingerprint"])
-    assert caught.value.hint == "pip install cryptography"
+    assert caught.value.hint == "pip install 'cryptography>=48'"
 
 
 def test_make_attestation_writes_exactly_the_committed_vectors(tmp_path):

@@ -16,13 +16,12 @@ by hand through the orchestrator protocol, and a hypothesis fuzz of POST /v1/job
 import json
 import re
 import socket
-import sys
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import wait_for
+from conftest import JOB_PY, wait_for
 
 NO_BODY = object()
 MIB = 1024 * 1024
@@ -315,7 +314,7 @@ class PondWorld:
         # get jobs. Signed results and their refusals are swept in test_results.py.
         self.pond = pond = pool.pond(poll_hold=1, extra=("--allow-unsigned-results",))
         self.url = pond.url
-        self.kept = pond.submit([sys.executable, "-c", "print('kept')"], tags=["lane:kept"], name="kept")["id"]
+        self.kept = pond.submit([JOB_PY, "-c", "print('kept')"], tags=["lane:kept"], name="kept")["id"]
         self.victim = pond.submit(["true"], tags=["lane:kept"], name="victim")["id"]
         self.binding, self.token_a = self.pair("alpha")
         self.binding_b, self.token_b = self.pair("beta")
@@ -360,7 +359,7 @@ class PondWorld:
 
     def assign(self, tags, token=None):
         """Submit a job for binding A's worker and take its assignment with a real poll."""
-        job = self.pond.submit([sys.executable, "-c", "pass"], tags=tags)["id"]
+        job = self.pond.submit([JOB_PY, "-c", "pass"], tags=tags)["id"]
         status, body = api(self.url, "POST", "/v1/orch/poll", {"wait": 0}, auth=f"Bearer {token or self.token_a}")
         assert status == 200 and [j["job_id"] for j in body["jobs"]] == [job], body
         assignment = body["jobs"][0]
@@ -1359,7 +1358,7 @@ class OrchestratorWorld:
                             "capabilities": ["harness.*", "sandbox.process"], "slots": 2})
         assert status == 201, body
         self.worker, self.token = body["worker_id"], body["token"]
-        jobs = [pond.submit([sys.executable, "-c", "pass"], tags=["lane:manual"])["id"] for _ in range(2)]
+        jobs = [pond.submit([JOB_PY, "-c", "pass"], tags=["lane:manual"])["id"] for _ in range(2)]
         self.held = {}
 
         def claim():

@@ -14,7 +14,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from conftest import PondHandle, run, wait_for
+from conftest import JOB_PY, PondHandle, run, wait_for
 
 SECRET_NAME = "ANTHROPIC_API_KEY"
 
@@ -138,7 +138,7 @@ def test_a_job_gets_its_credential_and_the_secret_is_nowhere_else(pool):
     worker = pool.worker(pond, orch)
     secret = new_secret()
     assert set_credential(pond, secret=secret)[0] == 201
-    job = pond.submit([sys.executable, "-c", PRINT_DIGEST], credential="anthropic", env={"ANTHROPIC_API_KEY": "mine"})
+    job = pond.submit([JOB_PY, "-c", PRINT_DIGEST], credential="anthropic", env={"ANTHROPIC_API_KEY": "mine"})
     done = pond.wait_job(job["id"])
     assert done["state"] == "done" and done["attested"] is True, done
     digest, length, base_url = pond.output(job["id"])["stdout"].decode().split()
@@ -171,7 +171,7 @@ def test_what_the_job_prints_is_the_only_copy(pool):
     pool.worker(pond, orch)
     secret = new_secret()
     set_credential(pond, secret=secret)
-    job = pond.submit([sys.executable, "-c", "import os; print(os.environ['ANTHROPIC_API_KEY'])"],
+    job = pond.submit([JOB_PY, "-c", "import os; print(os.environ['ANTHROPIC_API_KEY'])"],
                       credential="anthropic")
     assert pond.wait_job(job["id"])["state"] == "done"
     assert pond.output(job["id"])["stdout"].decode().strip() == secret
@@ -257,7 +257,7 @@ def test_with_unsigned_results_allowed_an_unpinned_worker_runs_jobs_but_never_a_
     (tmp_path / "w").mkdir()
     run_without_cryptography(pool, pond, orch, tmp_path / "w")
     set_credential(pond)
-    plain = pond.submit([sys.executable, "-c", "print('hi')"])
+    plain = pond.submit([JOB_PY, "-c", "print('hi')"])
     done = pond.wait_job(plain["id"])
     assert done["state"] == "done" and done["attested"] is False, done
     status, body = pond.api("GET", f"/v1/jobs/{plain['id']}/attestation")

@@ -9,7 +9,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from conftest import SWARM, run, wait_for
+from conftest import JOB_PY, SWARM, run, wait_for
 
 
 def call(url, method, path, body=None, token=None):
@@ -65,7 +65,7 @@ def test_enrolled_worker_is_listed_with_its_tags_capabilities_and_slots(pool):
     (row,) = [r for r in workers(pond) if r["id"] == w.worker_id]
     assert row["tags"] == ["pool:trusted", "repo:acme"]
     # sandbox.* is resolved to what this worker can enforce.
-    assert row["capabilities"] == ["harness.*", "sandbox.process"]
+    assert row["capabilities"] == ["harness.*", "sandbox.bwrap", "sandbox.process"]
     assert row["slots"] == 3
     assert row["free"] == 3
     assert row["online"] is True
@@ -152,7 +152,7 @@ def test_restarted_worker_keeps_its_identity_and_restarted_orchestrator_still_kn
     wait_for(claiming, 20, what="the worker to claim from the new orchestrator")
     wait_for(lambda: time.monotonic() - stopped_at > 1.5, 5, what="the old orchestrator's poll hold to end")
 
-    job = pond.submit([sys.executable, "-c", "print('still here')"], tags=["repo:acme"])
+    job = pond.submit([JOB_PY, "-c", "print('still here')"], tags=["repo:acme"])
     done = pond.wait_job(job["id"], timeout=15)
     assert done["state"] == "done", done
     assert done["worker"] == first.worker_id
@@ -206,5 +206,5 @@ def test_unenforceable_sandbox_is_dropped_with_a_warning(pool):
     assert "sandbox.firecracker" in w.stderr() and "WARNING" in w.stderr()
     assert "sandbox.firecracker" not in w.lines[0]
     # So a job that needs that sandbox is not given to this worker.
-    job = pond.submit([sys.executable, "-c", "pass"], sandbox={"profile": "untrusted-code-write", "backend": "firecracker"})
+    job = pond.submit([JOB_PY, "-c", "pass"], sandbox={"profile": "untrusted-code-write", "backend": "firecracker"})
     assert "no worker enforces sandbox firecracker" in pond.job(job["id"])["waiting"]["reason"]

@@ -5,10 +5,10 @@ as evicted. Real processes."""
 
 import sys
 
-from conftest import SWARM, run, wait_for
+from conftest import JOB_PY, SWARM, run, wait_for
 
 # Attempt 1 naps $NAP seconds; a later attempt (the job run again elsewhere) does not.
-SLOW = [sys.executable, "-c", "import os, time; a = os.environ['SWARM_ATTEMPT']; "
+SLOW = [JOB_PY, "-c", "import os, time; a = os.environ['SWARM_ATTEMPT']; "
         "time.sleep(float(os.environ.get('NAP', '3')) if a == '1' else 0); print('attempt', a, 'done')"]
 
 

@@ -5,17 +5,16 @@ what its process wrote, once; prints the figures. bench/faults.py is the long ve
 
 import os
 import random
-import sys
 import time
 
-from conftest import free_port, wait_for
+from conftest import JOB_PY, free_port, wait_for
 
 # bench/faults.py runs this same test longer: FAULT_JOBS jobs, FAULT_SECONDS of kills.
 JOBS = int(os.environ.get("FAULT_JOBS", 200))
 CHAOS_SECONDS = float(os.environ.get("FAULT_SECONDS", 25))
 JOB_NAP = float(os.environ.get("FAULT_JOB_NAP", 0.3))
 # Each job writes its own id and a number, so a wrong, mixed or doubled output cannot pass.
-JOB = [sys.executable, "-c", f"import os, random, time; time.sleep(random.random() * {JOB_NAP}); "
+JOB = [JOB_PY, "-c", f"import os, random, time; time.sleep(random.random() * {JOB_NAP}); "
        "j = os.environ['SWARM_JOB_ID']; print(j, sum(map(ord, j)), j[::-1])"]
 
 

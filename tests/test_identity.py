@@ -6,7 +6,7 @@ import json
 import sqlite3
 import sys
 
-from conftest import SWARM, run, wait_for
+from conftest import JOB_PY, SWARM, run, wait_for
 
 ROOT_VECTORS = __import__("pathlib").Path(__file__).resolve().parents[1] / "specs" / "vectors" / "keys.json"
 VECTORS = {w["name"]: w for w in json.loads(ROOT_VECTORS.read_text())["workers"]}
@@ -85,7 +85,7 @@ def test_a_worker_matching_the_expected_fingerprint_enrolls_and_runs_jobs(pool, 
     assert code["fingerprint"] == fp and code["tags"] == ["lane:fp", "pool:trusted"]
     w = pool.worker(pond, orch, tags="lane:fp", state=state, code=code["code"])
     assert workers(pond)[w.worker_id]["fingerprint"] == fp
-    job = pond.submit([sys.executable, "-c", "print('pinned')"], tags=["lane:fp"])
+    job = pond.submit([JOB_PY, "-c", "print('pinned')"], tags=["lane:fp"])
     assert pond.wait_job(job["id"])["state"] == "done"
     assert pond.output(job["id"])["stdout"] == b"pinned\n"
 

@@ -141,7 +141,7 @@ def test_without_cryptography_keys_are_refused_with_a_hint(tmp_path):
             f"runpy.run_path({SWARM!r}, run_name='__main__')")
     done = run([sys.executable, "-c", code])
     assert done.returncode == 1
-    assert "hint: pip install cryptography" in done.stderr
+    assert "hint: pip install 'cryptography>=48'" in done.stderr
     assert list(tmp_path.iterdir()) == []                  # no key half-made
 
 

@@ -3,62 +3,49 @@ heartbeats renew it; a worker killed with -9 loses it, and the job runs again el
 new attempt, up to --max-attempts. Submits with an Idempotency-Key make one job, never two.
 Real processes; the lease is shortened with `pond serve --lease`."""
 
-import os
-import signal
-import sys
 import time
 
-from conftest import wait_for
+from conftest import JOB_PY, wait_for
 
 # Attempt 1 hangs (and leaves its pid where the test can stop it); a later attempt finishes.
-HANG_FIRST = ("import os, sys, time; d = sys.argv[1]; a = os.environ['SWARM_ATTEMPT']\n"
-              "open(os.path.join(d, 'pid-' + a), 'w').write(str(os.getpid()))\n"
+HANG_FIRST = ("import os, sys, time; a = os.environ['SWARM_ATTEMPT']\n"
+              "print('started', a, flush=True)\n"
               "if a == '1': time.sleep(120)\n"
               "print('attempt', a, 'on', os.environ['SWARM_JOB_ID'])")
 
 
-def stop_leftovers(directory):
-    """The killed worker's job keeps running in its own session: stop it."""
-    for name in os.listdir(directory):
-        if name.startswith("pid-"):
-            try:
-                os.killpg(int(open(os.path.join(directory, name)).read()), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
+def running(pond, job_id, attempt):
+    """Attempt `attempt` of the job has started (it printed, so its worker reported it running)."""
+    return wait_for(lambda: (j := pond.job(job_id))["state"] == "running" and j["attempt"] == attempt, 20,
+                    what=f"attempt {attempt} started")
 
 
-def test_a_job_whose_worker_is_killed_runs_again_on_another_worker(pool, tmp_path):
+def test_a_job_whose_worker_is_killed_runs_again_on_another_worker(pool):
     pond = pool.pond(extra=("--lease", "3"))
     orch = pool.orchestrator(pond)
     first = pool.worker(pond, orch, tags="lane:a")
-    job = pond.submit([sys.executable, "-c", HANG_FIRST, str(tmp_path)], tags=["lane:a"])
-    try:
-        wait_for(lambda: (tmp_path / "pid-1").exists(), 20, what="attempt 1 started")
-        second = pool.worker(pond, orch, tags="lane:a")
-        first.kill()                               # kill -9: no report, no goodbye
-        done = pond.wait_job(job["id"], timeout=45)
-        assert done["state"] == "done" and done["attempt"] == 2, done
-        assert done["worker"] == second.worker_id
-        assert pond.output(job["id"])["stdout"].decode().strip() == f"attempt 2 on {job['id']}"
-        expired = [e for e in done["events"] if e["event"] == "lease_expired"]
-        assert expired and expired[0]["worker"] == first.worker_id and expired[0]["attempt"] == 1, done["events"]
-    finally:
-        stop_leftovers(tmp_path)
+    job = pond.submit([JOB_PY, "-c", HANG_FIRST], tags=["lane:a"])
+    running(pond, job["id"], 1)
+    second = pool.worker(pond, orch, tags="lane:a")
+    first.kill()                               # kill -9: no report, no goodbye
+    done = pond.wait_job(job["id"], timeout=45)
+    assert done["state"] == "done" and done["attempt"] == 2, done
+    assert done["worker"] == second.worker_id
+    assert pond.output(job["id"])["stdout"].decode().splitlines()[-1] == f"attempt 2 on {job['id']}"
+    expired = [e for e in done["events"] if e["event"] == "lease_expired"]
+    assert expired and expired[0]["worker"] == first.worker_id and expired[0]["attempt"] == 1, done["events"]
 
 
-def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(pool, tmp_path):
+def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(pool):
     pond = pool.pond(extra=("--lease", "2", "--max-attempts", "1"))
     orch = pool.orchestrator(pond)
     worker = pool.worker(pond, orch)
-    job = pond.submit([sys.executable, "-c", HANG_FIRST, str(tmp_path)])
-    try:
-        wait_for(lambda: (tmp_path / "pid-1").exists(), 20, what="attempt 1 started")
-        worker.kill()
-        done = pond.wait_job(job["id"], timeout=45)
-        assert done["state"] == "failed" and done["attempt"] == 1, done
-        assert "lease expired" in done["error"] and "gave up after 1 attempt" in done["error"], done
-    finally:
-        stop_leftovers(tmp_path)
+    job = pond.submit([JOB_PY, "-c", HANG_FIRST])
+    running(pond, job["id"], 1)
+    worker.kill()
+    done = pond.wait_job(job["id"], timeout=45)
+    assert done["state"] == "failed" and done["attempt"] == 1, done
+    assert "lease expired" in done["error"] and "gave up after 1 attempt" in done["error"], done
 
 
 def test_a_live_worker_keeps_its_lease_past_the_lease_time(pool, tmp_path):
@@ -66,7 +53,7 @@ def test_a_live_worker_keeps_its_lease_past_the_lease_time(pool, tmp_path):
     orch = pool.orchestrator(pond)
     pool.worker(pond, orch)
     started = time.monotonic()
-    job = pond.submit([sys.executable, "-c", "import time; time.sleep(5); print('ok')"])
+    job = pond.submit([JOB_PY, "-c", "import time; time.sleep(5); print('ok')"])
     done = pond.wait_job(job["id"], timeout=30)
     assert time.monotonic() - started > 5
     assert done["state"] == "done" and done["attempt"] == 1 and done["events"] == [], done
@@ -95,7 +82,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_its_own_grace(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
     pool.worker(pond, orch)
-    job = pond.submit([sys.executable, "-c", IGNORES_SIGTERM], timeout=1, cancel_grace=0.5)
+    job = pond.submit([JOB_PY, "-c", IGNORES_SIGTERM], timeout=1, cancel_grace=0.5)
     started = time.monotonic()
     done = pond.wait_job(job["id"], timeout=30)
     assert done["state"] == "failed" and "timed out after 1 s" in done["error"], done
@@ -131,7 +118,7 @@ def test_a_failed_job_runs_again_only_if_it_asked_for_retries(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
     pool.worker(pond, orch)
-    flaky = [sys.executable, "-c", "import os, sys; a = int(os.environ['SWARM_ATTEMPT']); print('attempt', a); "
+    flaky = [JOB_PY, "-c", "import os, sys; a = int(os.environ['SWARM_ATTEMPT']); print('attempt', a); "
              "sys.exit(0 if a == 3 else 7)"]
     asked = pond.submit(flaky, retries=2)
     done = pond.wait_job(asked["id"], timeout=30)
@@ -149,7 +136,7 @@ def test_cancel_reaches_a_process_that_ignores_sigterm_within_its_grace(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
     pool.worker(pond, orch)
-    job = pond.submit([sys.executable, "-c", IGNORES_SIGTERM], cancel_grace=1)
+    job = pond.submit([JOB_PY, "-c", IGNORES_SIGTERM], cancel_grace=1)
     wait_for(lambda: pond.output(job["id"])["stdout"] == b"up\n", 20, what="the job running")
     asked = time.monotonic()
     assert pond.cli("cancel", job["id"]).returncode == 0

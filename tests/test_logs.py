@@ -3,10 +3,11 @@ it dropped, and the signature still verifies; chunks sent twice or out of order 
 once each and served in seq order of arrival. Real processes."""
 
 import base64
-import sys
+
+from conftest import JOB_PY
 
 LINES = 40_000                          # 8 bytes a line: 320,000 bytes of stdout
-PRINT_LINES = [sys.executable, "-c", f"import sys; sys.stdout.write(''.join(f'{{i:07d}}\\n' for i in range({LINES})))"]
+PRINT_LINES = [JOB_PY, "-c", f"import sys; sys.stdout.write(''.join(f'{{i:07d}}\\n' for i in range({LINES})))"]
 
 
 def test_output_past_the_cap_keeps_head_and_tail_and_says_how_much_was_dropped(pool):

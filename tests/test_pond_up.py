@@ -104,10 +104,11 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
         workers = [p for p in kids if b"worker" in cmdline(p) and any(a.endswith(b"swarm.py") for a in cmdline(p))]
         assert len(workers) == 1, [cmdline(p) for p in kids]
         assert kids == {pond_pid, orch_pid, workers[0]}
-        # The sandboxes the worker enforces, as pond sees them (this swarm.py: process only).
-        assert any(line.strip() == "worker enforces sandboxes: process" for line in up.lines), up.output()
+        # The sandboxes the worker enforces, as pond sees them.
+        assert any(line.strip() == "worker enforces sandboxes: bwrap, process" for line in up.lines), up.output()
 
-        done = pond_cli(state, "submit", "--wait", "--profile", "none", "--", "python3", "-c", "print(42)")
+        # The README's first job, as printed: the default profile, untrusted-code-write, under bwrap.
+        done = pond_cli(state, "submit", "--wait", "--", "python3", "-c", "print(42)")
         assert done.returncode == 0, done.stderr
         assert done.stdout == "42\n"
 

@@ -8,10 +8,10 @@ import sqlite3
 import sys
 import time
 
-from conftest import free_port, run, wait_for
+from conftest import JOB_PY, free_port, run, wait_for
 
 # Attempt 1 runs long enough to be caught by a kill; its output proves which attempt it was.
-NAP_THEN_PRINT = [sys.executable, "-c", "import os, sys, time; time.sleep(float(sys.argv[1])); "
+NAP_THEN_PRINT = [JOB_PY, "-c", "import os, sys, time; time.sleep(float(sys.argv[1])); "
                   "print('attempt', os.environ['SWARM_ATTEMPT'], 'of', os.environ['SWARM_JOB_ID'])"]
 
 

@@ -15,7 +15,6 @@ import copy
 import hashlib
 import json
 import sqlite3
-import sys
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -24,11 +23,11 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.signer import SSlibKey
 
 import swarm
-from conftest import wait_for
+from conftest import JOB_PY, wait_for
 
 STDOUT = "grüße ✓\n".encode()
 STDERR = b"warning: x\n"
-COMMAND = [sys.executable, "-c", "import sys; print('grüße ✓'); sys.stderr.write('warning: x\\n')"]
+COMMAND = [JOB_PY, "-c", "import sys; print('grüße ✓'); sys.stderr.write('warning: x\\n')"]
 
 
 def b64(data):

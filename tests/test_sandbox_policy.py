@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PondHandle, Proc, env_for_children, run, wait_for
+from conftest import JOB_PY, PondHandle, Proc, env_for_children, run, wait_for
 from pond import attestation
 from pond.errors import Forbidden
 from pond.sandbox import DEFAULT_LIMITS, GIB, MIB
@@ -245,7 +245,7 @@ def test_a_bwrap_job_on_a_pool_of_process_workers_says_which_provider_is_missing
     shown = pond.cli("job", job["id"])
     assert shown.returncode == 0 and "no worker enforces sandbox bwrap" in shown.stdout, shown.stderr
     # An unconfined job next to it runs: only the missing provider holds the first one back.
-    done = pond.wait_job(pond.submit([PY, "-c", "pass"])["id"])
+    done = pond.wait_job(pond.submit([JOB_PY, "-c", "pass"])["id"])
     assert done["state"] == "done" and pond.job(job["id"])["state"] == "queued"
 
 

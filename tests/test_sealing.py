@@ -482,7 +482,7 @@ def test_worker_without_cryptography_says_what_to_install():
     assert out.returncode == 0, out.stderr
     message, hint = out.stdout.splitlines()
     assert "cryptography" in message
-    assert hint == "pip install cryptography"
+    assert hint == "pip install 'cryptography>=48'"
 
 
 if __name__ == "__main__":

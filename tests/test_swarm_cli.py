@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SWARM, Proc, env_for_children, run
+from conftest import JOB_PY, SWARM, Proc, env_for_children, run
 
 SUBCOMMANDS = ("pair", "serve", "worker", "status", "jobs", "cancel")
-SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
+SLEEPER = [JOB_PY, "-c", "import time; time.sleep(120)"]
 
 
 def swarm(*args, env=None, cwd=None, timeout=30):

@@ -6,7 +6,7 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-from conftest import wait_for
+from conftest import JOB_PY, wait_for
 
 TIMEOUT = 2       # --request-timeout for these servers; the reapers look every 2 s
 
@@ -51,7 +51,7 @@ def test_held_polls_and_claims_outlive_the_request_timeout(pool):
     orch = pool.orchestrator(pond, extra=("--request-timeout", str(TIMEOUT)))
     worker = pool.worker(pond, orch)
     time.sleep(TIMEOUT + 2.5)        # deliberately past the request timeout and a reaper pass, inside the holds
-    job = pond.submit([sys.executable, "-c", "print('still connected')"])
+    job = pond.submit([JOB_PY, "-c", "print('still connected')"])
     done = pond.wait_job(job["id"], timeout=10)
     assert done["state"] == "done"
     assert wait_for(lambda: pond.output(job["id"])["stdout"], 5, what="output") == b"still connected\n"

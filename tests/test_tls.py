@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import SWARM, Proc, run
+from conftest import JOB_PY, SWARM, Proc, run
 
 
 def _name(cn):
@@ -74,7 +74,7 @@ def test_a_job_runs_end_to_end_over_tls(pool, certs):
     assert '"url": "https://' in (orch.state_dir / "serve.json").read_text()
     assert '"pond_url": "https://' in (orch.state_dir / "backend-handle.json").read_text()
     pool.worker(pond, orch, tags="pool:trusted", capabilities="harness.*,sandbox.*", extra=("--ca-file", ca))
-    done = pond.cli("submit", "--wait", "--profile", "none", "--", sys.executable, "-c", "print('over tls')")
+    done = pond.cli("submit", "--wait", "--profile", "none", "--", JOB_PY, "-c", "print('over tls')")
     assert done.returncode == 0, done.stderr
     assert done.stdout == "over tls\n"
     status = run([sys.executable, SWARM, "status", "--orchestrator", orch.url(), "--ca-file", ca,
