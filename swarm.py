@@ -2975,10 +2975,13 @@ class Cgroups:
                     " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in _read(parent / "cgroup.controllers")))
             d.mkdir(exist_ok=True)
             dirs.append(d)
-            if self.version == 2:
-                _write_limits_v2(d, limits)
-            else:
-                _write_limits_v1(controller, d, limits)
+            try:
+                if self.version == 2:
+                    _write_limits_v2(d, limits)
+                else:
+                    _write_limits_v1(controller, d, limits)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot set the limits of cgroup {d} to {limits}: {e.strerror}") from None
         return dirs
 
     def remove(self):
@@ -3004,9 +3007,13 @@ def _read(path):
 
 def _write_limits_v1(controller, d, limits):
     if controller == "memory":
-        (d / "memory.limit_in_bytes").write_text(str(int(limits["memory"])))
+        files = ["memory.limit_in_bytes"]
         if (d / "memory.memsw.limit_in_bytes").exists():      # no swap beyond the limit, where swap is counted
-            (d / "memory.memsw.limit_in_bytes").write_text(str(int(limits["memory"])))
+            files.append("memory.memsw.limit_in_bytes")
+        if int(_read(d / files[0]) or 0) < limits["memory"]:
+            files.reverse()                                   # the limit may never exceed memsw's: raise memsw first
+        for name in files:
+            (d / name).write_text(str(int(limits["memory"])))
     elif controller == "pids":
         (d / "pids.max").write_text(str(int(limits["pids"])))
     elif controller == "cpu":

@@ -2,7 +2,6 @@
 a byte at a time is cut off, while held polls and claims (already read in full) are not."""
 
 import socket
-import sys
 import time
 from urllib.parse import urlsplit
 
