@@ -3615,7 +3615,7 @@ def sandbox_env(conf, job_env, slot, provider):
     and, for a write job, its egress proxy. Inside bwrap the paths are the sandbox's."""
     inside = provider != "process"
     env = {"PATH": SANDBOX_PATH if inside else os.environ.get("PATH", SANDBOX_PATH),
-           "LANG": os.environ.get("LANG", "C.UTF-8"),
+           "LANG": "C.UTF-8" if inside else os.environ.get("LANG", "C.UTF-8"),     # inside: glibc's built-in
            "HOME": SANDBOX_HOME if inside else str(slot.home), "TMPDIR": "/tmp" if inside else str(slot.tmp)}
     if conf["profile"] == "untrusted-code-write":
         proxy = f"http://127.0.0.1:{EGRESS_PORT}"

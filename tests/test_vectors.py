@@ -98,3 +98,40 @@ def test_vector_file_is_well_formed():
     for case in RESOLUTION:
         assert case["advertised"] == sorted(case["advertised"])
         assert not case["refused"] or (case["advertised"], case["warnings"]) == ([], 0), case["name"]
+
+
+SANDBOX = json.loads((Path(__file__).resolve().parents[1] / "specs" / "vectors" / "sandbox.json").read_text())
+
+
+@pytest.mark.parametrize("case", SANDBOX["cases"], ids=[c["name"] for c in SANDBOX["cases"]])
+def test_sandbox_vectors_pond_stores_and_swarm_enforces_the_same_block(case):
+    """specs/vectors/sandbox.json: pond's stored block, what the worker enforces from it, and the
+    stdin an external provider gets (specs/sandbox.md §6.4), byte for byte."""
+    from pond import sandbox
+    parsed = sandbox.parse(case["submitted"], case["tenant"])
+    assert parsed.block == case["stored"]
+    assert list(parsed.tags) == case["required_tags"] and list(parsed.capabilities) == case["required_capabilities"]
+    conf = swarm.confinement(case["stored"])
+    assert dict(conf, allow_hosts=list(conf["allow_hosts"])) == case["enforced"]
+    slot = swarm.Slot(Path(case["slot"]["root"]), case["slot"]["uid"])
+    env = swarm.sandbox_env(conf, case["job_env"], slot, conf["backend"])
+    assert swarm.canonical_json(swarm.helper_spec(conf, case["command"], env, slot)).decode() == case["helper_stdin"]
+
+
+def test_the_sandbox_vectors_file_is_what_its_script_writes(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "sandbox.json"
+    subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "specs" / "vectors" / "make_sandbox.py"),
+                    str(out)], check=True, timeout=60)
+    assert out.read_text() == (Path(__file__).resolve().parents[1] / "specs" / "vectors" / "sandbox.json").read_text()
+
+
+def test_a_worker_clamps_a_widened_block_to_its_own_defaults():
+    """An orchestrator that widened the limits on the way gains nothing: the worker enforces its own caps."""
+    conf = swarm.confinement({"profile": "untrusted-code-read", "limits": {"memory": 2**50, "pids": 10**6,
+                                                                           "timeout": 10**9, "cpus": 64},
+                              "allow_hosts": ["evil.example"]})
+    assert conf["limits"] == swarm.PROFILE_LIMITS and conf["allow_hosts"] == ()
+    from pond import sandbox
+    assert swarm.PROFILE_LIMITS == sandbox.DEFAULT_LIMITS["untrusted-code-read"]
