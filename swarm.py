@@ -313,7 +313,7 @@ def resolve_capabilities(globs, backends):
         if glob.startswith("sandbox."):
             found = [f"sandbox.{b}" for b in backends if fnmatchcase(f"sandbox.{b}", glob)]
             if not found:
-                warnings.append(f"cannot enforce {glob}: this worker has sandboxes {', '.join(backends)}")
+                warnings.append(f"cannot enforce {glob}: this worker has sandboxes {', '.join(backends) or 'none'}")
             out.update(found)
         elif _could_match_sandbox(glob):
             raise UsageError(f"capability glob {glob!r} could also claim sandboxes this worker cannot enforce",
@@ -3480,7 +3480,7 @@ class Sandboxes:
         and not be uid 0 (bwrap); any failure drops the provider with the reason."""
         profile = "untrusted-code-write" if provider.name != "process" else "none"
         conf = confinement({"profile": profile, "backend": provider.name})
-        probe = ["/bin/sh", "-c", "cat /proc/self/status; echo ---; cat /proc/net/dev"]
+        probe = ["/bin/sh", "-c", "/bin/cat /proc/self/status; echo ---; /bin/cat /proc/net/dev"]
         code, out, err = self.run_probe(provider, conf, probe, self.slot(SLOT_UID_SPAN - 1))
         if code != 0:
             raise SandboxUnavailable(f"{provider.name}: the probe job failed (exit {code}): {clean(err, 300)}",
@@ -3603,8 +3603,9 @@ class Sandboxes:
 def _preflight_fix(err):
     if "RTM_NEWADDR" in err or "setting up uid map" in err or "No permissions to create new namespace" in err \
             or "Operation not permitted" in err and "unshare" in err:
-        return ("unprivileged user namespaces are disabled: sysctl kernel.unprivileged_userns_clone=1, or "
-                "kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu 24.04), or run the worker as root")
+        return ("unprivileged user namespaces are disabled (bwrap needs them, as root too: it runs as the "
+                "slot's uid): sysctl kernel.unprivileged_userns_clone=1, or "
+                "kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu 24.04)")
     if "cgroup" in err:
         return "the cgroup is not writable: run the worker as root, or delegate it a cgroup (systemd Delegate=yes)"
     return "see the error above; docs/operator-guide.md, 'When preflight drops a provider'"

@@ -88,7 +88,7 @@ class Escape:
         return w
 
     def slot_uids(self, name):
-        return SLOT_UID_BASE + 256 * ("main", "loop", "proc", "kill", "bundled").index(name)
+        return SLOT_UID_BASE + 256 * ("main", "loop", "proc", "kill", "bundled", "kill-process").index(name)
 
     def job_uids(self, w):
         """The uids a root worker's jobs run as (none of their own for a user worker)."""
@@ -504,6 +504,26 @@ def test_kill_9_of_a_worker_leaves_nothing_and_the_attempt_never_runs_twice(esca
     assert ended["state"] in ("done", "failed", "cancelled"), ended
     assert escape.pond.job(job["id"])["attempt"] == ended["attempt"]
     wait_for(lambda: not with_marker(m), 5, what="nothing of the job left after it ended")
+
+
+def test_kill_9_under_process_ends_the_job_at_once_and_its_strays_before_the_next_claim(escape):
+    """`process` has no pid namespace: PR_SET_PDEATHSIG ends the job's own process with its worker,
+    and what escaped its process group (setsid) is killed from the slot's record by the next
+    worker on that state dir, before it claims anything (specs/sandbox.md §6.3)."""
+    m = f"kill-{secrets.token_hex(4)}"
+    w = escape.worker("kill-process")   # its own kind: the test above leaves a "kill" worker running
+    job = escape.submit(sh(f"setsid sh -c 'sleep 30; : {m}-setsid' & sleep 30; : {m}-main"), NONE, on="kill-process")
+    wait_for(lambda: len(with_marker(m)) >= 2, 15, what="the job and its stray running")
+    os.kill(w.proc.pid, signal.SIGKILL)
+    w.proc.wait(5)
+    wait_for(lambda: not with_marker(f"{m}-main"), 2, what="the job's own process gone after kill -9")
+    escape.pool.procs.remove(w)
+    w.stop()
+    again = escape.worker("kill-process", state=w.state_dir)          # ready: it has cleaned its slots
+    assert not with_marker(m), f"left running after the restart: {with_marker(m)}"
+    assert "killed what job" in again.stderr(), again.stderr()
+    ended = escape.wait(job["id"], timeout=40)
+    assert ended["state"] in ("done", "failed", "cancelled"), ended
 
 
 # --- the bundled bwrap -----------------------------------------------------------------------
