@@ -3150,7 +3150,7 @@ class Launch:
 
     def spawn(self, stdout, stderr):
         fds = []
-        for payload in self.data:                  # seccomp program, passwd, group: pipes bwrap reads once
+        for payload in self.data:                  # the seccomp program: a pipe bwrap reads once
             r, w = os.pipe()
             os.write(w, payload)
             os.close(w)
@@ -3347,8 +3347,6 @@ class BwrapProvider:
         self.seccomp = seccomp_program()
 
     def launch(self, conf, command, slot, env):
-        uid = slot.uid if slot.uid is not None else os.getuid()
-        gid = slot.uid if slot.uid is not None else os.getgid()
         work = "--bind" if conf["profile"] == "untrusted-code-write" else "--ro-bind"
         argv = [self.path, "--unshare-all", "--unshare-user", "--share-net", "--disable-userns", "--die-with-parent", "--new-session",
                 "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
@@ -3358,17 +3356,12 @@ class BwrapProvider:
                 argv += ["--symlink", os.readlink(path), path]
             elif os.path.isdir(path):
                 argv += ["--ro-bind", path, path]
-        for name in ETC_FILES:
-            argv += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
-        argv += ["--ro-bind-data", PipeFd(1), "/etc/passwd", "--ro-bind-data", PipeFd(2), "/etc/group",
-                 "--proc", "/proc", "--dev", "/dev", "--size", str(int(conf["limits"]["tmpfs_size"])), "--tmpfs", "/tmp",
+        argv += ["--ro-bind", str(slot.etc), "/etc", "--proc", "/proc", "--dev", "/dev", "--size", str(int(conf["limits"]["tmpfs_size"])), "--tmpfs", "/tmp",
                  "--bind", str(slot.home), SANDBOX_HOME, work, str(slot.work), "/work", "--chdir", "/work",
                  "--remount-ro", "/", "--seccomp", PipeFd(0), "--", *command]
-        passwd = f"root:x:0:0::/:/usr/sbin/nologin\nswarm:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/sh\n"
-        group = f"root:x:0:\nswarm:x:{gid}:\n"
         ports = [EGRESS_PORT] if conf["profile"] == "untrusted-code-write" else []
-        return Launch(argv, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, join=slot.join, ports=ports,
-                      data=(self.seccomp, passwd.encode(), group.encode()), keep_supervisor=True)
+        return Launch(argv, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, join=slot.join,
+                      ports=ports, data=(self.seccomp,), keep_supervisor=True)
 
 
 class HelperProvider:
@@ -3412,6 +3405,7 @@ class Slot:
     cgroups of the job it runs now."""
     root: Path
     uid: int | None
+    etc: Path = None                     # the /etc its bwrap jobs see (stage_etc)
     cgroups: list = field(default_factory=list)
     join: bool = False                   # the job moves into its cgroups (v2), else it is born there (v1)
     attached: int = None                 # the thread that sits in the slot's cgroups (v1)
@@ -3538,7 +3532,9 @@ class Sandboxes:
         root.mkdir(mode=0o700, exist_ok=True)
         if uid is not None:
             os.chown(root, uid, uid)               # only this slot's uid (and root) may enter
-        return Slot(root, uid)
+        etc = self.dir / f"etc-{index}"            # the worker's, outside the slot: no job can change it
+        stage_etc(etc, uid if uid is not None else os.getuid(), uid if uid is not None else os.getgid())
+        return Slot(root, uid, etc)
 
     def open_slot(self, slot, job_id, attempt, conf):
         """Before a job starts: empty directories owned by the slot's uid, the job's cgroups,
@@ -3598,6 +3594,30 @@ class Sandboxes:
             self.dir.rmdir()
         except OSError:
             pass
+
+
+def stage_etc(target, uid, gid):
+    """The /etc a slot's bwrap jobs see, made at start-up: ETC_FILES copied from the host (never
+    ssl/private), and a passwd and group naming only root and the job's user. One bind mount
+    instead of fifteen, each of which cost a job ~0.25 ms; a host change shows at the next start."""
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(mode=0o755, parents=True)
+    for name in ETC_FILES:
+        src, dst = Path("/etc") / name, target / name
+        try:
+            if src.is_symlink():
+                os.symlink(os.readlink(src), dst)
+            elif src.is_dir():
+                shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns("private"))
+            elif src.is_file():
+                shutil.copy2(src, dst)
+        except OSError as e:                       # what the worker cannot read, no job needs
+            log.warning("not in the sandboxes' /etc: %s (%s)", src, e.strerror)
+    (target / "passwd").write_text(f"root:x:0:0::/:/usr/sbin/nologin\nswarm:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/sh\n")
+    (target / "group").write_text(f"root:x:0:\nswarm:x:{gid}:\n")
+    for p in [target, *target.rglob("*")]:
+        if not p.is_symlink():
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
 
 
 def _preflight_fix(err):
