@@ -3588,7 +3588,7 @@ class Sandboxes:
         """At a clean stop: the slots' directories (emptied after each job) and cgroups."""
         if self.cgroups is not None:
             self.cgroups.remove()
-        for d in [*self.dir.glob("slot-*"), self.dir / "bwrap"]:
+        for d in [*self.dir.glob("slot-*"), *self.dir.glob("etc-*"), self.dir / "bwrap"]:
             shutil.rmtree(d, ignore_errors=True)
         try:
             self.dir.rmdir()

@@ -297,6 +297,34 @@ def children(pid):
     return out
 
 
+def _worker_leftovers():
+    """What root workers keep outside their state dir: sandbox dirs and v1 cgroups (swarm-<id>).
+    A worker removes them when it stops cleanly; one killed with -9 leaves them to its successor."""
+    found = set(Path("/var/lib/swarm").glob("sandbox-*")) if os.getuid() == 0 else set()
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, names, path = line.split(":", 2)
+        for name in names.split(","):
+            if name in ("memory", "pids", "cpu"):
+                found.update(Path(f"/sys/fs/cgroup/{name}{path}").glob("swarm-*"))
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_worker_leftovers_after_the_session():
+    """Remove what this session's killed workers left in /var/lib/swarm and the cgroup trees."""
+    before = _worker_leftovers()
+    yield
+    for d in sorted(_worker_leftovers() - before, key=lambda p: -len(p.parts)):
+        if str(d).startswith("/sys/fs/cgroup/"):
+            for child in [*d.glob("*/"), d]:
+                try:
+                    os.rmdir(child)
+                except OSError:
+                    pass
+        else:
+            shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a child process or a non-daemon thread behind."""
