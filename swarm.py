@@ -18,13 +18,23 @@ Commands
   status   the orchestrator's view of its pool        } operator commands against a
   jobs     jobs the orchestrator holds now            } running `serve`, authorized
   cancel   stop a job running in this pool            } by its --token
+  evict    take a worker out of the pool              }
 
 Files
   backend-handle.json          pond URL, binding id, binding token (0600)
   <serve state-dir>/swarm.db   enrolled workers (their tokens hashed)
   <serve state-dir>/serve.json where the orchestrator listens
-  <worker state-dir>/worker.json  worker id and token (0600); jobs/ per-job directories
+  <worker state-dir>/worker.json  worker id and token (0600)
   <worker state-dir>/sealing.x25519, signing.ed25519  the worker's private keys (0600; specs/keys.md)
+  <worker state-dir>/slots/slot-N.json  the job a slot runs now: what a restart kills first
+  <sandbox dir>/slot-N/{work,home,tmp}, etc-N/  the slots' directories (as root:
+                               /var/lib/swarm/sandbox-<id>; else <worker state-dir>/jobs)
+
+Sandboxes (specs/sandbox.md)
+  bwrap    untrusted-code-read and -write: namespaces, read-only system, seccomp, the slot's
+           own uid, cgroup limits; a write job's network only through its egress proxy
+  process  profile none: own session, scrubbed env, own HOME, rlimits, cgroup, Landlock
+  <name>   an external helper, swarm-sandbox-<name> on PATH (a JSON spec on stdin)
 
 Exit codes
   0 ok · 1 error · 2 usage or settings · 3 cannot reach pond or the orchestrator ·
