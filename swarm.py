@@ -2749,11 +2749,11 @@ class Reporter:
 # computed elsewhere decides a mount or a route. A Launch is one job's process as a provider
 # set it up; run_process (below) stays the one supervisor of pipes, timeout, cancel and kill.
 
-GIB, MIB = 1024 ** 3, 1024 ** 2
+GIB = 1024 ** 3
 PROFILE_LIMITS = {"memory": 4 * GIB, "cpus": 2, "pids": 512, "tmpfs_size": 1 * GIB, "timeout": 86400}
 UNTRUSTED_PROFILES = ("untrusted-code-read", "untrusted-code-write")
-EGRESS_PORT = 3128             # the job's egress proxy, on 127.0.0.1 inside the job's network namespace
-BROKER_PORT = 8787             # kept for the credential broker (the agent issue): a second listener there
+EGRESS_PORT = 3128             # the job's egress proxy, on 127.0.0.1 inside its network namespace (the
+                               # credential broker of the agent issue will listen beside it, on 8787)
 SANDBOX_HOME = "/home/swarm"   # HOME inside bwrap; the slot's home/ is bound there
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 OPEN_FILES = 4096              # RLIMIT_NOFILE of a job
@@ -3290,6 +3290,10 @@ class ProcessProvider:
     def __init__(self, host):
         self.host = host
 
+    @classmethod
+    def find(cls, host, name):
+        return cls(host)
+
     def launch(self, conf, command, slot, env):
         dirs = [str(slot.work), str(slot.home), str(slot.tmp)]
         abi = self.host.landlock_abi
@@ -3356,6 +3360,11 @@ class BwrapProvider:
         self.host, self.path, self.version = host, path, version
         self.seccomp = seccomp_program()
 
+    @classmethod
+    def find(cls, host, name):
+        path, version = find_bwrap()
+        return cls(host, stage_bwrap(path, host.dir) if host.root else path, version)
+
     def launch(self, conf, command, slot, env):
         work = "--bind" if conf["profile"] == "untrusted-code-write" else "--ro-bind"
         argv = [self.path, "--unshare-all", "--unshare-user", "--share-net", "--disable-userns", "--die-with-parent", "--new-session",
@@ -3384,6 +3393,14 @@ class HelperProvider:
     def __init__(self, host, name, path):
         self.host, self.name, self.path = host, name, path
 
+    @classmethod
+    def find(cls, host, name):
+        path = shutil.which(HELPER_PREFIX + name)
+        if not path:
+            raise SandboxUnavailable(f"no {HELPER_PREFIX}{name} on PATH", f"install the {name} helper "
+                                     f"(specs/sandbox.md §6.4), or drop sandbox.{name} from --capabilities")
+        return cls(host, name, path)
+
     def launch(self, conf, command, slot, env):
         spec = helper_spec(conf, command, env, slot)
         listeners = []
@@ -3394,6 +3411,9 @@ class HelperProvider:
             listeners.append(listener)
         return Launch([self.path], {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}, str(slot.work), conf["limits"],
                       cgroups=slot.cgroups, join=slot.join, stdin=canonical_json(spec), listeners=listeners)
+
+
+PROVIDERS = {"bwrap": BwrapProvider, "process": ProcessProvider}   # any other name: a helper on PATH
 
 
 def helper_spec(conf, command, env, slot):
@@ -3420,17 +3440,8 @@ class Slot:
     join: bool = False                   # the job moves into its cgroups (v2), else it is born there (v1)
     attached: int = None                 # the thread that sits in the slot's cgroups (v1)
 
-    @property
-    def work(self):
-        return self.root / "work"
-
-    @property
-    def home(self):
-        return self.root / "home"
-
-    @property
-    def tmp(self):
-        return self.root / "tmp"
+    def __post_init__(self):
+        self.work, self.home, self.tmp = self.root / "work", self.root / "home", self.root / "tmp"
 
 
 class Sandboxes:
@@ -3466,18 +3477,8 @@ class Sandboxes:
                 self.providers[name] = provider
 
     def _provider(self, name):
-        if name == "process":
-            return ProcessProvider(self)
-        if name == "bwrap":
-            path, version = find_bwrap()
-            if self.root:
-                path = stage_bwrap(path, self.dir)
-            return BwrapProvider(self, path, version)
-        path = shutil.which(HELPER_PREFIX + name)
-        if not path:
-            raise SandboxUnavailable(f"no {HELPER_PREFIX}{name} on PATH", f"install the {name} helper "
-                                     "(specs/sandbox.md §6.4), or drop sandbox.{name} from --capabilities")
-        return HelperProvider(self, name, path)
+        """The provider called `name`, found on this host (SandboxUnavailable if it is not there)."""
+        return PROVIDERS.get(name, HelperProvider).find(self, name)
 
     def _preflight(self, provider):
         """A real sandboxed job: it must run, see only loopback, carry seccomp and no capability,
@@ -4020,7 +4021,7 @@ def prove_sandboxes(s):
     and say what was dropped, why, and how to fix it. -> (Sandboxes, settings with capabilities)."""
     helpers = sorted({p.name[len(HELPER_PREFIX):] for d in os.environ.get("PATH", "").split(os.pathsep) if d
                       for p in (Path(d).glob(HELPER_PREFIX + "*") if os.path.isdir(d) else ())})
-    known = ("bwrap", "process", *helpers)
+    known = (*PROVIDERS, *helpers)
     wanted = [name for name in known if any(fnmatchcase(f"sandbox.{name}", g) for g in s.capabilities)]
     sandboxes = Sandboxes(s, wanted)
     for name, (why, fix) in sandboxes.dropped.items():
