@@ -3611,10 +3611,11 @@ def stage_etc(target, uid, gid):
     """The /etc a slot's bwrap jobs see, made at start-up: ETC_FILES copied from the host (never
     ssl/private), and a passwd and group naming only root and the job's user. One bind mount
     instead of fifteen, each of which cost a job ~0.25 ms; a host change shows at the next start."""
-    shutil.rmtree(target, ignore_errors=True)
-    target.mkdir(mode=0o755, parents=True)
+    staged = target.with_name(f".{target.name}.{os.getpid()}")     # built aside, then swapped in whole
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir(mode=0o755, parents=True)
     for name in ETC_FILES:
-        src, dst = Path("/etc") / name, target / name
+        src, dst = Path("/etc") / name, staged / name
         try:
             if src.is_symlink():
                 os.symlink(os.readlink(src), dst)
@@ -3624,11 +3625,13 @@ def stage_etc(target, uid, gid):
                 shutil.copy2(src, dst)
         except OSError as e:                       # what the worker cannot read, no job needs
             log.warning("not in the sandboxes' /etc: %s (%s)", src, e.strerror)
-    (target / "passwd").write_text(f"root:x:0:0::/:/usr/sbin/nologin\nswarm:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/sh\n")
-    (target / "group").write_text(f"root:x:0:\nswarm:x:{gid}:\n")
-    for p in [target, *target.rglob("*")]:
+    (staged / "passwd").write_text(f"root:x:0:0::/:/usr/sbin/nologin\nswarm:x:{uid}:{gid}::{SANDBOX_HOME}:/bin/sh\n")
+    (staged / "group").write_text(f"root:x:0:\nswarm:x:{gid}:\n")
+    for p in [staged, *staged.rglob("*")]:
         if not p.is_symlink():
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(staged, target)
 
 
 def _preflight_fix(err):
