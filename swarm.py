@@ -3247,15 +3247,18 @@ class Launch:
             resource.setrlimit(resource.RLIMIT_NPROC, (int(lim["pids"]), int(lim["pids"])))
 
     def signal(self, sig):
-        """Signal every process of the job: its cgroups, and its process group as well."""
+        """Signal every process of the job: its cgroups, and its process group as well. Never
+        SIGTERM to bwrap itself (nor its group, which is bwrap alone): it would answer by
+        SIGKILLing the job at once, and the job's grace would be lost."""
+        spare = sig != signal.SIGKILL and self.keep_supervisor
         for pid in cgroup_pids(self.cgroups) | {self.proc.pid}:
-            if sig != signal.SIGKILL and self.keep_supervisor and pid == self.proc.pid:
-                continue                           # bwrap would answer SIGTERM by SIGKILLing the job: no grace
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-        _signal_group(self.proc.pid, sig)
+            if not (spare and pid == self.proc.pid):
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        if not spare:
+            _signal_group(self.proc.pid, sig)
 
     def end(self):
         """After the job: kill whatever it left, close the listeners, drop its cgroups.

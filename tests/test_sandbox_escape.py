@@ -526,6 +526,20 @@ def test_kill_9_under_process_ends_the_job_at_once_and_its_strays_before_the_nex
     assert ended["state"] in ("done", "failed", "cancelled"), ended
 
 
+@pytest.mark.parametrize("block", [WRITE, NONE], ids=["bwrap", "process"])
+def test_a_cancelled_job_gets_sigterm_and_its_grace_whatever_the_provider(escape, block):
+    """SIGTERM goes to the job's processes, never to bwrap itself: bwrap would answer it by
+    SIGKILLing the job at once, and its trap would never run."""
+    job = escape.submit(sh("trap 'echo got TERM; exit 7' TERM; echo up; while :; do sleep 0.1; done"), block,
+                        cancel_grace=10)
+    wait_for(lambda: b"up" in escape.pond.output(job["id"])["stdout"], 15, what="the job running")
+    status, _ = escape.pond.api("POST", f"/v1/jobs/{job['id']}/cancel")
+    assert status == 202
+    done = escape.wait(job["id"], timeout=15)
+    out = escape.pond.output(job["id"])["stdout"].decode()
+    assert done["state"] == "cancelled" and done["exit_code"] == 7 and "got TERM" in out, (done, out)
+
+
 # --- the bundled bwrap -----------------------------------------------------------------------
 
 def test_a_worker_without_bwrap_on_path_uses_the_wheel_s(escape):
