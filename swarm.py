@@ -226,13 +226,13 @@ def private_dir(path):
     return path
 
 
-def lock_dir(path, what):
+def lock_dir(path, what, flag="--state-dir"):
     """Hold an exclusive lock on a state dir for this process's life."""
     f = open(Path(path) / "lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise UsageError(f"{path} is in use by another {what}", "give each process its own --state-dir") from None
+        raise UsageError(f"{path} is in use by another {what}", f"give each process its own {flag}") from None
     return f
 
 
@@ -3463,6 +3463,7 @@ class Sandboxes:
     def _prepare(self, wanted):
         self.dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir, 0o711 if self.root else 0o700)   # slot uids pass through to their own slot only
+        self.lock = lock_dir(self.dir, "`swarm.py worker`", "--sandbox-dir")
         self.records.mkdir(mode=0o700, exist_ok=True)
         self.clean_left_over()
         try:
@@ -3605,9 +3606,11 @@ class Sandboxes:
         for d in [*self.dir.glob("slot-*"), *self.dir.glob("etc-*"), self.dir / "bwrap"]:
             shutil.rmtree(d, ignore_errors=True)
         try:
+            (self.dir / "lock").unlink()
             self.dir.rmdir()
         except OSError:
             pass
+        self.lock.close()
 
 
 def stage_etc(target, uid, gid):
