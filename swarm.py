@@ -240,6 +240,11 @@ def digest(secret):
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+def state_tag(state_dir):
+    """A worker's name outside its state dir (sandbox dir, cgroups, slot uids): a digest of its path."""
+    return digest(str(state_dir))
+
+
 def new_token(kind, record_id):
     """-> (`<kind>.<id>.<secret>` to hand out once, the secret's hash to keep)."""
     secret = secrets.token_urlsafe(32)
@@ -270,6 +275,8 @@ CAPABILITY_GLOB_RE = re.compile(r"^[a-z0-9*?\[\]][a-z0-9._*?\[\]!-]{0,127}\Z")
 CODE_RE = re.compile(r"^[A-Za-z0-9-]{1,32}\Z")
 JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
 TERMINAL_STATES = ("done", "failed", "cancelled")
+HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
+HOST_PATTERN_RE = re.compile(rf"^(\*\.)?{HOST_NAME.pattern}\Z|^[0-9a-f.:]+\Z")   # an allowlist entry (as pond's)
 
 
 def b64(data):
@@ -1308,19 +1315,18 @@ def default_sandbox_dir(state):
     otherwise inside the state dir."""
     if os.getuid() != 0:
         return state / "jobs"
-    return Path("/var/lib/swarm") / f"sandbox-{hashlib.sha256(str(state).encode()).hexdigest()[:12]}"
+    return Path("/var/lib/swarm") / f"sandbox-{state_tag(state)[:12]}"
 
 
 def slot_uids(first, state):
     if first is None:
-        return 3_000_000 + 256 * (int(hashlib.sha256(str(state).encode()).hexdigest()[:6], 16) % 4096)
+        return 3_000_000 + 256 * (int(state_tag(state)[:6], 16) % 4096)
     if not 1000 <= first <= 2**31 - 1024:
         raise UsageError("--slot-uids must be a uid from 1000 to 2147482623", "example: --slot-uids 3000000")
     return first
 
 
 def egress_settings(args):
-    host_re = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?\Z|^[0-9a-f.:]+\Z")
     ports = []
     for item in (args.egress_ports or "443").split(","):
         if not item.strip().isdigit() or not 1 <= int(item) <= 65535:
@@ -1330,9 +1336,10 @@ def egress_settings(args):
     if loopback is not None and not is_loopback(loopback):
         raise UsageError(f"--egress-allow-loopback {loopback!r} is not a loopback address",
                          "it exists for tests only, e.g. --egress-allow-loopback 127.0.0.1")
-    allow = None if args.egress_allow is None else tuple(split_list(args.egress_allow.lower(), host_re, "--egress-allow"))
-    return dict(egress_allow=allow, egress_deny=tuple(split_list((args.egress_deny or "").lower(), host_re,
-                                                                 "--egress-deny")),
+    allow = args.egress_allow
+    allow = None if allow is None else tuple(split_list(allow.lower(), HOST_PATTERN_RE, "--egress-allow"))
+    deny = tuple(split_list((args.egress_deny or "").lower(), HOST_PATTERN_RE, "--egress-deny"))
+    return dict(egress_allow=allow, egress_deny=deny,
                 egress_ports=tuple(sorted(set(ports))), egress_loopback=loopback)
 
 
@@ -2240,7 +2247,6 @@ EGRESS_DENIED_NETS = tuple(ipaddress.ip_network(net) for net in (
 # framing (Content-Length, Transfer-Encoding) stays, because the body is relayed exactly as it was framed.
 EGRESS_DROPPED_HEADERS = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                                     "proxy-connection", "te", "trailer", "upgrade", "host"))
-HOST_NAME = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*")
 HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 EGRESS_RELAY_CHUNK = 64 * 1024        # bytes read at once while relaying
 # reason -> (status, the one line the client reads). Policy refusals are 403; the rest say what failed.
@@ -2955,17 +2961,20 @@ class Cgroups:
     @classmethod
     def _open_v2(cls, own, tag):
         """v2 allows no process in a cgroup whose controllers it hands down: this worker moves
-        itself into a leaf, `worker`, then enables memory, pids and cpu for its slots."""
+        itself into a leaf, `worker`, then enables memory, pids and cpu for its jobs, once."""
+        parent = own / f"swarm-{tag}"
         try:
-            leaf = own / "worker"
-            leaf.mkdir(exist_ok=True)
-            (leaf / "cgroup.procs").write_text(str(os.getpid()))
+            (own / "worker").mkdir(exist_ok=True)
+            (own / "worker" / "cgroup.procs").write_text(str(os.getpid()))
             wanted = {"memory", "pids", "cpu"} & set(_read(own / "cgroup.controllers").split())
-            (own / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in sorted(wanted)))
+            enable = " ".join(f"+{c}" for c in sorted(wanted))
+            (own / "cgroup.subtree_control").write_text(enable)
+            parent.mkdir(exist_ok=True)
+            (parent / "cgroup.subtree_control").write_text(enable)
         except OSError as e:
             raise SandboxUnavailable(f"cgroup {own} is not delegated to this worker ({e.strerror})",
                                      "systemd: Delegate=yes on the worker's unit; or run as root") from None
-        return cls({"": own / f"swarm-{tag}"}, 2)
+        return cls({"": parent}, 2)
 
     def attach_thread(self, dirs):
         """v1: put the calling thread in `dirs`, so the processes it starts are born there."""
@@ -2978,11 +2987,7 @@ class Cgroups:
         for controller, parent in self.parents.items():
             if controller == "cpu" and limits["cpus"] >= (os.cpu_count() or 1):
                 continue                          # nothing to limit: spare the job a cgroup move (v1: ~1 ms each)
-            d = parent / name
-            parent.mkdir(exist_ok=True)
-            if self.version == 2:
-                (parent / "cgroup.subtree_control").write_text(
-                    " ".join(f"+{c}" for c in ("memory", "pids", "cpu") if c in _read(parent / "cgroup.controllers")))
+            d = parent / name                     # the parents were made by open()
             d.mkdir(exist_ok=True)
             dirs.append(d)
             try:
@@ -3457,7 +3462,7 @@ class Sandboxes:
         self.uid_base = s.slot_uid_base if self.root else None
         self.records = s.state_dir / "slots"
         self.landlock_abi = landlock_abi()
-        self.cgroups, self.providers, self.dropped = None, {}, {}
+        self.cgroups, self.providers, self.dropped, self.slots = None, {}, {}, {}
         self._prepare(wanted)
 
     def _prepare(self, wanted):
@@ -3467,7 +3472,7 @@ class Sandboxes:
         self.records.mkdir(mode=0o700, exist_ok=True)
         self.clean_left_over()
         try:
-            self.cgroups = Cgroups.open(hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:12])
+            self.cgroups = Cgroups.open(state_tag(self.state_dir)[:12])
         except SandboxUnavailable as e:
             self.dropped = {name: (e.message, e.hint) for name in wanted}
             return
@@ -3541,7 +3546,12 @@ class Sandboxes:
         return tuple(result)
 
     def slot(self, index):
-        """Slot `index`'s directory and uid (its cgroups come with each job)."""
+        """Slot `index`'s directory, uid and /etc, made once (its cgroups come with each job)."""
+        if index not in self.slots:
+            self.slots[index] = self._make_slot(index)
+        return self.slots[index]
+
+    def _make_slot(self, index):
         uid = self.uid_base + index if self.uid_base is not None else None
         root = self.dir / f"slot-{index}"
         root.mkdir(mode=0o700, exist_ok=True)
