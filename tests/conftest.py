@@ -172,6 +172,17 @@ class PondHandle:
         fields.setdefault("sandbox", {"profile": "none"})
         return self.client.post("/v1/jobs", dict(command=command, **fields))
 
+    def bare_orchestrator(self):
+        """Pair an orchestrator and enroll one online worker that takes profile-none jobs, through
+        the API alone: no process behind them, the test speaks the orchestrator's side. -> its token."""
+        token = self.client.post("/v1/orch/pair", {"code": self.pairing_code()})["token"]
+        worker = self.api("POST", f"/v1/orch/enrollment/{self.enrollment_code()}/consumed", {"tags": []},
+                          token=token)[1]
+        self.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True,
+                                                                      "capabilities": ["sandbox.process"]}]},
+                 token=token)
+        return token
+
     def wait_job(self, job_id, states=("done", "failed", "cancelled"), timeout=20):
         return wait_for(lambda: (j := self.job(job_id))["state"] in states and j, timeout,
                         what=f"job {job_id} to reach {states}")

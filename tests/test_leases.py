@@ -92,11 +92,7 @@ def test_a_job_that_ignores_sigterm_is_killed_after_its_own_grace(pool):
 def test_pond_fails_a_job_past_its_timeout_when_the_worker_never_says(pool):
     """The backstop: an orchestrator keeps the lease alive but its worker never reports."""
     pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results"))
-    token = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["token"]
-    worker = pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {"tags": []}, token=token)[1]
-    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True,
-                                                                  "capabilities": ["sandbox.process"]}]},
-             token=token)
+    token = pond.bare_orchestrator()
     job = pond.submit(["sleep", "60"], timeout=1, cancel_grace=0)
     status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)
     (held,) = answer["jobs"]

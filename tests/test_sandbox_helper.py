@@ -4,12 +4,11 @@ its stdin, with the egress proxy on a Unix socket. The helper here is a small st
 written by the test (a real one would be gVisor or a microVM); what is tested is swarm.py's
 side of the protocol, with a real worker, orchestrator and pond."""
 
-import http.server
 import json
 import sys
-import threading
 
 from conftest import SWARM, Proc, env_for_children, wait_for
+from sandboxing import Upstream
 
 # Runs the command as the spec says (env, cwd); for a write job it first fetches the URL in
 # its first argument through the worker's proxy, over the spec's Unix socket, and prints
@@ -29,27 +28,14 @@ sys.exit(subprocess.run(spec["command"], env=spec["env"], cwd=spec["directories"
 '''
 
 
-class Hello(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", "2")
-        self.end_headers()
-        self.wfile.write(b"hi")
-
-    def log_message(self, *args):
-        pass
-
-
 def test_a_helper_provider_is_proven_advertised_and_runs_a_write_job_with_its_proxy(pool, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     helper = bin_dir / "swarm-sandbox-testbox"
     helper.write_text(HELPER)
     helper.chmod(0o755)
-    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
-    port = upstream.server_address[1]
-    serving = threading.Thread(target=upstream.serve_forever, daemon=True)
-    serving.start()
+    upstream = Upstream("hi")
+    port = upstream.port
     try:
         pond = pool.pond()
         orch = pool.orchestrator(pond)
@@ -82,9 +68,7 @@ def test_a_helper_provider_is_proven_advertised_and_runs_a_write_job_with_its_pr
         decisions = [json.loads(x.split(": ", 1)[1]) for x in stderr.splitlines() if x.startswith("swarm-egress: ")]
         assert [(d["host"], d["verdict"]) for d in decisions] == [("localhost", "allow")], stderr
     finally:
-        upstream.shutdown()
-        upstream.server_close()
-        serving.join(5)
+        upstream.close()
 
 
 def test_a_helper_that_fails_its_preflight_is_dropped_with_the_reason(pool, tmp_path):

@@ -255,11 +255,7 @@ def test_the_sandbox_timeout_bounds_the_assignment_and_the_backstop(pool):
     """A job's own timeout of 60 s, its sandbox's of 1 s: the worker is told 1 s, and pond's backstop
     fails the job after 1 s (+ grace + margin) when its worker never reports."""
     pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results"))
-    token = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["token"]
-    worker = pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {"tags": []}, token=token)[1]
-    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [{"id": worker["worker_id"], "online": True,
-                                                                  "capabilities": ["sandbox.process"]}]},
-             token=token)
+    token = pond.bare_orchestrator()
     job = pond.submit(["sleep", "600"], timeout=60, cancel_grace=0,
                       sandbox={"profile": "none", "overrides": {"timeout": 1}})
     status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)
