@@ -53,6 +53,7 @@ import errno
 import fcntl
 import hashlib
 import hmac
+import inspect
 import http.client
 import ipaddress
 import json
@@ -111,6 +112,8 @@ MAX_ERROR = 2000                      # characters of a report's error, as pond
 MAX_ENVELOPE = 64 * 1024              # bytes of a result's attestation, as pond
 MAX_HEARTBEAT = 4096                  # attempts in one heartbeat, as pond
 MAX_HOLDING = 4096                    # job ids a worker lists as held when it claims
+MAX_BATCH = 64                        # reports in one POST .../reports, as pond
+BATCH_BYTES = 1024 * 1024             # output bytes a sender puts in one batch (MAX_BODY bounds the request)
 REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 HANDLE_FILE = "backend-handle.json"
@@ -1569,21 +1572,33 @@ class Outbox:
             self._items.append(msg)
             self._cond.notify()
 
-    def peek(self, timeout):
-        """The oldest message still to send, or None after `timeout` seconds."""
+    def peek(self, timeout, limit=MAX_BATCH):
+        """The oldest messages still to send, in order (at most `limit`, and BATCH_BYTES of
+        output), or [] after `timeout` seconds."""
         with self._cond:
             while True:
                 while self._items and self._items[0].get("skip"):
                     self._items.popleft()
                 if self._items or not self._cond.wait(timeout):
-                    return self._items[0] if self._items else None
+                    break
+            batch, size = [], 0
+            for msg in self._items:
+                if not msg.get("skip"):
+                    size += output_bytes(msg)
+                    if batch and (len(batch) == limit or size > BATCH_BYTES):
+                        break
+                    batch.append(msg)
+            return batch
 
     def pop(self, msg):
+        """`msg` was delivered (or refused for good): it leaves, with the skipped ones before it."""
         with self._cond:
-            if self._items and self._items[0] is msg:
-                self._items.popleft()
-                if self._running.get(msg["job_id"]) is msg:
-                    del self._running[msg["job_id"]]
+            while self._items and (self._items[0] is msg or self._items[0].get("skip")):
+                first = self._items.popleft()
+                if self._running.get(first["job_id"]) is first:
+                    del self._running[first["job_id"]]
+                if first is msg:
+                    break
 
     def __len__(self):
         return len(self._items)
@@ -1592,6 +1607,47 @@ class Outbox:
         """The final reports still to send: their attempts are held until pond has them."""
         with self._cond:
             return [m for m in self._items if m["kind"] == "state" and m["body"]["state"] in TERMINAL_STATES]
+
+
+def output_bytes(msg):
+    """About how many bytes a report adds to a batch: its output, and room for the rest."""
+    body = msg["body"]
+    return 8192 + len(body.get("data") or "") + sum(len(c.get("data") or "") for c in body.get("chunks") or ())
+
+
+def deliver(client, path, outbox, stop, backoff, peer):
+    """One round of an outbox's sender: its oldest reports, in one POST `path` (specs/protocol.md
+    §5, batches). What the peer stored, or refused for good, leaves the outbox, in order; at
+    the first it could not take now, the round waits and the rest is sent again.
+    -> False once the outbox is empty and `stop` is set, or a retry is due while stopping."""
+    batch = outbox.peek(0.5)
+    if not batch:
+        return not stop.is_set()
+
+    def again():
+        return not stop.is_set() and not stop.wait(backoff.next())
+
+    items = [{"job_id": m["job_id"], "claim_token": m["claim_token"], "kind": m["kind"], "body": m["body"]}
+             for m in batch]
+    try:
+        results = client.call("POST", path, {"reports": items})["results"]
+    except Refused as e:                           # the whole batch: nothing was stored; never drop it
+        log.warning("%s refused a batch of %d report(s): %s (%s); sending it again", peer, len(items),
+                    clean(e.message), e.code)
+        return again()
+    except Unreachable:
+        return again()
+    for msg, result in zip(batch, results):
+        status = result.get("status", 500) if isinstance(result, dict) else 500
+        if status >= 500 or status == 429:
+            return again()
+        if status >= 300:
+            error = result.get("error") or {}
+            log.warning("%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
+                        clean(error.get("message")), clean(error.get("code"), 40))
+        outbox.pop(msg)
+    backoff.reset()
+    return True
 
 
 class DurableOutbox(Outbox):
@@ -1899,6 +1955,25 @@ class Pool:
         self._evicted_once_empty(session)
         return {"accepted": True}
 
+    def report_batch(self, session, body):
+        """POST /v1/worker/reports: many reports, each handled as if sent alone, in order."""
+        body = obj(body, "reports", ("reports",), ("reports",))
+        if not isinstance(body["reports"], list) or not 1 <= len(body["reports"]) <= MAX_BATCH:
+            raise HttpError(400, "bad_request", f"reports must be a list of 1 to {MAX_BATCH} reports",
+                            "send the oldest reports first, at most that many at once")
+        results = []
+        for item in body["reports"]:
+            try:
+                item = obj(item, "report", ("job_id", "claim_token", "kind", "body"), ("job_id", "claim_token", "kind"))
+                handler = {"state": self.report_state, "chunk": self.report_chunk}.get(item["kind"])
+                if handler is None or not isinstance(item["job_id"], str) or not isinstance(item["claim_token"], str):
+                    raise HttpError(400, "bad_request", "a report has kind state or chunk, and string job_id and "
+                                    "claim_token", "echo them from the assignment")
+                results.append({"status": 200, **handler(session, item["job_id"], item["claim_token"], item.get("body"))})
+            except HttpError as e:
+                results.append({"status": e.status, "error": {"code": e.code, "message": e.message, "hint": e.hint}})
+        return {"results": results}
+
     def report_chunk(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
         body = obj(body, "chunk", ("attempt", "stream", "seq", "data"), ("attempt", "stream", "seq", "data"))
@@ -2012,29 +2087,11 @@ def poll_loop(pool, pond, stop, wait, fatal):
 
 
 def push_loop(pool, pond, stop):
-    """Send the outbox to pond in order; retry what pond did not get, drop what it refused."""
+    """Send the outbox to pond in order, in batches; retry what pond did not get, drop what it
+    refused. Stopping with pond gone leaves the rest in swarm.db for the next start."""
     backoff = Backoff()
-    while True:
-        msg = pool.outbox.peek(0.5)
-        if msg is None:
-            if stop.is_set():
-                return
-            continue
-        path = f"/v1/orch/jobs/{msg['job_id']}/{msg['kind']}"
-        try:
-            pond.call("POST", path, msg["body"], headers={"X-Claim-Token": msg["claim_token"]})
-        except Refused as e:
-            if e.retryable and not stop.is_set():
-                stop.wait(backoff.next())
-                continue
-            log.warning("pond refused %s for %s: %s (%s)", msg["kind"], msg["job_id"], clean(e.message), e.code)
-        except Unreachable:
-            if stop.is_set():
-                return          # pond is gone and we are stopping; the rest is lost (issue: outbox on disk)
-            stop.wait(backoff.next())
-            continue
-        backoff.reset()
-        pool.outbox.pop(msg)
+    while deliver(pond, "/v1/orch/reports", pool.outbox, stop, backoff, "pond"):
+        pass
 
 
 def snapshot_loop(pool, pond, stop, interval):
@@ -2136,6 +2193,7 @@ def orchestrator_routes(pool, token_hash):
         ("GET", r"/metrics", lambda h, m, b: (200, _orchestrator_metrics(pool))),
         ("POST", r"/v1/worker/enroll", lambda h, m, b: (201, pool.enroll(b))),
         ("POST", r"/v1/worker/claim", lambda h, m, b: (200, pool.claim(worker_auth(h), b, h.alive))),
+        ("POST", r"/v1/worker/reports", lambda h, m, b: (200, pool.report_batch(worker_auth(h), b))),
         ("POST", job + r"/state",
          lambda h, m, b: (200, pool.report_state(worker_auth(h), m["id"], claim_token(h), b))),
         ("POST", job + r"/chunk",
@@ -2717,27 +2775,8 @@ class Reporter:
 
     def _run(self):
         backoff = Backoff()
-        while True:
-            msg = self.outbox.peek(0.5)
-            if msg is None:
-                if self.stop.is_set():
-                    return
-                continue
-            try:
-                self.orch.call("POST", f"/v1/worker/jobs/{msg['job_id']}/{msg['kind']}", msg["body"],
-                               headers={"X-Claim-Token": msg["claim_token"]})
-            except Refused as e:
-                if e.retryable:
-                    time.sleep(backoff.next())
-                    continue
-                log.warning("orchestrator refused %s for %s: %s", msg["kind"], msg["job_id"], clean(e.message))
-            except Unreachable:
-                if self.stop.is_set():
-                    return
-                time.sleep(backoff.next())
-                continue
-            backoff.reset()
-            self.outbox.pop(msg)
+        while deliver(self.orch, "/v1/worker/reports", self.outbox, self.stop, backoff, "the orchestrator"):
+            pass
 
     def pending_finals(self):
         return {m["job_id"] for m in self.outbox.finals()}
@@ -2925,9 +2964,9 @@ class Cgroups:
     subtree with those controllers, else v1 (specs/sandbox.md §6.3).
 
     Everything a job starts is counted in its cgroups and killed with them, `setsid` and
-    double forks included. v1: each slot has its cgroups for good, and the slot's thread
-    sits in them (v1 places threads), so a job is born inside: moving a process costs an
-    RCU grace period per hierarchy, 2-15 ms on a small VM. v2 places processes only: each
+    double forks included. v1: each slot has its cgroups for good, and the slot's spawner
+    sits in them, so a job is born inside: moving a process costs an RCU grace period per
+    hierarchy, 2-15 ms on a small VM. v2 places processes only: each
     job gets cgroups of its own and moves into them between fork and exec.
     """
 
@@ -2976,11 +3015,6 @@ class Cgroups:
                                      "systemd: Delegate=yes on the worker's unit; or run as root") from None
         return cls({"": parent}, 2)
 
-    def attach_thread(self, dirs):
-        """v1: put the calling thread in `dirs`, so the processes it starts are born there."""
-        for d in dirs:
-            (Path(d) / "tasks").write_text(str(threading.get_native_id()))
-
     def make(self, name, limits):
         """The cgroup directories `name` runs in, with these limits written; -> [dir]."""
         dirs = []
@@ -2988,7 +3022,7 @@ class Cgroups:
             if controller == "cpu" and limits["cpus"] >= (os.cpu_count() or 1):
                 continue                          # nothing to limit: spare the job a cgroup move (v1: ~1 ms each)
             d = parent / name                     # the parents were made by open()
-            d.mkdir(exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True)  # parents too: an operator may have removed an idle one
             dirs.append(d)
             try:
                 if self.version == 2:
@@ -3045,15 +3079,15 @@ def _write_limits_v2(d, limits):
         (d / "cpu.max").write_text(f"{int(limits['cpus'] * 100000)} 100000")
 
 
-def cgroup_pids(dirs):
-    """The job's processes in `dirs`: never this worker, whose slot thread may sit there (v1)."""
+def cgroup_pids(dirs, spare=()):
+    """The job's processes in `dirs`: never the slot's spawner, which sits there (v1)."""
     pids = set()
     for d in dirs:
         pids.update(int(p) for p in _read(Path(d) / "cgroup.procs").split())
-    return pids - {os.getpid()}
+    return pids - {os.getpid(), *spare}
 
 
-def kill_cgroups(dirs, deadline=2.0):
+def kill_cgroups(dirs, deadline=2.0, spare=()):
     """SIGKILL everything in the slot's cgroups until they are empty (a fork racing the
     kill is caught on the next round; pids.max bounds how many there can be)."""
     for d in dirs:
@@ -3063,14 +3097,14 @@ def kill_cgroups(dirs, deadline=2.0):
             except OSError:
                 pass
     end = time.monotonic() + deadline
-    while (pids := cgroup_pids(dirs)) and time.monotonic() < end:
+    while (pids := cgroup_pids(dirs, spare)) and time.monotonic() < end:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
         time.sleep(0.005)
-    return not cgroup_pids(dirs)
+    return not cgroup_pids(dirs, spare)
 
 
 def oom_kills(dirs):
@@ -3100,7 +3134,19 @@ def kill_uid(uid):
     os.waitpid(pid, 0)
 
 
-# --- one job's process: set up in the child between fork and exec ----------------
+# ============================================================================
+# Sandbox: starting a job (a spawner per slot forks it; Launch is one job's process)
+# ============================================================================
+#
+# A job needs set-up between fork and exec (its cgroup, network namespace, uid, rlimits,
+# Landlock), so CPython cannot vfork it, and forking the worker itself (tens of MB, threads)
+# copies its page tables: 5-10 ms a job on a small VM. Each slot has instead a spawner: a
+# fresh `python3 -I -S` running only the functions below (spawner_source()), ~11 MB, whose
+# fork costs ~1 ms. Per job it reads one request on a SOCK_SEQPACKET socket (a memfd with
+# the plan as JSON, then the job's descriptors), forks, and the child sets itself up and
+# execs; the spawner answers with the pid, later with the exit status. When the worker's
+# end closes (the worker died, kill -9 included) the spawner exits, and its jobs die with
+# it (their PR_SET_PDEATHSIG).
 
 def _check(result, what):
     if result != 0:
@@ -3119,7 +3165,7 @@ def _landlock(dirs, abi):
     sockets scoped to the job (ABI 6). Reads stay open: `process` runs the unconfined profile."""
     rights = 0
     for version, added in LANDLOCK_WRITE_RIGHTS.items():
-        rights |= added if abi >= version else 0
+        rights |= added if abi >= int(version) else 0
     attr = struct.pack("=QQQ", rights, 0, LANDLOCK_SCOPES if abi >= 6 else 0)[:8 if abi < 4 else 16 if abi < 6 else 24]
     ruleset = _libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), 0)
     if ruleset < 0:
@@ -3131,6 +3177,262 @@ def _landlock(dirs, abi):
         os.close(fd)
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+
+
+def _job_network(chan, uid, gid, ports):
+    """A network namespace of the job's own, with only loopback, and the worker's listeners in
+    it, sent out over `chan`: no helper runs inside."""
+    _check(_libc.unshare(CLONE_NEWNET | (0 if uid == 0 else CLONE_NEWUSER)), "unshare")
+    if uid != 0:                               # an unprivileged worker owns the namespace through a user namespace
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    _loopback_up()
+    for port in ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("127.0.0.1", port))
+        s.listen(64)
+        socket.send_fds(chan, [b"L"], [s.fileno()])
+        s.close()
+    chan.close()
+
+
+def _job_child(plan, fds, parent, errors):
+    """In the spawner's child, between fork and exec: the job's session, its pipes as 0-2,
+    its cgroups (v2), network namespace, uid, rlimits, parent-death signal and Landlock.
+    A set-up failure goes to the job's stderr and ends it with 125; a failed exec sends
+    its errno to the spawner on `errors`."""
+    stdin, stdout, stderr, *data = fds
+    chan = data.pop() if plan["ports"] is not None else None
+    argv = plan["argv"]
+    try:
+        os.setsid()
+        for fd, target in ((stdin, 0), (stdout, 1), (stderr, 2)):
+            os.dup2(fd, target)
+        for index, n in plan["pipe_args"]:         # the data pipes stay open across exec, at their numbers
+            os.set_inheritable(data[n], True)
+            argv[index] = str(data[n])
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):   # python ignores them; the job gets the defaults
+            signal.signal(sig, signal.SIG_DFL)
+        os.chdir(plan["cwd"])
+        for d in plan["join"]:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        if plan["reset_oom"]:                      # the spawner itself is never the OOM killer's choice; the job may be
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("0")
+        if chan is not None:
+            _job_network(socket.socket(fileno=chan), os.getuid(), os.getgid(), plan["ports"])
+        if plan["uid"] is not None:
+            os.setgroups([])
+            os.setresgid(plan["uid"], plan["uid"], plan["uid"])
+            os.setresuid(plan["uid"], plan["uid"], plan["uid"])
+        for which, value in plan["rlimits"]:
+            resource.setrlimit(which, (value, value))
+        _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")   # after setuid, which clears it
+        if os.getppid() != parent:
+            os._exit(125)                          # the spawner died before the signal was armed
+        if plan["landlock"]:
+            _landlock(*plan["landlock"])
+    except BaseException as e:
+        os.write(2, f"swarm: sandbox setup failed: {e}\n".encode(errors="replace"))
+        os._exit(125)
+    try:
+        _exec(argv, plan["env"])
+    except OSError as e:
+        os.write(errors, str(e.errno).encode())
+    os._exit(127)
+
+
+def _exec(argv, env):
+    """os.execvpe without its lazy `import warnings`: past setuid the child may not read the
+    directory of the spawner's standard library (a Python under /root)."""
+    name, first, last = argv[0], None, None
+    for d in [""] if "/" in name else (env.get("PATH") or os.defpath).split(":"):
+        try:
+            os.execve(os.path.join(d, name), argv, env)
+        except OSError as e:
+            last = e
+            if first is None and not isinstance(e, (FileNotFoundError, NotADirectoryError)):
+                first = e
+    raise first or last
+
+
+def _spawn_job(request, reset_oom):
+    """Fork one job (above) -> (pid, errno of a failed exec or None)."""
+    fds = list(request)
+    with open(fds.pop(0), "rb") as f:
+        plan = json.loads(f.read())
+    plan["reset_oom"] = reset_oom
+    r, w = os.pipe2(os.O_CLOEXEC)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            _job_child(plan, fds, parent, w)
+        finally:
+            os._exit(127)
+    os.close(w)
+    for fd in fds:
+        os.close(fd)
+    with open(r, "rb") as f:                       # empty once the exec succeeded (the pipe closes on exec)
+        failed = f.read()
+    if failed:
+        os.waitpid(pid, 0)
+        return pid, int(failed)
+    return pid, None
+
+
+def spawner_main(fd):
+    """The spawner's loop: a request starts a job; a job's pidfd turning readable reports its
+    exit; end of file on the socket (the worker is gone) ends the spawner and so its jobs."""
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+        reset_oom = True
+    except OSError:
+        reset_oom = False                          # unprivileged: the kernel may pick the spawner; the worker starts another
+    children = {}                                  # pidfd -> pid
+    while True:
+        ready, _, _ = select.select([sock, *children], [], [])
+        for pidfd in [r for r in ready if r in children]:
+            pid = children.pop(pidfd)
+            os.close(pidfd)
+            _, status = os.waitpid(pid, 0)
+            sock.send(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}).encode())
+        if sock in ready:
+            msg, fds, _, _ = socket.recv_fds(sock, 64, 64, socket.MSG_CMSG_CLOEXEC)
+            if not msg:
+                return
+            try:
+                pid, failed = _spawn_job(fds, reset_oom)
+            except OSError as e:                   # fork refused (pids limit, memory): the job fails to start
+                for fd in fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+                pid, failed = None, e.errno
+            if failed is None:
+                children[os.pidfd_open(pid)] = pid
+            sock.send(json.dumps({"pid": pid, "errno": failed}).encode())
+
+
+SPAWNER_FUNCTIONS = (_check, _loopback_up, _landlock, _job_network, _job_child, _exec, _spawn_job, spawner_main)
+SPAWNER_CONSTANTS = ("SIOCGIFFLAGS", "SIOCSIFFLAGS", "IFF_UP", "CLONE_NEWNET", "CLONE_NEWUSER", "PR_SET_PDEATHSIG",
+                     "PR_SET_NO_NEW_PRIVS", "LANDLOCK_CREATE_RULESET", "LANDLOCK_ADD_RULE", "LANDLOCK_RESTRICT_SELF",
+                     "LANDLOCK_WRITE_RIGHTS", "LANDLOCK_FILE_RIGHTS", "LANDLOCK_SCOPES")
+
+
+def spawner_source():
+    """The spawner's whole program: the few modules it needs, the constants and functions
+    above (their own source), and its loop on the descriptor given as its argument."""
+    lines = ["import ctypes, fcntl, json, os, resource, select, signal, socket, struct, sys",
+             "_libc = ctypes.CDLL(None, use_errno=True)"]
+    lines += [f"{name} = {globals()[name]!r}" for name in SPAWNER_CONSTANTS]
+    lines += [inspect.getsource(fn) for fn in SPAWNER_FUNCTIONS]
+    return "\n".join(lines + ["spawner_main(int(sys.argv[1]))"])
+
+
+class Spawner:
+    """The worker's end of one slot's spawner (above). Used by the slot's thread alone."""
+
+    def __init__(self, cgroups=()):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:                               # its own session: a terminal's ^C reaches the worker, not it
+            self.proc = subprocess.Popen([sys.executable or "python3", "-I", "-S", "-c", spawner_source(),
+                                          str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.sock, self.pid = ours, self.proc.pid
+        try:
+            for d in cgroups:                      # v1: the spawner sits in the slot's cgroups; its jobs are born there
+                (Path(d) / "cgroup.procs").write_text(str(self.pid))
+        except OSError:
+            self.close()
+            raise
+
+    @property
+    def alive(self):
+        return self.proc.poll() is None and self.sock.fileno() >= 0
+
+    def spawn(self, plan, fds):
+        """Start a job: -> its pid. OSError if it could not be started (as Popen raises it)."""
+        memfd = os.memfd_create("swarm-plan", os.MFD_CLOEXEC)
+        try:
+            os.write(memfd, json.dumps(plan).encode())
+            os.lseek(memfd, 0, os.SEEK_SET)
+            socket.send_fds(self.sock, [b"J"], [memfd, *fds])
+        finally:
+            os.close(memfd)
+        reply = self.receive(60)
+        if reply is None or "errno" not in reply:
+            raise OSError(errno.EIO, "the slot's spawner did not answer (it is restarted for the next job)")
+        if reply["errno"] is not None:
+            raise OSError(reply["errno"], os.strerror(reply["errno"]))
+        return reply["pid"]
+
+    def receive(self, timeout):
+        """The spawner's next message, or None when `timeout` passes; an "exit" with an
+        "error" if it died (its job died with it)."""
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        if not ready:
+            return None
+        msg = self.sock.recv(4096)
+        if not msg:
+            self.close()
+            log.error("the spawner of a slot (pid %s) died (%s); the slot starts another before its next job",
+                      self.pid, self.proc.wait())
+            return {"exit": -signal.SIGKILL, "error": "the slot's spawner died, and the job with it"}
+        return json.loads(msg)
+
+    def close(self):
+        self.sock.close()                          # the spawner reads end of file and exits
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Spawned:
+    """A job's process started by a spawner: the part of Popen that run_process uses."""
+
+    def __init__(self, spawner, pid, stdout, stderr):
+        self.spawner, self.pid, self.stdout, self.stderr, self.returncode = spawner, pid, stdout, stderr, None
+        self.error = None
+
+    def poll(self):
+        return self._reap(0)
+
+    def wait(self, timeout=None):
+        if self._reap(timeout) is None:
+            raise subprocess.TimeoutExpired(str(self.pid), timeout)
+        return self.returncode
+
+    def _reap(self, timeout):
+        if self.returncode is None:
+            reply = self.spawner.receive(timeout)
+            if reply is not None:
+                self.returncode, self.error = reply["exit"], reply.get("error")
+        return self.returncode
+
+    def communicate(self, timeout):
+        """Both pipes to their end and the exit status, within `timeout` s: -> (out, err)."""
+        deadline, chunks = time.monotonic() + timeout, {self.stdout: [], self.stderr: []}
+        open_pipes = [self.stdout, self.stderr]
+        while open_pipes:
+            ready, _, _ = select.select(open_pipes, [], [], max(0, deadline - time.monotonic()))
+            if not ready:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            for pipe in ready:
+                data = os.read(pipe.fileno(), 65536)
+                chunks[pipe].append(data) if data else open_pipes.remove(pipe)
+        self.wait(max(0.0, deadline - time.monotonic()))
+        return b"".join(chunks[self.stdout]), b"".join(chunks[self.stderr])
 
 
 def landlock_abi():
@@ -3146,50 +3448,71 @@ class PipeFd(int):
 class Launch:
     """One job's process, as a provider sets it up: argv, environment, directory, limits.
 
-    `spawn` starts it; between fork and exec the child joins the job's cgroups, makes its
-    own network namespace with the listeners the job may use (passed out to the worker
-    over a socket pair, so no helper runs inside), takes the slot's uid, sets rlimits and
-    its parent-death signal, and applies Landlock. The child only makes system calls there:
-    the worker has other threads, so it must take no lock they might hold.
+    `spawn` hands it to the slot's spawner (above), which forks it; between fork and exec
+    the child joins the job's cgroups, makes its own network namespace with the listeners
+    the job may use (passed out to the worker over a socket pair), takes the slot's uid,
+    sets rlimits and its parent-death signal, and applies Landlock.
     """
 
-    def __init__(self, argv, env, cwd, limits, *, uid=None, cgroups=(), join=False, ports=None, data=(),
+    def __init__(self, argv, env, cwd, limits, spawner, *, uid=None, cgroups=(), join=False, ports=None, data=(),
                  landlock=None, keep_supervisor=False, stdin=None, listeners=()):
         self.argv, self.env, self.cwd, self.limits, self.stdin = argv, env, cwd, limits, stdin
-        self.uid, self.cgroups, self.ports, self.data = uid, list(cgroups), ports, data
+        self.spawner, self.uid, self.cgroups, self.ports, self.data = spawner, uid, list(cgroups), ports, data
         self.landlock = landlock                   # (dirs, abi) or None
         self.keep_supervisor = keep_supervisor     # bwrap: SIGTERM goes to the job, not to bwrap itself
         self.join = join                           # v2: the child moves into its cgroups itself
+        self.spare = () if join else (spawner.pid,)   # v1: the spawner sits in the slot's cgroups
         self.proc, self.listeners = None, list(listeners)
         self.oom_before = oom_kills(self.cgroups)
 
-    def spawn(self, stdout, stderr):
-        fds = []
-        for payload in self.data:                  # the seccomp program: a pipe bwrap reads once
-            r, w = os.pipe()
-            os.write(w, payload)
-            os.close(w)
-            fds.append(r)
-        stdin = subprocess.DEVNULL
-        if self.stdin is not None:                 # a helper's spec: read from a pipe filled beforehand
-            stdin, w = os.pipe()
-            fcntl.fcntl(w, F_SETPIPE_SZ, max(len(self.stdin), 4096))
-            os.write(w, self.stdin)
-            os.close(w)
-        chan = socket.socketpair() if self.ports is not None else None
-        argv = [str(fds[a]) if isinstance(a, PipeFd) else a for a in self.argv]
+    def spawn(self):
+        """Start the job with its stdout and stderr on pipes: -> a Spawned."""
+        theirs, ours = [], []
         try:
-            self.proc = subprocess.Popen(
-                argv, cwd=self.cwd, env=self.env, stdin=stdin, stdout=stdout, stderr=stderr,
-                start_new_session=True, pass_fds=fds, preexec_fn=lambda: self._child(chan[1] if chan else None))
-        finally:
-            for fd in fds + ([stdin] if self.stdin is not None else []):
-                os.close(fd)
+            stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            theirs.append(stdin)
+            if self.stdin is not None:             # a helper's spec: read from a pipe filled beforehand
+                os.close(theirs.pop())
+                stdin, w = os.pipe()
+                theirs.append(stdin)
+                fcntl.fcntl(w, F_SETPIPE_SZ, max(len(self.stdin), 4096))
+                os.write(w, self.stdin)
+                os.close(w)
+            for _ in ("stdout", "stderr"):
+                r, w = os.pipe()
+                ours.append(r)
+                theirs.append(w)
+            for payload in self.data:              # the seccomp program: a pipe bwrap reads once
+                r, w = os.pipe()
+                theirs.append(r)
+                os.write(w, payload)
+                os.close(w)
+            chan = socket.socketpair() if self.ports is not None else None
             if chan:
-                chan[1].close()
+                theirs.append(chan[1].detach())
+            pid = self.spawner.spawn(self._plan(), theirs)
+        except BaseException:
+            for fd in ours:
+                os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        self.proc = Spawned(self.spawner, pid, open(ours[0], "rb", buffering=0), open(ours[1], "rb", buffering=0))
         if chan:
             self.listeners = self._receive(chan[0])
         return self.proc
+
+    def _plan(self):
+        lim = self.limits
+        rlimits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, OPEN_FILES),
+                   (resource.RLIMIT_FSIZE, int(lim["tmpfs_size"])), (resource.RLIMIT_CPU, int(lim["timeout"] * lim["cpus"]) + 1)]
+        if self.uid is not None:                   # NPROC counts per uid: exact only with the slot's own uid
+            rlimits.append((resource.RLIMIT_NPROC, int(lim["pids"])))
+        return {"argv": [str(a) for a in self.argv], "env": self.env, "cwd": self.cwd, "uid": self.uid,
+                "pipe_args": [(i, int(a)) for i, a in enumerate(self.argv) if isinstance(a, PipeFd)],
+                "join": [str(d) for d in self.cgroups] if self.join else [], "ports": self.ports,
+                "rlimits": rlimits, "landlock": self.landlock}
 
     def _receive(self, chan):
         """The listeners the child bound inside the job's namespace (none if its setup failed)."""
@@ -3204,59 +3527,12 @@ class Launch:
                 listeners.extend(socket.socket(fileno=fd) for fd in fds)
         return listeners
 
-    def _child(self, chan):
-        try:
-            for d in self.cgroups if self.join else ():
-                with open(os.path.join(d, "cgroup.procs"), "w") as f:
-                    f.write(str(os.getpid()))
-            if chan is not None:
-                self._network(chan)
-            if self.uid is not None:
-                os.setgroups([])
-                os.setresgid(self.uid, self.uid, self.uid)
-                os.setresuid(self.uid, self.uid, self.uid)
-            self._rlimits()
-            _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")   # after setuid, which clears it
-            if os.getppid() == 1:
-                os._exit(125)                      # the worker died before the signal was armed
-            if self.landlock:
-                _landlock(*self.landlock)
-        except BaseException as e:                 # the job's stderr says why, the worker reports rc 125
-            os.write(2, f"swarm: sandbox setup failed: {e}\n".encode(errors="replace"))
-            os._exit(125)
-
-    def _network(self, chan):
-        """A network namespace of the job's own, with only loopback, and the worker's listeners in it."""
-        uid, gid = os.getuid(), os.getgid()
-        _check(_libc.unshare(CLONE_NEWNET | (0 if uid == 0 else CLONE_NEWUSER)), "unshare")
-        if uid != 0:                               # an unprivileged worker owns the namespace through a user namespace
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-                with open(f"/proc/self/{name}", "w") as f:
-                    f.write(text)
-        _loopback_up()
-        for port in self.ports:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", port))
-            s.listen(64)
-            socket.send_fds(chan, [b"L"], [s.fileno()])
-            s.close()
-        chan.close()
-
-    def _rlimits(self):
-        lim = self.limits
-        for which, value in ((resource.RLIMIT_CORE, 0), (resource.RLIMIT_NOFILE, OPEN_FILES),
-                             (resource.RLIMIT_FSIZE, int(lim["tmpfs_size"])),
-                             (resource.RLIMIT_CPU, int(lim["timeout"] * lim["cpus"]) + 1)):
-            resource.setrlimit(which, (value, value))
-        if self.uid is not None:                   # NPROC counts per uid: exact only with the slot's own uid
-            resource.setrlimit(resource.RLIMIT_NPROC, (int(lim["pids"]), int(lim["pids"])))
-
     def signal(self, sig):
         """Signal every process of the job: its cgroups, and its process group as well. Never
         SIGTERM to bwrap itself (nor its group, which is bwrap alone): it would answer by
         SIGKILLing the job at once, and the job's grace would be lost."""
         spare = sig != signal.SIGKILL and self.keep_supervisor
-        for pid in cgroup_pids(self.cgroups) | {self.proc.pid}:
+        for pid in cgroup_pids(self.cgroups, self.spare) | {self.proc.pid}:
             if not (spare and pid == self.proc.pid):
                 try:
                     os.kill(pid, sig)
@@ -3268,8 +3544,8 @@ class Launch:
     def end(self):
         """After the job: kill whatever it left, close the listeners, drop its cgroups.
         -> an error to report, or None."""
-        error, left = None, cgroup_pids(self.cgroups)
-        if left and not kill_cgroups(self.cgroups):
+        error, left = None, cgroup_pids(self.cgroups, self.spare)
+        if left and not kill_cgroups(self.cgroups, spare=self.spare):
             error = "processes of the job survived SIGKILL"
         if left and self.uid is not None:
             kill_uid(self.uid)        # a job cannot leave its cgroup; this is a second net, at a fork's cost
@@ -3305,8 +3581,8 @@ class ProcessProvider:
     def launch(self, conf, command, slot, env):
         dirs = [str(slot.work), str(slot.home), str(slot.tmp)]
         abi = self.host.landlock_abi
-        return Launch(command, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, join=slot.join,
-                      landlock=(dirs, abi) if abi else None)
+        return Launch(command, env, str(slot.work), conf["limits"], slot.spawner, uid=slot.uid, cgroups=slot.cgroups,
+                      join=slot.join, landlock=(dirs, abi) if abi else None)
 
 
 def find_bwrap():
@@ -3387,8 +3663,8 @@ class BwrapProvider:
                  "--bind", str(slot.home), SANDBOX_HOME, work, str(slot.work), "/work", "--chdir", "/work",
                  "--remount-ro", "/", "--seccomp", PipeFd(0), "--", *command]
         ports = [EGRESS_PORT] if conf["profile"] == "untrusted-code-write" else []
-        return Launch(argv, env, str(slot.work), conf["limits"], uid=slot.uid, cgroups=slot.cgroups, join=slot.join,
-                      ports=ports, data=(self.seccomp,), keep_supervisor=True)
+        return Launch(argv, env, str(slot.work), conf["limits"], slot.spawner, uid=slot.uid, cgroups=slot.cgroups,
+                      join=slot.join, ports=ports, data=(self.seccomp,), keep_supervisor=True)
 
 
 class HelperProvider:
@@ -3418,7 +3694,7 @@ class HelperProvider:
             listener.listen(64)
             listeners.append(listener)
         return Launch([self.path], {"PATH": SANDBOX_PATH, "LANG": "C.UTF-8"}, str(slot.work), conf["limits"],
-                      cgroups=slot.cgroups, join=slot.join, stdin=canonical_json(spec), listeners=listeners)
+                      slot.spawner, cgroups=slot.cgroups, join=slot.join, stdin=canonical_json(spec), listeners=listeners)
 
 
 PROVIDERS = {"bwrap": BwrapProvider, "process": ProcessProvider}   # any other name: a helper on PATH
@@ -3439,14 +3715,14 @@ def helper_spec(conf, command, env, slot):
 
 @dataclass
 class Slot:
-    """Where one slot runs its jobs: its directories, its own uid (a root worker), and the
-    cgroups of the job it runs now."""
+    """Where one slot runs its jobs: its directories, its own uid (a root worker), its
+    spawner, and the cgroups of the job it runs now."""
     root: Path
     uid: int | None
     etc: Path = None                     # the /etc its bwrap jobs see (stage_etc)
     cgroups: list = field(default_factory=list)
     join: bool = False                   # the job moves into its cgroups (v2), else it is born there (v1)
-    attached: int = None                 # the thread that sits in the slot's cgroups (v1)
+    spawner: Spawner = None
 
     def __post_init__(self):
         self.work, self.home, self.tmp = self.root / "work", self.root / "home", self.root / "tmp"
@@ -3514,36 +3790,28 @@ class Sandboxes:
                                      "specs/sandbox.md says, so it is not advertised")
 
     def run_probe(self, provider, conf, command, slot):
-        """Run a command as a job would run (preflight, tests): -> (exit code, stdout, stderr).
-        In a thread of its own, which ends with it: in v1 the thread joins the slot's cgroups."""
-        result = [125, "", "the probe did not run"]
-
-        def probe():
-            try:
-                self.open_slot(slot, "probe", 0, conf)
-                launch = provider.launch(conf, command, slot, sandbox_env(conf, {}, slot, provider.name))
-            except OSError as e:
-                result[2] = f"sandbox setup failed: {e}"
-                return
-            try:
-                proc = launch.spawn(subprocess.PIPE, subprocess.PIPE)
-                out, err = proc.communicate(timeout=30)
-                result[:] = proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-            except subprocess.TimeoutExpired:
-                launch.signal(signal.SIGKILL)
-                proc.communicate()
-                result[:] = 124, "", "the probe timed out after 30 s"
-            except OSError as e:
-                result[:] = 126, "", f"cannot start {command[0]}: {e.strerror}"
-            finally:
-                launch.end()
-                self.close_slot(slot)
-                slot.attached = None
-
-        thread = threading.Thread(target=probe, name="sandbox-probe", daemon=True)
-        thread.start()
-        thread.join(60)
-        return tuple(result)
+        """Run a command as a job would run (preflight, tests): -> (exit code, stdout, stderr)."""
+        try:
+            self.open_slot(slot, "probe", 0, conf)
+            launch = provider.launch(conf, command, slot, sandbox_env(conf, {}, slot, provider.name))
+        except OSError as e:
+            self.close_slot(slot)
+            return 125, "", f"sandbox setup failed: {e}"
+        try:
+            proc = launch.spawn()
+            out, err = proc.communicate(timeout=30)
+            return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            launch.signal(signal.SIGKILL)
+            return 124, "", "the probe timed out after 30 s"
+        except OSError as e:
+            return 126, "", f"cannot start {command[0]}: {e.strerror}"
+        finally:
+            if launch.proc:
+                launch.proc.stdout.close()
+                launch.proc.stderr.close()
+            launch.end()
+            self.close_slot(slot)
 
     def slot(self, index):
         """Slot `index`'s directory, uid and /etc, made once (its cgroups come with each job)."""
@@ -3559,7 +3827,19 @@ class Sandboxes:
             os.chown(root, uid, uid)               # only this slot's uid (and root) may enter
         etc = self.dir / f"etc-{index}"            # the worker's, outside the slot: no job can change it
         stage_etc(etc, uid if uid is not None else os.getuid(), uid if uid is not None else os.getgid())
-        return Slot(root, uid, etc)
+        slot = Slot(root, uid, etc)
+        self._start_spawner(slot)
+        return slot
+
+    def _start_spawner(self, slot):
+        """The slot's spawner, at start-up and again if it died (v1: in the slot's cgroups for good)."""
+        if slot.spawner is not None:
+            slot.spawner.close()
+        v1 = self.cgroups is not None and self.cgroups.version == 1
+        try:
+            slot.spawner = Spawner(self.cgroups.make(slot.root.name, PROFILE_LIMITS) if v1 else ())
+        except FileNotFoundError:                  # an idle cgroup someone removed just then: make it again
+            slot.spawner = Spawner(self.cgroups.make(slot.root.name, PROFILE_LIMITS) if v1 else ())
 
     def open_slot(self, slot, job_id, attempt, conf):
         """Before a job starts: empty directories owned by the slot's uid, the job's cgroups,
@@ -3568,13 +3848,12 @@ class Sandboxes:
             fresh_dir(d)
             if slot.uid is not None:
                 os.chown(d, slot.uid, slot.uid)
+        if not slot.spawner.alive:
+            self._start_spawner(slot)
         v1 = self.cgroups.version == 1
         slot.cgroups = self.cgroups.make(slot.root.name if v1 else f"{slot.root.name}-{job_id}.{attempt}",
                                          conf["limits"])
         slot.join = not v1
-        if v1 and slot.attached != threading.get_native_id():
-            self.cgroups.attach_thread(slot.cgroups)
-            slot.attached = threading.get_native_id()
         write_private(self.records / f"{slot.root.name}.json",
                       json.dumps({"job_id": job_id, "attempt": attempt, "uid": slot.uid,
                                   "cgroups": [str(d) for d in slot.cgroups]}))
@@ -3610,7 +3889,10 @@ class Sandboxes:
             path.unlink(missing_ok=True)
 
     def close(self):
-        """At a clean stop: the slots' directories (emptied after each job) and cgroups."""
+        """At a clean stop: the slots' spawners, directories (emptied after each job) and cgroups."""
+        for slot in self.slots.values():
+            if slot.spawner is not None:
+                slot.spawner.close()
         if self.cgroups is not None:
             self.cgroups.remove()
         for d in [*self.dir.glob("slot-*"), *self.dir.glob("etc-*"), self.dir / "bwrap"]:
@@ -3771,7 +4053,7 @@ def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
     """Run the job's launch to its end; -> (exit_code, error, ended_by). The one supervisor of
     its pipes, timeout, cancel and kill, whatever the provider."""
     try:
-        proc = launch.spawn(subprocess.PIPE, subprocess.PIPE)
+        proc = launch.spawn()
     except OSError as e:
         code = 127 if e.errno == errno.ENOENT else 126
         return code, f"cannot start {clean(launch.argv[0], 100)}: {e.strerror}", None
@@ -3819,10 +4101,10 @@ def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
         proc.wait()
     rc = proc.returncode
     code = 128 - rc if rc < 0 else rc
-    error = None
+    error = proc.error
     if ended_by == "timeout":
         error = f"timed out after {timeout:g} s"
-    elif rc < 0:
+    elif rc < 0 and not error:
         error = f"killed by signal {-rc}"
     return code, error, ended_by
 

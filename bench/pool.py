@@ -116,6 +116,22 @@ def cpu_ticks(pid, children=False):
     return ticks
 
 
+def tree_ticks(name, pid):
+    """CPU ticks of one pool process; a worker's include its spawners (one per slot, its
+    children) and the jobs they reaped, and the spawners it reaped."""
+    if not name.startswith("worker"):
+        return cpu_ticks(pid)
+    ticks = cpu_ticks(pid, children=True)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    ticks += cpu_ticks(int(entry), children=True)
+            except (OSError, IndexError, ValueError):
+                pass                            # gone meanwhile
+    return ticks
+
+
 def system_ticks():
     """(busy, steal) clock ticks of the whole machine, all cores, from /proc/stat."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -449,8 +465,7 @@ def wait_done(api, job_id, deadline):
 def pool_cpu_s(pool):
     """CPU seconds of the pool's processes so far (workers with their jobs' processes) and of this driver."""
     t = os.times()
-    return (sum(cpu_ticks(pid, children=name.startswith("worker")) for name, pid in pool.pids().items()) / CLK_TCK
-            + t.user + t.system)
+    return sum(tree_ticks(name, pid) for name, pid in pool.pids().items()) / CLK_TCK + t.user + t.system
 
 
 def bench_pickup(pool, stamp, args):
@@ -586,14 +601,15 @@ def terminal_count(api):
     return sum(counts.get(s, 0) for s in TERMINAL), sum(counts.values())
 
 
-def bench_throughput(pool, args):
-    n, k = args.throughput_jobs, args.submitters
-    print(f"\nthroughput: {n} jobs [/bin/true], submitted as fast as possible by {k} client thread(s)")
+def bench_throughput(pool, args, n=None, block=UNCONFINED):
+    n, k = n or args.throughput_jobs, args.submitters
+    print(f"\nthroughput: {n} jobs [/bin/true], sandbox {json.dumps(block)}, submitted as fast as possible "
+          f"by {k} client thread(s)")
     watcher = Api(pool.url, pool.token)
     ended_before, total_before = terminal_count(watcher)
     if ended_before != total_before:
         raise BenchError(f"the pool is not idle: {total_before - ended_before} job(s) not ended")
-    payload = json.dumps({"command": ["/bin/true"], "sandbox": UNCONFINED}).encode()
+    payload = json.dumps({"command": ["/bin/true"], "sandbox": block}).encode()
     ids = [None] * n
     failures = []
     ready = threading.Barrier(k + 1, timeout=30)
@@ -622,7 +638,7 @@ def bench_throughput(pool, args):
         t.start()
     ready.wait()
     pids = pool.pids()
-    cpu_before = {name: cpu_ticks(pid, children=name.startswith("worker")) for name, pid in pids.items()}
+    cpu_before = {name: tree_ticks(name, pid) for name, pid in pids.items()}
     driver_before = os.times()
     sys_before = system_ticks()
     t_start = time.time()                      # wall clock: compared with pond's finished_at (also time.time())
@@ -644,7 +660,7 @@ def bench_throughput(pool, args):
         pool.check_alive()
         time.sleep(0.1)
     t_seen = time.time()
-    cpu_after = {name: cpu_ticks(pid, children=name.startswith("worker")) for name, pid in pids.items()}
+    cpu_after = {name: tree_ticks(name, pid) for name, pid in pids.items()}
     driver_after = os.times()
     sys_after = system_ticks()
     finished, states = [], {}
@@ -657,23 +673,96 @@ def bench_throughput(pool, args):
     window = t_seen - t_start
     cpu = {name: (cpu_after[name] - cpu_before[name]) / CLK_TCK for name in pids}
     cpu["driver"] = (driver_after.user + driver_after.system) - (driver_before.user + driver_before.system)
-    res = {"jobs": n, "submitters": k, "seconds": elapsed, "jobs_per_s": n / elapsed,
+    res = {"sandbox": block, "jobs": n, "submitters": k, "seconds": elapsed, "jobs_per_s": n / elapsed,
            "submit_seconds": submit_end - t_start, "submits_per_s": n / (submit_end - t_start),
            "first_result_s": min(finished) - t_start, "states": states,
            "cpu_seconds": cpu, "cpu_window_s": window,
            "cpu_pct": {name: 100.0 * v / window for name, v in cpu.items()},
            "load": other_load(sys_before, sys_after, sum(cpu.values()), window)}
     res["target_met"] = res["jobs_per_s"] >= TARGET_THROUGHPUT and states.get("done", 0) == n
+    res["cpu_ms_per_job"] = 1000.0 * sum(v for name, v in cpu.items() if name != "driver") / n
     print(f"  first submit -> last result stored  {elapsed:7.3f} s = {res['jobs_per_s']:7.1f} jobs/s   "
           f"target >= {TARGET_THROUGHPUT:g} jobs/s: {verdict(res['target_met'])}")
     print(f"  submits alone                       {res['submit_seconds']:7.3f} s = {res['submits_per_s']:7.1f} "
           f"submits/s (the pool was running jobs meanwhile)")
     print(f"  job states: {', '.join(f'{s} {c}' for s, c in sorted(states.items()))}")
-    print(f"  CPU over the {window:.2f} s run, % of one core (workers include their jobs' processes):")
+    print(f"  CPU over the {window:.2f} s run, % of one core (workers include their spawners and jobs), "
+          f"{res['cpu_ms_per_job']:.2f} ms of CPU per job:")
     print("    " + "  ".join(f"{name} {pct:.0f}%" for name, pct in res["cpu_pct"].items())
           + f"  | pool total {sum(v for k_, v in res['cpu_pct'].items() if k_ != 'driver'):.0f}%"
           + f" of {100 * (os.cpu_count() or 1)}%")
     print(f"  during the run: {fmt_load(res['load'])}")
+    return res
+
+
+def bench_throughputs(pool, args):
+    """Throughput with `profile: none` (the `process` provider), `--reps` times, alternating with
+    the peer of `--compare` (same machine, same minutes) and its ratio; then with bwrap."""
+    res = {"none": [], "peer": [], "peer_config": None}
+    scratch = peer_setup(args) if args.compare else None
+    for rep in range(1, args.reps + 1):
+        res["none"].append(bench_throughput(pool, args))
+        pool.check_alive()
+        if scratch:
+            res["peer_config"] = PEER_CONFIGS[args.compare]
+            res["peer"].append(run_peer(scratch, args, rep))
+    ours = percentile([r["jobs_per_s"] for r in res["none"]], 50)
+    if res["peer"]:
+        theirs = percentile([r["jobs_per_s"] for r in res["peer"]], 50)
+        res["ratio"] = ours / theirs
+        print(f"\nthroughput vs {args.compare} ({res['peer_config']}, /bin/true, same run, {args.reps} rep(s) "
+              f"each, alternating): pond/swarm {ours:.1f} jobs/s, {args.compare} {theirs:.1f} jobs/s: "
+              f"ratio {res['ratio']:.2f}x   target >= 1.0x: {verdict(res['ratio'] >= 1.0)}")
+    if args.sandboxed_jobs:
+        res["bwrap"] = bench_throughput(pool, args, args.sandboxed_jobs, {"profile": "untrusted-code-write"})
+    return res
+
+
+# ---------------------------------------------------------------------------
+# --compare: a peer queue in the same run (../shared/peers-bench, from a scratch copy)
+# ---------------------------------------------------------------------------
+
+PEERS = ROOT.parent / "shared" / "peers-bench"
+PEER_CONFIGS = {"huey": "huey-tuned"}      # SqliteHuey, 2 workers, 10 ms poll: the fastest huey set-up
+PEER_PACKAGES = {"huey": ["huey"]}
+
+
+def peer_setup(args):
+    """A scratch copy of the peers' scripts, outside this repository, with a venv of its own
+    (made once, from the package index): -> its directory."""
+    src, scratch = Path(args.peers), Path(args.peers_scratch)
+    if not (src / "qbench.py").is_file():
+        raise BenchError(f"--compare needs the peers' benchmarks at {src} (../shared/peers-bench)")
+    scratch.mkdir(parents=True, exist_ok=True)
+    for f in src.glob("*.py"):
+        shutil.copy2(f, scratch / f.name)
+    py = scratch / "venv" / "bin" / "python"
+    if not py.exists():
+        print(f"\n{args.compare}: making a venv in {scratch} (once): pip install {' '.join(PEER_PACKAGES[args.compare])}")
+        subprocess.run([sys.executable, "-m", "venv", str(scratch / "venv")], check=True, timeout=120)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", *PEER_PACKAGES[args.compare]], check=True, timeout=600)
+    return scratch
+
+
+def run_peer(scratch, args, rep):
+    """One throughput run of the peer (its own driver, qbench.py): /bin/true jobs, as ours."""
+    config = PEER_CONFIGS[args.compare]
+    print(f"\n{args.compare} ({config}): {args.throughput_jobs} jobs [/bin/true in a subprocess], its own "
+          f"driver {scratch}/qbench.py")
+    sys_before, t0 = system_ticks(), time.monotonic()
+    done = subprocess.run([str(scratch / "venv" / "bin" / "python"), "qbench.py", config, str(rep), "--phases", "tp",
+                           "--n", str(args.throughput_jobs), "--out", str(scratch / "results.jsonl")],
+                          cwd=scratch, capture_output=True, text=True, timeout=args.throughput_timeout * 3)
+    window = time.monotonic() - t0
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    found = [r for r in lines if r.get("metric") == "throughput" and r.get("kind") == "sub"]
+    if done.returncode != 0 or not found:
+        raise BenchError(f"{config} failed ({done.returncode}): {done.stderr[-2000:]}")
+    res = found[0]
+    busy = (system_ticks()[0] - sys_before[0]) / CLK_TCK
+    res["machine_busy_pct"] = 100.0 * busy / window
+    print(f"  first enqueue -> last job ended     {res['wall_s']:7.3f} s = {res['jobs_per_s']:7.1f} jobs/s  "
+          f"(machine busy {res['machine_busy_pct']:.0f}% over its whole run, no-op phase included)")
     return res
 
 
@@ -770,6 +859,15 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=20, help="warm-up jobs before pickup (default %(default)s)")
     p.add_argument("--throughput-jobs", type=int, default=2000)
     p.add_argument("--submitters", type=int, default=1, help="client threads submitting (default %(default)s)")
+    p.add_argument("--compare", choices=sorted(PEER_CONFIGS), help="also run this peer's throughput, alternating "
+                   "with ours, and print the ratio (its scripts: --peers, run from a copy in --peers-scratch)")
+    p.add_argument("--reps", type=int, default=1, help="throughput runs of each (default %(default)s; the medians "
+                   "are compared)")
+    p.add_argument("--peers", default=str(PEERS), help="the peers' benchmarks (default ../shared/peers-bench)")
+    p.add_argument("--peers-scratch", default=os.path.join(tempfile.gettempdir(), "pond-bench-peers"),
+                   help="where they are copied and get their venv (default %(default)s)")
+    p.add_argument("--sandboxed-jobs", type=int, default=500, help="throughput jobs under bwrap, after the others "
+                   "(untrusted-code-write; 0: none; default %(default)s)")
     p.add_argument("--throughput-timeout", type=float, default=240.0, help="s for the whole run (default %(default)s)")
     p.add_argument("--job-timeout", type=float, default=30.0, help="s one pickup job may take (default %(default)s)")
     p.add_argument("--idle-settle", type=float, default=3.0)
@@ -780,7 +878,8 @@ def parse_args(argv):
                    "their raw profiles to DIR (best with `throughput`: the profile covers each process's whole life)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, pond.db) and print its path")
     args = p.parse_args(argv)
-    if args.pickup_jobs < 1 or args.throughput_jobs < 1 or args.submitters < 1 or args.warmup < 0:
+    if args.pickup_jobs < 1 or args.throughput_jobs < 1 or args.submitters < 1 or args.warmup < 0 or args.reps < 1 \
+            or args.sandboxed_jobs < 0:
         p.error("job counts and --submitters must be positive")
     return args
 
@@ -823,7 +922,7 @@ def main(argv=None):
         if args.what in ("idle", "all"):
             results["idle"] = bench_idle(pool, args)
         if args.what in ("throughput", "all"):
-            results["throughput"] = bench_throughput(pool, args)
+            results["throughput"] = bench_throughputs(pool, args)
             pool.check_alive()
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,7 +6,7 @@
                                                            assigns queued jobs to this
                                                            binding's online workers
     orchestrator ◀── {jobs: [assignment...], cancels: [...]} ──┘
-    orchestrator ── POST /v1/orch/jobs/{id}/state|chunk (X-Claim-Token) ──▶ report_*()
+    orchestrator ── POST /v1/orch/reports (many jobs' state|chunk, each with its claim token) ──▶ report_*()
 
 Free slots are pond's own count: a worker's slots (from the latest snapshot) minus its
 jobs that are assigned or running. pond learns a slot is free from the job's final
@@ -15,12 +15,13 @@ report, which wakes held polls, so a poll never works from a stale offer
 """
 
 import base64
+import dataclasses
 import secrets
 import threading
 import time
 
 from pond import attestation, credentials, matching, sandbox, tokens, wire
-from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, StaleAttempt, Unauthorized
+from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, PondError, StaleAttempt, Unauthorized
 from pond.jobs import TERMINAL, TRANSITIONS, JobState, requeue, transition
 
 MAX_CLAIM = 64          # assignments in one poll answer
@@ -28,6 +29,7 @@ TOUCH_EVERY = 5.0       # s between updates of a binding's last_seen
 LIVENESS_CHECK = 2.0    # s between checks that a held poll's orchestrator is still connected
 BACKSTOP_MARGIN = 30.0    # s past a job's timeout + cancel grace before pond fails it itself
 MAX_HEARTBEAT = 4096      # attempts renewed by one heartbeat
+MAX_BATCH = 64            # reports in one POST /v1/orch/reports
 MAX_ENVELOPE = 64 * 1024    # bytes of an attestation: one signature over a statement is ~1.5 KiB
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
@@ -439,6 +441,31 @@ def _check_outcome(state, exit_code, error):
         raise BadRequest("a done report needs exit_code 0", "report failed for a non-zero exit code")
     if state is JobState.FAILED and exit_code in (None, 0) and not error:
         raise BadRequest("a failed report needs a non-zero exit_code or an error")
+
+
+def report_batch(pond, req):
+    """POST /v1/orch/reports: many jobs' reports in one request, each handled in order as if it
+    came alone to /v1/orch/jobs/{id}/state or /chunk; -> one result per report, never failing
+    the others (specs/protocol.md §5)."""
+    body = wire.obj(req.body, "reports", ("reports",), ("reports",))
+    if not isinstance(body["reports"], list) or not 1 <= len(body["reports"]) <= MAX_BATCH:
+        raise BadRequest(f"reports must be a list of 1 to {MAX_BATCH} reports",
+                         "send the oldest reports first, at most that many at once")
+    results = []
+    for item in body["reports"]:
+        try:
+            item = wire.obj(item, "report", ("job_id", "claim_token", "kind", "body"), ("job_id", "claim_token", "kind"))
+            handler = {"state": report_state, "chunk": report_chunk}.get(item["kind"])
+            if handler is None or not isinstance(item["job_id"], str) or not isinstance(item["claim_token"], str):
+                raise BadRequest("a report has kind state or chunk, and string job_id and claim_token",
+                                 "echo them from the assignment")
+            one = dataclasses.replace(req, params={"id": item["job_id"]}, body=item.get("body"),
+                                      headers={"X-Claim-Token": item["claim_token"]})
+            status, answer = handler(pond, one)
+            results.append({"status": status, **answer})
+        except PondError as e:
+            results.append({"status": e.status, **e.to_json()})
+    return 200, {"results": results}
 
 
 def report_chunk(pond, req):

@@ -78,6 +78,7 @@ ROUTES = [
     ("POST", r"/v1/orch/pair", None, pairing.pair),
     ("GET", r"/v1/orch/whoami", "orch", pairing.whoami),
     ("POST", r"/v1/orch/poll", "orch", dispatch.poll),
+    ("POST", r"/v1/orch/reports", "orch", dispatch.report_batch),
     ("POST", rf"/v1/orch/jobs/{_ID}/state", "orch", dispatch.report_state),
     ("POST", rf"/v1/orch/jobs/{_ID}/chunk", "orch", dispatch.report_chunk),
     ("POST", rf"/v1/orch/jobs/{_ID}/seal", "orch", dispatch.seal),

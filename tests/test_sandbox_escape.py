@@ -588,6 +588,15 @@ def test_a_command_with_braces_runs_as_given(escape, block):
     assert out == "{0} {} {x}\n", out
 
 
+@pytest.mark.parametrize("block", [WRITE, NONE], ids=["bwrap", "process"])
+def test_a_command_without_its_path_is_found_on_the_job_s_path(escape, block):
+    """Found as the job's own uid, past PATH entries it may not enter (a root worker's PATH has
+    /root/...): the search must need nothing the job cannot read (no lazy import of the
+    spawner's standard library, which may sit under /root)."""
+    job, out, err = escape.run(["echo", "found"], block)
+    assert job["state"] == "done" and out == "found\n", (job.get("error"), out, err)
+
+
 def test_a_worker_on_debian_s_python3_cryptography_starts(tmp_path):
     """Debian 12's python3-cryptography is 38: a worker must treat a cryptography without the
     raw-bytes API (added in 40) as missing, not crash at start-up."""
@@ -609,3 +618,35 @@ def test_a_write_job_runs_on_a_worker_with_the_default_allowlist(escape):
     job, out, err = escape.run(sh("echo ran; echo $HTTP_PROXY"), WRITE)
     assert (job["state"], job.get("error")) == ("done", None), err
     assert out == "ran\nhttp://127.0.0.1:3128\n", out
+
+
+# --- the spawner (specs/sandbox.md §6.1) ------------------------------------------------------
+
+def spawner_above(pid):
+    """The spawner a job's process descends from (it forks bwrap, or the job itself), or None."""
+    while pid > 1:
+        if b"spawner_main(" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        pid = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
+    return None
+
+
+@pytest.mark.parametrize("block, on", [(WRITE, "loop"), (NONE, "proc")], ids=["bwrap", "process"])
+def test_a_spawner_that_dies_takes_its_job_and_the_slot_runs_the_next(escape, block, on):
+    """Each slot's jobs are forked by its spawner, never by the worker. If the spawner dies, its
+    job dies with it (PR_SET_PDEATHSIG), fails saying why, and the slot's next job runs on a
+    new spawner: nothing stops silently."""
+    m = f"spawner-{secrets.token_hex(4)}"
+    job = escape.submit(sh(f"sleep 30; : {m}"), block, on=on)
+    wait_for(lambda: with_marker(m), 15, what="the job running")
+    worker = next(w for w in escape.pool.procs if f"kind:{on}" in " ".join(w.argv))
+    spawner = spawner_above(with_marker(m)[0][0])
+    assert spawner and spawner != worker.proc.pid, "the job was not forked by a spawner"
+    os.kill(spawner, signal.SIGKILL)
+    wait_for(lambda: not with_marker(m), 2, what="the job gone with its spawner")
+    ended = escape.wait(job["id"], timeout=15)
+    assert ended["state"] == "failed" and "spawner died" in (ended.get("error") or ""), ended
+    again, out, _ = escape.run(["/bin/echo", "next"], block, on=on)
+    assert again["state"] == "done" and out == "next\n", again
+    assert "the spawner of a slot" in worker.stderr()

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 4320
+MAX_LINES = 4610
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -39,6 +39,7 @@ EXPECTED_SECTIONS = [
     "Worker: identity and enrollment",
     "Worker: reporting to the orchestrator",
     "Sandbox: confining one job",
+    "Sandbox: starting a job",
     "Sandbox providers",
     "Worker: running one job",
     "Worker: the claim loop and slots",
@@ -52,9 +53,9 @@ BANNER_RULE = re.compile(r"^# ={20,}$")
 SECTION_BUDGETS = {
     "Imports": 50, "Constants and defaults": 40, "Errors": 70, "Utilities": 90, "Wire format": 80,
     "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 160, "HTTP server": 430,
-    "Settings": 230, "Pairing": 30, "Orchestrator: worker registry": 140, "Orchestrator: the pool": 480,
+    "Settings": 230, "Pairing": 30, "Orchestrator: worker registry": 140, "Orchestrator: the pool": 540,
     "Orchestrator: the two links to pond": 260, "Job proxies": 420, "Worker: identity and enrollment": 75,
-    "Worker: reporting to the orchestrator": 65, "Sandbox: confining one job": 560, "Sandbox providers": 400,
+    "Worker: reporting to the orchestrator": 65, "Sandbox: confining one job": 360, "Sandbox: starting a job": 425, "Sandbox providers": 405,
     "Worker: running one job": 300, "Worker: the claim loop and slots": 190,
     "Operator commands: status, jobs, cancel": 60, "Command line": 145,
 }
