@@ -818,6 +818,16 @@ def chunk_report(what, body=NO_BODY, **kw):
     return orch_post(what, kw.pop("path", CHUNK), body, **kw)
 
 
+REPORTS = "/v1/orch/reports"
+
+
+def batch_of(**fields):
+    """A batch of one report (specs/protocol.md §5); per-report refusals are in its answer, tested
+    in tests/test_batches.py: here, only what refuses the whole batch."""
+    return {"reports": [dict({"job_id": "<assigned>", "claim_token": "<claim>", "kind": "state",
+                              "body": {"attempt": 1, "state": "running"}}, **fields)]}
+
+
 def heartbeat_of(**fields):
     return {"jobs": [dict({"job_id": "<assigned>", "attempt": 1, "claim_token": "<claim>"}, **fields)]}
 
@@ -983,6 +993,14 @@ POND_ORCH_CASES = [
                  code="not_found"),
     Case("GET on a seal", "GET", SEAL, auth="orch", headers=CLAIM, status=405, code="method_not_allowed"),
     # heartbeats (a refused one renews nothing; one that names a stale attempt is answered, not refused)
+    *orch_auth_cases("POST", REPORTS, batch_of()),
+    *body_shape_cases("POST", REPORTS, "orch", batch_of()),
+    orch_post("reports missing", REPORTS, {}, says="reports"),
+    orch_post("reports null", REPORTS, {"reports": None}, says="reports"),
+    orch_post("reports an object", REPORTS, {"reports": batch_of()["reports"][0]}, says="reports"),
+    orch_post("no reports", REPORTS, {"reports": []}, says="reports"),
+    orch_post("65 reports", REPORTS, {"reports": batch_of()["reports"] * 65}, says="reports"),
+    Case("GET on reports", "GET", REPORTS, auth="orch", status=405, code="method_not_allowed"),
     *orch_auth_cases("POST", HEARTBEAT, heartbeat_of()),
     *body_shape_cases("POST", HEARTBEAT, "orch", heartbeat_of()),
     orch_post("jobs missing", HEARTBEAT, {}, says="jobs"),
@@ -1445,6 +1463,7 @@ WCLAIM = "/v1/worker/claim"
 WSTATE = "/v1/worker/jobs/<x>/state"
 WCHUNK = "/v1/worker/jobs/<x>/chunk"
 WSEAL = "/v1/worker/jobs/<x>/seal"
+WREPORTS = "/v1/worker/reports"
 WCLAIM_X = (("X-Claim-Token", "<claim>"),)
 X_RUNNING = {"attempt": 1, "state": "running"}
 X_CHUNK = {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="}
@@ -1524,6 +1543,14 @@ ORCH_WORKER_CASES = [
     claim("holding a string", {"wait": 0, "holding": "j_1"}, says="holding"),
     claim("holding with a malformed id", {"wait": 0, "holding": ["j.1"]}, says="holding"),
     claim("holding 4097 ids", {"wait": 0, "holding": [f"j_{i}" for i in range(4097)]}, says="holding"),
+    # a batch of reports: what refuses it whole (each report's own answer: tests/test_batches.py)
+    *worker_auth_cases("POST", WREPORTS, {"reports": [{"job_id": "<x>", "claim_token": "<claim>", "kind": "state",
+                                                        "body": {"attempt": 1, "state": "running"}}]}),
+    *body_shape_cases("POST", WREPORTS, "worker", {"reports": []}),
+    Case("reports missing", "POST", WREPORTS, {}, auth="worker", says="reports"),
+    Case("reports a string", "POST", WREPORTS, {"reports": "x"}, auth="worker", says="reports"),
+    Case("no reports", "POST", WREPORTS, {"reports": []}, auth="worker", says="reports"),
+    Case("65 reports", "POST", WREPORTS, {"reports": [{"kind": "state"}] * 65}, auth="worker", says="reports"),
     # reports: who holds the job
     *worker_auth_cases("POST", WSTATE, X_RUNNING, headers=WCLAIM_X),
     *worker_auth_cases("POST", WCHUNK, X_CHUNK, headers=WCLAIM_X),
