@@ -85,6 +85,8 @@ def cmd_up(args):
 
 def cmd_submit(args):
     client = _client(args)
+    if args.batch is not None:
+        return _submit_batch(client, args)
     if not args.command:
         raise PondError("no command to run", "example: pond submit --wait -- python3 -c 'print(42)'", code="usage")
     body = {"command": args.command, "tags": args.tag, "capabilities": args.capability,
@@ -113,6 +115,49 @@ def cmd_submit(args):
     return _follow(client, job["id"], announce_wait=True)
 
 
+def _submit_batch(client, args):
+    """--batch FILE: one job object per line (the body of POST /v1/jobs), sent in batches of
+    up to 1,000 (each all or nothing, idempotent under its own key); prints the ids in order."""
+    per_job = [flag for flag, value in (("--tag", args.tag), ("--capability", args.capability), ("--env", args.env),
+                                        ("--timeout", args.timeout), ("--name", args.name), ("--tenant", args.tenant),
+                                        ("--sandbox", args.sandbox), ("--credential", args.credential),
+                                        ("--cancel-grace", args.cancel_grace), ("--retries", args.retries),
+                                        ("--wait", args.wait or None), ("a command", args.command or None))
+               if value not in (None, [])]
+    per_job += [flag for attr, flag in SANDBOX_FLAGS if getattr(args, attr) not in (None, [])]
+    if per_job:
+        raise PondError(f"--batch takes each job whole from its file; {per_job[0]} would be ignored",
+                        "put the field in each job's JSON line instead", code="usage")
+    try:
+        with (sys.stdin if args.batch == "-" else open(args.batch, encoding="utf-8")) as f:
+            lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    except OSError as e:
+        raise PondError(f"cannot read {args.batch}: {e.strerror}", "give a file of JSON lines, or - for stdin",
+                        code="usage") from None
+    jobs = []
+    for n, line in lines:
+        try:
+            jobs.append(json.loads(line))
+        except ValueError as e:
+            raise PondError(f"{args.batch}, line {n}: not JSON ({e})", "one job object per line", code="usage") from None
+    if not jobs:
+        raise PondError(f"{args.batch} has no jobs", "one job object per line", code="usage")
+    key = args.idempotency_key or f"pond-cli-{uuid.uuid4().hex}"
+    warned = {}
+    for start in range(0, len(jobs), SUBMIT_BATCH):
+        answer = client.post("/v1/jobs", jobs[start:start + SUBMIT_BATCH], headers={"Idempotency-Key": f"{key}.{start}"})
+        for job in answer["jobs"]:
+            for warning in job.get("warnings") or []:
+                warned.setdefault(warning["code"], [0, warning])[0] += 1
+            _print_json(job) if args.json else print(job["id"])
+    for count, warning in warned.values():        # once each, not once a job
+        print(f"warning: {count} job(s): {warning['message']}", file=sys.stderr)
+        if warning.get("hint"):
+            print(f"hint: {warning['hint']}", file=sys.stderr)
+    return 0
+
+
+SUBMIT_BATCH = 1000
 SANDBOX_FLAGS = (("profile", "--profile"), ("tier", "--tier"), ("backend", "--backend"),
                  ("allow_host", "--allow-host"), ("memory", "--memory"), ("cpus", "--cpus"), ("pids", "--pids"),
                  ("tmpfs", "--tmpfs"))
@@ -543,6 +588,8 @@ def build_parser():
     s.add_argument("--idempotency-key", metavar="KEY",
                    help="submit at most once: the same key gives back the same job (safe to retry)")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")
+    s.add_argument("--batch", metavar="FILE", help="submit the jobs in FILE (- for stdin), one JSON job object per "
+                   "line, 1,000 per request; prints their ids")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(fn=cmd_submit)
 

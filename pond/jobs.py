@@ -14,7 +14,7 @@ import time
 from enum import Enum
 
 from pond import credentials, matching, sandbox, tokens, wire
-from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound
+from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound, PondError
 from pond.settings import MAX_LOG_CAP, MIN_LOG_CAP
 
 
@@ -43,6 +43,7 @@ MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
                  "cancel_grace", "log_cap", "retries")
 MAX_RETRIES = 10
+MAX_SUBMIT_BATCH = 1000      # jobs in one POST /v1/jobs of a list (the body's 4 MiB bounds it too)
 DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeout
 
 
@@ -74,13 +75,41 @@ IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeo
 def submit(pond, req):
     """POST /v1/jobs: validate, store as queued, wake the orchestrators' polls.
 
-    With an `Idempotency-Key` header, a retried submit (the client lost the answer) gets
-    the job the first one made, never a second job.
+    The body is one job, or a list of them (a batch: all valid and stored in one
+    transaction, or none). With an `Idempotency-Key` header, a retried submit (the client
+    lost the answer) gets the jobs the first one made, never a second copy; the n-th job
+    of a batch is kept under `KEY:n`.
     """
-    body = wire.obj(req.body, "job", SUBMIT_FIELDS, ("command",))
     key = req.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_KEY_RE.match(key):
         raise BadRequest("Idempotency-Key must be 1 to 128 of A-Z a-z 0-9 . _ : -", "a UUID will do")
+    if isinstance(req.body, list):
+        return _submit_batch(pond, req.body, key)
+    status, row = _store(pond, _validated(pond, req.body), key)
+    pond.work.notify(new_job=True)
+    return status, view(pond, row, explain=status == 200)   # a new job as stored, not read back; `pond job ID` explains
+
+
+def _submit_batch(pond, bodies, key):
+    if not 1 <= len(bodies) <= MAX_SUBMIT_BATCH:
+        raise BadRequest(f"a batch is a list of 1 to {MAX_SUBMIT_BATCH} jobs", "send several batches")
+    jobs = []
+    for i, body in enumerate(bodies):
+        try:
+            jobs.append(_validated(pond, body))
+        except PondError as e:                     # nothing of the batch is stored
+            e.message = f"jobs[{i}]: {e.message}"
+            raise
+    with pond.store.transaction():
+        stored = [_store(pond, job, key and f"{key}:{i}") for i, job in enumerate(jobs)]
+    pond.work.notify(new_job=True)
+    status = 201 if any(status == 201 for status, _ in stored) else 200
+    return status, {"jobs": [view(pond, row, explain=False) for _, row in stored]}
+
+
+def _validated(pond, body):
+    """A job as pond stores it, from a submitted body (any bad field: a 4xx naming it)."""
+    body = wire.obj(body, "job", SUBMIT_FIELDS, ("command",))
     tenant = wire.optional_string(body.get("tenant"), "tenant", max_len=128, pattern=wire.TAG_RE)
     box = sandbox.parse(body.get("sandbox"), tenant, pond.settings.require_sandbox)
     tags = sorted(set(wire.string_list(body.get("tags"), "tags", wire.TAG_RE,
@@ -88,7 +117,7 @@ def submit(pond, req):
     caps = sorted(set(wire.string_list(body.get("capabilities"), "capabilities", wire.CAPABILITY_RE,
                                        hint="capabilities look like harness.codex (no globs in a job)"))
                   | set(box.capabilities))
-    job = {
+    return {
         "id": tokens.new_id("j"),
         "state": JobState.QUEUED.value,
         "name": wire.optional_string(body.get("name"), "name", max_len=64, pattern=wire.NAME_RE),
@@ -105,20 +134,22 @@ def submit(pond, req):
                                default=pond.settings.log_cap),
         "retries": wire.number(body.get("retries"), "retries", 0, MAX_RETRIES, integer=True, default=0),
     }
+
+
+def _store(pond, job, key):
+    """Insert a validated job: -> (201, its row), or (200, the job stored earlier under `key`)."""
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
-    earlier = pond.store.add_job(job, matching.requirement_key(tags, caps, sealed=bool(job["credential"])),
-                                 key, request_hash)
+    earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"],
+                                                               sealed=bool(job["credential"])), key, request_hash)
     if earlier is not None:
         if earlier["request_hash"] != request_hash:
             raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",
                            "use a new key for a new job", code="idempotency_conflict")
-        return 200, view(pond, earlier)
-    pond.work.notify(new_job=True)
-    row = dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
-               worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
-               dropped=None, retries_left=job["retries"])
-    return 201, view(pond, row, explain=False)    # as stored, without reading it back; `pond job ID` explains
+        return 200, earlier
+    return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
+                     worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
+                     dropped=None, retries_left=job["retries"])
 
 
 def _credential(pond, name):

@@ -199,8 +199,9 @@ def orch_auth_cases(method, path, body=NO_BODY, headers=()):
     ]
 
 
-def body_shape_cases(method, path, auth, valid, headers=(), null_ok=False):
-    """A body that is not JSON, JSON that is not an object, and an object with an unknown field."""
+def body_shape_cases(method, path, auth, valid, headers=(), null_ok=False, list_ok=False):
+    """A body that is not JSON, JSON that is not an object (a list may be a batch: `list_ok`),
+    and an object with an unknown field."""
     cases = [
         Case("a body that is not JSON", method, path, raw=b"{command: nope", auth=auth, headers=headers),
         Case("a body cut short", method, path, raw=b'{"a": [1, 2', auth=auth, headers=headers),
@@ -208,7 +209,7 @@ def body_shape_cases(method, path, auth, valid, headers=(), null_ok=False):
         Case("a body of NUL bytes", method, path, raw=b"\x00" * 16, auth=auth, headers=headers),
         Case("JSON nested 100000 deep", method, path, raw=DEEP_JSON, auth=auth, headers=headers),
         Case("a 5000-digit number", method, path, raw=b'{"n": ' + BIG_INT + b"}", auth=auth, headers=headers),
-        Case("a JSON list", method, path, [valid], auth=auth, headers=headers),
+        *([] if list_ok else [Case("a JSON list", method, path, [valid], auth=auth, headers=headers)]),
         Case("a JSON string", method, path, "hello", auth=auth, headers=headers),
         Case("a JSON number", method, path, 42, auth=auth, headers=headers),
         Case("JSON true", method, path, True, auth=auth, headers=headers),
@@ -410,7 +411,15 @@ WRITE = "untrusted-code-write"
 
 POND_SUBMIT_CASES = [
     *admin_auth_cases("POST", "/v1/jobs", job_with()),
-    *body_shape_cases("POST", "/v1/jobs", "admin", job_with()),
+    *body_shape_cases("POST", "/v1/jobs", "admin", job_with(), list_ok=True),
+    # a batch (a list of jobs): all valid or none stored, the bad one named by its index
+    submit("an empty batch", [], says="batch"),
+    submit("a batch of 1001 jobs", [job_with()] * 1001, says="batch"),
+    submit("a batch with a string", [job_with(), "true"], says="jobs[1]"),
+    submit("a batch with a job without a sandbox", [job_with(), {"command": ["true"]}], status=422,
+           code="sandbox_required", says="jobs[1]"),
+    submit("a batch with a bad tag", [job_with(tags=["no spaces"])], says="jobs[0]"),
+    submit("a batch of batches", [[job_with()]], says="jobs[0]"),
     # command
     # A pattern's `$` also matches before a final newline: every name ends at \Z, so these are refused.
     submit("a tag ending in a newline", job_with(tags=["repo:acme\n"]), says="tags"),
