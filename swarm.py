@@ -51,6 +51,7 @@ import collections
 import ctypes
 import errno
 import fcntl
+import functools
 import hashlib
 import hmac
 import inspect
@@ -591,11 +592,16 @@ def pae(payload_type, payload):
     return b"DSSEv1 %d %b %d %b" % (len(kind), kind, len(payload), payload)
 
 
+@functools.lru_cache(maxsize=2)
+def _signing_key(raw):
+    """The worker's key as an object, made once (each job's result is signed with it)."""
+    return _key_modules()[1].Ed25519PrivateKey.from_private_bytes(raw)
+
+
 def sign_envelope(ed25519_private, statement, keyid):
     """A DSSE envelope over the statement, signed with the worker's Ed25519 key; keyid is its fingerprint."""
-    _, ed25519 = _key_modules()
     payload = canonical_json(statement)
-    sig = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(ed25519_private)).sign(pae(PAYLOAD_TYPE, payload))
+    sig = _signing_key(bytes(ed25519_private)).sign(pae(PAYLOAD_TYPE, payload))
     return {"payload": b64(payload), "payloadType": PAYLOAD_TYPE, "signatures": [{"keyid": keyid, "sig": b64(sig)}]}
 
 
@@ -2972,6 +2978,7 @@ class Cgroups:
 
     def __init__(self, parents, version):
         self.parents, self.version = parents, version      # {controller: dir this worker owns}
+        self.written = {}                                  # dir -> the limits last written there (v1 slots)
 
     @classmethod
     def open(cls, tag):
@@ -3016,14 +3023,19 @@ class Cgroups:
         return cls({"": parent}, 2)
 
     def make(self, name, limits):
-        """The cgroup directories `name` runs in, with these limits written; -> [dir]."""
+        """The cgroup directories `name` runs in, with these limits written; -> [dir], the memory
+        cgroup first. v1: a slot's for good, every controller (its spawner sits in them all),
+        written only when the limits change; v2: the job's own."""
         dirs = []
         for controller, parent in self.parents.items():
-            if controller == "cpu" and limits["cpus"] >= (os.cpu_count() or 1):
-                continue                          # nothing to limit: spare the job a cgroup move (v1: ~1 ms each)
+            if controller == "cpu" and self.version == 2 and limits["cpus"] >= (os.cpu_count() or 1):
+                continue                          # nothing to limit: spare the job a cgroup move
             d = parent / name                     # the parents were made by open()
-            d.mkdir(parents=True, exist_ok=True)  # parents too: an operator may have removed an idle one
             dirs.append(d)
+            if self.written.get(d) == limits and d.is_dir():
+                continue
+            d.mkdir(parents=True, exist_ok=True)  # parents too: an operator may have removed an idle one
+            self.written[d] = dict(limits) if self.version == 1 else None
             try:
                 if self.version == 2:
                     _write_limits_v2(d, limits)
@@ -3067,7 +3079,8 @@ def _write_limits_v1(controller, d, limits):
         (d / "pids.max").write_text(str(int(limits["pids"])))
     elif controller == "cpu":
         period = int(_read(d / "cpu.cfs_period_us") or 100000)
-        (d / "cpu.cfs_quota_us").write_text(str(int(limits["cpus"] * period)))
+        unlimited = limits["cpus"] >= (os.cpu_count() or 1)
+        (d / "cpu.cfs_quota_us").write_text("-1" if unlimited else str(int(limits["cpus"] * period)))
 
 
 def _write_limits_v2(d, limits):
@@ -3080,7 +3093,8 @@ def _write_limits_v2(d, limits):
 
 
 def cgroup_pids(dirs, spare=()):
-    """The job's processes in `dirs`: never the slot's spawner, which sits there (v1)."""
+    """The job's processes in `dirs` (a job's processes are in each of its cgroups, so one
+    will do): never the slot's spawner, which sits there (v1)."""
     pids = set()
     for d in dirs:
         pids.update(int(p) for p in _read(Path(d) / "cgroup.procs").split())
@@ -3108,14 +3122,14 @@ def kill_cgroups(dirs, deadline=2.0, spare=()):
 
 
 def oom_kills(dirs):
-    """How many processes the kernel has killed in `dirs` for their memory limit, so far."""
-    count = 0
-    for d in dirs:
-        for name in ("memory.events", "memory.oom_control"):
-            for line in _read(Path(d) / name).splitlines():
-                key, _, value = line.partition(" ")
-                count += int(value) if key == "oom_kill" and value.strip().isdigit() else 0
-    return count
+    """How many processes the kernel has killed for their memory limit in the memory cgroup
+    (the first of `dirs`: Cgroups.make puts it there), so far."""
+    for name in ("memory.events", "memory.oom_control") if dirs else ():    # v2, v1
+        text = _read(Path(dirs[0]) / name)
+        if text:
+            return sum(int(value) for key, _, value in (line.partition(" ") for line in text.splitlines())
+                       if key == "oom_kill" and value.strip().isdigit())
+    return 0
 
 
 def kill_uid(uid):
@@ -3532,7 +3546,7 @@ class Launch:
         SIGTERM to bwrap itself (nor its group, which is bwrap alone): it would answer by
         SIGKILLing the job at once, and the job's grace would be lost."""
         spare = sig != signal.SIGKILL and self.keep_supervisor
-        for pid in cgroup_pids(self.cgroups, self.spare) | {self.proc.pid}:
+        for pid in cgroup_pids(self.cgroups[:1], self.spare) | {self.proc.pid}:
             if not (spare and pid == self.proc.pid):
                 try:
                     os.kill(pid, sig)
@@ -3544,7 +3558,7 @@ class Launch:
     def end(self):
         """After the job: kill whatever it left, close the listeners, drop its cgroups.
         -> an error to report, or None."""
-        error, left = None, cgroup_pids(self.cgroups, self.spare)
+        error, left = None, cgroup_pids(self.cgroups[:1], self.spare)
         if left and not kill_cgroups(self.cgroups, spare=self.spare):
             error = "processes of the job survived SIGKILL"
         if left and self.uid is not None:

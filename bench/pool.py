@@ -602,15 +602,16 @@ def terminal_count(api):
 
 
 def bench_throughput(pool, args, n=None, block=UNCONFINED):
-    n, k = n or args.throughput_jobs, args.submitters
+    n, k, per = n or args.throughput_jobs, args.submitters, args.submit_batch
     print(f"\nthroughput: {n} jobs [/bin/true], sandbox {json.dumps(block)}, submitted as fast as possible "
-          f"by {k} client thread(s)")
+          f"by {k} client thread(s)" + (f", {per} jobs per POST /v1/jobs" if per > 1 else ""))
     watcher = Api(pool.url, pool.token)
     ended_before, total_before = terminal_count(watcher)
     if ended_before != total_before:
         raise BenchError(f"the pool is not idle: {total_before - ended_before} job(s) not ended")
     payload = json.dumps({"command": ["/bin/true"], "sandbox": block}).encode()
     ids = [None] * n
+    mine = [list(range(j, n, k)) for j in range(k)]
     failures = []
     ready = threading.Barrier(k + 1, timeout=30)
     go = threading.Event()
@@ -622,11 +623,14 @@ def bench_throughput(pool, args, n=None, block=UNCONFINED):
             api.connect()                      # connected before the clock starts, like a warm client
             ready.wait()
             go.wait(30)
-            for idx in range(j, n, k):
-                status, job = api.raw("POST", "/v1/jobs", payload)
+            for start in range(0, len(mine[j]), per):
+                part = mine[j][start:start + per]
+                body = payload if per == 1 else b"[" + b",".join([payload] * len(part)) + b"]"
+                status, answer = api.raw("POST", "/v1/jobs", body)
                 if status != 201:
-                    raise BenchError(f"submit answered {status}: {job}")
-                ids[idx] = job["id"]
+                    raise BenchError(f"submit answered {status}: {answer}")
+                for idx, job in zip(part, answer["jobs"] if per > 1 else [answer]):
+                    ids[idx] = job["id"]
             submits_done[j] = time.time()
         except Exception as e:                 # reported by the main thread
             failures.append(e)
@@ -859,6 +863,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=20, help="warm-up jobs before pickup (default %(default)s)")
     p.add_argument("--throughput-jobs", type=int, default=2000)
     p.add_argument("--submitters", type=int, default=1, help="client threads submitting (default %(default)s)")
+    p.add_argument("--submit-batch", type=int, default=1, metavar="N", help="jobs per POST /v1/jobs in "
+                   "throughput (a list; default %(default)s: one job per request)")
     p.add_argument("--compare", choices=sorted(PEER_CONFIGS), help="also run this peer's throughput, alternating "
                    "with ours, and print the ratio (its scripts: --peers, run from a copy in --peers-scratch)")
     p.add_argument("--reps", type=int, default=1, help="throughput runs of each (default %(default)s; the medians "
@@ -879,7 +885,7 @@ def parse_args(argv):
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, pond.db) and print its path")
     args = p.parse_args(argv)
     if args.pickup_jobs < 1 or args.throughput_jobs < 1 or args.submitters < 1 or args.warmup < 0 or args.reps < 1 \
-            or args.sandboxed_jobs < 0:
+            or args.sandboxed_jobs < 0 or not 1 <= args.submit_batch <= 1000:
         p.error("job counts and --submitters must be positive")
     return args
 
