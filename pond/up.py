@@ -191,9 +191,10 @@ def _start_worker(worker_dir, orch_url, admin, py, swarm, logs, tags, capabiliti
     argv = [py, swarm, "worker", "--orchestrator", orch_url, "--state-dir", str(worker_dir),
             "--tags", tags, "--capabilities", capabilities, "--concurrency", str(concurrency),
             "--repo-root", str(repo_root)]
-    if not (worker_dir / "worker.json").exists():
-        argv += ["--enroll-code", admin.post("/v1/admin/pool/enrollment-codes", {})["code"]]
-    worker = Child("worker", argv, logs / "worker.log")
+    env = None
+    if not (worker_dir / "worker.json").exists():     # in the environment, never in an argv `ps` shows
+        env = dict(os.environ, SWARM_ENROLL_CODE=admin.post("/v1/admin/pool/enrollment-codes", {})["code"])
+    worker = Child("worker", argv, logs / "worker.log", env=env)
     return worker, worker.wait_ready()
 
 

@@ -104,6 +104,8 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
         workers = [p for p in kids if b"worker" in cmdline(p) and any(a.endswith(b"swarm.py") for a in cmdline(p))]
         assert len(workers) == 1, [cmdline(p) for p in kids]
         assert kids == {pond_pid, orch_pid, workers[0]}
+        # The worker's enrollment code is a secret: in its environment, never in an argv `ps` shows.
+        assert not [cmdline(p) for p in kids if b"--enroll-code" in cmdline(p)]
         # The sandboxes the worker enforces, as pond sees them.
         assert any(line.strip() == "worker enforces sandboxes: bwrap, process" for line in up.lines), up.output()
 
