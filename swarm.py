@@ -192,9 +192,30 @@ def setup_logging(role):
                         format=f"%(asctime)s swarm[{role}] %(levelname)s %(message)s")
 
 
+REDACTED = "[redacted]"
+CODE_CHARS = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"      # of pond's codes (pond/tokens.py)
+# What redact() takes out of a log line or an error, keeping its shape: pond/tokens.py's table.
+SECRETS = [
+    (re.compile(r"(/enrollment/)[^/?#\s]+"), r"\1"),                  # the {code} of .../enrollment/{code}/consumed
+    (re.compile(r"([?&][^=&#\s]*(?:token|code|secret|key|pass|auth|sig)[^=&#\s]*=)[^&#\s]*", re.I), r"\1"),
+    (re.compile(r"\b((?:proxy-)?authorization|cookie|x-[a-z0-9-]*token)(\s*:\s*)[^\r\n]*", re.I), r"\1\2"),
+    (re.compile(r"\b(bearer\s+)[^\s,;]+", re.I), r"\1"),              # a bearer token anywhere else
+    (re.compile(r"\b(?:orch|wkr)\.[\w-]+\.[\w-]+|\bpond_admin_[\w-]+"), ""),   # tokens by their shape
+    (re.compile(rf"\b[{CODE_CHARS}]{{4}}-[{CODE_CHARS}]{{4}}-[{CODE_CHARS}]{{4}}\b"), ""),   # codes by shape
+]
+
+
+def redact(text):
+    """`text` with every code and token in it replaced by [redacted] (as pond/tokens.py redact)."""
+    text = str(text)
+    for pattern, keep in SECRETS:
+        text = pattern.sub(keep + REDACTED, text)
+    return text
+
+
 def clean(text, limit=200):
-    """Untrusted text made safe for one log line."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)[:limit])
+    """Untrusted text made safe for one log line: no code or token (redact), printable, short."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in redact(text)[:limit])
 
 
 def write_private(path, text):
@@ -737,7 +758,7 @@ class HttpClient:
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict):
             raise Refused(status, err.get("code", "error"), err.get("message", "error"), err.get("hint", ""))
-        raise Refused(status, "bad_answer", f"{method} {path} answered {status} without a JSON error: "
+        raise Refused(status, "bad_answer", f"{method} {redact(path)} answered {status} without a JSON error: "
                       f"{raw[:120].decode(errors='replace')!r}", f"is that URL really the {self.what}?")
 
 
