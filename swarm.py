@@ -196,9 +196,30 @@ def setup_logging(role):
                         format=f"%(asctime)s swarm[{role}] %(levelname)s %(message)s")
 
 
+REDACTED = "[redacted]"
+CODE_CHARS = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"      # of pond's codes (pond/tokens.py)
+# What redact() takes out of a log line or an error, keeping its shape: pond/tokens.py's table.
+SECRETS = [
+    (re.compile(r"(/enrollment/)[^/?#\s]+"), r"\1"),                  # the {code} of .../enrollment/{code}/consumed
+    (re.compile(r"([?&][^=&#\s]*(?:token|code|secret|key|pass|auth|sig)[^=&#\s]*=)[^&#\s]*", re.I), r"\1"),
+    (re.compile(r"\b((?:proxy-)?authorization|cookie|x-[a-z0-9-]*token)(\s*:\s*)[^\r\n]*", re.I), r"\1\2"),
+    (re.compile(r"\b(bearer\s+)[^\s,;]+", re.I), r"\1"),              # a bearer token anywhere else
+    (re.compile(r"\b(?:orch|wkr)\.[\w-]+\.[\w-]+|\bpond_admin_[\w-]+"), ""),   # tokens by their shape
+    (re.compile(rf"\b[{CODE_CHARS}]{{4}}-[{CODE_CHARS}]{{4}}-[{CODE_CHARS}]{{4}}\b"), ""),   # codes by shape
+]
+
+
+def redact(text):
+    """`text` with every code and token in it replaced by [redacted] (as pond/tokens.py redact)."""
+    text = str(text)
+    for pattern, keep in SECRETS:
+        text = pattern.sub(keep + REDACTED, text)
+    return text
+
+
 def clean(text, limit=200):
-    """Untrusted text made safe for one log line."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)[:limit])
+    """Untrusted text made safe for one log line: no code or token (redact), printable, short."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in redact(text)[:limit])
 
 
 def write_private(path, text):
@@ -746,7 +767,7 @@ class HttpClient:
         err = data.get("error") if isinstance(data, dict) else None
         if isinstance(err, dict):
             raise Refused(status, err.get("code", "error"), err.get("message", "error"), err.get("hint", ""))
-        raise Refused(status, "bad_answer", f"{method} {path} answered {status} without a JSON error: "
+        raise Refused(status, "bad_answer", f"{method} {redact(path)} answered {status} without a JSON error: "
                       f"{raw[:120].decode(errors='replace')!r}", f"is that URL really the {self.what}?")
 
 
@@ -4499,6 +4520,14 @@ EXAMPLES = """examples:
 CA_FILE_HELP = "CA certificate (PEM) to verify an https:// {} with (default: the system trust store)"
 
 
+def named(text):
+    """The argparse type of a flag that names something (a file, a URL, a code, a token): empty is
+    refused, never read as "not given" (--ca-file "$UNSET" would have trusted the system store)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a value, or leave the flag out")
+    return text
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="swarm.py", description="swarm: orchestrator and worker for pond",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -4506,24 +4535,26 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     s = sub.add_parser("pair", help="redeem a pairing code, write backend-handle.json")
-    s.add_argument("--pond", required=True, metavar="URL", help="pond's URL")
-    s.add_argument("--code", help="the pairing code (or $SWARM_PAIRING_CODE)")
-    s.add_argument("--out", default=HANDLE_FILE, help="where to write the handle (default: %(default)s)")
-    s.add_argument("--name", help="a name for this orchestrator")
-    s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("pond"))
+    s.add_argument("--pond", type=named, required=True, metavar="URL", help="pond's URL")
+    s.add_argument("--code", type=named, help="the pairing code (or $SWARM_PAIRING_CODE)")
+    s.add_argument("--out", type=named, default=HANDLE_FILE, help="where to write the handle (default: %(default)s)")
+    s.add_argument("--name", type=named, help="a name for this orchestrator")
+    s.add_argument("--ca-file", type=named, metavar="FILE", help=CA_FILE_HELP.format("pond"))
 
     s = sub.add_parser("serve", help="run the orchestrator")
-    s.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
-    s.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    s.add_argument("--tls-cert", type=named, metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    s.add_argument("--tls-key", type=named, metavar="FILE", help="the certificate's PEM private key")
     s.add_argument("--insecure-no-tls", action="store_true",
                    help="allow plain HTTP off loopback (a trusted overlay network only)")
-    s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("pond"))
+    s.add_argument("--ca-file", type=named, metavar="FILE", help=CA_FILE_HELP.format("pond"))
     s.add_argument("--bind", default="127.0.0.1:8080", metavar="HOST:PORT", help="default %(default)s")
-    s.add_argument("--token", help="operator token for status/jobs/cancel (visible in ps: prefer --token-file or $SWARM_TOKEN)")
-    s.add_argument("--token-file", metavar="FILE", help="file holding the operator token (0600)")
-    s.add_argument("--state-dir", metavar="DIR", help=f"default ./{DEFAULT_SERVE_STATE}")
-    s.add_argument("--handle", metavar="FILE", help=f"backend handle (default ./{HANDLE_FILE}, else DIR/{HANDLE_FILE})")
-    s.add_argument("--pond", metavar="URL", help="pond's URL, if it moved since pairing")
+    s.add_argument("--token", type=named,
+                   help="operator token for status/jobs/cancel (visible in ps: prefer --token-file or $SWARM_TOKEN)")
+    s.add_argument("--token-file", type=named, metavar="FILE", help="file holding the operator token (0600)")
+    s.add_argument("--state-dir", type=named, metavar="DIR", help=f"default ./{DEFAULT_SERVE_STATE}")
+    s.add_argument("--handle", type=named, metavar="FILE",
+                   help=f"backend handle (default ./{HANDLE_FILE}, else DIR/{HANDLE_FILE})")
+    s.add_argument("--pond", type=named, metavar="URL", help="pond's URL, if it moved since pairing")
     s.add_argument("--poll-wait", type=float, default=POND_POLL_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help=argparse.SUPPRESS)
@@ -4531,19 +4562,21 @@ def build_parser():
                    help="seconds a client has to send a whole request (default %(default)g)")
 
     s = sub.add_parser("worker", help="enroll (once) and run jobs")
-    s.add_argument("--orchestrator", metavar="URL", help="the orchestrator's URL (required to run jobs)")
-    s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("orchestrator"))
+    s.add_argument("--orchestrator", type=named, metavar="URL", help="the orchestrator's URL (required to run jobs)")
+    s.add_argument("--ca-file", type=named, metavar="FILE", help=CA_FILE_HELP.format("orchestrator"))
     s.add_argument("--show-fingerprint", action="store_true",
                    help="create this worker's keys if needed, print their fingerprint and exit (no enrollment)")
-    s.add_argument("--enroll-code", metavar="CODE", help="needed the first time only (or $SWARM_ENROLL_CODE)")
+    s.add_argument("--enroll-code", type=named, metavar="CODE",
+                   help="needed the first time only (or $SWARM_ENROLL_CODE)")
     s.add_argument("--tags", default="", help="comma-separated, e.g. pool:trusted,repo:acme")
     s.add_argument("--capabilities", default="", help="comma-separated globs, e.g. 'harness.*,sandbox.process'")
-    s.add_argument("--repo-root", metavar="DIR", help="where checkouts live (default DIR/checkouts)")
+    s.add_argument("--repo-root", type=named, metavar="DIR", help="where checkouts live (default DIR/checkouts)")
     s.add_argument("--concurrency", type=int, default=1, help="jobs at once (default %(default)s)")
-    s.add_argument("--state-dir", metavar="DIR", help=f"identity and job directories (default ./{DEFAULT_WORKER_STATE})")
-    s.add_argument("--name", help="a name for this worker (default: the host name)")
+    s.add_argument("--state-dir", type=named, metavar="DIR",
+                   help=f"identity and job directories (default ./{DEFAULT_WORKER_STATE})")
+    s.add_argument("--name", type=named, help="a name for this worker (default: the host name)")
     s.add_argument("--keep-job-dirs", action="store_true", help="keep each job's directory after it ends")
-    s.add_argument("--sandbox-dir", metavar="DIR",
+    s.add_argument("--sandbox-dir", type=named, metavar="DIR",
                    help="the slots' directories (default: as root /var/lib/swarm/sandbox-<id>, else DIR/jobs)")
     s.add_argument("--slot-uids", type=int, metavar="FIRST",
                    help="as root, slot i runs its jobs as uid FIRST+i (default: a block of 256 from 3000000 up)")
@@ -4551,7 +4584,7 @@ def build_parser():
                    help="hosts a write job may reach through its proxy, exact or *.suffix (default: package "
                         "registries and GitHub; '' allows none); a job adds its own allow_hosts")
     s.add_argument("--egress-deny", metavar="HOSTS", help="hosts never reached, whatever is allowed (deny wins)")
-    s.add_argument("--egress-ports", metavar="PORTS", help="ports the proxy connects to (default 443)")
+    s.add_argument("--egress-ports", type=named, metavar="PORTS", help="ports the proxy connects to (default 443)")
     s.add_argument("--egress-allow-loopback", metavar="ADDR", help=argparse.SUPPRESS)   # tests only
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
 
@@ -4565,11 +4598,13 @@ def build_parser():
             s.add_argument("worker_id")
             s.add_argument("--drain", action="store_true",
                            help="let its running jobs finish (default: stop them and queue them again)")
-        s.add_argument("--orchestrator", metavar="URL", help="default: from DIR/serve.json")
-        s.add_argument("--ca-file", metavar="FILE", help=CA_FILE_HELP.format("orchestrator"))
-        s.add_argument("--state-dir", metavar="DIR", help=f"the serve state dir (default ./{DEFAULT_SERVE_STATE})")
-        s.add_argument("--token", help="the operator token (visible in ps: prefer --token-file or $SWARM_TOKEN)")
-        s.add_argument("--token-file", metavar="FILE")
+        s.add_argument("--orchestrator", type=named, metavar="URL", help="default: from DIR/serve.json")
+        s.add_argument("--ca-file", type=named, metavar="FILE", help=CA_FILE_HELP.format("orchestrator"))
+        s.add_argument("--state-dir", type=named, metavar="DIR",
+                       help=f"the serve state dir (default ./{DEFAULT_SERVE_STATE})")
+        s.add_argument("--token", type=named,
+                       help="the operator token (visible in ps: prefer --token-file or $SWARM_TOKEN)")
+        s.add_argument("--token-file", type=named, metavar="FILE")
         s.add_argument("--json", action="store_true", help="print JSON")
     return p
 

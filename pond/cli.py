@@ -91,21 +91,11 @@ def cmd_submit(args):
         raise PondError("no command to run", "example: pond submit --wait -- python3 -c 'print(42)'", code="usage")
     body = {"command": args.command, "tags": args.tag, "capabilities": args.capability,
             "env": dict(_env_pair(e) for e in args.env)}
-    if args.timeout:
-        body["timeout"] = args.timeout
-    if args.name:
-        body["name"] = args.name
+    # A flag given is sent as given, 0 and "" too: pond refuses what it cannot take, never a default instead.
+    body.update(_given(args, "timeout", "name", "tenant", "credential", "cancel_grace", "retries"))
     body["sandbox"] = _sandbox_arg(args)
-    if args.tenant:
-        body["tenant"] = args.tenant
-    if args.credential:
-        body["credential"] = args.credential
-    if args.cancel_grace is not None:
-        body["cancel_grace"] = args.cancel_grace
-    if args.retries:
-        body["retries"] = args.retries
     # Always a key: a submit retried after a lost answer then gives back the same job, never two.
-    key = args.idempotency_key or f"pond-cli-{uuid.uuid4().hex}"
+    key = f"pond-cli-{uuid.uuid4().hex}" if args.idempotency_key is None else args.idempotency_key
     job = client.post("/v1/jobs", body, headers={"Idempotency-Key": key})
     _say_warnings(job)
     if not args.wait:
@@ -164,19 +154,21 @@ SANDBOX_FLAGS = (("profile", "--profile"), ("tier", "--tier"), ("backend", "--ba
 DEFAULT_PROFILE = "untrusted-code-write"
 
 
+def _given(args, *names):
+    """The flags among `names` that were given: {name: value}, whatever the value."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def _sandbox_arg(args):
     """The job's sandbox block: --sandbox JSON as given, else one built from the sandbox flags."""
     given = [flag for attr, flag in SANDBOX_FLAGS if getattr(args, attr) not in (None, [])]
-    if args.sandbox:
+    if args.sandbox is not None:
         if given:
             raise PondError(f"--sandbox and {given[0]} both say what the sandbox is",
                             "give --sandbox JSON alone, or the flags (--profile, --memory, ...) without it",
                             code="usage")
         return _json_arg(args.sandbox, "--sandbox")
-    block = {"profile": args.profile or DEFAULT_PROFILE}
-    for key in ("tier", "backend"):
-        if getattr(args, key):
-            block[key] = getattr(args, key)
+    block = {"profile": args.profile or DEFAULT_PROFILE, **_given(args, "tier", "backend")}
     overrides = {key: value for key, value in (("memory", args.memory), ("cpus", args.cpus), ("pids", args.pids),
                                                ("tmpfs_size", args.tmpfs)) if value is not None}
     if overrides:
@@ -361,10 +353,8 @@ def cmd_cancel(args):
 
 
 def cmd_pairing_code(args):
-    body = {"ttl": args.ttl} if args.ttl else {}
-    if args.name:
-        body["name"] = args.name
-    if args.scope:
+    body = _given(args, "ttl", "name")
+    if args.scope is not None:
         body["scope"] = _tag_list(args.scope)
     client = _client(args)
     data = client.post("/v1/admin/pool/pairing-codes", body)
@@ -377,8 +367,8 @@ def cmd_pairing_code(args):
 
 
 def cmd_enrollment_code(args):
-    body = {k: v for k, v in (("ttl", args.ttl), ("uses", args.uses), ("fingerprint", args.fingerprint)) if v}
-    if args.tags:
+    body = _given(args, "ttl", "uses", "fingerprint")
+    if args.tags is not None:
         body["tags"] = _tag_list(args.tags)
     data = _client(args).post("/v1/admin/pool/enrollment-codes", body)
     if args.json:
@@ -398,8 +388,7 @@ def _tag_list(text):
 def cmd_credential_set(args):
     """Secrets come from the environment or a file, never from the command line (ps shows it)."""
     body = {"name": args.name, "env": dict(_env_pair(e) for e in args.env), "secrets": _secrets(args)}
-    if args.provider:
-        body["provider"] = args.provider
+    body.update(_given(args, "provider"))
     data = _client(args).post("/v1/admin/credentials", body)
     if args.json:
         return _print_json(data)
@@ -496,17 +485,26 @@ def cmd_workers(args):
 
 # -- parser ---------------------------------------------------------------------
 
+def _named(text):
+    """The argparse type of a flag that names something (a file, a URL, a code, tags): an empty value
+    is refused, never read as "not given", which would fall back to a default or drop a restriction
+    (`--tags ''` would have minted a code without a tag ceiling)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a value, or leave the flag out")
+    return text
+
+
 def _common(suppress):
     """Options every command takes, before or after its name (`pond --state-dir D jobs` = `pond jobs --state-dir D`)."""
     c = argparse.ArgumentParser(add_help=False)
     default = argparse.SUPPRESS if suppress else None
-    c.add_argument("--pond", metavar="URL", default=default,
+    c.add_argument("--pond", type=_named, metavar="URL", default=default,
                    help="pond's URL (default: from --state-dir, or $POND_URL)")
-    c.add_argument("--state-dir", metavar="DIR", default=default,
+    c.add_argument("--state-dir", type=_named, metavar="DIR", default=default,
                    help=f"pond's state dir, to find its URL and admin token (default: $POND_STATE_DIR or {DEFAULT_STATE_DIR})")
-    c.add_argument("--token-file", metavar="FILE", default=default,
+    c.add_argument("--token-file", type=_named, metavar="FILE", default=default,
                    help="file holding the admin token (default: DIR/admin-token)")
-    c.add_argument("--ca-file", metavar="FILE", default=default,
+    c.add_argument("--ca-file", type=_named, metavar="FILE", default=default,
                    help="CA certificate (PEM) to verify an https:// pond with (default: $POND_CA_FILE, "
                         "else the system trust store)")
     c.add_argument("--retry-for", type=float, metavar="S", default=default,
@@ -525,17 +523,19 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     s = sub.add_parser("serve", help="run pond", parents=[common])
-    s.add_argument("--bind", metavar="HOST:PORT", help="default 127.0.0.1:8001 (port 0: any free port)")
-    s.add_argument("--admin-token-file", metavar="FILE", help="admin token (required off loopback)")
+    s.add_argument("--bind", type=_named, metavar="HOST:PORT",
+                   help="default 127.0.0.1:8001 (port 0: any free port)")
+    s.add_argument("--admin-token-file", type=_named, metavar="FILE",
+                   help="admin token (required off loopback)")
     s.add_argument("--poll-hold", type=float, metavar="S", help="seconds an idle poll is held (default 25)")
     s.add_argument("--access-log", action="store_true", help="log every request")
-    s.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
-    s.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    s.add_argument("--tls-cert", type=_named, metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
+    s.add_argument("--tls-key", type=_named, metavar="FILE", help="the certificate's PEM private key")
     s.add_argument("--insecure-no-tls", action="store_true",
                    help="allow plain HTTP off loopback (a trusted overlay network only)")
     s.add_argument("--request-timeout", type=float, metavar="S",
                    help="seconds a client has to send a whole request (default 30)")
-    s.add_argument("--credential-key-file", metavar="FILE",
+    s.add_argument("--credential-key-file", type=_named, metavar="FILE",
                    help="key that encrypts credentials at rest, base64 of 32 bytes, mode 0600 "
                         "(default: $POND_CREDENTIAL_KEY_FILE, else DIR/credential.key, created)")
     s.add_argument("--allow-unsigned-results", action="store_true",
@@ -552,7 +552,8 @@ def build_parser():
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
-    s.add_argument("--bind", metavar="HOST:PORT", help="where pond listens (default 127.0.0.1:8001, else any free port)")
+    s.add_argument("--bind", type=_named, metavar="HOST:PORT",
+                   help="where pond listens (default 127.0.0.1:8001, else any free port)")
     s.add_argument("--tags", default="pool:trusted,pool:local", help="the worker's tags (default: %(default)s)")
     s.add_argument("--capabilities", default="harness.*,sandbox.*", help="the worker's capability globs (default: %(default)s)")
     s.add_argument("--concurrency", type=int, default=2, help="the worker's slots (default: %(default)s)")
@@ -619,14 +620,14 @@ def build_parser():
     s = admin.add_parser("pairing-code", help="mint a one-time orchestrator pairing code", parents=[common])
     s.add_argument("--ttl", type=int, metavar="S", help="seconds it stays valid (default 600)")
     s.add_argument("--name", help="a name for the orchestrator")
-    s.add_argument("--scope", metavar="TAGS", help="pool scope: the only tags its workers may have (a,b)")
+    s.add_argument("--scope", type=_named, metavar="TAGS", help="pool scope: the only tags its workers may have (a,b)")
     s.set_defaults(fn=cmd_pairing_code)
     s = admin.add_parser("enrollment-code", help="mint a worker enrollment code", parents=[common])
     s.add_argument("--ttl", type=int, metavar="S", help="seconds it stays valid (default 3600)")
     s.add_argument("--uses", type=int, help="how many workers it may enroll (default 1)")
-    s.add_argument("--fingerprint", metavar="FP",
+    s.add_argument("--fingerprint", type=_named, metavar="FP",
                    help="expected worker fingerprint (`swarm.py worker --show-fingerprint` on the worker host)")
-    s.add_argument("--tags", metavar="TAGS", help="tag ceiling: the only tags the worker may have (a,b)")
+    s.add_argument("--tags", type=_named, metavar="TAGS", help="tag ceiling: the only tags the worker may have (a,b)")
     s.set_defaults(fn=cmd_enrollment_code)
     s = admin.add_parser("revoke", help="revoke an orchestrator binding or a worker", parents=[common])
     s.add_argument("kind", choices=("orchestrator", "worker"))
@@ -638,7 +639,7 @@ def build_parser():
     s.add_argument("name")
     s.add_argument("--secret", action="append", default=[], metavar="NAME",
                    help="a secret variable, its value taken from $NAME (repeatable; never NAME=VALUE)")
-    s.add_argument("--secrets-file", metavar="FILE", help="secret NAME=VALUE lines, from a 0600 file")
+    s.add_argument("--secrets-file", type=_named, metavar="FILE", help="secret NAME=VALUE lines, from a 0600 file")
     s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="a variable that is not secret")
     s.add_argument("--provider", help="e.g. anthropic")
     s.set_defaults(fn=cmd_credential_set)

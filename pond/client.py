@@ -20,6 +20,7 @@ import time
 from urllib.parse import urlencode, urlsplit
 
 from pond.errors import PondError
+from pond.tokens import redact
 
 EXIT_UNREACHABLE = 3
 EXIT_REFUSED = 4
@@ -144,7 +145,7 @@ class Client:
         if isinstance(err, dict):
             raise ClientError(err.get("message", "error"), err.get("hint", ""), status, err.get("code", "error"))
         snippet = raw[:200].decode(errors="replace")
-        raise ClientError(f"{method} {path} answered {status} with a non-JSON body: {snippet!r}",
+        raise ClientError(f"{method} {redact(path)} answered {status} with a non-JSON body: {snippet!r}",
                           "is --pond pointing at pond, not at something else?", status)
 
     def get(self, path, **query):

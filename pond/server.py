@@ -153,8 +153,8 @@ def route(method, path):
 
 
 def _clean(text):
-    """Untrusted text made safe for one log line."""
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(text)[:200])
+    """Untrusted text made safe for one log line: no code or token (tokens.redact), printable, short."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in tokens.redact(text)[:200])
 
 
 class Headers(dict):

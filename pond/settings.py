@@ -136,7 +136,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
     cap = int(log_cap if log_cap is not None else env.get("POND_LOG_CAP", LOG_CAP))
     if not MIN_LOG_CAP <= cap <= MAX_LOG_CAP:
         raise ConfigError(f"log cap {cap} bytes is out of range", f"give {MIN_LOG_CAP} to {MAX_LOG_CAP} (default 4 MiB)")
-    timeout = float(request_timeout or REQUEST_TIMEOUT)
+    timeout = float(request_timeout if request_timeout is not None else REQUEST_TIMEOUT)
     if not 0 < timeout <= 600:
         raise ConfigError(f"request timeout {timeout} s is out of range", "give a value in (0, 600]")
     return ServerSettings(host=host, port=port, state_dir=state, admin_token=token,

@@ -4,10 +4,13 @@ Codes and tokens are random, shown once, and stored only as their SHA-256. A bea
 token is `<kind>.<id>.<secret>`: the id finds the record, the secret's hash is then
 compared in constant time (hmac.compare_digest), so a lookup never leaks how much of
 a secret matched.
+
+None of them is ever written to a log line: `redact` takes them out of any text first.
 """
 
 import hashlib
 import hmac
+import re
 import secrets
 
 from pond.errors import BadRequest, Unauthorized
@@ -51,6 +54,29 @@ def split_token(token, kind):
         raise Unauthorized("the bearer token is malformed",
                            "use the token from backend-handle.json (written by `swarm.py pair`)")
     return parts[1], parts[2]
+
+
+REDACTED = "[redacted]"
+# What `redact` takes out of text bound for a log line (docs/security.md §4), keeping the shape around it.
+# swarm.py's redact() has the same table: the two are checked against one list of cases.
+_SECRETS = [
+    (re.compile(r"(/enrollment/)[^/?#\s]+"), r"\1"),                  # the {code} of .../enrollment/{code}/consumed
+    (re.compile(r"([?&][^=&#\s]*(?:token|code|secret|key|pass|auth|sig)[^=&#\s]*=)[^&#\s]*", re.I), r"\1"),
+    (re.compile(r"\b((?:proxy-)?authorization|cookie|x-[a-z0-9-]*token)(\s*:\s*)[^\r\n]*", re.I), r"\1\2"),
+    (re.compile(r"\b(bearer\s+)[^\s,;]+", re.I), r"\1"),              # a bearer token anywhere else
+    (re.compile(r"\b(?:orch|wkr)\.[\w-]+\.[\w-]+|\bpond_admin_[\w-]+"), ""),   # tokens by their shape
+    (re.compile(rf"\b[{CODE_ALPHABET}]{{4}}-[{CODE_ALPHABET}]{{4}}-[{CODE_ALPHABET}]{{4}}\b"), ""),   # codes by shape
+]
+
+
+def redact(text):
+    """`text` (a request line, a URL, a path, header lines, a message) with every code and token
+    in it replaced by [redacted]: path segments that carry one, secret query parameters, token
+    headers, and anything shaped like a pond code or bearer token."""
+    text = str(text)
+    for pattern, keep in _SECRETS:
+        text = pattern.sub(keep + REDACTED, text)
+    return text
 
 
 def matches(secret, stored_hash):

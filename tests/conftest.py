@@ -4,6 +4,7 @@ Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse 
 fails a test that leaves a child process or a thread behind.
 """
 
+import importlib
 import json
 import os
 import shutil
@@ -32,6 +33,18 @@ def env_for_children():
     for key in ("POND_URL", "POND_STATE_DIR", "POND_ADMIN_TOKEN", "SWARM_TOKEN"):
         env.pop(key, None)
     return env
+
+
+def interop(module):
+    """An independent implementation an interop test checks us against (pyhpke, securesystemslib),
+    imported when that test runs. Missing, the test fails and names what to install: it never
+    skips, so a missing library cannot pass for agreement; the vector tests beside it still run."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        missing = e
+    pytest.fail(f"{module.split('.')[0]} is not installed ({missing}): this interop test needs it; "
+                "install the test extra: pip install -e '.[test]'", pytrace=False)
 
 
 def free_port():

@@ -19,11 +19,9 @@ import sqlite3
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from securesystemslib.dsse import Envelope
-from securesystemslib.signer import SSlibKey
 
 import swarm
-from conftest import JOB_PY, wait_for
+from conftest import JOB_PY, interop, wait_for
 
 STDOUT = "grüße ✓\n".encode()
 STDERR = b"warning: x\n"
@@ -131,8 +129,9 @@ def test_real_worker_result_verifies_with_securesystemslib_and_pond_verify_offli
     att = pond.client.get(f"/v1/jobs/{job_id}/attestation")
     assert (att["job"], att["attempt"], att["worker"]) == (job_id, 1, job["worker"])
     key_hex = base64.b64decode(att["ed25519_public"]).hex()
-    key = SSlibKey(att["fingerprint"], "ed25519", "ed25519", {"public": key_hex})
-    assert list(Envelope.from_dict(copy.deepcopy(att["envelope"])).verify([key], 1)) == [att["fingerprint"]]
+    key = interop("securesystemslib.signer").SSlibKey(att["fingerprint"], "ed25519", "ed25519", {"public": key_hex})
+    envelope = interop("securesystemslib.dsse").Envelope.from_dict(copy.deepcopy(att["envelope"]))
+    assert list(envelope.verify([key], 1)) == [att["fingerprint"]]
 
     signed = json.loads(base64.b64decode(att["envelope"]["payload"]))
     output = pond.output(job_id)

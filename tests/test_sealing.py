@@ -3,7 +3,8 @@
 pyhpke is an independent HPKE implementation (test-only dependency). It is the only one
 that takes a fixed ephemeral key, so it writes the golden vectors in
 specs/vectors/sealing.json: `python tests/test_sealing.py` rewrites them, and
-test_vectors_are_what_pyhpke_derives keeps the file honest.
+test_vectors_are_what_pyhpke_derives keeps the file honest. Only the tests that call
+pyhpke need it (conftest.interop: missing, they fail and say so); the vector tests run without it.
 """
 
 import base64
@@ -16,18 +17,16 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey, OpenError
-from pyhpke.kem_key import KEMKeyPair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # so that the script form finds pond and swarm
 
 import swarm                                                      # noqa: E402
+from conftest import interop                                      # noqa: E402
 from pond import keys, sealing                                    # noqa: E402
 from pond.errors import PondError                                 # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VECTORS_PATH = ROOT / "specs" / "vectors" / "sealing.json"
-PYHPKE = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.CHACHA20_POLY1305)
 RAW = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -64,20 +63,29 @@ class Worker:
 A, B = Worker("worker A"), Worker("worker B")
 
 
+def pyhpke_suite():
+    pyhpke = interop("pyhpke")
+    return pyhpke, pyhpke.CipherSuite.new(pyhpke.KEMId.DHKEM_X25519_HKDF_SHA256, pyhpke.KDFId.HKDF_SHA256,
+                                          pyhpke.AEADId.CHACHA20_POLY1305)
+
+
 def pyhpke_seal(public_raw, plaintext, info, ephemeral_private=None):
-    pkr = KEMKey.from_pyca_cryptography_key(x25519.X25519PublicKey.from_public_bytes(public_raw))
+    pyhpke, suite = pyhpke_suite()
+    pkr = pyhpke.KEMKey.from_pyca_cryptography_key(x25519.X25519PublicKey.from_public_bytes(public_raw))
     eks = None
     if ephemeral_private is not None:
         ek = x25519.X25519PrivateKey.from_private_bytes(ephemeral_private)
-        eks = KEMKeyPair(KEMKey.from_pyca_cryptography_key(ek), KEMKey.from_pyca_cryptography_key(ek.public_key()))
+        eks = interop("pyhpke.kem_key").KEMKeyPair(pyhpke.KEMKey.from_pyca_cryptography_key(ek),
+                                                    pyhpke.KEMKey.from_pyca_cryptography_key(ek.public_key()))
     # pyhpke has no single-shot seal; RFC 9180 §6.1 defines it as setup + the first seal.
-    enc, context = PYHPKE.create_sender_context(pkr, info, eks=eks)
+    enc, context = suite.create_sender_context(pkr, info, eks=eks)
     return enc, context.seal(plaintext)
 
 
 def pyhpke_open(private_raw, blob, info):
-    skr = KEMKey.from_pyca_cryptography_key(x25519.X25519PrivateKey.from_private_bytes(private_raw))
-    context = PYHPKE.create_recipient_context(base64.b64decode(blob["enc"]), skr, info)
+    pyhpke, suite = pyhpke_suite()
+    skr = pyhpke.KEMKey.from_pyca_cryptography_key(x25519.X25519PrivateKey.from_private_bytes(private_raw))
+    context = suite.create_recipient_context(base64.b64decode(blob["enc"]), skr, info)
     return context.open(base64.b64decode(blob["ct"]))
 
 
@@ -360,7 +368,7 @@ def test_blob_sealed_for_one_spec_does_not_open_for_another(name):
     blob = sealing.seal_env(A.x25519_public, ENV, JOB, 1, A.fingerprint, SPEC)
     for impl in sorted(OPENERS):
         refusal(impl, A.x25519_private, blob, JOB, 1, A.fingerprint, other)
-    with pytest.raises(OpenError):
+    with pytest.raises(interop("pyhpke").OpenError):
         pyhpke_open(A.x25519_private, blob, info_bytes(JOB, 1, A.fingerprint, other))
     # And the other way round, sealed by pyhpke for the changed job: not opened as the submitted one.
     enc, ct = pyhpke_seal(A.x25519_public, sealing.canonical_json(ENV), info_bytes(JOB, 1, A.fingerprint, other))

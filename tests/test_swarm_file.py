@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 4610
+MAX_LINES = 4660
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -51,7 +51,7 @@ BANNER_RULE = re.compile(r"^# ={20,}$")
 
 # Lines each section may grow to: a section past its budget should be split or cut, on purpose.
 SECTION_BUDGETS = {
-    "Imports": 50, "Constants and defaults": 40, "Errors": 70, "Utilities": 90, "Wire format": 80,
+    "Imports": 50, "Constants and defaults": 40, "Errors": 70, "Utilities": 111, "Wire format": 80,
     "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 160, "HTTP server": 430,
     "Settings": 230, "Pairing": 30, "Orchestrator: worker registry": 140, "Orchestrator: the pool": 540,
     "Orchestrator: the two links to pond": 260, "Job proxies": 420, "Worker: identity and enrollment": 75,
