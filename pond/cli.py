@@ -132,7 +132,7 @@ def _submit_batch(client, args):
             raise PondError(f"{args.batch}, line {n}: not JSON ({e})", "one job object per line", code="usage") from None
     if not jobs:
         raise PondError(f"{args.batch} has no jobs", "one job object per line", code="usage")
-    key = args.idempotency_key or f"pond-cli-{uuid.uuid4().hex}"
+    key = f"pond-cli-{uuid.uuid4().hex}" if args.idempotency_key is None else args.idempotency_key
     warned = {}
     for start in range(0, len(jobs), SUBMIT_BATCH):
         answer = client.post("/v1/jobs", jobs[start:start + SUBMIT_BATCH], headers={"Idempotency-Key": f"{key}.{start}"})
@@ -589,7 +589,7 @@ def build_parser():
     s.add_argument("--idempotency-key", metavar="KEY",
                    help="submit at most once: the same key gives back the same job (safe to retry)")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")
-    s.add_argument("--batch", metavar="FILE", help="submit the jobs in FILE (- for stdin), one JSON job object per "
+    s.add_argument("--batch", metavar="FILE", type=_named, help="submit the jobs in FILE (- for stdin), one JSON job object per "
                    "line, 1,000 per request; prints their ids")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(fn=cmd_submit)
