@@ -2833,6 +2833,8 @@ SLOT_UID_SPAN = 256            # uids a root worker takes for its slots: base ..
 # Only what a program needs of /etc: no shadow, no host keys, no credentials of the host's services.
 ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "ssl", "ca-certificates", "ca-certificates.conf",
              "alternatives", "localtime", "nsswitch.conf", "host.conf", "mime.types", "protocols", "services")
+WARM_SCRIPT_MAX = 256 * 1024   # bytes of a warm sandbox's script (the job's env and argv); more: a cold start
+SHELL_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 HELPER_PREFIX = "swarm-sandbox-"   # an external provider: swarm-sandbox-<name> on PATH (specs/sandbox.md §6.4)
 
 # System call numbers the seccomp filter looks at, per native architecture (from the kernel's tables).
@@ -3269,6 +3271,9 @@ def _job_child(plan, fds, parent, errors):
             os._exit(125)                          # the spawner died before the signal was armed
         if plan["landlock"]:
             _landlock(*plan["landlock"])
+        keep = sorted({data[n] for _, n in plan["pipe_args"]} | {errors})
+        for low, high in zip([2, *keep], [*keep, 1 << 20]):
+            os.closerange(low + 1, high)           # nothing of the spawner's but what the job is given
     except BaseException as e:
         os.write(2, f"swarm: sandbox setup failed: {e}\n".encode(errors="replace"))
         os._exit(125)
@@ -3340,7 +3345,9 @@ def spawner_main(fd):
             _, status = os.waitpid(pid, 0)
             sock.send(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}).encode())
         if sock in ready:
-            msg, fds, _, _ = socket.recv_fds(sock, 64, 64, socket.MSG_CMSG_CLOEXEC)
+            msg, ancdata, _, _ = sock.recvmsg(64, socket.CMSG_LEN(64 * 4), socket.MSG_CMSG_CLOEXEC)
+            fds = [fd for level, kind, data in ancdata if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
+                   for fd in struct.unpack(f"{len(data) // 4}i", data[:len(data) - len(data) % 4])]
             if not msg:
                 return
             try:
@@ -3404,6 +3411,8 @@ class Spawner:
         finally:
             os.close(memfd)
         reply = self.receive(60)
+        while reply is not None and "errno" not in reply and "error" not in reply:
+            reply = self.receive(60)               # the late end of a process no one waits for any more
         if reply is None or "errno" not in reply:
             raise OSError(errno.EIO, "the slot's spawner did not answer (it is restarted for the next job)")
         if reply["errno"] is not None:
@@ -3413,6 +3422,8 @@ class Spawner:
     def receive(self, timeout):
         """The spawner's next message, or None when `timeout` passes; an "exit" with an
         "error" if it died (its job died with it)."""
+        if self.sock.fileno() < 0:
+            return {"exit": -signal.SIGKILL, "error": "the slot's spawner died, and the job with it"}
         ready, _, _ = select.select([self.sock], [], [], timeout)
         if not ready:
             return None
@@ -3451,7 +3462,7 @@ class Spawned:
     def _reap(self, timeout):
         if self.returncode is None:
             reply = self.spawner.receive(timeout)
-            if reply is not None:
+            if reply is not None and reply.get("pid", self.pid) == self.pid:   # not a process no one waits for
                 self.returncode, self.error = reply["exit"], reply.get("error")
         return self.returncode
 
@@ -3480,13 +3491,18 @@ class PipeFd(int):
     no argument of the job's command is ever mistaken for one."""
 
 
+WARM = object()        # Launch(stdin=WARM): started ahead, a shell waiting for the job's script on stdin
+
+
 class Launch:
     """One job's process, as a provider sets it up: argv, environment, directory, limits.
 
     `spawn` hands it to the slot's spawner (above), which forks it; between fork and exec
     the child joins the job's cgroups, makes its own network namespace with the listeners
     the job may use (passed out to the worker over a socket pair), takes the slot's uid,
-    sets rlimits and its parent-death signal, and applies Landlock.
+    sets rlimits and its parent-death signal, and applies Landlock. A warm launch is spawned
+    before its job is known, its command a shell reading stdin; `spawn` then sends it the
+    job's script (`script`), whose last line execs the job's command.
     """
 
     def __init__(self, argv, env, cwd, limits, spawner, *, uid=None, cgroups=(), join=False, ports=None, data=(),
@@ -3499,9 +3515,16 @@ class Launch:
         self.spare = () if join else (spawner.pid,)   # v1: the spawner sits in the slot's cgroups
         self.proc, self.listeners = None, list(listeners)
         self.oom_before = oom_kills(self.cgroups)
+        self.script, self.script_w = None, None
 
     def spawn(self):
         """Start the job with its stdout and stderr on pipes: -> a Spawned."""
+        if self.proc is not None:                  # warm: the shell is up; the job starts with its script
+            try:
+                os.write(self.script_w, self.script)
+            finally:
+                os.close(self.script_w)
+            return self.proc
         theirs, ours = [], []
         try:
             stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
@@ -3510,9 +3533,12 @@ class Launch:
                 os.close(theirs.pop())
                 stdin, w = os.pipe()
                 theirs.append(stdin)
-                fcntl.fcntl(w, F_SETPIPE_SZ, max(len(self.stdin), 4096))
-                os.write(w, self.stdin)
-                os.close(w)
+                fcntl.fcntl(w, F_SETPIPE_SZ, WARM_SCRIPT_MAX if self.stdin is WARM else max(len(self.stdin), 4096))
+                if self.stdin is WARM:
+                    self.script_w = w
+                else:
+                    os.write(w, self.stdin)
+                    os.close(w)
             for _ in ("stdout", "stderr"):
                 r, w = os.pipe()
                 ours.append(r)
@@ -3575,6 +3601,26 @@ class Launch:
                     pass
         if not spare:
             _signal_group(self.proc.pid, sig)
+
+    def alive(self):
+        try:
+            os.kill(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return self.proc.poll() is None
+
+    def discard(self):
+        """A warm launch no job will use: its processes, pipes and listeners go."""
+        self.signal(signal.SIGKILL)
+        if self.script_w is not None:
+            os.close(self.script_w)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc.stdout.close()
+        self.proc.stderr.close()
+        self.end()
 
     def end(self):
         """After the job: kill whatever it left, close the listeners, drop its cgroups.
@@ -3685,6 +3731,15 @@ class BwrapProvider:
         return cls(host, stage_bwrap(path, host.dir) if host.root else path, version)
 
     def launch(self, conf, command, slot, env):
+        return self._launch(conf, slot, [*command], env)
+
+    def warm(self, conf, slot):
+        """A sandbox made before its job is known: bwrap's whole set-up (its namespaces and
+        mounts, the egress listener, seccomp) done while the slot waits; its command is a
+        shell that reads the job's script (warm_script) on stdin and execs the job."""
+        return self._launch(conf, slot, ["/bin/sh", "-s"], {"PATH": SANDBOX_PATH}, stdin=WARM)
+
+    def _launch(self, conf, slot, command, env, stdin=None):
         work = "--bind" if conf["profile"] == "untrusted-code-write" else "--ro-bind"
         argv = [self.path, "--unshare-all", "--unshare-user", "--share-net", "--disable-userns", "--die-with-parent", "--new-session",
                 "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
@@ -3699,7 +3754,21 @@ class BwrapProvider:
                  "--remount-ro", "/", "--seccomp", PipeFd(0), "--", *command]
         ports = [EGRESS_PORT] if conf["profile"] == "untrusted-code-write" else []
         return Launch(argv, env, str(slot.work), conf["limits"], slot.spawner, uid=slot.uid, cgroups=slot.cgroups,
-                      join=slot.join, ports=ports, data=(self.seccomp,), keep_supervisor=True)
+                      join=slot.join, ports=ports, data=(self.seccomp,), keep_supervisor=True, stdin=stdin)
+
+
+def warm_script(command, env):
+    """What a warm sandbox's shell runs for the job: exactly the job's environment (set in the
+    shell, so no value is ever in an argv), then the job's command, stdin /dev/null.
+    -> bytes, or None when a cold start must do (a name the shell cannot take, too long)."""
+    if not all(SHELL_NAME_RE.match(name) for name in env):
+        return None
+    quote = lambda text: "'" + text.replace("'", "'\\''") + "'"   # noqa: E731
+    # PWD stays: bwrap sets it (to /work) for a cold start too.
+    lines = ["unset PATH OLDPWD SHLVL _"] + [f"export {name}={quote(value)}" for name, value in env.items()]
+    lines.append("exec " + " ".join(quote(arg) for arg in command) + " </dev/null")
+    script = ("\n".join(lines) + "\n").encode()
+    return script if len(script) <= WARM_SCRIPT_MAX and "\0" not in "".join(command) else None
 
 
 class HelperProvider:
@@ -3746,7 +3815,9 @@ def helper_spec(conf, command, env, slot):
             if conf["profile"] == "untrusted-code-write" else None}
 
 
-# --- the worker's sandboxes: preflight, slots, what a restart cleans -------------
+# ============================================================================
+# Sandbox slots (preflight, each slot's directories and uid, sandboxes made ahead, restarts)
+# ============================================================================
 
 @dataclass
 class Slot:
@@ -3758,6 +3829,9 @@ class Slot:
     cgroups: list = field(default_factory=list)
     join: bool = False                   # the job moves into its cgroups (v2), else it is born there (v1)
     spawner: Spawner = None
+    warm: Launch = None                  # a sandbox made ahead for the slot's next job, its confinement,
+    warm_conf: dict = None               # and the directories it bound (device, inode)
+    warm_dirs: tuple = ()
 
     def __post_init__(self):
         self.work, self.home, self.tmp = self.root / "work", self.root / "home", self.root / "tmp"
@@ -3902,6 +3976,35 @@ class Sandboxes:
         except FileNotFoundError:
             pass
 
+    def prepare(self, slot, conf):
+        """After a job under bwrap: a sandbox like its, made now for the slot's next job
+        (cgroup v1: a v2 job's cgroups are named after it, so it is made when it comes)."""
+        provider = self.providers.get(conf["backend"])
+        if slot.warm is not None or not isinstance(provider, BwrapProvider) or self.cgroups.version != 1:
+            return
+        try:
+            slot.cgroups, slot.join = self.cgroups.make(slot.root.name, conf["limits"]), False
+            launch = provider.warm(conf, slot)
+            launch.spawn()
+        except OSError as e:
+            log.warning("cannot make a sandbox ahead in %s (%s); its next job starts cold", slot.root.name, e)
+            return
+        slot.warm, slot.warm_conf, slot.warm_dirs = launch, conf, _identities(slot)
+
+    def take(self, slot, conf, command, env):
+        """The slot's warm sandbox for this job, if it has the job's confinement and is alive;
+        else None (and a warm sandbox that does not fit is discarded)."""
+        launch, slot.warm = slot.warm, None
+        if launch is None or launch.spawner is not slot.spawner:    # made by a spawner that died since
+            return None
+        same = {k: slot.warm_conf[k] for k in ("profile", "backend", "limits")} == \
+            {k: conf[k] for k in ("profile", "backend", "limits")} and slot.warm_dirs == _identities(slot)
+        launch.script = warm_script(command, env) if same and launch.alive() else None
+        if launch.script is None:
+            launch.discard()
+            return None
+        return launch
+
     def clean_left_over(self):
         """What a worker that died (kill -9 included) left running: killed before this one
         claims, so a held attempt never runs twice at once on this host."""
@@ -3924,8 +4027,11 @@ class Sandboxes:
             path.unlink(missing_ok=True)
 
     def close(self):
-        """At a clean stop: the slots' spawners, directories (emptied after each job) and cgroups."""
+        """At a clean stop: the slots' warm sandboxes, spawners, directories (emptied after each
+        job) and cgroups."""
         for slot in self.slots.values():
+            if slot.warm is not None:
+                slot.warm.discard()
             if slot.spawner is not None:
                 slot.spawner.close()
         if self.cgroups is not None:
@@ -3938,6 +4044,12 @@ class Sandboxes:
         except OSError:
             pass
         self.lock.close()
+
+
+def _identities(slot):
+    """(device, inode) of the directories a sandbox binds: one made ahead is used only if they
+    are still the ones it bound (a directory made anew since is not inside it)."""
+    return tuple((st.st_dev, st.st_ino) for st in map(os.stat, (slot.work, slot.home, slot.etc)))
 
 
 def stage_etc(target, uid, gid):
@@ -4239,7 +4351,7 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
         output = Output(job, reporter)
         env = sandbox_env(conf, job_env(job, s.repo_root, provider.name), slot, provider.name)
         env.update(secret_env)           # the credential's variables win over the job's own
-        launch = provider.launch(conf, job["command"], slot, env)
+        launch = sandboxes.take(slot, conf, job["command"], env) or provider.launch(conf, job["command"], slot, env)
         proxies = []
 
         def start_proxies():
@@ -4263,6 +4375,7 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
     finally:
         sandboxes.close_slot(slot)
         empty_slot(s, job, slot)
+    return conf
 
 
 def empty_slot(s, job, slot):
@@ -4324,9 +4437,10 @@ class Slots:
                 if not self.queue:
                     return
                 job = self.queue.popleft()
+            conf = None
             try:
-                run_job(job, self.s, self.reporter, self.cancels[job["job_id"]], slot, self.sandboxes, self.signer,
-                        self.orch, self.egress)
+                conf = run_job(job, self.s, self.reporter, self.cancels[job["job_id"]], slot, self.sandboxes,
+                               self.signer, self.orch, self.egress)
             except Exception as e:
                 log.exception("job %s", job["job_id"])
                 self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
@@ -4336,6 +4450,9 @@ class Slots:
                     if len(self.finished) > 4096:
                         self.finished.popitem(last=False)
                     self.cancels.pop(job["job_id"], None)
+                    stopping = self.stopping
+            if conf is not None and not stopping:
+                self.sandboxes.prepare(slot, conf)      # the next job like this one starts in a sandbox made now
 
     def stop(self, cancel_running):
         with self.cond:

@@ -69,8 +69,11 @@ def with_marker(marker):
     return [p for p in processes() if marker in p[2] and p[0] != os.getpid()]
 
 
-def of_uids(uids):
-    return [p for p in processes() if p[1] in uids]
+def of_uids(uids, but_made_ahead=False):
+    """Processes of these uids; with `but_made_ahead`, not the sandboxes a slot made ahead for
+    its next job (bwrap ... -- /bin/sh -s, and that shell: no job has run in them yet)."""
+    return [p for p in processes() if p[1] in uids
+            and not (but_made_ahead and (p[2].rstrip().endswith("-- /bin/sh -s") or p[2].rstrip() == "/bin/sh -s"))]
 
 
 def environ_holding(value):

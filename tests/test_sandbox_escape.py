@@ -26,7 +26,7 @@ import pytest
 
 from conftest import Pool, children, wait_for
 from sandboxing import (CI_USER, SYSTEM_PYTHON, Listener, Upstream, UserHome, ci_user, egress_lines,
-                        environ_holding, of_uids, prepare_root_dirs, sandbox, start_worker, user_env, with_marker)
+                        environ_holding, of_uids, prepare_root_dirs, processes, sandbox, start_worker, user_env, with_marker)
 
 PY = SYSTEM_PYTHON
 JOB_TIMEOUT = 30
@@ -234,7 +234,7 @@ def test_nothing_a_job_started_outlives_it(escape, block):
     job, out, err = escape.run(leave_behind(m), block)
     assert job["state"] == "done" and "started" in out, (job, out, err)
     assert with_marker(m) == []                  # checked at once: the worker ends them before it reports
-    assert of_uids(escape.job_uids(escape.main)) == []
+    assert of_uids(escape.job_uids(escape.main), but_made_ahead=True) == []
 
 
 def test_a_job_cannot_read_another_running_job_s_environment(escape):
@@ -428,7 +428,7 @@ def test_a_job_over_its_timeout_is_killed_with_all_it_started(escape, block):
     assert job["state"] == "failed" and "timed out" in (job.get("error") or ""), job
     assert time.monotonic() - started < 15
     assert with_marker(m) == []
-    assert of_uids(escape.job_uids(escape.main)) == []
+    assert of_uids(escape.job_uids(escape.main), but_made_ahead=True) == []
 
 
 def test_a_job_never_runs_as_root_and_has_no_capabilities(escape):
@@ -650,3 +650,43 @@ def test_a_spawner_that_dies_takes_its_job_and_the_slot_runs_the_next(escape, bl
     again, out, _ = escape.run(["/bin/echo", "next"], block, on=on)
     assert again["state"] == "done" and out == "next\n", again
     assert "the spawner of a slot" in worker.stderr()
+
+
+ITSELF = """
+import os, sys
+print("ARGV", sys.argv[1:])
+print("ENV", sorted(os.environ.items()))
+print("FDS", sorted(int(fd) for fd in os.listdir("/proc/self/fd")))
+print("STDIN", os.readlink("/proc/self/fd/0"))
+"""
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy")
+
+
+def waiting_sandboxes():
+    """bwrap sandboxes made ahead, their shell waiting for a job's script."""
+    return [pid for pid, _, cmd in processes() if "bwrap" in cmd and cmd.rstrip().endswith("-- /bin/sh -s")]
+
+
+@pytest.mark.parametrize("block", [WRITE, READ], ids=["write", "read"])
+def test_a_job_in_a_sandbox_made_ahead_gets_exactly_its_env_argv_and_fds(escape, block):
+    """After a bwrap job its slot makes the next job's sandbox at once (specs/sandbox.md §6.1),
+    and the next job like it starts there. It must be what a cold start is: exactly the job's
+    environment (quotes, $, backquotes and newlines taken literally) and argv, only fds 0-2
+    with stdin /dev/null, and no value of its environment in any process's argv on the host."""
+    value = f"it's \"$HOME\" `id` \\ {secrets.token_hex(6)}\nsecond line"
+    args = ["a b", "'", "$HOME", "", "--"]
+    for n in range(3):                             # the first may start cold; the next ones in a sandbox made ahead
+        if n:
+            wait_for(waiting_sandboxes, 15, what="a sandbox made ahead, waiting for the next job")
+        job = escape.submit([PY, "-c", ITSELF, *args], block, on="loop", env={"ODD": value, "N": str(n)})
+        done = escape.wait(job["id"])
+        out = escape.pond.output(job["id"])["stdout"].decode()
+        assert done["state"] == "done", (done, out)
+        assert f"ARGV {args!r}" in out, out
+        env = dict(eval(out.split("ENV ", 1)[1].split("\n", 1)[0]))
+        assert env["ODD"] == value and env["N"] == str(n), env
+        assert set(env) <= {"ODD", "N", "PATH", "LANG", "HOME", "TMPDIR", "SWARM_JOB_ID", "SWARM_ATTEMPT", "PWD", *PROXY_VARS}, (n, sorted(env))
+        assert env.get("PWD") == "/work", env
+        assert "FDS [0, 1, 2, 3]" in out, out                # 3: the listing's own
+        assert "STDIN /dev/null" in out, out
+    assert not [cmd for _, _, cmd in processes() if value.splitlines()[0] in cmd], "an env value in an argv"
