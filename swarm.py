@@ -4628,7 +4628,7 @@ def worker(s):
         stop.set()
         claim_client.abort()
 
-    loops.on_death.append(lambda: on_signal(None, None))
+    loops.on_death.append(lambda: os.kill(os.getpid(), signal.SIGTERM))     # abort() works from the main thread
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"swarm worker {identity['worker_id']} ready: tags {','.join(s.tags) or '-'}; "

@@ -144,6 +144,8 @@ class Pond:
     log: logging.Logger = log
     requests: int = 0
     loops: list = field(default_factory=list)      # health.Loop: what /healthz reports
+    polled: dict = field(default_factory=dict)     # binding id -> when a poll of it was last held
+    started: float = field(default_factory=time.time)
 
 
 def route(method, path):

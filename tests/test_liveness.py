@@ -11,7 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from conftest import JOB_PY
+from conftest import JOB_PY, wait_for
 
 
 def healthz(url):
@@ -73,3 +73,15 @@ def test_an_orchestrator_loop_that_meets_a_bug_ends_serve_with_exit_code_1_and_o
     assert len(died) == 1 and "poll loop died: OperationalError: no such table: held" in died[0], log
     assert "supervisor restarts this process" in died[0] and "Traceback" not in log, log
     assert "error: the poll loop died" in log           # and serve says so as it exits
+
+
+def test_a_queued_job_says_when_its_orchestrator_does_not_poll(pool):
+    """Issue 9: with the poll loop dead, pond kept saying the job "starts on its orchestrator's next poll"."""
+    pond = pool.pond(extra=("--allow-unsigned-results",))
+    token = pond.bare_orchestrator()          # its worker is online (a snapshot), and it never polls
+    job = pond.submit([JOB_PY, "-c", "print(1)"])
+    reason = wait_for(lambda: "has not polled" in (r := pond.job(job["id"])["waiting"]["reason"]) and r, 25,
+                      what="the job to say its orchestrator does not poll")
+    assert "see its /healthz or `swarm.py status`" in reason, reason
+    status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 0}, token=token)
+    assert status == 200 and [j["job_id"] for j in answer["jobs"]] == [job["id"]], answer
