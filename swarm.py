@@ -117,6 +117,9 @@ MAX_BATCH = 64                        # reports in one POST .../reports, as pond
 BATCH_BYTES = 1024 * 1024             # output bytes a sender puts in one batch (MAX_BODY bounds the request)
 REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
+STALL_AFTER = 60.0                    # s a loop may go without a sign of life before /healthz says stalled
+TROUBLE_RELOG = 60.0                  # s before the same trouble is logged again while it lasts
+FATAL_GRACE = 15.0                    # s an orderly stop may take after a loop died; then the process exits
 HANDLE_FILE = "backend-handle.json"
 DEFAULT_SERVE_STATE = "swarm-state"
 DEFAULT_WORKER_STATE = "swarm-worker"
@@ -182,6 +185,14 @@ class HttpError(Exception):
     def __init__(self, status, code, message, hint=""):
         super().__init__(message)
         self.status, self.code, self.message, self.hint = status, code, message, hint
+
+
+class StorageUnavailable(HttpError):
+    """The state dir cannot be written now (disk full, I/O error, database locked): answered 503,
+    retried by the loops; the process recovers by itself once it can write again."""
+
+    def __init__(self, message, hint):
+        super().__init__(503, "storage_unavailable", message, hint)
 
 
 # ============================================================================
@@ -289,6 +300,127 @@ class Backoff:
 
     def reset(self):
         self.n = 0
+
+
+# SQLite primary result codes that pass by themselves (busy, locked, I/O error, full, WAL protocol),
+# and the errnos of a full or failing disk.
+TRANSIENT_SQLITE, TRANSIENT_ERRNOS = {5, 6, 10, 13, 15}, {errno.ENOSPC, errno.EDQUOT, errno.EIO}
+
+
+def storage_failure(e):
+    """What a disk or database error that may pass by itself says (full, failing, locked); else None."""
+    if isinstance(e, sqlite3.OperationalError) and getattr(e, "sqlite_errorcode", 0) & 0xFF in TRANSIENT_SQLITE:
+        return str(e)
+    if isinstance(e, OSError) and e.errno in TRANSIENT_ERRNOS:
+        return e.strerror + (f": {e.filename}" if e.filename else "")
+    return None
+
+
+def transient(e):
+    """Whether an error may pass by itself (the network, a 5xx, a full disk), so a loop retries it."""
+    return (isinstance(e, (Unreachable, StorageUnavailable, ConnectionError, TimeoutError))
+            or (isinstance(e, Refused) and e.retryable) or storage_failure(e) is not None)
+
+
+def describe(e):
+    return clean(getattr(e, "message", None) or storage_failure(e) or f"{e.__class__.__name__}: {e}", 300)
+
+
+_warned = {}        # trouble -> monotonic time it was last logged
+
+
+def warn_once(key, fmt, *args):
+    """A warning logged once per distinct trouble, and again every TROUBLE_RELOG s while it lasts."""
+    if time.monotonic() - _warned.get(key, -TROUBLE_RELOG) >= TROUBLE_RELOG:
+        _warned[key] = time.monotonic()
+        log.warning(fmt, *args)
+
+
+class Loop:
+    """One long-lived loop, supervised (issue 9: nothing dies silently). Its body runs until asked
+    to stop, calls beat() on progress and trouble(message) on an error it handles itself. An error
+    it raises is retried with backoff if transient(), else it is a bug: Loops.die. The error and
+    since when are kept for /healthz and `status`, logged once, cleared by the next beat(); with
+    no sign of life for `stall_after` s the loop is stalled. Without a body, its caller drives it."""
+
+    def __init__(self, loops, name, body=None, stall_after=STALL_AFTER, stop=None):
+        self.loops, self.name, self.body, self.stall_after = loops, name, body, stall_after
+        self.stop, self.backoff = stop or threading.Event(), Backoff()
+        self.error = self.since = None
+        self.dead, self.seen = False, time.monotonic()
+        self.thread = threading.Thread(target=self.run, name=name, daemon=True) if body else None
+
+    def beat(self):
+        self.seen = time.monotonic()
+        if self.error is not None:
+            log.info("%s: working again after %.0f s", self.name, time.time() - self.since)
+            _warned.pop(self.error, None)
+            self.error = self.since = None
+        self.backoff.reset()
+
+    def trouble(self, message):
+        """Record a transient error (logged once); -> seconds to wait before trying again."""
+        self.seen, self.since, self.error = time.monotonic(), self.since or time.time(), message
+        warn_once(message, "%s: %s; retrying", self.name, message)
+        return self.backoff.next()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                self.body(self)
+            except Exception as e:
+                if transient(e):
+                    self.stop.wait(self.trouble(describe(e)))
+                    continue
+                if self.stop.is_set():          # stopping: what it was using may be closed already
+                    return log.warning("%s: %s while stopping", self.name, describe(e))
+                return self.loops.die(self, e)
+            return None if self.stop.is_set() else self.loops.die(self, None)
+
+    def view(self):
+        idle = time.monotonic() - self.seen
+        state = ("dead" if self.dead else "stalled" if self.stall_after and idle > self.stall_after
+                 else "retrying" if self.error else "ok")
+        return {"name": self.name, "state": state, **({"error": self.error, "since": round(self.since, 3)}
+                                                       if self.error else {})}
+
+
+class Loops:
+    """The supervised loops of one process; `on_death` callbacks wake its main thread to stop it."""
+
+    def __init__(self):
+        self.all, self.on_death, self.died = [], [], None
+
+    def start(self, name, body, stall_after=STALL_AFTER, stop=None):
+        loop = self.add(name, body, stall_after, stop)
+        loop.thread.start()
+        return loop
+
+    def add(self, name, body=None, stall_after=STALL_AFTER, stop=None):
+        self.all.append(Loop(self, name, body, stall_after, stop))
+        return self.all[-1]
+
+    def die(self, loop, e):
+        """A loop met a bug (or returned unasked): one clear line, then the process stops, non-zero."""
+        loop.dead, tb = True, e and e.__traceback__
+        while tb and tb.tb_next:
+            tb = tb.tb_next
+        why = (describe(e) if e else "it returned unasked") + (f" (in {tb.tb_frame.f_code.co_name}, line "
+                                                                f"{tb.tb_lineno})" if tb else "")
+        self.died = self.died or f"the {loop.name} loop died: {why}"
+        log.critical("%s loop died: %s; stopping with exit code %d so that a supervisor restarts this process",
+                     loop.name, why, EXIT_ERROR)
+        for wake in self.on_death:
+            wake()
+        timer = threading.Timer(FATAL_GRACE, os._exit, (EXIT_ERROR,))      # if the orderly stop hangs
+        timer.daemon = True
+        timer.start()
+
+    def views(self):
+        return [loop.view() for loop in self.all]
+
+    def troubled(self):
+        return [v for v in self.views() if v["state"] != "ok"]
 
 
 # ============================================================================
@@ -1441,6 +1573,8 @@ class Registry:
 
     def __init__(self, path):
         self._lock = threading.Lock()
+        self.dir = Path(path).parent
+        self.failure = None            # {error, since} while writes fail (disk full, I/O error, locked)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
         os.chmod(path, 0o600)            # a swarm.db from before outboxes may be 0644
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
@@ -1455,15 +1589,63 @@ class Registry:
         if "reason" not in {r[1] for r in self._db.execute("PRAGMA table_info(revoked)").fetchall()}:
             self._db.execute("ALTER TABLE revoked ADD COLUMN reason TEXT")     # revoked, or evicted
 
-    def all(self):
+    @contextmanager
+    def _locked(self):
+        """The one way in: a disk or database error that may pass (full, I/O, locked) is rolled back,
+        kept in `failure` for /healthz and answered StorageUnavailable (503); the next write clears it."""
         with self._lock:
+            changes = self._db.total_changes
+            try:
+                yield self._db
+            except BaseException as e:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass            # SQLite rolled back already (a full disk does)
+                if storage_failure(e) is None:
+                    raise
+                err = StorageUnavailable(f"the orchestrator cannot write swarm.db: {storage_failure(e)}",
+                                         f"free space under {self.dir}; it recovers by itself, retry then")
+                if self.failure is None:
+                    self.failure = {"error": err.message, "hint": err.hint, "since": round(time.time(), 3)}
+                warn_once(err.message, "storage: %s; free space under %s", err.message, self.dir)   # as trouble()
+                raise err from None
+            if self.failure is not None and self._db.total_changes != changes:
+                self._recovered()
+
+    def _recovered(self):
+        log.info("storage: swarm.db can be written again")
+        _warned.pop(self.failure["error"], None)
+        self.failure = None
+
+    @contextmanager
+    def _transaction(self):
+        """One commit for several writes: each commit is a WAL append, the cost that counts here."""
+        with self._locked() as db:
+            db.execute("BEGIN")
+            yield db
+            db.execute("COMMIT")
+
+    def probe(self):
+        """While writes fail: try one (the header's user_version), so health clears without traffic."""
+        if self.failure is not None:
+            try:
+                with self._transaction() as db:
+                    db.execute("PRAGMA user_version = 0")
+            except StorageUnavailable:
+                return
+            self._recovered()
+
+    def all(self):
+        with self._locked():
             rows = self._db.execute("SELECT id, name, token_hash, tags, capabilities, slots, fingerprint"
                                     " FROM workers").fetchall()
         return [dict(id=r[0], name=r[1], token_hash=r[2], tags=json.loads(r[3]), capabilities=json.loads(r[4]),
                      slots=r[5], fingerprint=r[6]) for r in rows]
 
     def add(self, w, token_hash):
-        with self._lock:
+        with self._locked():
             self._db.execute("INSERT INTO workers (id, name, token_hash, tags, capabilities, slots, enrolled_at,"
                              " fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (w["id"], w["name"], token_hash, json.dumps(w["tags"]), json.dumps(w["capabilities"]),
@@ -1471,29 +1653,17 @@ class Registry:
 
     def revoke(self, worker_id, reason="revoked"):
         """pond revoked (or evicted) this worker: forget it, and remember that its token is refused."""
-        with self._lock:
+        with self._locked():
             self._db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
             self._db.execute("INSERT OR IGNORE INTO revoked (id, revoked_at, reason) VALUES (?, ?, ?)",
                              (worker_id, time.time(), reason))
 
     def revoked(self):
         """worker id -> why its token is refused: "revoked" or "evicted"."""
-        with self._lock:
+        with self._locked():
             return {r[0]: r[1] or "revoked" for r in self._db.execute("SELECT id, reason FROM revoked").fetchall()}
 
     # -- the outbox and held assignments (one row write per change: WAL, no fsync) -----------
-
-    @contextmanager
-    def _transaction(self):
-        """One commit for several writes: each commit is a WAL append, the cost that counts here."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     def outbox_add(self, msg, release=None, replaced=None):
         """Queue a message for pond; in the same commit, drop the hold of a job whose final report
@@ -1507,11 +1677,11 @@ class Registry:
             return seq
 
     def outbox_remove(self, seq):
-        with self._lock:
+        with self._locked():
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
 
     def outbox_all(self):
-        with self._lock:
+        with self._locked():
             rows = self._db.execute("SELECT seq, msg FROM outbox ORDER BY seq").fetchall()
         return [dict(json.loads(msg), seq=seq) for seq, msg in rows]
 
@@ -1523,16 +1693,16 @@ class Registry:
                            [(j["job_id"], j["worker"], json.dumps(j)) for j in jobs])
 
     def release(self, job_id):
-        with self._lock:
+        with self._locked():
             self._db.execute("DELETE FROM held WHERE job_id = ?", (job_id,))
 
     def held_assignments(self):
-        with self._lock:
+        with self._locked():
             rows = self._db.execute("SELECT assignment FROM held").fetchall()
         return [json.loads(assignment) for (assignment,) in rows]
 
     def update(self, w):
-        with self._lock:
+        with self._locked():
             self._db.execute("UPDATE workers SET tags = ?, capabilities = ?, slots = ? WHERE id = ?",
                              (json.dumps(w.tags), json.dumps(w.capabilities), w.slots, w.id))
 
@@ -1544,6 +1714,18 @@ class Registry:
 # ============================================================================
 # Orchestrator: the pool (worker sessions, their queues) and the outbox to pond
 # ============================================================================
+
+
+def worker_health(value):
+    """A claim's `health`: the worker's loops in trouble [{name, state, error?, since?}], kept for `status`."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > 64 or not all(
+            isinstance(v, dict) and isinstance(v.get("name"), str) and isinstance(v.get("state"), str)
+            for v in value):
+        raise HttpError(400, "bad_request", "claim.health must be a list of at most 64 {name, state, error?, since?}")
+    return [{"name": clean(v["name"], 40), "state": clean(v["state"], 20), "error": clean(v.get("error") or "", 300),
+             "since": v["since"] if type(v.get("since")) in (int, float) else None} for v in value]
 
 
 class Session:
@@ -1560,6 +1742,7 @@ class Session:
         self.cancels = []
         self.claiming = 0
         self.last_seen = 0.0
+        self.health = []                        # the worker's loops in trouble, as its last claim said
         self.cond = threading.Condition(lock)
 
     def online(self, now):
@@ -1642,38 +1825,38 @@ def output_bytes(msg):
     return 8192 + len(body.get("data") or "") + sum(len(c.get("data") or "") for c in body.get("chunks") or ())
 
 
-def deliver(client, path, outbox, stop, backoff, peer):
+def deliver(client, path, outbox, stop, loop, peer):
     """One round of an outbox's sender: its oldest reports, in one POST `path` (specs/protocol.md
     §5, batches). What the peer stored, or refused for good, leaves the outbox, in order; at
-    the first it could not take now, the round waits and the rest is sent again.
-    -> False once the outbox is empty and `stop` is set, or a retry is due while stopping."""
+    the first it could not take now, the round waits (`loop`'s trouble) and the rest is sent
+    again. -> False once the outbox is empty and `stop` is set, or a retry is due while stopping."""
     batch = outbox.peek(0.5)
     if not batch:
+        loop.beat()
         return not stop.is_set()
 
-    def again():
-        return not stop.is_set() and not stop.wait(backoff.next())
+    def again(trouble):
+        return not stop.is_set() and not stop.wait(loop.trouble(trouble))
 
     items = [{"job_id": m["job_id"], "claim_token": m["claim_token"], "kind": m["kind"], "body": m["body"]}
              for m in batch]
     try:
         results = client.call("POST", path, {"reports": items})["results"]
     except Refused as e:                           # the whole batch: nothing was stored; never drop it
-        log.warning("%s refused a batch of %d report(s): %s (%s); sending it again", peer, len(items),
-                    clean(e.message), e.code)
-        return again()
-    except Unreachable:
-        return again()
+        return again(f"{peer} refused a batch of reports: {e.status} {e.code}: {clean(e.message)}")
+    except Unreachable as e:
+        return again(e.message)
     for msg, result in zip(batch, results):
         status = result.get("status", 500) if isinstance(result, dict) else 500
+        error = (result.get("error") if isinstance(result, dict) else None) or {}
         if status >= 500 or status == 429:
-            return again()
+            return again(f"{peer} answered {status} {clean(error.get('code'), 40)} to a {msg['kind']} report: "
+                         f"{clean(error.get('message'))}")
         if status >= 300:
-            error = result.get("error") or {}
             log.warning("%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
                         clean(error.get("message")), clean(error.get("code"), 40))
         outbox.pop(msg)
-    backoff.reset()
+    loop.beat()
     return True
 
 
@@ -1698,8 +1881,8 @@ class DurableOutbox(Outbox):
         super().put(msg)
 
     def pop(self, msg):
+        self.registry.outbox_remove(msg["seq"])        # first: if the disk refuses, it is sent again
         super().pop(msg)
-        self.registry.outbox_remove(msg["seq"])
 
 
 class Pool:
@@ -1722,6 +1905,7 @@ class Pool:
         self.snapshot_due = threading.Event()
         self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
         self.pond_ok = False
+        self.loops = Loops()        # serve's supervised loops, for /healthz and `status`
 
     # -- enrollment ----------------------------------------------------------
 
@@ -1793,13 +1977,13 @@ class Pool:
             session = self.sessions.get(worker_id)
             if session is None or session.evicting:
                 return
-            session.evicting = True
             if not drain:      # pond has queued these again: drop the waiting ones, stop the running ones
                 for job in session.queue:
-                    self.registry.release(job["job_id"])
+                    self.registry.release(job["job_id"])      # first: a refused write is tried again
                 session.queue.clear()
                 session.cancels += [{"job_id": j["job_id"], "attempt": j["attempt"]} for j in session.jobs.values()]
                 session.cond.notify_all()
+            session.evicting = True
             done = not session.queue and not session.jobs
         log.warning("worker %s evicted (%s)", clean(worker_id), "draining" if drain else "its jobs stopped")
         if done:
@@ -1831,10 +2015,11 @@ class Pool:
 
     def claim(self, session, body, alive):
         """The worker's long-poll: one answer, or with `"stream": true` a stream of them until the hold ends."""
-        body = obj(body, "claim", ("wait", "stream", "tags", "capabilities", "slots", "holding"))
+        body = obj(body, "claim", ("wait", "stream", "tags", "capabilities", "slots", "holding", "health"))
         wait = min(whole(body.get("wait"), "wait", 0, 3600, default=self.claim_wait), self.claim_wait)
         if not isinstance(body.get("stream", False), bool):
             raise HttpError(400, "bad_request", "claim.stream must be true or false")
+        session.health = worker_health(body.get("health"))
         self._update_offer(session, body)
         if "holding" in body:
             self._hand_over_again(session, string_list(body["holding"], "holding", JOB_ID_RE, MAX_HOLDING))
@@ -1912,19 +2097,23 @@ class Pool:
     # -- from pond --------------------------------------------------------------
 
     def deliver(self, jobs, cancels):
-        """Hand a poll answer to the workers: assignments to their queues, cancels to whoever holds the job."""
+        """Hand a poll answer to the workers: assignments to their queues, cancels to whoever holds the job.
+
+        What goes to disk goes first, so that a write the disk refuses (StorageUnavailable)
+        changes nothing here and the poll loop can deliver the same answer again."""
         # On disk before any worker can claim them (outside the lock: claims need not wait on a commit).
         self.registry.hold([j for j in jobs if j.get("worker") in self.sessions])
+        for job in jobs:
+            if job.get("worker") not in self.sessions:
+                log.error("pond assigned %s to unknown worker %s", job.get("job_id"), clean(job.get("worker")))
+                self._report(job, {"attempt": job["attempt"], "state": "failed",
+                                   "error": "worker unknown to its orchestrator"})
         with self.lock:
             for job in jobs:
                 session = self.sessions.get(job.get("worker"))
-                if session is None:
-                    log.error("pond assigned %s to unknown worker %s", job.get("job_id"), clean(job.get("worker")))
-                    self._report(job, {"attempt": job["attempt"], "state": "failed",
-                                       "error": "worker unknown to its orchestrator"})
-                    continue
-                session.queue.append(job)
-                session.cond.notify_all()
+                if session is not None:
+                    session.queue.append(job)
+                    session.cond.notify_all()
             for cancel in cancels:
                 self._cancel_locked(cancel["job_id"], "pond")
 
@@ -1932,9 +2121,9 @@ class Pool:
         for session in self.sessions.values():
             for job in list(session.queue):
                 if job["job_id"] == job_id:           # never reached the worker: end it here
-                    session.queue.remove(job)
                     self._report(job, {"attempt": job["attempt"], "state": "cancelled",
                                        "error": f"cancelled by {by} before it started"}, release=job_id)
+                    session.queue.remove(job)         # once on disk: a refused write leaves it queued
                     return True
             if job_id in session.jobs:
                 session.cancels.append({"job_id": job_id, "attempt": session.jobs[job_id]["attempt"]})
@@ -1972,13 +2161,14 @@ class Pool:
         check_state_report(body)
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
+        # The report is on disk in the commit that releases the hold: never neither, never both. Before
+        # the job is let go here, so that a report the disk refused (503) is taken when the worker retries.
+        self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
         if body["state"] in TERMINAL_STATES:
             with self.lock:
                 session.jobs.pop(job_id, None)
                 self.recent.append({"job_id": job_id, "worker": session.id, "state": body["state"],
                                     "exit_code": body.get("exit_code"), "finished_at": time.time()})
-        # The report is on disk in the commit that releases the hold: never neither, never both.
-        self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
         self._evicted_once_empty(session)
         return {"accepted": True}
 
@@ -2061,12 +2251,19 @@ class Pool:
         with self.lock:
             return [s.view(now) for s in self.sessions.values()]
 
+    def health(self):
+        """/healthz: this process's loops, and whether swarm.db can be written."""
+        loops = self.loops.views()
+        storage = dict(state="failing", **self.registry.failure) if self.registry.failure else {"state": "ok"}
+        return {"ok": storage["state"] == "ok" and all(v["state"] == "ok" for v in loops), "loops": loops,
+                "storage": storage}
+
     def status(self):
         now = time.time()
         with self.lock:
             workers = [dict(s.view(now), running=len(s.jobs), queued=len(s.queue), evicting=s.evicting,
-                            last_seen=s.last_seen or None) for s in self.sessions.values()]
-        return {"pond_reachable": self.pond_ok, "outbox": len(self.outbox), "workers": workers}
+                            last_seen=s.last_seen or None, health=s.health) for s in self.sessions.values()]
+        return {"pond_reachable": self.pond_ok, "outbox": len(self.outbox), "workers": workers, **self.health()}
 
     def jobs(self):
         with self.lock:
@@ -2082,67 +2279,71 @@ class Pool:
 # ============================================================================
 
 
-def poll_loop(pool, pond, stop, wait, fatal):
+def poll_loop(loop, pool, pond, stop, wait, fatal):
     """Hold a streamed poll open on pond; hand each answer (assignments, cancels) to the pool."""
-    backoff = Backoff()
-
     def opened():
         if not pool.pond_ok:
             log.info("connected to pond at %s", pond.url)
             pool.snapshot_due.set()
         pool.pond_ok = True
-        backoff.reset()
+        loop.beat()
 
     while not stop.is_set():
         try:
             for answer in pond.stream("POST", "/v1/orch/poll", {"wait": wait, "stream": True},
                                       timeout=wait + 15, on_open=opened):
-                pool.deliver(answer.get("jobs", []), answer.get("cancels", []))
+                hand_over(loop, pool, answer, stop)
         except Refused as e:
             if e.status in (401, 403):
                 fatal(SwarmError(f"pond refused this orchestrator: {e.message}", e.hint, EXIT_REFUSED))
                 return
             pool.pond_ok = False
-            delay = backoff.next()
-            log.warning("poll refused (%s %s); retrying in %.1f s", e.status, e.code, delay)
-            stop.wait(delay)
+            stop.wait(loop.trouble(f"pond refused the poll: {e.status} {e.code}: {clean(e.message)}"))
         except Unreachable as e:
             pool.pond_ok = False
-            delay = backoff.next()
-            log.warning("waiting for pond at %s (%s); retrying in %.1f s", pond.url, e.message, delay)
-            stop.wait(delay)
+            stop.wait(loop.trouble(f"waiting for pond at {pond.url} ({e.message})"))
 
 
-def push_loop(pool, pond, stop):
+def hand_over(loop, pool, answer, stop):
+    """Hand a poll answer to the pool; while the disk refuses to hold it, try again (pond keeps the
+    jobs assigned meanwhile, and requeues them if this outlasts their lease)."""
+    while True:
+        try:
+            pool.deliver(answer.get("jobs", []), answer.get("cancels", []))
+            return loop.beat()
+        except StorageUnavailable as e:
+            if stop.wait(loop.trouble(e.message)):
+                return
+
+
+def push_loop(loop, pool, pond, stop):
     """Send the outbox to pond in order, in batches; retry what pond did not get, drop what it
     refused. Stopping with pond gone leaves the rest in swarm.db for the next start."""
-    backoff = Backoff()
-    while deliver(pond, "/v1/orch/reports", pool.outbox, stop, backoff, "pond"):
+    while deliver(pond, "/v1/orch/reports", pool.outbox, stop, loop, "pond"):
         pass
 
 
-def snapshot_loop(pool, pond, stop, interval):
+def snapshot_loop(loop, pool, pond, stop, interval):
     """Tell pond which workers are online: at once on a change, and every `interval` seconds."""
-    backoff = Backoff()
     last_online, last_sent = None, 0.0
     while not stop.is_set():
         pool.snapshot_due.wait(min(interval, 2.0))
+        pool.registry.probe()          # while swarm.db refuses writes: find out when it takes them again
         workers = pool.snapshot()
         online = {w["id"] for w in workers if w["online"]}
         changed = pool.snapshot_due.is_set() or online != last_online
         if not changed and time.monotonic() - last_sent < interval:
+            loop.beat()
             continue
         pool.snapshot_due.clear()
         try:
             answer = pond.call("POST", "/v1/orch/workers/snapshot", {"workers": workers})
         except (Refused, Unreachable) as e:
-            if isinstance(e, Refused):
-                log.warning("snapshot refused: %s", clean(e.message))
             pool.snapshot_due.set()
-            stop.wait(backoff.next())
+            stop.wait(loop.trouble(f"pond refused the snapshot: {e.status} {e.code}: {clean(e.message)}"
+                                   if isinstance(e, Refused) else f"waiting for pond at {pond.url} ({e.message})"))
             continue
         last_online, last_sent = online, time.monotonic()
-        backoff.reset()
         for unknown in answer.get("unknown", []):
             log.warning("pond does not know worker %s", clean(unknown))
         for refused in answer.get("refused", []):
@@ -2152,9 +2353,10 @@ def snapshot_loop(pool, pond, stop, interval):
             pool.revoke(worker_id)
         for entry in answer.get("evicted", []):
             pool.mark_evicting(entry.get("id"), bool(entry.get("drain")))
+        loop.beat()
 
 
-def heartbeat_loop(pool, pond, stop):
+def heartbeat_loop(loop, pool, pond, stop):
     """Renew the leases of every attempt the pool holds, in one request, every lease / 4."""
     every = 1.0          # until pond says how long its lease is
     while not stop.wait(every):
@@ -2164,10 +2366,11 @@ def heartbeat_loop(pool, pond, stop):
                 answer = pond.call("POST", "/v1/orch/heartbeat", {"jobs": held[start:start + MAX_HEARTBEAT]})
                 pool.drop_stale(answer.get("stale", []))
                 every = min(HEARTBEAT_MAX, max(0.5, float(answer.get("lease", 60)) / 4))
+            loop.beat()
         except Refused as e:
-            log.warning("heartbeat refused: %s (%s)", clean(e.message), e.code)
-        except Unreachable:
-            pass            # the poll loop says that pond is away; leases held by pond wait for us
+            loop.trouble(f"pond refused the heartbeat: {e.status} {e.code}: {clean(e.message)}")
+        except Unreachable as e:
+            loop.trouble(f"waiting for pond at {pond.url} ({e.message})")   # leases held by pond wait for us
 
 
 def check_binding(pond):
@@ -2216,7 +2419,7 @@ def orchestrator_routes(pool, token_hash):
 
     job = r"/v1/worker/jobs/(?P<id>[A-Za-z0-9_-]{1,64})"
     return [
-        ("GET", r"/healthz", lambda h, m, b: (200, {"ok": True, "version": VERSION, "pond_reachable": pool.pond_ok})),
+        ("GET", r"/healthz", lambda h, m, b: healthz(pool)),
         ("GET", r"/metrics", lambda h, m, b: (200, _orchestrator_metrics(pool))),
         ("POST", r"/v1/worker/enroll", lambda h, m, b: (201, pool.enroll(b))),
         ("POST", r"/v1/worker/claim", lambda h, m, b: (200, pool.claim(worker_auth(h), b, h.alive))),
@@ -2232,6 +2435,18 @@ def orchestrator_routes(pool, token_hash):
         ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", cancel),
         ("POST", r"/v1/pool/workers/(?P<id>[A-Za-z0-9_-]{1,64})/evict", evict),
     ]
+
+
+def healthz(pool):
+    """200 while every loop works and swarm.db can be written; else 503, naming what fails (§8)."""
+    health = pool.health()
+    body = {"version": VERSION, "pond_reachable": pool.pond_ok, **health}
+    if health["ok"]:
+        return 200, body
+    failing = [f"{v['name']} {v['state']}" + (f": {v['error']}" if v.get("error") else "") for v in
+               [*health["loops"], dict(health["storage"], name="storage")] if v["state"] != "ok"]
+    return 503, dict(body, error={"code": "unhealthy", "message": "; ".join(failing),
+                                  "hint": "see the orchestrator's log; a retrying loop recovers by itself"})
 
 
 def _orchestrator_metrics(pool):
@@ -2276,14 +2491,14 @@ def serve(s):
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threads = [threading.Thread(target=poll_loop, args=(pool, pond, stop, s.poll_wait, fatal), daemon=True,
-                                name="poll"),
-               threading.Thread(target=snapshot_loop, args=(pool, pond, stop, s.snapshot_interval), daemon=True,
-                                name="snapshot"),
-               threading.Thread(target=heartbeat_loop, args=(pool, pond, stop), daemon=True, name="heartbeat")]
-    pusher = threading.Thread(target=push_loop, args=(pool, pond, stop), daemon=True, name="push")
-    for t in threads + [pusher]:
-        t.start()
+    loops = pool.loops
+    loops.on_death.append(lambda: fatal(SwarmError(loops.died, "see the log line above; a supervisor (systemd "
+                                                               "Restart=on-failure) starts serve again")))
+    loops.start("poll", lambda loop: poll_loop(loop, pool, pond, stop, s.poll_wait, fatal), s.poll_wait + STALL_AFTER,
+                stop)
+    loops.start("snapshot", lambda loop: snapshot_loop(loop, pool, pond, stop, s.snapshot_interval), stop=stop)
+    loops.start("heartbeat", lambda loop: heartbeat_loop(loop, pool, pond, stop), stop=stop)
+    pusher = loops.start("push", lambda loop: push_loop(loop, pool, pond, stop), stop=stop)
     pool.pond_ok = check_binding(pond)
     log.info("binding %s, pond %s, %d enrolled worker(s)", handle["binding_id"], s.pond_url, len(pool.sessions))
     print(f"swarm serve listening on {url}", flush=True)
@@ -2292,7 +2507,7 @@ def serve(s):
     finally:
         stop.set()
         server.server_close()
-        pusher.join(timeout=5)       # deliver what is already in the outbox, briefly
+        pusher.thread.join(timeout=5)       # deliver what is already in the outbox, briefly
         registry.close()
         lock.close()
         log.info("stopped")
@@ -2786,11 +3001,10 @@ class Reporter:
     orchestrator refuses as stale are dropped; the rest are retried with backoff.
     """
 
-    def __init__(self, orch):
+    def __init__(self, orch, loops):
         self.orch, self.outbox = orch, Outbox()
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="reporter", daemon=True)
-        self.thread.start()
+        self.thread = loops.start("reporter", self._run, stop=self.stop).thread
 
     def state(self, job, state, **fields):
         self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"],
@@ -2800,9 +3014,8 @@ class Reporter:
         self.outbox.put({"kind": "chunk", "job_id": job["job_id"], "claim_token": job["claim_token"],
                          "body": {"attempt": job["attempt"], "stream": stream, "seq": seq, "data": b64(data)}})
 
-    def _run(self):
-        backoff = Backoff()
-        while deliver(self.orch, "/v1/worker/reports", self.outbox, self.stop, backoff, "the orchestrator"):
+    def _run(self, loop):
+        while deliver(self.orch, "/v1/worker/reports", self.outbox, self.stop, loop, "the orchestrator"):
             pass
 
     def pending_finals(self):
@@ -4330,12 +4543,29 @@ def unsealed_env(job, signer, orch, cancel):
         return None, f"credential {job['credential']}: {e.message} ({e.hint})"
 
 
-def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, egress=None):
+def open_slot(sandboxes, slot, job, conf, cancel, trouble):
+    """Prepare the slot for a job; while the disk refuses (full, failing), wait and try again
+    rather than fail a job that has not started. -> False if it was cancelled meanwhile."""
+    while True:
+        try:
+            sandboxes.open_slot(slot, job["job_id"], job["attempt"], conf)
+            return True
+        except OSError as e:
+            sandboxes.close_slot(slot)
+            why = storage_failure(e)
+            if why is None or trouble is None:
+                raise
+            if cancel.wait(trouble(f"cannot prepare {slot.root.name} for a job: {why}")):
+                return False
+
+
+def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, egress=None, trouble=None):
     """Run one assignment end to end: credential, the slot's empty directories and the job's
     cgroups, the provider's launch, the egress proxy, output, signed report, clean-up.
 
     Each slot reuses one directory (work/, home/, tmp/), emptied after every job and
     checked empty before the next; with --keep-job-dirs they are moved aside, kept.
+    `trouble` (the slot loop's) records a disk that refuses the slot, retried until it takes it.
     """
     why = refusal(s, signer, job, sandboxes)
     secret_env = {}
@@ -4347,7 +4577,9 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
     conf = confinement(job.get("sandbox"))
     provider = sandboxes.providers[conf["backend"]]
     try:
-        sandboxes.open_slot(slot, job["job_id"], job["attempt"], conf)
+        if not open_slot(sandboxes, slot, job, conf, cancel, trouble):
+            finish(job, reporter, signer, "cancelled", error="cancelled before it started")
+            return
         output = Output(job, reporter)
         env = sandbox_env(conf, job_env(job, s.repo_root, provider.name), slot, provider.name)
         env.update(secret_env)           # the credential's variables win over the job's own
@@ -4398,18 +4630,17 @@ def empty_slot(s, job, slot):
 class Slots:
     """`concurrency` runner threads fed from one queue; cancel events by job id."""
 
-    def __init__(self, s, reporter, sandboxes, egress, signer=None, orch=None):
+    def __init__(self, s, reporter, sandboxes, egress, loops, signer=None, orch=None):
         self.s, self.reporter, self.signer, self.orch = s, reporter, signer, orch
         self.sandboxes, self.egress = sandboxes, egress
         self.queue = collections.deque()
         self.cond = threading.Condition()
         self.cancels = {}
         self.finished = collections.OrderedDict()   # (job id, attempt) this worker ran lately, the newest 4096
-        self.stopping = False
-        self.threads = [threading.Thread(target=self._run, args=(sandboxes.slot(i),),
-                                         name=f"slot-{i}", daemon=True) for i in range(s.concurrency)]
-        for t in self.threads:
-            t.start()
+        self.stopping = threading.Event()
+        # No stall check: a slot waits for jobs, or runs one, as long as it takes (its timeout bounds it).
+        self.threads = [loops.start(f"slot-{i}", lambda loop, slot=sandboxes.slot(i): self._run(loop, slot), None,
+                                    self.stopping).thread for i in range(s.concurrency)]
 
     def add(self, job):
         with self.cond:
@@ -4430,18 +4661,18 @@ class Slots:
         if event is not None:
             event.set()
 
-    def _run(self, slot):
+    def _run(self, loop, slot):
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.queue or self.stopping)
+                self.cond.wait_for(lambda: self.queue or self.stopping.is_set())
                 if not self.queue:
                     return
                 job = self.queue.popleft()
             conf = None
             try:
                 conf = run_job(job, self.s, self.reporter, self.cancels[job["job_id"]], slot, self.sandboxes,
-                               self.signer, self.orch, self.egress)
-            except Exception as e:
+                               self.signer, self.orch, self.egress, loop.trouble)
+            except Exception as e:        # this job's failure, reported as such; the slot goes on
                 log.exception("job %s", job["job_id"])
                 self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
             finally:
@@ -4450,13 +4681,13 @@ class Slots:
                     if len(self.finished) > 4096:
                         self.finished.popitem(last=False)
                     self.cancels.pop(job["job_id"], None)
-                    stopping = self.stopping
-            if conf is not None and not stopping:
+            if conf is not None and not self.stopping.is_set():
                 self.sandboxes.prepare(slot, conf)      # the next job like this one starts in a sandbox made now
+            loop.beat()
 
     def stop(self, cancel_running):
         with self.cond:
-            self.stopping = True
+            self.stopping.set()
             dropped = list(self.queue)
             self.queue.clear()
             self.cond.notify_all()
@@ -4504,48 +4735,50 @@ def worker(s):
     egress = EgressPolicy(allow=DEFAULT_EGRESS_HOSTS if s.egress_allow is None else s.egress_allow,
                           deny=s.egress_deny, ports=s.egress_ports, loopback=s.egress_loopback)
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
-    reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
-    slots = Slots(s, reporter, sandboxes, egress, signer,
+    stop, loops = threading.Event(), Loops()
+    reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), loops)
+    slots = Slots(s, reporter, sandboxes, egress, loops, signer,
                   HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
-    stop = threading.Event()
 
     def on_signal(signum, frame):
         stop.set()
         claim_client.abort()
 
+    loops.on_death.append(lambda: os.kill(os.getpid(), signal.SIGTERM))     # abort() works from the main thread
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     print(f"swarm worker {identity['worker_id']} ready: tags {','.join(s.tags) or '-'}; "
           f"capabilities {','.join(s.capabilities) or '-'}; concurrency {s.concurrency}; "
           f"sandboxes {','.join(sandboxes.providers) or 'none'}", flush=True)
     try:
-        return claim_loop(s, claim_client, slots, stop, identity)
+        claim_loop(s, claim_client, slots, stop, identity, loops)
     finally:
         slots.stop(cancel_running=True)
         sandboxes.close()
         reporter.close()
         lock.close()
         log.info("stopped")
+    if loops.died:
+        raise SwarmError(loops.died, "see the log line above; a supervisor (systemd Restart=on-failure) starts "
+                                     "the worker again")
+    return EXIT_OK
 
 
-def claim_loop(s, orch, slots, stop, identity):
-    """Hold a streamed claim open on the orchestrator; start each job it sends, stop each it cancels."""
-    backoff = Backoff()
+def claim_loop(s, orch, slots, stop, identity, loops):
+    """Hold a streamed claim open on the orchestrator; start each job it sends, stop each it cancels.
+    The offer carries the worker's loops in trouble, so that `swarm.py status` shows them."""
+    loop = loops.add("claim", stall_after=s.claim_wait + STALL_AFTER, stop=stop)
     offer = {"wait": s.claim_wait, "stream": True, "tags": list(s.tags), "capabilities": list(s.capabilities),
              "slots": s.concurrency, "holding": []}
-    waiting_since = None
-
-    def opened():
-        nonlocal waiting_since
-        if waiting_since is not None:
-            log.info("orchestrator is back after %.1f s", time.monotonic() - waiting_since)
-            waiting_since = None
-        backoff.reset()
 
     while not stop.is_set():
         try:
             offer["holding"] = slots.holding()
-            for answer in orch.stream("POST", "/v1/worker/claim", offer, timeout=s.claim_wait + 15, on_open=opened):
+            offer.pop("health", None)
+            if troubled := [v for v in loops.troubled() if v["name"] != "claim"]:
+                offer["health"] = troubled
+            for answer in orch.stream("POST", "/v1/worker/claim", offer, timeout=s.claim_wait + 15,
+                                      on_open=loop.beat):
                 for job in answer.get("jobs", []):
                     slots.add(job)
                 for cancel in answer.get("cancels", []):
@@ -4556,15 +4789,11 @@ def claim_loop(s, orch, slots, stop, identity):
                         f"enroll again: remove {s.state_dir / 'worker.json'} and pass --enroll-code CODE")
                 raise SwarmError(f"the orchestrator refused this worker ({identity['worker_id']}): {e.message}",
                                  hint, EXIT_REFUSED) from None
-            stop.wait(backoff.next())
+            stop.wait(loop.trouble(f"the orchestrator refused the claim: {e.status} {e.code}: {clean(e.message)}"))
         except Unreachable as e:
             if stop.is_set():
                 break
-            if waiting_since is None:
-                waiting_since = time.monotonic()
-                log.warning("waiting for the orchestrator at %s (%s)", s.orchestrator, e.message)
-            stop.wait(backoff.next())
-    return EXIT_OK
+            stop.wait(loop.trouble(f"waiting for the orchestrator at {s.orchestrator} ({e.message})"))
 
 
 # ============================================================================
@@ -4582,16 +4811,34 @@ def _table(rows, columns):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
+def _failing(data):
+    """One line per loop or storage of the orchestrator or of a worker that is not ok."""
+    now, lines = time.time(), []
+    own = [*data.get("loops", []), dict(data.get("storage") or {"state": "ok"}, name="storage")]
+    for who, parts in [("serve", own), *[(f"worker {w['id']}", w.get("health") or []) for w in data["workers"]]]:
+        for v in parts:
+            if v["state"] != "ok":
+                since = (f" since {time.strftime('%H:%M:%S', time.localtime(v['since']))} "
+                         f"({now - v['since']:.0f} s)" if v.get("since") else "")
+                lines.append(f"{who}: {v['name']} {v['state']}{since}" + (f": {v['error']}" if v.get("error") else ""))
+    return lines
+
+
 def status(s):
+    """The pool as the orchestrator sees it; exit 1 while a loop or a state dir is failing."""
     data = HttpClient(s.orchestrator, s.token, what="orchestrator", ca_file=s.ca_file).call("GET", "/v1/pool/status")
+    failing = _failing(data)
     if s.json:
         print(json.dumps(data, indent=2))
-        return EXIT_OK
-    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; outbox: {data['outbox']} message(s)")
+        return EXIT_ERROR if failing else EXIT_OK
+    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; outbox: {data['outbox']} message(s); "
+          f"health: {'FAILING' if failing else 'ok'}")
     _table(data["workers"], [("WORKER", "id"), ("NAME", "name"), ("ONLINE", "online"), ("SLOTS", "slots"),
                              ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
                              ("CAPABILITIES", lambda w: ",".join(w["capabilities"]))])
-    return EXIT_OK
+    for line in failing:
+        print(f"failing: {line}")
+    return EXIT_ERROR if failing else EXIT_OK
 
 
 def jobs(s):

@@ -4,7 +4,8 @@ One http.client connection per thread, reused across calls (urllib opens a new T
 connection per request). A stale kept-alive connection that the server closed is
 retried once at once. With `retry_for`, a pond that is down or overloaded is waited for,
 with capped exponential backoff and full jitter, saying what it waits for: a refused
-connection or a 502/503 never reached pond's handlers, so any request may be sent again;
+connection or a 502/503 never reached pond's handlers, or was rolled back whole (503
+storage_unavailable: a full disk), so any request may be sent again;
 a request cut off on the way is sent again only when that is safe (a GET, or a submit with
 an Idempotency-Key).
 """

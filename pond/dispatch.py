@@ -173,6 +173,7 @@ def _answers(pond, binding_id, deadline, alive):
     while True:
         if not alive():
             return
+        pond.polled[binding_id] = pond.now()        # a sign of life of its poll loop (jobs.view)
         snapshot = pond.work.snapshot()
         if pond.store.binding(binding_id)["revoked_at"] is not None:
             return              # revoked while held: the next poll is refused (pairing.authenticate)

@@ -81,6 +81,19 @@ class Unavailable(PondError):
     code = "unavailable"
 
 
+class StorageUnavailable(Unavailable):
+    """pond cannot write its state dir now (disk full, I/O error, database locked). Nothing is
+    half-written: the transaction was rolled back. pond recovers by itself once it can write."""
+
+    code = "storage_unavailable"
+
+
+class Unhealthy(Unavailable):
+    """/healthz: a loop of pond is dead, stalled or retrying, or its storage fails."""
+
+    code = "unhealthy"
+
+
 class InvalidTransition(Conflict):
     """A job state change that the transition table (jobs.TRANSITIONS) does not allow."""
 

@@ -246,8 +246,11 @@ def view(pond, row, explain=True):
     out["events"] = row["events"] or []
     out["warnings"] = sandbox.warnings(row["sandbox"])
     if explain and row["state"] == JobState.QUEUED.value:
+        now = pond.now()
+        silent = {b: now - t for b in {w["binding_id"] for w in pond.store.workers()}
+                  if now - (t := pond.polled.get(b, pond.started)) > matching.POLL_SILENCE}
         out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts(),
-                                          pond.settings.allow_unsigned)
+                                          pond.settings.allow_unsigned, silent)
     return out
 
 

@@ -11,6 +11,7 @@ from fnmatch import fnmatchcase
 from pond.wire import canonical
 
 SANDBOX_PREFIX = "sandbox."      # a job's sandbox.<backend> capability (pond/sandbox.py)
+POLL_SILENCE = 15.0              # s without a held poll before a queued job says its orchestrator does not poll
 
 
 def requirement_key(tags, capabilities, sealed=False):
@@ -43,8 +44,10 @@ def needs_keys(job, allow_unsigned):
     return bool(job["credential"]) or not allow_unsigned
 
 
-def explain(job, workers, active, allow_unsigned=False):
-    """Why a queued job has not started: {reason, online, matching, free}."""
+def explain(job, workers, active, allow_unsigned=False, silent=None):
+    """Why a queued job has not started: {reason, online, matching, free}. `silent`: orchestrator
+    (binding) id -> seconds since it last held a poll, for those quiet too long (issue 9: a poll
+    loop that died left jobs "starting on the next poll" that never came)."""
     tags, caps = job["tags"], job["capabilities"]
     workers = [w for w in workers if w.get("evicted_at") is None]      # they take nothing new, whatever they fit
     if needs_keys(job, allow_unsigned):
@@ -64,6 +67,10 @@ def explain(job, workers, active, allow_unsigned=False):
         reason = "no worker has enrolled; mint a code with `pond admin enrollment-code`"
     elif not online:
         reason = f"no worker is online ({len(workers)} enrolled, all offline)"
+    elif free and all(w["binding_id"] in (silent or {}) for w in free):
+        quiet = sorted({w["binding_id"] for w in free})
+        reason = (f"a matching worker has a free slot, but its orchestrator ({', '.join(quiet)}) has not polled for "
+                  f"{min(silent[b] for b in quiet):.0f} s: see its /healthz or `swarm.py status`")
     elif free:
         reason = "a matching worker has a free slot; the job starts on its orchestrator's next poll"
     elif fit:

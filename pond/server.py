@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import PROTOCOL_VERSION, __version__, credentials, dispatch, enrollment, jobs, pairing, tokens
+from pond import PROTOCOL_VERSION, __version__, credentials, dispatch, enrollment, health, jobs, pairing, tokens
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
-                         Unauthorized, Unavailable, Forbidden)
+                         StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.settings import ENDPOINT_FILE, MAX_HEADER_BYTES, WORKER_OFFLINE_AFTER, write_private
 from pond.store import Store
 
@@ -37,7 +37,13 @@ _NAME = r"(?P<id>[A-Za-z0-9][A-Za-z0-9._-]{0,63})"       # a credential name (wi
 
 
 def healthz(pond, req):
-    return 200, {"ok": True, "version": __version__, "protocol_version": PROTOCOL_VERSION}
+    """200 while every loop works and pond.db can be written; else 503 naming what fails (protocol.md §9)."""
+    ok, parts, failing = health.report(pond.loops, pond.store.failure)
+    body = {"ok": ok, "version": __version__, "protocol_version": PROTOCOL_VERSION, **parts}
+    if ok:
+        return 200, body
+    return 503, dict(body, **Unhealthy(failing, "see pond's log; a retrying loop or storage recovers by itself, "
+                                                "a dead one means pond is stopping (its supervisor restarts it)").to_json())
 
 
 def metrics(pond, req):
@@ -137,6 +143,9 @@ class Pond:
     now: object = time.time
     log: logging.Logger = log
     requests: int = 0
+    loops: list = field(default_factory=list)      # health.Loop: what /healthz reports
+    polled: dict = field(default_factory=dict)     # binding id -> when a poll of it was last held
+    started: float = field(default_factory=time.time)
 
 
 def route(method, path):
@@ -257,11 +266,22 @@ class Handler(BaseHTTPRequestHandler):
             status, payload = e.status, e.to_json()
             if e.status in (413, 431):
                 self.close_connection = True
-        except Exception:
-            log.exception("unhandled error in %s %s", method, _clean(self.path))
-            status, payload = 500, PondError("internal error; pond logged the details",
-                                             "report it with pond's log around this time").to_json()
+        except Exception as e:
+            status, payload = self._unexpected(e, method)
         self._send(status, payload)
+
+    def _unexpected(self, e, method):
+        """A full or failing disk is 503 storage_unavailable, said once in the log; anything else is a bug."""
+        why = health.storage_failure(e)
+        if why is not None:
+            err = StorageUnavailable(f"pond cannot store this now: {why}",
+                                     f"free space under {self.pond.settings.state_dir}; pond recovers by itself: "
+                                     "retry then")
+            health.warn_once(err.message, "storage: %s (pond answers 503 storage_unavailable)", err.message)
+            return err.status, err.to_json()
+        log.exception("unhandled error in %s %s", method, _clean(self.path))
+        return 500, PondError("internal error; pond logged the details",
+                              "report it with pond's log around this time").to_json()
 
     def _request(self, method):
         body = self._body()           # first, so an error answer never leaves a body unread on the connection
@@ -366,6 +386,12 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
             answers.close()
+        except Exception as e:            # the answers failed midway: cut the stream, the client polls again
+            self.close_connection = True
+            if isinstance(e, StorageUnavailable):
+                health.warn_once(e.message, "storage: %s (a streamed answer was cut short)", e.message)
+            else:
+                log.exception("streamed answer to %s %s failed; cut short", self.command, _clean(self.path))
         if self.pond.settings.access_log:
             log.info("%s %s %s (stream)", self.command, _clean(self.path), status)
 
@@ -479,19 +505,16 @@ def make_server(settings):
     return pond, server
 
 
-def _reaper(pond, server, stop):
-    """Background upkeep: workers whose orchestrator went silent go offline; slow requests are cut."""
-    while not stop.wait(REAPER_INTERVAL):
-        try:
-            if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
-                pond.work.notify()
-            dispatch.expire_leases(pond)
-            dispatch.expire_overdue(pond)
-            if server.cut_slow_readers():
-                log.info("closed connection(s) that did not send a request within %g s",
-                         pond.settings.request_timeout)
-        except Exception:
-            log.exception("reaper")
+def _reap(pond, server):
+    """One pass of background upkeep: slow requests are cut; workers whose orchestrator went silent
+    go offline; leases and timeouts expire. While pond.db refuses writes, the pass retries (health.Loop)."""
+    if server.cut_slow_readers():
+        log.info("closed connection(s) that did not send a request within %g s", pond.settings.request_timeout)
+    pond.store.probe()
+    if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
+        pond.work.notify()
+    dispatch.expire_leases(pond)
+    dispatch.expire_overdue(pond)
 
 
 def serve(settings, ready=None):
@@ -502,12 +525,15 @@ def serve(settings, ready=None):
     host, port = server.server_address[:2]
     url = f"{settings.scheme}://{host}:{port}"
     write_private(settings.state_dir / ENDPOINT_FILE, json.dumps({"url": url, "pid": os.getpid()}) + "\n")
-    stop = threading.Event()
-    reaper = threading.Thread(target=_reaper, args=(pond, server, stop), name="reaper", daemon=True)
-    reaper.start()
+    stop, died = threading.Event(), []
 
     def shutdown(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
+
+    reaper = health.Loop("reaper", lambda: _reap(pond, server), REAPER_INTERVAL, stop,
+                         on_death=lambda: (died.append(1), shutdown(None, None)))
+    pond.loops.append(reaper)
+    reaper.thread.start()
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
@@ -519,7 +545,7 @@ def serve(settings, ready=None):
     finally:
         stop.set()
         server.server_close()
-        reaper.join(timeout=5)
+        reaper.thread.join(timeout=5)
         pond.store.close()
         log.info("stopped")
-    return 0
+    return 1 if died else 0

@@ -9,14 +9,23 @@ functions.
 
 JSON columns (tags, capabilities, command, env, sandbox, scope) are stored as text
 and returned decoded; rows come back as plain dicts.
+
+A disk or database error that may pass by itself (disk full, I/O error, locked) rolls the
+transaction back and is raised as StorageUnavailable (503 storage_unavailable, logged once);
+`failure` says since when, for /healthz, until a write succeeds again.
 """
 
 import json
+import logging
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from pond.errors import StorageUnavailable
+from pond.health import cleared, storage_failure, warn_once
 
 SCHEMA_VERSION = 3
 
@@ -168,6 +177,8 @@ class Store:
     def __init__(self, path, readonly=False):
         self._lock = threading.RLock()
         self._depth = 0
+        self.dir = Path(path).resolve().parent
+        self.failure = None          # {error, since} while the database cannot be written
         # binding id -> its worker rows. Every claim reads them and only enrollment,
         # snapshots and the reaper change them, all through this object; a store shared
         # by several pond replicas (PostgreSQL) would drop this cache.
@@ -226,26 +237,68 @@ class Store:
                 finally:
                     self._depth -= 1
                 return
-            self._db.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+            changes = self._db.total_changes
             try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._depth = 1
                 yield self
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("COMMIT")      # on a full disk this fails, and SQLite has rolled back
+            except BaseException as e:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass            # SQLite rolled back already (a full disk does)
                 self._workers_cache.clear()     # it may hold rows read inside the rolled-back transaction
-                raise
-            else:
-                self._db.execute("COMMIT")
+                if storage_failure(e) is None:
+                    raise
+                raise self._failed(e) from None
             finally:
                 self._depth = 0
+            if self.failure is not None and self._db.total_changes != changes:
+                self._recovered()
+
+    def _failed(self, e):
+        """A disk or database error that may pass, kept for /healthz, logged once -> StorageUnavailable."""
+        err = StorageUnavailable(f"pond cannot store this now: {storage_failure(e)}",
+                                 f"free space under {self.dir}; pond recovers by itself: retry then")
+        if self.failure is None:
+            self.failure = {"error": err.message, "hint": err.hint, "since": round(time.time(), 3)}
+        # Keyed by the message, as the loops' trouble is: one line for one failure, whoever meets it.
+        warn_once(err.message, "storage: %s; free space under %s (pond answers 503 storage_unavailable until "
+                  "it can write again)", err.message, self.dir)
+        return err
+
+    def _recovered(self):
+        logging.getLogger("pond").info("storage: pond.db can be written again after %.0f s",
+                                       time.time() - self.failure["since"])
+        cleared(self.failure["error"])
+        self.failure = None
+
+    def probe(self):
+        """While writes fail: try one (the header's user_version), so that /healthz clears without traffic."""
+        if self.failure is not None:
+            with self.transaction():
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._recovered()
 
     def _all(self, sql, args=()):
         with self._lock:
-            return self._db.execute(sql, args).fetchall()
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if storage_failure(e) is None:
+                    raise
+                raise self._failed(e) from None
 
     def _one(self, sql, args=()):
         with self._lock:
-            return self._db.execute(sql, args).fetchone()
+            try:
+                return self._db.execute(sql, args).fetchone()
+            except sqlite3.OperationalError as e:
+                if storage_failure(e) is None:
+                    raise
+                raise self._failed(e) from None
 
     def _write(self, sql, args=()):
         with self.transaction():
