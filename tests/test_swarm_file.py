@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 4660
+MAX_LINES = 4765
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -53,11 +53,11 @@ BANNER_RULE = re.compile(r"^# ={20,}$")
 SECTION_BUDGETS = {
     "Imports": 50, "Constants and defaults": 40, "Errors": 70, "Utilities": 111, "Wire format": 80,
     "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 160, "HTTP server": 430,
-    "Settings": 230, "Pairing": 30, "Orchestrator: worker registry": 140, "Orchestrator: the pool": 540,
+    "Settings": 230, "Pairing": 30, "Orchestrator: worker registry": 140, "Orchestrator: the pool": 590,
     "Orchestrator: the two links to pond": 260, "Job proxies": 420, "Worker: identity and enrollment": 75,
     "Worker: reporting to the orchestrator": 65, "Sandbox: confining one job": 360, "Sandbox: starting a job": 425, "Sandbox providers": 405,
     "Worker: running one job": 300, "Worker: the claim loop and slots": 190,
-    "Operator commands: status, jobs, cancel": 60, "Command line": 145,
+    "Operator commands: status, jobs, cancel": 60, "Command line": 147,
 }
 
 
