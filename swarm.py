@@ -97,7 +97,10 @@ POND_POLL_WAIT = 25.0                 # s pond may hold the orchestrator's poll
 CLAIM_WAIT = 25.0                     # s the orchestrator may hold a worker's claim
 WORKER_GRACE = 15.0                   # s after its last claim that a worker still counts as online
 SNAPSHOT_INTERVAL = 20.0              # s between worker snapshots when nothing changes
-RECONNECT_GRACE = 5.0                 # s a worker between two claims still counts for its jobs' leases
+WORKER_LOST_AFTER = 10.0              # s without a heartbeat before a worker is lost (serve --worker-lost-after)
+HEARTBEATS_PER_GRACE = 2.5            # a worker beats every lost_after / 2.5 s: it may miss one and a half
+RECONNECT_GRACE = 3.0                 # s a worker whose heartbeat connection closed has to beat again
+LOST_CHECK = 1.0                      # s between checks for lost workers
 HEARTBEAT_MAX = 15.0                  # s between heartbeats at most; pond's lease / 4 when that is shorter
 LIVENESS_CHECK = 2.0                  # s between checks that a held claim's worker is still connected
 CHUNK_INTERVAL = 0.25                 # s a job's output may wait before it is sent
@@ -985,9 +988,17 @@ class JsonHandler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._handle("DELETE")
 
+    on_hangup = None         # set by a route: called if the client closes the connection (Pool.beat)
+
     def handle_one_request(self):
         self.server.reading(self.connection)
+        self.raw_requestline = b""       # stays empty if the client hangs up (EOF or reset) before a request
         super().handle_one_request()
+
+    def finish(self):
+        super().finish()
+        if self.on_hangup and not self.raw_requestline:     # not when we closed it after an answer
+            self.on_hangup()
 
     def _handle(self, method):
         try:
@@ -1339,6 +1350,7 @@ class ServeSettings:
     claim_wait: float = CLAIM_WAIT
     snapshot_interval: float = SNAPSHOT_INTERVAL
     request_timeout: float = REQUEST_TIMEOUT
+    worker_lost_after: float = WORKER_LOST_AFTER
     tls_cert: str = ""        # both set: serve HTTPS
     tls_key: str = ""
     ca_file: str = ""         # CA to verify an https:// pond with
@@ -1439,10 +1451,13 @@ def serve_settings(args, env):
     handle_path = Path(args.handle) if args.handle else (
         Path(HANDLE_FILE) if Path(HANDLE_FILE).exists() else state / HANDLE_FILE)
     handle = load_handle(handle_path)
+    if not 1 <= args.worker_lost_after <= 3600:
+        raise UsageError("--worker-lost-after must be from 1 to 3600 seconds", "example: --worker-lost-after 10")
     return ServeSettings(host=host, port=port, state_dir=state, handle=handle_path,
                          pond_url=(args.pond or handle["pond_url"]).rstrip("/"), token_hash=digest(token),
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
                          snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout,
+                         worker_lost_after=args.worker_lost_after,
                          tls_cert=tls_cert, tls_key=tls_key, ca_file=args.ca_file or "")
 
 
@@ -1743,14 +1758,23 @@ class Session:
         self.claiming = 0
         self.last_seen = 0.0
         self.health = []                        # the worker's loops in trouble, as its last claim said
+        self.beat_at = time.monotonic()        # its last heartbeat; a new session gets a full grace
+        self.beat_conn = None                  # the connection that carried it
+        self.hung_up = None                    # when that connection closed (monotonic), until it beats again
+        self.lost = False                      # declared lost (Pool.release_lost) and not back since
         self.cond = threading.Condition(lock)
 
     def online(self, now):
-        return self.claiming > 0 or now - self.last_seen < WORKER_GRACE
+        return not self.lost and (self.claiming > 0 or now - self.last_seen < WORKER_GRACE)
 
-    def connected(self, now):
-        """Holding a claim, or between two: its jobs' leases are renewed only while this holds."""
-        return self.claiming > 0 or now - self.last_seen < RECONNECT_GRACE
+    def silent(self, now, lost_after):
+        """-> why the worker counts as lost (specs/protocol.md §7.5), or None. A process that died closed
+        its heartbeat connection and holds no claim; a stopped or cut-off one stopped beating."""
+        if now - self.beat_at > lost_after:
+            return f"no heartbeat for {now - self.beat_at:.1f} s"
+        if self.hung_up is not None and not self.claiming and now - self.hung_up > RECONNECT_GRACE:
+            return f"its connection closed {now - self.hung_up:.1f} s ago"
+        return None
 
     def view(self, now):
         out = {"id": self.id, "name": self.name, "tags": self.tags, "capabilities": self.capabilities,
@@ -1888,9 +1912,9 @@ class DurableOutbox(Outbox):
 class Pool:
     """The orchestrator's state: sessions by worker id, and what must go to pond."""
 
-    def __init__(self, registry, pond, claim_wait):
+    def __init__(self, registry, pond, claim_wait, lost_after=WORKER_LOST_AFTER):
         self.lock = threading.Lock()
-        self.registry, self.pond, self.claim_wait = registry, pond, claim_wait
+        self.registry, self.pond, self.claim_wait, self.lost_after = registry, pond, claim_wait, lost_after
         self.sessions = {row["id"]: Session(row, self.lock) for row in registry.all()}
         self.revoked = registry.revoked()      # worker id -> "revoked" or "evicted": its token is refused
         self.outbox = DurableOutbox(registry)
@@ -2223,15 +2247,56 @@ class Pool:
         self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"], "body": body},
                         release)
 
-    # -- leases ------------------------------------------------------------------
+    # -- heartbeats and leases ------------------------------------------------------
+
+    def beat(self, session, body, handler):
+        """POST /v1/worker/heartbeat: the worker is alive (§7.5). O(1): a time, and its connection."""
+        obj(body, "heartbeat", ())
+        every = self.lost_after / HEARTBEATS_PER_GRACE
+        with self.lock:
+            session.beat_at, session.beat_conn, session.hung_up = time.monotonic(), handler, None
+            back, session.lost = session.lost, False
+        handler.on_hangup = lambda: self._hung_up(session, handler)
+        if back:
+            log.info("worker %s is back: heartbeats again", session.id)
+            self.snapshot_due.set()
+        return {"every": every, "lost_after": self.lost_after}
+
+    def _hung_up(self, session, handler):
+        with self.lock:
+            if session.beat_conn is handler:      # not an older connection closing late
+                session.hung_up = time.monotonic()
+
+    def release_lost(self):
+        """Declare lost each worker gone silent (Session.silent) and take back what it holds.
+        -> the attempts for pond to end at once, as a lease expiry would (§4: heartbeat `released`).
+        A worker that comes back is told to stop them; their reports are refused (not held)."""
+        now, taken = time.monotonic(), []
+        with self.lock:
+            for session in self.sessions.values():
+                why = session.silent(now, self.lost_after)
+                jobs = [*session.queue, *session.jobs.values()] if why else []
+                if not why or (session.lost and not jobs):
+                    continue
+                log.warning("worker %s lost (%s): %d job(s) released to run elsewhere", session.id, why, len(jobs))
+                session.lost = True
+                session.cancels += [{"job_id": j["job_id"], "attempt": j["attempt"]} for j in session.jobs.values()]
+                session.queue.clear()
+                session.jobs.clear()
+                session.cond.notify_all()
+                taken += [(session, j) for j in jobs]
+                self.snapshot_due.set()
+        for session, job in taken:
+            self.registry.release(job["job_id"])
+            self._evicted_once_empty(session)
+        return [{"job_id": j["job_id"], "attempt": j["attempt"], "claim_token": j["claim_token"]} for _, j in taken]
 
     def held(self):
-        """Every attempt this pool holds for pond: queued for a worker that is online, running on
-        one, or ended with its final report still in the outbox. Heartbeats renew their leases;
-        the jobs of a worker that went away are left out, so pond requeues them."""
-        now = time.time()
+        """Every attempt this pool holds for pond: queued for a worker, running on one, or ended with
+        its final report still in the outbox. Heartbeats renew their leases; a lost worker's jobs
+        are no longer here (release_lost)."""
         with self.lock:
-            jobs = [j for s in self.sessions.values() if s.connected(now) for j in (*s.queue, *s.jobs.values())]
+            jobs = [j for s in self.sessions.values() for j in (*s.queue, *s.jobs.values())]
         held = {j["job_id"]: (j["attempt"], j["claim_token"]) for j in jobs}
         for m in self.outbox.finals():
             held[m["job_id"]] = (m["body"]["attempt"], m["claim_token"])
@@ -2357,20 +2422,29 @@ def snapshot_loop(loop, pool, pond, stop, interval):
 
 
 def heartbeat_loop(loop, pool, pond, stop):
-    """Renew the leases of every attempt the pool holds, in one request, every lease / 4."""
-    every = 1.0          # until pond says how long its lease is
-    while not stop.wait(every):
-        held = pool.held()
+    """Renew the leases of every attempt the pool holds, in one request, every lease / 4; every
+    LOST_CHECK, release the attempts of lost workers, and hand them to pond at once (§4)."""
+    every, due, released = 1.0, 0.0, []      # every: 1 s until pond says how long its lease is
+    while not stop.wait(LOST_CHECK):
+        released += pool.release_lost()
+        if not released and time.monotonic() < due:
+            continue
+        held, send = pool.held(), released[:MAX_HEARTBEAT]
         try:
             for start in range(0, max(len(held), 1), MAX_HEARTBEAT):
-                answer = pond.call("POST", "/v1/orch/heartbeat", {"jobs": held[start:start + MAX_HEARTBEAT]})
+                body = {"jobs": held[start:start + MAX_HEARTBEAT], **({"released": send} if send else {})}
+                answer = pond.call("POST", "/v1/orch/heartbeat", body)
+                released, send = released[len(send):], []
                 pool.drop_stale(answer.get("stale", []))
                 every = min(HEARTBEAT_MAX, max(0.5, float(answer.get("lease", 60)) / 4))
             loop.beat()
         except Refused as e:
             loop.trouble(f"pond refused the heartbeat: {e.status} {e.code}: {clean(e.message)}")
+            if not e.retryable:
+                released = released[len(send):]       # pond's lease expiry ends them instead
         except Unreachable as e:
             loop.trouble(f"waiting for pond at {pond.url} ({e.message})")   # leases held by pond wait for us
+        due = time.monotonic() + every
 
 
 def check_binding(pond):
@@ -2424,6 +2498,7 @@ def orchestrator_routes(pool, token_hash):
         ("POST", r"/v1/worker/enroll", lambda h, m, b: (201, pool.enroll(b))),
         ("POST", r"/v1/worker/claim", lambda h, m, b: (200, pool.claim(worker_auth(h), b, h.alive))),
         ("POST", r"/v1/worker/reports", lambda h, m, b: (200, pool.report_batch(worker_auth(h), b))),
+        ("POST", r"/v1/worker/heartbeat", lambda h, m, b: (200, pool.beat(worker_auth(h), b, h))),
         ("POST", job + r"/state",
          lambda h, m, b: (200, pool.report_state(worker_auth(h), m["id"], claim_token(h), b))),
         ("POST", job + r"/chunk",
@@ -2466,7 +2541,7 @@ def serve(s):
     handle = load_handle(s.handle)
     pond = HttpClient(s.pond_url, handle["token"], what="pond", ca_file=s.ca_file)
     registry = Registry(s.state_dir / "swarm.db")
-    pool = Pool(registry, pond, s.claim_wait)
+    pool = Pool(registry, pond, s.claim_wait, s.worker_lost_after)
     try:
         server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash),
                             request_timeout=s.request_timeout)
@@ -3024,6 +3099,29 @@ class Reporter:
     def close(self, timeout=5.0):
         self.stop.set()
         self.thread.join(timeout)
+
+
+def heartbeats(loop, orch, stop):
+    """Prove this worker alive to its orchestrator until `stop` is set (specs/protocol.md §7.5): a
+    bodiless request every few seconds, as often as the orchestrator says. Run on a thread of its
+    own, with a connection of its own: no busy slot or slow report can hold it up."""
+    every = WORKER_LOST_AFTER / HEARTBEATS_PER_GRACE
+    while True:
+        try:
+            told = orch.call("POST", "/v1/worker/heartbeat").get("every")
+            every = min(max(told, 0.5), 60.0) if isinstance(told, (int, float)) else every
+            loop.beat()
+            delay = every
+        except (Refused, Unreachable) as e:
+            if isinstance(e, Refused) and not e.retryable:    # 401/403: the claim loop stops the worker
+                if e.status == 404:
+                    log.warning("the orchestrator takes no heartbeats (an older swarm.py?): upgrade it")
+                stop.wait()
+                break
+            delay = min(loop.trouble(f"heartbeat: {e.message}"), every)   # soon: its connection has RECONNECT_GRACE
+        if stop.wait(delay):
+            break
+    orch.close()
 
 
 # ============================================================================
@@ -4737,6 +4835,10 @@ def worker(s):
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
     stop, loops = threading.Event(), Loops()
     reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), loops)
+    beating = threading.Event()
+    beats = loops.start("heartbeat", lambda loop: heartbeats(
+        loop, HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), beating),
+        stop=beating)
     slots = Slots(s, reporter, sandboxes, egress, loops, signer,
                   HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
 
@@ -4756,6 +4858,8 @@ def worker(s):
         slots.stop(cancel_running=True)
         sandboxes.close()
         reporter.close()
+        beating.set()           # last: a worker still reporting is not lost
+        beats.thread.join(5)
         lock.close()
         log.info("stopped")
     if loops.died:
@@ -4779,10 +4883,10 @@ def claim_loop(s, orch, slots, stop, identity, loops):
                 offer["health"] = troubled
             for answer in orch.stream("POST", "/v1/worker/claim", offer, timeout=s.claim_wait + 15,
                                       on_open=loop.beat):
+                for cancel in answer.get("cancels", []):     # first: a cancel is never for a job in the same line
+                    slots.cancel(cancel["job_id"])
                 for job in answer.get("jobs", []):
                     slots.add(job)
-                for cancel in answer.get("cancels", []):
-                    slots.cancel(cancel["job_id"])
         except Refused as e:
             if e.status in (401, 403):
                 hint = (e.hint if e.code in ("revoked", "evicted") else
@@ -4924,6 +5028,8 @@ def build_parser():
     s.add_argument("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help=argparse.SUPPRESS)
     s.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
                    help="seconds a client has to send a whole request (default %(default)g)")
+    s.add_argument("--worker-lost-after", type=float, default=WORKER_LOST_AFTER, metavar="S",
+                   help="a worker without a heartbeat this long is lost: its jobs run elsewhere (default %(default)g)")
 
     s = sub.add_parser("worker", help="enroll (once) and run jobs")
     s.add_argument("--orchestrator", type=named, metavar="URL", help="the orchestrator's URL (required to run jobs)")

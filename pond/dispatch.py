@@ -346,20 +346,35 @@ def _result_refused(pond, job, attempt, worker, detail):
 
 
 def heartbeat(pond, req):
-    """POST /v1/orch/heartbeat {jobs: [{job_id, attempt, claim_token}]}: renew the leases of the
-    attempts this binding's workers hold. -> {renewed, stale: [job_id]}: the orchestrator stops
-    the stale ones (they were requeued, cancelled or ended)."""
-    body = wire.obj(req.body, "heartbeat", ("jobs",), ("jobs",))
-    if not isinstance(body["jobs"], list) or len(body["jobs"]) > MAX_HEARTBEAT:
-        raise BadRequest(f"heartbeat.jobs must be a list of at most {MAX_HEARTBEAT}", "send several heartbeats")
-    held = []
-    for i, item in enumerate(body["jobs"]):
-        item = wire.obj(item, f"jobs[{i}]", ("job_id", "attempt", "claim_token"), ("job_id", "attempt", "claim_token"))
-        held.append((wire.string(item["job_id"], f"jobs[{i}].job_id", 64, wire.ID_RE),
-                     wire.number(item["attempt"], f"jobs[{i}].attempt", 1, 2**31, integer=True),
-                     tokens.digest(wire.string(item["claim_token"], f"jobs[{i}].claim_token", 128))))
+    """POST /v1/orch/heartbeat {jobs: [{job_id, attempt, claim_token}], released?: [same]}: renew the
+    leases of the attempts this binding's workers hold, and end at once those it released because
+    their worker was lost (specs/protocol.md §4). -> {renewed, stale: [job_id], released}: the
+    orchestrator stops the stale ones (they were requeued, cancelled or ended)."""
+    body = wire.obj(req.body, "heartbeat", ("jobs", "released"), ("jobs",))
+    held, lost = _attempts(body["jobs"], "jobs"), _attempts(body.get("released", []), "released")
     stale = pond.store.renew_leases(req.principal["id"], held, pond.now() + pond.settings.lease) if held else []
-    return 200, {"renewed": len(held) - len(stale), "stale": stale, "lease": pond.settings.lease}
+    released = 0
+    for job in pond.store.held_attempts(req.principal["id"], lost) if lost else ():
+        released += end_attempt(pond, job, "worker_lost", f"worker {job['worker_id']} lost on attempt "
+                                f"{job['attempt']} (released by its orchestrator)")
+    if released:
+        _attempts_ended(pond)
+    return 200, {"renewed": len(held) - len(stale), "stale": stale, "released": released,
+                 "lease": pond.settings.lease}
+
+
+def _attempts(items, where):
+    """[{job_id, attempt, claim_token}] -> [(job id, attempt, SHA-256 of the claim token)]."""
+    if not isinstance(items, list) or len(items) > MAX_HEARTBEAT:
+        raise BadRequest(f"heartbeat.{where} must be a list of at most {MAX_HEARTBEAT}", "send several heartbeats")
+    out = []
+    for i, item in enumerate(items):
+        fields = ("job_id", "attempt", "claim_token")
+        item = wire.obj(item, f"{where}[{i}]", fields, fields)
+        out.append((wire.string(item["job_id"], f"{where}[{i}].job_id", 64, wire.ID_RE),
+                    wire.number(item["attempt"], f"{where}[{i}].attempt", 1, 2**31, integer=True),
+                    tokens.digest(wire.string(item["claim_token"], f"{where}[{i}].claim_token", 128))))
+    return out
 
 
 def expire_leases(pond):
@@ -372,10 +387,15 @@ def expire_leases(pond):
         changed += end_attempt(pond, job, "lease_expired",
                                f"lease expired on attempt {job['attempt']} (worker {job['worker_id']})")
     if changed:
-        pond.work.notify()
-        pond.work.notify(new_job=True)
-        pond.logs.notify()
+        _attempts_ended(pond)
     return changed
+
+
+def _attempts_ended(pond):
+    """Jobs went back to the queue (or ended): wake held polls and log followers."""
+    pond.work.notify()
+    pond.work.notify(new_job=True)
+    pond.logs.notify()
 
 
 def end_attempt(pond, job, event_name, why, retry_always=False):

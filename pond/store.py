@@ -529,6 +529,13 @@ class Store:
                     stale.append(job_id)
         return stale
 
+    def held_attempts(self, binding_id, held):
+        """The jobs of (job id, attempt, claim hash) this binding still holds (assigned or running)."""
+        rows = (self._one(f"SELECT {ATTEMPT_COLUMNS} FROM jobs WHERE id = ? AND attempt = ? AND claim_hash = ?"
+                          " AND binding_id = ? AND state IN ('assigned', 'running')",
+                          (job_id, attempt, claim_hash, binding_id)) for job_id, attempt, claim_hash in held)
+        return [row for row in rows if row]
+
     def expired_leases(self, now):
         return self._all(f"SELECT {ATTEMPT_COLUMNS} FROM jobs WHERE state IN ('assigned', 'running') AND lease_until < ?",
                          (now,))

@@ -1041,6 +1041,15 @@ POND_ORCH_CASES = [
               says="claim_token"),
     orch_post("a good job, then a bad one", HEARTBEAT, {"jobs": heartbeat_of()["jobs"] + [{"job_id": 1}]},
               says="jobs[1]"),
+    orch_post("released an object", HEARTBEAT, {"jobs": [], "released": heartbeat_of()["jobs"][0]}, says="released"),
+    orch_post("released null", HEARTBEAT, {"jobs": [], "released": None}, says="released"),
+    orch_post("4097 released", HEARTBEAT, {"jobs": [], "released": heartbeat_of()["jobs"] * 4097}, says="released"),
+    orch_post("a released job with an unknown field", HEARTBEAT,
+              {"jobs": [], "released": heartbeat_of(lease=1)["jobs"]}, says="lease"),
+    orch_post("a released job_id with a dot", HEARTBEAT, {"jobs": [], "released": heartbeat_of(job_id="a.b")["jobs"]},
+              says="released[0].job_id"),
+    orch_post("a good job, then a bad release (nothing renewed, nothing released)", HEARTBEAT,
+              dict(heartbeat_of(), released=heartbeat_of()["jobs"] + [{"job_id": 1}]), says="released[1]"),
     Case("GET on heartbeat", "GET", HEARTBEAT, auth="orch", status=405, code="method_not_allowed"),
     # eviction asked by the orchestrator (swarm.py evict): only for a worker of its own binding
     *orch_auth_cases("POST", "/v1/orch/workers/w_unknown/evict", {}),
@@ -1378,7 +1387,8 @@ class OrchestratorWorld:
 
     def __init__(self, pool):
         self.pond = pond = pool.pond(poll_hold=5, extra=("--allow-unsigned-results",))    # an unpinned worker
-        self.orch = pool.orchestrator(pond, token="op-secret")
+        # Its worker is hand-enrolled and never beats: give it an hour before it counts as lost.
+        self.orch = pool.orchestrator(pond, token="op-secret", extra=("--worker-lost-after", "3600"))
         self.url = self.orch.url()
         status, body = api(self.url, "POST", "/v1/worker/enroll",
                            {"code": pond.enrollment_code(), "name": "manual", "tags": ["lane:manual"],
@@ -1473,6 +1483,7 @@ WSTATE = "/v1/worker/jobs/<x>/state"
 WCHUNK = "/v1/worker/jobs/<x>/chunk"
 WSEAL = "/v1/worker/jobs/<x>/seal"
 WREPORTS = "/v1/worker/reports"
+WBEAT = "/v1/worker/heartbeat"
 WCLAIM_X = (("X-Claim-Token", "<claim>"),)
 X_RUNNING = {"attempt": 1, "state": "running"}
 X_CHUNK = {"attempt": 1, "stream": "stdout", "seq": 0, "data": "aGk="}
@@ -1560,6 +1571,10 @@ ORCH_WORKER_CASES = [
     Case("reports a string", "POST", WREPORTS, {"reports": "x"}, auth="worker", says="reports"),
     Case("no reports", "POST", WREPORTS, {"reports": []}, auth="worker", says="reports"),
     Case("65 reports", "POST", WREPORTS, {"reports": [{"kind": "state"}] * 65}, auth="worker", says="reports"),
+    # heartbeat: no body, or {}
+    *worker_auth_cases("POST", WBEAT),
+    *body_shape_cases("POST", WBEAT, "worker", {}),
+    Case("GET on heartbeat", "GET", WBEAT, auth="worker", status=405, code="method_not_allowed"),
     # reports: who holds the job
     *worker_auth_cases("POST", WSTATE, X_RUNNING, headers=WCLAIM_X),
     *worker_auth_cases("POST", WCHUNK, X_CHUNK, headers=WCLAIM_X),

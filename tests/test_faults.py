@@ -1,6 +1,7 @@
 """Fault injection (issue 4): a few hundred jobs while workers, the orchestrator and pond are
 killed with -9 at random moments, and their disks fill up, and are restarted on the same state
-dirs and ports. Checks: every accepted job is there and reaches one terminal state, done; each
+dirs and ports, and workers are frozen past their grace (SIGSTOP), then killed or let go on
+(issue 9). Checks: every accepted job is there and reaches one terminal state, done; each
 recorded output is exactly what its process wrote, once; prints the figures and the random seed
 (FAULT_SEED=N replays the same choices). bench/faults.py is the long version.
 
@@ -14,6 +15,7 @@ import errno
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -31,6 +33,14 @@ JOB_NAP = float(os.environ.get("FAULT_JOB_NAP", 0.3))
 JOB = [JOB_PY, "-c", f"import os, random, time; time.sleep(random.random() * {JOB_NAP}); "
        "j = os.environ['SWARM_JOB_ID']; print(j, sum(map(ord, j)), j[::-1])"]
 DISK_SIZE = f"{16 + JOBS // 50}m"      # each process's tmpfs in the random run: room for its state, not more
+
+
+def fault_rng():
+    """The chaos's random.Random, seeded from $FAULT_SEED to replay a run's faults, else afresh. The
+    seed is printed first (pytest shows it with a failure; bench/faults.py prints `faults:` lines)."""
+    seed = int(os.environ.get("FAULT_SEED") or time.time_ns() % 2 ** 32)
+    print(f"\nfaults: seed {seed} (FAULT_SEED={seed} replays these choices)")
+    return random.Random(seed)
 
 
 def expected(job_id):
@@ -100,16 +110,20 @@ class Cluster:
         self.pond_port, self.orch_port = free_port(), free_port()
         self.pond = pool.pond(port=self.pond_port, extra=("--lease", "4", "--max-attempts", "20"),
                               state=self._state("pond"))
-        self.orch = pool.orchestrator(self.pond, port=self.orch_port, state=self._state("orchestrator"))
+        self.orch = self.orchestrator(state=self._state("orchestrator"))
         self.workers = [pool.worker(self.pond, self.orch, concurrency=2, state=self._state(f"worker{i}"))
                         for i in range(2)]
-        self.kills = {"worker": 0, "orchestrator": 0, "pond": 0, "full disk": 0}
+        self.kills = {"worker": 0, "frozen worker": 0, "orchestrator": 0, "pond": 0, "full disk": 0}
 
     def _state(self, name):
         return self.disks[name].path if name in self.disks else None
 
+    def orchestrator(self, state=None):
+        return self.pool.orchestrator(self.pond, port=self.orch_port, state=state, extra=("--worker-lost-after", "3"))
+
     def kill_and_restart(self, rng):
-        kind = rng.choice(["worker", "worker", "orchestrator", "pond"] + (["full disk"] if self.disks else []))
+        kind = rng.choice(["worker", "worker", "frozen worker", "orchestrator", "pond"]
+                          + (["full disk"] if self.disks else []))
         self.kills[kind] += 1
         if kind == "full disk":        # full for a moment, freed before anything restarts on it
             disk = self.disks[rng.choice(sorted(self.disks))]
@@ -122,10 +136,16 @@ class Cluster:
                                        extra=("--lease", "4", "--max-attempts", "20"))
         elif kind == "orchestrator":
             self.orch.kill()
-            self.orch = self.pool.orchestrator(self.pond, state=self.orch.state_dir, port=self.orch_port)
+            self.orch = self.orchestrator(state=self.orch.state_dir)
         else:
             i = rng.randrange(len(self.workers))
-            self.workers[i].kill()
+            if kind == "frozen worker":     # silent past the grace with its connections held open: lost
+                os.kill(self.workers[i].proc.pid, signal.SIGSTOP)
+                time.sleep(5)                   # the grace is 3 s
+                if rng.random() < 0.5:      # back: it drops what it lost, and its late results are refused
+                    os.kill(self.workers[i].proc.pid, signal.SIGCONT)
+                    return
+            self.workers[i].kill()          # kill -9 (a frozen one while its connections are still held)
             self.workers[i] = self.pool.worker(self.pond, self.orch, concurrency=2, state=self.workers[i].state_dir,
                                                wait_online=False)
 
@@ -136,9 +156,7 @@ def terminal_counts(pond):
 
 
 def test_jobs_survive_random_kill_9_of_every_process(pool, tmp_path):
-    seed = int(os.environ.get("FAULT_SEED") or time.time_ns() % 2 ** 32)
-    print(f"\nfaults: seed {seed} (FAULT_SEED={seed} replays these choices)")
-    rng = random.Random(seed)
+    rng = fault_rng()
     names = ("pond", "orchestrator", "worker0", "worker1")
     disks = {name: Disk(tmp_path / f"{name}-disk", DISK_SIZE) for name in names} if can_mount() else {}
     try:
@@ -165,9 +183,10 @@ def faults_with_disks(pool, rng, disks):
     wrong = [i for i in ids if i in jobs and (jobs[i]["state"] != "done"
                                              or cluster.pond.output(i)["stdout"] != expected(i))]
     retries = sum(j["attempt"] - 1 for j in jobs.values())
-    print(f"\nfaults: jobs {JOBS}, kills worker {cluster.kills['worker']} orchestrator "
-          f"{cluster.kills['orchestrator']} pond {cluster.kills['pond']}, full disks {cluster.kills['full disk']}, "
-          f"retries {retries}, lost {len(missing)}, wrong or duplicated {len(wrong)}")
+    print(f"\nfaults: jobs {JOBS}, kills worker {cluster.kills['worker']} frozen worker "
+          f"{cluster.kills['frozen worker']} orchestrator {cluster.kills['orchestrator']} pond "
+          f"{cluster.kills['pond']}, full disks {cluster.kills['full disk']}, retries {retries}, "
+          f"lost {len(missing)}, wrong or duplicated {len(wrong)}")
     assert len(jobs) == JOBS and not missing, missing
     assert not wrong, [(i, jobs[i]["state"], jobs[i]["error"], cluster.pond.output(i)) for i in wrong[:5]]
     assert all(j["attested"] is True for j in jobs.values())

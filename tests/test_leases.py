@@ -1,6 +1,7 @@
 """Leases and retries (issue 4, first part): an attempt lives while its orchestrator's
-heartbeats renew it; a worker killed with -9 loses it, and the job runs again elsewhere as a
-new attempt, up to --max-attempts. Submits with an Idempotency-Key make one job, never two.
+heartbeats renew it; an orchestrator killed with -9 loses it, and the job runs again elsewhere
+as a new attempt, up to --max-attempts. (A lost worker's orchestrator releases its attempts
+sooner: test_worker_loss.py.) Submits with an Idempotency-Key make one job, never two.
 Real processes; the lease is shortened with `pond serve --lease`."""
 
 import time
@@ -20,14 +21,14 @@ def running(pond, job_id, attempt):
                     what=f"attempt {attempt} started")
 
 
-def test_a_job_whose_worker_is_killed_runs_again_on_another_worker(pool):
+def test_a_job_whose_orchestrator_is_killed_runs_again_on_another_pool_s_worker(pool):
     pond = pool.pond(extra=("--lease", "3"))
     orch = pool.orchestrator(pond)
     first = pool.worker(pond, orch, tags="lane:a")
     job = pond.submit([JOB_PY, "-c", HANG_FIRST], tags=["lane:a"])
     running(pond, job["id"], 1)
-    second = pool.worker(pond, orch, tags="lane:a")
-    first.kill()                               # kill -9: no report, no goodbye
+    second = pool.worker(pond, pool.orchestrator(pond), tags="lane:a")
+    orch.kill()                                # kill -9: no more heartbeats; its worker runs on, unheard
     done = pond.wait_job(job["id"], timeout=45)
     assert done["state"] == "done" and done["attempt"] == 2, done
     assert done["worker"] == second.worker_id
@@ -36,13 +37,13 @@ def test_a_job_whose_worker_is_killed_runs_again_on_another_worker(pool):
     assert expired and expired[0]["worker"] == first.worker_id and expired[0]["attempt"] == 1, done["events"]
 
 
-def test_a_job_that_keeps_losing_its_worker_fails_after_max_attempts(pool):
+def test_a_job_whose_lease_runs_out_on_its_last_attempt_fails(pool):
     pond = pool.pond(extra=("--lease", "2", "--max-attempts", "1"))
     orch = pool.orchestrator(pond)
-    worker = pool.worker(pond, orch)
+    pool.worker(pond, orch)
     job = pond.submit([JOB_PY, "-c", HANG_FIRST])
     running(pond, job["id"], 1)
-    worker.kill()
+    orch.kill()
     done = pond.wait_job(job["id"], timeout=45)
     assert done["state"] == "failed" and done["attempt"] == 1, done
     assert "lease expired" in done["error"] and "gave up after 1 attempt" in done["error"], done
