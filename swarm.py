@@ -3771,9 +3771,12 @@ class Spawned:
         return self.returncode
 
     def _reap(self, timeout):
-        if self.returncode is None:
-            reply = self.spawner.receive(timeout)
-            if reply is not None and reply.get("pid", self.pid) == self.pid:   # not a process no one waits for
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            reply = self.spawner.receive(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if reply is None:
+                break
+            if reply.get("pid", self.pid) == self.pid:     # else the end of a process no one waits for
                 self.returncode, self.error = reply["exit"], reply.get("error")
         return self.returncode
 
@@ -3920,18 +3923,27 @@ class Launch:
             return False
         return self.proc.poll() is None
 
-    def discard(self):
-        """A warm launch no job will use: its processes, pipes and listeners go."""
-        self.signal(signal.SIGKILL)
+    def discard(self, wait=True):
+        """A warm launch no job will use: its processes, pipes and listeners go. Without `wait`,
+        killing bwrap is enough (its pid namespace dies with it, --die-with-parent) and the slot's
+        next job need not wait: nothing in the slot's cgroups is touched, its exit is ignored."""
+        if wait:
+            self.signal(signal.SIGKILL)
+        else:
+            _signal_group(self.proc.pid, signal.SIGKILL)
         if self.script_w is not None:
             os.close(self.script_w)
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
+        if wait:
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
         self.proc.stdout.close()
         self.proc.stderr.close()
-        self.end()
+        if wait:
+            self.end()
+        for listener in self.listeners:
+            listener.close()
 
     def end(self):
         """After the job: kill whatever it left, close the listeners, drop its cgroups.
@@ -4312,7 +4324,7 @@ class Sandboxes:
             {k: conf[k] for k in ("profile", "backend", "limits")} and slot.warm_dirs == _identities(slot)
         launch.script = warm_script(command, env) if same and launch.alive() else None
         if launch.script is None:
-            launch.discard()
+            launch.discard(wait=False)
             return None
         return launch
 
