@@ -4791,7 +4791,9 @@ class Slots:
                     if len(self.finished) > 4096:
                         self.finished.popitem(last=False)
                     self.cancels.pop(job["job_id"], None)
-            if conf is not None and not self.stopping.is_set():
+            with self.cond:
+                idle = not self.queue and not self.stopping.is_set()
+            if conf is not None and idle:               # with jobs waiting, making one ahead would only delay them
                 self.sandboxes.prepare(slot, conf)      # the next job like this one starts in a sandbox made now
             loop.beat()
 
