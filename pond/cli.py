@@ -73,7 +73,9 @@ def cmd_serve(args):
                                args.poll_hold, args.access_log, args.request_timeout,
                                args.tls_cert, args.tls_key, args.insecure_no_tls,
                                args.credential_key_file, args.allow_unsigned_results, args.lease,
-                               args.max_attempts, args.log_cap, args.require_sandbox)
+                               args.max_attempts, args.log_cap, args.require_sandbox,
+                               head_timeout=args.head_timeout, max_pending=args.max_pending,
+                               max_pending_per_address=args.max_pending_per_address)
     return serve(settings)
 
 
@@ -534,7 +536,14 @@ def build_parser():
     s.add_argument("--insecure-no-tls", action="store_true",
                    help="allow plain HTTP off loopback (a trusted overlay network only)")
     s.add_argument("--request-timeout", type=float, metavar="S",
-                   help="seconds a client has to send a whole request (default 30)")
+                   help="seconds a client has to send a request body, and a kept-alive connection may sit idle "
+                        "(default 30)")
+    s.add_argument("--head-timeout", type=float, metavar="S",
+                   help="seconds a client has to send a request head, TLS handshake included (default 5)")
+    s.add_argument("--max-pending", type=int, metavar="N",
+                   help="connections that may wait to send a request head at once (default 256)")
+    s.add_argument("--max-pending-per-address", type=int, metavar="N",
+                   help="... of them from one client address (default 64)")
     s.add_argument("--credential-key-file", type=_named, metavar="FILE",
                    help="key that encrypts credentials at rest, base64 of 32 bytes, mode 0600 "
                         "(default: $POND_CREDENTIAL_KEY_FILE, else DIR/credential.key, created)")

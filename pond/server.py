@@ -1,18 +1,21 @@
 """The HTTP adapter: the only module that touches http.server.
 
-It owns the route table, caps header and body sizes, bounds each socket read in time,
-caps open connections, parses JSON in and writes JSON out in one buffered write with
+It owns the route table, caps header and body sizes, reads request heads on one thread
+(HeadReader) so that a slow client holds no thread, caps requests in progress and
+connections still sending a head, parses JSON in and writes JSON out in one buffered write with
 TCP_NODELAY (the stock handler costs ~44 ms per kept-alive POST: Nagle against delayed
 ACKs, see ../shared/reference/perf-baselines.md), and renders every PondError as
 {"error": {"code", "message", "hint"}}. Anything else becomes a 500 without a
 traceback, which is logged here and is always a bug.
 """
 
+import collections
 import json
 import logging
 import os
 import re
 import select
+import selectors
 import signal
 import ssl
 import socket
@@ -21,7 +24,7 @@ import threading
 import time
 import types
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from pond import PROTOCOL_VERSION, __version__, credentials, dispatch, enrollment, health, jobs, pairing, tokens
@@ -175,6 +178,11 @@ class Headers(dict):
 
 MAX_HEADERS = 100
 FRAMING = ("content-length", "transfer-encoding")
+MAX_REQUEST_LINE = 65536                 # http.server's limit: a longer request line is answered 414
+# Bytes parse_request may read before it refuses a head without a blank line (414 or 431):
+# the request line, the header limit, and the one line that crosses it.
+HEAD_LIMIT = 2 * (MAX_REQUEST_LINE + 1) + MAX_HEADER_BYTES
+LINGER = 0.05            # s a request's thread waits for the next request on its connection before handing it back
 
 
 def parse_head(rfile, max_bytes):
@@ -202,11 +210,87 @@ def parse_head(rfile, max_bytes):
         headers[key] = value.strip()
 
 
+def head_complete(data, start=0):
+    """Whether `data` holds a whole request head (up to its blank line), or enough of one for
+    parse_request to refuse it: either way the parser will not wait for another byte.
+    `start`: where new bytes begin, less two (a blank line may straddle the old end)."""
+    return (len(data) >= HEAD_LIMIT or data.startswith((b"\n", b"\r\n"))
+            or data.find(b"\n\n", start) >= 0 or data.find(b"\n\r\n", start) >= 0)
+
+
+class Stream:
+    """A connection's rfile and wfile in one. It reads first the bytes the head reader took
+    off the socket, then the socket; it writes whole (sendall). What is left unread after an
+    answer (`buf`) goes back to the head reader with a kept-alive connection."""
+
+    def __init__(self, sock, data=b""):
+        self.sock, self.buf = sock, bytearray(data)
+
+    def _fill(self):
+        part = self.sock.recv(65536)
+        self.buf += part
+        return part
+
+    def _take(self, n):
+        part = bytes(self.buf[:n])
+        del self.buf[:n]
+        return part
+
+    def readline(self, limit):
+        while (end := self.buf.find(b"\n", 0, limit)) < 0 and len(self.buf) < limit and self._fill():
+            pass
+        return self._take(end + 1 if end >= 0 else limit)
+
+    def read1(self, n):
+        if not self.buf:
+            self._fill()
+        return self._take(n)
+
+    def linger(self, seconds):
+        """Wait up to `seconds` for the next request after an answer -> the bytes of it here so
+        far (b"": none yet); None if the client hung up."""
+        if not head_complete(self.buf):
+            self.sock.settimeout(seconds)
+            try:
+                if not self._fill():
+                    return None
+            except TimeoutError:
+                pass
+            except OSError:
+                return None
+        return bytes(self.buf)
+
+    def write(self, data):
+        self.sock.sendall(data)
+
+    def flush(self):
+        pass
+
+
 class Handler(BaseHTTPRequestHandler):
+    """Answers one request whose head the server's HeadReader has read already (`head`)."""
+
     protocol_version = "HTTP/1.1"
     server_version = f"pond/{__version__}"
-    disable_nagle_algorithm = True
     pond = None          # set by make_server
+
+    def __init__(self, request, client_address, server, head=b""):
+        self.head = head
+        super().__init__(request, client_address, server)
+
+    def setup(self):
+        self.connection = self.request
+        self.connection.settimeout(self.timeout)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = self.wfile = Stream(self.connection, self.head)
+
+    def handle(self):
+        """One request; the server gives a kept-alive connection back to its head reader after."""
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self):
+        pass
 
     def parse_request(self):
         """Request line and headers, without http.server's email-based parser (see parse_head)."""
@@ -249,16 +333,11 @@ class Handler(BaseHTTPRequestHandler):
     def do_HEAD(self):
         self._handle("HEAD")
 
-    def handle_one_request(self):
-        self.server.reading(self.connection, self.pond.settings.request_timeout)
-        super().handle_one_request()
-
     def _handle(self, method):
         pond = self.pond
         pond.requests += 1
         try:
             fn, req = self._request(method)
-            self.server.done_reading(self.connection)      # read in full; a held poll may now wait
             status, payload = fn(pond, req)
             if isinstance(payload, types.GeneratorType):
                 return self._stream(status, payload)
@@ -414,73 +493,221 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
+@dataclass(eq=False)
+class Waiting:
+    """A connection in the head reader: its socket, what it has sent so far, when it is cut."""
+
+    sock: object
+    address: tuple
+    deadline: float               # monotonic
+    data: bytearray
+    handshake: bool = False       # its TLS handshake is still to finish
+    idle: bool = False            # kept alive, and not a byte of its next request yet
+    scanned: int = 0              # head_complete has looked at data up to here
+    events: int = selectors.EVENT_READ
+
+
+class HeadReader:
+    """One thread that reads request heads, so that a connection takes a thread and one of
+    max_connections only once it has sent a whole head (specs/protocol.md §1.1).
+
+    A new connection must finish its TLS handshake and its first head within head_timeout.
+    A kept-alive one comes back here after each answer and may wait request_timeout for its
+    next request, whose head must then arrive within head_timeout of its first byte. At most
+    max_pending connections wait here, max_pending_per_address of them from one address;
+    admitting one more closes the waiting connection whose deadline comes first (it had the
+    least time left anyway). A slow client thus costs a socket and a buffer, never a thread,
+    and cannot keep out a client that sends its head at once.
+    """
+
+    def __init__(self, settings, ready, close):
+        self.s, self._ready, self._close = settings, ready, close   # ready(sock, address, head); close(sock)
+        self._waiting = {}                              # socket -> Waiting; this thread's alone
+        self._inbox = collections.deque()               # (sock, address, data) from other threads
+        self._selector = selectors.DefaultSelector()
+        self._wake, self._waker = socket.socketpair()
+        for end in (self._wake, self._waker):
+            end.setblocking(False)
+        self._selector.register(self._wake, selectors.EVENT_READ)
+        self._stopped = False
+        self.timed_out = self.evicted = 0               # since the last log line
+        self._thread = threading.Thread(target=self._run, name="heads", daemon=True)
+        self._thread.start()
+
+    def add(self, sock, address, data=None):
+        """Wait for a head on `sock`: a new connection (data None), or a kept-alive one with the
+        bytes read past its last request."""
+        if self._stopped:
+            self._close(sock)
+            return
+        self._inbox.append((sock, address, data))
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass                                        # full: a wake-up is pending already
+
+    def close(self):
+        self._stopped = True
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass                                        # a wake-up is pending already, or closed before
+        self._thread.join(5)
+
+    def _run(self):
+        sweep = report = now = 0.0
+        while not self._stopped:
+            try:
+                for key, _ in self._selector.select(0.5 if self._waiting else None):
+                    if key.data is None:
+                        self._wake.recv(4096)                   # woken up: the inbox has news
+                    else:
+                        self._read(key.data)
+                while self._inbox and not self._stopped:
+                    self._admit(*self._inbox.popleft())
+                now = time.monotonic()
+                if now >= sweep:
+                    sweep = now + 0.5
+                    for w in [w for w in self._waiting.values() if w.deadline <= now]:
+                        self.timed_out += not w.idle
+                        self._drop(w)
+            except Exception:
+                log.exception("reading request heads")     # a bug: a connection is lost, not the server
+            if (self.timed_out or self.evicted) and now >= report:      # at most a line per 10 s
+                log.info("closed %d connection(s) without a whole request head in %g s, %d over the caps",
+                         self.timed_out, self.s.head_timeout, self.evicted)
+                report, self.timed_out, self.evicted = now + 10, 0, 0
+        for w in list(self._waiting.values()):
+            self._drop(w)
+        for sock, _, _ in self._inbox:
+            self._close(sock)
+        self._selector.close()
+        self._wake.close()
+        self._waker.close()
+
+    def _admit(self, sock, address, data):
+        now = time.monotonic()
+        if data is None:
+            w = Waiting(sock, address, now + self.s.head_timeout, bytearray(), isinstance(sock, ssl.SSLSocket))
+        else:
+            w = Waiting(sock, address, now + (self.s.head_timeout if data else self.s.request_timeout),
+                        bytearray(data), idle=not data)
+        same = [o for o in self._waiting.values() if o.address[0] == address[0]]
+        if len(same) >= self.s.max_pending_per_address:
+            self._drop(min(same, key=lambda o: o.deadline), evicted=True)
+        if len(self._waiting) >= self.s.max_pending:
+            self._drop(min(self._waiting.values(), key=lambda o: o.deadline), evicted=True)
+        try:
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ, w)
+        except (OSError, ValueError):
+            self._close(sock)                           # closed meanwhile
+            return
+        self._waiting[sock] = w
+        self._read(w)
+
+    def _read(self, w):
+        """Take what `w` has sent; hand it on once its head is in."""
+        try:
+            if w.handshake:
+                w.sock.do_handshake()
+                w.handshake = False
+            while not head_complete(w.data, w.scanned):
+                w.scanned = max(0, len(w.data) - 2)
+                part = w.sock.recv(65536)
+                if not part:
+                    return self._drop(w)                # the client hung up
+                if w.idle:
+                    w.idle, w.deadline = False, min(w.deadline, time.monotonic() + self.s.head_timeout)
+                w.data += part
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return self._want(w, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            return self._want(w, selectors.EVENT_WRITE)
+        except OSError as e:
+            if isinstance(e, ssl.SSLError):
+                log.info("connection from %s dropped: %s", w.address[0], e)
+            return self._drop(w)
+        self._forget(w)
+        self._ready(w.sock, w.address, bytes(w.data))
+
+    def _want(self, w, events):
+        if w.events != events:
+            w.events = events
+            self._selector.modify(w.sock, events, w)
+
+    def _forget(self, w):
+        del self._waiting[w.sock]
+        self._selector.unregister(w.sock)
+
+    def _drop(self, w, evicted=False):
+        self._forget(w)
+        self._close(w.sock)
+        self.evicted += evicted
+
+
+class Server(HTTPServer):
+    """Accepts connections for the head reader; a thread per request whose head is in."""
+
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, handler, max_connections):
+    def __init__(self, address, handler, settings):
         super().__init__(address, handler)
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._reading = {}          # connection -> monotonic deadline for reading its current request
-        self._reading_lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self.heads = HeadReader(settings, self._head_arrived, self.shutdown_request)
 
-    def reading(self, connection, seconds):
-        """A request is being read on `connection`: it must be in within `seconds`."""
-        with self._reading_lock:
-            self._reading[connection] = time.monotonic() + seconds
+    def process_request(self, request, client_address):
+        self.heads.add(request, client_address)
 
-    def done_reading(self, connection):
-        with self._reading_lock:
-            self._reading.pop(connection, None)
-
-    def cut_slow_readers(self):
-        """Close connections still sending a request past its deadline.
-
-        A socket timeout bounds each recv, not the request: a client trickling one byte
-        of its request line or headers at a time would hold a thread forever (slowloris).
-        """
-        now = time.monotonic()
-        with self._reading_lock:
-            late = [c for c, deadline in self._reading.items() if deadline < now]
-            for connection in late:
-                del self._reading[connection]
-        for connection in late:
+    def _head_arrived(self, sock, address, head):
+        if self._slots.acquire(blocking=False):
             try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        return len(late)
+                threading.Thread(target=self._serve, args=(sock, address, head), daemon=True).start()
+                return
+            except RuntimeError:                        # no thread to be had: as if over the cap
+                self._slots.release()
+        body = json.dumps(Unavailable("too many requests in progress", "retry in a second").to_json()).encode()
+        try:
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                      b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        except OSError:
+            pass
+        self.shutdown_request(sock)
+
+    def _serve(self, sock, address, head):
+        """Answer the request whose head is in, and the next ones while each comes within LINGER
+        of an answer (a busy client skips the head reader); then give a kept-alive connection
+        back to the head reader."""
+        rest = None
+        try:
+            while True:
+                handler = self.RequestHandlerClass(sock, address, self, head)
+                rest = None if handler.close_connection else handler.rfile.linger(LINGER)
+                if rest is None or not head_complete(rest):
+                    break
+                head = rest
+        except Exception:
+            rest = None
+            self.handle_error(sock, address)
+        finally:
+            self._slots.release()
+        if rest is None:
+            self.shutdown_request(sock)
+        else:
+            self.heads.add(sock, address, rest)
 
     def handle_error(self, request, client_address):
-        """A client that fails the TLS handshake or hangs up is its own problem: one log line, no traceback."""
+        """A client that hangs up or times out is its own problem: one log line, no traceback."""
         e = sys.exc_info()[1]
         if isinstance(e, (ssl.SSLError, ConnectionError, TimeoutError)):
             log.info("connection from %s dropped: %s", client_address[0], e)
             return
         super().handle_error(request, client_address)
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            if isinstance(request, ssl.SSLSocket):      # no handshake yet: writing would block the accept loop
-                self.shutdown_request(request)
-                return
-            try:
-                body = json.dumps(Unavailable("too many open connections", "retry in a second").to_json()).encode()
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.done_reading(request)
-            self._slots.release()
+    def server_close(self):
+        super().server_close()
+        self.heads.close()
 
 
 def make_server(settings):
@@ -491,25 +718,23 @@ def make_server(settings):
     pond = Pond(settings=settings, store=store)
     handler = type("PondHandler", (Handler,), {"pond": pond, "timeout": settings.request_timeout})
     try:
-        server = Server((settings.host, settings.port), handler, settings.max_connections)
+        server = Server((settings.host, settings.port), handler, settings)
     except OSError as e:
         store.close()
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {e.strerror}",
                           "pick a free port with --bind HOST:PORT (port 0: any free port)") from None
     if settings.tls_cert:
         from pond.tls import server_context
-        # The handshake runs in the connection's own thread (on its first read), so a slow
-        # or silent client never holds up accept(); cut_slow_readers bounds it like a request.
+        # The head reader runs the handshake, so a slow or silent client never holds up
+        # accept() or a thread; head_timeout bounds it with the first request head.
         server.socket = server_context(settings.tls_cert, settings.tls_key).wrap_socket(
             server.socket, server_side=True, do_handshake_on_connect=False)
     return pond, server
 
 
-def _reap(pond, server):
-    """One pass of background upkeep: slow requests are cut; workers whose orchestrator went silent
-    go offline; leases and timeouts expire. While pond.db refuses writes, the pass retries (health.Loop)."""
-    if server.cut_slow_readers():
-        log.info("closed connection(s) that did not send a request within %g s", pond.settings.request_timeout)
+def _reap(pond):
+    """One pass of background upkeep: workers whose orchestrator went silent go offline; leases
+    and timeouts expire. While pond.db refuses writes, the pass retries (health.Loop)."""
     pond.store.probe()
     if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
         pond.work.notify()
@@ -530,7 +755,7 @@ def serve(settings, ready=None):
     def shutdown(signum, frame):
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    reaper = health.Loop("reaper", lambda: _reap(pond, server), REAPER_INTERVAL, stop,
+    reaper = health.Loop("reaper", lambda: _reap(pond), REAPER_INTERVAL, stop,
                          on_death=lambda: (died.append(1), shutdown(None, None)))
     pond.loops.append(reaper)
     reaper.thread.start()

@@ -19,8 +19,11 @@ DEFAULT_POLL_HOLD = 25.0                 # s a /v1/orch/poll is held open when t
 MAX_POLL_HOLD = 60.0                     # s; a client asking for more gets this
 MAX_BODY = 4 * 1024 * 1024               # bytes in one request body
 MAX_HEADER_BYTES = 16 * 1024             # bytes of request headers
-REQUEST_TIMEOUT = 30.0                   # s a socket may sit idle while a request is read
-MAX_CONNECTIONS = 256                    # open connections; more get 503
+REQUEST_TIMEOUT = 30.0                   # s for a request's body; s a kept-alive connection may sit idle
+MAX_CONNECTIONS = 256                    # requests in progress (held polls included); more get 503
+HEAD_TIMEOUT = 5.0                       # s for a request head (a new connection's: TLS handshake included)
+MAX_PENDING = 256                        # connections still sending a request head (or idle between requests)
+MAX_PENDING_PER_ADDRESS = 64             # ... of them from one client address
 PAIRING_TTL = 600                        # s a pairing code stays valid (max MAX_CODE_TTL)
 ENROLLMENT_TTL = 3600                    # s an enrollment code stays valid
 MAX_CODE_TTL = 7 * 24 * 3600
@@ -45,6 +48,9 @@ class ServerSettings:
     max_body: int = MAX_BODY
     request_timeout: float = REQUEST_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    head_timeout: float = HEAD_TIMEOUT
+    max_pending: int = MAX_PENDING
+    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS
     access_log: bool = False
     tls_cert: str = ""                   # both set: serve HTTPS
     tls_key: str = ""
@@ -117,7 +123,8 @@ def read_private(path):
 def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
-                    log_cap=None, require_sandbox=False):
+                    log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
+                    max_pending_per_address=None):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -139,13 +146,24 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
     timeout = float(request_timeout if request_timeout is not None else REQUEST_TIMEOUT)
     if not 0 < timeout <= 600:
         raise ConfigError(f"request timeout {timeout} s is out of range", "give a value in (0, 600]")
+    head_timeout = float(HEAD_TIMEOUT if head_timeout is None else head_timeout)
+    if not 0 < head_timeout <= 600:
+        raise ConfigError(f"head timeout {head_timeout} s is out of range", "give a value in (0, 600] (default 5)")
+    pending = int(MAX_PENDING if max_pending is None else max_pending)
+    per_address = int(min(pending, MAX_PENDING_PER_ADDRESS) if max_pending_per_address is None
+                      else max_pending_per_address)
+    if not 1 <= per_address <= pending <= 65536:
+        raise ConfigError(f"max pending {pending} and per address {per_address} are out of range",
+                          f"give 1 <= per address <= max pending <= 65536 (defaults {MAX_PENDING_PER_ADDRESS}, "
+                          f"{MAX_PENDING})")
     return ServerSettings(host=host, port=port, state_dir=state, admin_token=token,
                           poll_hold=hold, access_log=access_log, request_timeout=timeout,
                           tls_cert=tls_cert, tls_key=tls_key,
                           credential_key=_credential_key(state, env, credential_key_file),
                           allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1",
                           lease=lease, max_attempts=attempts, log_cap=cap,
-                          require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"))
+                          require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
+                          head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address)
 
 
 def _env_flag(env, name):
