@@ -80,7 +80,7 @@ import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -118,7 +118,10 @@ MAX_HEARTBEAT = 4096                  # attempts in one heartbeat, as pond
 MAX_HOLDING = 4096                    # job ids a worker lists as held when it claims
 MAX_BATCH = 64                        # reports in one POST .../reports, as pond
 BATCH_BYTES = 1024 * 1024             # output bytes a sender puts in one batch (MAX_BODY bounds the request)
-REQUEST_TIMEOUT = 30.0                # s a socket may sit idle while a request is read
+REQUEST_TIMEOUT = 30.0                # s for a request's body; s a kept-alive connection may sit idle
+HEAD_TIMEOUT = 5.0                    # s for a request head (a new connection's: TLS handshake included)
+MAX_CONNECTIONS = 256                 # requests in progress (held claims included); more get 503
+MAX_PENDING, MAX_PENDING_PER_ADDRESS = 256, 64   # connections still sending a head (or idle), all / one address
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 STALL_AFTER = 60.0                    # s a loop may go without a sign of life before /healthz says stalled
 TROUBLE_RELOG = 60.0                  # s before the same trouble is logged again while it lasts
@@ -965,16 +968,97 @@ def read_headers(rfile):
         headers[key] = value.strip()
 
 
+# Bytes the parser may read before it refuses a head without a blank line (414 or 431): the
+# request line (http.server's 65,536), the header limit, and the one line that crosses it.
+HEAD_LIMIT = 2 * 65537 + MAX_HEADER_BYTES
+LINGER = 0.05            # s a request's thread waits for the next request on its connection (as pond)
+
+
+def head_complete(data, start=0):
+    """Whether `data` holds a whole request head (up to its blank line), or enough of one for the
+    parser to refuse it: either way it will not wait for another byte (as pond/server.py).
+    `start`: where new bytes begin, less two (a blank line may straddle the old end)."""
+    return (len(data) >= HEAD_LIMIT or data.startswith((b"\n", b"\r\n"))
+            or data.find(b"\n\n", start) >= 0 or data.find(b"\n\r\n", start) >= 0)
+
+
+class Stream:
+    """A connection's rfile and wfile in one: reads first what the head reader took off the
+    socket, then the socket; writes whole. What is left unread after an answer (`buf`) goes
+    back to the head reader with a kept-alive connection."""
+
+    def __init__(self, sock, data=b""):
+        self.sock, self.buf = sock, bytearray(data)
+
+    def _fill(self):
+        part = self.sock.recv(65536)
+        self.buf += part
+        return part
+
+    def _take(self, n):
+        part = bytes(self.buf[:n])
+        del self.buf[:n]
+        return part
+
+    def readline(self, limit):
+        while (end := self.buf.find(b"\n", 0, limit)) < 0 and len(self.buf) < limit and self._fill():
+            pass
+        return self._take(end + 1 if end >= 0 else limit)
+
+    def read1(self, n):
+        if not self.buf:
+            self._fill()
+        return self._take(n)
+
+    def linger(self, seconds):
+        """Wait up to `seconds` for the next request after an answer -> the bytes of it here so
+        far (b"": none yet); None if the client hung up."""
+        if not head_complete(self.buf):
+            self.sock.settimeout(seconds)
+            try:
+                if not self._fill():
+                    return None
+            except TimeoutError:
+                pass
+            except OSError:
+                return None
+        return bytes(self.buf)
+
+    def write(self, data):
+        self.sock.sendall(data)
+
+    def flush(self):
+        pass
+
+
 class JsonHandler(BaseHTTPRequestHandler):
-    """Routes requests to `server.routes`: [(method, compiled path regex, handler)].
+    """Routes one request, whose head the server's HeadReader has read (`head`), to
+    `server.routes`: [(method, compiled path regex, handler)].
 
     A handler gets (handler_instance, match, body) and returns (status, payload).
     """
 
     protocol_version = "HTTP/1.1"
     server_version = f"swarm/{VERSION}"
-    disable_nagle_algorithm = True
-    timeout = REQUEST_TIMEOUT
+    on_hangup = None         # set by a route (Pool.beat): called if the client closes the connection later
+
+    def __init__(self, request, client_address, server, head=b""):
+        self.head = head
+        super().__init__(request, client_address, server)
+
+    def setup(self):
+        self.connection = self.request
+        self.connection.settimeout(self.server.request_timeout)
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
+        self.rfile = self.wfile = Stream(self.connection, self.head)
+
+    def handle(self):
+        """One request; the server gives a kept-alive connection back to its head reader after."""
+        self.close_connection = True
+        self.handle_one_request()
+
+    def finish(self):
+        pass
 
     def do_GET(self):
         self._handle("GET")
@@ -988,22 +1072,9 @@ class JsonHandler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._handle("DELETE")
 
-    on_hangup = None         # set by a route: called if the client closes the connection (Pool.beat)
-
-    def handle_one_request(self):
-        self.server.reading(self.connection)
-        self.raw_requestline = b""       # stays empty if the client hangs up (EOF or reset) before a request
-        super().handle_one_request()
-
-    def finish(self):
-        super().finish()
-        if self.on_hangup and not self.raw_requestline:     # not when we closed it after an answer
-            self.on_hangup()
-
     def _handle(self, method):
         try:
             body = self._body()           # first, so an error answer never leaves a body unread on the connection
-            self.server.done_reading(self.connection)        # read in full; a held claim may now wait
             fn, match = self._route(method)
             status, payload = fn(self, match, body)
             if isinstance(payload, types.GeneratorType):
@@ -1093,7 +1164,7 @@ class JsonHandler(BaseHTTPRequestHandler):
                                 f"send all {length} bytes within {self.server.request_timeout:g} s")
             parts.append(part)
             got += len(part)
-        self.connection.settimeout(REQUEST_TIMEOUT)
+        self.connection.settimeout(self.server.request_timeout)
         return b"".join(parts)
 
     def _send(self, status, payload):
@@ -1257,71 +1328,234 @@ def whole(value, where, lo, hi, default=None):
     return value
 
 
-class JsonServer(ThreadingHTTPServer):
-    daemon_threads = True
+@dataclass(eq=False)
+class Waiting:
+    """A connection in the head reader: what it sent so far (`data`, searched up to `scanned`),
+    its monotonic deadline, whether its TLS handshake is still to finish, whether it is kept
+    alive without a byte of its next request yet (`idle`), the events it waits for, and what
+    to call if the client hangs up (JsonHandler.on_hangup)."""
+
+    sock: object
+    address: tuple
+    deadline: float
+    data: bytearray
+    handshake: bool = False
+    idle: bool = False
+    scanned: int = 0
+    events: int = selectors.EVENT_READ
+    on_hangup: object = None
+
+
+class HeadReader:
+    """One thread that reads request heads, so that a connection takes a thread and one of
+    max_connections only once it has sent a whole head (specs/protocol.md §1.1). As pond's:
+    head_timeout for a new connection's handshake and first head, request_timeout idle
+    between requests, then head_timeout from the next head's first byte; over max_pending
+    (or max_pending_per_address from one address), the waiting one whose deadline comes first
+    is closed. A slow client costs a socket, never a thread."""
+
+    def __init__(self, limits, ready, close):
+        self.s, self._ready, self._close = limits, ready, close    # ready(sock, address, head); close(sock)
+        self._waiting = {}                              # socket -> Waiting; this thread's alone
+        self._inbox = collections.deque()               # (sock, address, data) from other threads
+        self._selector = selectors.DefaultSelector()
+        self._wake, self._waker = socket.socketpair()
+        for end in (self._wake, self._waker):
+            end.setblocking(False)
+        self._selector.register(self._wake, selectors.EVENT_READ)
+        self._stopped = False
+        self.timed_out = self.evicted = 0               # since the last log line
+        self._thread = threading.Thread(target=self._run, name="heads", daemon=True)
+        self._thread.start()
+
+    def add(self, sock, address, data=None, on_hangup=None):
+        """Wait for a head on `sock`: a new connection (data None), or a kept-alive one with the
+        bytes read past its last request."""
+        if self._stopped:
+            self._close(sock)
+            return
+        self._inbox.append((sock, address, data, on_hangup))
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass                                        # full: a wake-up is pending already
+
+    def close(self):
+        self._stopped = True
+        try:
+            self._waker.send(b"\0")
+        except OSError:
+            pass                                        # a wake-up is pending already, or closed before
+        self._thread.join(5)
+
+    def _run(self):
+        sweep = report = now = 0.0
+        while not self._stopped:
+            try:
+                for key, _ in self._selector.select(0.5 if self._waiting else None):
+                    if key.data is None:
+                        self._wake.recv(4096)                   # woken up: the inbox has news
+                    else:
+                        self._read(key.data)
+                while self._inbox and not self._stopped:
+                    self._admit(*self._inbox.popleft())
+                now = time.monotonic()
+                if now >= sweep:
+                    sweep = now + 0.5
+                    for w in [w for w in self._waiting.values() if w.deadline <= now]:
+                        self.timed_out += not w.idle
+                        self._drop(w)
+            except Exception:
+                log.exception("reading request heads")     # a bug: a connection is lost, not the server
+            if (self.timed_out or self.evicted) and now >= report:      # at most a line per 10 s
+                log.info("closed %d connection(s) without a whole request head in %g s, %d over the caps",
+                         self.timed_out, self.s.head_timeout, self.evicted)
+                report, self.timed_out, self.evicted = now + 10, 0, 0
+        for w in list(self._waiting.values()):
+            self._drop(w)
+        for sock, *_ in self._inbox:
+            self._close(sock)
+        self._selector.close()
+        self._wake.close()
+        self._waker.close()
+
+    def _admit(self, sock, address, data, on_hangup):
+        now = time.monotonic()
+        if data is None:
+            w = Waiting(sock, address, now + self.s.head_timeout, bytearray(), isinstance(sock, ssl.SSLSocket))
+        else:
+            w = Waiting(sock, address, now + (self.s.head_timeout if data else self.s.request_timeout),
+                        bytearray(data), idle=not data, on_hangup=on_hangup)
+        same = [o for o in self._waiting.values() if o.address[0] == address[0]]
+        if len(same) >= self.s.max_pending_per_address:
+            self._drop(min(same, key=lambda o: o.deadline), evicted=True)
+        if len(self._waiting) >= self.s.max_pending:
+            self._drop(min(self._waiting.values(), key=lambda o: o.deadline), evicted=True)
+        try:
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ, w)
+        except (OSError, ValueError):
+            self._close(sock)                           # closed meanwhile
+            return
+        self._waiting[sock] = w
+        self._read(w)
+
+    def _read(self, w):
+        """Take what `w` has sent; hand it on once its head is in."""
+        try:
+            if w.handshake:
+                w.sock.do_handshake()
+                w.handshake = False
+            while not head_complete(w.data, w.scanned):
+                w.scanned = max(0, len(w.data) - 2)
+                part = w.sock.recv(65536)
+                if not part:
+                    return self._drop(w, hung_up=True)
+                if w.idle:
+                    w.idle, w.deadline = False, min(w.deadline, time.monotonic() + self.s.head_timeout)
+                w.data += part
+        except (BlockingIOError, ssl.SSLWantReadError):
+            return self._want(w, selectors.EVENT_READ)
+        except ssl.SSLWantWriteError:
+            return self._want(w, selectors.EVENT_WRITE)
+        except OSError as e:
+            if isinstance(e, ssl.SSLError):
+                log.info("connection from %s dropped: %s", w.address[0], e)
+            return self._drop(w, hung_up=True)
+        self._forget(w)
+        self._ready(w.sock, w.address, bytes(w.data), w.on_hangup)
+
+    def _want(self, w, events):
+        if w.events != events:
+            w.events = events
+            self._selector.modify(w.sock, events, w)
+
+    def _forget(self, w):
+        del self._waiting[w.sock]
+        self._selector.unregister(w.sock)
+
+    def _drop(self, w, evicted=False, hung_up=False):
+        self._forget(w)
+        self._close(w.sock)
+        self.evicted += evicted
+        if hung_up and w.on_hangup:                     # the client closed it (end of stream or reset), not we
+            w.on_hangup()
+
+
+class JsonServer(HTTPServer):
+    """Accepts connections for the head reader; a thread per request whose head is in."""
+
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, routes, max_connections=256, request_timeout=REQUEST_TIMEOUT):
+    def __init__(self, address, routes, request_timeout=REQUEST_TIMEOUT, head_timeout=HEAD_TIMEOUT,
+                 max_pending=MAX_PENDING, max_pending_per_address=MAX_PENDING_PER_ADDRESS):
         super().__init__(address, JsonHandler)
         self.routes = [(m, re.compile(p + r"\Z"), fn) for m, p, fn in routes]
-        self.request_timeout = request_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._reading = {}          # connection -> monotonic deadline for reading its current request
-        self._reading_lock = threading.Lock()
-        self._closed = threading.Event()
-        threading.Thread(target=self._cut_slow_readers, name="slow-readers", daemon=True).start()
-
-    def reading(self, connection):
-        with self._reading_lock:
-            self._reading[connection] = time.monotonic() + self.request_timeout
-
-    def done_reading(self, connection):
-        with self._reading_lock:
-            self._reading.pop(connection, None)
-
-    def _cut_slow_readers(self):
-        """Close connections still sending a request past its deadline (see pond/server.py)."""
-        while not self._closed.wait(2.0):
-            now = time.monotonic()
-            with self._reading_lock:
-                late = [c for c, deadline in self._reading.items() if deadline < now]
-                for connection in late:
-                    del self._reading[connection]
-            for connection in late:
-                try:
-                    connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def server_close(self):
-        self._closed.set()
-        super().server_close()
+        self.request_timeout, self.head_timeout = request_timeout, head_timeout
+        self.max_pending, self.max_pending_per_address = max_pending, max_pending_per_address
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.heads = HeadReader(self, self._head_arrived, self.shutdown_request)
 
     def use_tls(self, context):
-        """Serve HTTPS. The handshake runs in each connection's thread (on its first read), so a
-        silent client never holds up accept(); the slow-reader cut bounds it like a request."""
+        """Serve HTTPS. The head reader runs each handshake, so a silent client never holds up
+        accept() or a thread; head_timeout bounds it with the first request head."""
         self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+    def process_request(self, request, client_address):
+        self.heads.add(request, client_address)
+
+    def _head_arrived(self, sock, address, head, on_hangup):
+        if self._slots.acquire(blocking=False):
+            try:
+                threading.Thread(target=self._serve, args=(sock, address, head, on_hangup), daemon=True).start()
+                return
+            except RuntimeError:                        # no thread to be had: as if over the cap
+                self._slots.release()
+        body = json.dumps({"error": {"code": "unavailable", "message": "too many requests in progress",
+                                     "hint": "retry in a second"}}).encode()
+        try:
+            sock.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+                      b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        except OSError:
+            pass
+        self.shutdown_request(sock)
+
+    def _serve(self, sock, address, head, on_hangup):
+        """Answer the request whose head is in, and the next ones while each comes within LINGER
+        of an answer (a busy client skips the head reader); then give a kept-alive connection
+        back to the head reader. `on_hangup`: the connection's latest JsonHandler.on_hangup."""
+        rest = None
+        try:
+            while True:
+                handler = JsonHandler(sock, address, self, head)
+                on_hangup = handler.on_hangup or on_hangup
+                rest = None if handler.close_connection else handler.rfile.linger(LINGER)
+                if rest is None and not handler.close_connection and on_hangup:
+                    on_hangup()                         # the client closed it, not we
+                if rest is None or not head_complete(rest):
+                    break
+                head = rest
+        except Exception:
+            rest = None
+            self.handle_error(sock, address)
+        finally:
+            self._slots.release()
+        if rest is None:
+            self.shutdown_request(sock)
+        else:
+            self.heads.add(sock, address, rest, on_hangup)
 
     def handle_error(self, request, client_address):
         e = sys.exc_info()[1]
-        if isinstance(e, (ssl.SSLError, ConnectionError, TimeoutError)):    # a failed handshake: one line
+        if isinstance(e, (ssl.SSLError, ConnectionError, TimeoutError)):    # a client that hung up: one line
             log.info("connection from %s dropped: %s", client_address[0], e)
             return
         super().handle_error(request, client_address)
 
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)      # over the connection cap: refuse at once
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.done_reading(request)
-            self._slots.release()
+    def server_close(self):
+        super().server_close()
+        self.heads.close()
 
 
 # ============================================================================
@@ -1351,6 +1585,9 @@ class ServeSettings:
     snapshot_interval: float = SNAPSHOT_INTERVAL
     request_timeout: float = REQUEST_TIMEOUT
     worker_lost_after: float = WORKER_LOST_AFTER
+    head_timeout: float = HEAD_TIMEOUT
+    max_pending: int = MAX_PENDING
+    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS
     tls_cert: str = ""        # both set: serve HTTPS
     tls_key: str = ""
     ca_file: str = ""         # CA to verify an https:// pond with
@@ -1442,6 +1679,14 @@ def load_handle(path):
 
 def serve_settings(args, env):
     host, port = parse_bind(args.bind)
+    if not 0 < args.head_timeout <= 600:
+        raise UsageError(f"--head-timeout {args.head_timeout:g} is out of range", "give seconds in (0, 600] (default 5)")
+    per_address = (min(args.max_pending, MAX_PENDING_PER_ADDRESS) if args.max_pending_per_address is None
+                   else args.max_pending_per_address)
+    if not 1 <= per_address <= args.max_pending <= 65536:
+        raise UsageError(f"--max-pending {args.max_pending} with --max-pending-per-address {per_address} is out of "
+                         f"range", f"give 1 <= per address <= max pending <= 65536 (defaults "
+                         f"{MAX_PENDING_PER_ADDRESS}, {MAX_PENDING})")
     tls_cert, tls_key = serve_tls(host, args.tls_cert, args.tls_key, args.insecure_no_tls)
     token = resolve_token(args.token, args.token_file, env)
     if not token:
@@ -1458,6 +1703,8 @@ def serve_settings(args, env):
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
                          snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout,
                          worker_lost_after=args.worker_lost_after,
+                         head_timeout=args.head_timeout, max_pending=args.max_pending,
+                         max_pending_per_address=per_address,
                          tls_cert=tls_cert, tls_key=tls_key, ca_file=args.ca_file or "")
 
 
@@ -2543,8 +2790,8 @@ def serve(s):
     registry = Registry(s.state_dir / "swarm.db")
     pool = Pool(registry, pond, s.claim_wait, s.worker_lost_after)
     try:
-        server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash),
-                            request_timeout=s.request_timeout)
+        server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash), s.request_timeout,
+                            s.head_timeout, s.max_pending, s.max_pending_per_address)
     except OSError as e:
         registry.close()
         raise UsageError(f"cannot listen on {s.host}:{s.port}: {e.strerror}",
@@ -5041,7 +5288,14 @@ def build_parser():
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help=argparse.SUPPRESS)
     s.add_argument("--request-timeout", type=float, default=REQUEST_TIMEOUT, metavar="S",
-                   help="seconds a client has to send a whole request (default %(default)g)")
+                   help="seconds a client has to send a request body, and a kept-alive connection may sit idle "
+                        "(default %(default)g)")
+    s.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, metavar="S",
+                   help="seconds a client has to send a request head, TLS handshake included (default %(default)g)")
+    s.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
+                   help="connections that may wait to send a request head at once (default %(default)s)")
+    s.add_argument("--max-pending-per-address", type=int, metavar="N",
+                   help=f"... of them from one client address (default {MAX_PENDING_PER_ADDRESS})")
     s.add_argument("--worker-lost-after", type=float, default=WORKER_LOST_AFTER, metavar="S",
                    help="a worker without a heartbeat this long is lost: its jobs run elsewhere (default %(default)g)")
 
