@@ -1,5 +1,6 @@
 """Every request is bounded in time, not only each recv: a client that trickles its request
-a byte at a time is cut off, while held polls and claims (already read in full) are not."""
+head a byte at a time is cut off (--head-timeout), while held polls and claims (already read
+in full) are not cut by the request timeout."""
 
 import socket
 import time
@@ -7,7 +8,7 @@ from urllib.parse import urlsplit
 
 from conftest import JOB_PY, wait_for
 
-TIMEOUT = 2       # --request-timeout for these servers; the reapers look every 2 s
+TIMEOUT = 2       # --head-timeout or --request-timeout for these servers; checked every 0.5 s
 
 
 def trickle_until_closed(url, limit=15.0):
@@ -30,7 +31,7 @@ def trickle_until_closed(url, limit=15.0):
 
 
 def test_pond_cuts_a_request_that_trickles_in(pool):
-    pond = pool.pond(extra=("--request-timeout", str(TIMEOUT)))
+    pond = pool.pond(extra=("--head-timeout", str(TIMEOUT)))
     took = trickle_until_closed(pond.url)
     assert TIMEOUT <= took < TIMEOUT + 4, took
     assert pond.client.get("/healthz")["ok"]
@@ -38,7 +39,7 @@ def test_pond_cuts_a_request_that_trickles_in(pool):
 
 def test_the_orchestrator_cuts_a_request_that_trickles_in(pool):
     pond = pool.pond()
-    orch = pool.orchestrator(pond, extra=("--request-timeout", str(TIMEOUT)))
+    orch = pool.orchestrator(pond, extra=("--head-timeout", str(TIMEOUT)))
     took = trickle_until_closed(orch.url())
     assert TIMEOUT <= took < TIMEOUT + 4, took
 
