@@ -3944,9 +3944,10 @@ class Spawner:
     def __init__(self, cgroups=()):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:                               # its own session: a terminal's ^C reaches the worker, not it
-            self.proc = subprocess.Popen([sys.executable or "python3", "-I", "-S", "-c", spawner_source(),
-                                          str(theirs.fileno())], pass_fds=[theirs.fileno()],
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen([sys.executable or "python3", "-I", "-S", "-", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.PIPE, start_new_session=True)
+        with self.proc.stdin:                      # its program on stdin: `ps` shows `python3 -I -S - N`, not the source
+            self.proc.stdin.write(spawner_source().encode())
         self.sock, self.pid = ours, self.proc.pid
         try:
             for d in cgroups:                      # v1: the spawner sits in the slot's cgroups; its jobs are born there
