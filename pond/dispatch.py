@@ -72,39 +72,105 @@ class Notifier:
                 self._job_waiters -= new_jobs
 
 
+class Fits:
+    """Which queued requirement groups each binding's workers fit, kept from one poll to the next.
+
+    A group's verdict depends only on its requirements and on the binding's available
+    workers (which ones, their tags, capabilities and whether their keys are pinned), not
+    on free slots or on how many jobs wait in it. So a poll matches only the groups that
+    appeared since the one before (store.queue_groups), and a group that no worker fits costs
+    nothing more until that set of workers changes; then every group is matched again. The
+    store leaves out the groups with a tag none of the workers has, the common miss (a
+    tenant tag each), so only the others are matched here. Used inside claim()'s
+    transaction, which serialises it.
+    """
+
+    def __init__(self):
+        self._seen = {}         # binding id -> _Seen
+        self.checks = 0         # groups matched against a binding's workers, for /metrics
+
+    def fitting(self, store, binding_id, rows, workers):
+        """{req_key: ids of the workers that fit, in enrollment order} of the queued groups some
+        of `workers` (the available ones among `rows`, store.workers(binding_id)) fit, free slots aside."""
+        seen = self._seen.get(binding_id)
+        if seen is None or seen.rows is not rows:      # the rows are cached: the same list until a worker changes
+            key = tuple((w["id"], tuple(w["tags"]), tuple(w["capabilities"]), bool(w["fingerprint"])) for w in workers)
+            if seen is None or seen.key != key:
+                seen = self._seen[binding_id] = _Seen(key, workers)
+            seen.rows = rows
+        seen.serial, groups = store.queue_groups(seen.serial, seen.all_tags)
+        for group in groups:
+            self.checks += 1
+            fit = seen.match(group)
+            if fit:
+                seen.fit[group["req_key"]] = fit
+            else:
+                seen.fit.pop(group["req_key"], None)
+        return seen.fit
+
+    def forget(self, binding_id, req_key):
+        """The group had no queued job left when this binding looked: the store has dropped it, and
+        it comes back as a new group."""
+        self._seen[binding_id].fit.pop(req_key, None)
+
+
+class _Seen:
+    """One binding's workers as far as matching goes (worker ids with the same tags, capabilities
+    and keys share a profile, matched once per group), the last group serial it matched, and
+    the groups they fit."""
+
+    def __init__(self, key, workers):
+        self.key, self.rows, self.serial, self.fit = key, None, 0, {}
+        profiles = {}
+        self.order = [(w["id"], profiles.setdefault(k[1:], len(profiles))) for w, k in zip(workers, key)]
+        self.profiles = [({"tags": tags, "capabilities": caps}, pinned) for tags, caps, pinned in profiles]
+        self.all_tags = {t for w in workers for t in w["tags"]}
+
+    def match(self, group):
+        ok = {i for i, (w, pinned) in enumerate(self.profiles)
+              if (pinned or not group["sealed"]) and matching.matches(w, group["tags"], group["capabilities"])}
+        return [worker_id for worker_id, profile in self.order if profile in ok]
+
+
 def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     """Assign queued jobs to this binding's online workers with free slots, oldest first.
 
     One write transaction: two polls can never assign the same job. Queued jobs are
     grouped by requirements; each group that some free worker fits offers its oldest
     jobs, and the offers are taken in submission order across groups. Among matching
-    workers, the one with the most free slots gets the job.
+    workers, the one with the most free slots gets the job. Which groups fit is kept
+    between polls (Fits).
     """
     store = pond.store
     with store.transaction():
-        workers = [w for w in store.workers(binding_id) if _available(pond, w)]
+        rows = store.workers(binding_id)
+        workers = [w for w in rows if _available(pond, w)]
         if not workers:
             return []
         active = store.active_counts(binding_id)
         free = {w["id"]: w["slots"] - active.get(w["id"], 0) for w in workers}
         if max(free.values()) <= 0:
             return []
-        candidates = []
-        for group in store.queued_groups():
-            fit = [w for w in workers if free[w["id"]] > 0 and (w["fingerprint"] or not group["credential"])
-                   and matching.matches(w, group["tags"], group["capabilities"])]
-            room = min(sum(free[w["id"]] for w in fit), max_jobs)
+        candidates, emptied = [], []
+        for req_key, fitting in pond.fits.fitting(store, binding_id, rows, workers).items():
+            fit = [worker_id for worker_id in fitting if free[worker_id] > 0]
+            room = min(sum(free[worker_id] for worker_id in fit), max_jobs)
             if room:
-                candidates += [(job["seq"], job, fit) for job in store.queued_jobs(group["req_key"], room)]
+                jobs = store.queued_jobs(req_key, room)
+                candidates += [(job["seq"], job, fit) for job in jobs]
+                if not jobs:
+                    emptied.append(req_key)
+        for req_key in emptied:
+            pond.fits.forget(binding_id, req_key)
         out = []
         for _, job, fit in sorted(candidates, key=lambda c: c[0]):
             # A job whose lease ran out goes to another worker if one fits: the last may be broken.
             tried = set(job["tried"] or ())
-            worker = max(fit, key=lambda w: (w["id"] not in tried, free[w["id"]]))
-            if free[worker["id"]] <= 0:
+            worker_id = max(fit, key=lambda w: (w not in tried, free[w]))
+            if free[worker_id] <= 0:
                 continue
-            out.append(_assign(pond, job, worker, binding_id))
-            free[worker["id"]] -= 1
+            out.append(_assign(pond, job, worker_id, binding_id))
+            free[worker_id] -= 1
             if len(out) >= max_jobs:
                 break
         return out
@@ -125,14 +191,14 @@ def _has_free_slot(pond, binding_id):
     return any(_available(pond, w) and w["slots"] > active.get(w["id"], 0) for w in pond.store.workers(binding_id))
 
 
-def _assign(pond, job, worker, binding_id):
+def _assign(pond, job, worker_id, binding_id):
     claim_token = secrets.token_urlsafe(24)
     now = pond.now()
-    pond.store.assign_job(job["id"], worker["id"], binding_id, tokens.digest(claim_token), now,
+    pond.store.assign_job(job["id"], worker_id, binding_id, tokens.digest(claim_token), now,
                           now + pond.settings.lease)
     return {
         "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
-        "worker": worker["id"], "command": job["command"], "env": job["env"], "name": job["name"],
+        "worker": worker_id, "command": job["command"], "env": job["env"], "name": job["name"],
         "tags": job["tags"], "capabilities": job["capabilities"], "sandbox": job["sandbox"],
         "timeout": sandbox.effective_timeout(job),     # the worker stops the job at the sooner of the two
         "credential": job["credential"],     # the intent only: the worker asks for it sealed (seal())

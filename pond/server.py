@@ -58,7 +58,8 @@ def metrics(pond, req):
               f'pond_workers{{online="true"}} {sum(1 for w in workers if w["online"])}',
               f'pond_workers{{online="false"}} {sum(1 for w in workers if not w["online"])}',
               "# TYPE pond_orchestrators gauge", f"pond_orchestrators {len(pond.store.bindings())}",
-              "# TYPE pond_http_requests_total counter", f"pond_http_requests_total {pond.requests}"]
+              "# TYPE pond_http_requests_total counter", f"pond_http_requests_total {pond.requests}",
+              "# TYPE pond_group_matches_total counter", f"pond_group_matches_total {pond.fits.checks}"]
     return 200, "\n".join(lines) + "\n"
 
 
@@ -143,6 +144,7 @@ class Pond:
     store: Store
     work: dispatch.Notifier = field(default_factory=dispatch.Notifier)   # polls wait on it
     logs: dispatch.Notifier = field(default_factory=dispatch.Notifier)   # log followers wait on it
+    fits: dispatch.Fits = field(default_factory=dispatch.Fits)           # which queued groups each pool fits
     now: object = time.time
     log: logging.Logger = log
     requests: int = 0

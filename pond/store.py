@@ -116,6 +116,17 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, req_key, seq);
 CREATE INDEX IF NOT EXISTS jobs_binding ON jobs(binding_id, state);
+-- The requirement groups (matching.requirement_key) that have a queued job: a job that
+-- becomes queued adds its group, the last one to leave the queue drops it (_add_group,
+-- _drop_group). A poll matches only the groups with a serial above the last it saw
+-- (dispatch.Fits). AUTOINCREMENT: a serial is never reused, so a group that comes back is new.
+CREATE TABLE IF NOT EXISTS queue_groups (
+    serial       INTEGER PRIMARY KEY AUTOINCREMENT,
+    req_key      TEXT NOT NULL UNIQUE,
+    tags         TEXT NOT NULL,
+    capabilities TEXT NOT NULL,
+    sealed       INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS chunks (
     id       INTEGER PRIMARY KEY,
     job_id   TEXT NOT NULL,
@@ -153,6 +164,8 @@ ADDED_COLUMNS = {
              ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
              ("request_hash", "TEXT")),
 }
+_GROUP_OF_JOB = "req_key, tags, capabilities, COALESCE(credential, '') != ''"      # a queue_groups row
+_GROUP_EMPTY = "NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND jobs.req_key = queue_groups.req_key)"
 MAX_EVENTS = 20           # per worker or job, newest last
 # What ending an attempt (lease expiry, eviction) needs to know of a job.
 ATTEMPT_COLUMNS = "id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
@@ -208,6 +221,10 @@ class Store:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            # If a pond that did not keep queue_groups wrote this file last, they are set right here.
+            self._db.execute(f"DELETE FROM queue_groups WHERE {_GROUP_EMPTY}")
+            self._db.execute(f"INSERT OR IGNORE INTO queue_groups (req_key, tags, capabilities, sealed)"
+                             f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE state = 'queued' ORDER BY seq")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _migrate(self, version):
@@ -461,6 +478,7 @@ class Store:
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
                  job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"],
                  job["credential"], idempotency_key, request_hash))
+            self._add_group(job["id"])
             return None
 
     def job(self, job_id):
@@ -489,22 +507,31 @@ class Store:
     def job_counts(self):
         return {r["state"]: r["n"] for r in self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
 
-    def queued_groups(self):
-        """The distinct requirement sets of queued jobs, ordered by their oldest job.
+    def _add_group(self, job_id):
+        """The job was queued: its group has a queued job (inside the transaction that queued it)."""
+        self._db.execute(f"INSERT OR IGNORE INTO queue_groups (req_key, tags, capabilities, sealed)"
+                         f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE id = ?", (job_id,))
 
-        A loose index scan over jobs_queue: one index seek per distinct req_key, so it
-        costs the number of groups, not the number of queued jobs (a GROUP BY scanned
-        all of them: 461 µs at 2,000 queued, under the write lock of every claim).
+    def _drop_group(self, job_id):
+        """The job left the queue: drop its group if that was the last of it (inside that transaction)."""
+        self._db.execute(f"DELETE FROM queue_groups WHERE req_key = (SELECT req_key FROM jobs WHERE id = ?)"
+                         f" AND {_GROUP_EMPTY}", (job_id,))
+
+    def queue_groups(self, after, tags):
+        """-> (the highest group serial, the groups above serial `after` whose tags are all among
+        `tags`, oldest first).
+
+        A group with a tag outside `tags` (that none of a pool's workers has) is left out here,
+        in SQL: with 50,000 groups of a tenant tag each, decoding them took 480 ms, this 36 ms.
         """
-        return self._all(
-            "WITH RECURSIVE g(k) AS ("
-            " SELECT MIN(req_key) FROM jobs WHERE state = 'queued'"
-            " UNION ALL"
-            " SELECT (SELECT MIN(req_key) FROM jobs WHERE state = 'queued' AND req_key > g.k) FROM g"
-            " WHERE g.k IS NOT NULL)"
-            " SELECT j.req_key, j.tags, j.capabilities, j.credential, j.seq AS first FROM g"
-            " JOIN jobs j ON j.seq = (SELECT MIN(seq) FROM jobs WHERE state = 'queued' AND req_key = g.k)"
-            " ORDER BY first")
+        with self._lock:
+            top = self._one("SELECT MAX(serial) AS top FROM queue_groups")["top"] or 0
+            if top <= after:
+                return top, []
+            return top, self._all(
+                "SELECT serial, req_key, tags, capabilities, sealed FROM queue_groups g WHERE serial > ?"
+                " AND NOT EXISTS (SELECT 1 FROM json_each(g.tags) WHERE value NOT IN (SELECT value FROM json_each(?)))"
+                " ORDER BY serial", (after, _dump(sorted(tags))))
 
     def queued_jobs(self, req_key, limit):
         return self._all("SELECT * FROM jobs WHERE state = 'queued' AND req_key = ? ORDER BY seq LIMIT ?",
@@ -512,10 +539,14 @@ class Store:
 
     def assign_job(self, job_id, worker_id, binding_id, claim_hash, now, lease_until):
         """queued -> assigned, as a new attempt with a lease; False if the job was not queued."""
-        return self._write(
-            "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, worker_id = ?, binding_id = ?,"
-            " claim_hash = ?, assigned_at = ?, lease_until = ? WHERE id = ? AND state = 'queued'",
-            (worker_id, binding_id, claim_hash, now, lease_until, job_id)) == 1
+        with self.transaction():
+            if self._write(
+                    "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, worker_id = ?, binding_id = ?,"
+                    " claim_hash = ?, assigned_at = ?, lease_until = ? WHERE id = ? AND state = 'queued'",
+                    (worker_id, binding_id, claim_hash, now, lease_until, job_id)) != 1:
+                return False
+            self._drop_group(job_id)
+            return True
 
     def renew_leases(self, binding_id, held, until):
         """Extend the leases of (job id, attempt, claim hash) this binding still holds; -> the ids it does not."""
@@ -564,20 +595,29 @@ class Store:
 
     def requeue_job(self, job_id, from_state, attempt, tried):
         """assigned|running -> queued for a new attempt elsewhere; False if the job moved meanwhile."""
-        return self._write(
-            "UPDATE jobs SET state = 'queued', worker_id = NULL, binding_id = NULL, claim_hash = NULL,"
-            " lease_until = NULL, cancel_sent = 0, started_at = NULL, tried = ?"
-            " WHERE id = ? AND state = ? AND attempt = ?", (_dump(tried), job_id, from_state, attempt)) == 1
+        with self.transaction():
+            if self._write(
+                    "UPDATE jobs SET state = 'queued', worker_id = NULL, binding_id = NULL, claim_hash = NULL,"
+                    " lease_until = NULL, cancel_sent = 0, started_at = NULL, tried = ?"
+                    " WHERE id = ? AND state = ? AND attempt = ?", (_dump(tried), job_id, from_state, attempt)) != 1:
+                return False
+            self._add_group(job_id)
+            return True
 
     _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested", "attestation",
                             "dropped"))
 
     def update_job_state(self, job_id, from_state, to_state, fields):
         """Move a job from exactly `from_state` to `to_state`, setting fields; False if it was not there."""
-        assert set(fields) <= self._UPDATABLE, fields
+        assert set(fields) <= self._UPDATABLE and to_state != "queued", (fields, to_state)   # queued: requeue_job
         sets = "".join(f", {name} = ?" for name in fields)
-        return self._write(f"UPDATE jobs SET state = ?{sets} WHERE id = ? AND state = ?",
-                           (to_state, *fields.values(), job_id, from_state)) == 1
+        with self.transaction():
+            if self._write(f"UPDATE jobs SET state = ?{sets} WHERE id = ? AND state = ?",
+                           (to_state, *fields.values(), job_id, from_state)) != 1:
+                return False
+            if from_state == "queued":
+                self._drop_group(job_id)
+            return True
 
     def request_cancel(self, job_id):
         return self._write("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,)) == 1

@@ -63,6 +63,40 @@ def test_job_needing_a_tag_no_worker_has_waits_then_runs_where_the_tag_is(pool):
     assert pond.output(job["id"])["stdout"] == b"ran\n"
 
 
+def pond_metric(pond, name):
+    status, text = pond.api("GET", "/metrics", token=None)
+    assert status == 200, text
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name + " ")))
+
+
+def test_groups_no_worker_fits_cost_nothing_per_poll_until_the_workers_change(pool):
+    """specs/matching.md §4: a poll matches only the requirement groups it has not seen with
+    this set of workers, so 300 groups nobody fits are not matched again on every poll."""
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    worker = pool.worker(pond, orch, capabilities="harness.a")
+    # A capability the worker lacks: these groups get past the store's tag filter and are matched.
+    waiting = [pond.submit([JOB_PY, "-c", "pass"], capabilities=[f"harness.h{i}"]) for i in range(300)]
+    proves_dispatch_ran(pond, worker)            # its group is newer than theirs: all were matched by now
+    before = pond_metric(pond, "pond_group_matches_total")
+    assert before >= 300
+    for _ in range(5):
+        proves_dispatch_ran(pond, worker)        # a submit, an assignment and a report each wake the poll
+    assert pond_metric(pond, "pond_group_matches_total") - before <= 10     # the probe's group, once each
+    assert "no worker with capability harness.h7" in pond.job(waiting[7]["id"])["waiting"]["reason"]
+
+    # A new worker that fits an old group gets its job, and so does a worker that comes back
+    # with another capability: a changed worker set is matched against every group again.
+    h7 = pool.worker(pond, orch, capabilities="harness.h7")
+    done = wait_end(pond, waiting[7]["id"], 15, "on the new worker with harness.h7")
+    assert done["state"] == "done" and done["worker"] == h7.worker_id, done
+    assert worker.stop() == 0
+    back = pool.worker(pond, orch, capabilities="harness.h3", state=worker.state_dir)
+    done = wait_end(pond, waiting[3]["id"], 15, "on the worker restarted with harness.h3")
+    assert done["state"] == "done" and done["worker"] == back.worker_id == worker.worker_id, done
+    assert pond.job(waiting[4]["id"])["state"] == "queued"
+
+
 def test_capability_globs_match_one_way(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
