@@ -382,8 +382,10 @@ class Store:
 
     def _worker_write(self, sql, args):
         with self.transaction():
-            self._workers_cache.clear()
-            return self._db.execute(sql, args).rowcount
+            changed = self._db.execute(sql, args).rowcount
+            if changed:         # the reaper's expire_workers, every 2 s, mostly changes nothing
+                self._workers_cache.clear()
+            return changed
 
     def add_worker(self, worker_id, binding_id, name, tags, capabilities, slots, now, keys=None, tag_ceiling=None):
         """keys: None (an unpinned worker) or (x25519 base64, ed25519 base64, fingerprint)."""
