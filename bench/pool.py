@@ -2,7 +2,7 @@
 """Benchmark a real pond/swarm pool on this machine: pickup latency, throughput, idle CPU.
 
     python bench/pool.py all                 # pickup, idle, throughput (about a minute)
-    python bench/pool.py pickup|throughput|idle [--json-out FILE]
+    python bench/pool.py pickup|throughput|idle|sandbox|groups [--json-out FILE]
 
 It starts, in a temp dir, the three kinds of processes a real pool has, with their
 DEFAULT hold and wait times (not the shortened ones tests/conftest.py uses):
@@ -468,9 +468,11 @@ def pool_cpu_s(pool):
     return sum(tree_ticks(name, pid) for name, pid in pool.pids().items()) / CLK_TCK + t.user + t.system
 
 
-def bench_pickup(pool, stamp, args):
+def bench_pickup(pool, stamp, args, brief=False):
+    """submit -> the job's command runs; `brief`: print only the pickup line, the legs and the load."""
     n, warmup = args.pickup_jobs, args.warmup
-    print(f"\npickup: {n} sequential jobs [stamp TAG] after {warmup} warm-up, idle gap U(50,150) ms before each")
+    if not brief:
+        print(f"\npickup: {n} sequential jobs [stamp TAG] after {warmup} warm-up, idle gap U(50,150) ms before each")
     rng = random.Random(args.seed)
     api = Api(pool.url, pool.token)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -524,18 +526,94 @@ def bench_pickup(pool, stamp, args):
     s = res["started_ms"]
     res["target_met"] = s["p50"] <= TARGET_PICKUP_P50_MS and s["p99"] <= TARGET_PICKUP_P99_MS
     print(f"  submit -> command started    {fmt_summary(s)}")
-    print(f"  submit -> result stored      {fmt_summary(res['stored_ms'])}")
-    print(f"  submit -> client sees end    {fmt_summary(res['seen_ms'])}   (logs?wait= returns)")
-    print(f"  submit round trip (201)      {fmt_summary(res['submit_rtt_ms'])}")
+    if not brief:
+        print(f"  submit -> result stored      {fmt_summary(res['stored_ms'])}")
+        print(f"  submit -> client sees end    {fmt_summary(res['seen_ms'])}   (logs?wait= returns)")
+        print(f"  submit round trip (201)      {fmt_summary(res['submit_rtt_ms'])}")
     lg = res["legs_ms"]
     print(f"  legs, p50 (p95) ms: submit sent -> pond created_at {lg['to_created']['p50']:.2f} "
           f"({lg['to_created']['p95']:.2f}); -> assigned_at {lg['to_assigned']['p50']:.2f} "
           f"({lg['to_assigned']['p95']:.2f}); -> command started {lg['to_started']['p50']:.2f} "
           f"({lg['to_started']['p95']:.2f}); -> finished_at {lg['to_stored']['p50']:.2f} ({lg['to_stored']['p95']:.2f})")
-    print(f"  target: started p50 <= {TARGET_PICKUP_P50_MS:g} ms and p99 <= {TARGET_PICKUP_P99_MS:g} ms: "
-          f"{verdict(res['target_met'])}")
+    if not brief:
+        print(f"  target: started p50 <= {TARGET_PICKUP_P50_MS:g} ms and p99 <= {TARGET_PICKUP_P99_MS:g} ms: "
+              f"{verdict(res['target_met'])}")
     print(f"  during the run: {fmt_load(load)}")
     return res
+
+
+# ---------------------------------------------------------------------------
+# groups: pickup while many requirement groups wait that no worker fits
+# ---------------------------------------------------------------------------
+
+TARGET_GROUPS_RATIO = 1.2       # pickup p50 with 50,000 waiting groups, over the empty queue's
+GROUPS_BATCH = 1000             # jobs in one submit (pond's MAX_SUBMIT_BATCH)
+
+
+def queue_groups(pool, first, last, args):
+    """Queue jobs first..last-1 through the API, each in a group of its own that no worker of the
+    pool fits: a BYO job of its own tenant (tags pool:byo, tenant:gN), as many tenants with their
+    own workers elsewhere would queue. Batches of GROUPS_BATCH jobs (POST /v1/jobs with a list),
+    from --submitters threads, within --groups-timeout. -> seconds."""
+    failures, deadline = [], time.monotonic() + args.groups_timeout
+    batches = [range(i, min(i + GROUPS_BATCH, last)) for i in range(first, last, GROUPS_BATCH)]
+
+    def submitter(j):
+        api = Api(pool.url, pool.token)
+        try:
+            for batch in batches[j::args.submitters]:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"queueing {last - first} jobs took longer than {args.groups_timeout:g} s")
+                api.call("POST", "/v1/jobs", [{"command": ["/bin/true"], "sandbox": {"profile": "none", "tier": "byo"},
+                                               "tenant": f"g{i}"} for i in batch], expect=201)
+        except Exception as e:             # reported by the caller
+            failures.append(e)
+        finally:
+            api.close()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=submitter, args=(j,), daemon=True) for j in range(args.submitters)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()) + 5)
+    if failures or any(t.is_alive() for t in threads):
+        raise BenchError(f"queueing the waiting groups failed: {failures[0] if failures else 'timed out'}")
+    return time.monotonic() - t0
+
+
+def bench_groups(pool, stamp, args):
+    """Pickup of an unconstrained job while N jobs of N distinct groups no worker fits wait."""
+    levels = sorted(set(args.groups))
+    print(f"\ngroups: pickup ({args.pickup_jobs} jobs after {args.warmup} warm-up) while N jobs of N distinct "
+          f"groups that no worker fits wait, N = {', '.join(f'{n:,}' for n in levels)}")
+    out, queued = [], 0
+    for n in levels:
+        if n > queued:
+            took = queue_groups(pool, queued, n, args)
+            print(f"  queued {n - queued:,} more jobs of their own group in {took:.1f} s ({(n - queued) / took:.0f}/s, "
+                  f"batches of {GROUPS_BATCH:,}, {args.submitters} submitter(s))")
+            queued = n
+        api = Api(pool.url, pool.token)
+        counts = api.call("GET", "/v1/jobs?limit=1")["counts"]
+        api.close()
+        if counts.get("queued", 0) != n:
+            raise BenchError(f"{counts.get('queued', 0)} jobs are queued, not {n}: did a worker take one?")
+        print(f"  {n:,} waiting groups:")
+        res = bench_pickup(pool, stamp, args, brief=True)
+        out.append({"groups": n, "pickup": res})
+        pool.check_alive()
+    base = out[0]["pickup"]["started_ms"]["p50"]
+    print("  groups   pickup p50     p99   ratio   created -> assigned p50 (p95)   others, % of a core")
+    for level in out:
+        s, leg = level["pickup"]["started_ms"], level["pickup"]["legs_ms"]["to_assigned"]
+        level["ratio_p50"] = s["p50"] / base
+        print(f"  {level['groups']:>6,}  {s['p50']:7.2f} {s['p99']:7.2f} ms  {level['ratio_p50']:5.2f}"
+              f"   {leg['p50']:7.2f} ({leg['p95']:.2f}) ms{'':15}{level['pickup']['load']['others_pct']:4.0f}")
+    last = out[-1]
+    met = levels[0] == 0 and last["ratio_p50"] <= TARGET_GROUPS_RATIO
+    print(f"  target: p50 with {last['groups']:,} groups <= {TARGET_GROUPS_RATIO:g} x the empty queue's: {verdict(met)}")
+    return {"levels": out, "target_met": met}
 
 
 # ---------------------------------------------------------------------------
@@ -874,7 +952,7 @@ def print_profiles(profile_dir, top=12):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Benchmark a real pond/swarm pool (see bench/README.md).")
-    p.add_argument("what", choices=("pickup", "throughput", "idle", "sandbox", "all"))
+    p.add_argument("what", choices=("pickup", "throughput", "idle", "sandbox", "groups", "all"))
     p.add_argument("--json-out", metavar="FILE", help="also write the JSON line of results to FILE")
     p.add_argument("--pickup-jobs", type=int, default=200)
     p.add_argument("--sandbox-jobs", type=int, default=100, help="jobs per profile for `sandbox` (default %(default)s)")
@@ -894,6 +972,10 @@ def parse_args(argv):
                    "(untrusted-code-write; 0: none; default %(default)s)")
     p.add_argument("--throughput-timeout", type=float, default=240.0, help="s for the whole run (default %(default)s)")
     p.add_argument("--job-timeout", type=float, default=30.0, help="s one pickup job may take (default %(default)s)")
+    p.add_argument("--groups", type=lambda v: [int(x) for x in v.split(",")], default=[0, 1000, 5000, 50000],
+                   help="waiting groups for `groups`, comma-separated (default 0,1000,5000,50000)")
+    p.add_argument("--groups-timeout", type=float, default=900.0,
+                   help="s to queue the waiting groups of one level (default %(default)s)")
     p.add_argument("--idle-settle", type=float, default=3.0)
     p.add_argument("--idle-seconds", type=float, default=20.0)
     p.add_argument("--seed", type=int, default=None, help="seed for the idle gaps")
@@ -945,6 +1027,8 @@ def main(argv=None):
             pool.check_alive()
         if args.what in ("idle", "all"):
             results["idle"] = bench_idle(pool, args)
+        if args.what == "groups":         # not in `all`: the jobs it leaves queued would spoil idle and throughput
+            results["groups"] = bench_groups(pool, stamp, args)
         if args.what in ("throughput", "all"):
             results["throughput"] = bench_throughputs(pool, args)
             pool.check_alive()
