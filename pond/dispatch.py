@@ -30,6 +30,7 @@ LIVENESS_CHECK = 2.0    # s between checks that a held poll's orchestrator is st
 BACKSTOP_MARGIN = 30.0    # s past a job's timeout + cancel grace before pond fails it itself
 MAX_HEARTBEAT = 4096      # attempts renewed by one heartbeat
 MAX_BATCH = 64            # reports in one POST /v1/orch/reports
+MAX_VERDICTS = 10000      # groups whose verdict a binding keeps after they emptied
 MAX_ENVELOPE = 64 * 1024    # bytes of an attestation: one signature over a statement is ~1.5 KiB
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
@@ -133,15 +134,22 @@ class _Seen:
 
     def __init__(self, key, workers):
         self.key, self.rows, self.serial, self.fit = key, None, 0, {}
+        self.verdicts = {}      # req_key -> fit, for a group that empties and comes back (each job, often)
         profiles = {}
         self.order = [(w["id"], profiles.setdefault(k[1:], len(profiles))) for w, k in zip(workers, key)]
         self.profiles = [({"tags": tags, "capabilities": caps}, pinned) for tags, caps, pinned in profiles]
         self.all_tags = {t for w in workers for t in w["tags"]}
 
     def match(self, group):
-        ok = {i for i, (w, pinned) in enumerate(self.profiles)
-              if (pinned or not group["sealed"]) and matching.matches(w, group["tags"], group["capabilities"])}
-        return [worker_id for worker_id, profile in self.order if profile in ok]
+        fit = self.verdicts.get(group["req_key"])
+        if fit is None:
+            ok = {i for i, (w, pinned) in enumerate(self.profiles)
+                  if (pinned or not group["sealed"]) and matching.matches(w, group["tags"], group["capabilities"])}
+            fit = [worker_id for worker_id, profile in self.order if profile in ok]
+            if len(self.verdicts) >= MAX_VERDICTS:
+                self.verdicts.clear()
+            self.verdicts[group["req_key"]] = fit
+        return fit
 
 
 def claim(pond, binding_id, max_jobs=MAX_CLAIM):
@@ -166,10 +174,11 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
             return []
         candidates, emptied = [], []
         for req_key, fitting in pond.fits.fitting(store, binding_id, rows, workers).items():
-            fit = [worker_id for worker_id in fitting if free[worker_id] > 0]
-            room = min(sum(map(free.__getitem__, fit)), max_jobs)
+            room = _room(fitting, free, max_jobs)
             if room:
                 jobs = store.queued_jobs(req_key, room)
+                # Those with a free slot now; only a requeued job needs them listed (below).
+                fit = [w for w in fitting if free[w] > 0] if any(job["tried"] for job in jobs) else fitting
                 candidates += [(job["seq"], job, fit) for job in jobs]
                 if not jobs:
                     emptied.append(req_key)
@@ -188,6 +197,17 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
             if len(out) >= max_jobs:
                 break
         return out
+
+
+def _room(fitting, free, most):
+    """Free slots among the fitting workers, counted up to `most` (a big pool need not be walked whole)."""
+    room = 0
+    for worker_id in fitting:
+        if free[worker_id] > 0:
+            room += free[worker_id]
+            if room >= most:
+                return most
+    return room
 
 
 def _available(pond, worker):
