@@ -3,11 +3,13 @@
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
 import time
 
+import pytest
 from conftest import JOB_PY, SWARM, Proc, env_for_children, wait_for
 
 PY = sys.executable
@@ -95,6 +97,27 @@ def test_groups_no_worker_fits_cost_nothing_per_poll_until_the_workers_change(po
     done = wait_end(pond, waiting[3]["id"], 15, "on the worker restarted with harness.h3")
     assert done["state"] == "done" and done["worker"] == back.worker_id == worker.worker_id, done
     assert pond.job(waiting[4]["id"])["state"] == "queued"
+
+
+# Starts the command in its argv with descriptors 3 to 1,099 taken, so every socket it opens is above 1,024.
+HIGH_DESCRIPTORS = ("import os, sys\nfd = os.open('/dev/null', os.O_RDONLY)\nos.set_inheritable(fd, True)\n"
+                    "for n in range(fd + 1, 1100):\n    os.dup2(fd, n)\nos.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+
+
+def test_an_orchestrator_with_descriptors_above_1024_still_hands_out_jobs(pool):
+    """With 1,000 workers an orchestrator's connections have descriptors above 1,024, which
+    select() cannot take: a held claim must still see its worker alive and hand it its job."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2048:
+        pytest.skip("needs a descriptor limit of at least 2048")
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    assert orch.stop() == 0
+    high = pool.start([PY, "-c", HIGH_DESCRIPTORS, *orch.argv[1:]], "orch")
+    worker = pool.worker(pond, high)
+    job = pond.submit([JOB_PY, "-c", "print('ran')"])
+    done = wait_end(pond, job["id"], 15, "through the orchestrator with high descriptors")
+    assert done["state"] == "done" and done["worker"] == worker.worker_id, done
+    assert pond.output(job["id"])["stdout"] == b"ran\n"
 
 
 def test_capability_globs_match_one_way(pool):
