@@ -1363,6 +1363,7 @@ class HeadReader:
     def __init__(self, limits, ready, close):
         self.s, self._ready, self._close = limits, ready, close    # ready(sock, address, head); close(sock)
         self._waiting = {}                              # socket -> Waiting; this thread's alone
+        self._per_address = collections.Counter()       # client address -> its connections in _waiting
         self._inbox = collections.deque()               # (sock, address, data) from other threads
         self._selector = selectors.DefaultSelector()
         self._wake, self._waker = socket.socketpair()
@@ -1432,8 +1433,8 @@ class HeadReader:
         else:
             w = Waiting(sock, address, now + (self.s.head_timeout if data else self.s.request_timeout),
                         bytearray(data), idle=not data, on_hangup=on_hangup)
-        same = [o for o in self._waiting.values() if o.address[0] == address[0]]
-        if len(same) >= self.s.max_pending_per_address:
+        if self._per_address[address[0]] >= self.s.max_pending_per_address:    # counted: 1,000 workers' idle
+            same = [o for o in self._waiting.values() if o.address[0] == address[0]]   # connections wait here
             self._drop(min(same, key=lambda o: o.deadline), evicted=True)
         if len(self._waiting) >= self.s.max_pending:
             self._drop(min(self._waiting.values(), key=lambda o: o.deadline), evicted=True)
@@ -1444,6 +1445,7 @@ class HeadReader:
             self._close(sock)                           # closed meanwhile
             return
         self._waiting[sock] = w
+        self._per_address[address[0]] += 1
         self._read(w)
 
     def _read(self, w):
@@ -1478,6 +1480,7 @@ class HeadReader:
 
     def _forget(self, w):
         del self._waiting[w.sock]
+        self._per_address[w.address[0]] -= 1
         self._selector.unregister(w.sock)
 
     def _drop(self, w, evicted=False, hung_up=False):
