@@ -361,9 +361,9 @@ def child_env():
 class BenchPool:
     """pond + one orchestrator + two workers (concurrency 2 each), all with default holds and waits."""
 
-    def __init__(self, tmp, workers=2, concurrency=2, profile_dir=None):
+    def __init__(self, tmp, workers=2, concurrency=2, profile_dir=None, serve_args=()):
         self.tmp = Path(tmp)
-        self.profile_dir = profile_dir
+        self.profile_dir, self.serve_args = profile_dir, tuple(serve_args)    # serve_args: more `swarm.py serve` flags
         self.n_workers, self.concurrency = workers, concurrency
         self.procs = []
         self.env = child_env()
@@ -396,7 +396,7 @@ class BenchPool:
             token_file.chmod(0o600)
             self.orch = self._start("orchestrator", [sys.executable, str(SWARM), "serve", "--bind", "127.0.0.1:0",
                                                      "--state-dir", str(orch_dir), "--handle", str(handle),
-                                                     "--token-file", str(token_file)])
+                                                     "--token-file", str(token_file), *self.serve_args])
             orch_url = self.orch.url()
             self.workers = []
             for i in range(1, self.n_workers + 1):

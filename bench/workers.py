@@ -9,9 +9,9 @@ waits (as bench/pool.py does, whose helpers it uses), and then "fleets": one pro
 (`python bench/workers.py fleet ...`, started by this script) that holds many light simulated
 workers. Each simulated worker is a real enrolled identity with its own pinned keys, and
 speaks the worker's protocol through swarm.py's own code, imported: `swarm.enroll`, then
-`swarm.claim_loop` (the held, streamed claim), `swarm.Reporter` and `swarm.finish` (its
-final report, signed), and swarm.py's worker heartbeat if this swarm.py has one (see
-`heartbeat`, below). It runs nothing: a job "starts" when the worker sends the datagram
+`swarm.heartbeats`, `swarm.claim_loop` (the held, streamed claim), `swarm.Reporter` and
+`swarm.finish` (its final report, signed); `speak`, below, is the one place that starts
+them. It runs nothing: a job "starts" when the worker sends the datagram
 bench/stamp.c would send, and ends done at once. So bench/pool.py's pickup measure works
 unchanged: submit -> the worker has the job in hand.
 
@@ -54,28 +54,34 @@ FLEET_STACK = 256 * 1024         # bytes of stack per thread in a fleet (the def
 # ---------------------------------------------------------------------------
 
 
-def heartbeat(swarm, client, stop):
-    """The worker's heartbeat, as swarm.py's worker sends it: its `heartbeats(orch, stop)` loop on a
-    thread of its own, when this swarm.py has one. The one place to change if that protocol changes."""
-    beats = getattr(swarm, "heartbeats", None)
-    if beats is not None:
-        threading.Thread(target=beats, args=(client, stop), name="heartbeat", daemon=True).start()
+def speak(swarm, conf, identity, slots, stop):
+    """The worker's side of the protocol once enrolled, as `swarm.worker` runs it: the heartbeat
+    and the claim loop, each on a connection of its own (the reporter opens its own when a job
+    ends, SimSlots). The one place to change if that protocol changes."""
+    def client():
+        return swarm.HttpClient(conf.orchestrator, identity["token"], what="orchestrator")
+
+    slots.loops.start("heartbeat", lambda loop: swarm.heartbeats(loop, client(), stop), stop=stop)
+    threading.Thread(target=swarm.claim_loop, args=(conf, client(), slots, stop, identity, slots.loops),
+                     name="claim", daemon=True).start()
+    return client
 
 
 class SimSlots:
     """What `swarm.claim_loop` hands jobs to (the Slots of a real worker): a job is taken at once,
-    stamped, and reported done with a signed result over empty output."""
+    stamped, and reported done by `swarm.Reporter` with a result signed by `swarm.finish` (over
+    empty output, as a worker signs a job that never ran)."""
 
-    def __init__(self, swarm, url, identity, signer):
-        self.swarm, self.url, self.identity, self.signer = swarm, url, identity, signer
-        self.reporter = None
+    def __init__(self, swarm, signer):
+        self.swarm, self.signer, self.loops = swarm, signer, swarm.Loops()
+        self.client, self.reporter = None, None
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 
     def add(self, job):
         tag, port = job["command"][-1], int(job["env"]["STAMP_PORT"])
         self.sock.sendto(f"{tag} {time.monotonic():.9f}".encode(), ("127.0.0.1", port))
         if self.reporter is None:          # only the workers that get jobs need the reporter's thread
-            self.reporter = self.swarm.Reporter(self.client())
+            self.reporter = self.swarm.Reporter(self.client(), self.loops)
         self.swarm.finish(job, self.reporter, self.signer, "done", exit_code=0)
 
     def cancel(self, job_id):
@@ -84,22 +90,17 @@ class SimSlots:
     def holding(self):
         return sorted(self.reporter.pending_finals()) if self.reporter else []
 
-    def client(self):
-        return self.swarm.HttpClient(self.url, self.identity["token"], what="orchestrator")
-
 
 def sim_worker(swarm, url, code, state_dir, i, stop):
-    """Enroll one simulated worker (its own keys, pinned by pond) and start its claim loop and heartbeat."""
+    """Enroll one simulated worker (its own keys, pinned by pond), then start its heartbeat and claim loop."""
     state_dir.mkdir(mode=0o700)
     conf = types.SimpleNamespace(enroll_code=code, name=f"sim-{i}", tags=("pool:trusted",),
                                  capabilities=("sandbox.process",), concurrency=1, state_dir=state_dir,
                                  orchestrator=url, claim_wait=swarm.CLAIM_WAIT)
     keys = swarm.worker_keys(state_dir)
     identity = swarm.enroll(conf, swarm.HttpClient(url, what="orchestrator"), swarm.enrollment_keys(keys))
-    slots = SimSlots(swarm, url, identity, swarm.check_keys(conf, identity, keys))
-    threading.Thread(target=swarm.claim_loop, args=(conf, slots.client(), slots, stop, identity),
-                     name=f"claim-{i}", daemon=True).start()
-    heartbeat(swarm, slots.client(), stop)
+    slots = SimSlots(swarm, swarm.check_keys(conf, identity, keys))
+    slots.client = speak(swarm, conf, identity, slots, stop)
     return identity["worker_id"]
 
 
@@ -207,6 +208,11 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--json-out", metavar="FILE")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, pond.db) and print its path")
+    p.add_argument("--max-pending", type=int, metavar="N", help="passed to `swarm.py serve` as --max-pending and "
+                   "--max-pending-per-address (default: 4 x --workers): every worker keeps its heartbeat connection "
+                   "open between beats, and the fleet's workers all come from one address")
+    p.add_argument("--worker-lost-after", type=float, metavar="S", help="passed to `swarm.py serve`: workers "
+                   "heartbeat every S / 2.5 s (default: serve's own, 10 s)")
     p.add_argument("--profile", metavar="DIR", help="run pond and the orchestrator under `py-spy record` and "
                    "write their raw profiles to DIR (as bench/pool.py --profile)")
     # fleet only
@@ -228,7 +234,10 @@ def run(args):
     tmp = tempfile.mkdtemp(prefix="pond-bench-workers-")
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-    pool = bench.BenchPool(tmp, workers=0, profile_dir=args.profile)
+    pending = args.max_pending or 4 * args.workers
+    serve_args = ("--max-pending", str(pending), "--max-pending-per-address", str(pending))
+    serve_args += ("--worker-lost-after", f"{args.worker_lost_after:g}") if args.worker_lost_after else ()
+    pool = bench.BenchPool(tmp, workers=0, profile_dir=args.profile, serve_args=serve_args)
     code = 0
     try:
         pool.start()
@@ -237,7 +246,8 @@ def run(args):
                           expect=201)["code"]
         api.close()
         print(f"pool:    pond pid {pool.pond.pid}, orchestrator pid {pool.orch.pid}, default holds and waits; "
-              "simulated workers: concurrency 1, pinned keys, tags pool:trusted, capabilities sandbox.process")
+              f"swarm.py serve {' '.join(serve_args)}\n         simulated workers: concurrency 1, pinned keys, "
+              "tags pool:trusted, capabilities sandbox.process, all from 127.0.0.1")
         phases = []
         for first, n in ((0, args.baseline), (args.baseline, args.workers - args.baseline)):
             took = start_fleet(pool, first, n, enroll, args.fleet_timeout)
