@@ -1046,13 +1046,23 @@ def main(argv=None):
         results["error"] = "interrupted"
         code = 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C must not skip the clean-up
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        pool.stop()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_pool(pool, tmp, args)
+    return report(results, args, code)
+
+
+def stop_pool(pool, tmp, args):
+    """Stop the pool (a second Ctrl-C must not skip the clean-up) and remove its temp dir unless --keep."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pool.stop()
+    if args.keep:
+        print(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def report(results, args, code):
+    """The profiles (with --profile), then the JSON line of results, also to --json-out; -> code."""
     if args.profile:
         results["profiles"] = print_profiles(args.profile)
     line = json.dumps(results, separators=(",", ":"))

@@ -26,10 +26,8 @@ wait has a deadline; the processes are stopped and the temp dir removed at the e
 """
 
 import argparse
-import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import sys
@@ -272,20 +270,8 @@ def run(args):
         results["error"] = "interrupted"
         code = 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        pool.stop()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if args.profile:
-        results["profiles"] = bench.print_profiles(args.profile)
-    line = json.dumps(results, separators=(",", ":"))
-    print(line)
-    if args.json_out:
-        Path(args.json_out).write_text(line + "\n")
-    return code
+        bench.stop_pool(pool, tmp, args)
+    return bench.report(results, args, code)
 
 
 def main(argv=None):
