@@ -3635,6 +3635,7 @@ class Cgroups:
     def __init__(self, parents, version):
         self.parents, self.version = parents, version      # {controller: dir this worker owns}
         self.written = {}                                  # dir -> the limits last written there (v1 slots)
+        self.made = {}                                     # v1 slot name -> (limits, its dirs), as last made
 
     @classmethod
     def open(cls, tag):
@@ -3682,6 +3683,8 @@ class Cgroups:
         """The cgroup directories `name` runs in, with these limits written; -> [dir], the memory
         cgroup first. v1: a slot's for good, every controller (its spawner sits in them all),
         written only when the limits change; v2: the job's own."""
+        if self.version == 1 and self.made.get(name, (None,))[0] == limits:
+            return list(self.made[name][1])        # a slot's, as last made: its spawner in them keeps them there
         dirs = []
         for controller, parent in self.parents.items():
             if controller == "cpu" and self.version == 2 and limits["cpus"] >= (os.cpu_count() or 1):
@@ -3699,10 +3702,13 @@ class Cgroups:
                     _write_limits_v1(controller, d, limits)
             except OSError as e:
                 raise OSError(e.errno, f"cannot set the limits of cgroup {d} to {limits}: {e.strerror}") from None
+        if self.version == 1:
+            self.made[name] = (dict(limits), tuple(dirs))
         return dirs
 
     def remove(self):
         """At a clean stop: this worker's cgroups, which are empty by then."""
+        self.made.clear()
         for parent in self.parents.values():
             for d in [*parent.glob("*/"), parent]:
                 discard_cgroup(d)
@@ -4626,9 +4632,12 @@ class Sandboxes:
         if slot.spawner is not None:
             slot.spawner.close()
         v1 = self.cgroups is not None and self.cgroups.version == 1
+        if v1:
+            self.cgroups.made.pop(slot.root.name, None)   # with no spawner in them, they may have been removed
         try:
             slot.spawner = Spawner(self.cgroups.make(slot.root.name, PROFILE_LIMITS) if v1 else ())
         except FileNotFoundError:                  # an idle cgroup someone removed just then: make it again
+            self.cgroups.made.pop(slot.root.name, None)
             slot.spawner = Spawner(self.cgroups.make(slot.root.name, PROFILE_LIMITS) if v1 else ())
 
     def open_slot(self, slot, job_id, attempt, conf):

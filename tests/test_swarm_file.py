@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 5512
+MAX_LINES = 5521
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -56,8 +56,8 @@ SECTION_BUDGETS = {
     "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 170, "HTTP server": 702,
     "Settings": 240, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 630,
     "Orchestrator: the two links to pond": 280, "Job proxies": 420, "Worker: identity and enrollment": 75,
-    "Worker: reporting to the orchestrator": 100, "Sandbox: confining one job": 370, "Sandbox: starting a job": 505,
-    "Sandbox providers": 200, "Sandbox slots": 305,
+    "Worker: reporting to the orchestrator": 100, "Sandbox: confining one job": 375, "Sandbox: starting a job": 505,
+    "Sandbox providers": 200, "Sandbox slots": 307,
     "Worker: running one job": 319, "Worker: the claim loop and slots": 200,
     "Operator commands: status, jobs, cancel": 78, "Command line": 157,
 }
