@@ -250,7 +250,7 @@ def write_private(path, text):
     os.replace(tmp, path)
 
 
-def read_private(path, what):
+def read_private(path, what, hint="pair first: swarm.py pair --pond URL --code CODE (writes backend-handle.json)"):
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -258,8 +258,7 @@ def read_private(path, what):
             raise UsageError(f"{path} ({what}) is readable by group or others", f"run: chmod 600 {path}")
         return path.read_text()
     except FileNotFoundError:
-        raise UsageError(f"{path} ({what}) does not exist",
-                         "pair first: swarm.py pair --pond URL --code CODE (writes backend-handle.json)") from None
+        raise UsageError(f"{path} ({what}) does not exist", hint) from None
 
 
 def private_dir(path):
@@ -1724,7 +1723,9 @@ def resolve_token(flag_value, token_file, env):
     if flag_value:
         return flag_value
     if token_file:
-        return read_private(token_file, "token file").strip()
+        return read_private(token_file, "token file", "give the file `swarm.py serve` has (--token-file), or set "
+                            "SWARM_TOKEN; make one with: (umask 077; python3 -c 'import secrets; "
+                            "print(secrets.token_urlsafe(32))' > FILE)").strip()
     return env.get("SWARM_TOKEN") or ""
 
 
@@ -2188,8 +2189,9 @@ def deliver(client, path, outbox, stop, loop, peer):
         if status >= 500 or status == 429:
             return again(f"{peer} answered {status} {clean(error.get('code'), 40)} to a {msg['kind']} report: "
                          f"{clean(error.get('message'))}")
-        if status >= 300:
-            log.warning("%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
+        if status >= 300:       # stale_attempt, not_found: the attempt ended there (evicted, requeued): fencing
+            (log.info if error.get("code") in ("stale_attempt", "not_found") else log.warning)(
+                "%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
                         clean(error.get("message")), clean(error.get("code"), 40))
         outbox.pop(msg)
     loop.beat()

@@ -246,12 +246,37 @@ def view(pond, row, explain=True):
     out["events"] = row["events"] or []
     out["warnings"] = sandbox.warnings(row["sandbox"])
     if explain and row["state"] == JobState.QUEUED.value:
-        now = pond.now()
-        silent = {b: now - t for b in {w["binding_id"] for w in pond.store.workers()}
-                  if now - (t := pond.polled.get(b, pond.started)) > matching.POLL_SILENCE}
         out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts(),
-                                          pond.settings.allow_unsigned, silent)
+                                          pond.settings.allow_unsigned, _silent(pond))
     return out
+
+
+def _silent(pond):
+    """Orchestrator (binding) id -> seconds since it last held a poll, for those quiet too long."""
+    now = pond.now()
+    return {b: now - t for b in {w["binding_id"] for w in pond.store.workers()}
+            if now - (t := pond.polled.get(b, pond.started)) > matching.POLL_SILENCE}
+
+
+def explain(pond, req):
+    """GET /v1/jobs/{id}/explain: for each pool, what it lacks for this job, or that its matching
+    workers are busy, offline or evicted; and, while the job is queued, why it waits."""
+    return 200, _explained(pond, _find(pond, req.params["id"]))
+
+
+def explain_spec(pond, req):
+    """POST /v1/jobs/explain: the same for a job (the body of POST /v1/jobs) before it is submitted;
+    it is validated as a submit would be, and nothing is stored."""
+    return 200, _explained(pond, _validated(pond, req.body), submitted=False)
+
+
+def _explained(pond, job, submitted=True):
+    workers, active, silent = pond.store.workers(), pond.store.active_counts(), _silent(pond)
+    waiting = job["state"] == JobState.QUEUED.value
+    return {"job": job["id"] if submitted else None, "state": job["state"] if submitted else None,
+            "tags": job["tags"], "capabilities": job["capabilities"], "credential": job["credential"],
+            "waiting": matching.explain(job, workers, active, pond.settings.allow_unsigned, silent) if waiting else None,
+            "pools": matching.pools(job, workers, pond.store.bindings(), active, pond.settings.allow_unsigned, silent)}
 
 
 def _find(pond, job_id):

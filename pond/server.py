@@ -73,6 +73,8 @@ ROUTES = [
     ("GET", rf"/v1/jobs/{_ID}", "admin", jobs.get),
     ("GET", rf"/v1/jobs/{_ID}/logs", "admin", jobs.logs),
     ("GET", rf"/v1/jobs/{_ID}/attestation", "admin", jobs.attestation),
+    ("GET", rf"/v1/jobs/{_ID}/explain", "admin", jobs.explain),
+    ("POST", r"/v1/jobs/explain", "admin", jobs.explain_spec),
     ("POST", rf"/v1/jobs/{_ID}/cancel", "admin", jobs.cancel),
     ("POST", r"/v1/admin/pool/pairing-codes", "admin", pairing.mint_code),
     ("POST", r"/v1/admin/pool/enrollment-codes", "admin", enrollment.mint_code),
