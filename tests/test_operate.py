@@ -152,3 +152,11 @@ def test_explain_names_missing_pinned_keys_a_revoked_pool_and_refuses_bad_input(
     assert status == 400 and "command" in answer["error"]["message"], answer
     assert pond.api("POST", "/v1/jobs/explain", spec, token=None)[0] == 401
     assert pond.client.get("/v1/jobs")["jobs"] == []
+
+
+def test_a_missing_token_file_says_how_to_make_one_not_to_pair(tmp_path):
+    done = run([sys.executable, "-m", "swarm", "status", "--orchestrator", "http://127.0.0.1:9",
+                "--token-file", str(tmp_path / "pool-token")], cwd=tmp_path)
+    assert done.returncode == 2, done
+    assert "pool-token (token file) does not exist" in done.stderr
+    assert "pair first" not in done.stderr and "SWARM_TOKEN" in done.stderr and "umask 077" in done.stderr
