@@ -67,6 +67,7 @@ import resource
 import secrets
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -5304,8 +5305,8 @@ def claim_loop(s, orch, slots, stop, identity, loops):
 def _table(rows, columns):
     cells = [[title for title, _ in columns]]
     for row in rows:
-        cells.append(["-" if (v := (key(row) if callable(key) else row.get(key))) is None else str(v)
-                      for _, key in columns])
+        cells.append(["-" if (v := (key(row) if callable(key) else row.get(key))) is None else
+                      "yes" if v is True else "no" if v is False else clean(str(v), 10000) for _, key in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -5347,7 +5348,7 @@ def jobs(s):
         print(json.dumps(data, indent=2))
         return EXIT_OK
     _table(data["jobs"], [("JOB", "job_id"), ("WORKER", "worker"), ("STATE", "state"),
-                          ("COMMAND", lambda j: " ".join(j["command"])[:60])])
+                          ("COMMAND", lambda j: shlex.join(j["command"])[:60])])
     return EXIT_OK
 
 
