@@ -233,6 +233,7 @@ def _assign(pond, job, worker_id, binding_id):
                           now + pond.settings.lease)
     if not job["attempt"]:
         pond.metrics.pickup.observe(now - job["created_at"])
+    pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id)
     return {
         "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
         "worker": worker_id, "command": job["command"], "env": job["env"], "name": job["name"],

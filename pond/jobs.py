@@ -9,6 +9,7 @@ specs/states.md is the normative table; TRANSITIONS below is the same table, and
 every state change goes through transition(), which refuses anything else.
 """
 
+import logging
 import re
 import time
 from enum import Enum
@@ -39,6 +40,7 @@ TRANSITIONS = {
     JobState.CANCELLED: frozenset(),
 }
 
+log = logging.getLogger("pond")     # one line per job event: submitted, each state change (issue 12)
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
                  "cancel_grace", "log_cap", "retries")
@@ -54,6 +56,8 @@ def requeue(store, job, tried):
     if JobState.QUEUED not in TRANSITIONS[from_state] or not store.requeue_job(
             job["id"], from_state.value, job["attempt"], tried):
         raise InvalidTransition(job["id"], from_state.value, JobState.QUEUED.value)
+    log.info("job %s: %s -> queued (attempt %d on worker %s ended)", job["id"], from_state.value, job["attempt"],
+             job["worker_id"])
 
 
 def transition(store, job, to_state, **fields):
@@ -65,6 +69,8 @@ def transition(store, job, to_state, **fields):
     if not store.update_job_state(job["id"], from_state.value, to_state.value, fields):
         current = store.job(job["id"])
         raise InvalidTransition(job["id"], current["state"], to_state.value)
+    log.info("job %s: %s -> %s (attempt %d%s)", job["id"], from_state.value, to_state.value, job["attempt"],
+             "" if fields.get("exit_code") is None else f", exit code {fields['exit_code']}")
 
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
@@ -147,6 +153,8 @@ def _store(pond, job, key):
             raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",
                            "use a new key for a new job", code="idempotency_conflict")
         return 200, earlier
+    log.info("job %s submitted: tags %s; capabilities %s", job["id"], ",".join(job["tags"]) or "-",
+             ",".join(job["capabilities"]) or "-")
     return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                      worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
                      dropped=None, retries_left=job["retries"])

@@ -37,6 +37,9 @@ def test_a_finished_job_reads_well_and_cancelling_it_exits_1(pool, shared_path):
     for key in ("created", "started", "finished"):
         assert time.strptime(lines[key].strip()[:19], "%Y-%m-%d %H:%M:%S"), lines[key]
     assert "queued" in lines["started"] and lines["duration"].strip().endswith(" s")
+    logged = pond.proc.stderr()            # one line per job event, without --access-log
+    for event in ("submitted: tags repo:acme", "queued -> assigned (attempt 1", "-> done (attempt 1, exit code 0)"):
+        assert any(f"job {job['id']}" in line and event in line for line in logged.splitlines()), (event, logged)
 
     listed = pond.cli("jobs")
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 2, listed.stdout    # one line per job
