@@ -1724,9 +1724,8 @@ def resolve_token(flag_value, token_file, env):
     if flag_value:
         return flag_value
     if token_file:
-        return read_private(token_file, "token file", "give the file `swarm.py serve` has (--token-file), or set "
-                            "SWARM_TOKEN; make one with: (umask 077; python3 -c 'import secrets; "
-                            "print(secrets.token_urlsafe(32))' > FILE)").strip()
+        return read_private(token_file, "token file", "give serve's --token-file, or set SWARM_TOKEN; make one: "
+                            "(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)").strip()
     return env.get("SWARM_TOKEN") or ""
 
 

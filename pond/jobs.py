@@ -280,11 +280,11 @@ def explain_spec(pond, req):
 
 def _explained(pond, job, submitted=True):
     workers, active, silent = pond.store.workers(), pond.store.active_counts(), _silent(pond)
-    waiting = job["state"] == JobState.QUEUED.value
+    unsigned = pond.settings.allow_unsigned
+    waiting = matching.explain(job, workers, active, unsigned, silent) if job["state"] == JobState.QUEUED.value else None
     return {"job": job["id"] if submitted else None, "state": job["state"] if submitted else None,
             "tags": job["tags"], "capabilities": job["capabilities"], "credential": job["credential"],
-            "waiting": matching.explain(job, workers, active, pond.settings.allow_unsigned, silent) if waiting else None,
-            "pools": matching.pools(job, workers, pond.store.bindings(), active, pond.settings.allow_unsigned, silent)}
+            "waiting": waiting, "pools": matching.pools(job, workers, pond.store.bindings(), active, unsigned, silent)}
 
 
 def _find(pond, job_id):

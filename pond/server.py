@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import PROTOCOL_VERSION, __version__, credentials, dispatch, enrollment, health, jobs, metrics, pairing, tokens
+from pond import (PROTOCOL_VERSION, __version__, credentials, dispatch, enrollment, health, jobs, metrics, pairing,
+                  tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
