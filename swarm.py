@@ -4984,6 +4984,8 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
             dropped=output.dropped if output is not None else None)
         fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
     reporter.state(job, state, **fields)
+    log.info("job %s attempt %s: %s, exit code %s, %.1f s", job["job_id"], job["attempt"], state, exit_code,
+             time.time() - (started_at or time.time()))      # one line a job; its error and output stay out
 
 
 def refusal(s, signer, job, sandboxes):

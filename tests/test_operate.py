@@ -40,6 +40,7 @@ def test_a_finished_job_reads_well_and_cancelling_it_exits_1(pool, shared_path):
     logged = pond.proc.stderr()            # one line per job event, without --access-log
     for event in ("submitted: tags repo:acme", "queued -> assigned (attempt 1", "-> done (attempt 1, exit code 0)"):
         assert any(f"job {job['id']}" in line and event in line for line in logged.splitlines()), (event, logged)
+    assert f"job {job['id']} attempt 1: done, exit code 0," in w.stderr()        # and one on the worker
 
     listed = pond.cli("jobs")
     assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 2, listed.stdout    # one line per job
