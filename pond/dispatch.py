@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 
-from pond import attestation, credentials, matching, sandbox, tokens, wire
+from pond import attestation, credentials, matching, sandbox, sealing, tokens, wire
 from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, PondError, StaleAttempt, Unauthorized
 from pond.jobs import TERMINAL, TRANSITIONS, JobState, requeue, transition
 
@@ -239,6 +239,7 @@ def _assign(pond, job, worker_id, binding_id):
         "credential": job["credential"],     # the intent only: the worker asks for it sealed (seal())
         "cancel_grace": job["cancel_grace"],
         "log_cap": job["log_cap"],
+        **{k: job[k] for k in ("files", "broker") if job.get(k) is not None},    # an agent job's (pond/agents.py)
     }
 
 
@@ -430,10 +431,20 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope, dropped):
         raise attestation.refused("the result of a pinned worker carries no attestation")
     statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)
     output = pond.store.output(job["id"], attempt)
-    command, box = pond.store.job_command_sandbox(job["id"])
-    attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
-                                output["stderr"], command=command, outcome=outcome, dropped=dropped, sandbox=box)
+    parts = pond.store.job_spec_parts(job["id"])
+    predicate = attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
+                                            output["stderr"], command=parts["command"], outcome=outcome,
+                                            dropped=dropped, sandbox=parts["sandbox"], spec=_agent_spec(parts))
+    if parts["broker"] is not None:
+        pond.store.set_job_usage(job["id"], predicate["usage"])
     return True
+
+
+def _agent_spec(parts):
+    """The job spec digest a signed result must name: an agent job's only (its files and broker are in it)."""
+    if parts["files"] is None and parts["broker"] is None:
+        return None
+    return sealing.job_spec(parts["command"], parts["env"], parts["sandbox"], parts["files"], parts["broker"])
 
 
 def _result_refused(pond, job, attempt, worker, detail):
