@@ -302,7 +302,8 @@ def expand(pond, value, box):
     broker = {"provider": model["provider"], "base_url": model["base_url"], "model": model["model_id"],
               "key_env": key_var(model["provider"], row["secret_names"], "agent.model"),
               "max_tokens": max_tokens, "max_cost": max_cost,
-              "input_cost_per_mtok": model["input_cost_per_mtok"], "output_cost_per_mtok": model["output_cost_per_mtok"]}
+              "input_cost_per_mtok": model["input_cost_per_mtok"], "output_cost_per_mtok": model["output_cost_per_mtok"],
+              "secret_files": harness["secret_files"]}
     request = {"harness": harness["key"], "model": model["key"], "role": role, "temperature": temperature,
                "max_tokens": max_tokens, "max_cost": max_cost, "tools": tools}
     warnings = [{"code": "secret_in_file", "message": f"harness {harness['key']} writes secret {name} in clear text "
