@@ -131,7 +131,7 @@ def check_files(value, field, allowed):
 
 
 def check_harness(body):
-    body = _field(wire.obj, "harness", body, "harness", HARNESS_FIELDS, ("key", "capability", "command_template"))
+    body = wire.obj(body, "harness", HARNESS_FIELDS, ("key", "capability", "command_template"))    # its shape: 400
     key = _field(wire.string, "key", body["key"], "key", 64, KEY_RE, KEY_HINT)
     capability = _field(wire.string, "capability", body["capability"], "capability", 128, wire.CAPABILITY_RE)
     if not capability.startswith("harness."):
@@ -184,8 +184,7 @@ def base_url(value, field="base_url"):
 
 
 def check_model(pond, body):
-    body = _field(wire.obj, "model", body, "model", MODEL_FIELDS, ("key", "provider", "model_id", "credential",
-                                                                    "base_url"))
+    body = wire.obj(body, "model", MODEL_FIELDS, ("key", "provider", "model_id", "credential", "base_url"))
     key = _field(wire.string, "key", body["key"], "key", 64, KEY_RE, KEY_HINT)
     provider = body["provider"]
     if provider not in PROVIDERS:
@@ -306,11 +305,8 @@ def expand(pond, value, box):
               "secret_files": harness["secret_files"]}
     request = {"harness": harness["key"], "model": model["key"], "role": role, "temperature": temperature,
                "max_tokens": max_tokens, "max_cost": max_cost, "tools": tools}
-    warnings = [{"code": "secret_in_file", "message": f"harness {harness['key']} writes secret {name} in clear text "
-                 "into the job's HOME (0600)", "hint": "prefer a harness that reads the broker's URL and token"}
-                for name in harness["secret_files"]]
     return {"command": command, "env": env, "files": files, "capability": harness["capability"],
-            "credential": model["credential"], "broker": broker, "agent": request, "warnings": warnings}
+            "credential": model["credential"], "broker": broker, "agent": request}
 
 
 # -- usage ----------------------------------------------------------------------------
