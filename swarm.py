@@ -3430,7 +3430,7 @@ class CredentialBroker(EgressProxy):
         status, counts = 502, {"input_tokens": 0, "output_tokens": 0}
         try:
             status, counts = self._forward(client, upstream, method, path, headers, body)
-        except (OSError, http.client.HTTPException) as e:
+        except Exception as e:              # no traceback: an exception's text may quote a header, key and all
             self._refuse(client, BrokerRefused(502, "upstream-failed", f"the model's upstream failed: "
                                                f"{clean(str(e).replace(self.key, '[redacted]'), 200)}"))
         finally:
@@ -5228,10 +5228,11 @@ def agent_parts(job, secret_env):
     """-> AgentParts for a job with a broker block; SwarmError when its credential cannot be brokered
     (a job is never run with the key in its environment instead)."""
     broker = job["broker"]
-    key = secret_env.get(broker.get("key_env"))
-    if not key:
-        raise SwarmError(f"credential {job.get('credential')} holds no {clean(broker.get('key_env'), 64)} for the broker",
-                         "set the model's key in the credential: pond admin credential set NAME --secret VAR")
+    key = (secret_env.get(broker.get("key_env")) or "").strip()
+    if not key or not key.isprintable():           # a line break would end up in an error text, key and all
+        raise SwarmError(f"credential {job.get('credential')} holds no usable {clean(broker.get('key_env'), 64)} "
+                         "for the broker", "set the model's key, one line, in the credential: pond admin credential "
+                         "set NAME --secret VAR")
     _, _, _, prefix = broker_upstream(broker)
     url, token = f"http://127.0.0.1:{BROKER_PORT}{prefix}", "swarm-" + secrets.token_urlsafe(24)
     name = {"openai": "OPENAI", "anthropic": "ANTHROPIC"}[broker["provider"]]
