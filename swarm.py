@@ -3819,7 +3819,8 @@ def seccomp_program(machine=None):
     Kills a foreign architecture outright; refuses (EPERM) x32 calls, io_uring, kernel
     keyrings, bpf, userfaultfd, perf events, mount and namespace calls, and creating a
     Unix socket (the only path out of the network namespace would be a socket someone
-    bound on the host); allows the rest.
+    bound on the host); allows the rest, socketpair too: an anonymous pair names nothing
+    outside, and tokio's and libuv's runtimes (codex, node) cannot start without one.
     """
     machine = machine or os.uname().machine
     if machine not in SYSCALLS:
@@ -3835,10 +3836,10 @@ def seccomp_program(machine=None):
             insn(ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
             insn(ld_w, 0, 0, 0)]                                     # seccomp_data.nr
     if machine == "x86_64":
-        prog.append(insn(jge, len(denied) + 5, 0, X32_SYSCALL_BIT))  # to the EPERM at the end
+        prog.append(insn(jge, len(denied) + 4, 0, X32_SYSCALL_BIT))  # to the EPERM at the end
     for i, number in enumerate(denied):
-        prog.append(insn(jeq, len(denied) - i + 4, 0, number))
-    prog += [insn(jeq, 1, 0, nr["socket"]), insn(jeq, 0, 2, nr["socketpair"]),
+        prog.append(insn(jeq, len(denied) - i + 3, 0, number))
+    prog += [insn(jeq, 0, 2, nr["socket"]),
              insn(ld_w, 0, 0, 16),                                   # args[0], low half: the family
              insn(jeq, 1, 0, AF_UNIX_FAMILY),
              insn(ret, 0, 0, SECCOMP_RET_ALLOW),

@@ -43,8 +43,9 @@ BROKERED_PROFILES = ("untrusted-code-read", "untrusted-code-write")
 PRESETS = {
     "codex": {
         "key": "codex", "label": "OpenAI Codex CLI (npm @openai/codex)", "capability": "harness.codex",
-        "command_template": ["codex", "exec", "--skip-git-repo-check", "--full-auto", "--model", "{{MODEL}}",
-                             "{{PROMPT}}"],
+        # pond's bwrap is the sandbox: codex's own (Landlock, or bwrap in bwrap) cannot start inside it.
+        "command_template": ["codex", "exec", "--skip-git-repo-check", "--dangerously-bypass-approvals-and-sandbox",
+                             "--model", "{{MODEL}}", "{{PROMPT}}"],
         "files": [{"path": ".codex/config.toml", "content":
                    'model = "{{MODEL}}"\nmodel_provider = "pond"\n\n[model_providers.pond]\n'
                    'name = "pond broker"\nbase_url = "{{BROKER_URL}}"\nenv_key = "OPENAI_API_KEY"\n'

@@ -47,6 +47,8 @@ class FakeModel(BaseHTTPRequestHandler):
         srv.calls.append({"path": self.path, "key": key, "headers": dict(self.headers.items()), "body": body})
         if json.dumps(body).find("ECHO_KEY") >= 0:
             return self._send(401, {"error": {"message": f"Incorrect API key provided: {key}"}})
+        if self.path.endswith("/responses"):
+            return self._responses(body)
         if body.get("stream"):
             return self._stream(body)
         if srv.kind == "openai":
@@ -65,11 +67,37 @@ class FakeModel(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
-    def _stream(self, body):
+    def _responses(self, body):
+        """OpenAI's Responses API, streamed, as `codex exec` speaks it: first a tool call that writes a file
+        in /work, then, once its output comes back, a final message."""
+        done = any(item.get("type") == "function_call_output" for item in body.get("input", []))
+        tools = {t.get("name") for t in body.get("tools", [])}
+        write = "echo written-by-codex > /work/hello.txt && tr a-z A-Z < /work/hello.txt"
+        call = ({"name": "exec_command", "arguments": json.dumps({"cmd": write, "tty": False})} if "exec_command" in tools
+                else {"name": "shell_command", "arguments": json.dumps({"command": write})} if "shell_command" in tools
+                else {"name": "shell", "arguments": json.dumps({"command": ["sh", "-c", write]})})
+        item = ({"type": "message", "id": "msg_1", "role": "assistant", "content": [{"type": "output_text",
+                                                                                     "text": "wrote hello.txt"}]}
+                if done else {"type": "function_call", "id": "fc_1", "call_id": "call_1", **call})
+        events = [{"type": "response.created", "response": {"id": "resp_1"}},
+                  {"type": "response.output_item.done", "item": item},
+                  {"type": "response.completed", "response": {"id": "resp_1", "usage": {
+                      "input_tokens": 1000, "output_tokens": 40, "total_tokens": 1040}}}]
+        self._chunks([f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events])
+
+    def _chunks(self, lines):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        for line in lines:
+            data = line.encode()
+            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
+            self.wfile.flush()
+            time.sleep(self.server.gap)
+        self.wfile.write(b"0\r\n\r\n")
+
+    def _stream(self, body):
         if self.server.kind == "openai":
             events = [{"choices": [{"delta": {"content": word}}]} for word in ("hello ", "streamed ", "gpt")]
             if (body.get("stream_options") or {}).get("include_usage"):
@@ -84,12 +112,7 @@ class FakeModel(BaseHTTPRequestHandler):
             events += [("message_delta", {"type": "message_delta", "usage": {"output_tokens": 6}}),
                        ("message_stop", {"type": "message_stop"})]
             lines = [f"event: {name}\ndata: {json.dumps(e)}\n\n" for name, e in events]
-        for line in lines:
-            data = line.encode()
-            self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data))
-            self.wfile.flush()
-            time.sleep(self.server.gap)
-        self.wfile.write(b"0\r\n\r\n")
+        self._chunks(lines)
 
     def log_message(self, *args):
         pass
@@ -211,7 +234,7 @@ class Agents:
         self.pond = self.pool.pond()
         self.orch = self.pool.orchestrator(self.pond)
         self.worker = start_worker(self.dir, tmp, self.pond, self.orch, "root", tags="pool:trusted",
-                                   capabilities="sandbox.bwrap,harness.python3",
+                                   capabilities="sandbox.bwrap,harness.python3,harness.codex",
                                    extra=("--slot-uids", str(SLOT_UID_BASE)), name="agents")
         self.pool.procs.append(self.worker)
         SHARED_PIDS.update(p.proc.pid for p in self.pool.procs)
@@ -325,6 +348,31 @@ def test_a_budget_stops_a_runaway_agent(agents):
     usage = agents.pond.client.get(f"/v1/jobs/{job['id']}/usage")
     assert usage["refused"] == 1 and usage["input_tokens"] + usage["output_tokens"] == 54
     assert "budget-exhausted" in err
+
+
+def test_codex_exec_from_npm_runs_in_bwrap_through_the_broker_and_writes_in_work(agents):
+    """The real `codex exec` (npm @openai/codex, which .ci/run installs), the codex preset, the fake
+    upstream speaking the Responses API: one tool call that writes /work/hello.txt, then a message."""
+    if not shutil.which("codex", path="/usr/local/bin:/usr/bin:/bin"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("codex is missing in CI: .ci/run installs it (npm install -g @openai/codex)")
+        pytest.skip("codex is not installed (npm install -g @openai/codex)")
+    assert agents.pond.cli("admin", "harness", "from-preset", "codex").returncode == 0
+    upstream, key = agents.upstreams["openai"], agents.keys["openai"]
+    before = len(upstream.calls)
+    body = {"agent": {"harness": "codex", "model": "openai", "prompt": "write hello.txt"},
+            "sandbox": {"profile": "untrusted-code-write"}}
+    job = agents.pond.wait_job(agents.pond.client.post("/v1/jobs", body)["id"], timeout=120)
+    out = agents.pond.output(job["id"])
+    out, err = out["stdout"].decode(errors="replace"), out["stderr"].decode(errors="replace")
+    assert job["state"] == "done", (job["error"], out[-3000:], err[-3000:])
+    calls = upstream.calls[before:]
+    assert [c["path"] for c in calls] == ["/v1/responses", "/v1/responses"] and {c["key"] for c in calls} == {key}
+    assert "WRITTEN-BY-CODEX" in json.dumps(calls[1]["body"]["input"])     # its tool wrote /work/hello.txt
+    assert "wrote hello.txt" in out + err
+    usage = agents.pond.client.get(f"/v1/jobs/{job['id']}/usage")
+    assert (usage["input_tokens"], usage["output_tokens"], len(usage["calls"])) == (2000, 80, 2)
+    assert_key_nowhere(agents, key, out, err)
 
 
 # -- pond: registries and expansion -------------------------------------------------------------------------
