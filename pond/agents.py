@@ -328,3 +328,43 @@ def usage_view(job):
             "output_tokens": usage.get("output_tokens", 0), "calls": usage.get("calls", []),
             "refused": usage.get("refused", 0), "cost": cost(usage, job.get("broker")),
             "attested": job.get("usage") is not None}
+
+
+USAGE_BY = ("model", "harness", "tenant")
+
+
+def usage_summary(pond, req):
+    """GET /v1/usage?since=&until=&by=model|harness|tenant: tokens, calls and cost of the agent jobs that
+    finished in [since, until) (Unix seconds; default: all), summed per model, harness or tenant."""
+    q = req.query
+    by = q.get("by", "model")
+    if by not in USAGE_BY:
+        raise BadRequest(f"by={by[:40]!r} is unknown", "one of: " + ", ".join(USAGE_BY))
+    since, until = (_seconds(q.get(name), name, default) for name, default in (("since", 0.0), ("until", 1e12)))
+    groups = {}
+    for job in pond.store.usage_jobs(since, until):
+        tenant = next((t[len("tenant:"):] for t in job["tags"] if t.startswith("tenant:")), None)
+        key = {"model": (job["agent"] or {}).get("model"), "harness": (job["agent"] or {}).get("harness"),
+               "tenant": tenant}[by]
+        g = groups.setdefault(key, {by: key, "jobs": 0, "calls": 0, "input_tokens": 0, "output_tokens": 0,
+                                    "refused": 0, "cost": 0.0})
+        usage = job["usage"]
+        g["jobs"] += 1
+        g["calls"] += len(usage.get("calls", []))
+        for k in ("input_tokens", "output_tokens", "refused"):
+            g[k] += usage.get(k, 0)
+        g["cost"] = round(g["cost"] + cost(usage, job["broker"]), 6)
+    return 200, {"by": by, "since": since, "until": until,
+                 "usage": sorted(groups.values(), key=lambda g: (g[by] is None, str(g[by])))}
+
+
+def _seconds(raw, name, default):
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1e12:
+        raise BadRequest(f"query parameter {name}={raw[:40]!r} must be Unix seconds", "e.g. since=1795271248")
+    return value

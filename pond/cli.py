@@ -563,6 +563,18 @@ def cmd_registry_delete(args):
     print(f"{args.registry_kind} {data['key']} deleted")
 
 
+def cmd_usage(args):
+    """Tokens and cost of agent jobs, per model, harness or tenant (GET /v1/usage)."""
+    now = time.time()
+    query = {"by": args.by, "since": now - args.days * 86400 if args.days is not None else None}
+    data = _client(args).get("/v1/usage", **{k: v for k, v in query.items() if v is not None})
+    if args.json:
+        return _print_json(data)
+    _table(data["usage"], [(args.by.upper(), args.by), ("JOBS", "jobs"), ("CALLS", "calls"),
+                           ("TOKENS IN", "input_tokens"), ("TOKENS OUT", "output_tokens"), ("REFUSED", "refused"),
+                           ("COST", lambda g: f"{g['cost']:.6f}")])
+
+
 def cmd_revoke(args):
     kind = {"orchestrator": "orchestrators", "worker": "workers"}[args.kind]
     data = _client(args).delete(f"/v1/admin/pool/{kind}/{args.id}")
@@ -738,6 +750,11 @@ def build_parser():
         s = sub.add_parser(name, help=helptext, parents=[common])
         s.add_argument("id")
         s.set_defaults(fn=fn)
+
+    s = sub.add_parser("usage", help="tokens and cost of agent jobs, per model, harness or tenant", parents=[common])
+    s.add_argument("--by", choices=("model", "harness", "tenant"), default="model")
+    s.add_argument("--days", type=float, metavar="N", help="only jobs that finished in the last N days")
+    s.set_defaults(fn=cmd_usage)
 
     s = sub.add_parser("verify", help="re-check a job's signed result and stored output, offline",
                        parents=[common])

@@ -273,7 +273,7 @@ def view(pond, row, explain=True):
     out["events"] = row["events"] or []
     out["warnings"] = sandbox.warnings(row["sandbox"])
     if row.get("broker"):
-        out.update(files=[f["path"] for f in row["files"] or []], broker=row["broker"], agent=row["agent"],
+        out.update(files=row["files"] or [], broker=row["broker"], agent=row["agent"],     # no secret: unfilled
                    usage=agents.usage_view(row))
     if explain and row["state"] == JobState.QUEUED.value:
         now = pond.now()

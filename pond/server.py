@@ -86,6 +86,7 @@ ROUTES = [
     ("GET", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.get),
     ("DELETE", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.delete),
     ("GET", rf"/v1/jobs/{_ID}/usage", "admin", jobs.usage),
+    ("GET", r"/v1/usage", "admin", agents.usage_summary),
     ("POST", r"/v1/admin/harnesses", "admin", agents.put_harness),
     ("GET", r"/v1/admin/harnesses", "admin", agents.list_entries),
     ("GET", rf"/v1/admin/harnesses/{_NAME}", "admin", agents.get_entry),

@@ -517,6 +517,11 @@ class Store:
         """command, env, sandbox, files and broker of a job: what sealing.job_spec binds."""
         return self._one("SELECT command, env, sandbox, files, broker FROM jobs WHERE id = ?", (job_id,))
 
+    def usage_jobs(self, since, until):
+        """Agent jobs whose signed usage pond recorded, finished in [since, until): for GET /v1/usage."""
+        return self._all("SELECT id, tags, agent, broker, usage, finished_at FROM jobs WHERE usage IS NOT NULL"
+                         " AND finished_at >= ? AND finished_at < ? ORDER BY finished_at", (since, until))
+
     def set_job_usage(self, job_id, usage):
         """The model usage a verified result signed (an agent job's broker counted it)."""
         self._write("UPDATE jobs SET usage = ? WHERE id = ?", (_dump(usage), job_id))

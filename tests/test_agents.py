@@ -375,6 +375,23 @@ def test_codex_exec_from_npm_runs_in_bwrap_through_the_broker_and_writes_in_work
     assert_key_nowhere(agents, key, out, err)
 
 
+def test_usage_sums_the_signed_usage_per_model_harness_and_tenant(agents):
+    job, out, err = agents.run("anthropic", "say hello")
+    assert job["state"] == "done", err[-2000:]
+    done = agents.pond.cli("usage", "--by", "model", "--json")
+    assert done.returncode == 0, done.stderr
+    by_model = {g["model"]: g for g in json.loads(done.stdout)["usage"]}
+    one = agents.pond.client.get(f"/v1/jobs/{job['id']}/usage")
+    assert by_model["anthropic"]["input_tokens"] >= one["input_tokens"] > 0 and by_model["anthropic"]["jobs"] >= 1
+    assert by_model["anthropic"]["cost"] >= one["cost"] > 0
+    by_harness = agents.pond.client.get("/v1/usage", by="harness")["usage"]
+    assert "fake-agent" in {g["harness"] for g in by_harness}
+    assert agents.pond.client.get("/v1/usage", since=str(time.time() + 3600))["usage"] == []
+    table = agents.pond.cli("usage", "--by", "harness", "--days", "1")
+    assert table.returncode == 0 and "fake-agent" in table.stdout and "TOKENS IN" in table.stdout
+    assert agents.pond.api("GET", "/v1/usage?by=colour")[0] == 400
+
+
 # -- pond: registries and expansion -------------------------------------------------------------------------
 
 def test_registries_validate_entries_and_name_the_field(agents):
@@ -419,7 +436,10 @@ def test_presets_and_the_claude_code_configuration_they_render(agents):
     assert job["command"] == ["claude", "-p", "fix it", "--model", "anthropic-model-1", "--append-system-prompt",
                               "be brief", "--dangerously-skip-permissions"]
     assert "harness.claude" in job["capabilities"] and job["credential"] == "anthropic"
-    assert job["broker"]["key_env"] == "ANTHROPIC_API_KEY" and job["files"] == [".claude/settings.json", ".claude.json"]
+    assert job["broker"]["key_env"] == "ANTHROPIC_API_KEY"
+    assert [f["path"] for f in job["files"]] == [".claude/settings.json", ".claude.json"]
+    assert json.loads(job["files"][0]["content"]) == {"model": "anthropic-model-1", "includeCoAuthoredBy": False}
+    assert json.loads(job["files"][1]["content"]) == {"hasCompletedOnboarding": True}
     stored = agents.pond.client.get(f"/v1/jobs/{job['id']}")
     assert stored["broker"] == job["broker"]
     agents.pond.client.post(f"/v1/jobs/{job['id']}/cancel", {})

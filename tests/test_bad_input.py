@@ -826,6 +826,10 @@ POND_AGENT_CASES = [
     *admin_auth_cases("DELETE", HARNESSES + "/absent"),
     *admin_auth_cases("DELETE", MODELS + "/absent"),
     *admin_auth_cases("GET", "/v1/jobs/<job>/usage"),
+    *admin_auth_cases("GET", "/v1/usage"),
+    Case("usage by something unknown", "GET", "/v1/usage?by=colour", auth="admin", says="by"),
+    Case("usage since that is not a number", "GET", "/v1/usage?since=yesterday", auth="admin", says="since"),
+    Case("usage until before 1970", "GET", "/v1/usage?until=-5", auth="admin", says="until"),
     Case("the usage of a job that is not an agent's", "GET", "/v1/jobs/<job>/usage", auth="admin", status=404,
          code="not_found", says="agent"),
 ]
