@@ -69,7 +69,7 @@ def transition(store, job, to_state, **fields):
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
-                     "cancel_grace", "log_cap", "retries", "files", "broker")
+                     "cancel_grace", "log_cap", "retries", "files", "broker", "agent")
 
 
 def submit(pond, req):
