@@ -3341,6 +3341,7 @@ class EgressProxy:
 # name another host: this is no proxy. Answers stream back as they come (SSE); the usage fields of
 # each answer are counted, and budgets refuse further calls with 429. The key is in no log line.
 
+BROKER_PORT = 8787                    # on 127.0.0.1 in the job's network namespace, beside the egress proxy's 3128
 BROKER_BODY_MAX = 8 * 1024 * 1024     # bytes of a request body
 BROKER_ERROR_MAX = 64 * 1024          # bytes of an upstream error answer, read whole to scrub the key out
 BROKER_USAGE_MAX = 4 * 1024 * 1024    # bytes of a whole (not streamed) answer kept to read its usage
@@ -3591,6 +3592,37 @@ class CredentialBroker(EgressProxy):
             pass
 
 
+RUNTIME_PLACEHOLDER = re.compile(r"\{\{(BROKER_URL|SECRET:[A-Za-z_][A-Za-z0-9_]{0,127})\}\}")
+
+
+@dataclass
+class AgentParts:
+    """What an agent job gets in place of its credential: the broker's URL and a per-job token in
+    its env; the real key stays here, for the broker; secrets only the harness's files may hold."""
+    env: dict
+    url: str
+    key: str = field(repr=False)
+    token: str = field(repr=False)
+    file_secrets: dict = field(repr=False)
+
+
+def agent_parts(job, secret_env):
+    """-> AgentParts for a job with a broker block; SwarmError when its credential cannot be brokered
+    (a job is never run with the key in its environment instead)."""
+    broker = job["broker"]
+    key = (secret_env.get(broker.get("key_env")) or "").strip()
+    if not key or not key.isprintable():           # a line break would end up in an error text, key and all
+        raise SwarmError(f"credential {job.get('credential')} holds no usable {clean(broker.get('key_env'), 64)} "
+                         "for the broker", "set the model's key, one line, in the credential: pond admin credential "
+                         "set NAME --secret VAR")
+    _, _, _, prefix = broker_upstream(broker)
+    url, token = f"http://127.0.0.1:{BROKER_PORT}{prefix}", "swarm-" + secrets.token_urlsafe(24)
+    name = {"openai": "OPENAI", "anthropic": "ANTHROPIC"}[broker["provider"]]
+    allowed = set(broker.get("secret_files") or ())
+    return AgentParts({"BROKER_URL": url, f"{name}_BASE_URL": url, f"{name}_API_KEY": token}, url, key, token,
+                      {k: v for k, v in secret_env.items() if k in allowed})
+
+
 # ============================================================================
 # Worker: identity and enrollment
 # ============================================================================
@@ -3730,7 +3762,6 @@ GIB = 1024 ** 3
 PROFILE_LIMITS = {"memory": 4 * GIB, "cpus": 2, "pids": 512, "tmpfs_size": 1 * GIB, "timeout": 86400}
 UNTRUSTED_PROFILES = ("untrusted-code-read", "untrusted-code-write")
 EGRESS_PORT = 3128             # the job's egress proxy, on 127.0.0.1 inside its network namespace
-BROKER_PORT = 8787             # an agent job's credential broker, beside it
 SANDBOX_HOME = "/home/swarm"   # HOME inside bwrap; the slot's home/ is bound there
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 OPEN_FILES = 4096              # RLIMIT_NOFILE of a job
@@ -5283,37 +5314,6 @@ def refusal(s, signer, job, sandboxes):
     return None if ok else f"refused by worker: {reason}"
 
 
-RUNTIME_PLACEHOLDER = re.compile(r"\{\{(BROKER_URL|SECRET:[A-Za-z_][A-Za-z0-9_]{0,127})\}\}")
-
-
-@dataclass
-class AgentParts:
-    """What an agent job gets in place of its credential: the broker's URL and a per-job token in
-    its env; the real key stays here, for the broker; secrets only the harness's files may hold."""
-    env: dict
-    url: str
-    key: str = field(repr=False)
-    token: str = field(repr=False)
-    file_secrets: dict = field(repr=False)
-
-
-def agent_parts(job, secret_env):
-    """-> AgentParts for a job with a broker block; SwarmError when its credential cannot be brokered
-    (a job is never run with the key in its environment instead)."""
-    broker = job["broker"]
-    key = (secret_env.get(broker.get("key_env")) or "").strip()
-    if not key or not key.isprintable():           # a line break would end up in an error text, key and all
-        raise SwarmError(f"credential {job.get('credential')} holds no usable {clean(broker.get('key_env'), 64)} "
-                         "for the broker", "set the model's key, one line, in the credential: pond admin credential "
-                         "set NAME --secret VAR")
-    _, _, _, prefix = broker_upstream(broker)
-    url, token = f"http://127.0.0.1:{BROKER_PORT}{prefix}", "swarm-" + secrets.token_urlsafe(24)
-    name = {"openai": "OPENAI", "anthropic": "ANTHROPIC"}[broker["provider"]]
-    allowed = set(broker.get("secret_files") or ())
-    return AgentParts({"BROKER_URL": url, f"{name}_BASE_URL": url, f"{name}_API_KEY": token}, url, key, token,
-                      {k: v for k, v in secret_env.items() if k in allowed})
-
-
 def write_runtime_files(slot, files, agent):
     """An agent job's runtime files, written under its HOME before it starts: {{BROKER_URL}} and
     {{SECRET:NAME}} filled here; a path that is not plain, or resolves outside HOME, is refused; a
@@ -5441,15 +5441,18 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
         launch = sandboxes.take(slot, conf, job["command"], env) or provider.launch(conf, job["command"], slot, env)
         proxies, brokers = [], []
 
+        def log_to_job(prefix):
+            return lambda d: output.note("stderr", prefix + json.dumps(d, sort_keys=True).encode() + b"\n")
+
         def start_proxies():
             for listener in launch.listeners:
                 if agent is not None and listener.family == socket.AF_INET and listener.getsockname()[1] == BROKER_PORT:
-                    brokers.append(CredentialBroker(listener, job["broker"], agent.key, agent.token, lambda d: output.note(
-                        "stderr", b"swarm-broker: " + json.dumps(d, sort_keys=True).encode() + b"\n")))
+                    brokers.append(CredentialBroker(listener, job["broker"], agent.key, agent.token,
+                                                    log_to_job(b"swarm-broker: ")))
                     proxies.append(brokers[-1])
                 else:
-                    proxies.append(EgressProxy(listener, egress.with_hosts(conf["allow_hosts"]), lambda d: output.note(
-                        "stderr", b"swarm-egress: " + json.dumps(d, sort_keys=True).encode() + b"\n")))
+                    proxies.append(EgressProxy(listener, egress.with_hosts(conf["allow_hosts"]),
+                                               log_to_job(b"swarm-egress: ")))
                 proxies[-1].start()
 
         timeout = min(job.get("timeout") or conf["limits"]["timeout"], conf["limits"]["timeout"])
@@ -5462,8 +5465,8 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
             left = launch.end()
         error = f"{error}; {left}" if error and left else error or left
         state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
-        usage = brokers[0].report() if brokers else None
-        finish(job, reporter, signer, state, code, error, output, started_at, usage)   # the result first: cleaning up cannot lose it
+        usage = brokers[0].report() if brokers else None       # the result first: cleaning up cannot lose it
+        finish(job, reporter, signer, state, code, error, output, started_at, usage)
     finally:
         sandboxes.close_slot(slot)
         empty_slot(s, job, slot)

@@ -12,9 +12,7 @@ import json
 import os
 import secrets
 import shutil
-import stat
 import sys
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_PY, Pool, children, run, wait_for
+from conftest import JOB_PY, Pool, Proc, children, wait_for
 from sandboxing import environ_holding, prepare_root_dirs, processes, start_worker
 
 from pond import sealing
@@ -501,7 +499,6 @@ def test_harness_glob_advertises_only_harnesses_the_worker_finds(pool, tmp_path)
     argv = [sys.executable, str(Path(__file__).parents[1] / "swarm.py"), "worker", "--orchestrator", orch.url(),
             "--state-dir", str(state), "--capabilities", "harness.*,sandbox.process", "--claim-wait", "5",
             "--enroll-code", pond.enrollment_code()]
-    from conftest import Proc
     proc = Proc(argv, tmp_path / "w.log", env=env)
     pool.procs.append(proc)
     worker_id = proc.ready().split()[2]
