@@ -1335,6 +1335,8 @@ def check_state_report(body):
         raise HttpError(400, "bad_request", "a done report needs exit_code 0")
     if state == "failed" and code in (None, 0) and not error:
         raise HttpError(400, "bad_request", "a failed report needs a non-zero exit_code or an error")
+    if "requeue" in body and (body["requeue"] is not True or state != "failed" or code is not None or not error):
+        raise HttpError(400, "bad_request", "requeue is true, on a failed report with an error and no exit_code")
     chunks = body.get("chunks")
     if chunks is not None:
         if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS_PER_REPORT:
@@ -2514,8 +2516,8 @@ class Pool:
 
     def report_state(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
-        body = obj(body, "state report",
-                   ("attempt", "state", "exit_code", "error", "chunks", "attestation", "dropped"), ("attempt", "state"))
+        body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks", "attestation",
+                                          "dropped", "requeue"), ("attempt", "state"))
         check_state_report(body)
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
@@ -5257,13 +5259,14 @@ def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
     return code, error, ended_by
 
 
-def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None, usage=None):
+def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None, usage=None,
+           requeue=False):
     """The final report, signed when this worker's keys are pinned (specs/attestation.md).
 
     A job that never ran is signed too, over empty output: whatever the worker says
     of a job, the orchestrator cannot change. An agent job's result signs its spec and usage.
     """
-    fields = {"exit_code": exit_code}
+    fields = {"exit_code": exit_code, **({"requeue": True} if requeue else {})}
     if error:
         fields["error"] = error
     if output is not None:
@@ -5408,6 +5411,11 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
     `trouble` (the slot loop's) records a disk that refuses the slot, retried until it takes it.
     """
     why = refusal(s, signer, job, sandboxes)
+    harness = job["command"][0]
+    if why is None and job.get("broker") and "/" not in harness and not shutil.which(harness, path=SANDBOX_PATH):
+        finish(job, reporter, signer, "failed", error=f"cannot start: {clean(harness, 100)} is not installed on this "
+               "worker; back to the queue", requeue=True)    # never 127: another worker may have it
+        return
     secret_env, agent = {}, None
     if why is None and job.get("credential"):
         secret_env, why = unsealed_env(job, signer, orch, cancel)

@@ -316,8 +316,8 @@ def _reported_job(pond, req):
 def report_state(pond, req):
     """POST /v1/orch/jobs/{id}/state: running, or a final state with exit code, trailing output and attestation."""
     job, attempt = _reported_job(pond, req)
-    body = wire.obj(req.body, "state report",
-                    ("attempt", "state", "exit_code", "error", "chunks", "attestation", "dropped"), ("attempt", "state"))
+    body = wire.obj(req.body, "state report", ("attempt", "state", "exit_code", "error", "chunks", "attestation",
+                                               "dropped", "requeue"), ("attempt", "state"))
     if not isinstance(body["state"], str) or body["state"] not in {s.value for s in REPORT_STATES}:
         raise BadRequest(f"state {str(body['state'])[:40]!r} cannot be reported",
                          "one of: " + ", ".join(s.value for s in REPORT_STATES))
@@ -330,6 +330,8 @@ def report_state(pond, req):
     dropped = _dropped(body.get("dropped"))
     if job["state"] == to_state.value:
         return 200, {"job": job["id"], "state": job["state"], "duplicate": True}
+    if body.get("requeue") is not None:
+        return _requeue(pond, job, body["requeue"], to_state, exit_code, error)
     if to_state not in TRANSITIONS[JobState(job["state"])]:
         raise InvalidTransition(job["id"], job["state"], to_state.value)     # before storing its output
     if to_state is JobState.RUNNING:
@@ -341,6 +343,18 @@ def report_state(pond, req):
         pond.work.notify()        # a slot is free
     pond.logs.notify()
     return 200, {"job": job["id"], "state": to_state.value}
+
+
+def _requeue(pond, job, requeue, to_state, exit_code, error):
+    """A worker that could not start the job (an agent job whose harness it lacks): a new attempt,
+    on another worker if one fits, up to max_attempts (specs/protocol.md §5), instead of a failure.
+    Unsigned: a relay could only delay the job this way, which it can by not relaying at all."""
+    if requeue is not True or to_state is not JobState.FAILED or exit_code is not None or not error:
+        raise BadRequest("requeue is true, on a failed report with an error and no exit_code",
+                         "send it only for a job the worker could not start")
+    if end_attempt(pond, pond.store.job(job["id"]), "cannot_start", f"worker {job['worker_id']}: {error}"):
+        _attempts_ended(pond)
+    return 200, {"job": job["id"], "state": pond.store.job(job["id"])["state"], "requeued": True}
 
 
 def _envelope(value):

@@ -390,6 +390,20 @@ def test_usage_sums_the_signed_usage_per_model_harness_and_tenant(agents):
     assert agents.pond.api("GET", "/v1/usage?by=colour")[0] == 400
 
 
+def test_an_agent_job_whose_harness_is_missing_goes_back_to_the_queue_not_127(agents):
+    """The worker advertises harness.python3 but this harness's executable is not there: each
+    attempt goes back to the queue with the reason (another worker may have it), and after
+    max_attempts the job fails saying so; it never runs, never exits 127, and nothing is unsealed."""
+    ghost = agent_harness(key="ghost", command_template=["ghost-agent-not-installed", "{{PROMPT}}"])
+    assert agents.pond.api("POST", "/v1/admin/harnesses", ghost)[0] == 201
+    body = {"agent": {"harness": "ghost", "model": "openai", "prompt": "boo"}, "sandbox": {"profile": "untrusted-code-write"}}
+    job = agents.pond.wait_job(agents.pond.client.post("/v1/jobs", body)["id"], timeout=JOB_TIMEOUT)
+    assert job["state"] == "failed" and job["exit_code"] is None, job
+    assert "ghost-agent-not-installed is not installed on this worker" in job["error"] and "gave up" in job["error"]
+    events = [e["event"] for e in job["events"]]
+    assert events.count("cannot_start") == 3 and "sealed" not in events, events
+
+
 # -- pond: registries and expansion -------------------------------------------------------------------------
 
 def test_registries_validate_entries_and_name_the_field(agents):
