@@ -113,10 +113,15 @@ def cmd_submit(args):
     client = _client(args)
     if args.batch is not None:
         return _submit_batch(client, args)
-    if not args.command:
-        raise PondError("no command to run", "example: pond submit --wait -- python3 -c 'print(42)'", code="usage")
-    body = {"command": args.command, "tags": args.tag, "capabilities": args.capability,
-            "env": dict(_env_pair(e) for e in args.env)}
+    agent = _agent_arg(args)
+    if not args.command and agent is None:
+        raise PondError("no command to run", "example: pond submit --wait -- python3 -c 'print(42)'; or an agent: "
+                        "pond submit --harness codex --model gpt --prompt 'fix the tests'", code="usage")
+    if args.command and agent is not None:
+        raise PondError("an agent job runs its harness: give --harness with no command after --",
+                        "drop the command, or drop --harness/--model/--prompt", code="usage")
+    body = {"tags": args.tag, "capabilities": args.capability, "env": dict(_env_pair(e) for e in args.env),
+            **({"agent": agent} if agent is not None else {"command": args.command})}
     # A flag given is sent as given, 0 and "" too: pond refuses what it cannot take, never a default instead.
     body.update(_given(args, "timeout", "name", "tenant", "credential", "cancel_grace", "retries"))
     body["sandbox"] = _sandbox_arg(args)
@@ -143,7 +148,7 @@ def _submit_batch(client, args):
                                         ("--wait", args.wait or None), ("--explain", args.explain or None),
                                         ("a command", args.command or None))
                if value not in (None, [])]
-    per_job += [flag for attr, flag in SANDBOX_FLAGS if getattr(args, attr) not in (None, [])]
+    per_job += [flag for attr, flag in SANDBOX_FLAGS + AGENT_FLAGS if getattr(args, attr) not in (None, [])]
     if per_job:
         raise PondError(f"--batch takes each job whole from its file; {per_job[0]} would be ignored",
                         "put the field in each job's JSON line instead", code="usage")
@@ -181,6 +186,32 @@ SANDBOX_FLAGS = (("profile", "--profile"), ("tier", "--tier"), ("backend", "--ba
                  ("allow_host", "--allow-host"), ("memory", "--memory"), ("cpus", "--cpus"), ("pids", "--pids"),
                  ("tmpfs", "--tmpfs"))
 DEFAULT_PROFILE = "untrusted-code-write"
+
+
+AGENT_FLAGS = (("harness", "--harness"), ("model", "--model"), ("prompt", "--prompt"), ("prompt_file", "--prompt-file"),
+               ("system_prompt", "--system-prompt"), ("max_tokens", "--max-tokens"), ("max_cost", "--max-cost"),
+               ("temperature", "--temperature"))
+
+
+def _agent_arg(args):
+    """The job's agent block from --harness, --model, --prompt/--prompt-file and the rest, or None."""
+    given = [flag for attr, flag in AGENT_FLAGS if getattr(args, attr) is not None]
+    if not given:
+        return None
+    if args.harness is None or args.model is None or (args.prompt is None) == (args.prompt_file is None):
+        raise PondError(f"{given[0]} makes an agent job, which needs --harness, --model and one of --prompt, "
+                        "--prompt-file", "example: pond submit --harness codex --model gpt --prompt 'fix the tests'",
+                        code="usage")
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            with (sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")) as f:
+                prompt = f.read()
+        except OSError as e:
+            raise PondError(f"cannot read {args.prompt_file}: {e.strerror}", "give a text file, or - for stdin",
+                            code="usage") from None
+    return {"harness": args.harness, "model": args.model, "prompt": prompt,
+            **_given(args, "system_prompt", "max_tokens", "max_cost", "temperature")}
 
 
 def _given(args, *names):
@@ -307,6 +338,14 @@ def cmd_job(args):
     line("command", _shown(job["command"]))
     line("needs", f"tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}")
     line("sandbox", _sandbox_line(job["sandbox"]))
+    if job.get("agent"):
+        u, agent = job["usage"], job["agent"]
+        line("agent", f"harness {agent['harness']}, model {agent['model']} ({job['broker']['model']})"
+             + (f"; budget {agent['max_tokens']} tokens" if agent.get("max_tokens") else "")
+             + (f", {agent['max_cost']} cost" if agent.get("max_cost") else ""))
+        line("usage", f"{u['input_tokens']} tokens in, {u['output_tokens']} out, {len(u['calls'])} calls"
+             + (f" ({u['refused']} refused)" if u["refused"] else "") + f"; cost {u['cost']:.6f}"
+             + ("" if u["attested"] else " (no signed result yet)"))
     for warning in job.get("warnings") or []:
         line("warning", warning["message"])
     if job.get("waiting"):
@@ -543,6 +582,96 @@ def cmd_credential_delete(args):
     print(f"credential {data['name']} deleted")
 
 
+def cmd_registry_create(args):
+    """pond admin harness|model create: the entry from flags, or whole from --from FILE (JSON)."""
+    kind = args.registry_kind
+    if args.from_file is not None:
+        try:
+            with (sys.stdin if args.from_file == "-" else open(args.from_file, encoding="utf-8")) as f:
+                body = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PondError(f"cannot read {args.from_file} as JSON: {e}", f"give the {kind} as one JSON object",
+                            code="usage") from None
+    elif kind == "harness":
+        body = {"key": args.key, "capability": args.capability, "label": args.label,
+                "command_template": _json_arg(args.command_template, "--command-template") if args.command_template
+                else None, "env": dict(_env_pair(e) for e in args.env), "files": [_file_arg(f) for f in args.file],
+                "secret_files": args.secret_file}
+    else:
+        body = {"key": args.key, "label": args.label, "provider": args.provider, "model_id": args.model_id,
+                "credential": args.credential, "base_url": args.base_url,
+                "input_cost_per_mtok": args.input_cost, "output_cost_per_mtok": args.output_cost}
+    return _registry_post(args, kind, {k: v for k, v in body.items() if v not in (None, [], {})})
+
+
+def cmd_harness_preset(args):
+    from pond.agents import PRESETS
+    if args.preset not in PRESETS:
+        raise PondError(f"no preset {args.preset!r}", "presets: " + ", ".join(sorted(PRESETS)), code="usage")
+    body = dict(PRESETS[args.preset], **({"key": args.key} if args.key else {}))
+    return _registry_post(args, "harness", body)
+
+
+def _registry_post(args, kind, body):
+    data = _client(args).post(f"/v1/admin/{'harnesses' if kind == 'harness' else 'models'}", body)
+    if args.json:
+        return _print_json(data)
+    print(f"{kind} {data['key']}: " + (f"{data['capability']}, runs {' '.join(data['command_template'])}"
+                                       if kind == "harness" else
+                                       f"{data['provider']} {data['model_id']} at {data['base_url']}, "
+                                       f"credential {data['credential']}"))
+
+
+def _file_arg(text):
+    path, sep, local = text.partition("=")
+    if not sep:
+        raise PondError(f"--file {text!r} is not PATH=LOCAL_FILE", "example: --file .codex/config.toml=./config.toml",
+                        code="usage")
+    try:
+        return {"path": path, "content": Path(local).read_text(encoding="utf-8")}
+    except OSError as e:
+        raise PondError(f"cannot read {local}: {e.strerror}", "give a readable text file", code="usage") from None
+
+
+def cmd_registry_list(args):
+    plural = "harnesses" if args.registry_kind == "harness" else "models"
+    data = _client(args).get(f"/v1/admin/{plural}")
+    if args.json:
+        return _print_json(data)
+    if args.registry_kind == "harness":
+        _table(data[plural], [("KEY", "key"), ("CAPABILITY", "capability"), ("LABEL", "label"),
+                              ("COMMAND", lambda h: " ".join(h["command_template"])[:60])])
+    else:
+        _table(data[plural], [("KEY", "key"), ("PROVIDER", "provider"), ("MODEL", "model_id"),
+                              ("CREDENTIAL", "credential"), ("BASE URL", "base_url"),
+                              ("IN/MTOK", "input_cost_per_mtok"), ("OUT/MTOK", "output_cost_per_mtok")])
+
+
+def cmd_registry_show(args):
+    plural = "harnesses" if args.registry_kind == "harness" else "models"
+    _print_json(_client(args).get(f"/v1/admin/{plural}/{args.key}"))
+
+
+def cmd_registry_delete(args):
+    plural = "harnesses" if args.registry_kind == "harness" else "models"
+    data = _client(args).delete(f"/v1/admin/{plural}/{args.key}")
+    if args.json:
+        return _print_json(data)
+    print(f"{args.registry_kind} {data['key']} deleted")
+
+
+def cmd_usage(args):
+    """Tokens and cost of agent jobs, per model, harness or tenant (GET /v1/usage)."""
+    now = time.time()
+    query = {"by": args.by, "since": now - args.days * 86400 if args.days is not None else None}
+    data = _client(args).get("/v1/usage", **{k: v for k, v in query.items() if v is not None})
+    if args.json:
+        return _print_json(data)
+    _table(data["usage"], [(args.by.upper(), args.by), ("JOBS", "jobs"), ("CALLS", "calls"),
+                           ("TOKENS IN", "input_tokens"), ("TOKENS OUT", "output_tokens"), ("REFUSED", "refused"),
+                           ("COST", lambda g: f"{g['cost']:.6f}")])
+
+
 def cmd_revoke(args):
     kind = {"orchestrator": "orchestrators", "worker": "workers"}[args.kind]
     data = _client(args).delete(f"/v1/admin/pool/{kind}/{args.id}")
@@ -688,6 +817,14 @@ def build_parser():
     s.add_argument("--sandbox", metavar="JSON",
                    help='the whole sandbox block instead of the flags above, e.g. \'{"profile": "none"}\'')
     s.add_argument("--credential", metavar="NAME", help="a credential whose env the job gets, sealed to its worker")
+    s.add_argument("--harness", metavar="KEY", help="an agent job: run this harness (pond admin harness list)")
+    s.add_argument("--model", metavar="KEY", help="an agent job: with this model, its key kept by the worker's broker")
+    s.add_argument("--prompt", metavar="TEXT", help="an agent job: the task")
+    s.add_argument("--prompt-file", type=_named, metavar="FILE", help="an agent job: the task, from FILE (- for stdin)")
+    s.add_argument("--system-prompt", metavar="TEXT", help="an agent job: a system prompt")
+    s.add_argument("--max-tokens", type=int, metavar="N", help="an agent job: tokens its broker lets it spend")
+    s.add_argument("--max-cost", type=float, metavar="X", help="an agent job: cost its broker lets it spend")
+    s.add_argument("--temperature", type=float, metavar="T", help="an agent job: sampling temperature")
     s.add_argument("--cancel-grace", type=float, metavar="S",
                    help="seconds from SIGTERM to SIGKILL when the job is cancelled or times out (default 10)")
     s.add_argument("--retries", type=int, metavar="N",
@@ -716,6 +853,11 @@ def build_parser():
     s = sub.add_parser("cancel", help="cancel a job (exit 1 if it had already finished)", parents=[common])
     s.add_argument("id")
     s.set_defaults(fn=cmd_cancel)
+
+    s = sub.add_parser("usage", help="tokens and cost of agent jobs, per model, harness or tenant", parents=[common])
+    s.add_argument("--by", choices=("model", "harness", "tenant"), default="model")
+    s.add_argument("--days", type=float, metavar="N", help="only jobs that finished in the last N days")
+    s.set_defaults(fn=cmd_usage)
 
     s = sub.add_parser("verify", help="re-check a job's signed result and stored output, offline",
                        parents=[common])
@@ -760,6 +902,43 @@ def build_parser():
     s = credential.add_parser("delete", help="delete a credential", parents=[common])
     s.add_argument("name")
     s.set_defaults(fn=cmd_credential_delete)
+    for kind in ("harness", "model"):
+        plural = "harnesses" if kind == "harness" else "models"
+        reg = admin.add_parser(kind, help=f"{plural}: create, list, show, delete"
+                               + (", from-preset" if kind == "harness" else "")).add_subparsers(
+            dest=f"{kind}_cmd", metavar="COMMAND", required=True)
+        s = reg.add_parser("create", help=f"create or replace a {kind}", parents=[common])
+        s.add_argument("--from", dest="from_file", type=_named, metavar="FILE", help=f"the {kind} as JSON (- for stdin)")
+        s.add_argument("--key", help=f"the {kind}'s key, e.g. " + ("codex" if kind == "harness" else "gpt-mini"))
+        s.add_argument("--label", help="a description")
+        if kind == "harness":
+            s.add_argument("--capability", help="what a worker advertises for it, e.g. harness.codex")
+            s.add_argument("--command-template", metavar="JSON", help='argv with placeholders, e.g. '
+                           '\'["codex", "exec", "--model", "{{MODEL}}", "{{PROMPT}}"]\'')
+            s.add_argument("--file", action="append", default=[], metavar="PATH=LOCAL_FILE",
+                           help="a runtime file under the job's HOME, its content from LOCAL_FILE (repeatable)")
+            s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
+            s.add_argument("--secret-file", action="append", default=[], metavar="NAME",
+                           help="a secret its files need in clear text ({{SECRET:NAME}}; a warning on each job)")
+        else:
+            s.add_argument("--provider", choices=("openai", "anthropic"), help="the API the model speaks")
+            s.add_argument("--model-id", help="the provider's name of the model")
+            s.add_argument("--credential", help="the credential holding its key (pond admin credential set)")
+            s.add_argument("--base-url", help="its API, https (or http on loopback), e.g. https://api.openai.com/v1")
+            s.add_argument("--input-cost", type=float, metavar="X", help="cost per million input tokens")
+            s.add_argument("--output-cost", type=float, metavar="X", help="cost per million output tokens")
+        s.set_defaults(fn=cmd_registry_create, registry_kind=kind)
+        s = reg.add_parser("list", help=f"list {plural}", parents=[common])
+        s.set_defaults(fn=cmd_registry_list, registry_kind=kind)
+        for verb, fn in (("show", cmd_registry_show), ("delete", cmd_registry_delete)):
+            s = reg.add_parser(verb, help=f"{verb} one {kind}", parents=[common])
+            s.add_argument("key")
+            s.set_defaults(fn=fn, registry_kind=kind)
+        if kind == "harness":
+            s = reg.add_parser("from-preset", help="add a preset harness: codex, claude-code, llm", parents=[common])
+            s.add_argument("preset")
+            s.add_argument("--key", help="store it under another key")
+            s.set_defaults(fn=cmd_harness_preset)
     s = admin.add_parser("evict", help="take a worker out of the pool: no new jobs, then disconnected",
                          parents=[common])
     s.add_argument("id")

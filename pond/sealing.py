@@ -37,9 +37,12 @@ def _refuse(message, hint):
     return BadRequest(message, hint, code="seal_failed")
 
 
-def job_spec(command, env, sandbox):
-    """The digest of what a job runs, as both pond and the worker hold it (specs/sealing.md §3)."""
-    return hashlib.sha256(canonical_json({"command": command, "env": env, "sandbox": sandbox})).hexdigest()
+def job_spec(command, env, sandbox, files=None, broker=None):
+    """The digest of what a job runs, as both pond and the worker hold it (specs/sealing.md §3): an agent
+    job's runtime files and broker block are in it too (absent, not null, for a job without them)."""
+    spec = {"command": command, "env": env, "sandbox": sandbox}
+    spec.update({k: v for k, v in (("files", files), ("broker", broker)) if v is not None})
+    return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
 def seal_info(job_id, attempt, fingerprint, spec):

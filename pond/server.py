@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import (PROTOCOL_VERSION, __version__, credentials, dispatch, enrollment, health, jobs, metrics, pairing,
-                  tokens)
+from pond import (PROTOCOL_VERSION, __version__, agents, credentials, dispatch, enrollment, health, jobs, metrics,
+                  pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
@@ -75,6 +75,16 @@ ROUTES = [
     ("GET", r"/v1/admin/credentials", "admin", credentials.list_all),
     ("GET", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.get),
     ("DELETE", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.delete),
+    ("GET", rf"/v1/jobs/{_ID}/usage", "admin", jobs.usage),
+    ("GET", r"/v1/usage", "admin", agents.usage_summary),
+    ("POST", r"/v1/admin/harnesses", "admin", agents.put_harness),
+    ("GET", r"/v1/admin/harnesses", "admin", agents.list_entries),
+    ("GET", rf"/v1/admin/harnesses/{_NAME}", "admin", agents.get_entry),
+    ("DELETE", rf"/v1/admin/harnesses/{_NAME}", "admin", agents.delete_entry),
+    ("POST", r"/v1/admin/models", "admin", agents.put_model),
+    ("GET", r"/v1/admin/models", "admin", agents.list_entries),
+    ("GET", rf"/v1/admin/models/{_NAME}", "admin", agents.get_entry),
+    ("DELETE", rf"/v1/admin/models/{_NAME}", "admin", agents.delete_entry),
     ("POST", r"/v1/orch/pair", None, pairing.pair),
     ("GET", r"/v1/orch/whoami", "orch", pairing.whoami),
     ("POST", r"/v1/orch/poll", "orch", dispatch.poll),

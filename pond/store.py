@@ -27,7 +27,7 @@ from pathlib import Path
 from pond.errors import StorageUnavailable
 from pond.health import cleared, storage_failure, warn_once
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairing_codes (
@@ -111,7 +111,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     retries_left     INTEGER NOT NULL DEFAULT 0,
     tried            TEXT,
     idempotency_key  TEXT,
-    request_hash     TEXT
+    request_hash     TEXT,
+    files            TEXT,
+    broker           TEXT,
+    agent            TEXT,
+    usage            TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, req_key, seq);
@@ -147,14 +151,25 @@ CREATE TABLE IF NOT EXISTS credentials (
     created_at   REAL NOT NULL,
     updated_at   REAL NOT NULL
 );
+-- Harnesses and models (pond/agents.py), each one validated JSON object under its key.
+CREATE TABLE IF NOT EXISTS registry (
+    kind        TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (kind, key)
+);
 """
 
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
-                 "attestation", "env_names", "secret_names", "tried", "dropped")
+                 "attestation", "env_names", "secret_names", "tried", "dropped", "files", "broker", "agent", "usage",
+                 "body")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
 # opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3:
 # eviction; a job's credential, attestation, events, lease, cancel grace, log cap, retries and
-# idempotency key (and the credentials table, created above).
+# idempotency key (and the credentials table, created above). Schema 4: an agent job's runtime files,
+# broker, agent request and usage (and the registry table).
 ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
@@ -162,7 +177,7 @@ ADDED_COLUMNS = {
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
              ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"),
              ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
-             ("request_hash", "TEXT")),
+             ("request_hash", "TEXT"), ("files", "TEXT"), ("broker", "TEXT"), ("agent", "TEXT"), ("usage", "TEXT")),
 }
 _GROUP_OF_JOB = "req_key, tags, capabilities, COALESCE(credential, '') != ''"      # a queue_groups row
 _GROUP_EMPTY = "NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND jobs.req_key = queue_groups.req_key)"
@@ -475,11 +490,13 @@ class Store:
             self._db.execute(
                 "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
                 " cancel_grace, log_cap, retries_left, created_at, credential, events, tried, idempotency_key,"
-                " request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
+                " request_hash, files, broker, agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]',"
+                " ?, ?, ?, ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
                  job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"],
-                 job["credential"], idempotency_key, request_hash))
+                 job["credential"], idempotency_key, request_hash, *(None if job.get(k) is None else _dump(job[k])
+                                                                     for k in ("files", "broker", "agent"))))
             self._add_group(job["id"])
             return None
 
@@ -495,6 +512,19 @@ class Store:
         """(command, sandbox) of a job: what a signed result must name (attestation.check_statement)."""
         row = self._one("SELECT command, sandbox FROM jobs WHERE id = ?", (job_id,))
         return row["command"], row["sandbox"]
+
+    def job_spec_parts(self, job_id):
+        """command, env, sandbox, files and broker of a job: what sealing.job_spec binds."""
+        return self._one("SELECT command, env, sandbox, files, broker FROM jobs WHERE id = ?", (job_id,))
+
+    def usage_jobs(self, since, until):
+        """Agent jobs whose signed usage pond recorded, finished in [since, until): for GET /v1/usage."""
+        return self._all("SELECT id, tags, agent, broker, usage, finished_at FROM jobs WHERE usage IS NOT NULL"
+                         " AND finished_at >= ? AND finished_at < ? ORDER BY finished_at", (since, until))
+
+    def set_job_usage(self, job_id, usage):
+        """The model usage a verified result signed (an agent job's broker counted it)."""
+        self._write("UPDATE jobs SET usage = ? WHERE id = ?", (_dump(usage), job_id))
 
     def add_job_event(self, job_id, event):
         """Keep an event on the job (a refused result, a seal) for its operator; the newest MAX_EVENTS."""
@@ -685,3 +715,27 @@ class Store:
 
     def delete_credential(self, name):
         return self._write("DELETE FROM credentials WHERE name = ?", (name,)) == 1
+
+    # -- harnesses and models ----------------------------------------------------------
+
+    def put_registry(self, kind, key, body, now):
+        """Create or replace a harness or a model; True if it is new."""
+        with self.transaction():
+            if self._db.execute("UPDATE registry SET body = ?, updated_at = ? WHERE kind = ? AND key = ?",
+                                (_dump(body), now, kind, key)).rowcount == 1:
+                return False
+            self._db.execute("INSERT INTO registry (kind, key, body, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                             (kind, key, _dump(body), now, now))
+            return True
+
+    def registry(self, kind, key):
+        row = self._one("SELECT body, created_at, updated_at FROM registry WHERE kind = ? AND key = ?", (kind, key))
+        return None if row is None else dict(row["body"], created_at=row["created_at"], updated_at=row["updated_at"])
+
+    def registry_entries(self, kind):
+        return [dict(r["body"], created_at=r["created_at"], updated_at=r["updated_at"])
+                for r in self._all("SELECT body, created_at, updated_at FROM registry WHERE kind = ? ORDER BY key",
+                                   (kind,))]
+
+    def delete_registry(self, kind, key):
+        return self._write("DELETE FROM registry WHERE kind = ? AND key = ?", (kind, key)) == 1

@@ -58,14 +58,20 @@ def expire_enrollment_code(pond, code):
     assert n == 1, "the minted code is not in pond.db under its hash"
 
 
+def found_harnesses():
+    """What `harness.*` becomes on a worker of this host (swarm.find_harnesses; specs/agents.md §6)."""
+    import swarm
+    return [f"harness.{name}" for name in swarm.find_harnesses(["harness.*"])]
+
+
 def test_enrolled_worker_is_listed_with_its_tags_capabilities_and_slots(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
     w = pool.worker(pond, orch, tags="repo:acme,pool:trusted", capabilities="harness.*,sandbox.*", concurrency=3)
     (row,) = [r for r in workers(pond) if r["id"] == w.worker_id]
     assert row["tags"] == ["pool:trusted", "repo:acme"]
-    # sandbox.* is resolved to what this worker can enforce.
-    assert row["capabilities"] == ["harness.*", "sandbox.bwrap", "sandbox.process"]
+    # sandbox.* is resolved to what this worker can enforce, harness.* to the harnesses it finds.
+    assert row["capabilities"] == sorted(found_harnesses() + ["sandbox.bwrap", "sandbox.process"])
     assert row["slots"] == 3
     assert row["free"] == 3
     assert row["online"] is True
@@ -202,7 +208,7 @@ def test_unenforceable_sandbox_is_dropped_with_a_warning(pool):
     orch = pool.orchestrator(pond)
     w = pool.worker(pond, orch, capabilities="harness.*,sandbox.firecracker")
     (row,) = workers(pond)
-    assert row["capabilities"] == ["harness.*"]
+    assert row["capabilities"] == found_harnesses()
     assert "sandbox.firecracker" in w.stderr() and "WARNING" in w.stderr()
     assert "sandbox.firecracker" not in w.lines[0]
     # So a job that needs that sandbox is not given to this worker.

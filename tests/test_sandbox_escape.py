@@ -360,12 +360,14 @@ def test_an_allowed_host_is_reached_through_the_proxy(escape):
     assert len(allowed) == 2 and all(d["host"] == "localhost" and d["port"] == port for d in allowed), err
 
 
-def test_a_job_cannot_create_a_unix_socket(escape):
+def test_a_job_cannot_create_a_unix_socket_but_may_make_a_pair(escape):
     code = ("import socket\nfor make in (lambda: socket.socket(socket.AF_UNIX), lambda: socket.socketpair()):\n"
             "    try:\n        make()\n        print('MADE')\n    except OSError as e:\n        print('ERRNO', e.errno)\n")
     job, out, err = escape.run(py(code), WRITE)
     assert job["state"] == "done", (job.get("error"), out, err)
-    assert out.split() == ["ERRNO", "1", "ERRNO", "1"], out      # EPERM, from the seccomp filter
+    # EPERM from the seccomp filter for a socket that could name one on the host; an anonymous pair
+    # names nothing outside, and agent runtimes (tokio, libuv) need one: allowed.
+    assert out.split() == ["ERRNO", "1", "MADE"], out
 
 
 # --- limits ----------------------------------------------------------------------------
