@@ -75,7 +75,7 @@ def cmd_serve(args):
                                args.credential_key_file, args.allow_unsigned_results, args.lease,
                                args.max_attempts, args.log_cap, args.require_sandbox,
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
-                               max_pending_per_address=args.max_pending_per_address)
+                               max_pending_per_address=args.max_pending_per_address, database=args.database)
     return serve(settings)
 
 
@@ -558,6 +558,10 @@ def build_parser():
                    help="attempts of a job whose leases run out before it fails (default 3)")
     s.add_argument("--require-sandbox", action="store_true",
                    help="refuse jobs with sandbox profile none (default: $POND_REQUIRE_SANDBOX, else off)")
+    s.add_argument("--database", type=_named, metavar="URL",
+                   help="keep pond's data in PostgreSQL, shared by several pond replicas: postgresql://USER@HOST/DB, "
+                        "password in PGPASSWORD or .pgpass (default: $POND_DATABASE_URL, else DIR/pond.db; "
+                        "needs pip install 'pond-swarm[postgres]')")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
