@@ -195,9 +195,7 @@ class PgStore(Store):
                     self._depth -= 1
                 return
             try:
-                if not self._db.usable:
-                    self._reconnect()
-                self._db.execute("BEGIN")
+                self._fresh("BEGIN")
                 self._depth, self._groups_locked = 1, False
                 yield self
                 self._db.execute("COMMIT")
@@ -215,6 +213,18 @@ class PgStore(Store):
                 self._depth = 0
             if self.failure is not None:
                 self._recovered()
+
+    def _fresh(self, sql, args=()):
+        """Run the first statement of a transaction (or one outside any); on a connection that was
+        lost meanwhile (a restarted server, a killed backend), once more on a new one."""
+        if self._db.usable:
+            try:
+                return self._db.execute(sql, args)
+            except psycopg.OperationalError:
+                if self._db.usable:
+                    raise
+        self._reconnect()
+        return self._db.execute(sql, args)
 
     def _reconnect(self):
         self._db.close()
@@ -248,18 +258,18 @@ class PgStore(Store):
     def _all(self, sql, args=()):
         with self._lock:
             try:
-                if not self._depth and not self._db.usable:
-                    self._reconnect()
-                return self._db.execute(sql, args).fetchall()
+                if self._depth:
+                    return self._db.execute(sql, args).fetchall()
+                return self._fresh(sql, args).fetchall()
             except psycopg.OperationalError as e:
                 raise self._failed(e) from None
 
     def _one(self, sql, args=()):
         with self._lock:
             try:
-                if not self._depth and not self._db.usable:
-                    self._reconnect()
-                return self._db.execute(sql, args).fetchone()
+                if self._depth:
+                    return self._db.execute(sql, args).fetchone()
+                return self._fresh(sql, args).fetchone()
             except psycopg.OperationalError as e:
                 raise self._failed(e) from None
 
