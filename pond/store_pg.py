@@ -236,8 +236,8 @@ class PgStore(Store):
         """The database cannot be reached or refused the transaction: kept for /healthz, logged once."""
         why = _scrub(str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__, self._url)
         err = StorageUnavailable(f"pond cannot store this now: {why}",
-                                 f"check that PostgreSQL at {redact(self._url)} is up; pond reconnects by itself: "
-                                 "retry then")
+                                 f"check that PostgreSQL at {redact(self._url)} is up and lets this user in; a running "
+                                 "pond reconnects by itself: retry then")
         if self.failure is None:
             self.failure = {"error": err.message, "hint": err.hint, "since": round(time.time(), 3)}
         warn_once(err.message, "storage: %s (pond answers 503 storage_unavailable until it can write again)",

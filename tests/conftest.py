@@ -168,6 +168,21 @@ class PondHandle:
         except ValueError:
             return resp.status, data.decode(errors="replace")
 
+    postgres = database = None      # set by Pool.pond on PostgreSQL
+
+    def sql(self, statement, args=()):
+        """Run one statement (`?` marks) on this pond's own store, SQLite file or PostgreSQL
+        database: a real change to the store, for what no API can do quickly (expire a code).
+        -> (rowcount, rows)."""
+        if self.database is None:
+            import sqlite3
+            with sqlite3.connect(self.state_dir / "pond.db", timeout=10) as db:
+                cursor = db.execute(statement, args)
+                return cursor.rowcount, cursor.fetchall()
+        with self.postgres.connect(self.database.rsplit("/", 1)[1]) as db:
+            cursor = db.execute(statement.replace("?", "%s"), args)
+            return cursor.rowcount, cursor.fetchall() if cursor.description else []
+
     def cli(self, *args, timeout=60):
         tls = ("--ca-file", str(self.ca_file)) if self.ca_file else ()
         return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *tls, *args], timeout=timeout)
@@ -243,7 +258,9 @@ class Pool:
             extra, env = ("--database", database, *extra), self.postgres.env(env_for_children())
         proc = self.start([sys.executable, "-m", "pond", "serve", "--bind", f"127.0.0.1:{port}", "--state-dir", str(state),
                            "--poll-hold", str(poll_hold), *extra], "pond", env)
-        return PondHandle(proc, state, ca_file)
+        handle = PondHandle(proc, state, ca_file)
+        handle.postgres, handle.database = self.postgres, database
+        return handle
 
     def replica(self, pond, poll_hold=5, extra=()):
         """Another pond on `pond`'s database, with its admin token and credential key."""

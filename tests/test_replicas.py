@@ -131,3 +131,19 @@ def test_an_expired_lease_is_reaped_once_and_the_reaper_moves_when_its_replica_d
     claimed(other, 2)
     wait_for(lambda: expired(other) == [1, 2], 20, what="the second lease to expire, reaped by the survivor")
     assert "lease expired on attempt 2" in other.proc.stderr()
+
+
+def test_a_worker_evicted_through_one_replica_gets_no_job_from_another(pg_pool):
+    """Each replica caches its pools' worker rows: a change on another replica drops them (NOTIFY)."""
+    a = pg_pool.pond(extra=("--allow-unsigned-results",))
+    b = pg_pool.replica(a, extra=("--allow-unsigned-results",))
+    token = bare(b, slots=4)
+    first = a.client.post("/v1/jobs", SUBMIT)
+    status, body = b.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)     # b reads and caches the worker
+    assert status == 200 and [j["job_id"] for j in body["jobs"]] == [first["id"]], body
+    (worker,) = a.client.get("/v1/admin/pool/workers")["workers"]
+    assert a.api("POST", f"/v1/admin/pool/workers/{worker['id']}/evict", {"drain": True})[0] == 200
+    second = a.client.post("/v1/jobs", SUBMIT)
+    status, body = b.api("POST", "/v1/orch/poll", {"wait": 1}, token=token)
+    assert status == 200 and body["jobs"] == [], body
+    assert a.job(second["id"])["state"] == "queued"
