@@ -292,12 +292,19 @@ def _size(n):
 def cmd_verify(args):
     """Re-check a job's attestation and stored output with the pinned key, from the state dir: no server."""
     from pond.attestation import verify_job
+    from pond.settings import database_url
     from pond.store import Store
     state = Path(args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
-    if not (state / DB_FILE).exists():
-        raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir", code="usage")
+    database = database_url(args.database, os.environ)
+    if not database and not (state / DB_FILE).exists():
+        raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir (or --database URL)",
+                        code="usage")
     try:
-        store = Store(state / DB_FILE, readonly=True)
+        if database:
+            from pond.store_pg import PgStore
+            store = PgStore(database, readonly=True)
+        else:
+            store = Store(state / DB_FILE, readonly=True)
     except RuntimeError as e:
         raise PondError(str(e), "run the pond release that wrote it", code="config") from None
     try:
@@ -621,6 +628,8 @@ def build_parser():
     s = sub.add_parser("verify", help="re-check a job's signed result and stored output, offline",
                        parents=[common])
     s.add_argument("id")
+    s.add_argument("--database", type=_named, metavar="URL",
+                   help="pond's PostgreSQL database (default: $POND_DATABASE_URL, else DIR/pond.db)")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("logs", help="print a job's output", parents=[common])

@@ -171,10 +171,10 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           lease=lease, max_attempts=attempts, log_cap=cap,
                           require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
                           head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address,
-                          database=_database(database, env))
+                          database=database_url(database, env))
 
 
-def _database(flag, env):
+def database_url(flag, env):
     """The PostgreSQL URL from --database or POND_DATABASE_URL, checked; "" for SQLite in the state dir.
 
     A password in the flag is refused: `ps` shows every process's arguments to every user of the

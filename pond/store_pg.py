@@ -129,7 +129,7 @@ class PgStore(Store):
     """The PostgreSQL store. Thread-safe like Store: one connection per replica, one transaction at a
     time in it; replicas run side by side, kept apart by row and advisory locks."""
 
-    def __init__(self, url):
+    def __init__(self, url, readonly=False):
         self._url = url
         self._lock = threading.RLock()
         self._depth = 0
@@ -143,6 +143,15 @@ class PgStore(Store):
         self._stop = threading.Event()
         self._listener = None
         self._db = self._connect()
+        if readonly:         # `pond verify --database`: read, whether a pond runs on it or not, and change nothing
+            self._db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            exists = self._one("SELECT to_regclass('pond_schema') IS NOT NULL AS x")["x"]
+            version = (self._one("SELECT version FROM pond_schema") or {}).get("version") if exists else None
+            if version != SCHEMA_VERSION:
+                self.close()
+                raise RuntimeError(f"the database has pond schema {version}, not {SCHEMA_VERSION}: start this "
+                                   "pond on it once")
+            return
         with self.transaction():
             self._db.execute(f"SELECT pg_advisory_xact_lock({POND}, {MIGRATE})")   # one replica migrates at a time
             self._db.execute("CREATE TABLE IF NOT EXISTS pond_schema (version INTEGER NOT NULL)")

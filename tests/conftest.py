@@ -183,9 +183,19 @@ class PondHandle:
             cursor = db.execute(statement.replace("?", "%s"), args)
             return cursor.rowcount, cursor.fetchall() if cursor.description else []
 
+    def stored(self):
+        """Everything this pond's store holds, as bytes: the SQLite files, or a dump of its database."""
+        if self.database is None:
+            files = [self.state_dir / name for name in ("pond.db", "pond.db-wal", "pond.db-shm")]
+            return b"".join(f.read_bytes() for f in files if f.exists())
+        return self.postgres.dump(self.database.rsplit("/", 1)[1])
+
     def cli(self, *args, timeout=60):
         tls = ("--ca-file", str(self.ca_file)) if self.ca_file else ()
-        return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *tls, *args], timeout=timeout)
+        env = None if self.database is None else self.postgres.env(dict(env_for_children(),
+                                                                        POND_DATABASE_URL=self.database))
+        return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *tls, *args], timeout=timeout,
+                   env=env)
 
     def pairing_code(self, **body):
         return self.client.post("/v1/admin/pool/pairing-codes", body)["code"]

@@ -100,6 +100,11 @@ class Cluster:
             conn.execute(f"CREATE DATABASE {name} STRATEGY FILE_COPY")
         return self.url(name)
 
+    def dump(self, database):
+        """pg_dump of a database: all it stores, as bytes."""
+        return subprocess.run([str(self.bin / "pg_dump"), "--data-only", "-d", self.url(database)], check=True,
+                              capture_output=True, env=self.env(), timeout=60).stdout
+
     def log(self):
         try:
             return (self.dir / "log").read_text(errors="replace")
