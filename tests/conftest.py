@@ -272,12 +272,12 @@ class Pool:
         handle.postgres, handle.database = self.postgres, database
         return handle
 
-    def replica(self, pond, poll_hold=5, extra=()):
+    def replica(self, pond, poll_hold=5, extra=(), port=0):
         """Another pond on `pond`'s database, with its admin token and credential key."""
         state = self._dir("pond")
         for name in ("admin-token", "credential.key"):
             shutil.copy2(pond.state_dir / name, state / name)
-        return self.pond(poll_hold, extra, state=state, database=self.databases[pond.state_dir])
+        return self.pond(poll_hold, extra, state=state, database=self.databases[pond.state_dir], port=port)
 
     def orchestrator(self, pond, token="pool-secret", extra=(), state=None, port=0):
         """An orchestrator, paired with pond; give `state` and `port` of an earlier one to restart it."""

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import JOB_PY, Pool, wait_for
+from conftest import JOB_PY, Pool, free_port, wait_for
 
 SUBMIT = {"command": [JOB_PY, "-c", "pass"], "sandbox": {"profile": "none"}}
 
@@ -147,3 +147,45 @@ def test_a_worker_evicted_through_one_replica_gets_no_job_from_another(pg_pool):
     status, body = b.api("POST", "/v1/orch/poll", {"wait": 1}, token=token)
     assert status == 200 and body["jobs"] == [], body
     assert a.job(second["id"])["state"] == "queued"
+
+
+def test_kill_9_of_either_replica_during_a_stream_loses_no_job_and_records_none_twice(pg_pool):
+    """Jobs are submitted to both replicas in turn, each with an Idempotency-Key, and sent again
+    to the other one when a replica does not answer; the pool is paired with b. a, then b, is
+    killed with -9 and restarted where it was."""
+    ports = [free_port(), free_port()]
+    a = pg_pool.pond(port=ports[0], extra=("--lease", "4"))
+    ponds = [a, pg_pool.replica(a, port=ports[1], extra=("--lease", "4"))]
+    orch = pg_pool.orchestrator(ponds[1])
+    for _ in range(2):
+        pg_pool.worker(ponds[1], orch, concurrency=2)
+    ids, total = {}, 60
+
+    def submit(i):
+        body = dict(SUBMIT, command=[JOB_PY, "-c", f"print({i})"])
+        for attempt in range(40):
+            try:
+                status, job = ponds[(i + attempt) % 2].api("POST", "/v1/jobs", body,
+                                                           headers={"Idempotency-Key": f"stream-{i}"})
+            except OSError:
+                status = None           # that replica is down: the other one, the same key
+            if status in (200, 201):
+                return job["id"]
+            time.sleep(0.1)
+        raise AssertionError(f"job {i} was not accepted by either replica")
+
+    for i in range(total):
+        ids[i] = submit(i)
+        if i in (15, 35):           # kill -9 a, then b (the pool's), mid-stream; back on its port shortly
+            n = 0 if i == 15 else 1
+            ponds[n].proc.kill()
+            ids[i + 1] = submit(i + 1)          # answered by the other replica meanwhile
+            ponds[n] = pg_pool.pond(state=ponds[n].state_dir, port=ports[n], extra=("--lease", "4"))
+    wait_for(lambda: all(ponds[0].job(j)["state"] in ("done", "failed", "cancelled") for j in ids.values()), 90,
+             interval=0.5, what="every job to end")
+    jobs = ponds[0].client.get("/v1/jobs", limit=1000)["jobs"]
+    assert len(jobs) == total == len(set(ids.values())), (len(jobs), len(set(ids.values())))
+    for i, job_id in ids.items():
+        job = ponds[1].job(job_id)
+        assert job["state"] == "done" and job["attested"], job
+        assert ponds[1].output(job_id)["stdout"] == f"{i}\n".encode(), (i, ponds[1].output(job_id))
