@@ -196,8 +196,8 @@ class Store:
         self.dir = Path(path).resolve().parent
         self.failure = None          # {error, since} while the database cannot be written
         # binding id -> its worker rows. Every claim reads them and only enrollment,
-        # snapshots and the reaper change them, all through this object; a store shared
-        # by several pond replicas (PostgreSQL) would drop this cache.
+        # snapshots and the reaper change them, all through this object (on PostgreSQL, a
+        # change made by another replica drops it: store_pg.py).
         self._workers_cache = {}
         if readonly:         # `pond verify`: read a state dir, running pond or not, and change nothing
             self._db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
