@@ -329,6 +329,45 @@ def cmd_verify(args):
         print(f"{name + ':':10}sha256 {digest}")
 
 
+def cmd_migrate_store(args):
+    """Copy a stopped pond's SQLite store (DIR/pond.db) into an empty PostgreSQL database."""
+    from pond.settings import database_url
+    from pond.store import Store
+    from pond.store_pg import PgStore, redact
+    kind, sep, where = args.source.partition(":")
+    if kind != "sqlite" or not sep or not where:
+        raise PondError(f"--from {args.source[:100]!r} is not sqlite:DIR", "example: --from sqlite:./pond-state",
+                        code="usage")
+    state = Path(where)
+    if not (state / DB_FILE).exists():
+        raise PondError(f"no {DB_FILE} in {state}", "give pond's state dir: --from sqlite:DIR", code="usage")
+    endpoint = state / "endpoint.json"
+    try:
+        pid = json.loads(endpoint.read_text())["pid"]
+        os.kill(pid, 0)
+        raise PondError(f"pond (pid {pid}) still runs on {state}", "stop it first: what it wrote meanwhile would be "
+                        "lost", code="usage")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass                # no endpoint file, or its pond is gone
+    url = database_url(args.target, os.environ, "--to")
+    if not url:
+        raise PondError("no --to URL and no POND_DATABASE_URL", "example: --to postgresql://pond@db:5432/pond",
+                        code="usage")
+    source = Store(state / DB_FILE, readonly=True)
+    target = PgStore(url)
+    try:
+        copied = target.copy_from(source)
+    except ValueError as e:
+        raise PondError(str(e), "give an empty database; nothing was copied", code="usage") from None
+    finally:
+        target.close()
+        source.close()
+    print(f"copied {state / DB_FILE} to {redact(url)}: "
+          + ", ".join(f"{n} {table}" for table, n in copied.items()))
+    print(f"start pond with --database and the same state dir ({state}): it holds the admin token and the "
+          "credential key")
+
+
 def cmd_logs(args):
     client = _client(args)
     if args.follow:
@@ -631,6 +670,15 @@ def build_parser():
     s.add_argument("--database", type=_named, metavar="URL",
                    help="pond's PostgreSQL database (default: $POND_DATABASE_URL, else DIR/pond.db)")
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("migrate-store", help="copy a stopped pond's SQLite store into an empty PostgreSQL database",
+                       parents=[common], epilog="example: PGPASSWORD=... pond migrate-store --from sqlite:./pond-state "
+                                                "--to postgresql://pond@db.internal:5432/pond")
+    s.add_argument("--from", dest="source", required=True, type=_named, metavar="sqlite:DIR",
+                   help="the state dir of the pond to move (stopped)")
+    s.add_argument("--to", dest="target", type=_named, metavar="URL",
+                   help="an empty PostgreSQL database, password in PGPASSWORD or .pgpass (default: $POND_DATABASE_URL)")
+    s.set_defaults(fn=cmd_migrate_store)
 
     s = sub.add_parser("logs", help="print a job's output", parents=[common])
     s.add_argument("id")

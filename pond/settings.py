@@ -174,7 +174,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           database=database_url(database, env))
 
 
-def database_url(flag, env):
+def database_url(flag, env, name="--database"):
     """The PostgreSQL URL from --database or POND_DATABASE_URL, checked; "" for SQLite in the state dir.
 
     A password in the flag is refused: `ps` shows every process's arguments to every user of the
@@ -183,18 +183,18 @@ def database_url(flag, env):
     url = flag or env.get("POND_DATABASE_URL") or ""
     if not url:
         return ""
-    where = "--database" if flag else "POND_DATABASE_URL"
+    where = name if flag else "POND_DATABASE_URL"
     scheme, sep, rest = url.partition("://")
     if scheme not in ("postgresql", "postgres") or not sep:
         raise ConfigError(f"{where} must be a postgresql:// URL",
-                          "example: --database postgresql://pond@db.example:5432/pond (password in PGPASSWORD)")
+                          f"example: {name} postgresql://pond@db.example:5432/pond (password in PGPASSWORD)")
     try:
         from pond.store_pg import redact
     except ImportError:
         raise ConfigError(f"{where} needs the psycopg package, which is not installed",
                           "install it: pip install 'pond-swarm[postgres]'") from None
     if flag and redact(url) != url:
-        raise ConfigError("--database holds a password, which `ps` shows to every user of this host",
+        raise ConfigError(f"{name} holds a password, which `ps` shows to every user of this host",
                           "put the password in PGPASSWORD or a .pgpass file (PGPASSFILE), or give the whole URL "
                           "in POND_DATABASE_URL")
     return url

@@ -151,6 +151,8 @@ CREATE TABLE IF NOT EXISTS credentials (
 );
 """
 
+# Every table, parents first: what `pond migrate-store` copies (store_pg.PgStore.copy_from).
+TABLES = ("pairing_codes", "bindings", "enrollment_codes", "workers", "jobs", "queue_groups", "chunks", "credentials")
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
                  "attestation", "env_names", "secret_names", "tried", "dropped")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
@@ -336,6 +338,14 @@ class Store:
     def _write(self, sql, args=()):
         with self.transaction():
             return self._db.execute(sql, args).rowcount
+
+    def export(self, table):
+        """(column names, rows as stored: JSON undecoded) of one of TABLES, for `pond migrate-store`."""
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.row_factory = None
+            cursor.execute(f"SELECT * FROM {table}")
+            return [d[0] for d in cursor.description], cursor.fetchall()
 
     # -- pairing ---------------------------------------------------------------
 

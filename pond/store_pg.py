@@ -39,7 +39,8 @@ import psycopg
 
 from pond.errors import StorageUnavailable
 from pond.health import cleared, warn_once
-from pond.store import ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, _GROUP_EMPTY, _GROUP_OF_JOB, _JSON_COLUMNS, Store
+from pond.store import (ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, TABLES, _GROUP_EMPTY, _GROUP_OF_JOB, _JSON_COLUMNS,
+                        Store)
 
 log = logging.getLogger("pond")
 CHANNEL = "pond"
@@ -341,6 +342,27 @@ class PgStore(Store):
         if not self._reaper:
             self._reaper = self._one(f"SELECT pg_try_advisory_lock({POND}, {REAPER}) AS got")["got"]
         return self._reaper
+
+    def copy_from(self, source):
+        """`pond migrate-store`: every row of `source` (a Store on SQLite) into this empty database, in
+        one transaction; -> {table: rows copied}. Refused (ValueError) if this one holds pond data."""
+        with self.transaction():
+            self._db.execute(f"LOCK TABLE {', '.join(TABLES)} IN EXCLUSIVE MODE")   # no pond writes meanwhile
+            held = [t for t in TABLES if self._one(f"SELECT 1 AS x FROM {t} LIMIT 1")]
+            if held:
+                raise ValueError(f"the database already holds pond data (in {', '.join(held)})")
+            copied = {}
+            for table in TABLES:
+                columns, rows = source.export(table)
+                if rows:
+                    marks = ", ".join("?" * len(columns))
+                    self._db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+                copied[table] = len(rows)
+            for table, column in (("jobs", "seq"), ("chunks", "id"), ("queue_groups", "serial")):
+                # The next row numbers follow the copied ones (a serial is never reused).
+                self._db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+                                 f" (SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)")
+            return copied
 
     # -- SQL that is SQLite's alone ------------------------------------------------
 

@@ -192,3 +192,38 @@ def test_a_replica_reconnects_after_its_connections_are_cut(tmp_path, postgres):
         assert a.api("GET", "/healthz")[0] == 200 and b.api("GET", "/healthz")[0] == 200
     finally:
         pool.stop_all()
+
+
+def test_migrate_store_moves_an_install_from_sqlite_to_postgresql(tmp_path, postgres):
+    """A pond on SQLite runs a job and stops; `pond migrate-store` copies it; the same state dir on
+    PostgreSQL has the job, its signed output, the pool, and takes new work from the same orchestrator."""
+    from conftest import JOB_PY, env_for_children
+    sqlite_pool, pg_pool = Pool(tmp_path / "a"), Pool(tmp_path / "b", postgres)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    try:
+        pond = sqlite_pool.pond()
+        orch = sqlite_pool.orchestrator(pond)
+        sqlite_pool.worker(pond, orch)
+        first = pond.wait_job(pond.submit([JOB_PY, "-c", "print('before')"])["id"])
+        assert first["state"] == "done"
+        url = postgres.database()
+        migrate = [sys.executable, "-m", "pond", "migrate-store", "--from", f"sqlite:{pond.state_dir}", "--to", url]
+        running = run(migrate, env=postgres.env(env_for_children()))
+        assert running.returncode == 2 and "still runs on" in running.stderr, running.stderr
+        sqlite_pool.stop_all()
+        done = run(migrate, env=postgres.env(env_for_children()))
+        assert done.returncode == 0 and "1 jobs" in done.stdout and "1 workers" in done.stdout, done.stderr
+        again = run(migrate, env=postgres.env(env_for_children()))
+        assert again.returncode == 2 and "already holds pond data" in again.stderr, again.stderr
+
+        moved = pg_pool.pond(state=pond.state_dir, database=url, port=int(pond.url.rsplit(":", 1)[1]))
+        job = moved.job(first["id"])
+        assert (job["state"], job["attested"]) == ("done", True) and moved.output(first["id"])["stdout"] == b"before\n"
+        assert moved.cli("verify", first["id"]).returncode == 0
+        orch = pg_pool.orchestrator(moved, state=orch.state_dir)       # paired before the move
+        pg_pool.worker(moved, orch, state=sqlite_pool.procs[-1].state_dir)
+        second = moved.wait_job(moved.submit([JOB_PY, "-c", "print('after')"])["id"], timeout=30)
+        assert second["state"] == "done" and moved.output(second["id"])["stdout"] == b"after\n"
+    finally:
+        sqlite_pool.stop_all()
+        pg_pool.stop_all()
