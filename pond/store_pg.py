@@ -46,6 +46,8 @@ log = logging.getLogger("pond")
 CHANNEL = "pond"
 CONNECT_TIMEOUT = 10            # s to reach the server
 LISTEN_RETRY = 1.0              # s between attempts to get the listener's connection back
+LOCK_TIMEOUT = 10               # s a statement waits for a lock another replica holds
+STATEMENT_TIMEOUT = 60          # s a statement may run
 # Advisory lock keys: (POND, n) for pond's own locks, (POND_CLAIMS, hash of a binding id) for claims.
 POND, POND_CLAIMS = 0x706F6E64, 0x706F6E65
 MIGRATE, REAPER, GROUPS = 1, 2, 3
@@ -106,6 +108,10 @@ class _Connection:
 
     def __init__(self, url):
         self.conn = psycopg.connect(url, autocommit=True, row_factory=_rows, connect_timeout=CONNECT_TIMEOUT)
+        # A replica's requests share this connection: a lock or statement that waits for long holds
+        # them all up. Past these it fails as StorageUnavailable (503), which clients retry.
+        self.conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}s'")
+        self.conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}s'")
 
     def execute(self, sql, args=()):
         return self.conn.execute(_marks(sql), args)
@@ -319,7 +325,9 @@ class PgStore(Store):
             except psycopg.Error as e:
                 warn_once("listen", "storage: lost the connection that hears other replicas (%s); reconnecting",
                           _scrub(str(e), self._url)[:200])
-                self._stop.wait(LISTEN_RETRY)
+            except Exception:           # a bug: said loudly, and the replicas keep waking each other
+                log.exception("storage: the listener for other replicas failed; starting it again")
+            self._stop.wait(LISTEN_RETRY)
 
     def _workers_changed(self):
         with self._lock:
