@@ -11,8 +11,8 @@ functions, scalar MIN/MAX, PRAGMA) are overridden below. What several replicas a
 - Claims: queued_jobs() locks the rows it offers (FOR UPDATE SKIP LOCKED), so two replicas never
   assign one job; claim_lock() serialises one binding's claims (its free slots) across replicas.
 - Requirement groups (dispatch.Fits): a transaction that adds or drops one holds an advisory lock,
-  so serials are committed in order and a group dropped by one replica while another queues a job
-  in it comes back (store.py's _add_group and _drop_group make the same check under SQLite's lock).
+  as SQLite's one write lock does for all, so serials are committed in order and a group is never
+  dropped by one replica while another queues a job in it.
 - Wake-ups: a dispatch.Notifier's notify() is relayed with NOTIFY (sent in the caller's
   transaction, so it arrives after the commit); each replica's listener wakes its own waiters,
   and drops its cached worker rows when another replica changed them.
@@ -21,8 +21,9 @@ functions, scalar MIN/MAX, PRAGMA) are overridden below. What several replicas a
 - Schema: versioned in pond_schema, created or migrated by one replica at a time (an advisory lock).
 
 The connection string may hold a password: it is never logged or put in an error (redact()).
-A lost connection is StorageUnavailable (503 storage_unavailable, /healthz failing) until the next
-transaction reconnects.
+A connection lost between two statements (a restarted server, a killed backend) is replaced at
+the next one; a server that cannot be reached is StorageUnavailable (503 storage_unavailable,
+/healthz failing) until it can. copy_from() is `pond migrate-store`.
 """
 
 import json
