@@ -99,7 +99,7 @@ def cmd_serve(args):
                                args.credential_key_file, args.allow_unsigned_results, args.lease,
                                args.max_attempts, args.log_cap, args.require_sandbox,
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
-                               max_pending_per_address=args.max_pending_per_address)
+                               max_pending_per_address=args.max_pending_per_address, database=args.database)
     return serve(settings)
 
 
@@ -426,12 +426,19 @@ def _size(n):
 def cmd_verify(args):
     """Re-check a job's attestation and stored output with the pinned key, from the state dir: no server."""
     from pond.attestation import verify_job
+    from pond.settings import database_url
     from pond.store import Store
     state = Path(args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
-    if not (state / DB_FILE).exists():
-        raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir", code="usage")
+    database = database_url(args.database, os.environ)
+    if not database and not (state / DB_FILE).exists():
+        raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir (or --database URL)",
+                        code="usage")
     try:
-        store = Store(state / DB_FILE, readonly=True)
+        if database:
+            from pond.store_pg import PgStore
+            store = PgStore(database, readonly=True)
+        else:
+            store = Store(state / DB_FILE, readonly=True)
     except RuntimeError as e:
         raise PondError(str(e), "run the pond release that wrote it", code="config") from None
     try:
@@ -454,6 +461,45 @@ def cmd_verify(args):
     print(f"{'worker:':10}{worker['id']} fingerprint {worker['fingerprint']}")
     for name, digest in subjects.items():
         print(f"{name + ':':10}sha256 {digest}")
+
+
+def cmd_migrate_store(args):
+    """Copy a stopped pond's SQLite store (DIR/pond.db) into an empty PostgreSQL database."""
+    from pond.settings import database_url
+    from pond.store import Store
+    from pond.store_pg import PgStore, redact
+    kind, sep, where = args.source.partition(":")
+    if kind != "sqlite" or not sep or not where:
+        raise PondError(f"--from {args.source[:100]!r} is not sqlite:DIR", "example: --from sqlite:./pond-state",
+                        code="usage")
+    state = Path(where)
+    if not (state / DB_FILE).exists():
+        raise PondError(f"no {DB_FILE} in {state}", "give pond's state dir: --from sqlite:DIR", code="usage")
+    endpoint = state / "endpoint.json"
+    try:
+        pid = json.loads(endpoint.read_text())["pid"]
+        os.kill(pid, 0)
+        raise PondError(f"pond (pid {pid}) still runs on {state}", "stop it first: what it wrote meanwhile would be "
+                        "lost", code="usage")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass                # no endpoint file, or its pond is gone
+    url = database_url(args.target, os.environ, "--to")
+    if not url:
+        raise PondError("no --to URL and no POND_DATABASE_URL", "example: --to postgresql://pond@db:5432/pond",
+                        code="usage")
+    source = Store(state / DB_FILE, readonly=True)
+    target = PgStore(url)
+    try:
+        copied = target.copy_from(source)
+    except ValueError as e:
+        raise PondError(str(e), "give an empty database; nothing was copied", code="usage") from None
+    finally:
+        target.close()
+        source.close()
+    print(f"copied {state / DB_FILE} to {redact(url)}: "
+          + ", ".join(f"{n} {table}" for table, n in copied.items()))
+    print(f"start pond with --database and the same state dir ({state}): it holds the admin token and the "
+          "credential key")
 
 
 def cmd_logs(args):
@@ -784,6 +830,10 @@ def build_parser():
                    help="attempts of a job whose leases run out before it fails (default 3)")
     s.add_argument("--require-sandbox", action="store_true",
                    help="refuse jobs with sandbox profile none (default: $POND_REQUIRE_SANDBOX, else off)")
+    s.add_argument("--database", type=_named, metavar="URL",
+                   help="keep pond's data in PostgreSQL, shared by several pond replicas: postgresql://USER@HOST/DB, "
+                        "password in PGPASSWORD or .pgpass (default: $POND_DATABASE_URL, else DIR/pond.db; "
+                        "needs pip install 'pond-swarm[postgres]')")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
@@ -862,7 +912,18 @@ def build_parser():
     s = sub.add_parser("verify", help="re-check a job's signed result and stored output, offline",
                        parents=[common])
     s.add_argument("id")
+    s.add_argument("--database", type=_named, metavar="URL",
+                   help="pond's PostgreSQL database (default: $POND_DATABASE_URL, else DIR/pond.db)")
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("migrate-store", help="copy a stopped pond's SQLite store into an empty PostgreSQL database",
+                       parents=[common], epilog="example: PGPASSWORD=... pond migrate-store --from sqlite:./pond-state "
+                                                "--to postgresql://pond@db.internal:5432/pond")
+    s.add_argument("--from", dest="source", required=True, type=_named, metavar="sqlite:DIR",
+                   help="the state dir of the pond to move (stopped)")
+    s.add_argument("--to", dest="target", type=_named, metavar="URL",
+                   help="an empty PostgreSQL database, password in PGPASSWORD or .pgpass (default: $POND_DATABASE_URL)")
+    s.set_defaults(fn=cmd_migrate_store)
 
     s = sub.add_parser("logs", help="print a job's output", parents=[common])
     s.add_argument("id")

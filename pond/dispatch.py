@@ -49,8 +49,15 @@ class Notifier:
         self.version = 0          # capacity changes
         self.jobs_version = 0     # new jobs
         self._job_waiters = 0
+        self.relay = None         # PostgreSQL: tells the other replicas, whose stores call wake() (store_pg.py)
 
     def notify(self, new_job=False):
+        if self.relay is not None:
+            self.relay(new_job)
+        self.wake(new_job)
+
+    def wake(self, new_job=False):
+        """Wake this process's waiters only."""
         with self._cond:
             if new_job:
                 self.jobs_version += 1
@@ -163,6 +170,7 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     """
     store = pond.store
     with store.transaction():
+        store.claim_lock(binding_id)        # PostgreSQL: one claim per binding across replicas
         rows, workers, slots = pond.fits.available(pond, binding_id)
         if not workers:
             return []
@@ -192,7 +200,10 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
                          max(fit, key=free.__getitem__))        # the first with the most free slots
             if free[worker_id] <= 0:
                 continue
-            out.append(_assign(pond, job, worker_id, binding_id))
+            assignment = _assign(pond, job, worker_id, binding_id)
+            if assignment is None:
+                continue
+            out.append(assignment)
             free[worker_id] -= 1
             if len(out) >= max_jobs:
                 break
@@ -229,8 +240,9 @@ def _has_free_slot(pond, binding_id):
 def _assign(pond, job, worker_id, binding_id):
     claim_token = secrets.token_urlsafe(24)
     now = pond.now()
-    pond.store.assign_job(job["id"], worker_id, binding_id, tokens.digest(claim_token), now,
-                          now + pond.settings.lease)
+    if not pond.store.assign_job(job["id"], worker_id, binding_id, tokens.digest(claim_token), now,
+                                 now + pond.settings.lease):
+        return None         # not queued any more: never hand out a job the store did not assign
     if not job["attempt"]:
         pond.metrics.pickup.observe(now - job["created_at"])
     pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id)

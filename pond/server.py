@@ -33,7 +33,7 @@ from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllo
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
 from pond.settings import ENDPOINT_FILE, MAX_HEADER_BYTES, WORKER_OFFLINE_AFTER, write_private
-from pond.store import Store
+from pond.store import Store, open_store
 
 log = logging.getLogger("pond")
 REAPER_INTERVAL = 2.0
@@ -721,11 +721,12 @@ class Server(HTTPServer):
 
 
 def make_server(settings):
-    store = Store(settings.db_path)
+    store = open_store(settings)
     # pond was down: no orchestrator could renew a lease meanwhile. A full lease from now
     # lets them reconnect before any held job is given up on.
     store.extend_all_leases(time.time() + settings.lease)
     pond = Pond(settings=settings, store=store)
+    store.subscribe(pond.work, pond.logs)       # PostgreSQL: wake-ups to and from the other replicas
     handler = type("PondHandler", (Handler,), {"pond": pond, "timeout": settings.request_timeout})
     try:
         server = Server((settings.host, settings.port), handler, settings)
@@ -746,6 +747,8 @@ def _reap(pond):
     """One pass of background upkeep: workers whose orchestrator went silent go offline; leases
     and timeouts expire. While pond.db refuses writes, the pass retries (health.Loop)."""
     pond.store.probe()
+    if not pond.store.reaper_turn():        # PostgreSQL: one replica reaps for all (an advisory lock)
+        return
     if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
         pond.work.notify()
     dispatch.expire_leases(pond)
@@ -772,7 +775,8 @@ def serve(settings, ready=None):
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    print(f"pond listening on {url} (state dir {settings.state_dir})", flush=True)
+    database = f", database {settings.database_shown}" if settings.database else ""
+    print(f"pond listening on {url} (state dir {settings.state_dir}{database})", flush=True)
     if ready:
         ready(url)
     try:

@@ -4,8 +4,10 @@ SQLite in WAL mode with synchronous=NORMAL: a commit survives a crash of pond's
 process (kill -9 included); only an OS crash or power loss can take the last few
 commits. One connection, guarded by a re-entrant lock; every write that must be
 atomic (a claim, a code redemption, a state change) runs in one BEGIN IMMEDIATE
-transaction and checks rowcount. A PostgreSQL store would implement the same
-functions.
+transaction and checks rowcount. pond/store_pg.py implements the same functions on
+PostgreSQL for several pond replicas on one database: it runs this class's SQL where it is
+portable (so the two cannot drift) and overrides the rest; the hooks subscribe(), claim_lock()
+and reaper_turn() cost SQLite nothing.
 
 JSON columns (tags, capabilities, command, env, sandbox, scope) are stored as text
 and returned decoded; rows come back as plain dicts.
@@ -162,6 +164,9 @@ CREATE TABLE IF NOT EXISTS registry (
 );
 """
 
+# Every table, parents first: what `pond migrate-store` copies (store_pg.PgStore.copy_from).
+TABLES = ("pairing_codes", "bindings", "enrollment_codes", "workers", "jobs", "queue_groups", "chunks", "credentials",
+          "registry")
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
                  "attestation", "env_names", "secret_names", "tried", "dropped", "files", "broker", "agent", "usage",
                  "body")
@@ -179,7 +184,8 @@ ADDED_COLUMNS = {
              ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
              ("request_hash", "TEXT"), ("files", "TEXT"), ("broker", "TEXT"), ("agent", "TEXT"), ("usage", "TEXT")),
 }
-_GROUP_OF_JOB = "req_key, tags, capabilities, COALESCE(credential, '') != ''"      # a queue_groups row
+_GROUP_OF_JOB = ("req_key, tags, capabilities,"                         # a queue_groups row
+                 " CASE WHEN COALESCE(credential, '') != '' THEN 1 ELSE 0 END")
 _GROUP_EMPTY = "NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND jobs.req_key = queue_groups.req_key)"
 MAX_EVENTS = 20           # per worker or job, newest last
 # What ending an attempt (lease expiry, eviction) needs to know of a job.
@@ -208,8 +214,8 @@ class Store:
         self.dir = Path(path).resolve().parent
         self.failure = None          # {error, since} while the database cannot be written
         # binding id -> its worker rows. Every claim reads them and only enrollment,
-        # snapshots and the reaper change them, all through this object; a store shared
-        # by several pond replicas (PostgreSQL) would drop this cache.
+        # snapshots and the reaper change them, all through this object (on PostgreSQL, a
+        # change made by another replica drops it: store_pg.py).
         self._workers_cache = {}
         if readonly:         # `pond verify`: read a state dir, running pond or not, and change nothing
             self._db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
@@ -238,8 +244,9 @@ class Store:
                     self._db.execute(statement)
             # If a pond that did not keep queue_groups wrote this file last, they are set right here.
             self._db.execute(f"DELETE FROM queue_groups WHERE {_GROUP_EMPTY}")
-            self._db.execute(f"INSERT OR IGNORE INTO queue_groups (req_key, tags, capabilities, sealed)"
-                             f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE state = 'queued' ORDER BY seq")
+            self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"
+                             f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE state = 'queued' ORDER BY seq"
+                             f" ON CONFLICT DO NOTHING")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _migrate(self, version):
@@ -314,6 +321,18 @@ class Store:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._recovered()
 
+    # -- replicas: one pond process owns a SQLite file, so these do nothing here (store_pg.py) ----
+
+    def subscribe(self, work, logs):
+        """Wake these notifiers when another pond process changes the database: none can."""
+
+    def claim_lock(self, binding_id):
+        """Serialise claims for a binding (inside claim()'s transaction): BEGIN IMMEDIATE already does."""
+
+    def reaper_turn(self):
+        """Whether this process reaps expired leases and workers: the only one always does."""
+        return True
+
     def _all(self, sql, args=()):
         with self._lock:
             try:
@@ -335,6 +354,14 @@ class Store:
     def _write(self, sql, args=()):
         with self.transaction():
             return self._db.execute(sql, args).rowcount
+
+    def export(self, table):
+        """(column names, rows as stored: JSON undecoded) of one of TABLES, for `pond migrate-store`."""
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.row_factory = None
+            cursor.execute(f"SELECT * FROM {table}")
+            return [d[0] for d in cursor.description], cursor.fetchall()
 
     # -- pairing ---------------------------------------------------------------
 
@@ -362,7 +389,7 @@ class Store:
         return self._all(
             "SELECT b.id, b.name, b.scope, b.created_at, b.last_seen, b.revoked_at,"
             " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id) AS workers,"
-            " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id AND w.online) AS workers_online"
+            " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id AND w.online = 1) AS workers_online"
             " FROM bindings b ORDER BY b.created_at")
 
     def revoke_binding(self, binding_id, now):
@@ -541,8 +568,8 @@ class Store:
 
     def _add_group(self, job_id):
         """The job was queued: its group has a queued job (inside the transaction that queued it)."""
-        self._db.execute(f"INSERT OR IGNORE INTO queue_groups (req_key, tags, capabilities, sealed)"
-                         f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE id = ?", (job_id,))
+        self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"
+                         f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE id = ? ON CONFLICT DO NOTHING", (job_id,))
 
     def _drop_group(self, job_id):
         """The job left the queue: drop its group if that was the last of it (inside that transaction)."""
@@ -672,7 +699,7 @@ class Store:
         """Store (stream, seq, bytes) chunks; a chunk seen before is ignored."""
         with self.transaction():
             self._db.executemany(
-                "INSERT OR IGNORE INTO chunks (job_id, attempt, stream, seq, data) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO chunks (job_id, attempt, stream, seq, data) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(job_id, attempt, stream, seq, data) for stream, seq, data in chunks])
 
     def output(self, job_id, attempt):
@@ -739,3 +766,10 @@ class Store:
 
     def delete_registry(self, kind, key):
         return self._write("DELETE FROM registry WHERE kind = ? AND key = ?", (kind, key)) == 1
+
+def open_store(settings):
+    """The store `pond serve` runs on: PostgreSQL with --database (POND_DATABASE_URL), else DIR/pond.db."""
+    if settings.database:
+        from pond.store_pg import PgStore
+        return PgStore(settings.database)
+    return Store(settings.db_path)

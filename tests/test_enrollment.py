@@ -3,7 +3,6 @@
 import hashlib
 import http.client
 import json
-import sqlite3
 import stat
 import sys
 import time
@@ -45,17 +44,11 @@ def enroll_to_completion(orch, state_dir, code, capabilities="harness.*", timeou
 
 def expire_enrollment_code(pond, code):
     # The shortest TTL pond mints is 30 s, too long to wait for in a test; moving
-    # expires_at into the past in pond's own SQLite file is a real store change
+    # expires_at into the past in pond's own store is a real store change
     # (no mock), and pond reads the row afresh on every enrollment.
     digest = hashlib.sha256(code.replace("-", "").upper().encode()).hexdigest()
-    db = sqlite3.connect(str(pond.state_dir / "pond.db"), timeout=10)
-    try:
-        with db:
-            n = db.execute("UPDATE enrollment_codes SET expires_at = ? WHERE code_hash = ?",
-                           (time.time() - 1, digest)).rowcount
-    finally:
-        db.close()
-    assert n == 1, "the minted code is not in pond.db under its hash"
+    n, _ = pond.sql("UPDATE enrollment_codes SET expires_at = ? WHERE code_hash = ?", (time.time() - 1, digest))
+    assert n == 1, "the minted code is not in pond's store under its hash"
 
 
 def found_harnesses():
