@@ -818,16 +818,40 @@ http.client.parse_headers = _parse_response_headers    # read at each response b
 
 
 class HttpClient:
+    """`base_url` may list several URLs of one service, comma-separated (pond replicas on one
+    database). Calls go to the current one; when it cannot be reached (never when it answers,
+    even with a refusal) the client moves to the next and logs it. A connection that never
+    opened is tried on the next URL at once; a request cut off is left to the caller's retry."""
+
     def __init__(self, base_url, token=None, what="server", ca_file=None):
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"{base_url!r} is not an http(s)://HOST:PORT URL", "example: https://orch.lan:8080")
-        self.url = base_url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-        self.tls = client_tls_context(ca_file) if parts.scheme == "https" else None
+        self.urls = []
+        for url in base_url.split(","):
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UsageError(f"{url!r} is not an http(s)://HOST:PORT URL",
+                                 "example: https://orch.lan:8080 (several: a comma-separated list)")
+            self.urls.append((url.strip().rstrip("/"), parts.hostname, parts.port or
+                              (443 if parts.scheme == "https" else 80),
+                              client_tls_context(ca_file) if parts.scheme == "https" else None))
+        self.current = 0
         self.token, self.what = token, what
         self.aborted = False
         self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self):
+        return self.urls[self.current][0]
+
+    def _failover(self, at):
+        """URL number `at` did not answer: move to the next one. -> whether there is another."""
+        if len(self.urls) == 1:
+            return False
+        with self._lock:
+            if self.current == at:
+                self.current = (at + 1) % len(self.urls)
+                log.warning("%s at %s is unreachable; moving to %s", self.what, self.urls[at][0], self.url)
+        return True
 
     def close(self):
         conn = getattr(self._local, "conn", None)
@@ -850,15 +874,34 @@ class HttpClient:
                 pass
 
     def _conn(self, timeout):
+        """This thread's connection to the current URL; a connection that fails to open raises
+        Unreachable after trying every other URL once."""
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.tls:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
+        if conn is not None and self._local.at != self.current:
+            self.close()              # another thread moved on from this URL
+            conn = None
+        for _ in self.urls:
+            if conn is not None:
+                break
+            at = self.current
+            _, host, port, tls = self.urls[at]
+            if tls:
+                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=tls)
             else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-            conn.connect()
+                conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            try:
+                conn.connect()
+            except OSError as e:
+                conn.close()
+                conn = None
+                if not self._failover(at) or self.aborted:
+                    raise self._unreachable(e, at) from None
+                error = e
+        if conn is None:
+            raise self._unreachable(error, at) from None
+        if getattr(self._local, "conn", None) is not conn:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._local.conn = conn
+            self._local.conn, self._local.at = conn, at
         conn.sock.settimeout(timeout)
         return conn
 
@@ -872,8 +915,9 @@ class HttpClient:
             if self.aborted:
                 raise Unreachable(f"stopped talking to the {self.what}")
             reused = getattr(self._local, "conn", None) is not None
+            conn = self._conn(timeout)
+            at = self._local.at
             try:
-                conn = self._conn(timeout)
                 conn.request(method, path, body=payload, headers=head)
                 resp = conn.getresponse()
                 raw = resp.read()
@@ -881,10 +925,12 @@ class HttpClient:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self.close()      # a kept-alive connection the server closed: try once more
                 if not (reused and attempt == 1):
-                    raise self._unreachable(e) from None
+                    self._failover(at)
+                    raise self._unreachable(e, at) from None
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                raise self._unreachable(e) from None
+                self._failover(at)
+                raise self._unreachable(e, at) from None
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
         return self._decode(resp.status, raw, method, path)
@@ -900,8 +946,9 @@ class HttpClient:
             head["Authorization"] = f"Bearer {self.token}"
         if self.aborted:
             raise Unreachable(f"stopped talking to the {self.what}")
+        conn = self._conn(timeout)
+        at = self._local.at
         try:
-            conn = self._conn(timeout)
             conn.request(method, path, body=payload, headers=head)
             resp = conn.getresponse()
             if resp.status != 200:
@@ -916,12 +963,13 @@ class HttpClient:
                 yield json.loads(line)
         except (OSError, http.client.HTTPException, ValueError) as e:
             self.close()
-            raise self._unreachable(e) from None
+            self._failover(at)
+            raise self._unreachable(e, at) from None
         except BaseException:
             self.close()            # a stream left half-read cannot carry the next request
             raise
 
-    def _unreachable(self, e):
+    def _unreachable(self, e, at):
         hint = f"is the {self.what} running and is the URL right?"
         if isinstance(e, ssl.SSLCertVerificationError):
             hint = (f"the {self.what}'s TLS certificate did not verify: pass --ca-file FILE with the CA that "
@@ -929,7 +977,7 @@ class HttpClient:
         elif isinstance(e, ssl.SSLError):
             hint = (f"a TLS handshake failed: is the scheme right (https:// only if the {self.what} has "
                     "--tls-cert)? for a private CA pass --ca-file FILE")
-        return Unreachable(f"cannot reach the {self.what} at {self.url}: {e.__class__.__name__}: {e}", hint)
+        return Unreachable(f"cannot reach the {self.what} at {self.urls[at][0]}: {e.__class__.__name__}: {e}", hint)
 
     def _decode(self, status, raw, method, path):
         try:
@@ -1743,6 +1791,11 @@ def resolve_token(flag_value, token_file, env):
     return env.get("SWARM_TOKEN") or ""
 
 
+def url_list(text):
+    """"URL[,URL...]" with spaces and trailing slashes dropped: one service at several addresses."""
+    return ",".join(u.strip().rstrip("/") for u in text.split(",") if u.strip())
+
+
 def load_handle(path):
     try:
         handle = json.loads(read_private(path, "backend handle"))
@@ -1779,7 +1832,8 @@ def serve_settings(args, env):
     if not 1 <= args.worker_lost_after <= 3600:
         raise UsageError("--worker-lost-after must be from 1 to 3600 seconds", "example: --worker-lost-after 10")
     return ServeSettings(host=host, port=port, state_dir=state, handle=handle_path,
-                         pond_url=(args.pond or handle["pond_url"]).rstrip("/"), token_hash=digest(token),
+                         pond_url=url_list(args.pond or ",".join(handle.get("pond_urls") or [handle["pond_url"]])),
+                         token_hash=digest(token),
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
                          snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout,
                          worker_lost_after=args.worker_lost_after,
@@ -1877,7 +1931,8 @@ def pair(s):
     if answer.get("protocol_version") != PROTOCOL_VERSION:
         raise SwarmError(f"pond speaks protocol {answer.get('protocol_version')}; this swarm.py speaks "
                          f"{PROTOCOL_VERSION}", "use the swarm.py that ships with this pond")
-    handle = {"pond_url": s.pond_url, "binding_id": answer["binding_id"], "token": answer["token"],
+    urls = s.pond_url.split(",")          # serve fails over between them in this order
+    handle = {"pond_url": urls[0], "pond_urls": urls, "binding_id": answer["binding_id"], "token": answer["token"],
               "name": answer.get("name"), "protocol_version": answer["protocol_version"], "paired_at": time.time()}
     if not s.out.parent.exists():
         private_dir(s.out.parent)
@@ -2666,7 +2721,7 @@ class Pool:
         with self.lock:
             workers = [dict(s.view(now), running=len(s.jobs), queued=len(s.queue), evicting=s.evicting,
                             last_seen=s.last_seen or None, health=s.health) for s in self.sessions.values()]
-        return {"pond_reachable": self.pond_ok, "outbox": len(self.outbox), "workers": workers, **self.health()}
+        return {"pond_reachable": self.pond_ok, "pond_url": self.pond.url, "outbox": len(self.outbox), "workers": workers, **self.health()}
 
     def jobs(self):
         with self.lock:
@@ -5736,7 +5791,7 @@ def status(s):
     if s.json:
         print(json.dumps(data, indent=2))
         return EXIT_ERROR if failing else EXIT_OK
-    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; outbox: {data['outbox']} message(s); "
+    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'} ({data.get('pond_url')}); outbox: {data['outbox']} message(s); "
           f"health: {'FAILING' if failing else 'ok'}")
     _table(data["workers"], [("WORKER", "id"), ("NAME", "name"), ("ONLINE", "online"), ("SLOTS", "slots"),
                              ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
@@ -5804,7 +5859,8 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     s = sub.add_parser("pair", help="redeem a pairing code, write backend-handle.json")
-    s.add_argument("--pond", type=named, required=True, metavar="URL", help="pond's URL")
+    s.add_argument("--pond", type=named, required=True, metavar="URL[,URL...]",
+                   help="pond's URL; replicas of one pond: a comma-separated list, tried in turn")
     s.add_argument("--code", type=named, help="the pairing code (or $SWARM_PAIRING_CODE)")
     s.add_argument("--out", type=named, default=HANDLE_FILE, help="where to write the handle (default: %(default)s)")
     s.add_argument("--name", type=named, help="a name for this orchestrator")
@@ -5823,7 +5879,8 @@ def build_parser():
     s.add_argument("--state-dir", type=named, metavar="DIR", help=f"default ./{DEFAULT_SERVE_STATE}")
     s.add_argument("--handle", type=named, metavar="FILE",
                    help=f"backend handle (default ./{HANDLE_FILE}, else DIR/{HANDLE_FILE})")
-    s.add_argument("--pond", type=named, metavar="URL", help="pond's URL, if it moved since pairing")
+    s.add_argument("--pond", type=named, metavar="URL[,URL...]",
+                   help="pond's URL(s), if they changed since pairing (default: the handle's)")
     s.add_argument("--poll-wait", type=float, default=POND_POLL_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help=argparse.SUPPRESS)
@@ -5892,7 +5949,7 @@ def run(args, env):
         code = args.code or env.get("SWARM_PAIRING_CODE")
         if not code:
             raise UsageError("pair needs a code", "pass --code CODE (mint one with `pond admin pairing-code`)")
-        return pair(PairSettings(pond_url=args.pond.rstrip("/"), code=code, out=Path(args.out), name=args.name,
+        return pair(PairSettings(pond_url=url_list(args.pond), code=code, out=Path(args.out), name=args.name,
                                  ca_file=args.ca_file or ""))
     if args.cmd == "serve":
         setup_logging("serve")

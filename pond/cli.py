@@ -547,7 +547,7 @@ def cmd_pairing_code(args):
     print(data["code"])
     ca = " --ca-file CA.pem" if client.url.startswith("https://") else ""
     print(f"one-time, expires in {data['ttl']} s; on the orchestrator host run:\n"
-          f"  python swarm.py pair --pond {client.url}{ca} --code {data['code']}", file=sys.stderr)
+          f"  python swarm.py pair --pond {','.join(client.urls)}{ca} --code {data['code']}", file=sys.stderr)
 
 
 def cmd_enrollment_code(args):
@@ -773,7 +773,8 @@ def _common(suppress):
     c = argparse.ArgumentParser(add_help=False)
     default = argparse.SUPPRESS if suppress else None
     c.add_argument("--pond", type=_named, metavar="URL", default=default,
-                   help="pond's URL (default: from --state-dir, or $POND_URL)")
+                   help="pond's URL; replicas: a comma-separated list, tried in turn "
+                        "(default: from --state-dir, or $POND_URL)")
     c.add_argument("--state-dir", type=_named, metavar="DIR", default=default,
                    help=f"pond's state dir, to find its URL and admin token (default: $POND_STATE_DIR or {DEFAULT_STATE_DIR})")
     c.add_argument("--token-file", type=_named, metavar="FILE", default=default,
