@@ -5791,7 +5791,7 @@ def status(s):
     if s.json:
         print(json.dumps(data, indent=2))
         return EXIT_ERROR if failing else EXIT_OK
-    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'} ({data.get('pond_url')}); outbox: {data['outbox']} message(s); "
+    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; pond {data.get('pond_url')}; outbox: {data['outbox']} message(s); "
           f"health: {'FAILING' if failing else 'ok'}")
     _table(data["workers"], [("WORKER", "id"), ("NAME", "name"), ("ONLINE", "online"), ("SLOTS", "slots"),
                              ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),

@@ -71,7 +71,7 @@ class Client:
     def _next_url(self, e, safe):
         """After `e`, whether to send the request to the next replica now (and switch to it)."""
         cause = e.__cause__ or e.__context__
-        if (len(self.urls) == 1 or e.code != "unreachable" or isinstance(cause, ssl.SSLError)
+        if (len(self.urls) == 1 or e.code != "unreachable"
                 or not (safe or isinstance(cause, ConnectionRefusedError) or getattr(e, "unsent", False))):
             return False
         failed = self.url

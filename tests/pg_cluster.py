@@ -40,8 +40,11 @@ def _free_port():
 class Cluster:
     """One running server. url(db) has no password; env() carries it in PGPASSWORD."""
 
-    def __init__(self):
+    def __init__(self, durable=False):
+        """`durable`: fsync and synchronous commits on, as in production (bench/store.py); the
+        tests run without them."""
         self.bin = binaries()
+        self.durable = durable
         if self.bin is None:
             raise RuntimeError("PostgreSQL is not installed: apt-get install -y postgresql (or run .ci/run)")
         self.run_as = "postgres" if os.getuid() == 0 else None
@@ -77,8 +80,9 @@ class Cluster:
         self._run("initdb", "-D", "data", "-U", USER, "--pwfile", "pw", "-A", "scram-sha-256", "-E", "UTF8",
                   "--no-sync", "--no-instructions")
         pwfile.unlink()
-        options = (f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-                   " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+        if not self.durable:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", "data", "-o", options, "-l", "log", "-w", "-t", str(START_TIMEOUT), "start")
         self.pid = int((self.dir / "data" / "postmaster.pid").read_text().split()[0])
 
