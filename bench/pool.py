@@ -118,8 +118,9 @@ def cpu_ticks(pid, children=False):
 
 def tree_ticks(name, pid):
     """CPU ticks of one pool process; a worker's include its spawners (one per slot, its
-    children) and the jobs they reaped, and the spawners it reaped."""
-    if not name.startswith("worker"):
+    children) and the jobs they reaped, and the spawners it reaped; PostgreSQL's (bench/store.py),
+    its backends."""
+    if not name.startswith(("worker", "postgres")):
         return cpu_ticks(pid)
     ticks = cpu_ticks(pid, children=True)
     for entry in os.listdir("/proc"):

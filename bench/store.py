@@ -13,7 +13,8 @@ throughput (unconfined /bin/true), and stopped:
                 talks to the first, the bench submits through the second (a submit wakes
                 the held poll through LISTEN/NOTIFY)
 
-Then the ceiling of one pond process: jobs/s x 100 / (pond's % of one core) during the
+PostgreSQL's CPU (the postmaster and its backends) is shown as `postgres` beside the
+pool's processes. Then the ceiling of one pond process: jobs/s x 100 / (pond's % of one core) during the
 throughput run, i.e. the rate at which pond alone would saturate a core if nothing else
 were the bottleneck. Needs PostgreSQL's binaries (apt-get install postgresql) and psycopg
 (pip install 'pond-swarm[postgres]'). This is not a test: it prints numbers and a JSON line.
@@ -64,6 +65,8 @@ def run_config(name, cluster, stamp, args, pool_args):
     tmp = tempfile.mkdtemp(prefix=f"pond-bench-{name}-")
     pool = bench.BenchPool(tmp, database=database, replicas=2 if name == "pg-2" else 1,
                            env={"PGPASSWORD": cluster.password} if database else None)
+    if database:        # the server's CPU (its backends) counts as the pool's, not as other load
+        pool.pids = lambda: {**bench.BenchPool.pids(pool), "postgres": cluster.pid}
     try:
         t = time.monotonic()
         pool.start()
