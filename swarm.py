@@ -845,7 +845,7 @@ class HttpClient:
 
     def _failover(self, at):
         """URL number `at` did not answer: move to the next one. -> whether there is another."""
-        if len(self.urls) == 1:
+        if len(self.urls) == 1 or self.aborted:     # aborted: our own shutdown cut the connection
             return False
         with self._lock:
             if self.current == at:
