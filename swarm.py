@@ -4933,6 +4933,9 @@ class Sandboxes:
         etc = self.dir / f"etc-{index}"            # the worker's, outside the slot: no job can change it
         stage_etc(etc, uid if uid is not None else os.getuid(), uid if uid is not None else os.getgid())
         slot = Slot(root, uid, etc)
+        for d in (slot.work, slot.home, slot.tmp):     # what a worker killed mid-job left (an agent's runtime
+            if d.exists():                             # files hold secrets) goes now, not at the slot's next job
+                fresh_dir(d)
         self._start_spawner(slot)
         return slot
 
