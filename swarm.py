@@ -3456,6 +3456,10 @@ class CredentialBroker(EgressProxy):
         except (EgressRefused, BrokerRefused) as refused:
             self._refuse(client, refused)
             return
+        except Exception as e:              # a bug: its text may quote a header (the job's token): the type only
+            log.warning("credential broker: a request could not be read (%s); refused it", type(e).__name__)
+            self._refuse(client, BrokerRefused(400, "bad-request", "the broker could not read this request"))
+            return
         status, counts = 502, {"input_tokens": 0, "output_tokens": 0}
         try:
             status, counts = self._forward(client, upstream, method, path, headers, body)
