@@ -3511,6 +3511,10 @@ class CredentialBroker(EgressProxy):
         except (EgressRefused, BrokerRefused) as refused:
             self._refuse(client, refused)
             return
+        except Exception as e:              # a bug: its text may quote a header (the job's token): the type only
+            log.warning("credential broker: a request could not be read (%s); refused it", type(e).__name__)
+            self._refuse(client, BrokerRefused(400, "bad-request", "the broker could not read this request"))
+            return
         status, counts = 502, {"input_tokens": 0, "output_tokens": 0}
         try:
             status, counts = self._forward(client, upstream, method, path, headers, body)
@@ -4988,6 +4992,9 @@ class Sandboxes:
         etc = self.dir / f"etc-{index}"            # the worker's, outside the slot: no job can change it
         stage_etc(etc, uid if uid is not None else os.getuid(), uid if uid is not None else os.getgid())
         slot = Slot(root, uid, etc)
+        for d in (slot.work, slot.home, slot.tmp):     # what a worker killed mid-job left (an agent's runtime
+            if d.exists():                             # files hold secrets) goes now, not at the slot's next job
+                fresh_dir(d)
         self._start_spawner(slot)
         return slot
 
