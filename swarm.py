@@ -101,6 +101,7 @@ WORKER_GRACE = 15.0                   # s after its last claim that a worker sti
 SNAPSHOT_INTERVAL = 20.0              # s between worker snapshots when nothing changes
 WORKER_LOST_AFTER = 10.0              # s without a heartbeat before a worker is lost (serve --worker-lost-after)
 HEARTBEATS_PER_GRACE = 2.5            # a worker beats every lost_after / 2.5 s: it may miss one and a half
+IDLE_LOOK = 0.5                       # s between an idle worker's looks for a job to beat for (at most)
 RECONNECT_GRACE = 3.0                 # s a worker whose heartbeat connection closed has to beat again
 LOST_CHECK = 1.0                      # s between checks for lost workers
 HEARTBEAT_MAX = 15.0                  # s between heartbeats at most; pond's lease / 4 when that is shorter
@@ -2085,20 +2086,33 @@ class Session:
         self.claiming = 0
         self.last_seen = 0.0
         self.health = []                        # the worker's loops in trouble, as its last claim said
-        self.beat_at = time.monotonic()        # its last heartbeat; a new session gets a full grace
-        self.beat_conn = None                  # the connection that carried it
-        self.hung_up = None                    # when that connection closed (monotonic), until it beats again
+        self.beat_at = time.monotonic()        # its grace's start: its last heartbeat or claim, or when it was
+        self.beat_conn = None                  # given work while it held none; the connection of its last beat
+        self.hung_up = None                    # when its beat's or last claim's connection closed, until it is back
         self.lost = False                      # declared lost (Pool.release_lost) and not back since
         self.cond = threading.Condition(lock)
 
     def online(self, now):
         return not self.lost and (self.claiming > 0 or now - self.last_seen < WORKER_GRACE)
 
+    def running(self):
+        """A heartbeat or a new claim came: the worker's process runs (§7.5). -> whether it was lost till now."""
+        self.beat_at, self.hung_up = time.monotonic(), None
+        back, self.lost = self.lost, False
+        return back
+
+    def give(self, job):
+        """Queue an assignment for the worker. One that held nothing did not beat (§7.5): its grace starts now."""
+        if not self.queue and not self.jobs:
+            self.beat_at = time.monotonic()
+        self.queue.append(job)
+
     def silent(self, now, lost_after):
         """-> why the worker counts as lost (specs/protocol.md §7.5), or None. A process that died closed
-        its heartbeat connection and holds no claim; a stopped or cut-off one stopped beating."""
-        if now - self.beat_at > lost_after:
-            return f"no heartbeat for {now - self.beat_at:.1f} s"
+        its connections and holds no claim; a stopped or cut-off one stopped beating while it had work.
+        An idle worker does not beat: it has nothing to lose, and its held claim shows it connected."""
+        if (self.queue or self.jobs) and now - self.beat_at > lost_after:
+            return f"no heartbeat for {now - self.beat_at:.1f} s while it had work"
         if self.hung_up is not None and not self.claiming and now - self.hung_up > RECONNECT_GRACE:
             return f"its connection closed {now - self.hung_up:.1f} s ago"
         return None
@@ -2253,7 +2267,7 @@ class Pool:
             if session is None:
                 registry.release(job["job_id"])
             else:
-                session.queue.append(job)
+                session.give(job)
         self.snapshot_due = threading.Event()
         self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
         self.pond_ok = False
@@ -2393,8 +2407,11 @@ class Pool:
         with self.lock:
             if not session.online(time.time()):
                 self.snapshot_due.set()
+            back = session.running()           # a new claim shows the worker running (§7.5)
             session.claiming += 1
             session.last_seen = time.time()
+        if back:
+            log.info("worker %s is back: it claims again", session.id)
         try:
             while True:
                 with self.lock:
@@ -2424,9 +2441,12 @@ class Pool:
         finally:
             if unwatch:
                 unwatch()
+            gone = not alive()
             with self.lock:
                 session.claiming -= 1
                 session.last_seen = time.time()
+                if gone and not session.claiming:     # it closed the connection: lost unless it comes back (§7.5)
+                    session.hung_up = time.monotonic()
 
     def _wake(self, session, woke):
         with self.lock:
@@ -2474,7 +2494,7 @@ class Pool:
             for job in jobs:
                 session = self.sessions.get(job.get("worker"))
                 if session is not None:
-                    session.queue.append(job)
+                    session.give(job)
                     session.cond.notify_all()
             for cancel in cancels:
                 self._cancel_locked(cancel["job_id"], "pond")
@@ -2592,8 +2612,7 @@ class Pool:
         obj(body, "heartbeat", ())
         every = self.lost_after / HEARTBEATS_PER_GRACE
         with self.lock:
-            session.beat_at, session.beat_conn, session.hung_up = time.monotonic(), handler, None
-            back, session.lost = session.lost, False
+            back, session.beat_conn = session.running(), handler
         handler.on_hangup = lambda: self._hung_up(session, handler)
         if back:
             log.info("worker %s is back: heartbeats again", session.id)
@@ -3731,17 +3750,21 @@ class Reporter:
         self.thread.join(timeout)
 
 
-def heartbeats(loop, orch, stop):
-    """Prove this worker alive to its orchestrator until `stop` is set (specs/protocol.md §7.5): a
-    bodiless request every few seconds, as often as the orchestrator says. Run on a thread of its
-    own, with a connection of its own: no busy slot or slow report can hold it up."""
+def heartbeats(loop, orch, stop, busy):
+    """Prove this worker alive to its orchestrator while it holds a job (`busy()`), until `stop` is set
+    (specs/protocol.md §7.5): a bodiless request every few seconds, as often as the orchestrator says.
+    Idle, it sends none: it has nothing to lose, and 1,000 idle workers' beats cost the orchestrator
+    a quarter of a core. Run on a thread of its own, with a connection of its own: no busy slot or
+    slow report can hold it up."""
     every = WORKER_LOST_AFTER / HEARTBEATS_PER_GRACE
     while True:
         try:
-            told = orch.call("POST", "/v1/worker/heartbeat").get("every")
-            every = min(max(told, 0.5), 60.0) if isinstance(told, (int, float)) else every
+            delay = min(every / 2, IDLE_LOOK)           # idle: how soon it beats once it gets a job
+            if busy():
+                told = orch.call("POST", "/v1/worker/heartbeat").get("every")
+                every = min(max(told, 0.5), 60.0) if isinstance(told, (int, float)) else every
+                delay = every
             loop.beat()
-            delay = every
         except (Refused, Unreachable) as e:
             if isinstance(e, Refused) and not e.retryable:    # 401/403: the claim loop stops the worker
                 if e.status == 404:
@@ -5636,12 +5659,12 @@ def worker(s):
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
     stop, loops = threading.Event(), Loops()
     reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), loops)
-    beating = threading.Event()
-    beats = loops.start("heartbeat", lambda loop: heartbeats(
-        loop, HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), beating),
-        stop=beating)
     slots = Slots(s, reporter, sandboxes, egress, loops, signer,
                   HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
+    beating = threading.Event()
+    beats = loops.start("heartbeat", lambda loop: heartbeats(
+        loop, HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), beating,
+        slots.holding), stop=beating)
 
     def on_signal(signum, frame):
         stop.set()

@@ -59,7 +59,7 @@ def speak(swarm, conf, identity, slots, stop):
     def client():
         return swarm.HttpClient(conf.orchestrator, identity["token"], what="orchestrator")
 
-    slots.loops.start("heartbeat", lambda loop: swarm.heartbeats(loop, client(), stop), stop=stop)
+    slots.loops.start("heartbeat", lambda loop: swarm.heartbeats(loop, client(), stop, slots.holding), stop=stop)
     threading.Thread(target=swarm.claim_loop, args=(conf, client(), slots, stop, identity, slots.loops),
                      name="claim", daemon=True).start()
     return client
