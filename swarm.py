@@ -125,6 +125,7 @@ REQUEST_TIMEOUT = 30.0                # s for a request's body; s a kept-alive c
 HEAD_TIMEOUT = 5.0                    # s for a request head (a new connection's: TLS handshake included)
 MAX_CONNECTIONS = 4096                # requests in progress (held claims: one per worker); more get 503
 MAX_PENDING, MAX_PENDING_PER_ADDRESS = 256, 64   # connections still sending a head (or idle), all / one address
+PENDING_PER_CLIENT = 3                # serve's defaults grow by this per enrolled worker (beat, report, claim)
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 STALL_AFTER = 60.0                    # s a loop may go without a sign of life before /healthz says stalled
 TROUBLE_RELOG = 60.0                  # s before the same trouble is logged again while it lasts
@@ -1391,13 +1392,20 @@ class Waiting:
     on_hangup: object = None
 
 
+def expendable(w):
+    """Which waiting connection the caps close first: an idle kept-alive one (its client just connects
+    again), the longest idle; else the one whose deadline comes first (as pond)."""
+    return not w.idle, w.deadline
+
+
 class HeadReader:
     """One thread that reads request heads, so that a connection takes a thread and one of
     max_connections only once it has sent a whole head (specs/protocol.md §1.1). As pond's:
     head_timeout for a new connection's handshake and first head, request_timeout idle
     between requests, then head_timeout from the next head's first byte; over max_pending
-    (or max_pending_per_address from one address), the waiting one whose deadline comes first
-    is closed. A slow client costs a socket, never a thread."""
+    (or max_pending_per_address from one address: JsonServer.caps), an idle kept-alive one is
+    closed first (the longest idle), else the one whose deadline comes first. A slow client
+    costs a socket, never a thread."""
 
     def __init__(self, limits, ready, close):
         self.s, self._ready, self._close = limits, ready, close    # ready(sock, address, head); close(sock)
@@ -1472,11 +1480,12 @@ class HeadReader:
         else:
             w = Waiting(sock, address, now + (self.s.head_timeout if data else self.s.request_timeout),
                         bytearray(data), idle=not data, on_hangup=on_hangup)
-        if self._per_address[address[0]] >= self.s.max_pending_per_address:    # counted: 1,000 workers' idle
-            same = [o for o in self._waiting.values() if o.address[0] == address[0]]   # connections wait here
-            self._drop(min(same, key=lambda o: o.deadline), evicted=True)
-        if len(self._waiting) >= self.s.max_pending:
-            self._drop(min(self._waiting.values(), key=lambda o: o.deadline), evicted=True)
+        total, per_address = self.s.caps()
+        if self._per_address[address[0]] >= per_address:        # counted: 1,000 workers' idle connections wait here
+            self._drop(min((o for o in self._waiting.values() if o.address[0] == address[0]), key=expendable),
+                       evicted=True)
+        if len(self._waiting) >= total:
+            self._drop(min(self._waiting.values(), key=expendable), evicted=True)
         try:
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, w)
@@ -1568,14 +1577,23 @@ class JsonServer(HTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, routes, request_timeout=REQUEST_TIMEOUT, head_timeout=HEAD_TIMEOUT,
-                 max_pending=MAX_PENDING, max_pending_per_address=MAX_PENDING_PER_ADDRESS):
+                 max_pending=None, max_pending_per_address=None, clients=lambda: 0):
         super().__init__(address, JsonHandler)
         self.routes = [(m, re.compile(p + r"\Z"), fn) for m, p, fn in routes]
         self.request_timeout, self.head_timeout = request_timeout, head_timeout
-        self.max_pending, self.max_pending_per_address = max_pending, max_pending_per_address
+        self.max_pending, self.max_pending_per_address, self.clients = max_pending, max_pending_per_address, clients
         self.hangups = Hangups()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.heads = HeadReader(self, self._head_arrived, self.shutdown_request)
+
+    def caps(self):
+        """(connections that may wait for a head in all, from one address): as given, else the defaults
+        plus PENDING_PER_CLIENT for each client known (`clients()`, the enrolled workers: their kept-alive
+        connections wait here between requests, all from one address behind a NAT)."""
+        extra = PENDING_PER_CLIENT * self.clients()
+        total = min(MAX_PENDING + extra, 65536) if self.max_pending is None else self.max_pending
+        per_address = self.max_pending_per_address
+        return total, min(total, MAX_PENDING_PER_ADDRESS + extra if per_address is None else per_address)
 
     def use_tls(self, context):
         """Serve HTTPS. The head reader runs each handshake, so a silent client never holds up
@@ -1666,8 +1684,8 @@ class ServeSettings:
     request_timeout: float = REQUEST_TIMEOUT
     worker_lost_after: float = WORKER_LOST_AFTER
     head_timeout: float = HEAD_TIMEOUT
-    max_pending: int = MAX_PENDING
-    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS
+    max_pending: int = None   # None: grows with the enrolled workers (JsonServer.caps)
+    max_pending_per_address: int = None
     tls_cert: str = ""        # both set: serve HTTPS
     tls_key: str = ""
     ca_file: str = ""         # CA to verify an https:// pond with
@@ -1762,12 +1780,13 @@ def serve_settings(args, env):
     host, port = parse_bind(args.bind)
     if not 0 < args.head_timeout <= 600:
         raise UsageError(f"--head-timeout {args.head_timeout:g} is out of range", "give seconds in (0, 600] (default 5)")
-    per_address = (min(args.max_pending, MAX_PENDING_PER_ADDRESS) if args.max_pending_per_address is None
-                   else args.max_pending_per_address)
-    if not 1 <= per_address <= args.max_pending <= 65536:
-        raise UsageError(f"--max-pending {args.max_pending} with --max-pending-per-address {per_address} is out of "
-                         f"range", f"give 1 <= per address <= max pending <= 65536 (defaults "
-                         f"{MAX_PENDING_PER_ADDRESS}, {MAX_PENDING})")
+    pending, per_address = args.max_pending, args.max_pending_per_address
+    if pending is not None and per_address is None:
+        per_address = min(pending, MAX_PENDING_PER_ADDRESS)
+    if not 1 <= (1 if per_address is None else per_address) <= (65536 if pending is None else pending) <= 65536:
+        raise UsageError(f"--max-pending {pending} with --max-pending-per-address {per_address} is out of range",
+                         f"give 1 <= per address <= max pending <= 65536 (defaults {MAX_PENDING_PER_ADDRESS} and "
+                         f"{MAX_PENDING}, each + {PENDING_PER_CLIENT} per enrolled worker)")
     tls_cert, tls_key = serve_tls(host, args.tls_cert, args.tls_key, args.insecure_no_tls)
     token = resolve_token(args.token, args.token_file, env)
     if not token:
@@ -1784,7 +1803,7 @@ def serve_settings(args, env):
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
                          snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout,
                          worker_lost_after=args.worker_lost_after,
-                         head_timeout=args.head_timeout, max_pending=args.max_pending,
+                         head_timeout=args.head_timeout, max_pending=pending,
                          max_pending_per_address=per_address,
                          tls_cert=tls_cert, tls_key=tls_key, ca_file=args.ca_file or "")
 
@@ -2901,7 +2920,7 @@ def serve(s):
     pool = Pool(registry, pond, s.claim_wait, s.worker_lost_after)
     try:
         server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash), s.request_timeout,
-                            s.head_timeout, s.max_pending, s.max_pending_per_address)
+                            s.head_timeout, s.max_pending, s.max_pending_per_address, lambda: len(pool.sessions))
     except OSError as e:
         registry.close()
         raise UsageError(f"cannot listen on {s.host}:{s.port}: {e.strerror}",
@@ -5855,10 +5874,12 @@ def build_parser():
                         "(default %(default)g)")
     s.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, metavar="S",
                    help="seconds a client has to send a request head, TLS handshake included (default %(default)g)")
-    s.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
-                   help="connections that may wait to send a request head at once (default %(default)s)")
+    s.add_argument("--max-pending", type=int, metavar="N",
+                   help=f"connections that may wait to send a request head, or idle between requests, at once "
+                        f"(default {MAX_PENDING} + {PENDING_PER_CLIENT} per enrolled worker)")
     s.add_argument("--max-pending-per-address", type=int, metavar="N",
-                   help=f"... of them from one client address (default {MAX_PENDING_PER_ADDRESS})")
+                   help=f"... of them from one client address (default {MAX_PENDING_PER_ADDRESS} + "
+                        f"{PENDING_PER_CLIENT} per enrolled worker, at most --max-pending)")
     s.add_argument("--worker-lost-after", type=float, default=WORKER_LOST_AFTER, metavar="S",
                    help="a worker without a heartbeat this long is lost: its jobs run elsewhere (default %(default)g)")
 

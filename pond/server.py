@@ -167,9 +167,9 @@ def route(method, path):
             if m == method:
                 return who, fn, match.groupdict()
             allowed.append(m)
-    if allowed:
-        raise MethodNotAllowed(f"{method} is not allowed on {path[:100]}", "allowed: " + ", ".join(allowed))
-    raise NotFound(f"no such endpoint: {path[:100]}", "see specs/protocol.md for the endpoints")
+    if allowed:        # the path may carry a code or token (.../enrollment/{code}/...): never echoed
+        raise MethodNotAllowed(f"{method} is not allowed on {_clean(path)[:100]}", "allowed: " + ", ".join(allowed))
+    raise NotFound(f"no such endpoint: {_clean(path)[:100]}", "see specs/protocol.md for the endpoints")
 
 
 def _clean(text):
@@ -517,6 +517,11 @@ class Waiting:
     events: int = selectors.EVENT_READ
 
 
+def expendable(w):
+    """Which waiting connection the caps close first: an idle kept-alive one, the longest idle."""
+    return not w.idle, w.deadline
+
+
 class HeadReader:
     """One thread that reads request heads, so that a connection takes a thread and one of
     max_connections only once it has sent a whole head (specs/protocol.md §1.1).
@@ -525,9 +530,10 @@ class HeadReader:
     A kept-alive one comes back here after each answer and may wait request_timeout for its
     next request, whose head must then arrive within head_timeout of its first byte. At most
     max_pending connections wait here, max_pending_per_address of them from one address;
-    admitting one more closes the waiting connection whose deadline comes first (it had the
-    least time left anyway). A slow client thus costs a socket and a buffer, never a thread,
-    and cannot keep out a client that sends its head at once.
+    admitting one more closes an idle kept-alive one first (the longest idle: its client just
+    connects again), else the one whose deadline comes first (it had the least time left
+    anyway). A slow client thus costs a socket and a buffer, never a thread, and cannot keep
+    out a client that sends its head at once.
     """
 
     def __init__(self, settings, ready, close):
@@ -604,9 +610,9 @@ class HeadReader:
                         bytearray(data), idle=not data)
         same = [o for o in self._waiting.values() if o.address[0] == address[0]]
         if len(same) >= self.s.max_pending_per_address:
-            self._drop(min(same, key=lambda o: o.deadline), evicted=True)
+            self._drop(min(same, key=expendable), evicted=True)
         if len(self._waiting) >= self.s.max_pending:
-            self._drop(min(self._waiting.values(), key=lambda o: o.deadline), evicted=True)
+            self._drop(min(self._waiting.values(), key=expendable), evicted=True)
         try:
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, w)
