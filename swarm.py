@@ -1759,7 +1759,15 @@ def resolve_token(flag_value, token_file, env):
     if token_file:
         return read_private(token_file, "token file", "give serve's --token-file, or set SWARM_TOKEN; make one: "
                             "(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)").strip()
-    return env.get("SWARM_TOKEN") or ""
+    return env_setting(env, "SWARM_TOKEN")
+
+
+def env_setting(env, name):
+    """The environment setting `name`, or "" when unset; one set but empty is refused (as pond's)."""
+    value = env.get(name)
+    if value is not None and not value.strip():
+        raise UsageError(f"{name} is set but empty", f"give {name} a value, or unset it: unset {name}")
+    return value or ""
 
 
 def load_handle(path):
@@ -1823,7 +1831,7 @@ def worker_settings(args, env):
         repo_root.mkdir(exist_ok=True)
     if not repo_root.is_dir():
         raise UsageError(f"--repo-root {repo_root} is not a directory", "create it, or leave --repo-root out")
-    code = args.enroll_code or env.get("SWARM_ENROLL_CODE") or ""
+    code = args.enroll_code or env_setting(env, "SWARM_ENROLL_CODE")
     if code and not CODE_RE.match(code):
         raise UsageError("--enroll-code is not an enrollment code", "codes look like ABCD-EFGH-JKMN")
     return WorkerSettings(orchestrator=args.orchestrator.rstrip("/"), state_dir=state, enroll_code=code,

@@ -18,7 +18,8 @@ from pathlib import Path
 from pond import __version__
 from pond.client import Client
 from pond.errors import PondError
-from pond.settings import DB_FILE, DEFAULT_STATE_DIR, client_settings, read_private, server_settings
+from pond.settings import (DB_FILE, DEFAULT_STATE_DIR, client_settings, env_number, env_setting, read_private,
+                           server_settings)
 
 EXIT_CANCELLED = 130
 RETRY_FOR = 10.0        # s the CLI waits for a pond that is down or busy before it gives up (exit 3)
@@ -40,7 +41,8 @@ EXAMPLES = """examples:
 def _client(args):
     token = read_private(args.token_file) if args.token_file else None
     s = client_settings(args.pond, args.state_dir, token, os.environ, ca_file=args.ca_file)
-    retry_for = args.retry_for if args.retry_for is not None else float(os.environ.get("POND_RETRY_FOR", RETRY_FOR))
+    retry_for = args.retry_for if args.retry_for is not None else env_number(os.environ, "POND_RETRY_FOR", float,
+                                                                             RETRY_FOR)
     return Client(s.url, s.token, s.timeout, s.ca_file, retry_for=retry_for)
 
 
@@ -105,7 +107,7 @@ def cmd_serve(args):
 
 def cmd_up(args):
     from pond.up import up
-    state = args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR
+    state = args.state_dir or env_setting(os.environ, "POND_STATE_DIR", DEFAULT_STATE_DIR)
     return up(state, args.bind, args.tags, args.capabilities, args.concurrency)
 
 
@@ -427,7 +429,7 @@ def cmd_verify(args):
     """Re-check a job's attestation and stored output with the pinned key, from the state dir: no server."""
     from pond.attestation import verify_job
     from pond.store import Store
-    state = Path(args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
+    state = Path(args.state_dir or env_setting(os.environ, "POND_STATE_DIR", DEFAULT_STATE_DIR))
     if not (state / DB_FILE).exists():
         raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir", code="usage")
     try:

@@ -3,7 +3,11 @@ secret echoed in an answer (items 5's redaction missed pond's 404/405), an empty
 setting that gave a traceback, a full disk at start that gave a traceback, and a slow body from a
 client without a token that held a thread. Real processes on port 0."""
 
+import sys
+
 import pytest
+
+from conftest import SWARM, env_for_children, run
 
 
 def test_pond_s_404_and_405_answers_do_not_echo_a_code_or_token_in_the_path(pool):
@@ -18,3 +22,37 @@ def test_pond_s_404_and_405_answers_do_not_echo_a_code_or_token_in_the_path(pool
         text = str(answer)
         assert code not in text and token not in text and "s3cr3t" not in text, answer
         assert "[redacted]" in answer["error"]["message"], answer
+
+
+POND_SERVE_ENV = ("POND_BIND", "POND_STATE_DIR", "POND_POLL_HOLD", "POND_LEASE", "POND_MAX_ATTEMPTS", "POND_LOG_CAP",
+                  "POND_ADMIN_TOKEN", "POND_CREDENTIAL_KEY_FILE", "POND_ALLOW_UNSIGNED_RESULTS", "POND_REQUIRE_SANDBOX")
+
+
+def refused(done, name):
+    assert done.returncode == 2, f"{name}: exit {done.returncode}: {done.stderr[-600:]}"
+    assert "Traceback" not in done.stderr, done.stderr
+    assert f"{name} is set but empty" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", POND_SERVE_ENV)
+def test_pond_serve_refuses_an_empty_environment_setting_by_name(tmp_path, name):
+    env = dict(env_for_children(), **{name: ""})
+    flags = () if name == "POND_STATE_DIR" else ("--state-dir", str(tmp_path / "p"))
+    flags += () if name == "POND_BIND" else ("--bind", "127.0.0.1:0")
+    refused(run([sys.executable, "-m", "pond", "serve", *flags], timeout=30, env=env), name)
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("POND_URL", ("jobs",)), ("POND_ADMIN_TOKEN", ("jobs",)), ("POND_CA_FILE", ("jobs",)),
+    ("POND_RETRY_FOR", ("jobs",)), ("POND_STATE_DIR", ("verify", "j_x"))])
+def test_the_pond_cli_refuses_an_empty_environment_setting_by_name(tmp_path, name, argv):
+    env = dict(env_for_children(), POND_URL="http://127.0.0.1:9", POND_ADMIN_TOKEN="pond_admin_x")
+    env[name] = ""
+    refused(run([sys.executable, "-m", "pond", *argv], timeout=30, env=env, cwd=tmp_path), name)
+
+
+@pytest.mark.parametrize("name, argv", [("SWARM_TOKEN", ("serve", "--bind", "127.0.0.1:0")),
+                                        ("SWARM_ENROLL_CODE", ("worker", "--orchestrator", "http://127.0.0.1:9"))])
+def test_swarm_refuses_an_empty_environment_setting_by_name(tmp_path, name, argv):
+    env = dict(env_for_children(), **{name: ""})
+    refused(run([sys.executable, SWARM, *argv, "--state-dir", str(tmp_path / "s")], timeout=30, env=env), name)
