@@ -5971,6 +5971,14 @@ def main(argv=None):
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return e.exit_code
+    except (OSError, sqlite3.Error, StorageUnavailable) as e:
+        why = e.message if isinstance(e, StorageUnavailable) else storage_failure(e)
+        if why is None:
+            raise
+        print(f"error: storage unavailable: cannot write the state dir now: {why}", file=sys.stderr)
+        print("hint: free space on the disk of the state dir (--state-dir), or fix it; then start again",
+              file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
 

@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import shlex
+import sqlite3
 import sys
 import time
 import uuid
@@ -18,6 +19,7 @@ from pathlib import Path
 from pond import __version__
 from pond.client import Client
 from pond.errors import PondError
+from pond.health import storage_failure
 from pond.settings import (DB_FILE, DEFAULT_STATE_DIR, client_settings, env_number, env_setting, read_private,
                            server_settings)
 
@@ -964,6 +966,13 @@ def main(argv=None):
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return getattr(e, "exit_code", 2 if e.code in ("usage", "config") else 1)
+    except (OSError, sqlite3.Error) as e:
+        if storage_failure(e) is None:
+            raise
+        print(f"error: storage unavailable: cannot write pond's state now: {storage_failure(e)}", file=sys.stderr)
+        print("hint: free space on the disk of the state dir (--state-dir), or fix it; then run this again",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return EXIT_CANCELLED
     except BrokenPipeError:

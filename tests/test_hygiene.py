@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from conftest import SWARM, env_for_children, run
+from test_faults import small_disk
 
 
 def test_pond_s_404_and_405_answers_do_not_echo_a_code_or_token_in_the_path(pool):
@@ -56,3 +57,28 @@ def test_the_pond_cli_refuses_an_empty_environment_setting_by_name(tmp_path, nam
 def test_swarm_refuses_an_empty_environment_setting_by_name(tmp_path, name, argv):
     env = dict(env_for_children(), **{name: ""})
     refused(run([sys.executable, SWARM, *argv, "--state-dir", str(tmp_path / "s")], timeout=30, env=env), name)
+
+
+def test_started_on_a_full_disk_each_server_exits_with_one_clear_error(pool, tmp_path):
+    """pond serve, swarm.py serve and swarm.py worker whose state dir is on a full disk exit 1 with
+    `storage unavailable` and a hint, not a traceback: a supervisor restarts them once it has room."""
+    pond = pool.pond()
+    with small_disk(pool, tmp_path / "disk", "1m") as disk:
+        handle = disk.path / "serve" / "backend-handle.json"
+        handle.parent.mkdir(mode=0o700)
+        paired = run([sys.executable, SWARM, "pair", "--pond", pond.url, "--code", pond.pairing_code(),
+                      "--out", str(handle)])
+        assert paired.returncode == 0, paired.stderr
+        disk.fill()
+        for argv in ([sys.executable, "-m", "pond", "serve", "--state-dir", str(disk.path / "pond"),
+                      "--bind", "127.0.0.1:0"],
+                     [sys.executable, SWARM, "serve", "--state-dir", str(handle.parent), "--bind", "127.0.0.1:0",
+                      "--token", "x"],
+                     [sys.executable, SWARM, "worker", "--state-dir", str(disk.path / "worker"),
+                      "--orchestrator", "http://127.0.0.1:9", "--enroll-code", "ABCD-EFGH-JKMN"]):
+            done = run(argv, timeout=30)
+            what = " ".join(argv[1:4])
+            assert done.returncode == 1, f"{what}: exit {done.returncode}: {done.stderr[-800:]}"
+            assert "Traceback" not in done.stderr, done.stderr
+            assert "error: storage unavailable:" in done.stderr and "hint: free space" in done.stderr, done.stderr
+        disk.free()
