@@ -1071,14 +1071,16 @@ class Stream:
 
 class JsonHandler(BaseHTTPRequestHandler):
     """Routes one request, whose head the server's HeadReader has read (`head`), to
-    `server.routes`: [(method, compiled path regex, handler)].
+    `server.routes`: [(method, compiled path regex, auth, handler)].
 
-    A handler gets (handler_instance, match, body) and returns (status, payload).
+    `auth(handler_instance)` (None: an open route) runs before the body is read; what it returns
+    is `who`. A handler gets (handler_instance, match, body) and returns (status, payload).
     """
 
     protocol_version = "HTTP/1.1"
     server_version = f"swarm/{VERSION}"
     on_hangup = None         # set by a route (Pool.beat): called if the client closes the connection later
+    who = None               # what the route's auth returned (the worker's Session)
 
     def __init__(self, request, client_address, server, head=b""):
         self.head = head
@@ -1111,10 +1113,18 @@ class JsonHandler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def _handle(self, method):
+        """Route and authenticate on the head alone, then read the body, so that a client without a
+        token cannot hold a thread with a slow body; until the body is read, an error answer closes
+        the connection (its unread bytes would be taken for a request)."""
         try:
-            body = self._body()           # first, so an error answer never leaves a body unread on the connection
-            fn, match = self._route(method)
-            status, payload = fn(self, match, body)
+            length, keep = self._length(), self.close_connection
+            self.close_connection = keep or bool(length)
+            fn, match, auth = self._route(method)
+            self.who = auth(self) if auth else None
+            s = self.server                     # an open route's body is small: it gets the head's time
+            raw = self._read_exactly(length, s.request_timeout if auth else s.head_timeout) if length else None
+            self.close_connection = keep
+            status, payload = fn(self, match, None if raw is None else self._json(raw))
             if isinstance(payload, types.GeneratorType):
                 return self._stream(status, payload)
         except HttpError as e:
@@ -1151,30 +1161,34 @@ class JsonHandler(BaseHTTPRequestHandler):
     def _route(self, method):
         path = urlsplit(self.path).path
         allowed = []
-        for m, pattern, fn in self.server.routes:
+        for m, pattern, auth, fn in self.server.routes:
             match = pattern.match(path)
             if match:
                 if m == method:
-                    return fn, match
+                    return fn, match, auth
                 allowed.append(m)
         if allowed:
             raise HttpError(405, "method_not_allowed", f"{method} is not allowed here", "allowed: " + ", ".join(allowed))
         raise HttpError(404, "not_found", f"no such endpoint: {clean(path, 100)}", "see specs/protocol.md")
 
-    def _body(self):
+    def _length(self):
+        """The body's length as the head gives it (0: none), or refused before any of it is read."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise HttpError(400, "bad_request", "chunked request bodies are not accepted", "send a Content-Length")
         raw = self.headers.get("Content-Length")
-        if raw is None or raw == "0":
-            return None
+        if raw is None:
+            return 0
         if not (raw.isascii() and raw.isdigit()):
             self.close_connection = True
             raise HttpError(400, "bad_request", "Content-Length is not a number")
         if int(raw) > MAX_BODY:
             self.close_connection = True
             raise HttpError(413, "payload_too_large", f"request body over the {MAX_BODY}-byte limit")
-        data = self._read_exactly(int(raw))
+        return int(raw)
+
+    @staticmethod
+    def _json(data):
         try:
             value = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -1183,9 +1197,9 @@ class JsonHandler(BaseHTTPRequestHandler):
             raise HttpError(400, "bad_request", "request body is JSON null", "send a JSON object, or no body")
         return value
 
-    def _read_exactly(self, length):
-        """Read the body within the request timeout in total, so a trickling client cannot hold a thread."""
-        deadline = time.monotonic() + self.server.request_timeout
+    def _read_exactly(self, length, seconds):
+        """Read the body within `seconds` in total, so a trickling client cannot hold a thread."""
+        deadline = time.monotonic() + seconds
         parts, got = [], 0
         while got < length:
             remaining = deadline - time.monotonic()
@@ -1199,7 +1213,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             if not part:
                 self.close_connection = True
                 raise HttpError(400, "bad_request", "request body ended early or too slowly",
-                                f"send all {length} bytes within {self.server.request_timeout:g} s")
+                                f"send all {length} bytes within {seconds:g} s")
             parts.append(part)
             got += len(part)
         self.connection.settimeout(self.server.request_timeout)
@@ -1579,7 +1593,7 @@ class JsonServer(HTTPServer):
     def __init__(self, address, routes, request_timeout=REQUEST_TIMEOUT, head_timeout=HEAD_TIMEOUT,
                  max_pending=None, max_pending_per_address=None, clients=lambda: 0):
         super().__init__(address, JsonHandler)
-        self.routes = [(m, re.compile(p + r"\Z"), fn) for m, p, fn in routes]
+        self.routes = [(m, re.compile(p + r"\Z"), auth, fn) for m, p, auth, fn in routes]
         self.request_timeout, self.head_timeout = request_timeout, head_timeout
         self.max_pending, self.max_pending_per_address, self.clients = max_pending, max_pending_per_address, clients
         self.hangups = Hangups()
@@ -2861,7 +2875,6 @@ def orchestrator_routes(pool, token_hash):
         return h.headers.get("X-Claim-Token") or ""
 
     def cancel(h, m, body):
-        operator_auth(h)
         obj(body, "cancel", ())
         if not pool.cancel(m["id"]):
             raise HttpError(404, "not_found", f"job {m['id']} is not held by this pool",
@@ -2869,30 +2882,28 @@ def orchestrator_routes(pool, token_hash):
         return 202, {"job_id": m["id"], "cancel": "sent"}
 
     def evict(h, m, body):
-        operator_auth(h)
         body = obj(body, "evict", ("drain",))
         if not isinstance(body.get("drain", False), bool):
             raise HttpError(400, "bad_request", "evict.drain must be true or false")
         return 200, pool.evict(m["id"], body.get("drain", False))
 
     job = r"/v1/worker/jobs/(?P<id>[A-Za-z0-9_-]{1,64})"
-    return [
-        ("GET", r"/healthz", lambda h, m, b: healthz(pool)),
-        ("GET", r"/metrics", lambda h, m, b: (200, _orchestrator_metrics(pool))),
-        ("POST", r"/v1/worker/enroll", lambda h, m, b: (201, pool.enroll(b))),
-        ("POST", r"/v1/worker/claim", lambda h, m, b: (200, pool.claim(worker_auth(h), b, h.alive, h.watch))),
-        ("POST", r"/v1/worker/reports", lambda h, m, b: (200, pool.report_batch(worker_auth(h), b))),
-        ("POST", r"/v1/worker/heartbeat", lambda h, m, b: (200, pool.beat(worker_auth(h), b, h))),
-        ("POST", job + r"/state",
-         lambda h, m, b: (200, pool.report_state(worker_auth(h), m["id"], claim_token(h), b))),
-        ("POST", job + r"/chunk",
-         lambda h, m, b: (200, pool.report_chunk(worker_auth(h), m["id"], claim_token(h), b))),
-        ("POST", job + r"/seal",
-         lambda h, m, b: (200, pool.seal(worker_auth(h), m["id"], claim_token(h), b))),
-        ("GET", r"/v1/pool/status", lambda h, m, b: (operator_auth(h), (200, pool.status()))[1]),
-        ("GET", r"/v1/pool/jobs", lambda h, m, b: (operator_auth(h), (200, pool.jobs()))[1]),
-        ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", cancel),
-        ("POST", r"/v1/pool/workers/(?P<id>[A-Za-z0-9_-]{1,64})/evict", evict),
+    return [      # (method, path, auth: run on the head, before the body is read; handler)
+        ("GET", r"/healthz", None, lambda h, m, b: healthz(pool)),
+        ("GET", r"/metrics", None, lambda h, m, b: (200, _orchestrator_metrics(pool))),
+        ("POST", r"/v1/worker/enroll", None, lambda h, m, b: (201, pool.enroll(b))),
+        ("POST", r"/v1/worker/claim", worker_auth, lambda h, m, b: (200, pool.claim(h.who, b, h.alive, h.watch))),
+        ("POST", r"/v1/worker/reports", worker_auth, lambda h, m, b: (200, pool.report_batch(h.who, b))),
+        ("POST", r"/v1/worker/heartbeat", worker_auth, lambda h, m, b: (200, pool.beat(h.who, b, h))),
+        ("POST", job + r"/state", worker_auth,
+         lambda h, m, b: (200, pool.report_state(h.who, m["id"], claim_token(h), b))),
+        ("POST", job + r"/chunk", worker_auth,
+         lambda h, m, b: (200, pool.report_chunk(h.who, m["id"], claim_token(h), b))),
+        ("POST", job + r"/seal", worker_auth, lambda h, m, b: (200, pool.seal(h.who, m["id"], claim_token(h), b))),
+        ("GET", r"/v1/pool/status", operator_auth, lambda h, m, b: (200, pool.status())),
+        ("GET", r"/v1/pool/jobs", operator_auth, lambda h, m, b: (200, pool.jobs())),
+        ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", operator_auth, cancel),
+        ("POST", r"/v1/pool/workers/(?P<id>[A-Za-z0-9_-]{1,64})/evict", operator_auth, evict),
     ]
 
 

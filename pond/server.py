@@ -373,16 +373,26 @@ class Handler(BaseHTTPRequestHandler):
                               "report it with pond's log around this time").to_json()
 
     def _request(self, method):
-        body = self._body()           # first, so an error answer never leaves a body unread on the connection
+        """Route and authenticate on the head alone, then read the body: a client without a token
+        cannot hold a thread with a slow body (specs/protocol.md §1.1). Until the body is read,
+        an error answer closes the connection (the unread body would be taken for a request)."""
+        length, keep = self._length(), self.close_connection
+        self.close_connection = keep or bool(length)
         parts = urlsplit(self.path)
         who, fn, params = route(method, parts.path)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        req = Request(method, parts.path, params, query, self.headers, body,
-                      alive=lambda: not peer_gone(self.connection))
+        principal = None
         if who == "admin":
             self._check_admin()
         elif who == "orch":
-            req.principal = pairing.authenticate(self.pond, self.headers.get("Authorization"))
+            principal = pairing.authenticate(self.pond, self.headers.get("Authorization"))
+        s = self.pond.settings                  # an open route's body is small: it gets the head's time
+        raw = self._read_exactly(length, s.request_timeout if who else s.head_timeout) if length else None
+        self.close_connection = keep
+        body = None if raw is None else self._json(raw)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        req = Request(method, parts.path, params, query, self.headers, body,
+                      alive=lambda: not peer_gone(self.connection))
+        req.principal = principal
         return fn, req
 
     def _check_admin(self):
@@ -394,13 +404,14 @@ class Handler(BaseHTTPRequestHandler):
             raise Forbidden("the admin token is not valid", "use the token in pond's <state-dir>/admin-token",
                             code="token_invalid")
 
-    def _body(self):
+    def _length(self):
+        """The body's length as the head gives it (0: none), or refused before any of it is read."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise BadRequest("chunked request bodies are not accepted", "send a Content-Length")
         raw_length = self.headers.get("Content-Length")
         if raw_length is None:
-            return None
+            return 0
         if not (raw_length.isascii() and raw_length.isdigit()):
             self.close_connection = True
             raise BadRequest("Content-Length is not a number")
@@ -408,9 +419,10 @@ class Handler(BaseHTTPRequestHandler):
         if length > self.pond.settings.max_body:
             raise PayloadTooLarge(f"request body of {length} bytes is over the {self.pond.settings.max_body} limit",
                                   "send output in chunks of at most 1 MiB")
-        if length == 0:
-            return None
-        raw = self._read_exactly(length)
+        return length
+
+    @staticmethod
+    def _json(raw):
         try:
             value = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -419,15 +431,15 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("request body is JSON null", "send a JSON object, or no body")
         return value
 
-    def _read_exactly(self, length):
-        """Read the body within request_timeout in total, not per recv: a trickling client cannot hold a thread."""
-        deadline = time.monotonic() + self.pond.settings.request_timeout
+    def _read_exactly(self, length, seconds):
+        """Read the body within `seconds` in total, not per recv: a trickling client cannot hold a thread."""
+        deadline = time.monotonic() + seconds
         parts, got = [], 0
         while got < length:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.close_connection = True
-                raise BadRequest(f"request body not received within {self.pond.settings.request_timeout:g} s",
+                raise BadRequest(f"request body not received within {seconds:g} s",
                                  "send the whole body promptly", code="request_timeout")
             self.connection.settimeout(remaining)
             try:

@@ -3,12 +3,15 @@ secret echoed in an answer (items 5's redaction missed pond's 404/405), an empty
 setting that gave a traceback, a full disk at start that gave a traceback, and a slow body from a
 client without a token that held a thread. Real processes on port 0."""
 
+import socket
 import sys
+import time
 
 import pytest
 
 from conftest import SWARM, env_for_children, run
 from test_faults import small_disk
+from test_slow_clients import address, closed_within
 
 
 def test_pond_s_404_and_405_answers_do_not_echo_a_code_or_token_in_the_path(pool):
@@ -82,3 +85,35 @@ def test_started_on_a_full_disk_each_server_exits_with_one_clear_error(pool, tmp
             assert "Traceback" not in done.stderr, done.stderr
             assert "error: storage unavailable:" in done.stderr and "hint: free space" in done.stderr, done.stderr
         disk.free()
+
+
+@pytest.fixture(params=["pond", "orchestrator"])
+def slow_body_server(request, pool):
+    """-> (url, a route that needs a token, an open route that takes a body) on a server with a 1 s
+    head timeout and a 3 s request timeout."""
+    flags = ("--head-timeout", "1", "--request-timeout", "3")
+    if request.param == "pond":
+        return pool.pond(extra=flags).url, "/v1/jobs", "/v1/orch/pair"
+    return pool.orchestrator(pool.pond(), extra=flags).url(), "/v1/worker/claim", "/v1/worker/enroll"
+
+
+def answer_to_a_head_without_its_body(url, path, token=None):
+    """Send a POST head announcing 100 bytes of body, and none of them. -> (status line, seconds)."""
+    with socket.create_connection(address(url), timeout=10) as sock:
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        start = time.monotonic()
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 100\r\n\r\n".encode())
+        line = sock.recv(4096).split(b"\r\n", 1)[0]
+        took = time.monotonic() - start
+        assert closed_within(sock, 2.0) is not None, "the connection stays open with its body unread"
+    return line, took
+
+
+def test_a_slow_body_without_a_valid_token_is_refused_before_it_is_read(slow_body_server):
+    url, private, public = slow_body_server
+    for token in (None, "wkr.aaaaaaaaaaaa.bbbbbbbbbbbbbbbb"):
+        line, took = answer_to_a_head_without_its_body(url, private, token)
+        assert line.split()[1] in (b"401", b"403") and took < 0.8, (line, took)   # not the 3 s body wait
+    # An open route reads the body, but gives it the head timeout (1 s), not the request timeout.
+    line, took = answer_to_a_head_without_its_body(url, public)
+    assert line.split()[1] == b"400" and 0.8 < took < 2.5, (line, took)
