@@ -2136,15 +2136,16 @@ class Session:
     def online(self, now):
         return not self.lost and (self.claiming > 0 or now - self.last_seen < WORKER_GRACE)
 
-    def running(self):
+    def heard(self):
         """A heartbeat or a new claim came: the worker's process runs (§7.5). -> whether it was lost till now."""
         self.beat_at, self.hung_up = time.monotonic(), None
         back, self.lost = self.lost, False
         return back
 
     def give(self, job):
-        """Queue an assignment for the worker. One that held nothing did not beat (§7.5): its grace starts now."""
-        if not self.queue and not self.jobs:
+        """Queue an assignment for the worker. One that held nothing did not beat (§7.5): its grace starts
+        now; a lost one has had its grace (the job goes back to pond at the next LOST_CHECK)."""
+        if not self.queue and not self.jobs and not self.lost:
             self.beat_at = time.monotonic()
         self.queue.append(job)
 
@@ -2448,7 +2449,7 @@ class Pool:
         with self.lock:
             if not session.online(time.time()):
                 self.snapshot_due.set()
-            back = session.running()           # a new claim shows the worker running (§7.5)
+            back = session.heard()           # a new claim shows the worker running (§7.5)
             session.claiming += 1
             session.last_seen = time.time()
         if back:
@@ -2653,7 +2654,7 @@ class Pool:
         obj(body, "heartbeat", ())
         every = self.lost_after / HEARTBEATS_PER_GRACE
         with self.lock:
-            back, session.beat_conn = session.running(), handler
+            back, session.beat_conn = session.heard(), handler
         handler.on_hangup = lambda: self._hung_up(session, handler)
         if back:
             log.info("worker %s is back: heartbeats again", session.id)
@@ -2822,9 +2823,13 @@ def snapshot_loop(loop, pool, pond, stop, interval):
 def heartbeat_loop(loop, pool, pond, stop):
     """Renew the leases of every attempt the pool holds, in one request, every lease / 4; every
     LOST_CHECK, release the attempts of lost workers, and hand them to pond at once (§4)."""
-    every, due, released = 1.0, 0.0, []      # every: 1 s until pond says how long its lease is
+    every, due, released, held_back = 1.0, 0.0, [], False   # every: 1 s until pond says its lease
     while not stop.wait(LOST_CHECK):
         released += pool.release_lost()
+        if released and pool.snapshot_due.is_set() and not held_back:     # one tick, for the snapshot that says
+            held_back = True                   # the lost worker is offline to reach pond first: else pond may give
+            continue                           # the released job straight back to it, and an attempt is wasted
+        held_back = False
         if not released and time.monotonic() < due:
             continue
         held, send = pool.held(), released[:MAX_HEARTBEAT]

@@ -12,7 +12,7 @@ import time
 
 from conftest import JOB_PY, wait_for
 from test_slow_clients import address, closed_within, connect, server  # noqa: F401  (server: a fixture)
-from test_worker_loss import lost_events, running_on
+from test_worker_loss import lost_events
 
 
 def online(pond, worker_id):
@@ -21,28 +21,27 @@ def online(pond, worker_id):
 
 def test_an_idle_worker_stopped_past_the_grace_is_not_lost_until_it_is_given_a_job(pool):
     pond = pool.pond()
-    orch = pool.orchestrator(pond, extra=("--worker-lost-after", "2"))      # a busy worker beats every 0.8 s
+    orch = pool.orchestrator(pond, extra=("--worker-lost-after", "3"))      # a busy worker beats every 1.2 s
     idle = pool.worker(pond, orch, tags="lane:a")
     wait_for(lambda: online(pond, idle.worker_id), 10, what="the worker online")
     os.kill(idle.proc.pid, signal.SIGSTOP)              # alive, its held claim open, silent
     try:
-        time.sleep(4)                                   # twice the grace
+        time.sleep(6)                                   # twice the grace
         assert "lost" not in orch.stderr(), orch.stderr()
         assert online(pond, idle.worker_id)
-        # Given a job, it has 2 s to beat: it cannot, so the job runs on another worker.
+        # Given a job, it has 3 s to beat: it cannot, so the job runs on another worker.
         job = pond.submit([JOB_PY, "-c", "print('ran')"], tags=["lane:a"])
         wait_for(lambda: pond.job(job["id"])["worker"] == idle.worker_id, 10, what="the job given to the stopped worker")
         given = time.monotonic()
         other = pool.worker(pond, orch, tags="lane:a")
-        running_on(pond, job["id"], 2, other.worker_id, 15)
+        done = pond.wait_job(job["id"], timeout=20)
         took = time.monotonic() - given
     finally:
         os.kill(idle.proc.pid, signal.SIGCONT)
-    print(f"\njob given to a stopped idle worker (grace 2 s) to running on another: {took:.1f} s")
-    assert took < 8, took
-    done = pond.wait_job(job["id"])
-    assert done["state"] == "done" and done["attempt"] == 2, done
-    (event,) = lost_events(done)
+    print(f"\njob given to a stopped idle worker (grace 3 s) to done on another: {took:.1f} s")
+    assert done["state"] == "done" and done["worker"] == other.worker_id, done
+    assert took < 10, took
+    event = lost_events(done)[0]
     assert event["worker"] == idle.worker_id and event["attempt"] == 1, done["events"]
     assert f"worker {idle.worker_id} lost (no heartbeat for" in orch.stderr()
 
