@@ -101,6 +101,7 @@ WORKER_GRACE = 15.0                   # s after its last claim that a worker sti
 SNAPSHOT_INTERVAL = 20.0              # s between worker snapshots when nothing changes
 WORKER_LOST_AFTER = 10.0              # s without a heartbeat before a worker is lost (serve --worker-lost-after)
 HEARTBEATS_PER_GRACE = 2.5            # a worker beats every lost_after / 2.5 s: it may miss one and a half
+IDLE_LOOK = 0.5                       # s between an idle worker's looks for a job to beat for (at most)
 RECONNECT_GRACE = 3.0                 # s a worker whose heartbeat connection closed has to beat again
 LOST_CHECK = 1.0                      # s between checks for lost workers
 HEARTBEAT_MAX = 15.0                  # s between heartbeats at most; pond's lease / 4 when that is shorter
@@ -124,6 +125,7 @@ REQUEST_TIMEOUT = 30.0                # s for a request's body; s a kept-alive c
 HEAD_TIMEOUT = 5.0                    # s for a request head (a new connection's: TLS handshake included)
 MAX_CONNECTIONS = 4096                # requests in progress (held claims: one per worker); more get 503
 MAX_PENDING, MAX_PENDING_PER_ADDRESS = 256, 64   # connections still sending a head (or idle), all / one address
+PENDING_PER_CLIENT = 3                # serve's defaults grow by this per enrolled worker (beat, report, claim)
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 STALL_AFTER = 60.0                    # s a loop may go without a sign of life before /healthz says stalled
 TROUBLE_RELOG = 60.0                  # s before the same trouble is logged again while it lasts
@@ -1117,14 +1119,16 @@ class Stream:
 
 class JsonHandler(BaseHTTPRequestHandler):
     """Routes one request, whose head the server's HeadReader has read (`head`), to
-    `server.routes`: [(method, compiled path regex, handler)].
+    `server.routes`: [(method, compiled path regex, auth, handler)].
 
-    A handler gets (handler_instance, match, body) and returns (status, payload).
+    `auth(handler_instance)` (None: an open route) runs before the body is read; what it returns
+    is `who`. A handler gets (handler_instance, match, body) and returns (status, payload).
     """
 
     protocol_version = "HTTP/1.1"
     server_version = f"swarm/{VERSION}"
     on_hangup = None         # set by a route (Pool.beat): called if the client closes the connection later
+    who = None               # what the route's auth returned (the worker's Session)
 
     def __init__(self, request, client_address, server, head=b""):
         self.head = head
@@ -1157,10 +1161,18 @@ class JsonHandler(BaseHTTPRequestHandler):
         self._handle("DELETE")
 
     def _handle(self, method):
+        """Route and authenticate on the head alone, then read the body, so that a client without a
+        token cannot hold a thread with a slow body; until the body is read, an error answer closes
+        the connection (its unread bytes would be taken for a request)."""
         try:
-            body = self._body()           # first, so an error answer never leaves a body unread on the connection
-            fn, match = self._route(method)
-            status, payload = fn(self, match, body)
+            length, keep = self._length(), self.close_connection
+            self.close_connection = keep or bool(length)
+            fn, match, auth = self._route(method)
+            self.who = auth(self) if auth else None
+            s = self.server                     # an open route's body is small: it gets the head's time
+            raw = self._read_exactly(length, s.request_timeout if auth else s.head_timeout) if length else None
+            self.close_connection = keep
+            status, payload = fn(self, match, None if raw is None else self._json(raw))
             if isinstance(payload, types.GeneratorType):
                 return self._stream(status, payload)
         except HttpError as e:
@@ -1197,30 +1209,34 @@ class JsonHandler(BaseHTTPRequestHandler):
     def _route(self, method):
         path = urlsplit(self.path).path
         allowed = []
-        for m, pattern, fn in self.server.routes:
+        for m, pattern, auth, fn in self.server.routes:
             match = pattern.match(path)
             if match:
                 if m == method:
-                    return fn, match
+                    return fn, match, auth
                 allowed.append(m)
         if allowed:
             raise HttpError(405, "method_not_allowed", f"{method} is not allowed here", "allowed: " + ", ".join(allowed))
         raise HttpError(404, "not_found", f"no such endpoint: {clean(path, 100)}", "see specs/protocol.md")
 
-    def _body(self):
+    def _length(self):
+        """The body's length as the head gives it (0: none), or refused before any of it is read."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise HttpError(400, "bad_request", "chunked request bodies are not accepted", "send a Content-Length")
         raw = self.headers.get("Content-Length")
-        if raw is None or raw == "0":
-            return None
+        if raw is None:
+            return 0
         if not (raw.isascii() and raw.isdigit()):
             self.close_connection = True
             raise HttpError(400, "bad_request", "Content-Length is not a number")
         if int(raw) > MAX_BODY:
             self.close_connection = True
             raise HttpError(413, "payload_too_large", f"request body over the {MAX_BODY}-byte limit")
-        data = self._read_exactly(int(raw))
+        return int(raw)
+
+    @staticmethod
+    def _json(data):
         try:
             value = json.loads(data)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -1229,9 +1245,9 @@ class JsonHandler(BaseHTTPRequestHandler):
             raise HttpError(400, "bad_request", "request body is JSON null", "send a JSON object, or no body")
         return value
 
-    def _read_exactly(self, length):
-        """Read the body within the request timeout in total, so a trickling client cannot hold a thread."""
-        deadline = time.monotonic() + self.server.request_timeout
+    def _read_exactly(self, length, seconds):
+        """Read the body within `seconds` in total, so a trickling client cannot hold a thread."""
+        deadline = time.monotonic() + seconds
         parts, got = [], 0
         while got < length:
             remaining = deadline - time.monotonic()
@@ -1245,7 +1261,7 @@ class JsonHandler(BaseHTTPRequestHandler):
             if not part:
                 self.close_connection = True
                 raise HttpError(400, "bad_request", "request body ended early or too slowly",
-                                f"send all {length} bytes within {self.server.request_timeout:g} s")
+                                f"send all {length} bytes within {seconds:g} s")
             parts.append(part)
             got += len(part)
         self.connection.settimeout(self.server.request_timeout)
@@ -1438,13 +1454,20 @@ class Waiting:
     on_hangup: object = None
 
 
+def expendable(w):
+    """Which waiting connection the caps close first: an idle kept-alive one (its client just connects
+    again), the longest idle; else the one whose deadline comes first (as pond)."""
+    return not w.idle, w.deadline
+
+
 class HeadReader:
     """One thread that reads request heads, so that a connection takes a thread and one of
     max_connections only once it has sent a whole head (specs/protocol.md §1.1). As pond's:
     head_timeout for a new connection's handshake and first head, request_timeout idle
     between requests, then head_timeout from the next head's first byte; over max_pending
-    (or max_pending_per_address from one address), the waiting one whose deadline comes first
-    is closed. A slow client costs a socket, never a thread."""
+    (or max_pending_per_address from one address: JsonServer.caps), an idle kept-alive one is
+    closed first (the longest idle), else the one whose deadline comes first. A slow client
+    costs a socket, never a thread."""
 
     def __init__(self, limits, ready, close):
         self.s, self._ready, self._close = limits, ready, close    # ready(sock, address, head); close(sock)
@@ -1519,11 +1542,12 @@ class HeadReader:
         else:
             w = Waiting(sock, address, now + (self.s.head_timeout if data else self.s.request_timeout),
                         bytearray(data), idle=not data, on_hangup=on_hangup)
-        if self._per_address[address[0]] >= self.s.max_pending_per_address:    # counted: 1,000 workers' idle
-            same = [o for o in self._waiting.values() if o.address[0] == address[0]]   # connections wait here
-            self._drop(min(same, key=lambda o: o.deadline), evicted=True)
-        if len(self._waiting) >= self.s.max_pending:
-            self._drop(min(self._waiting.values(), key=lambda o: o.deadline), evicted=True)
+        total, per_address = self.s.caps()
+        if self._per_address[address[0]] >= per_address:        # counted: 1,000 workers' idle connections wait here
+            self._drop(min((o for o in self._waiting.values() if o.address[0] == address[0]), key=expendable),
+                       evicted=True)
+        if len(self._waiting) >= total:
+            self._drop(min(self._waiting.values(), key=expendable), evicted=True)
         try:
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, w)
@@ -1615,14 +1639,23 @@ class JsonServer(HTTPServer):
     request_queue_size = 128
 
     def __init__(self, address, routes, request_timeout=REQUEST_TIMEOUT, head_timeout=HEAD_TIMEOUT,
-                 max_pending=MAX_PENDING, max_pending_per_address=MAX_PENDING_PER_ADDRESS):
+                 max_pending=None, max_pending_per_address=None, clients=lambda: 0):
         super().__init__(address, JsonHandler)
-        self.routes = [(m, re.compile(p + r"\Z"), fn) for m, p, fn in routes]
+        self.routes = [(m, re.compile(p + r"\Z"), auth, fn) for m, p, auth, fn in routes]
         self.request_timeout, self.head_timeout = request_timeout, head_timeout
-        self.max_pending, self.max_pending_per_address = max_pending, max_pending_per_address
+        self.max_pending, self.max_pending_per_address, self.clients = max_pending, max_pending_per_address, clients
         self.hangups = Hangups()
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.heads = HeadReader(self, self._head_arrived, self.shutdown_request)
+
+    def caps(self):
+        """(connections that may wait for a head in all, from one address): as given, else the defaults
+        plus PENDING_PER_CLIENT for each client known (`clients()`, the enrolled workers: their kept-alive
+        connections wait here between requests, all from one address behind a NAT)."""
+        extra = PENDING_PER_CLIENT * self.clients()
+        total = min(MAX_PENDING + extra, 65536) if self.max_pending is None else self.max_pending
+        per_address = self.max_pending_per_address
+        return total, min(total, MAX_PENDING_PER_ADDRESS + extra if per_address is None else per_address)
 
     def use_tls(self, context):
         """Serve HTTPS. The head reader runs each handshake, so a silent client never holds up
@@ -1713,8 +1746,8 @@ class ServeSettings:
     request_timeout: float = REQUEST_TIMEOUT
     worker_lost_after: float = WORKER_LOST_AFTER
     head_timeout: float = HEAD_TIMEOUT
-    max_pending: int = MAX_PENDING
-    max_pending_per_address: int = MAX_PENDING_PER_ADDRESS
+    max_pending: int = None   # None: grows with the enrolled workers (JsonServer.caps)
+    max_pending_per_address: int = None
     tls_cert: str = ""        # both set: serve HTTPS
     tls_key: str = ""
     ca_file: str = ""         # CA to verify an https:// pond with
@@ -1788,7 +1821,15 @@ def resolve_token(flag_value, token_file, env):
     if token_file:
         return read_private(token_file, "token file", "give serve's --token-file, or set SWARM_TOKEN; make one: "
                             "(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)").strip()
-    return env.get("SWARM_TOKEN") or ""
+    return env_setting(env, "SWARM_TOKEN")
+
+
+def env_setting(env, name):
+    """The environment setting `name`, or "" when unset; one set but empty is refused (as pond's)."""
+    value = env.get(name)
+    if value is not None and not value.strip():
+        raise UsageError(f"{name} is set but empty", f"give {name} a value, or unset it: unset {name}")
+    return value or ""
 
 
 def url_list(text):
@@ -1814,12 +1855,13 @@ def serve_settings(args, env):
     host, port = parse_bind(args.bind)
     if not 0 < args.head_timeout <= 600:
         raise UsageError(f"--head-timeout {args.head_timeout:g} is out of range", "give seconds in (0, 600] (default 5)")
-    per_address = (min(args.max_pending, MAX_PENDING_PER_ADDRESS) if args.max_pending_per_address is None
-                   else args.max_pending_per_address)
-    if not 1 <= per_address <= args.max_pending <= 65536:
-        raise UsageError(f"--max-pending {args.max_pending} with --max-pending-per-address {per_address} is out of "
-                         f"range", f"give 1 <= per address <= max pending <= 65536 (defaults "
-                         f"{MAX_PENDING_PER_ADDRESS}, {MAX_PENDING})")
+    pending, per_address = args.max_pending, args.max_pending_per_address
+    if pending is not None and per_address is None:
+        per_address = min(pending, MAX_PENDING_PER_ADDRESS)
+    if not 1 <= (1 if per_address is None else per_address) <= (65536 if pending is None else pending) <= 65536:
+        raise UsageError(f"--max-pending {pending} with --max-pending-per-address {per_address} is out of range",
+                         f"give 1 <= per address <= max pending <= 65536 (defaults {MAX_PENDING_PER_ADDRESS} and "
+                         f"{MAX_PENDING}, each + {PENDING_PER_CLIENT} per enrolled worker)")
     tls_cert, tls_key = serve_tls(host, args.tls_cert, args.tls_key, args.insecure_no_tls)
     token = resolve_token(args.token, args.token_file, env)
     if not token:
@@ -1837,7 +1879,7 @@ def serve_settings(args, env):
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
                          snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout,
                          worker_lost_after=args.worker_lost_after,
-                         head_timeout=args.head_timeout, max_pending=args.max_pending,
+                         head_timeout=args.head_timeout, max_pending=pending,
                          max_pending_per_address=per_address,
                          tls_cert=tls_cert, tls_key=tls_key, ca_file=args.ca_file or "")
 
@@ -1857,7 +1899,7 @@ def worker_settings(args, env):
         repo_root.mkdir(exist_ok=True)
     if not repo_root.is_dir():
         raise UsageError(f"--repo-root {repo_root} is not a directory", "create it, or leave --repo-root out")
-    code = args.enroll_code or env.get("SWARM_ENROLL_CODE") or ""
+    code = args.enroll_code or env_setting(env, "SWARM_ENROLL_CODE")
     if code and not CODE_RE.match(code):
         raise UsageError("--enroll-code is not an enrollment code", "codes look like ABCD-EFGH-JKMN")
     return WorkerSettings(orchestrator=args.orchestrator.rstrip("/"), state_dir=state, enroll_code=code,
@@ -2140,20 +2182,34 @@ class Session:
         self.claiming = 0
         self.last_seen = 0.0
         self.health = []                        # the worker's loops in trouble, as its last claim said
-        self.beat_at = time.monotonic()        # its last heartbeat; a new session gets a full grace
-        self.beat_conn = None                  # the connection that carried it
-        self.hung_up = None                    # when that connection closed (monotonic), until it beats again
+        self.beat_at = time.monotonic()        # its grace's start: its last heartbeat or claim, or when it was
+        self.beat_conn = None                  # given work while it held none; the connection of its last beat
+        self.hung_up = None                    # when its beat's or last claim's connection closed, until it is back
         self.lost = False                      # declared lost (Pool.release_lost) and not back since
         self.cond = threading.Condition(lock)
 
     def online(self, now):
         return not self.lost and (self.claiming > 0 or now - self.last_seen < WORKER_GRACE)
 
+    def heard(self):
+        """A heartbeat or a new claim came: the worker's process runs (§7.5). -> whether it was lost till now."""
+        self.beat_at, self.hung_up = time.monotonic(), None
+        back, self.lost = self.lost, False
+        return back
+
+    def give(self, job):
+        """Queue an assignment for the worker. One that held nothing did not beat (§7.5): its grace starts
+        now; a lost one has had its grace (the job goes back to pond at the next LOST_CHECK)."""
+        if not self.queue and not self.jobs and not self.lost:
+            self.beat_at = time.monotonic()
+        self.queue.append(job)
+
     def silent(self, now, lost_after):
         """-> why the worker counts as lost (specs/protocol.md §7.5), or None. A process that died closed
-        its heartbeat connection and holds no claim; a stopped or cut-off one stopped beating."""
-        if now - self.beat_at > lost_after:
-            return f"no heartbeat for {now - self.beat_at:.1f} s"
+        its connections and holds no claim; a stopped or cut-off one stopped beating while it had work.
+        An idle worker does not beat: it has nothing to lose, and its held claim shows it connected."""
+        if (self.queue or self.jobs) and now - self.beat_at > lost_after:
+            return f"no heartbeat for {now - self.beat_at:.1f} s while it had work"
         if self.hung_up is not None and not self.claiming and now - self.hung_up > RECONNECT_GRACE:
             return f"its connection closed {now - self.hung_up:.1f} s ago"
         return None
@@ -2308,7 +2364,7 @@ class Pool:
             if session is None:
                 registry.release(job["job_id"])
             else:
-                session.queue.append(job)
+                session.give(job)
         self.snapshot_due = threading.Event()
         self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
         self.pond_ok = False
@@ -2448,8 +2504,11 @@ class Pool:
         with self.lock:
             if not session.online(time.time()):
                 self.snapshot_due.set()
+            back = session.heard()           # a new claim shows the worker running (§7.5)
             session.claiming += 1
             session.last_seen = time.time()
+        if back:
+            log.info("worker %s is back: it claims again", session.id)
         try:
             while True:
                 with self.lock:
@@ -2479,9 +2538,12 @@ class Pool:
         finally:
             if unwatch:
                 unwatch()
+            gone = not alive()
             with self.lock:
                 session.claiming -= 1
                 session.last_seen = time.time()
+                if gone and not session.claiming:     # it closed the connection: lost unless it comes back (§7.5)
+                    session.hung_up = time.monotonic()
 
     def _wake(self, session, woke):
         with self.lock:
@@ -2529,7 +2591,7 @@ class Pool:
             for job in jobs:
                 session = self.sessions.get(job.get("worker"))
                 if session is not None:
-                    session.queue.append(job)
+                    session.give(job)
                     session.cond.notify_all()
             for cancel in cancels:
                 self._cancel_locked(cancel["job_id"], "pond")
@@ -2647,8 +2709,7 @@ class Pool:
         obj(body, "heartbeat", ())
         every = self.lost_after / HEARTBEATS_PER_GRACE
         with self.lock:
-            session.beat_at, session.beat_conn, session.hung_up = time.monotonic(), handler, None
-            back, session.lost = session.lost, False
+            back, session.beat_conn = session.heard(), handler
         handler.on_hangup = lambda: self._hung_up(session, handler)
         if back:
             log.info("worker %s is back: heartbeats again", session.id)
@@ -2817,9 +2878,13 @@ def snapshot_loop(loop, pool, pond, stop, interval):
 def heartbeat_loop(loop, pool, pond, stop):
     """Renew the leases of every attempt the pool holds, in one request, every lease / 4; every
     LOST_CHECK, release the attempts of lost workers, and hand them to pond at once (§4)."""
-    every, due, released = 1.0, 0.0, []      # every: 1 s until pond says how long its lease is
+    every, due, released, held_back = 1.0, 0.0, [], False   # every: 1 s until pond says its lease
     while not stop.wait(LOST_CHECK):
         released += pool.release_lost()
+        if released and pool.snapshot_due.is_set() and not held_back:     # one tick, for the snapshot that says
+            held_back = True                   # the lost worker is offline to reach pond first: else pond may give
+            continue                           # the released job straight back to it, and an attempt is wasted
+        held_back = False
         if not released and time.monotonic() < due:
             continue
         held, send = pool.held(), released[:MAX_HEARTBEAT]
@@ -2870,7 +2935,6 @@ def orchestrator_routes(pool, token_hash):
         return h.headers.get("X-Claim-Token") or ""
 
     def cancel(h, m, body):
-        operator_auth(h)
         obj(body, "cancel", ())
         if not pool.cancel(m["id"]):
             raise HttpError(404, "not_found", f"job {m['id']} is not held by this pool",
@@ -2878,30 +2942,28 @@ def orchestrator_routes(pool, token_hash):
         return 202, {"job_id": m["id"], "cancel": "sent"}
 
     def evict(h, m, body):
-        operator_auth(h)
         body = obj(body, "evict", ("drain",))
         if not isinstance(body.get("drain", False), bool):
             raise HttpError(400, "bad_request", "evict.drain must be true or false")
         return 200, pool.evict(m["id"], body.get("drain", False))
 
     job = r"/v1/worker/jobs/(?P<id>[A-Za-z0-9_-]{1,64})"
-    return [
-        ("GET", r"/healthz", lambda h, m, b: healthz(pool)),
-        ("GET", r"/metrics", lambda h, m, b: (200, _orchestrator_metrics(pool))),
-        ("POST", r"/v1/worker/enroll", lambda h, m, b: (201, pool.enroll(b))),
-        ("POST", r"/v1/worker/claim", lambda h, m, b: (200, pool.claim(worker_auth(h), b, h.alive, h.watch))),
-        ("POST", r"/v1/worker/reports", lambda h, m, b: (200, pool.report_batch(worker_auth(h), b))),
-        ("POST", r"/v1/worker/heartbeat", lambda h, m, b: (200, pool.beat(worker_auth(h), b, h))),
-        ("POST", job + r"/state",
-         lambda h, m, b: (200, pool.report_state(worker_auth(h), m["id"], claim_token(h), b))),
-        ("POST", job + r"/chunk",
-         lambda h, m, b: (200, pool.report_chunk(worker_auth(h), m["id"], claim_token(h), b))),
-        ("POST", job + r"/seal",
-         lambda h, m, b: (200, pool.seal(worker_auth(h), m["id"], claim_token(h), b))),
-        ("GET", r"/v1/pool/status", lambda h, m, b: (operator_auth(h), (200, pool.status()))[1]),
-        ("GET", r"/v1/pool/jobs", lambda h, m, b: (operator_auth(h), (200, pool.jobs()))[1]),
-        ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", cancel),
-        ("POST", r"/v1/pool/workers/(?P<id>[A-Za-z0-9_-]{1,64})/evict", evict),
+    return [      # (method, path, auth: run on the head, before the body is read; handler)
+        ("GET", r"/healthz", None, lambda h, m, b: healthz(pool)),
+        ("GET", r"/metrics", None, lambda h, m, b: (200, _orchestrator_metrics(pool))),
+        ("POST", r"/v1/worker/enroll", None, lambda h, m, b: (201, pool.enroll(b))),
+        ("POST", r"/v1/worker/claim", worker_auth, lambda h, m, b: (200, pool.claim(h.who, b, h.alive, h.watch))),
+        ("POST", r"/v1/worker/reports", worker_auth, lambda h, m, b: (200, pool.report_batch(h.who, b))),
+        ("POST", r"/v1/worker/heartbeat", worker_auth, lambda h, m, b: (200, pool.beat(h.who, b, h))),
+        ("POST", job + r"/state", worker_auth,
+         lambda h, m, b: (200, pool.report_state(h.who, m["id"], claim_token(h), b))),
+        ("POST", job + r"/chunk", worker_auth,
+         lambda h, m, b: (200, pool.report_chunk(h.who, m["id"], claim_token(h), b))),
+        ("POST", job + r"/seal", worker_auth, lambda h, m, b: (200, pool.seal(h.who, m["id"], claim_token(h), b))),
+        ("GET", r"/v1/pool/status", operator_auth, lambda h, m, b: (200, pool.status())),
+        ("GET", r"/v1/pool/jobs", operator_auth, lambda h, m, b: (200, pool.jobs())),
+        ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", operator_auth, cancel),
+        ("POST", r"/v1/pool/workers/(?P<id>[A-Za-z0-9_-]{1,64})/evict", operator_auth, evict),
     ]
 
 
@@ -2937,7 +2999,7 @@ def serve(s):
     pool = Pool(registry, pond, s.claim_wait, s.worker_lost_after)
     try:
         server = JsonServer((s.host, s.port), orchestrator_routes(pool, s.token_hash), s.request_timeout,
-                            s.head_timeout, s.max_pending, s.max_pending_per_address)
+                            s.head_timeout, s.max_pending, s.max_pending_per_address, lambda: len(pool.sessions))
     except OSError as e:
         registry.close()
         raise UsageError(f"cannot listen on {s.host}:{s.port}: {e.strerror}",
@@ -3790,17 +3852,21 @@ class Reporter:
         self.thread.join(timeout)
 
 
-def heartbeats(loop, orch, stop):
-    """Prove this worker alive to its orchestrator until `stop` is set (specs/protocol.md §7.5): a
-    bodiless request every few seconds, as often as the orchestrator says. Run on a thread of its
-    own, with a connection of its own: no busy slot or slow report can hold it up."""
+def heartbeats(loop, orch, stop, busy):
+    """Prove this worker alive to its orchestrator while it holds a job (`busy()`), until `stop` is set
+    (specs/protocol.md §7.5): a bodiless request every few seconds, as often as the orchestrator says.
+    Idle, it sends none: it has nothing to lose, and 1,000 idle workers' beats cost the orchestrator
+    a quarter of a core. Run on a thread of its own, with a connection of its own: no busy slot or
+    slow report can hold it up."""
     every = WORKER_LOST_AFTER / HEARTBEATS_PER_GRACE
     while True:
         try:
-            told = orch.call("POST", "/v1/worker/heartbeat").get("every")
-            every = min(max(told, 0.5), 60.0) if isinstance(told, (int, float)) else every
+            delay = min(every / 2, IDLE_LOOK)           # idle: how soon it beats once it gets a job
+            if busy():
+                told = orch.call("POST", "/v1/worker/heartbeat").get("every")
+                every = min(max(told, 0.5), 60.0) if isinstance(told, (int, float)) else every
+                delay = every
             loop.beat()
-            delay = every
         except (Refused, Unreachable) as e:
             if isinstance(e, Refused) and not e.retryable:    # 401/403: the claim loop stops the worker
                 if e.status == 404:
@@ -5698,12 +5764,12 @@ def worker(s):
     claim_client = HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file)
     stop, loops = threading.Event(), Loops()
     reporter = Reporter(HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), loops)
-    beating = threading.Event()
-    beats = loops.start("heartbeat", lambda loop: heartbeats(
-        loop, HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), beating),
-        stop=beating)
     slots = Slots(s, reporter, sandboxes, egress, loops, signer,
                   HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file))
+    beating = threading.Event()
+    beats = loops.start("heartbeat", lambda loop: heartbeats(
+        loop, HttpClient(s.orchestrator, identity["token"], what="orchestrator", ca_file=s.ca_file), beating,
+        slots.holding), stop=beating)
 
     def on_signal(signum, frame):
         stop.set()
@@ -5896,10 +5962,12 @@ def build_parser():
                         "(default %(default)g)")
     s.add_argument("--head-timeout", type=float, default=HEAD_TIMEOUT, metavar="S",
                    help="seconds a client has to send a request head, TLS handshake included (default %(default)g)")
-    s.add_argument("--max-pending", type=int, default=MAX_PENDING, metavar="N",
-                   help="connections that may wait to send a request head at once (default %(default)s)")
+    s.add_argument("--max-pending", type=int, metavar="N",
+                   help=f"connections that may wait to send a request head, or idle between requests, at once "
+                        f"(default {MAX_PENDING} + {PENDING_PER_CLIENT} per enrolled worker)")
     s.add_argument("--max-pending-per-address", type=int, metavar="N",
-                   help=f"... of them from one client address (default {MAX_PENDING_PER_ADDRESS})")
+                   help=f"... of them from one client address (default {MAX_PENDING_PER_ADDRESS} + "
+                        f"{PENDING_PER_CLIENT} per enrolled worker, at most --max-pending)")
     s.add_argument("--worker-lost-after", type=float, default=WORKER_LOST_AFTER, metavar="S",
                    help="a worker without a heartbeat this long is lost: its jobs run elsewhere (default %(default)g)")
 
@@ -5983,6 +6051,14 @@ def main(argv=None):
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return e.exit_code
+    except (OSError, sqlite3.Error, StorageUnavailable) as e:
+        why = e.message if isinstance(e, StorageUnavailable) else storage_failure(e)
+        if why is None:
+            raise
+        print(f"error: storage unavailable: cannot write the state dir now: {why}", file=sys.stderr)
+        print("hint: free space on the disk of the state dir (--state-dir), or fix it; then start again",
+              file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_ERROR
 

@@ -59,7 +59,7 @@ def speak(swarm, conf, identity, slots, stop):
     def client():
         return swarm.HttpClient(conf.orchestrator, identity["token"], what="orchestrator")
 
-    slots.loops.start("heartbeat", lambda loop: swarm.heartbeats(loop, client(), stop), stop=stop)
+    slots.loops.start("heartbeat", lambda loop: swarm.heartbeats(loop, client(), stop, slots.holding), stop=stop)
     threading.Thread(target=swarm.claim_loop, args=(conf, client(), slots, stop, identity, slots.loops),
                      name="claim", daemon=True).start()
     return client
@@ -207,8 +207,8 @@ def parse_args(argv):
     p.add_argument("--json-out", metavar="FILE")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, pond.db) and print its path")
     p.add_argument("--max-pending", type=int, metavar="N", help="passed to `swarm.py serve` as --max-pending and "
-                   "--max-pending-per-address (default: 4 x --workers): every worker keeps its heartbeat connection "
-                   "open between beats, and the fleet's workers all come from one address")
+                   "--max-pending-per-address (default: 4 x --workers; 0: serve's own defaults): every busy worker keeps "
+                   "its heartbeat connection open between beats, and the fleet's workers all come from one address")
     p.add_argument("--worker-lost-after", type=float, metavar="S", help="passed to `swarm.py serve`: workers "
                    "heartbeat every S / 2.5 s (default: serve's own, 10 s)")
     p.add_argument("--profile", metavar="DIR", help="run pond and the orchestrator under `py-spy record` and "
@@ -232,8 +232,8 @@ def run(args):
     tmp = tempfile.mkdtemp(prefix="pond-bench-workers-")
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
-    pending = args.max_pending or 4 * args.workers
-    serve_args = ("--max-pending", str(pending), "--max-pending-per-address", str(pending))
+    pending = 4 * args.workers if args.max_pending is None else args.max_pending
+    serve_args = ("--max-pending", str(pending), "--max-pending-per-address", str(pending)) if pending else ()
     serve_args += ("--worker-lost-after", f"{args.worker_lost_after:g}") if args.worker_lost_after else ()
     pool = bench.BenchPool(tmp, workers=0, profile_dir=args.profile, serve_args=serve_args)
     code = 0

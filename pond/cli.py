@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import shlex
+import sqlite3
 import sys
 import time
 import uuid
@@ -18,7 +19,9 @@ from pathlib import Path
 from pond import __version__
 from pond.client import Client
 from pond.errors import PondError
-from pond.settings import DB_FILE, DEFAULT_STATE_DIR, client_settings, read_private, server_settings
+from pond.health import storage_failure
+from pond.settings import (DB_FILE, DEFAULT_STATE_DIR, client_settings, env_number, env_setting, read_private,
+                           server_settings)
 
 EXIT_CANCELLED = 130
 RETRY_FOR = 10.0        # s the CLI waits for a pond that is down or busy before it gives up (exit 3)
@@ -40,7 +43,8 @@ EXAMPLES = """examples:
 def _client(args):
     token = read_private(args.token_file) if args.token_file else None
     s = client_settings(args.pond, args.state_dir, token, os.environ, ca_file=args.ca_file)
-    retry_for = args.retry_for if args.retry_for is not None else float(os.environ.get("POND_RETRY_FOR", RETRY_FOR))
+    retry_for = args.retry_for if args.retry_for is not None else env_number(os.environ, "POND_RETRY_FOR", float,
+                                                                             RETRY_FOR)
     return Client(s.url, s.token, s.timeout, s.ca_file, retry_for=retry_for)
 
 
@@ -105,7 +109,7 @@ def cmd_serve(args):
 
 def cmd_up(args):
     from pond.up import up
-    state = args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR
+    state = args.state_dir or env_setting(os.environ, "POND_STATE_DIR", DEFAULT_STATE_DIR)
     return up(state, args.bind, args.tags, args.capabilities, args.concurrency)
 
 
@@ -428,7 +432,7 @@ def cmd_verify(args):
     from pond.attestation import verify_job
     from pond.settings import database_url
     from pond.store import Store
-    state = Path(args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
+    state = Path(args.state_dir or env_setting(os.environ, "POND_STATE_DIR", DEFAULT_STATE_DIR))
     database = database_url(args.database, os.environ)
     if not database and not (state / DB_FILE).exists():
         raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir (or --database URL)",
@@ -1024,6 +1028,13 @@ def main(argv=None):
         if e.hint:
             print(f"hint: {e.hint}", file=sys.stderr)
         return getattr(e, "exit_code", 2 if e.code in ("usage", "config") else 1)
+    except (OSError, sqlite3.Error) as e:
+        if storage_failure(e) is None:
+            raise
+        print(f"error: storage unavailable: cannot write pond's state now: {storage_failure(e)}", file=sys.stderr)
+        print("hint: free space on the disk of the state dir (--state-dir), or fix it; then run this again",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return EXIT_CANCELLED
     except BrokenPipeError:

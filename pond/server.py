@@ -167,9 +167,9 @@ def route(method, path):
             if m == method:
                 return who, fn, match.groupdict()
             allowed.append(m)
-    if allowed:
-        raise MethodNotAllowed(f"{method} is not allowed on {path[:100]}", "allowed: " + ", ".join(allowed))
-    raise NotFound(f"no such endpoint: {path[:100]}", "see specs/protocol.md for the endpoints")
+    if allowed:        # the path may carry a code or token (.../enrollment/{code}/...): never echoed
+        raise MethodNotAllowed(f"{method} is not allowed on {_clean(path)[:100]}", "allowed: " + ", ".join(allowed))
+    raise NotFound(f"no such endpoint: {_clean(path)[:100]}", "see specs/protocol.md for the endpoints")
 
 
 def _clean(text):
@@ -373,16 +373,26 @@ class Handler(BaseHTTPRequestHandler):
                               "report it with pond's log around this time").to_json()
 
     def _request(self, method):
-        body = self._body()           # first, so an error answer never leaves a body unread on the connection
+        """Route and authenticate on the head alone, then read the body: a client without a token
+        cannot hold a thread with a slow body (specs/protocol.md §1.1). Until the body is read,
+        an error answer closes the connection (the unread body would be taken for a request)."""
+        length, keep = self._length(), self.close_connection
+        self.close_connection = keep or bool(length)
         parts = urlsplit(self.path)
         who, fn, params = route(method, parts.path)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        req = Request(method, parts.path, params, query, self.headers, body,
-                      alive=lambda: not peer_gone(self.connection))
+        principal = None
         if who == "admin":
             self._check_admin()
         elif who == "orch":
-            req.principal = pairing.authenticate(self.pond, self.headers.get("Authorization"))
+            principal = pairing.authenticate(self.pond, self.headers.get("Authorization"))
+        s = self.pond.settings                  # an open route's body is small: it gets the head's time
+        raw = self._read_exactly(length, s.request_timeout if who else s.head_timeout) if length else None
+        self.close_connection = keep
+        body = None if raw is None else self._json(raw)
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        req = Request(method, parts.path, params, query, self.headers, body,
+                      alive=lambda: not peer_gone(self.connection))
+        req.principal = principal
         return fn, req
 
     def _check_admin(self):
@@ -394,13 +404,14 @@ class Handler(BaseHTTPRequestHandler):
             raise Forbidden("the admin token is not valid", "use the token in pond's <state-dir>/admin-token",
                             code="token_invalid")
 
-    def _body(self):
+    def _length(self):
+        """The body's length as the head gives it (0: none), or refused before any of it is read."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise BadRequest("chunked request bodies are not accepted", "send a Content-Length")
         raw_length = self.headers.get("Content-Length")
         if raw_length is None:
-            return None
+            return 0
         if not (raw_length.isascii() and raw_length.isdigit()):
             self.close_connection = True
             raise BadRequest("Content-Length is not a number")
@@ -408,9 +419,10 @@ class Handler(BaseHTTPRequestHandler):
         if length > self.pond.settings.max_body:
             raise PayloadTooLarge(f"request body of {length} bytes is over the {self.pond.settings.max_body} limit",
                                   "send output in chunks of at most 1 MiB")
-        if length == 0:
-            return None
-        raw = self._read_exactly(length)
+        return length
+
+    @staticmethod
+    def _json(raw):
         try:
             value = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -419,15 +431,15 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest("request body is JSON null", "send a JSON object, or no body")
         return value
 
-    def _read_exactly(self, length):
-        """Read the body within request_timeout in total, not per recv: a trickling client cannot hold a thread."""
-        deadline = time.monotonic() + self.pond.settings.request_timeout
+    def _read_exactly(self, length, seconds):
+        """Read the body within `seconds` in total, not per recv: a trickling client cannot hold a thread."""
+        deadline = time.monotonic() + seconds
         parts, got = [], 0
         while got < length:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.close_connection = True
-                raise BadRequest(f"request body not received within {self.pond.settings.request_timeout:g} s",
+                raise BadRequest(f"request body not received within {seconds:g} s",
                                  "send the whole body promptly", code="request_timeout")
             self.connection.settimeout(remaining)
             try:
@@ -517,6 +529,11 @@ class Waiting:
     events: int = selectors.EVENT_READ
 
 
+def expendable(w):
+    """Which waiting connection the caps close first: an idle kept-alive one, the longest idle."""
+    return not w.idle, w.deadline
+
+
 class HeadReader:
     """One thread that reads request heads, so that a connection takes a thread and one of
     max_connections only once it has sent a whole head (specs/protocol.md §1.1).
@@ -525,9 +542,10 @@ class HeadReader:
     A kept-alive one comes back here after each answer and may wait request_timeout for its
     next request, whose head must then arrive within head_timeout of its first byte. At most
     max_pending connections wait here, max_pending_per_address of them from one address;
-    admitting one more closes the waiting connection whose deadline comes first (it had the
-    least time left anyway). A slow client thus costs a socket and a buffer, never a thread,
-    and cannot keep out a client that sends its head at once.
+    admitting one more closes an idle kept-alive one first (the longest idle: its client just
+    connects again), else the one whose deadline comes first (it had the least time left
+    anyway). A slow client thus costs a socket and a buffer, never a thread, and cannot keep
+    out a client that sends its head at once.
     """
 
     def __init__(self, settings, ready, close):
@@ -604,9 +622,9 @@ class HeadReader:
                         bytearray(data), idle=not data)
         same = [o for o in self._waiting.values() if o.address[0] == address[0]]
         if len(same) >= self.s.max_pending_per_address:
-            self._drop(min(same, key=lambda o: o.deadline), evicted=True)
+            self._drop(min(same, key=expendable), evicted=True)
         if len(self._waiting) >= self.s.max_pending:
-            self._drop(min(self._waiting.values(), key=lambda o: o.deadline), evicted=True)
+            self._drop(min(self._waiting.values(), key=expendable), evicted=True)
         try:
             sock.setblocking(False)
             self._selector.register(sock, selectors.EVENT_READ, w)

@@ -127,27 +127,49 @@ def read_private(path):
     return path.read_text().strip()
 
 
+def env_setting(env, name, default=None):
+    """The environment setting `name`, or `default` when it is unset. One set but empty (or blank) is
+    refused: it would silently mean the default, and a number could not be read from it."""
+    value = env.get(name)
+    if value is None:
+        return default
+    if not value.strip():
+        raise ConfigError(f"{name} is set but empty", f"give {name} a value, or unset it: unset {name}")
+    return value
+
+
+def env_number(env, name, kind, default):
+    """A numeric environment setting (float or int), else `default`; text that is not one is refused."""
+    value = env_setting(env, name, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}={str(value)[:40]!r} is not a {'whole ' if kind is int else ''}number",
+                          f"give {name} a number, or unset it") from None
+
+
 def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None, access_log=False,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
                     log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
                     max_pending_per_address=None, database=None):
-    host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
-    state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
+    host, port = parse_bind(bind or env_setting(env, "POND_BIND", DEFAULT_BIND))
+    state = Path(state_dir or env_setting(env, "POND_STATE_DIR", DEFAULT_STATE_DIR)).resolve()
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     token = _server_admin_token(host, state, env, admin_token_file)
     tls_cert, tls_key = _server_tls(host, tls_cert, tls_key, insecure_no_tls)
-    hold = float(poll_hold if poll_hold is not None else env.get("POND_POLL_HOLD", DEFAULT_POLL_HOLD))
+    hold = float(poll_hold) if poll_hold is not None else env_number(env, "POND_POLL_HOLD", float, DEFAULT_POLL_HOLD)
     if not 0 < hold <= MAX_POLL_HOLD:
         raise ConfigError(f"poll hold {hold} s is out of range", f"give a value in (0, {MAX_POLL_HOLD:g}]")
-    lease = float(lease if lease is not None else env.get("POND_LEASE", LEASE))
+    lease = float(lease) if lease is not None else env_number(env, "POND_LEASE", float, LEASE)
     if not 2 <= lease <= 3600:
         raise ConfigError(f"lease {lease} s is out of range", "give a value from 2 to 3600 (default 60)")
-    attempts = int(max_attempts if max_attempts is not None else env.get("POND_MAX_ATTEMPTS", MAX_ATTEMPTS))
+    attempts = int(max_attempts) if max_attempts is not None else env_number(env, "POND_MAX_ATTEMPTS", int,
+                                                                              MAX_ATTEMPTS)
     if not 1 <= attempts <= 100:
         raise ConfigError(f"max attempts {attempts} is out of range", "give a value from 1 to 100 (default 3)")
-    cap = int(log_cap if log_cap is not None else env.get("POND_LOG_CAP", LOG_CAP))
+    cap = int(log_cap) if log_cap is not None else env_number(env, "POND_LOG_CAP", int, LOG_CAP)
     if not MIN_LOG_CAP <= cap <= MAX_LOG_CAP:
         raise ConfigError(f"log cap {cap} bytes is out of range", f"give {MIN_LOG_CAP} to {MAX_LOG_CAP} (default 4 MiB)")
     timeout = float(request_timeout if request_timeout is not None else REQUEST_TIMEOUT)
@@ -167,7 +189,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           poll_hold=hold, access_log=access_log, request_timeout=timeout,
                           tls_cert=tls_cert, tls_key=tls_key,
                           credential_key=_credential_key(state, env, credential_key_file),
-                          allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1",
+                          allow_unsigned=allow_unsigned or env_setting(env, "POND_ALLOW_UNSIGNED_RESULTS") == "1",
                           lease=lease, max_attempts=attempts, log_cap=cap,
                           require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
                           head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address,
@@ -180,7 +202,7 @@ def database_url(flag, env, name="--database"):
     A password in the flag is refused: `ps` shows every process's arguments to every user of the
     host. The environment is private to pond's user, and so are PGPASSWORD and a .pgpass file.
     """
-    url = flag or env.get("POND_DATABASE_URL") or ""
+    url = flag or env_setting(env, "POND_DATABASE_URL", "")
     if not url:
         return ""
     where = name if flag else "POND_DATABASE_URL"
@@ -202,7 +224,7 @@ def database_url(flag, env, name="--database"):
 
 def _env_flag(env, name):
     """A true/false environment setting; anything else is refused rather than guessed."""
-    value = env.get(name, "").strip().lower()
+    value = env_setting(env, name, "").strip().lower()
     if value not in ("", "true", "false", "1", "0"):
         raise ConfigError(f"{name}={env[name][:40]!r} is not true or false", f"set {name}=true or unset it")
     return value in ("true", "1")
@@ -211,7 +233,7 @@ def _env_flag(env, name):
 def _credential_key(state, env, key_file):
     """The key credentials are encrypted under: the operator's file, else one pond keeps in its state dir."""
     from pond.credentials import KEY_FILE, load_key
-    given = key_file or env.get("POND_CREDENTIAL_KEY_FILE")
+    given = key_file or env_setting(env, "POND_CREDENTIAL_KEY_FILE")
     return load_key(Path(given), create=False) if given else load_key(state / KEY_FILE, create=True)
 
 
@@ -234,7 +256,7 @@ def _server_tls(host, cert, key, insecure_no_tls):
 def _server_admin_token(host, state, env, token_file):
     if token_file:
         return read_private(token_file)
-    if env.get("POND_ADMIN_TOKEN"):
+    if env_setting(env, "POND_ADMIN_TOKEN"):
         return env["POND_ADMIN_TOKEN"]
     path = state / ADMIN_TOKEN_FILE
     if path.exists():
@@ -251,21 +273,21 @@ def _server_admin_token(host, state, env, token_file):
 
 def client_settings(url, state_dir, token, env, timeout=30.0, ca_file=None):
     """Find pond and its admin token: flags, then POND_URL/POND_ADMIN_TOKEN, then the state dir."""
-    state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
-    url = url or env.get("POND_URL") or _endpoint_url(state)
+    state = Path(state_dir or env_setting(env, "POND_STATE_DIR", DEFAULT_STATE_DIR))
+    url = url or env_setting(env, "POND_URL") or _endpoint_url(state)
     if not url:
         raise ConfigError(
             f"cannot find pond: no --pond, no POND_URL, and no {state / ENDPOINT_FILE}",
             "start one with `pond up`, or pass --pond URL (or --state-dir DIR of a running pond)",
         )
-    token = token or env.get("POND_ADMIN_TOKEN") or _state_token(state)
+    token = token or env_setting(env, "POND_ADMIN_TOKEN") or _state_token(state)
     if not token:
         raise ConfigError(
             f"no admin token: no --token, no POND_ADMIN_TOKEN, and no {state / ADMIN_TOKEN_FILE}",
             "pass --token-file FILE, set POND_ADMIN_TOKEN, or point --state-dir at pond's state dir",
         )
     return ClientSettings(url=url.rstrip("/"), token=token, state_dir=state, timeout=timeout,
-                          ca_file=ca_file or env.get("POND_CA_FILE") or "")
+                          ca_file=ca_file or env_setting(env, "POND_CA_FILE", ""))
 
 
 def _endpoint_url(state):
