@@ -99,17 +99,20 @@ def verify_envelope(ed25519_public, envelope):
     return statement
 
 
-def _subject_digests(subject):
-    """{"stdout": hex, "stderr": hex} from the statement's subject list, which must name each exactly once."""
+def _subject_digests(subject, artifacts=False):
+    """{"stdout": hex, "stderr": hex} from the statement's subject list, which must name each exactly once;
+    with `artifacts`, also {name: hex} of each artifact it names (changes.patch, work/...), once each."""
+    from pond.artifacts import NAME_RE
     out = {}
     for item in subject if isinstance(subject, list) else [None]:
         name = item.get("name") if isinstance(item, dict) else None
         digest = item.get("digest") if isinstance(item, dict) else None
-        if name not in SUBJECT_NAMES or name in out or not isinstance(digest, dict) \
-                or not isinstance(digest.get("sha256"), str):
-            raise refused("the subject must list stdout and stderr once each, with a sha256 digest")
+        known = name in SUBJECT_NAMES or (artifacts and isinstance(name, str) and NAME_RE.match(name))
+        if not known or name in out or not isinstance(digest, dict) or not isinstance(digest.get("sha256"), str):
+            raise refused("the subject must list stdout and stderr once each, with a sha256 digest, and "
+                          "artifacts once each")
         out[name] = digest["sha256"]
-    if len(out) != len(SUBJECT_NAMES):
+    if not all(name in out for name in SUBJECT_NAMES):
         raise refused("the subject must list stdout and stderr once each, with a sha256 digest")
     return out
 
@@ -154,14 +157,16 @@ NOTHING_DROPPED = {"stdout": 0, "stderr": 0}
 
 
 def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None, outcome=None,
-                    dropped=None, sandbox=None):
+                    dropped=None, sandbox=None, source=None, artifacts=False):
     """-> the predicate, once the statement is about this job, attempt, worker, output and outcome.
 
     stdout and stderr are the output pond holds for the attempt, as bytes. Give `command`
     (the job's argv) to check the command digest too, and `outcome`, the (state, exit_code,
     error) reported with the envelope, to check it is the signed one, and `dropped`, the bytes
     the log cap left out as reported, to check those too, and `sandbox`, the job's stored block,
-    to check the worker says it was asked for exactly that one. A valid signature is
+    to check the worker says it was asked for exactly that one. `source` ({sha256, size} of the
+    job's bundle, or None) must be the signed one; with `artifacts`, subjects other than stdout and
+    stderr may name artifacts (the caller checks their digests). A valid signature is
     not enough: an attestation of another job or attempt, replayed by an orchestrator, is
     signed too.
     """
@@ -179,7 +184,7 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
         raise refused(f"the statement is for attempt {repr(got)[:20]}, not {attempt}")
     if predicate.get("worker_fingerprint") != fingerprint:
         raise refused("the statement names another worker fingerprint")
-    digests = _subject_digests(statement.get("subject"))
+    digests = _subject_digests(statement.get("subject"), artifacts)
     for name, data in (("stdout", stdout), ("stderr", stderr)):
         if digests[name] != hashlib.sha256(data).hexdigest():
             raise refused(f"{name} does not match the signed digest")
@@ -188,6 +193,8 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
         raise refused("the command does not match the signed command digest")
     if sandbox is not None:
         _check_sandbox(predicate.get("sandbox"), sandbox)
+    if predicate.get("source") != source:
+        raise refused("the signed source is not the job's (its bundle's sha256 and size)")
     signed = _signed_outcome(predicate)        # checked even with no outcome: a result has ended
     if outcome is not None:
         _check_outcome(signed, outcome)
@@ -210,7 +217,26 @@ def verify_job(store, job_id):
         raise refused(f"worker {job['worker_id']} has no pinned key in this store")
     statement = verify_envelope(base64.b64decode(worker["ed25519_public"]), job["attestation"])
     output = store.output(job_id, job["attempt"])
+    source = job["source"] and {"sha256": job["source"]["sha256"], "size": job["source"]["size"]}
     check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"], output["stderr"],
                     command=job["command"], outcome=(job["state"], job["exit_code"], job["error"]),
-                    dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"])
+                    dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"], source=source, artifacts=True)
+    _check_artifacts(store, job, statement)
     return job, worker, statement
+
+
+def _check_artifacts(store, job, statement):
+    """The artifacts pond recorded are exactly those signed, and each stored file still has its digest."""
+    from pond.bundles import FileBlobs
+    signed = {s["name"]: s["digest"]["sha256"] for s in statement["subject"] if s["name"] not in SUBJECT_NAMES}
+    recorded = {a["name"]: a["sha256"] for a in job["outputs"] or []}
+    if signed != recorded:
+        raise refused("the artifacts pond recorded are not the ones the worker signed")
+    blobs = FileBlobs(store.dir / "blobs")
+    for name, digest in signed.items():
+        try:
+            ok = blobs.sha256(f"artifacts/{job['id']}/{job['attempt']}/{name}") == digest
+        except OSError:
+            ok = False
+        if not ok:
+            raise refused(f"artifact {name} as stored does not match its signed sha256")

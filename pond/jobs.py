@@ -13,7 +13,7 @@ import re
 import time
 from enum import Enum
 
-from pond import credentials, matching, sandbox, tokens, wire
+from pond import artifacts, bundles, credentials, matching, sandbox, tokens, wire
 from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound, PondError
 from pond.settings import MAX_LOG_CAP, MIN_LOG_CAP
 
@@ -41,7 +41,7 @@ TRANSITIONS = {
 
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
-                 "cancel_grace", "log_cap", "retries")
+                 "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap")
 MAX_RETRIES = 10
 MAX_SUBMIT_BATCH = 1000      # jobs in one POST /v1/jobs of a list (the body's 4 MiB bounds it too)
 DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeout
@@ -69,7 +69,7 @@ def transition(store, job, to_state, **fields):
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
-                     "cancel_grace", "log_cap", "retries")
+                     "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap")
 
 
 def submit(pond, req):
@@ -133,6 +133,9 @@ def _validated(pond, body):
         "log_cap": wire.number(body.get("log_cap"), "log_cap", MIN_LOG_CAP, MAX_LOG_CAP, integer=True,
                                default=pond.settings.log_cap),
         "retries": wire.number(body.get("retries"), "retries", 0, MAX_RETRIES, integer=True, default=0),
+        "source": bundles.source_of(pond, body.get("source")),
+        "artifacts": artifacts.patterns(body.get("artifacts")),
+        "artifact_cap": artifacts.cap(body.get("artifact_cap")),
     }
 
 
@@ -141,7 +144,7 @@ def _store(pond, job, key):
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
     earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"],
-                                                               sealed=bool(job["credential"])), key, request_hash)
+                                                               sealed=bool(job["credential"] or job["source"])), key, request_hash)
     if earlier is not None:
         if earlier["request_hash"] != request_hash:
             raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",
@@ -149,7 +152,7 @@ def _store(pond, job, key):
         return 200, earlier
     return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                      worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
-                     dropped=None, retries_left=job["retries"])
+                     dropped=None, retries_left=job["retries"], outputs=None)
 
 
 def _credential(pond, name):
@@ -236,7 +239,9 @@ def view(pond, row, explain=True):
     out = {k: row[k] for k in ("id", "name", "state", "command", "env", "tags", "capabilities", "sandbox",
                                "timeout", "attempt", "exit_code", "error", "created_at", "assigned_at",
                                "started_at", "finished_at", "credential", "cancel_grace", "log_cap", "dropped",
-                               "retries_left")}
+                               "retries_left", "artifacts", "artifact_cap", "outputs")}
+    out["artifacts"] = out["artifacts"] or []
+    out["source"] = row["source"] and {k: row["source"][k] for k in ("bundle", "sha256", "size")}
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
     out["cancel_requested"] = bool(row["cancel_requested"])

@@ -27,7 +27,7 @@ from pathlib import Path
 from pond.errors import StorageUnavailable
 from pond.health import cleared, storage_failure, warn_once
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairing_codes (
@@ -111,7 +111,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     retries_left     INTEGER NOT NULL DEFAULT 0,
     tried            TEXT,
     idempotency_key  TEXT,
-    request_hash     TEXT
+    request_hash     TEXT,
+    source           TEXT,
+    artifacts        TEXT,
+    artifact_cap     INTEGER,
+    outputs          TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, req_key, seq);
@@ -147,14 +151,43 @@ CREATE TABLE IF NOT EXISTS credentials (
     created_at   REAL NOT NULL,
     updated_at   REAL NOT NULL
 );
+-- Source bundles (pond/bundles.py): the ciphertext is in the blob store, its data key here,
+-- encrypted under the credential key. A one-time redeem token per attempt of a job with a source.
+CREATE TABLE IF NOT EXISTS bundles (
+    id          TEXT PRIMARY KEY,
+    sha256      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    received    INTEGER NOT NULL DEFAULT 0,
+    complete    INTEGER NOT NULL DEFAULT 0,
+    key_ct      BLOB NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS source_tokens (
+    job_id      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    token_hash  TEXT NOT NULL,
+    redeemed_at REAL,
+    PRIMARY KEY (job_id, attempt)
+);
+-- Artifacts a worker uploaded for an attempt (pond/artifacts.py), each a file in the blob store.
+CREATE TABLE IF NOT EXISTS artifacts (
+    job_id      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    received    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, attempt, name)
+);
 """
 
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
-                 "attestation", "env_names", "secret_names", "tried", "dropped")
+                 "attestation", "env_names", "secret_names", "tried", "dropped", "source", "artifacts", "outputs")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
 # opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3:
 # eviction; a job's credential, attestation, events, lease, cancel grace, log cap, retries and
-# idempotency key (and the credentials table, created above).
+# idempotency key (and the credentials table, created above). Schema 4: a job's source, artifact
+# patterns and cap, and the artifacts its result recorded (and the bundle and artifact tables).
 ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
@@ -162,9 +195,10 @@ ADDED_COLUMNS = {
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
              ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"),
              ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
-             ("request_hash", "TEXT")),
+             ("request_hash", "TEXT"), ("source", "TEXT"), ("artifacts", "TEXT"), ("artifact_cap", "INTEGER"),
+             ("outputs", "TEXT")),
 }
-_GROUP_OF_JOB = "req_key, tags, capabilities, COALESCE(credential, '') != ''"      # a queue_groups row
+_GROUP_OF_JOB = "req_key, tags, capabilities, (COALESCE(credential, '') != '' OR source IS NOT NULL)"      # a queue_groups row
 _GROUP_EMPTY = "NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND jobs.req_key = queue_groups.req_key)"
 MAX_EVENTS = 20           # per worker or job, newest last
 # What ending an attempt (lease expiry, eviction) needs to know of a job.
@@ -475,11 +509,14 @@ class Store:
             self._db.execute(
                 "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
                 " cancel_grace, log_cap, retries_left, created_at, credential, events, tried, idempotency_key,"
-                " request_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?)",
+                " request_hash, source, artifacts, artifact_cap)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?, ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
                  job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"],
-                 job["credential"], idempotency_key, request_hash))
+                 job["credential"], idempotency_key, request_hash,
+                 None if job.get("source") is None else _dump(job["source"]),
+                 _dump(job["artifacts"]) if job.get("artifacts") else None, job.get("artifact_cap")))
             self._add_group(job["id"])
             return None
 
@@ -495,6 +532,10 @@ class Store:
         """(command, sandbox) of a job: what a signed result must name (attestation.check_statement)."""
         row = self._one("SELECT command, sandbox FROM jobs WHERE id = ?", (job_id,))
         return row["command"], row["sandbox"]
+
+    def job_source(self, job_id):
+        """A job's source {bundle, sha256, size}, or None: a signed result names it too."""
+        return self._one("SELECT source FROM jobs WHERE id = ?", (job_id,))["source"]
 
     def add_job_event(self, job_id, event):
         """Keep an event on the job (a refused result, a seal) for its operator; the newest MAX_EVENTS."""
@@ -607,7 +648,7 @@ class Store:
             return True
 
     _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested", "attestation",
-                            "dropped"))
+                            "dropped", "outputs"))
 
     def update_job_state(self, job_id, from_state, to_state, fields):
         """Move a job from exactly `from_state` to `to_state`, setting fields; False if it was not there."""
@@ -685,3 +726,45 @@ class Store:
 
     def delete_credential(self, name):
         return self._write("DELETE FROM credentials WHERE name = ?", (name,)) == 1
+
+    # -- source bundles, redeem tokens, artifacts -------------------------------------------
+
+    def add_bundle(self, bundle_id, sha256, size, key_ct, now):
+        self._write("INSERT INTO bundles (id, sha256, size, key_ct, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (bundle_id, sha256, size, key_ct, now))
+
+    def bundle(self, bundle_id):
+        return self._one("SELECT * FROM bundles WHERE id = ?", (bundle_id,))
+
+    def bundle_received(self, bundle_id, received, complete):
+        self._write("UPDATE bundles SET received = ?, complete = ? WHERE id = ?", (received, int(complete), bundle_id))
+
+    def delete_bundle(self, bundle_id):
+        self._write("DELETE FROM bundles WHERE id = ?", (bundle_id,))
+
+    def add_source_token(self, job_id, attempt, token_hash):
+        self._write("INSERT OR REPLACE INTO source_tokens (job_id, attempt, token_hash) VALUES (?, ?, ?)",
+                    (job_id, attempt, token_hash))
+
+    def source_token(self, job_id, attempt):
+        return self._one("SELECT * FROM source_tokens WHERE job_id = ? AND attempt = ?", (job_id, attempt))
+
+    def redeem_source_token(self, job_id, attempt, now):
+        """Mark the attempt's token redeemed -> False if it was already (a token redeems once)."""
+        return self._write("UPDATE source_tokens SET redeemed_at = ? WHERE job_id = ? AND attempt = ?"
+                           " AND redeemed_at IS NULL", (now, job_id, attempt)) == 1
+
+    def artifact(self, job_id, attempt, name):
+        return self._one("SELECT * FROM artifacts WHERE job_id = ? AND attempt = ? AND name = ?",
+                         (job_id, attempt, name))
+
+    def artifacts_of(self, job_id, attempt):
+        return self._all("SELECT * FROM artifacts WHERE job_id = ? AND attempt = ? ORDER BY name", (job_id, attempt))
+
+    def add_artifact(self, job_id, attempt, name, size, sha256):
+        self._write("INSERT OR REPLACE INTO artifacts (job_id, attempt, name, size, sha256) VALUES (?, ?, ?, ?, ?)",
+                    (job_id, attempt, name, size, sha256))
+
+    def artifact_received(self, job_id, attempt, name, received):
+        self._write("UPDATE artifacts SET received = ? WHERE job_id = ? AND attempt = ? AND name = ?",
+                    (received, job_id, attempt, name))
