@@ -99,3 +99,237 @@ def test_a_source_goes_to_work_and_its_changes_come_back_as_a_patch_that_applies
     verified = pond.cli("verify", job_id)
     assert verified.returncode == 0, verified.stderr
     assert names["changes.patch"]["sha256"] in verified.stdout and names["work/out/report.txt"]["sha256"] in verified.stdout
+
+
+@pytest.fixture
+def root_dir(tmp_path):
+    from sandboxing import prepare_root_dirs
+    d = prepare_root_dirs(tmp_path)
+    yield d
+    import shutil
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_a_write_job_under_bwrap_edits_its_own_copy_and_a_read_job_gets_no_patch(pool, tmp_path, root_dir):
+    """As root, each slot runs as its own uid: the unpacked tree is that uid's, /work is writable
+    for untrusted-code-write and read-only for untrusted-code-read (which hands back no patch)."""
+    from sandboxing import sandbox, start_worker
+    if os.getuid() != 0:
+        pytest.skip("the slot uids need a root worker")
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    worker = start_worker(root_dir, tmp_path, pond, orch, "root", capabilities="sandbox.bwrap",
+                          extra=("--slot-uids", str(300_000_000 + 256 * (os.getpid() % 100_000))))
+    pool.procs.append(worker)
+    repo = make_repo(tmp_path / "repo")
+    source = {"bundle": bundles.upload(pond.client, *_packed(repo, tmp_path))}
+    job = pond.submit([JOB_PY, "-c", EDIT], sandbox=sandbox("untrusted-code-write"), source=source)
+    done = pond.wait_job(job["id"], timeout=60)
+    assert done["state"] == "done", done
+    assert [a["name"] for a in done["outputs"]] == ["changes.patch"], done
+    patch = pond.cli("artifacts", job["id"], "--get", "changes.patch").stdout
+    assert "+alpha, edited" in patch and "new file mode 100644" in patch and "deleted file mode" in patch, patch
+    read = pond.submit([JOB_PY, "-c", "import pathlib; print(pathlib.Path('/work/a.txt').read_text()); "
+                        "pathlib.Path('/work/a.txt').write_text('x')"], sandbox=sandbox("untrusted-code-read"),
+                       source=source)
+    ended = pond.wait_job(read["id"], timeout=60)
+    assert ended["state"] == "failed" and ended["outputs"] is None, ended
+    out = pond.output(read["id"])
+    assert out["stdout"] == b"alpha\n\n" and b"Read-only file system" in out["stderr"], out
+    assert pond.cli("verify", job["id"]).returncode == 0
+
+
+def _packed(repo, tmp_path):
+    packed = bundles.pack_and_encrypt(repo, tmp_path / "bundle")
+    return tmp_path / "bundle", packed["key"], packed["sha256"], packed["size"]
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+def _pinned_orchestrator(pond, n=1):
+    """A paired orchestrator spoken to by the test, with `n` online pinned workers whose private
+    keys the test holds -> (token, [(worker_id, fingerprint, x25519 private raw)])."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+    token = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["token"]
+    workers = []
+    for _ in range(n):
+        x, e = x25519.X25519PrivateKey.generate(), ed25519.Ed25519PrivateKey.generate()
+        status, w = pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed",
+                             {"tags": [], "x25519_public": base64.b64encode(x.public_key().public_bytes_raw()).decode(),
+                              "ed25519_public": base64.b64encode(e.public_key().public_bytes_raw()).decode()},
+                             token=token)
+        assert status == 201 and w["pinned"], w
+        workers.append((w["worker_id"], w["fingerprint"], x.private_bytes_raw()))
+    pond.api("POST", "/v1/orch/workers/snapshot", {"workers": [
+        {"id": w[0], "online": True, "capabilities": ["sandbox.process"]} for w in workers]}, token=token)
+    return token, workers
+
+
+def _claim(pond, token):
+    status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)
+    assert status == 200 and answer["jobs"], answer
+    return answer["jobs"][0]
+
+
+def _redeem(pond, orch_token, job, **body):
+    body = dict({"attempt": job["attempt"], "token": job["source"]["token"]}, **body)
+    return pond.api("POST", f"/v1/orch/jobs/{job['job_id']}/source", body, token=orch_token,
+                    headers={"X-Claim-Token": job["claim_token"]})
+
+
+def test_the_claim_carries_a_one_time_token_the_key_opens_for_that_attempt_only(pool, tmp_path):
+    pond = pool.pond()
+    token, [(w1, fp1, key1), (w2, fp2, key2)] = _pinned_orchestrator(pond, 2)
+    repo = make_repo(tmp_path / "repo")
+    path, data_key, sha256, size = _packed(repo, tmp_path)
+    job = pond.submit(["true"], source={"bundle": bundles.upload(pond.client, path, data_key, sha256, size)})
+    first = _claim(pond, token)
+    assert set(first["source"]) == {"token", "sha256", "size"} and first["source"]["sha256"] == sha256, first
+    key_of = {w1: key1, w2: key2}
+    fp_of = {w1: fp1, w2: fp2}
+    status, answer = _redeem(pond, token, first)
+    assert status == 200 and answer["sha256"] == sha256 and answer["size"] == size, answer
+    spec = bundles.sealing.job_spec(first["command"], first["env"], first["sandbox"], {"sha256": sha256, "size": size})
+    assert bundles.open_key(key_of[first["worker"]], answer["sealed"], job["id"], 1, fp_of[first["worker"]],
+                            spec) == data_key
+    other = next(w for w in key_of if w != first["worker"])
+    with pytest.raises(Exception, match="could not be unsealed"):      # not for the other worker's key
+        bundles.open_key(key_of[other], answer["sealed"], job["id"], 1, fp_of[other], spec)
+    status, again = _redeem(pond, token, first)
+    assert status == 409 and again["error"]["code"] == "token_used", again
+    status, wrong = _redeem(pond, token, first, token="x" * 32)
+    assert status == 403 and wrong["error"]["code"] == "token_invalid", wrong
+    status, stale = _redeem(pond, token, first, attempt=2)
+    assert status == 409 and stale["error"]["code"] == "stale_attempt", stale
+    status, piece = pond.api("POST", f"/v1/orch/jobs/{job['id']}/source/read",
+                             {"attempt": 1, "token": first["source"]["token"], "offset": 0}, token=token,
+                             headers={"X-Claim-Token": first["claim_token"]})
+    assert status == 200 and base64.b64decode(piece["data"]) == path.read_bytes()[:bundles.PIECE], piece
+    # Attempt 2 (the first worker evicted) gets a token of its own; attempt 1's does not redeem it.
+    pond.api("POST", f"/v1/admin/pool/workers/{first['worker']}/evict", {})
+    second = _claim(pond, token)
+    assert second["attempt"] == 2 and second["source"]["token"] != first["source"]["token"], second
+    status, old = _redeem(pond, token, second, token=first["source"]["token"])
+    assert status == 403 and old["error"]["code"] == "token_invalid", old
+    status, fresh = _redeem(pond, token, second)
+    assert status == 200, fresh
+    with pytest.raises(Exception, match="could not be unsealed"):      # attempt 1's info does not open it
+        bundles.open_key(key_of[second["worker"]], fresh["sealed"], job["id"], 1, fp_of[second["worker"]], spec)
+
+
+def test_a_source_job_never_goes_to_an_unpinned_worker(pool, tmp_path):
+    pond = pool.pond(extra=("--allow-unsigned-results",))
+    token = pond.bare_orchestrator()            # its one worker has no keys
+    plain = pond.submit(["true"])
+    repo = make_repo(tmp_path / "repo")
+    job = pond.submit(["true"], source={"bundle": bundles.upload(pond.client, *_packed(repo, tmp_path))})
+    status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 2}, token=token)
+    assert [j["job_id"] for j in answer["jobs"]] == [plain["id"]], answer
+    status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 1}, token=token)
+    assert answer["jobs"] == [], answer
+    waiting = pond.job(job["id"])["waiting"]["reason"]
+    assert "none with pinned keys" in waiting and "source" in waiting, waiting
+
+
+def test_a_bundle_altered_in_pond_fails_the_job_before_it_runs(pool, tmp_path):
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)
+    repo = make_repo(tmp_path / "repo")
+    bundle_id = bundles.upload(pond.client, *_packed(repo, tmp_path))
+    blob = pond.state_dir / "blobs" / "bundles" / bundle_id
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 1
+    blob.write_bytes(bytes(data))
+    job = pond.submit([JOB_PY, "-c", "print('ran')"], source={"bundle": bundle_id})
+    done = pond.wait_job(job["id"], timeout=30)
+    assert done["state"] == "failed" and "sha256" in done["error"], done
+    assert pond.output(job["id"])["stdout"] == b""
+
+
+def test_an_upload_that_does_not_match_its_sha256_is_dropped(pool, tmp_path):
+    pond = pool.pond()
+    repo = make_repo(tmp_path / "repo")
+    path, key, sha256, size = _packed(repo, tmp_path)
+    status, bundle = pond.api("POST", "/v1/bundles", {"key": base64.b64encode(key).decode(), "sha256": "0" * 64,
+                                                      "size": size})
+    assert status == 201, bundle
+    status, body = pond.api("POST", f"/v1/bundles/{bundle['id']}/parts",
+                            {"offset": 0, "data": base64.b64encode(path.read_bytes()).decode()})
+    assert status == 400 and body["error"]["code"] == "bundle_invalid", body
+    status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "sandbox": {"profile": "none"},
+                                                 "source": {"bundle": bundle["id"]}})
+    assert status == 404, body
+
+
+def test_an_artifact_over_the_cap_fails_the_job_and_pond_refuses_one_too(pool, tmp_path):
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)
+    job = pond.submit([JOB_PY, "-c", "open('big.bin', 'wb').write(b'x' * 5000); open('ok.txt', 'w').write('ok')"],
+                      artifacts=["big.bin", "ok.txt"], artifact_cap=4096)
+    done = pond.wait_job(job["id"], timeout=30)
+    assert done["state"] == "failed" and "over the job's artifact cap of 4096" in done["error"], done
+    assert done["outputs"] is None and done["exit_code"] == 0
+    other = pool.pond()                      # no worker of its own: the test speaks its orchestrator's side
+    token, _ = _pinned_orchestrator(other)
+    other.submit(["true"], artifacts=["x"], artifact_cap=1024)
+    claimed = _claim(other, token)
+    status, body = other.api("POST", f"/v1/orch/jobs/{claimed['job_id']}/artifacts",
+                            {"attempt": 1, "name": "work/x", "size": 2048, "sha256": "0" * 64, "offset": 0,
+                             "data": ""}, token=token, headers={"X-Claim-Token": claimed["claim_token"]})
+    assert status == 413 and body["error"]["code"] == "artifact_too_large", body
+
+
+# -- unpacking, on archives made to hurt ------------------------------------------------------
+
+def _archive(tmp_path, *members):
+    """A gzip'd tar of (TarInfo, data or None) -> its path."""
+    path = tmp_path / "evil.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def _member(name, kind=tarfile.REGTYPE, mode=0o644, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.linkname = kind, mode, linkname
+    return info
+
+
+@pytest.mark.parametrize("members, says", [
+    ([(_member("../escape.txt"), b"x")], "'..'"),
+    ([(_member("a/../../escape.txt"), b"x")], "'..'"),
+    ([(_member("/etc/escape.txt"), b"x")], "absolute"),
+    ([(_member("up", tarfile.SYMTYPE, linkname="../outside"), None)], "points out"),
+    ([(_member("abs", tarfile.SYMTYPE, linkname="/etc/passwd"), None)], "points out"),
+    ([(_member("here", tarfile.SYMTYPE, linkname="."), None),
+      (_member("here/out", tarfile.SYMTYPE, linkname="../x"), None)], "behind another link"),
+    ([(_member("f"), b"x"), (_member("hard", tarfile.LNKTYPE, linkname="f"), None)], "not a file"),
+    ([(_member("dev", tarfile.CHRTYPE), None)], "not a file"),
+    ([(_member("fifo", tarfile.FIFOTYPE), None)], "not a file"),
+    ([(_member("suid", mode=0o4755), b"x")], "setuid"),
+    ([(_member(f"f{i}"), b"") for i in range(11)], "more than 10 entries"),
+    ([(_member("big"), b"x" * 600), (_member("big2"), b"x" * 600)], "more than 1000 bytes"),
+])
+def test_an_archive_that_reaches_out_or_is_too_big_is_refused(tmp_path, members, says):
+    dest = tmp_path / "work"
+    dest.mkdir()
+    with pytest.raises(swarm.SwarmError, match=says):
+        swarm.extract_source(_archive(tmp_path, *members), dest, max_files=10, max_bytes=1000)
+    assert not (tmp_path / "escape.txt").exists() and not (tmp_path / "x").exists()
+
+
+def test_an_archive_within_the_rules_unpacks_with_modes_and_inner_links(tmp_path):
+    dest = tmp_path / "work"
+    dest.mkdir()
+    files, size = swarm.extract_source(_archive(
+        tmp_path, (_member("d", tarfile.DIRTYPE, 0o755), None), (_member("d/run.sh", mode=0o775), b"#!/bin/sh\n"),
+        (_member("link", tarfile.SYMTYPE, linkname="d/run.sh"), None),
+        (_member("d/up", tarfile.SYMTYPE, linkname="../link"), None)), dest)
+    assert (files, size) == (4, 10)
+    assert (dest / "d" / "run.sh").stat().st_mode & 0o777 == 0o755      # no group or other write
+    assert (dest / "d" / "up").read_bytes() == b"#!/bin/sh\n"
