@@ -2555,7 +2555,9 @@ class Pool:
         (specs/bundles.md §5): pond never dials out, so the orchestrator carries them both ways. The
         data key travels sealed to the worker; the bundle and the artifacts are what they are."""
         job = self.held_job(session, job_id, claim_token)
-        if not isinstance(body, dict) or body.get("attempt") != job["attempt"] or isinstance(body["attempt"], bool):
+        if not isinstance(body, dict) or "attempt" not in body:
+            raise HttpError(400, "bad_request", f"{what}: a JSON object with attempt", "see specs/bundles.md §5")
+        if body["attempt"] != job["attempt"] or isinstance(body["attempt"], bool):
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop the job")
         try:
             return self.pond.call("POST", f"/v1/orch/jobs/{job_id}/{what}", body,

@@ -259,10 +259,10 @@ def create(pond, req):
 
 def put_part(pond, req):
     """POST /v1/bundles/{id}/parts {offset, data}: the next piece; the last one checks the digest."""
-    row = _find(pond, req.params["id"])
     body = wire.obj(req.body, "part", ("offset", "data"), ("offset", "data"))
     offset = wire.number(body["offset"], "offset", 0, 2**53, integer=True)
     data = wire.b64decode(body["data"], "data")
+    row = _find(pond, req.params["id"])
     if row["complete"]:
         raise Conflict(f"bundle {row['id']} is complete", "submit the job with it", code="bundle_complete")
     if offset != row["received"] or not data or offset + len(data) > row["size"]:
