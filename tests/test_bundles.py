@@ -333,3 +333,53 @@ def test_an_archive_within_the_rules_unpacks_with_modes_and_inner_links(tmp_path
     assert (files, size) == (4, 10)
     assert (dest / "d" / "run.sh").stat().st_mode & 0o777 == 0o755      # no group or other write
     assert (dest / "d" / "up").read_bytes() == b"#!/bin/sh\n"
+
+
+# -- the stream format, on the vectors of specs/bundles.md §7 --------------------------------------
+
+VECTORS = json.loads((Path(__file__).resolve().parents[1] / "specs" / "vectors" / "bundles.json").read_text())
+KEY = bytes.fromhex(VECTORS["key_hex"])
+
+
+def _ciphertext(n):
+    out = io.BytesIO()
+    bundles.encrypt(KEY, io.BytesIO(bytes(i % 251 for i in range(n))), out)
+    return out.getvalue()
+
+
+def _both_decrypt(ct):
+    """(pond's plaintext, swarm's plaintext), or the error each raised."""
+    got = []
+    for decrypt in (bundles.decrypt, swarm.decrypt_bundle):
+        out = io.BytesIO()
+        try:
+            decrypt(KEY, io.BytesIO(ct), out, len(ct))
+            got.append(out.getvalue())
+        except Exception as e:           # noqa: BLE001  (each side has its own error class)
+            got.append(e)
+    return got
+
+
+@pytest.mark.parametrize("case", VECTORS["valid"], ids=lambda c: f"{c['length']} bytes")
+def test_a_valid_vector_is_what_pond_writes_and_both_sides_open(case):
+    ct = _ciphertext(case["length"])
+    assert (len(ct), hashlib.sha256(ct).hexdigest()) == (case["size"], case["sha256"])
+    if "ciphertext_hex" in case:
+        assert ct.hex() == case["ciphertext_hex"]
+    plain = bytes(i % 251 for i in range(case["length"]))
+    assert _both_decrypt(ct) == [plain, plain]
+
+
+@pytest.mark.parametrize("case", VECTORS["refused"], ids=lambda c: c["what"])
+def test_a_refused_vector_opens_on_neither_side(case):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "specs" / "vectors"))
+    from make_bundles import edit
+    got = _both_decrypt(edit(_ciphertext(case["base"]), case["edit"]))
+    assert all(isinstance(e, Exception) for e in got), got
+
+
+def test_the_bundle_vectors_file_is_what_its_script_writes(tmp_path):
+    done = subprocess.run([sys.executable, "specs/vectors/make_bundles.py", str(tmp_path / "b.json")],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "b.json").read_text()) == VECTORS
