@@ -143,8 +143,9 @@ def _store(pond, job, key):
     """Insert a validated job: -> (201, its row), or (200, the job stored earlier under `key`)."""
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
-    earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"],
-                                                               sealed=bool(job["credential"] or job["source"])), key, request_hash)
+    pinned_only = bool(job["credential"] or job["source"] or job["artifacts"])     # sealed to, or signed by, a key
+    earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"], sealed=pinned_only),
+                                 key, request_hash)
     if earlier is not None:
         if earlier["request_hash"] != request_hash:
             raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",

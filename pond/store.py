@@ -198,7 +198,8 @@ ADDED_COLUMNS = {
              ("request_hash", "TEXT"), ("source", "TEXT"), ("artifacts", "TEXT"), ("artifact_cap", "INTEGER"),
              ("outputs", "TEXT")),
 }
-_GROUP_OF_JOB = "req_key, tags, capabilities, (COALESCE(credential, '') != '' OR source IS NOT NULL)"      # a queue_groups row
+_GROUP_OF_JOB = ("req_key, tags, capabilities,"
+                 " (COALESCE(credential, '') != '' OR source IS NOT NULL OR artifacts IS NOT NULL)")      # a queue_groups row
 _GROUP_EMPTY = "NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND jobs.req_key = queue_groups.req_key)"
 MAX_EVENTS = 20           # per worker or job, newest last
 # What ending an attempt (lease expiry, eviction) needs to know of a job.

@@ -99,6 +99,12 @@ def test_a_source_goes_to_work_and_its_changes_come_back_as_a_patch_that_applies
     verified = pond.cli("verify", job_id)
     assert verified.returncode == 0, verified.stderr
     assert names["changes.patch"]["sha256"] in verified.stdout and names["work/out/report.txt"]["sha256"] in verified.stdout
+    stored = pond.state_dir / "blobs" / "artifacts" / job_id / "1" / "work" / "out" / "report.txt"
+    stored.write_text("all bad\n")                 # changed on pond's disk after it was recorded
+    tampered = pond.cli("verify", job_id)
+    assert tampered.returncode != 0 and "work/out/report.txt" in tampered.stderr, tampered.stderr
+    got = pond.cli("artifacts", job_id, "--get", "work/out/report.txt")
+    assert got.returncode != 0 and "does not match the sha256 its worker signed" in got.stderr, got.stderr
 
 
 @pytest.fixture
