@@ -4773,7 +4773,7 @@ GIT_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c"
             "-c", "core.autocrlf=false", "-c", "core.symlinks=true", "-c", "core.quotepath=false")
 
 
-def ask(orch, job, what, body, cancel):
+def ask_pond(orch, job, what, body, cancel):
     """POST /v1/worker/jobs/{id}/{what} through the orchestrator, again while it or pond is away
     -> the answer; SwarmError when refused or cancelled."""
     backoff = Backoff()
@@ -4783,7 +4783,7 @@ def ask(orch, job, what, body, cancel):
                              headers={"X-Claim-Token": job["claim_token"]}, timeout=90)
         except Refused as e:
             if not e.retryable:
-                raise SwarmError(clean(e.message), clean(e.hint)) from None
+                raise Refused(e.status, e.code, clean(e.message), clean(e.hint)) from None
         except Unreachable:
             pass
         cancel.wait(backoff.next())
@@ -4886,7 +4886,7 @@ def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
     source = job["source"]
     if not isinstance(source.get("size"), int) or not 0 < source["size"] <= MAX_BUNDLE:
         raise SwarmError(f"the source bundle's size is not 1 to {MAX_BUNDLE} bytes", "send a smaller tree")
-    answer = ask(orch, job, "source", {"token": source["token"]}, cancel)
+    answer = ask_pond(orch, job, "source", {"token": source["token"]}, cancel)
     spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"),
                     {"sha256": source["sha256"], "size": source["size"]})
     try:
@@ -4897,7 +4897,7 @@ def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
     digest, got = hashlib.sha256(), 0
     with open(scratch / "bundle", "wb") as f:
         while got < source["size"]:
-            piece = ask(orch, job, "source/read", {"token": source["token"], "offset": got}, cancel)
+            piece = ask_pond(orch, job, "source/read", {"token": source["token"], "offset": got}, cancel)
             data = base64.b64decode(piece.get("data") or "")
             if not data or got + len(data) > source["size"]:
                 raise SwarmError("the source bundle is not the size its assignment says", "submit the job again")
@@ -4961,11 +4961,17 @@ def declared_artifacts(job, work):
 def upload_artifact(job, orch, cancel, name, data):
     """One artifact to pond through the orchestrator, in pieces -> its sha256 hex."""
     sha = hashlib.sha256(data).hexdigest()
-    offset = 0
+    offset, again = 0, True
     while True:
         piece = data[offset:offset + PIECE]
-        ask(orch, job, "artifacts", {"name": name, "size": len(data), "sha256": sha, "offset": offset,
-                                     "data": b64(piece)}, cancel)
+        try:
+            ask_pond(orch, job, "artifacts", {"name": name, "size": len(data), "sha256": sha, "offset": offset,
+                                              "data": b64(piece)}, cancel)
+        except Refused as e:          # a piece stored whose answer was lost: start the artifact again, once
+            if e.code != "offset_mismatch" or not again:
+                raise
+            offset, again = 0, False
+            continue
         offset += len(piece)
         if offset >= len(data):
             return sha

@@ -103,8 +103,9 @@ def main(argv=None):
     for step in ("pack_encrypt", "upload", "decrypt", "unpack"):
         print(f"{step:14} {results[step + '_s']:6.2f} s  {mb / results[step + '_s']:7.1f} MB/s (of the tree)")
     median = lambda xs: xs[len(xs) // 2]  # noqa: E731
-    print(f"job (true) submit -> done: median {median(results['job_s']):.2f} s without the source, "
-          f"{median(results['job_with_source_s']):.2f} s with it (+{median(results['job_with_source_s']) - median(results['job_s']):.2f} s)")
+    plain, with_source = median(results["job_s"]), median(results["job_with_source_s"])
+    print(f"job (true) submit -> done: median {plain:.2f} s without the source, {with_source:.2f} s with it "
+          f"(+{with_source - plain:.2f} s)")
     print(json.dumps(results, separators=(",", ":")))
 
 

@@ -16,7 +16,8 @@ from pond.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, StaleAt
 
 PATCH = "changes.patch"
 # An artifact's name: changes.patch, or work/<path relative to /work>, plain characters only.
-NAME_RE = re.compile(r"^(?!.*/\.\.?(/|\Z)|.*//|.*/\Z)(changes\.patch|work/[A-Za-z0-9._+@=-][A-Za-z0-9._+@=/-]{0,250})\Z")
+NAME_RE = re.compile(r"^(?!.*/\.\.?(/|\Z)|.*//|.*/\Z)"
+                     r"(changes\.patch|work/[A-Za-z0-9._+@=-][A-Za-z0-9._+@=/-]{0,250})\Z")
 PATTERN_RE = re.compile(r"^(?!(.*/)?\.\.(/|\Z))[A-Za-z0-9._+@=*?\[\]/-]{1,200}\Z")
 MAX_PATTERNS = 32
 MAX_ARTIFACTS = 64                     # per attempt

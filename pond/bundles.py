@@ -1,12 +1,12 @@
 """Source bundles: the code a job works on, packed by the client, kept encrypted, sealed to one worker.
 
-    client ── pack DIR (tar.gz) ── encrypt (fresh data key, STREAM) ──▶ POST /v1/bundles {key, size, sha256}
-                                                                        POST /v1/bundles/{id}/parts {offset, data}
+    client ── pack DIR (tar.gz), encrypt (fresh data key) ──▶ POST /v1/bundles {key, size, sha256}
+                                                              POST /v1/bundles/{id}/parts {offset, data}
     client ── POST /v1/jobs {..., source: {bundle}} ──▶ the job records {sha256, size} (in its spec)
     claim  ── the assignment carries source {token, sha256, size}: a one-time token per attempt
-    worker ──▶ orchestrator ── POST /v1/orch/jobs/{id}/source {attempt, token} ──▶ the data key sealed to the
-                                   worker's pinned key, for this job, attempt and spec (redeems the token)
-    worker ──▶ orchestrator ── POST /v1/orch/jobs/{id}/source/read {attempt, token, offset} ──▶ 1 MiB pieces
+    worker ──▶ orch ── POST /v1/orch/jobs/{id}/source {attempt, token} ──▶ the data key, sealed to the
+                           worker's pinned key for this job, attempt and spec (the token redeems once)
+    worker ──▶ orch ── POST /v1/orch/jobs/{id}/source/read {attempt, token, offset} ──▶ 1 MiB pieces
 
 pond never dials out: the worker reaches pond through its orchestrator, as reports and seals do.
 The ciphertext lives in a blob store (files under the state dir; the interface is small so
