@@ -4770,7 +4770,8 @@ PATCH_NAME = "changes.patch"
 # git as the worker runs it on a job's tree: no hooks, no fsmonitor, no config but ours (GIT_DIR is
 # the worker's own, so the tree's .git/config and includes are never read), any owner of the tree.
 GIT_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "safe.directory=*",
-            "-c", "core.autocrlf=false", "-c", "core.symlinks=true", "-c", "core.quotepath=false")
+            "-c", "core.autocrlf=false", "-c", "core.symlinks=true", "-c", "core.quotepath=false",
+            "-c", "core.looseCompression=0")                  # a throwaway object store: hash, do not deflate
 
 
 def ask_pond(orch, job, what, body, cancel):
