@@ -4830,7 +4830,17 @@ def extract_source(archive, dest, uid=None, max_files=SOURCE_MAX_FILES, max_byte
     """Unpack a gzip'd tar into the empty directory `dest`, refusing whatever could reach out of it:
     absolute paths, `..`, links pointing out (or through another link), hard links, devices, fifos,
     setuid, setgid and sticky bits; at most `max_files` entries and `max_bytes` of file data.
-    Links are made last, so no file is ever written through one. -> (files, bytes)."""
+    Links are made last, so no file is ever written through one. -> (files, bytes); SwarmError."""
+    try:
+        return _unpack(archive, dest, uid, max_files, max_bytes)
+    except SwarmError:
+        raise
+    except Exception as e:      # noqa: BLE001  authenticated but untrusted bytes: whatever tarfile, gzip or zlib raise
+        raise SwarmError(f"the source archive cannot be unpacked: {e.__class__.__name__}: {clean(str(e), 120)}",
+                         "submit it again") from None
+
+
+def _unpack(archive, dest, uid, max_files, max_bytes):
     files, total, links = 0, 0, []
     with tarfile.open(archive, "r:gz") as tar:
         for m in tar:
@@ -4913,8 +4923,6 @@ def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
     (scratch / "bundle").unlink()
     try:
         return extract_source(scratch / "source.tar.gz", dest, uid)
-    except (OSError, EOFError, ValueError) as e:        # tarfile's own errors are these too
-        raise SwarmError(f"the source archive cannot be unpacked: {clean(str(e), 120)}", "submit it again") from None
     finally:
         (scratch / "source.tar.gz").unlink()
 
@@ -4925,7 +4933,10 @@ def git_tree(work, scratch, *args):
            "GIT_DIR": str(scratch / "git"), "GIT_WORK_TREE": str(work), "GIT_INDEX_FILE": str(scratch / "index"),
            "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1",
            "GIT_TERMINAL_PROMPT": "0"}
-    done = subprocess.run(["git", *GIT_SAFE, *args], cwd=work, env=env, capture_output=True, timeout=600)
+    try:
+        done = subprocess.run(["git", *GIT_SAFE, *args], cwd=work, env=env, capture_output=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SwarmError(f"git {args[0]} on the job's tree: {clean(str(e), 120)}", "see the worker's log") from None
     if done.returncode != 0:
         raise SwarmError(f"git {args[0]} failed on the job's tree: {clean(done.stderr.decode(errors='replace'), 200)}",
                          "see the worker's log")

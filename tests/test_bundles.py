@@ -389,3 +389,12 @@ def test_the_bundle_vectors_file_is_what_its_script_writes(tmp_path):
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "b.json").read_text()) == VECTORS
+
+
+def test_an_archive_that_is_not_gzip_or_tar_is_refused_with_a_reason(tmp_path):
+    dest = tmp_path / "work"
+    dest.mkdir()
+    for name, data in (("garbage", b"not an archive at all"), ("bad-deflate", b"\x1f\x8b\x08\x00" + b"\xff" * 64)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(swarm.SwarmError):
+            swarm.extract_source(tmp_path / name, dest)
