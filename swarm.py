@@ -4767,6 +4767,8 @@ SOURCE_MAX_FILES = 100_000                # entries of a source archive
 SOURCE_MAX_BYTES = 4 * 1024 * 1024 * 1024  # bytes of its files, unpacked
 PIECE = 1024 * 1024                       # bytes of a bundle read or an artifact upload in one request
 PATCH_NAME = "changes.patch"
+GIT_URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+=,/-]*)?\Z")     # as pond's
+GIT_REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])\Z")
 # git as the worker runs it on a job's tree: no hooks, no fsmonitor, no config but ours (GIT_DIR is
 # the worker's own, so the tree's .git/config and includes are never read), any owner of the tree.
 GIT_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "safe.directory=*",
@@ -4789,6 +4791,15 @@ def ask_pond(orch, job, what, body, cancel):
             pass
         cancel.wait(backoff.next())
     raise SwarmError("cancelled", "the job was cancelled while its files moved")
+
+
+def source_spec(source):
+    """What of an assignment's source its spec and its signed result bind: a bundle's sha256 and size
+    (never the token), or a git URL and ref."""
+    if not source:
+        return None
+    return {"git": source["git"], "ref": source["ref"]} if "git" in source else \
+        {"sha256": source["sha256"], "size": source["size"]}
 
 
 def decrypt_bundle(key, src, dst, size):
@@ -4898,8 +4909,7 @@ def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
     if not isinstance(source.get("size"), int) or not 0 < source["size"] <= MAX_BUNDLE:
         raise SwarmError(f"the source bundle's size is not 1 to {MAX_BUNDLE} bytes", "send a smaller tree")
     answer = ask_pond(orch, job, "source", {"token": source["token"]}, cancel)
-    spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"),
-                    {"sha256": source["sha256"], "size": source["size"]})
+    spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), source_spec(source))
     try:
         key = hpke_open(signer.keys.sealing, answer.get("sealed"), seal_info(
             job["job_id"], job["attempt"], signer.fingerprint, spec, BUNDLE_SEAL_PREFIX))
@@ -4927,20 +4937,56 @@ def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
         (scratch / "source.tar.gz").unlink()
 
 
-def git_tree(work, scratch, *args):
+def git_tree(work, scratch, *args, git_dir=None, index="index", config=()):
     """Run git on the job's tree with the worker's own git dir and index (GIT_SAFE) -> stdout bytes."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(scratch), "LC_ALL": "C",
-           "GIT_DIR": str(scratch / "git"), "GIT_WORK_TREE": str(work), "GIT_INDEX_FILE": str(scratch / "index"),
+           "GIT_DIR": str(git_dir or scratch / "git"), "GIT_INDEX_FILE": str(scratch / index),
            "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1",
-           "GIT_TERMINAL_PROMPT": "0"}
+           "GIT_TERMINAL_PROMPT": "0", **({"GIT_WORK_TREE": str(work)} if work else {})}     # None: a bare mirror
     try:
-        done = subprocess.run(["git", *GIT_SAFE, *args], cwd=work, env=env, capture_output=True, timeout=600)
+        done = subprocess.run(["git", *GIT_SAFE, *config, *args], cwd=work or scratch, env=env, capture_output=True,
+                              timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise SwarmError(f"git {args[0]} on the job's tree: {clean(str(e), 120)}", "see the worker's log") from None
+        raise SwarmError(f"git {args[0]}: {clean(str(e), 120)}", "see the worker's log") from None
     if done.returncode != 0:
-        raise SwarmError(f"git {args[0]} failed on the job's tree: {clean(done.stderr.decode(errors='replace'), 200)}",
+        raise SwarmError(f"git {args[0]} failed: {clean(done.stderr.decode(errors='replace'), 200)}",
                          "see the worker's log")
     return done.stdout
+
+
+def fetch_git(job, repo_root, work, scratch, policy, uid=None):
+    """A git source: fetched into this worker's bare mirror of the repository under --repo-root (one
+    per URL, kept for the next job), through an egress proxy of the job's policy, then its ref
+    checked out into the job's work tree. The job never sees the mirror. -> the commit id."""
+    url, ref = job["source"]["git"], job["source"]["ref"]
+    if not GIT_URL_RE.match(url) or not GIT_REF_RE.match(ref):
+        raise SwarmError("the git source's URL or ref is not one pond would take", "check the assignment's source")
+    mirrors = Path(repo_root) / "mirrors"
+    mirrors.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mirror = mirrors / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".git")
+    listener = socket.create_server(("127.0.0.1", 0))
+    proxy = EgressProxy(listener, policy, lambda d: log.info("job %s git fetch: %s", job["job_id"], json.dumps(d)))
+    proxy.start()
+    config = ("-c", f"http.proxy=http://127.0.0.1:{listener.getsockname()[1]}", "-c", "protocol.allow=never",
+              "-c", "protocol.http.allow=always", "-c", "protocol.https.allow=always")
+    try:
+        with open(mirrors / (mirror.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)            # one fetch into a mirror at a time
+            if not mirror.exists():
+                git_tree(None, scratch, "init", "-q", "--bare", git_dir=mirror)
+            git_tree(None, scratch, "fetch", "--quiet", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*",
+                     "+refs/tags/*:refs/tags/*", git_dir=mirror, config=config)
+            commit = git_tree(None, scratch, "rev-parse", "--verify", "--end-of-options", ref + "^{commit}",
+                              git_dir=mirror).decode().strip()
+            git_tree(work, scratch, "read-tree", commit, git_dir=mirror, index="checkout")
+            git_tree(work, scratch, "checkout-index", "-a", "-f", git_dir=mirror, index="checkout")
+    finally:
+        proxy.close()
+    if uid is not None:
+        for root, dirs, names in os.walk(work):
+            for name in dirs + names:
+                os.lchown(os.path.join(root, name), uid, uid)
+    return commit
 
 
 def baseline(work, scratch):
@@ -5011,13 +5057,16 @@ def hand_back(job, orch, cancel, work, scratch, tree):
     return out
 
 
-def receive_source(job, signer, orch, cancel, slot, scratch, writable):
-    """Before the job starts: its source unpacked into the slot's work tree, and for a tree the job
-    may write, the baseline changes.patch is made against -> that tree's id, or None."""
+def receive_source(job, signer, orch, cancel, slot, scratch, writable, repo_root, policy):
+    """Before the job starts: its source unpacked or checked out into the slot's work tree, and for a
+    tree the job may write, the baseline changes.patch is made against -> that tree's id, or None."""
     fresh_dir(scratch)
     if not job.get("source"):
         return None
-    fetch_source(job, signer, orch, cancel, slot.work, scratch, slot.uid)
+    if "git" in job["source"]:
+        fetch_git(job, repo_root, slot.work, scratch, policy, slot.uid)
+    else:
+        fetch_source(job, signer, orch, cancel, slot.work, scratch, slot.uid)
     return baseline(slot.work, scratch) if writable else None
 
 
@@ -5203,7 +5252,7 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
             worker_fingerprint=signer.fingerprint, state=state, exit_code=exit_code, error=error or None,
             started_at=started_at or now, finished_at=now, stdout=hashes["stdout"], stderr=hashes["stderr"],
             dropped=output.dropped if output is not None else None, artifacts=artifacts,
-            source=job.get("source") and {"sha256": job["source"]["sha256"], "size": job["source"]["size"]})
+            source=source_spec(job.get("source")))
         fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
     reporter.state(job, state, **fields)
 
@@ -5252,7 +5301,7 @@ def unsealed_env(job, signer, orch, cancel):
     else:
         return None, "cancelled before its credential was sealed"
     try:
-        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"))
+        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), source_spec(job.get("source")))
         return unseal_env(signer.keys.sealing, answer.get("sealed"), job["job_id"], job["attempt"],
                           signer.fingerprint, spec), None
     except SwarmError as e:
@@ -5298,7 +5347,8 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
             finish(job, reporter, signer, "cancelled", error="cancelled before it started")
             return
         try:
-            tree = receive_source(job, signer, orch, cancel, slot, scratch, conf["profile"] != "untrusted-code-read")
+            tree = receive_source(job, signer, orch, cancel, slot, scratch, conf["profile"] != "untrusted-code-read",
+                                  s.repo_root, (egress or EgressPolicy()).with_hosts(conf["allow_hosts"]))
         except SwarmError as e:
             finish(job, reporter, signer, "cancelled" if cancel.is_set() else "failed", error=f"source: {e.message}")
             return

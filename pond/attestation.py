@@ -217,7 +217,8 @@ def verify_job(store, job_id):
         raise refused(f"worker {job['worker_id']} has no pinned key in this store")
     statement = verify_envelope(base64.b64decode(worker["ed25519_public"]), job["attestation"])
     output = store.output(job_id, job["attempt"])
-    source = job["source"] and {"sha256": job["source"]["sha256"], "size": job["source"]["size"]}
+    from pond.bundles import spec_source
+    source = spec_source(job["source"])
     check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"], output["stderr"],
                     command=job["command"], outcome=(job["state"], job["exit_code"], job["error"]),
                     dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"], source=source, artifacts=True)

@@ -41,6 +41,8 @@ KEY_AAD = b"pond-bundle-key-v1\x00"  # at rest: the data key under the credentia
 SEAL_PREFIX = b"pond-bundle-seal-v1\x00"   # the HPKE info prefix of a sealed data key (specs/bundles.md §4)
 BUNDLE_ID_RE = re.compile(r"^b_[A-Za-z0-9_-]{1,60}\Z")
 HEX64_RE = re.compile(r"^[0-9a-f]{64}\Z")
+GIT_URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+=,/-]*)?\Z")
+GIT_REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])\Z")
 
 
 # -- the stream format (specs/bundles.md §2) -------------------------------------------
@@ -298,9 +300,16 @@ def _find(pond, bundle_id):
 
 
 def source_of(pond, value):
-    """A job's `source` at submit: {"bundle": id} of a complete bundle -> {bundle, sha256, size}."""
+    """A job's `source` at submit: {"bundle": id} of a complete bundle -> {bundle, sha256, size};
+    or {"git": URL, "ref": REF}, which the worker fetches itself (specs/bundles.md §8)."""
     if value is None:
         return None
+    if isinstance(value, dict) and "git" in value:
+        value = wire.obj(value, "source", ("git", "ref"), ("git", "ref"))
+        return {"git": wire.string(value["git"], "source.git", 500, GIT_URL_RE,
+                                   "an http(s)://host[:port]/path URL without user or password"),
+                "ref": wire.string(value["ref"], "source.ref", 200, GIT_REF_RE,
+                                   "a branch, a tag or a commit id: letters, digits, . _ / -, no .., not -first")}
     value = wire.obj(value, "source", ("bundle",), ("bundle",))
     bundle_id = wire.string(value["bundle"], "source.bundle", 64, BUNDLE_ID_RE, "the id POST /v1/bundles answered")
     row = _find(pond, bundle_id)
@@ -311,8 +320,13 @@ def source_of(pond, value):
 
 
 def spec_source(source):
-    """What of a job's source its spec binds (sealing.job_spec): the digest and the size, never the token."""
-    return None if source is None else {"sha256": source["sha256"], "size": source["size"]}
+    """What of a job's source its spec binds (sealing.job_spec): the digest and the size, never the token;
+    of a git source, its URL and ref."""
+    if source is None:
+        return None
+    if "git" in source:
+        return {"git": source["git"], "ref": source["ref"]}
+    return {"sha256": source["sha256"], "size": source["size"]}
 
 
 # -- the claim, the redeem, the reads -----------------------------------------------------------

@@ -247,7 +247,9 @@ def _files(pond, job):
     """The assignment's source (a one-time redeem token, the digest and size: never the bundle itself)
     and artifact patterns (specs/bundles.md §5)."""
     out = {}
-    if job.get("source"):
+    if job.get("source") and "git" in job["source"]:
+        out["source"] = {"git": job["source"]["git"], "ref": job["source"]["ref"]}     # the worker fetches it
+    elif job.get("source"):
         out["source"] = {"token": bundles.token_for(pond, job["id"], job["attempt"] + 1),
                          "sha256": job["source"]["sha256"], "size": job["source"]["size"]}
     if job.get("artifacts") or job.get("source"):

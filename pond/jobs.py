@@ -242,7 +242,7 @@ def view(pond, row, explain=True):
                                "started_at", "finished_at", "credential", "cancel_grace", "log_cap", "dropped",
                                "retries_left", "artifacts", "artifact_cap", "outputs")}
     out["artifacts"] = out["artifacts"] or []
-    out["source"] = row["source"] and {k: row["source"][k] for k in ("bundle", "sha256", "size")}
+    out["source"] = row["source"] and dict(row["source"])
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
     out["cancel_requested"] = bool(row["cancel_requested"])

@@ -398,3 +398,93 @@ def test_an_archive_that_is_not_gzip_or_tar_is_refused_with_a_reason(tmp_path):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(swarm.SwarmError):
             swarm.extract_source(tmp_path / name, dest)
+
+
+# -- git sources: fetched by the worker through its egress proxy into a mirror it keeps ------------------
+
+@pytest.fixture
+def git_server(tmp_path):
+    """A bare repository of make_repo's tree served over git's dumb HTTP protocol on 127.0.0.1 -> (url, repo)."""
+    import functools
+    import http.server
+    import threading
+    repo = make_repo(tmp_path / "upstream")
+    bare = tmp_path / "served" / "repo.git"
+    subprocess.run(["git", "clone", "-q", "--bare", str(repo), str(bare)], check=True, env=GIT_ENV)
+    git(bare, "update-server-info")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "served"))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/repo.git", repo
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def test_a_git_source_is_fetched_into_a_mirror_checked_out_and_its_changes_come_back(pool, tmp_path, git_server):
+    url, repo = git_server
+    port = url.split(":")[2].split("/")[0]
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    worker = pool.worker(pond, orch, extra=("--egress-allow", "127.0.0.1", "--egress-allow-loopback", "127.0.0.1",
+                                            "--egress-ports", port))
+    job = pond.submit([JOB_PY, "-c", EDIT], source={"git": url, "ref": "master"})
+    done = pond.wait_job(job["id"], timeout=60)
+    assert done["state"] == "done", done
+    assert "'a.txt', 'gone.txt', 'main-link', 'src', 'src/main.py', 'src/run.sh'" in pond.output(job["id"])["stdout"].decode()
+    mirrors = list((worker.state_dir / "checkouts" / "mirrors").glob("*.git"))
+    assert len(mirrors) == 1, mirrors
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", url, str(clone)], check=True, env=GIT_ENV)
+    applied = pond.cli("artifacts", job["id"], "--apply", "--dir", str(clone))
+    assert applied.returncode == 0, applied.stderr
+    assert (clone / "a.txt").read_text() == "alpha, edited\n" and not (clone / "gone.txt").exists()
+    assert pond.cli("verify", job["id"]).returncode == 0
+    # The next job on the same repository fetches into the same mirror; a ref that is not there fails it.
+    again = pond.wait_job(pond.submit(["true"], source={"git": url, "ref": "master"})["id"], timeout=60)
+    assert again["state"] == "done" and list((worker.state_dir / "checkouts" / "mirrors").glob("*.git")) == mirrors
+    missing = pond.wait_job(pond.submit(["true"], source={"git": url, "ref": "no-such-branch"})["id"], timeout=60)
+    assert missing["state"] == "failed" and "rev-parse" in missing["error"], missing
+
+
+def test_a_git_source_on_a_host_the_egress_policy_refuses_fails_the_job(pool, git_server):
+    url, _ = git_server
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)                     # the default egress policy: no loopback, port 443 only
+    done = pond.wait_job(pond.submit(["true"], source={"git": url, "ref": "master"})["id"], timeout=60)
+    assert done["state"] == "failed" and "source: git fetch failed" in done["error"], done
+
+
+def test_a_credential_sealed_for_a_job_with_a_source_opens_on_its_worker(pool, tmp_path):
+    """The source is part of the spec the credential is sealed for: both sides must bind it alike."""
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch)
+    status, _ = pond.api("POST", "/v1/admin/credentials", {"name": "llm", "secrets": {"LLM_KEY": "sk-bundle-test"}})
+    assert status == 201
+    repo = make_repo(tmp_path / "repo")
+    job = pond.submit([JOB_PY, "-c", "import os; print(os.environ['LLM_KEY'][-4:], open('a.txt').read())"],
+                      credential="llm", source={"bundle": bundles.upload(pond.client, *_packed(repo, tmp_path))})
+    done = pond.wait_job(job["id"], timeout=30)
+    assert done["state"] == "done", done
+    assert pond.output(job["id"])["stdout"] == b"test alpha\n\n"
+
+
+@pytest.mark.parametrize("source, says", [
+    ({"git": "file:///etc", "ref": "main"}, "source.git"),
+    ({"git": "https://user:secret@example.org/r.git", "ref": "main"}, "source.git"),
+    ({"git": "ext::sh -c touch% /tmp/pwned", "ref": "main"}, "source.git"),
+    ({"git": "https://example.org/r.git", "ref": "--upload-pack=touch /tmp/pwned"}, "source.ref"),
+    ({"git": "https://example.org/r.git", "ref": "a/../b"}, "source.ref"),
+    ({"git": "https://example.org/r.git"}, "ref"),
+    ({"git": "https://example.org/r.git", "ref": "main", "bundle": "b_x"}, "bundle"),
+    ({"bundle": "b_unknown"}, "b_unknown"),
+    ({"bundle": "../x"}, "source.bundle"),
+])
+def test_a_source_pond_cannot_take_is_refused_at_submit(pool, source, says):
+    pond = pool.pond()
+    status, body = pond.api("POST", "/v1/jobs", {"command": ["true"], "sandbox": {"profile": "none"}, "source": source})
+    assert status in (400, 404) and says in body["error"]["message"] + body["error"]["hint"], body

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 5765
+MAX_LINES = 5815
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -59,7 +59,7 @@ SECTION_BUDGETS = {
     "Orchestrator: the two links to pond": 280, "Job proxies": 420, "Worker: identity and enrollment": 75,
     "Worker: reporting to the orchestrator": 100, "Sandbox: confining one job": 360, "Sandbox: starting a job": 480,
     "Sandbox providers": 200, "Sandbox slots": 290,
-    "Bundles and artifacts": 275, "Worker: running one job": 320, "Worker: the claim loop and slots": 200,
+    "Bundles and artifacts": 324, "Worker: running one job": 321, "Worker: the claim loop and slots": 200,
     "Operator commands: status, jobs, cancel": 78, "Command line": 157,
 }
 
