@@ -52,6 +52,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import gc
 import glob
 import hashlib
 import hmac
@@ -67,6 +68,7 @@ import resource
 import secrets
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -251,7 +253,7 @@ def write_private(path, text):
     os.replace(tmp, path)
 
 
-def read_private(path, what):
+def read_private(path, what, hint="pair first: swarm.py pair --pond URL --code CODE (writes backend-handle.json)"):
     path = Path(path)
     try:
         mode = path.stat().st_mode
@@ -259,8 +261,7 @@ def read_private(path, what):
             raise UsageError(f"{path} ({what}) is readable by group or others", f"run: chmod 600 {path}")
         return path.read_text()
     except FileNotFoundError:
-        raise UsageError(f"{path} ({what}) does not exist",
-                         "pair first: swarm.py pair --pond URL --code CODE (writes backend-handle.json)") from None
+        raise UsageError(f"{path} ({what}) does not exist", hint) from None
 
 
 def private_dir(path):
@@ -788,6 +789,29 @@ def client_tls_context(ca_file=None):
                          "--ca-file is a PEM file with the certificate of the CA that signed the server's") from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
+
+
+def _parse_response_headers(fp, _class=http.client.HTTPMessage):
+    """http.client.parse_headers without its email parser, which cost ~150 us a response here:
+    most of a small call's time in the worker and the orchestrator. Same limits (a line of
+    64 KiB, 100 lines); an obsolete folded line joins the header before it."""
+    msg, last = _class(), None
+    for _ in range(101):
+        line = fp.readline(65537)
+        if len(line) > 65536:
+            raise http.client.LineTooLong("header line")
+        if line in (b"\r\n", b"\n", b""):
+            return msg
+        text = line.decode("iso-8859-1").rstrip("\r\n")
+        if text[:1] in (" ", "\t") and last is not None:
+            msg.replace_header(last, msg[last] + " " + text.strip())
+            continue
+        last, _, value = text.partition(":")
+        msg[last] = value.strip()
+    raise http.client.HTTPException("got more than 100 headers")
+
+
+http.client.parse_headers = _parse_response_headers    # read at each response by HTTPResponse.begin
 
 
 class HttpClient:
@@ -1709,7 +1733,8 @@ def resolve_token(flag_value, token_file, env):
     if flag_value:
         return flag_value
     if token_file:
-        return read_private(token_file, "token file").strip()
+        return read_private(token_file, "token file", "give serve's --token-file, or set SWARM_TOKEN; make one: "
+                            "(umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > FILE)").strip()
     return env.get("SWARM_TOKEN") or ""
 
 
@@ -2173,8 +2198,9 @@ def deliver(client, path, outbox, stop, loop, peer):
         if status >= 500 or status == 429:
             return again(f"{peer} answered {status} {clean(error.get('code'), 40)} to a {msg['kind']} report: "
                          f"{clean(error.get('message'))}")
-        if status >= 300:
-            log.warning("%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
+        if status >= 300:       # stale_attempt, not_found: the attempt ended there (evicted, requeued): fencing
+            (log.info if error.get("code") in ("stale_attempt", "not_found") else log.warning)(
+                "%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
                         clean(error.get("message")), clean(error.get("code"), 40))
         outbox.pop(msg)
     loop.beat()
@@ -3640,6 +3666,7 @@ class Cgroups:
     def __init__(self, parents, version):
         self.parents, self.version = parents, version      # {controller: dir this worker owns}
         self.written = {}                                  # dir -> the limits last written there (v1 slots)
+        self.made = {}                                     # v1 slot name -> (limits, its dirs), as last made
 
     @classmethod
     def open(cls, tag):
@@ -3687,6 +3714,8 @@ class Cgroups:
         """The cgroup directories `name` runs in, with these limits written; -> [dir], the memory
         cgroup first. v1: a slot's for good, every controller (its spawner sits in them all),
         written only when the limits change; v2: the job's own."""
+        if self.version == 1 and self.made.get(name, (None,))[0] == limits:
+            return list(self.made[name][1])        # a slot's, as last made: its spawner in them keeps them there
         dirs = []
         for controller, parent in self.parents.items():
             if controller == "cpu" and self.version == 2 and limits["cpus"] >= (os.cpu_count() or 1):
@@ -3704,10 +3733,13 @@ class Cgroups:
                     _write_limits_v1(controller, d, limits)
             except OSError as e:
                 raise OSError(e.errno, f"cannot set the limits of cgroup {d} to {limits}: {e.strerror}") from None
+        if self.version == 1:
+            self.made[name] = (dict(limits), tuple(dirs))
         return dirs
 
     def remove(self):
         """At a clean stop: this worker's cgroups, which are empty by then."""
+        self.made.clear()
         for parent in self.parents.values():
             for d in [*parent.glob("*/"), parent]:
                 discard_cgroup(d)
@@ -3721,10 +3753,20 @@ def discard_cgroup(d):
 
 
 def _read(path):
+    """A small file of cgroupfs or /proc, or "" (os-level: a job's end reads a few of them)."""
     try:
-        return Path(path).read_text()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        parts = []
+        while chunk := os.read(fd, 65536):
+            parts.append(chunk)
+        return b"".join(parts).decode()
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 def _write_limits_v1(controller, d, limits):
@@ -3758,7 +3800,7 @@ def cgroup_pids(dirs, spare=()):
     will do): never the slot's spawner, which sits there (v1)."""
     pids = set()
     for d in dirs:
-        pids.update(int(p) for p in _read(Path(d) / "cgroup.procs").split())
+        pids.update(int(p) for p in _read(os.path.join(d, "cgroup.procs")).split())
     return pids - {os.getpid(), *spare}
 
 
@@ -3786,7 +3828,7 @@ def oom_kills(dirs):
     """How many processes the kernel has killed for their memory limit in the memory cgroup
     (the first of `dirs`: Cgroups.make puts it there), so far."""
     for name in ("memory.events", "memory.oom_control") if dirs else ():    # v2, v1
-        text = _read(Path(dirs[0]) / name)
+        text = _read(os.path.join(dirs[0], name))
         if text:
             return sum(int(value) for key, _, value in (line.partition(" ") for line in text.splitlines())
                        if key == "oom_kill" and value.strip().isdigit())
@@ -3835,9 +3877,10 @@ def _loopback_up():
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", flags | IFF_UP))
 
 
-def _landlock(dirs, abi):
+def _landlock_ruleset(dirs, abi):
     """Writes only under the job's own directories (and /dev/null); signals and abstract Unix
-    sockets scoped to the job (ABI 6). Reads stay open: `process` runs the unconfined profile."""
+    sockets scoped to the job (ABI 6). Reads stay open: `process` runs the unconfined profile.
+    -> the ruleset's fd (close-on-exec), made by the spawner before it forks."""
     rights = 0
     for version, added in LANDLOCK_WRITE_RIGHTS.items():
         rights |= added if abi >= int(version) else 0
@@ -3845,13 +3888,31 @@ def _landlock(dirs, abi):
     ruleset = _libc.syscall(LANDLOCK_CREATE_RULESET, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), 0)
     if ruleset < 0:
         _check(ruleset, "landlock_create_ruleset")
-    for path, allowed in [(d, rights) for d in dirs] + [("/dev/null", rights & LANDLOCK_FILE_RIGHTS)]:
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-        rule = struct.pack("=Qi", allowed, fd)
-        _check(_libc.syscall(LANDLOCK_ADD_RULE, ruleset, 1, ctypes.c_char_p(rule), 0), "landlock_add_rule")
-        os.close(fd)
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-    _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+    try:
+        for path, allowed in [(d, rights) for d in dirs] + [("/dev/null", rights & LANDLOCK_FILE_RIGHTS)]:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            try:
+                rule = struct.pack("=Qi", allowed, fd)
+                _check(_libc.syscall(LANDLOCK_ADD_RULE, ruleset, 1, ctypes.c_char_p(rule), 0), "landlock_add_rule")
+            finally:
+                os.close(fd)
+    except BaseException:
+        os.close(ruleset)
+        raise
+    return ruleset
+
+
+def _landlock_cached(landlock, cache):
+    """The slot's ruleset, made again only when its directories are new ones (a rule holds an
+    inode, and a slot's directory is made anew after a job that wrote in it)."""
+    dirs, abi = landlock
+    key = (abi, tuple((d, os.stat(d).st_dev, os.stat(d).st_ino) for d in dirs))
+    if cache.get("key") != key:
+        if cache.get("fd") is not None:
+            os.close(cache.pop("fd"))
+        cache.pop("key", None)
+        cache["fd"], cache["key"] = _landlock_ruleset(dirs, abi), key
+    return cache["fd"]
 
 
 def _job_network(chan, uid, gid, ports):
@@ -3872,7 +3933,7 @@ def _job_network(chan, uid, gid, ports):
     chan.close()
 
 
-def _job_child(plan, fds, parent, errors):
+def _job_child(plan, fds, parent, errors, ruleset):
     """In the spawner's child, between fork and exec: the job's session, its pipes as 0-2,
     its cgroups (v2), network namespace, uid, rlimits, parent-death signal and Landlock.
     A set-up failure goes to the job's stderr and ends it with 125; a failed exec sends
@@ -3887,15 +3948,14 @@ def _job_child(plan, fds, parent, errors):
         for index, n in plan["pipe_args"]:         # the data pipes stay open across exec, at their numbers
             os.set_inheritable(data[n], True)
             argv[index] = str(data[n])
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):   # python ignores them; the job gets the defaults
-            signal.signal(sig, signal.SIG_DFL)
         os.chdir(plan["cwd"])
         for d in plan["join"]:
             with open(os.path.join(d, "cgroup.procs"), "w") as f:
                 f.write(str(os.getpid()))
         if plan["reset_oom"]:                      # the spawner itself is never the OOM killer's choice; the job may be
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write("0")
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY | os.O_CLOEXEC)
+            os.write(fd, b"0")
+            os.close(fd)
         if chan is not None:
             _job_network(socket.socket(fileno=chan), os.getuid(), os.getgid(), plan["ports"])
         if plan["uid"] is not None:
@@ -3907,8 +3967,9 @@ def _job_child(plan, fds, parent, errors):
         _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")   # after setuid, which clears it
         if os.getppid() != parent:
             os._exit(125)                          # the spawner died before the signal was armed
-        if plan["landlock"]:
-            _landlock(*plan["landlock"])
+        if ruleset is not None:
+            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+            _check(_libc.syscall(LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
         keep = sorted({data[n] for _, n in plan["pipe_args"]} | {errors})
         for low, high in zip([2, *keep], [*keep, 1 << 20]):
             os.closerange(low + 1, high)           # nothing of the spawner's but what the job is given
@@ -3936,19 +3997,20 @@ def _exec(argv, env):
     raise first or last
 
 
-def _spawn_job(request, reset_oom):
+def _spawn_job(request, reset_oom, rulesets):
     """Fork one job (above) -> (pid, errno of a failed exec or None)."""
     fds = list(request)
     with open(fds.pop(0), "rb") as f:
         plan = json.loads(f.read())
     plan["reset_oom"] = reset_oom
+    ruleset = _landlock_cached(plan["landlock"], rulesets) if plan["landlock"] else None
     r, w = os.pipe2(os.O_CLOEXEC)
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         os.close(r)
         try:
-            _job_child(plan, fds, parent, w)
+            _job_child(plan, fds, parent, w, ruleset)
         finally:
             os._exit(127)
     os.close(w)
@@ -3974,14 +4036,18 @@ def spawner_main(fd):
         reset_oom = True
     except OSError:
         reset_oom = False                          # unprivileged: the kernel may pick the spawner; the worker starts another
-    children = {}                                  # pidfd -> pid
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):   # python ignores them; its jobs get the defaults (sends: MSG_NOSIGNAL)
+        signal.signal(sig, signal.SIG_DFL)
+    gc.disable()                                   # no collector walking (and so copying) the heap in a forked child
+    gc.freeze()
+    children, rulesets = {}, {}                    # pidfd -> pid; the slot's Landlock ruleset
     while True:
         ready, _, _ = select.select([sock, *children], [], [])
         for pidfd in [r for r in ready if r in children]:
             pid = children.pop(pidfd)
             os.close(pidfd)
             _, status = os.waitpid(pid, 0)
-            sock.send(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}).encode())
+            sock.send(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}).encode(), socket.MSG_NOSIGNAL)
         if sock in ready:
             msg, ancdata, _, _ = sock.recvmsg(64, socket.CMSG_LEN(64 * 4), socket.MSG_CMSG_CLOEXEC)
             fds = [fd for level, kind, data in ancdata if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
@@ -3989,7 +4055,7 @@ def spawner_main(fd):
             if not msg:
                 return
             try:
-                pid, failed = _spawn_job(fds, reset_oom)
+                pid, failed = _spawn_job(fds, reset_oom, rulesets)
             except OSError as e:                   # fork refused (pids limit, memory): the job fails to start
                 for fd in fds:
                     try:
@@ -3999,10 +4065,10 @@ def spawner_main(fd):
                 pid, failed = None, e.errno
             if failed is None:
                 children[os.pidfd_open(pid)] = pid
-            sock.send(json.dumps({"pid": pid, "errno": failed}).encode())
+            sock.send(json.dumps({"pid": pid, "errno": failed}).encode(), socket.MSG_NOSIGNAL)
 
 
-SPAWNER_FUNCTIONS = (_check, _loopback_up, _landlock, _job_network, _job_child, _exec, _spawn_job, spawner_main)
+SPAWNER_FUNCTIONS = (_check, _loopback_up, _landlock_ruleset, _landlock_cached, _job_network, _job_child, _exec, _spawn_job, spawner_main)
 SPAWNER_CONSTANTS = ("SIOCGIFFLAGS", "SIOCSIFFLAGS", "IFF_UP", "CLONE_NEWNET", "CLONE_NEWUSER", "PR_SET_PDEATHSIG",
                      "PR_SET_NO_NEW_PRIVS", "LANDLOCK_CREATE_RULESET", "LANDLOCK_ADD_RULE", "LANDLOCK_RESTRICT_SELF",
                      "LANDLOCK_WRITE_RIGHTS", "LANDLOCK_FILE_RIGHTS", "LANDLOCK_SCOPES")
@@ -4011,7 +4077,7 @@ SPAWNER_CONSTANTS = ("SIOCGIFFLAGS", "SIOCSIFFLAGS", "IFF_UP", "CLONE_NEWNET", "
 def spawner_source():
     """The spawner's whole program: the few modules it needs, the constants and functions
     above (their own source), and its loop on the descriptor given as its argument."""
-    lines = ["import ctypes, fcntl, json, os, resource, select, signal, socket, struct, sys",
+    lines = ["import ctypes, fcntl, gc, json, os, resource, select, signal, socket, struct, sys",
              "_libc = ctypes.CDLL(None, use_errno=True)"]
     lines += [f"{name} = {globals()[name]!r}" for name in SPAWNER_CONSTANTS]
     lines += [inspect.getsource(fn) for fn in SPAWNER_FUNCTIONS]
@@ -4483,6 +4549,7 @@ class Slot:
     warm: Launch = None                  # a sandbox made ahead for the slot's next job, its confinement,
     warm_conf: dict = None               # and the directories it bound (device, inode)
     warm_dirs: tuple = ()
+    record: list = None                  # [fd, size] of its record in the state dir (Sandboxes._record)
 
     def __post_init__(self):
         self.work, self.home, self.tmp = self.root / "work", self.root / "home", self.root / "tmp"
@@ -4596,9 +4663,12 @@ class Sandboxes:
         if slot.spawner is not None:
             slot.spawner.close()
         v1 = self.cgroups is not None and self.cgroups.version == 1
+        if v1:
+            self.cgroups.made.pop(slot.root.name, None)   # with no spawner in them, they may have been removed
         try:
             slot.spawner = Spawner(self.cgroups.make(slot.root.name, PROFILE_LIMITS) if v1 else ())
         except FileNotFoundError:                  # an idle cgroup someone removed just then: make it again
+            self.cgroups.made.pop(slot.root.name, None)
             slot.spawner = Spawner(self.cgroups.make(slot.root.name, PROFILE_LIMITS) if v1 else ())
 
     def open_slot(self, slot, job_id, attempt, conf):
@@ -4614,18 +4684,27 @@ class Sandboxes:
         slot.cgroups = self.cgroups.make(slot.root.name if v1 else f"{slot.root.name}-{job_id}.{attempt}",
                                          conf["limits"])
         slot.join = not v1
-        write_private(self.records / f"{slot.root.name}.json",
-                      json.dumps({"job_id": job_id, "attempt": attempt, "uid": slot.uid,
-                                  "cgroups": [str(d) for d in slot.cgroups]}))
+        self._record(slot, {"job_id": job_id, "attempt": attempt, "uid": slot.uid,
+                            "cgroups": [str(d) for d in slot.cgroups]})
 
     def close_slot(self, slot):
         for d in slot.cgroups if slot.join else ():
             discard_cgroup(d)
         slot.cgroups = []
-        try:
-            (self.records / f"{slot.root.name}.json").unlink()
-        except FileNotFoundError:
-            pass
+        if slot.record is not None:
+            self._record(slot, None)
+
+    def _record(self, slot, record):
+        """The slot's record (0600), rewritten in place, not made anew per job: what a worker
+        restarting after kill -9 cleans up (clean_left_over). A blank record is no job; spaces
+        pad a record over a longer earlier one, as JSON allows."""
+        if slot.record is None:
+            slot.record = [os.open(self.records / f"{slot.root.name}.json",
+                                   os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), 0]
+        fd, size = slot.record
+        data = json.dumps(record).encode() if record else b""
+        os.pwrite(fd, data.ljust(size), 0)
+        slot.record[1] = max(size, len(data))
 
     def prepare(self, slot, conf):
         """After a job under bwrap: a sandbox like its, made now for the slot's next job
@@ -4685,6 +4764,10 @@ class Sandboxes:
                 slot.warm.discard()
             if slot.spawner is not None:
                 slot.spawner.close()
+            if slot.record is not None:
+                os.close(slot.record[0])
+                (self.records / f"{slot.root.name}.json").unlink(missing_ok=True)
+                slot.record = None
         if self.cgroups is not None:
             self.cgroups.remove()
         for d in [*self.dir.glob("slot-*"), *self.dir.glob("etc-*"), self.dir / "bwrap"]:
@@ -5255,6 +5338,8 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
             source=source_spec(job.get("source")))
         fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
     reporter.state(job, state, **fields)
+    log.info("job %s attempt %s: %s, exit code %s, %.1f s", job["job_id"], job["attempt"], state, exit_code,
+             time.time() - (started_at or time.time()))      # one line a job; its error and output stay out
 
 
 def refusal(s, signer, job, sandboxes):
@@ -5590,8 +5675,8 @@ def claim_loop(s, orch, slots, stop, identity, loops):
 def _table(rows, columns):
     cells = [[title for title, _ in columns]]
     for row in rows:
-        cells.append(["-" if (v := (key(row) if callable(key) else row.get(key))) is None else str(v)
-                      for _, key in columns])
+        cells.append(["-" if (v := (key(row) if callable(key) else row.get(key))) is None else
+                      "yes" if v is True else "no" if v is False else clean(str(v), 10000) for _, key in columns])
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
     for r in cells:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -5633,7 +5718,7 @@ def jobs(s):
         print(json.dumps(data, indent=2))
         return EXIT_OK
     _table(data["jobs"], [("JOB", "job_id"), ("WORKER", "worker"), ("STATE", "state"),
-                          ("COMMAND", lambda j: " ".join(j["command"])[:60])])
+                          ("COMMAND", lambda j: shlex.join(j["command"])[:60])])
     return EXIT_OK
 
 

@@ -10,6 +10,7 @@ from it; the error's `detail` says which check failed, for pond's log.
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 
@@ -65,6 +66,12 @@ def _not_json(name):
     raise ValueError(f"{name} is not JSON")
 
 
+@functools.lru_cache(maxsize=4096)
+def _public_key(raw):
+    """A pinned key's object, made once per worker rather than once per result."""
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
 def verify_envelope(ed25519_public, envelope):
     """-> the statement (a dict), once a signature over PAE(payloadType, payload) verifies with the pinned key.
 
@@ -79,7 +86,7 @@ def verify_envelope(ed25519_public, envelope):
     signatures = envelope.get("signatures")
     if not isinstance(signatures, list) or not 1 <= len(signatures) <= MAX_SIGNATURES:
         raise refused(f"signatures must be a list of 1 to {MAX_SIGNATURES}")
-    key = Ed25519PublicKey.from_public_bytes(ed25519_public)
+    key = _public_key(bytes(ed25519_public))
     message = pae(PAYLOAD_TYPE, payload)
     for signature in signatures:
         sig = _b64decode(signature.get("sig") if isinstance(signature, dict) else None, "a signature")

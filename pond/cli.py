@@ -9,6 +9,7 @@ import argparse
 import base64
 import json
 import os
+import shlex
 import sys
 import time
 import uuid
@@ -22,6 +23,7 @@ from pond.settings import DB_FILE, DEFAULT_STATE_DIR, client_settings, read_priv
 EXIT_CANCELLED = 130
 RETRY_FOR = 10.0        # s the CLI waits for a pond that is down or busy before it gives up (exit 3)
 TERMINAL = ("done", "failed", "cancelled")
+STATES = ("queued", "assigned", "running", *TERMINAL)      # pond.jobs.JobState
 
 EXAMPLES = """examples:
   pond up                                        # a whole local pool; Ctrl-C stops it
@@ -46,11 +48,33 @@ def _print_json(data):
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
+def _safe(text):
+    """Text from a job or a worker made safe for one terminal line: a newline, a tab or a terminal
+    escape shows as its backslash escape (\\n, \\x1b), never raw."""
+    text = str(text)
+    return text if text.isprintable() else "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def _shown(argv):
+    """A job's command as a shell would read it: `sh -c 'a; b'`; an argument with a newline or a
+    control character in bash's $'...' quoting, so it stays on one line and copies back exactly."""
+    def quote(arg):
+        if arg.isprintable():
+            return shlex.quote(arg)
+        return "$'" + _safe(arg.replace("\\", "\\\\").replace("'", "\\'")) + "'"
+    return " ".join(quote(a) for a in argv)
+
+
+def _yes(value):
+    return None if value is None else "yes" if value else "no"
+
+
 def _table(rows, columns):
     """An aligned text table; columns are (title, key-or-function)."""
     def cell(row, key):
         value = key(row) if callable(key) else row.get(key)
-        return "-" if value is None else str(value)
+        return "-" if value is None else _safe(value)
 
     cells = [[title for title, _ in columns]] + [[cell(r, key) for _, key in columns] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
@@ -102,6 +126,8 @@ def cmd_submit(args):
         body["source"] = _upload_source(client, args.source)
     # Always a key: a submit retried after a lost answer then gives back the same job, never two.
     key = f"pond-cli-{uuid.uuid4().hex}" if args.idempotency_key is None else args.idempotency_key
+    if args.explain:
+        return _print_explain(client.post("/v1/jobs/explain", body), args.json)
     job = client.post("/v1/jobs", body, headers={"Idempotency-Key": key})
     _say_warnings(job)
     if not args.wait:
@@ -190,7 +216,8 @@ def _submit_batch(client, args):
                                         ("--timeout", args.timeout), ("--name", args.name), ("--tenant", args.tenant),
                                         ("--sandbox", args.sandbox), ("--credential", args.credential),
                                         ("--cancel-grace", args.cancel_grace), ("--retries", args.retries),
-                                        ("--wait", args.wait or None), ("a command", args.command or None))
+                                        ("--wait", args.wait or None), ("--explain", args.explain or None),
+                                        ("a command", args.command or None))
                if value not in (None, [])]
     per_job += [flag for attr, flag in SANDBOX_FLAGS if getattr(args, attr) not in (None, [])]
     if per_job:
@@ -279,24 +306,40 @@ def _json_arg(text, flag):
 
 
 def _follow(client, job_id, announce_wait=False):
-    """Stream a job's output until it ends; return its exit status for the shell."""
-    after, said_waiting = 0, False
+    """Stream a job's output until it ends; return its exit status for the shell. With
+    `announce_wait`, a job still queued after the first second says why it waits, once."""
+    after, attempt, said_waiting, hold = 0, None, not announce_wait, 1
     while True:
-        page = client.get(f"/v1/jobs/{job_id}/logs", after=after, wait=20)
-        for chunk in page["chunks"]:
-            stream = sys.stdout if chunk["stream"] == "stdout" else sys.stderr
-            stream.buffer.write(base64.b64decode(chunk["data"]))
-            stream.flush()
+        page = client.get(f"/v1/jobs/{job_id}/logs", after=after, wait=hold)
+        hold = FOLLOW_HOLD
+        attempt = _write_chunks(page["chunks"], attempt)
         after = page["next"]
-        if announce_wait and not said_waiting and page["state"] == "queued" and not page["chunks"]:
+        if not said_waiting and page["state"] == "queued" and not page["chunks"]:
             waiting = client.get(f"/v1/jobs/{job_id}").get("waiting")
             if waiting:
-                print(f"waiting: {waiting['reason']}", file=sys.stderr)
+                print(f"waiting: {waiting['reason']}", file=sys.stderr, flush=True)
                 said_waiting = True
         if page["complete"]:
             job = client.get(f"/v1/jobs/{job_id}")
             _say_dropped(job)
             return _exit_status(job)
+
+
+FOLLOW_HOLD = 20        # s a follower's logs request is held when there is no new output
+
+
+def _write_chunks(chunks, attempt):
+    """Write output chunks to stdout and stderr; a line on stderr marks where a new attempt's output
+    begins (a requeued or retried job runs again, and its earlier output stays). -> the last attempt."""
+    for chunk in chunks:
+        if chunk["attempt"] != attempt and (attempt is not None or chunk["attempt"] > 1):
+            sys.stdout.flush()
+            print(f"[pond: attempt {chunk['attempt']} begins]", file=sys.stderr, flush=True)
+        attempt = chunk["attempt"]
+        stream = sys.stdout if chunk["stream"] == "stdout" else sys.stderr
+        stream.buffer.write(base64.b64decode(chunk["data"]))
+        stream.flush()
+    return attempt
 
 
 def _exit_status(job):
@@ -316,28 +359,80 @@ def cmd_jobs(args):
     if args.json:
         return _print_json(data)
     _table(data["jobs"], [("ID", "id"), ("STATE", "state"), ("EXIT", "exit_code"), ("WORKER", "worker"),
-                          ("CREATED", lambda j: _ago(j["created_at"])), ("COMMAND", lambda j: " ".join(j["command"])[:60])])
+                          ("CREATED", lambda j: _ago(j["created_at"])), ("COMMAND", lambda j: _shown(j["command"])[:60])])
 
 
 def cmd_job(args):
-    job = _client(args).get(f"/v1/jobs/{args.id}")
+    client = _client(args)
+    if args.explain:
+        return _print_explain(client.get(f"/v1/jobs/{args.id}/explain"), args.json)
+    job = client.get(f"/v1/jobs/{args.id}")
     if args.json:
         return _print_json(job)
-    for key in ("id", "name", "state", "exit_code", "error", "worker", "orchestrator", "attempt", "credential",
-                "attested", "dropped"):
+    line = lambda key, value: print(f"{key + ':':14}{_safe(value)}")
+    for key in ("id", "name", "state", "exit_code", "error", "worker", "orchestrator", "attempt", "credential"):
         if job.get(key) not in (None, ""):
-            print(f"{key + ':':14}{job[key]}")
-    print(f"{'command:':14}{' '.join(job['command'])}")
-    print(f"{'needs:':14}tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}")
-    print(f"{'sandbox:':14}{_sandbox_line(job['sandbox'])}")
+            line(key, job[key])
+    if job.get("attested") is not None:
+        line("attested", _yes(job["attested"]))
+    if any((job.get("dropped") or {}).values()):
+        line("dropped", ", ".join(f"{stream} {n} bytes" for stream, n in job["dropped"].items() if n)
+             + " past the log cap (between head and tail)")
+    for key, value in _times(job):
+        line(key, value)
+    line("command", _shown(job["command"]))
+    line("needs", f"tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}")
+    line("sandbox", _sandbox_line(job["sandbox"]))
     for warning in job.get("warnings") or []:
-        print(f"{'warning:':14}{warning['message']}")
+        line("warning", warning["message"])
     if job.get("waiting"):
-        print(f"{'waiting:':14}{job['waiting']['reason']}")
+        line("waiting", job["waiting"]["reason"])
     for event in job.get("events", []):
         detail = event.get("message") or " ".join(f"{k}={v}" for k, v in event.items()
                                                   if k not in ("at", "event", "job"))
-        print(f"{'event:':14}{time.strftime('%H:%M:%S', time.localtime(event['at']))} {event['event']} {detail}")
+        line("event", f"{time.strftime('%H:%M:%S', time.localtime(event['at']))} {event['event']} {detail}")
+
+
+def _print_explain(data, as_json):
+    """GET /v1/jobs/{id}/explain or POST /v1/jobs/explain, for a person: why it waits, then each pool."""
+    if as_json:
+        return _print_json(data)
+    what = f"job {data['job']} ({data['state']})" if data["job"] else "this job"
+    print(_safe(f"{what} needs tags {', '.join(data['tags']) or '-'}; capabilities "
+                f"{', '.join(data['capabilities']) or '-'}" + (f"; credential {data['credential']}"
+                                                               if data["credential"] else "")))
+    if data["waiting"]:
+        print(_safe(f"waiting: {data['waiting']['reason']}"))
+    if not data["pools"]:
+        print("no orchestrator has paired: mint a code with `pond admin pairing-code`")
+        return
+    _table(data["pools"], [("ORCHESTRATOR", "orchestrator"), ("NAME", "name"), ("WORKERS", "workers"),
+                           ("ONLINE", "online"), ("MATCHING", "matching"), ("FREE", "free"),
+                           ("EVICTED", "evicted"), ("VERDICT", "verdict"), ("REASON", "reason")])
+
+
+def _when(ts):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+
+
+def _seconds(s):
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _times(job):
+    """created, started, finished (local time) and how long it queued and ran, for `pond job`."""
+    created, started, finished = job["created_at"], job.get("started_at"), job.get("finished_at")
+    out = [("created", _when(created))]
+    if started:
+        out.append(("started", f"{_when(started)} (queued {_seconds(max(0, started - created))})"))
+    if finished:
+        out.append(("finished", _when(finished)))
+    if started:
+        ran = (finished or time.time()) - started
+        out.append(("duration", _seconds(max(0, ran)) + ("" if finished else " so far")))
+    elif finished:
+        out.append(("duration", f"never ran (ended {_seconds(max(0, finished - created))} after it was created)"))
+    return out
 
 
 def _sandbox_line(block):
@@ -403,16 +498,13 @@ def cmd_logs(args):
     if args.follow:
         _follow(client, args.id)
         return 0
-    after = 0
+    after, attempt = 0, None
     while True:
         page = client.get(f"/v1/jobs/{args.id}/logs", after=after)
-        for chunk in page["chunks"]:
-            stream = sys.stdout if chunk["stream"] == "stdout" else sys.stderr
-            stream.buffer.write(base64.b64decode(chunk["data"]))
+        attempt = _write_chunks(page["chunks"], attempt)
         if not page["chunks"]:
             break
         after = page["next"]
-    sys.stdout.flush()
     _say_dropped(client.get(f"/v1/jobs/{args.id}"))
 
 
@@ -424,10 +516,15 @@ def _say_dropped(job):
 
 
 def cmd_cancel(args):
+    """Exit 1 for a job that had finished before: a cancel ends no job that is done or failed."""
     job = _client(args).post(f"/v1/jobs/{args.id}/cancel")
     if args.json:
-        return _print_json(job)
-    print(f"{job['id']} {job['state']}" + (" (cancel requested)" if job["cancel_requested"] else ""))
+        _print_json(job)
+    if job["state"] in ("done", "failed"):
+        raise PondError(f"job {job['id']} had already finished ({job['state']}, exit code {job['exit_code']}); "
+                        "nothing to cancel", "`pond job ID` shows how it ended")
+    if not args.json:
+        print(f"{job['id']} {job['state']}" + (" (cancel requested)" if job["cancel_requested"] else ""))
 
 
 def cmd_pairing_code(args):
@@ -551,7 +648,7 @@ def cmd_workers(args):
     data = _client(args).get("/v1/admin/pool/workers")
     if args.json:
         return _print_json(data)
-    _table(data["workers"], [("ID", "id"), ("ORCHESTRATOR", "orchestrator"), ("ONLINE", "online"),
+    _table(data["workers"], [("ID", "id"), ("ORCHESTRATOR", "orchestrator"), ("ONLINE", lambda w: _yes(w["online"])),
                              ("FINGERPRINT", lambda w: (w["fingerprint"] or "unpinned")[:16]),
                              ("REVOKED", lambda w: "yes" if w["revoked"] else "no"),
                              ("EVICTED", lambda w: ("draining" if w["drain"] else "yes") if w["evicted"] else "no"),
@@ -678,21 +775,27 @@ def build_parser():
     s.add_argument("--artifact", action="append", default=[], metavar="PATH",
                    help="a path or glob under /work to hand back (repeatable); see `pond artifacts ID`")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")
+    s.add_argument("--explain", action="store_true",
+                   help="submit nothing: say which pools could take this job now, and what the others lack")
     s.add_argument("--batch", metavar="FILE", type=_named, help="submit the jobs in FILE (- for stdin), one JSON job object per "
                    "line, 1,000 per request; prints their ids")
     s.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     s.set_defaults(fn=cmd_submit)
 
     s = sub.add_parser("jobs", help="list jobs", parents=[common])
-    s.add_argument("--state", help="only jobs in this state")
+    s.add_argument("--state", choices=STATES, help="only jobs in this state")
     s.add_argument("--limit", type=int, default=50)
     s.set_defaults(fn=cmd_jobs)
 
-    for name, fn, helptext in (("job", cmd_job, "show one job (and why it waits)"),
-                               ("cancel", cmd_cancel, "cancel a job")):
-        s = sub.add_parser(name, help=helptext, parents=[common])
-        s.add_argument("id")
-        s.set_defaults(fn=fn)
+    s = sub.add_parser("job", help="show one job (and why it waits)", parents=[common])
+    s.add_argument("id")
+    s.add_argument("--explain", action="store_true",
+                   help="for each pool, what it lacks for this job, or that its matching workers are busy, "
+                        "offline or evicted")
+    s.set_defaults(fn=cmd_job)
+    s = sub.add_parser("cancel", help="cancel a job (exit 1 if it had already finished)", parents=[common])
+    s.add_argument("id")
+    s.set_defaults(fn=cmd_cancel)
 
     s = sub.add_parser("verify", help="re-check a job's signed result and stored output, offline",
                        parents=[common])

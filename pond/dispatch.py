@@ -231,6 +231,9 @@ def _assign(pond, job, worker_id, binding_id):
     now = pond.now()
     pond.store.assign_job(job["id"], worker_id, binding_id, tokens.digest(claim_token), now,
                           now + pond.settings.lease)
+    if not job["attempt"]:
+        pond.metrics.pickup.observe(now - job["created_at"])
+    pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id)
     return {
         "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
         "worker": worker_id, "command": job["command"], "env": job["env"], "name": job["name"],
@@ -460,6 +463,7 @@ def _result_refused(pond, job, attempt, worker, detail):
              "worker": worker["id"], "detail": detail,
              "message": f"result of job {job['id']} attempt {attempt} refused: {detail}"}
     pond.store.add_job_event(job["id"], event)
+    pond.metrics.refused.add("attestation_failed")
     if pond.store.worker(worker["id"]):
         pond.store.add_worker_event(worker["id"], event)
     pond.log.warning("job %s attempt %d: result refused, not recorded: %s", job["id"], attempt, detail)
@@ -537,6 +541,7 @@ def end_attempt(pond, job, event_name, why, retry_always=False):
     except InvalidTransition:
         return 0
     pond.store.add_job_event(job["id"], event)
+    pond.metrics.ended.add(event_name)
     pond.log.warning("job %s: %s", job["id"], why)
     return 1
 

@@ -9,6 +9,7 @@ specs/states.md is the normative table; TRANSITIONS below is the same table, and
 every state change goes through transition(), which refuses anything else.
 """
 
+import logging
 import re
 import time
 from enum import Enum
@@ -39,6 +40,7 @@ TRANSITIONS = {
     JobState.CANCELLED: frozenset(),
 }
 
+log = logging.getLogger("pond")     # one line per job event: submitted, each state change (issue 12)
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
                  "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap")
@@ -54,6 +56,8 @@ def requeue(store, job, tried):
     if JobState.QUEUED not in TRANSITIONS[from_state] or not store.requeue_job(
             job["id"], from_state.value, job["attempt"], tried):
         raise InvalidTransition(job["id"], from_state.value, JobState.QUEUED.value)
+    log.info("job %s: %s -> queued (attempt %d on worker %s ended)", job["id"], from_state.value, job["attempt"],
+             job["worker_id"])
 
 
 def transition(store, job, to_state, **fields):
@@ -65,6 +69,8 @@ def transition(store, job, to_state, **fields):
     if not store.update_job_state(job["id"], from_state.value, to_state.value, fields):
         current = store.job(job["id"])
         raise InvalidTransition(job["id"], current["state"], to_state.value)
+    log.info("job %s: %s -> %s (attempt %d%s)", job["id"], from_state.value, to_state.value, job["attempt"],
+             "" if fields.get("exit_code") is None else f", exit code {fields['exit_code']}")
 
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
@@ -151,6 +157,8 @@ def _store(pond, job, key):
             raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",
                            "use a new key for a new job", code="idempotency_conflict")
         return 200, earlier
+    log.info("job %s submitted: tags %s; capabilities %s", job["id"], ",".join(job["tags"]) or "-",
+             ",".join(job["capabilities"]) or "-")
     return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                      worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
                      dropped=None, retries_left=job["retries"], outputs=None)
@@ -252,12 +260,37 @@ def view(pond, row, explain=True):
     out["events"] = row["events"] or []
     out["warnings"] = sandbox.warnings(row["sandbox"])
     if explain and row["state"] == JobState.QUEUED.value:
-        now = pond.now()
-        silent = {b: now - t for b in {w["binding_id"] for w in pond.store.workers()}
-                  if now - (t := pond.polled.get(b, pond.started)) > matching.POLL_SILENCE}
         out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts(),
-                                          pond.settings.allow_unsigned, silent)
+                                          pond.settings.allow_unsigned, _silent(pond))
     return out
+
+
+def _silent(pond):
+    """Orchestrator (binding) id -> seconds since it last held a poll, for those quiet too long."""
+    now = pond.now()
+    return {b: now - t for b in {w["binding_id"] for w in pond.store.workers()}
+            if now - (t := pond.polled.get(b, pond.started)) > matching.POLL_SILENCE}
+
+
+def explain(pond, req):
+    """GET /v1/jobs/{id}/explain: for each pool, what it lacks for this job, or that its matching
+    workers are busy, offline or evicted; and, while the job is queued, why it waits."""
+    return 200, _explained(pond, _find(pond, req.params["id"]))
+
+
+def explain_spec(pond, req):
+    """POST /v1/jobs/explain: the same for a job (the body of POST /v1/jobs) before it is submitted;
+    it is validated as a submit would be, and nothing is stored."""
+    return 200, _explained(pond, _validated(pond, req.body), submitted=False)
+
+
+def _explained(pond, job, submitted=True):
+    workers, active, silent = pond.store.workers(), pond.store.active_counts(), _silent(pond)
+    unsigned = pond.settings.allow_unsigned
+    waiting = matching.explain(job, workers, active, unsigned, silent) if job["state"] == JobState.QUEUED.value else None
+    return {"job": job["id"] if submitted else None, "state": job["state"] if submitted else None,
+            "tags": job["tags"], "capabilities": job["capabilities"], "credential": job["credential"],
+            "waiting": waiting, "pools": matching.pools(job, workers, pond.store.bindings(), active, unsigned, silent)}
 
 
 def _find(pond, job_id):

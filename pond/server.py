@@ -28,9 +28,10 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from pond import (PROTOCOL_VERSION, __version__, artifacts, bundles, credentials, dispatch, enrollment, health, jobs,
-                  pairing, tokens)
+                  metrics, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
+from pond.metrics import Metrics
 from pond.settings import ENDPOINT_FILE, MAX_HEADER_BYTES, WORKER_OFFLINE_AFTER, write_private
 from pond.store import Store
 
@@ -50,30 +51,18 @@ def healthz(pond, req):
                                                 "a dead one means pond is stopping (its supervisor restarts it)").to_json())
 
 
-def metrics(pond, req):
-    lines = ["# TYPE pond_jobs gauge"]
-    for state, n in sorted(pond.store.job_counts().items()):
-        lines.append(f'pond_jobs{{state="{state}"}} {n}')
-    workers = pond.store.workers()
-    lines += ["# TYPE pond_workers gauge",
-              f'pond_workers{{online="true"}} {sum(1 for w in workers if w["online"])}',
-              f'pond_workers{{online="false"}} {sum(1 for w in workers if not w["online"])}',
-              "# TYPE pond_orchestrators gauge", f"pond_orchestrators {len(pond.store.bindings())}",
-              "# TYPE pond_http_requests_total counter", f"pond_http_requests_total {pond.requests}",
-              "# TYPE pond_group_matches_total counter", f"pond_group_matches_total {pond.fits.checks}"]
-    return 200, "\n".join(lines) + "\n"
-
-
 # (method, path pattern, who may call, handler). "admin": the admin token;
 # "orch": a binding token; None: open.
 ROUTES = [
     ("GET", r"/healthz", None, healthz),
-    ("GET", r"/metrics", None, metrics),
+    ("GET", r"/metrics", None, metrics.render),
     ("POST", r"/v1/jobs", "admin", jobs.submit),
     ("GET", r"/v1/jobs", "admin", jobs.list_jobs),
     ("GET", rf"/v1/jobs/{_ID}", "admin", jobs.get),
     ("GET", rf"/v1/jobs/{_ID}/logs", "admin", jobs.logs),
     ("GET", rf"/v1/jobs/{_ID}/attestation", "admin", jobs.attestation),
+    ("GET", rf"/v1/jobs/{_ID}/explain", "admin", jobs.explain),
+    ("POST", r"/v1/jobs/explain", "admin", jobs.explain_spec),
     ("POST", rf"/v1/jobs/{_ID}/cancel", "admin", jobs.cancel),
     ("GET", rf"/v1/jobs/{_ID}/artifacts", "admin", artifacts.list_all),
     ("GET", rf"/v1/jobs/{_ID}/artifacts/(?P<name>[A-Za-z0-9._+@=/-]{{1,256}})", "admin", artifacts.get),
@@ -160,6 +149,12 @@ class Pond:
     loops: list = field(default_factory=list)      # health.Loop: what /healthz reports
     polled: dict = field(default_factory=dict)     # binding id -> when a poll of it was last held
     started: float = field(default_factory=time.time)
+    metrics: Metrics = field(default_factory=Metrics)    # what /metrics counts
+
+
+def _route_name(fn):
+    """A handler as /metrics labels its route: jobs.submit, dispatch.poll; none before one was found."""
+    return f"{fn.__module__.rpartition('.')[2]}.{fn.__name__}" if fn else "none"
 
 
 def route(method, path):
@@ -345,12 +340,13 @@ class Handler(BaseHTTPRequestHandler):
         self._handle("HEAD")
 
     def _handle(self, method):
-        pond = self.pond
+        pond, fn, started = self.pond, None, time.monotonic()
         pond.requests += 1
         try:
             fn, req = self._request(method)
             status, payload = fn(pond, req)
             if isinstance(payload, types.GeneratorType):
+                pond.metrics.request(_route_name(fn), status, time.monotonic() - started)
                 return self._stream(status, payload)
         except PondError as e:
             status, payload = e.status, e.to_json()
@@ -358,6 +354,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
         except Exception as e:
             status, payload = self._unexpected(e, method)
+        pond.metrics.request(_route_name(fn), status, time.monotonic() - started)
         self._send(status, payload)
 
     def _unexpected(self, e, method):

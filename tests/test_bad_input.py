@@ -587,6 +587,17 @@ POND_JOB_READ_CASES = [
     job_get("the attestation of a job id of 65 characters", "/v1/jobs/" + "j" * 65 + "/attestation"),
     Case("POST on an attestation", "POST", "/v1/jobs/<finished>/attestation", {}, auth="admin", status=405,
          code="method_not_allowed"),
+    # GET /v1/jobs/{id}/explain; POST /v1/jobs/explain: a spec, validated as a submit, nothing stored
+    *admin_auth_cases("GET", "/v1/jobs/<job>/explain"),
+    *get_body_cases("GET", "/v1/jobs/<job>/explain", "admin"),
+    job_get("explain a job that does not exist", f"/v1/jobs/{UNKNOWN_JOB}/explain", says=UNKNOWN_JOB),
+    job_get("explain a malformed job id", "/v1/jobs/a.b/explain"),
+    *admin_auth_cases("POST", "/v1/jobs/explain", job_with()),
+    *body_shape_cases("POST", "/v1/jobs/explain", "admin", job_with()),
+    Case("explain a spec without a command", "POST", "/v1/jobs/explain", {"sandbox": {"profile": "none"}},
+         auth="admin", says="command"),
+    Case("explain a spec with an unknown profile", "POST", "/v1/jobs/explain", job_with(sandbox={"profile": "x"}),
+         auth="admin", status=422, code="sandbox_invalid", says="profile"),
     # POST /v1/jobs/{id}/cancel: a refused cancel must not cancel the victim
     Case("cancel a job that does not exist", "POST", f"/v1/jobs/{UNKNOWN_JOB}/cancel", auth="admin", status=404,
          code="not_found"),

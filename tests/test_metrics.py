@@ -1,0 +1,56 @@
+"""GET /metrics is Prometheus text that Prometheus's own parser reads (issue 12): jobs and workers
+by state, requests and their latency by route, pickup latency, attempts pond ended. A real pond;
+the test speaks the orchestrator's side through the API."""
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def scrape(pond):
+    status, text = pond.api("GET", "/metrics", token=None)
+    assert status == 200, text
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def value(families, name, sample=None, **labels):
+    family = families[name.removesuffix("_total")]       # the parser names a counter's family without _total
+    for s in family.samples:
+        if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items()):
+            return s.value
+    raise AssertionError(f"no sample {sample or name} {labels} in {family.samples}")
+
+
+def test_metrics_parse_and_count_jobs_requests_pickup_and_evictions(pool):
+    pond = pool.pond(extra=("--allow-unsigned-results",))
+    token = pond.bare_orchestrator()             # one online worker without keys: allowed here
+    job = pond.submit(["true"])
+    worker = pond.client.get("/v1/admin/pool/workers")["workers"][0]["id"]
+    status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 0}, token=token)
+    assert status == 200 and [a["job_id"] for a in answer["jobs"]] == [job["id"]], answer
+    assert pond.api("POST", f"/v1/admin/pool/workers/{worker}/evict", {})[0] == 200
+    pond.api("GET", "/v1/no/such/route")
+
+    families = scrape(pond)
+    assert families["pond_jobs"].type == "gauge"
+    assert value(families, "pond_jobs", state="queued") == 1              # evicted: queued again
+    assert value(families, "pond_workers", online="true") == 1
+    assert value(families, "pond_workers_evicted") == 1
+    assert value(families, "pond_orchestrators") == 1
+
+    pickup = families["pond_pickup_seconds"]
+    assert pickup.type == "histogram"
+    assert value(families, "pond_pickup_seconds", "pond_pickup_seconds_count") == 1
+    assert value(families, "pond_pickup_seconds", "pond_pickup_seconds_bucket", le="+Inf") == 1
+    assert 0 <= value(families, "pond_pickup_seconds", "pond_pickup_seconds_sum") < 30
+
+    assert value(families, "pond_attempts_ended_total", "pond_attempts_ended_total", reason="evicted") == 1
+    assert value(families, "pond_results_refused_total", "pond_results_refused_total") == 0
+    assert value(families, "pond_http_route_requests_total", "pond_http_route_requests_total",
+                 route="jobs.submit", code="201") == 1
+    assert value(families, "pond_http_route_requests_total", "pond_http_route_requests_total",
+                 route="none", code="404") == 1
+    latency = families["pond_http_request_duration_seconds"]
+    assert latency.type == "histogram"
+    assert value(families, "pond_http_request_duration_seconds", "pond_http_request_duration_seconds_count",
+                 route="dispatch.poll") == 1
+    buckets = [s for s in latency.samples if s.name.endswith("_bucket") and s.labels["route"] == "jobs.submit"]
+    assert [s.value for s in buckets] == sorted(s.value for s in buckets) and buckets[-1].labels["le"] == "+Inf"
