@@ -483,17 +483,24 @@ def _could_match_sandbox(glob):
     return glob != literal and "sandbox.".startswith(literal)
 
 
-def resolve_capabilities(globs, backends):
+def resolve_capabilities(globs, backends, harnesses=None):
     """The capability globs this worker may advertise, and warnings for the rest.
 
     A sandbox capability is advertised only if this worker can enforce it
     (design.md §6), so `sandbox.*` becomes the concrete backends available and
     `sandbox.firecracker` is dropped with a warning. A glob that would match any
     sandbox name (`*`, `s*`) is refused: it would claim sandboxes we cannot enforce.
+    Given `harnesses` (the names whose executable this worker found), a `harness.` glob
+    becomes those it matches, so a worker never takes a job whose harness it lacks.
     """
     out, warnings = set(), []
     for glob in globs:
-        if glob.startswith("sandbox."):
+        if glob.startswith("harness.") and harnesses is not None:
+            found = [f"harness.{h}" for h in harnesses if fnmatchcase(f"harness.{h}", glob)]
+            if not found:
+                warnings.append(f"no harness for {glob}: found {', '.join(harnesses) or 'none'} on PATH")
+            out.update(found)
+        elif glob.startswith("sandbox."):
             found = [f"sandbox.{b}" for b in backends if fnmatchcase(f"sandbox.{b}", glob)]
             if not found:
                 warnings.append(f"cannot enforce {glob}: this worker has sandboxes {', '.join(backends) or 'none'}")
@@ -650,11 +657,13 @@ def _hpke():
     return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305), x25519, InvalidTag
 
 
-def job_spec(command, env, sandbox, source=None):
+def job_spec(command, env, sandbox, files=None, broker=None, source=None):
     """The digest of what a job runs, from its assignment (specs/sealing.md §3): a credential
-    sealed for one command, env, sandbox and source ({sha256, size}) does not open for another,
-    so an orchestrator cannot change what runs to read it."""
-    spec = {"command": command, "env": env, "sandbox": sandbox, **({"source": source} if source else {})}
+    sealed for one command, env, sandbox (an agent job's runtime files and broker, a job's source
+    {sha256, size}) does not open for another, so an orchestrator cannot change what runs, or
+    where the key goes, to read it."""
+    spec = {"command": command, "env": env, "sandbox": sandbox}
+    spec.update({k: v for k, v in (("files", files), ("broker", broker), ("source", source)) if v is not None})
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
@@ -732,7 +741,8 @@ def sha256_digest(data):
 
 
 def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, state, exit_code, error,
-                     started_at, finished_at, stdout, stderr, dropped=None, source=None, artifacts=None):
+                     started_at, finished_at, stdout, stderr, dropped=None, source=None, artifacts=None, spec=None,
+                     usage=None):
     """The in-toto Statement v1 a worker signs for one attempt's result (specs/attestation.md §3).
 
     stdout and stderr are the output as delivered (past the log cap: its head and tail), as
@@ -740,7 +750,10 @@ def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, s
     digests, and `dropped` how many bytes of each stream the cap left out. The outcome (state,
     exit code, error) is signed too, so no relay can turn a failure into a success or back.
     `source` ({sha256, size}) when the job has one; `artifacts` {name: sha256 hex}, each a subject.
+    An agent job's result also signs its spec digest (job_spec: files and broker too) and the
+    model usage its broker counted.
     """
+    agent = {} if spec is None else {"spec_digest": {"sha256": spec}, "usage": usage}
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": "stdout", "digest": sha256_digest(stdout)},
@@ -751,7 +764,8 @@ def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, s
                       "state": state, "exit_code": exit_code, "error": error,
                       "started_at": started_at, "finished_at": finished_at,
                       "command_digest": sha256_digest(canonical_json(list(command))), "sandbox": sandbox,
-                      "dropped": dict(dropped or {"stdout": 0, "stderr": 0}), **({"source": source} if source else {})},
+                      "dropped": dict(dropped or {"stdout": 0, "stderr": 0}), **({"source": source} if source else {}),
+                      **agent},
     }
 
 
@@ -815,16 +829,40 @@ http.client.parse_headers = _parse_response_headers    # read at each response b
 
 
 class HttpClient:
+    """`base_url` may list several URLs of one service, comma-separated (pond replicas on one
+    database). Calls go to the current one; when it cannot be reached (never when it answers,
+    even with a refusal) the client moves to the next and logs it. A connection that never
+    opened is tried on the next URL at once; a request cut off is left to the caller's retry."""
+
     def __init__(self, base_url, token=None, what="server", ca_file=None):
-        parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UsageError(f"{base_url!r} is not an http(s)://HOST:PORT URL", "example: https://orch.lan:8080")
-        self.url = base_url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-        self.tls = client_tls_context(ca_file) if parts.scheme == "https" else None
+        self.urls = []
+        for url in base_url.split(","):
+            parts = urlsplit(url.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise UsageError(f"{url!r} is not an http(s)://HOST:PORT URL",
+                                 "example: https://orch.lan:8080 (several: a comma-separated list)")
+            self.urls.append((url.strip().rstrip("/"), parts.hostname, parts.port or
+                              (443 if parts.scheme == "https" else 80),
+                              client_tls_context(ca_file) if parts.scheme == "https" else None))
+        self.current = 0
         self.token, self.what = token, what
         self.aborted = False
         self._local = threading.local()
+        self._lock = threading.Lock()
+
+    @property
+    def url(self):
+        return self.urls[self.current][0]
+
+    def _failover(self, at):
+        """URL number `at` did not answer: move to the next one. -> whether there is another."""
+        if len(self.urls) == 1 or self.aborted:     # aborted: our own shutdown cut the connection
+            return False
+        with self._lock:
+            if self.current == at:
+                self.current = (at + 1) % len(self.urls)
+                log.warning("%s at %s is unreachable; moving to %s", self.what, self.urls[at][0], self.url)
+        return True
 
     def close(self):
         conn = getattr(self._local, "conn", None)
@@ -847,15 +885,34 @@ class HttpClient:
                 pass
 
     def _conn(self, timeout):
+        """This thread's connection to the current URL; a connection that fails to open raises
+        Unreachable after trying every other URL once."""
         conn = getattr(self._local, "conn", None)
-        if conn is None:
-            if self.tls:
-                conn = http.client.HTTPSConnection(self.host, self.port, timeout=timeout, context=self.tls)
+        if conn is not None and self._local.at != self.current:
+            self.close()              # another thread moved on from this URL
+            conn = None
+        for _ in self.urls:
+            if conn is not None:
+                break
+            at = self.current
+            _, host, port, tls = self.urls[at]
+            if tls:
+                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=tls)
             else:
-                conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-            conn.connect()
+                conn = http.client.HTTPConnection(host, port, timeout=timeout)
+            try:
+                conn.connect()
+            except OSError as e:
+                conn.close()
+                conn = None
+                if not self._failover(at) or self.aborted:
+                    raise self._unreachable(e, at) from None
+                error = e
+        if conn is None:
+            raise self._unreachable(error, at) from None
+        if getattr(self._local, "conn", None) is not conn:
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._local.conn = conn
+            self._local.conn, self._local.at = conn, at
         conn.sock.settimeout(timeout)
         return conn
 
@@ -869,8 +926,9 @@ class HttpClient:
             if self.aborted:
                 raise Unreachable(f"stopped talking to the {self.what}")
             reused = getattr(self._local, "conn", None) is not None
+            conn = self._conn(timeout)
+            at = self._local.at
             try:
-                conn = self._conn(timeout)
                 conn.request(method, path, body=payload, headers=head)
                 resp = conn.getresponse()
                 raw = resp.read()
@@ -878,10 +936,12 @@ class HttpClient:
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
                 self.close()      # a kept-alive connection the server closed: try once more
                 if not (reused and attempt == 1):
-                    raise self._unreachable(e) from None
+                    self._failover(at)
+                    raise self._unreachable(e, at) from None
             except (OSError, http.client.HTTPException) as e:
                 self.close()
-                raise self._unreachable(e) from None
+                self._failover(at)
+                raise self._unreachable(e, at) from None
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
         return self._decode(resp.status, raw, method, path)
@@ -897,8 +957,9 @@ class HttpClient:
             head["Authorization"] = f"Bearer {self.token}"
         if self.aborted:
             raise Unreachable(f"stopped talking to the {self.what}")
+        conn = self._conn(timeout)
+        at = self._local.at
         try:
-            conn = self._conn(timeout)
             conn.request(method, path, body=payload, headers=head)
             resp = conn.getresponse()
             if resp.status != 200:
@@ -913,12 +974,13 @@ class HttpClient:
                 yield json.loads(line)
         except (OSError, http.client.HTTPException, ValueError) as e:
             self.close()
-            raise self._unreachable(e) from None
+            self._failover(at)
+            raise self._unreachable(e, at) from None
         except BaseException:
             self.close()            # a stream left half-read cannot carry the next request
             raise
 
-    def _unreachable(self, e):
+    def _unreachable(self, e, at):
         hint = f"is the {self.what} running and is the URL right?"
         if isinstance(e, ssl.SSLCertVerificationError):
             hint = (f"the {self.what}'s TLS certificate did not verify: pass --ca-file FILE with the CA that "
@@ -926,7 +988,7 @@ class HttpClient:
         elif isinstance(e, ssl.SSLError):
             hint = (f"a TLS handshake failed: is the scheme right (https:// only if the {self.what} has "
                     "--tls-cert)? for a private CA pass --ca-file FILE")
-        return Unreachable(f"cannot reach the {self.what} at {self.url}: {e.__class__.__name__}: {e}", hint)
+        return Unreachable(f"cannot reach the {self.what} at {self.urls[at][0]}: {e.__class__.__name__}: {e}", hint)
 
     def _decode(self, status, raw, method, path):
         try:
@@ -1332,6 +1394,8 @@ def check_state_report(body):
         raise HttpError(400, "bad_request", "a done report needs exit_code 0")
     if state == "failed" and code in (None, 0) and not error:
         raise HttpError(400, "bad_request", "a failed report needs a non-zero exit_code or an error")
+    if "requeue" in body and (body["requeue"] is not True or state != "failed" or code is not None or not error):
+        raise HttpError(400, "bad_request", "requeue is true, on a failed report with an error and no exit_code")
     chunks = body.get("chunks")
     if chunks is not None:
         if not isinstance(chunks, list) or len(chunks) > MAX_CHUNKS_PER_REPORT:
@@ -1738,6 +1802,11 @@ def resolve_token(flag_value, token_file, env):
     return env.get("SWARM_TOKEN") or ""
 
 
+def url_list(text):
+    """"URL[,URL...]" with spaces and trailing slashes dropped: one service at several addresses."""
+    return ",".join(u.strip().rstrip("/") for u in text.split(",") if u.strip())
+
+
 def load_handle(path):
     try:
         handle = json.loads(read_private(path, "backend handle"))
@@ -1774,7 +1843,8 @@ def serve_settings(args, env):
     if not 1 <= args.worker_lost_after <= 3600:
         raise UsageError("--worker-lost-after must be from 1 to 3600 seconds", "example: --worker-lost-after 10")
     return ServeSettings(host=host, port=port, state_dir=state, handle=handle_path,
-                         pond_url=(args.pond or handle["pond_url"]).rstrip("/"), token_hash=digest(token),
+                         pond_url=url_list(args.pond or ",".join(handle.get("pond_urls") or [handle["pond_url"]])),
+                         token_hash=digest(token),
                          poll_wait=args.poll_wait, claim_wait=args.claim_wait,
                          snapshot_interval=args.snapshot_interval, request_timeout=args.request_timeout,
                          worker_lost_after=args.worker_lost_after,
@@ -1872,7 +1942,8 @@ def pair(s):
     if answer.get("protocol_version") != PROTOCOL_VERSION:
         raise SwarmError(f"pond speaks protocol {answer.get('protocol_version')}; this swarm.py speaks "
                          f"{PROTOCOL_VERSION}", "use the swarm.py that ships with this pond")
-    handle = {"pond_url": s.pond_url, "binding_id": answer["binding_id"], "token": answer["token"],
+    urls = s.pond_url.split(",")          # serve fails over between them in this order
+    handle = {"pond_url": urls[0], "pond_urls": urls, "binding_id": answer["binding_id"], "token": answer["token"],
               "name": answer.get("name"), "protocol_version": answer["protocol_version"], "paired_at": time.time()}
     if not s.out.parent.exists():
         private_dir(s.out.parent)
@@ -2513,8 +2584,8 @@ class Pool:
 
     def report_state(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
-        body = obj(body, "state report",
-                   ("attempt", "state", "exit_code", "error", "chunks", "attestation", "dropped"), ("attempt", "state"))
+        body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks", "attestation",
+                                          "dropped", "requeue"), ("attempt", "state"))
         check_state_report(body)
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
@@ -2679,7 +2750,7 @@ class Pool:
         with self.lock:
             workers = [dict(s.view(now), running=len(s.jobs), queued=len(s.queue), evicting=s.evicting,
                             last_seen=s.last_seen or None, health=s.health) for s in self.sessions.values()]
-        return {"pond_reachable": self.pond_ok, "outbox": len(self.outbox), "workers": workers, **self.health()}
+        return {"pond_reachable": self.pond_ok, "pond_url": self.pond.url, "outbox": len(self.outbox), "workers": workers, **self.health()}
 
     def jobs(self):
         with self.lock:
@@ -3351,6 +3422,302 @@ class EgressProxy:
 
 
 # ============================================================================
+# Credential broker (an agent job's model calls: the real key added outside the sandbox, usage counted)
+# ============================================================================
+# One broker per agent job, on the listener the worker bound at BROKER_PORT inside the job's network
+# namespace, beside the egress proxy (sandbox.md §C.2). The job holds a random per-job token, never
+# the key: the broker checks the token, drops every credential the client sends, adds the real key,
+# and forwards to the model's one configured upstream (https, or http to loopback). A client cannot
+# name another host: this is no proxy. Answers stream back as they come (SSE); the usage fields of
+# each answer are counted, and budgets refuse further calls with 429. The key is in no log line.
+
+BROKER_PORT = 8787                    # on 127.0.0.1 in the job's network namespace, beside the egress proxy's 3128
+BROKER_BODY_MAX = 8 * 1024 * 1024     # bytes of a request body
+BROKER_ERROR_MAX = 64 * 1024          # bytes of an upstream error answer, read whole to scrub the key out
+BROKER_USAGE_MAX = 4 * 1024 * 1024    # bytes of a whole (not streamed) answer kept to read its usage
+BROKER_TIMEOUT = 600.0                # s the upstream may stay silent
+BROKER_CALLS_SIGNED = 256             # calls listed one by one in the signed usage; the totals count all
+BROKER_AUTH = {"openai": ("Authorization", "Bearer {}"), "anthropic": ("x-api-key", "{}")}
+BROKER_DROPPED = EGRESS_DROPPED_HEADERS | {"authorization", "x-api-key", "api-key", "content-length",
+                                           "transfer-encoding", "accept-encoding", "expect", "cookie"}
+BROKER_ANSWER_DROPPED = EGRESS_DROPPED_HEADERS | {"content-length", "transfer-encoding", "set-cookie"}
+
+
+class BrokerRefused(Exception):
+    """A request the broker answers itself: an OpenAI-shaped JSON error (both SDKs print its message)."""
+
+    def __init__(self, status, reason, text):
+        super().__init__(reason)
+        self.status, self.reason, self.text = status, reason, text
+
+
+def broker_upstream(broker):
+    """(scheme, host, port, path prefix) of a broker block's upstream; SwarmError unless https, or http
+    to a loopback address (pond checks this too; a worker fails closed on its own)."""
+    url = urlsplit(str(broker.get("base_url", "")))
+    ip = ip_literal(url.hostname or "")
+    if broker.get("provider") not in BROKER_AUTH or url.scheme not in ("https", "http") or not url.hostname \
+            or (url.scheme == "http" and not (ip and ip.is_loopback)):
+        raise SwarmError(f"the model's upstream {clean(broker.get('base_url'), 100)} is not https (nor http to "
+                         "loopback), or its provider is unknown", "fix the model in pond: pond admin model create")
+    return url.scheme, url.hostname, url.port or (443 if url.scheme == "https" else 80), url.path.rstrip("/")
+
+
+class UsageMeter:
+    """The token counts of one answer, read from its usage fields as it passes: OpenAI's (prompt_tokens,
+    completion_tokens; input_tokens, output_tokens in the Responses API) and Anthropic's (message_start,
+    message_delta). Counts are cumulative in every format, so the largest seen wins."""
+
+    def __init__(self, sse):
+        self.sse, self.buf, self.counts = sse, bytearray(), {"input_tokens": 0, "output_tokens": 0}
+
+    def feed(self, data):
+        self.buf += data
+        if not self.sse:
+            del self.buf[BROKER_USAGE_MAX:]
+            return
+        *lines, rest = self.buf.split(b"\n")
+        self.buf = bytearray(rest[:BROKER_USAGE_MAX])
+        for line in lines:
+            if line.startswith(b"data:") and line[5:].strip() not in (b"", b"[DONE]"):
+                self._take(line[5:])
+
+    def finish(self):
+        if not self.sse:
+            self._take(bytes(self.buf))
+        return self.counts
+
+    def _take(self, text):
+        try:
+            event = json.loads(text)
+        except ValueError:
+            return
+        for holder in (event, event.get("message"), event.get("response")) if isinstance(event, dict) else ():
+            usage = holder.get("usage") if isinstance(holder, dict) else None
+            if isinstance(usage, dict):
+                for ours, names in (("input_tokens", ("input_tokens", "prompt_tokens")),
+                                    ("output_tokens", ("output_tokens", "completion_tokens"))):
+                    for name in names:
+                        if type(usage.get(name)) is int and usage[name] > self.counts[ours]:
+                            self.counts[ours] = usage[name]
+
+
+class CredentialBroker(EgressProxy):
+    """One agent job's broker: EgressProxy's accept loop, threads and close(), another policy.
+
+    `broker` is the job's broker block (pond/agents.py), `key` the real key unsealed for this
+    attempt, `token` what the job presents instead; `log_line(dict)` gets one line per call.
+    """
+
+    def __init__(self, listener, broker, key, token, log_line, max_connections=16):
+        super().__init__(listener, None, log_line, max_connections)
+        self.broker, self.key, self.token = broker, key, token
+        self.scheme, self.host, self.port, self.prefix = broker_upstream(broker)
+        self.usage = {"calls": [], "input_tokens": 0, "output_tokens": 0, "refused": 0}
+
+    def report(self):
+        """The usage to sign (specs/attestation.md §3)."""
+        with self._lock:
+            return {**self.usage, "calls": list(self.usage["calls"])}
+
+    def spent(self):
+        """Why the job's budget refuses another call, or None."""
+        b, u = self.broker, self.usage
+        cost = (u["input_tokens"] * (b.get("input_cost_per_mtok") or 0)
+                + u["output_tokens"] * (b.get("output_cost_per_mtok") or 0)) / 1e6
+        if b.get("max_tokens") is not None and u["input_tokens"] + u["output_tokens"] >= b["max_tokens"]:
+            return f"this job has used its budget of {b['max_tokens']} tokens"
+        if b.get("max_cost") is not None and cost >= b["max_cost"]:
+            return f"this job has used its budget of {b['max_cost']} (cost {cost:.6f})"
+        return None
+
+    def _serve(self, client):
+        started = time.monotonic()
+        try:
+            head, rest = self._read_head(client)
+            method, path, headers = self._parse(head)
+            self._check(headers)
+            body, model = self._body(client, headers, rest)
+            upstream = self._connect()
+        except (EgressRefused, BrokerRefused) as refused:
+            self._refuse(client, refused)
+            return
+        except Exception as e:              # a bug: its text may quote a header (the job's token): the type only
+            log.warning("credential broker: a request could not be read (%s); refused it", type(e).__name__)
+            self._refuse(client, BrokerRefused(400, "bad-request", "the broker could not read this request"))
+            return
+        status, counts = 502, {"input_tokens": 0, "output_tokens": 0}
+        try:
+            status, counts = self._forward(client, upstream, method, path, headers, body)
+        except Exception as e:              # no traceback: an exception's text may quote a header, key and all
+            self._refuse(client, BrokerRefused(502, "upstream-failed", f"the model's upstream failed: "
+                                               f"{clean(str(e).replace(self.key, '[redacted]'), 200)}"))
+        finally:
+            if upstream.sock is not None:
+                self._untrack(upstream.sock)
+            upstream.close()
+        self._record(model, counts, status, started)
+
+    def _parse(self, head):
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not HEADER_NAME.fullmatch(parts[0]) or not parts[2].startswith("HTTP/1."):
+            raise BrokerRefused(400, "bad-request", "the request line is not METHOD /path HTTP/1.x")
+        method, target = parts[0], parts[1]
+        if not target.startswith("/") or method == "CONNECT":
+            raise BrokerRefused(403, "not-a-proxy", "the broker forwards only to this job's model API; it names "
+                                "no other host (send origin-form requests: POST /v1/...)")
+        path = target.split("?", 1)[0]
+        if self.prefix and not (path == self.prefix or path.startswith(self.prefix + "/")) \
+                or ".." in target or "%2e" in target.lower():
+            raise BrokerRefused(403, "path-not-allowed", f"only paths under {self.prefix or '/'} go to the model")
+        fields = [line.split(":", 1) for line in lines[1:] if line]
+        if any(len(f) != 2 or not HEADER_NAME.fullmatch(f[0]) or set(f[1]) & {"\r", "\n", "\0"} for f in fields):
+            raise BrokerRefused(400, "bad-request", "a header line is not Name: value")
+        return method, target, [(name.strip(), value.strip()) for name, value in fields]
+
+    def _check(self, headers):
+        given = {name.lower(): value for name, value in headers}
+        presented = given.get("x-api-key") or given.get("api-key") or given.get("authorization", "")
+        presented = presented[7:] if presented[:7].lower() == "bearer " else presented
+        if not hmac.compare_digest(presented.encode(), self.token.encode()):
+            raise BrokerRefused(401, "bad-token", "the broker takes this job's own token only "
+                                "(the *_API_KEY it was given)")
+        with self._lock:
+            why = self.spent()
+            if why:
+                self.usage["refused"] += 1
+        if why:
+            raise BrokerRefused(429, "budget-exhausted", why + "; no more model calls are forwarded")
+        if "chunked" in given.get("transfer-encoding", "").lower():
+            raise BrokerRefused(411, "length-required", "send the request body with a Content-Length")
+
+    def _body(self, client, headers, rest):
+        """(the body to forward, the model it names): the configured model only; OpenAI chat streams
+        are asked to carry their usage, so that a streamed call counts too."""
+        length = next((v for n, v in headers if n.lower() == "content-length"), "0")
+        if not length.isdigit() or int(length) > BROKER_BODY_MAX:
+            raise BrokerRefused(413, "body-too-large", f"a request body is at most {BROKER_BODY_MAX} bytes")
+        body, deadline = bytearray(rest), time.monotonic() + EGRESS_HEAD_TIMEOUT
+        while len(body) < int(length):
+            client.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk = client.recv(EGRESS_RELAY_CHUNK)
+            if not chunk:
+                raise BrokerRefused(400, "bad-request", "the connection closed before the body ended")
+            body += chunk
+        try:
+            data = json.loads(bytes(body[:int(length)])) if length != "0" else None
+        except ValueError:
+            data = None
+        model = self.broker.get("model")
+        if isinstance(data, dict) and "model" in data:
+            if data["model"] != model:
+                raise BrokerRefused(403, "model-not-allowed", f"this job may call model {model} only")
+            if self.broker["provider"] == "openai" and data.get("stream") is True and "messages" in data:
+                data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+                return json.dumps(data).encode(), model
+        return bytes(body[:int(length)]), model
+
+    def _connect(self):
+        if self.scheme == "https":
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=BROKER_TIMEOUT,
+                                               context=ssl.create_default_context())
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=BROKER_TIMEOUT)
+        try:
+            conn.connect()
+        except OSError as e:
+            conn.close()
+            raise BrokerRefused(502, "connect-failed", f"the model's upstream is unreachable: {clean(str(e), 120)}")
+        self._track(conn.sock)
+        return conn
+
+    def _forward(self, client, conn, method, target, headers, body):
+        """Send the request upstream with the real key; relay the answer as it comes. -> (status, counts)."""
+        conn.putrequest(method, target, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", self.host if self.port in (80, 443) else f"{self.host}:{self.port}")
+        for name, value in headers:
+            if name.lower() not in BROKER_DROPPED:
+                conn.putheader(name, value)
+        auth, form = BROKER_AUTH[self.broker["provider"]]
+        conn.putheader(auth, form.format(self.key))
+        conn.putheader("Accept-Encoding", "identity")          # usage is read from the answer as it passes
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        answer = conn.getresponse()
+        kept = [(n, v) for n, v in answer.getheaders() if n.lower() not in BROKER_ANSWER_DROPPED]
+        head = "".join(f"{n}: {v}\r\n" for n, v in kept)
+        if answer.status >= 400:                                # an error text may echo the key: scrubbed
+            text = answer.read(BROKER_ERROR_MAX).replace(self.key.encode(), b"[redacted]")
+            client.sendall(f"HTTP/1.1 {answer.status} {answer.reason}\r\n{head}Content-Length: {len(text)}\r\n"
+                           f"Connection: close\r\n\r\n".encode("latin-1") + text)
+            return answer.status, {"input_tokens": 0, "output_tokens": 0}
+        client.sendall(f"HTTP/1.1 {answer.status} {answer.reason}\r\n{head}Connection: close\r\n\r\n".encode("latin-1"))
+        meter = UsageMeter("text/event-stream" in (answer.getheader("Content-Type") or ""))
+        while data := answer.read1(EGRESS_RELAY_CHUNK):
+            client.sendall(data)                                # as it comes: no buffering of a stream
+            meter.feed(data)
+        return answer.status, meter.finish()
+
+    def _record(self, model, counts, status, started):
+        call = {"model": clean(str(model), 200), "input_tokens": counts["input_tokens"],
+                "output_tokens": counts["output_tokens"], "latency_ms": int((time.monotonic() - started) * 1000),
+                "status": status}
+        with self._lock:
+            for name in ("input_tokens", "output_tokens"):
+                self.usage[name] += counts[name]
+            if len(self.usage["calls"]) < BROKER_CALLS_SIGNED:
+                self.usage["calls"].append(call)
+        with self._log_lock:
+            self.log_line(call)
+
+    def _refuse(self, client, refused):
+        if isinstance(refused, EgressRefused):                # over the connection cap (EgressProxy._admit)
+            refused = BrokerRefused(refused.status, refused.reason, refused.text)
+        with self._log_lock:
+            self.log_line({"status": refused.status, "refused": refused.reason, "message": refused.text})
+        body = json.dumps({"error": {"type": refused.reason, "code": refused.reason, "message": refused.text}}).encode()
+        try:
+            client.sendall(f"HTTP/1.1 {refused.status} {http.client.responses.get(refused.status, 'Error')}\r\n"
+                           f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+                           f"\r\n".encode() + body)
+            client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+
+RUNTIME_PLACEHOLDER = re.compile(r"\{\{(BROKER_URL|SECRET:[A-Za-z_][A-Za-z0-9_]{0,127})\}\}")
+
+
+@dataclass
+class AgentParts:
+    """What an agent job gets in place of its credential: the broker's URL and a per-job token in
+    its env; the real key stays here, for the broker; secrets only the harness's files may hold."""
+    env: dict
+    url: str
+    key: str = field(repr=False)
+    token: str = field(repr=False)
+    file_secrets: dict = field(repr=False)
+
+
+def agent_parts(job, secret_env):
+    """-> AgentParts for a job with a broker block; SwarmError when its credential cannot be brokered
+    (a job is never run with the key in its environment instead)."""
+    broker = job["broker"]
+    key = (secret_env.get(broker.get("key_env")) or "").strip()
+    if not key or not key.isprintable():           # a line break would end up in an error text, key and all
+        raise SwarmError(f"credential {job.get('credential')} holds no usable {clean(broker.get('key_env'), 64)} "
+                         "for the broker", "set the model's key, one line, in the credential: pond admin credential "
+                         "set NAME --secret VAR")
+    _, _, _, prefix = broker_upstream(broker)
+    url, token = f"http://127.0.0.1:{BROKER_PORT}{prefix}", "swarm-" + secrets.token_urlsafe(24)
+    name = {"openai": "OPENAI", "anthropic": "ANTHROPIC"}[broker["provider"]]
+    allowed = set(broker.get("secret_files") or ())
+    return AgentParts({"BROKER_URL": url, f"{name}_BASE_URL": url, f"{name}_API_KEY": token}, url, key, token,
+                      {k: v for k, v in secret_env.items() if k in allowed})
+
+
+# ============================================================================
 # Worker: identity and enrollment
 # ============================================================================
 
@@ -3488,8 +3855,7 @@ def heartbeats(loop, orch, stop):
 GIB = 1024 ** 3
 PROFILE_LIMITS = {"memory": 4 * GIB, "cpus": 2, "pids": 512, "tmpfs_size": 1 * GIB, "timeout": 86400}
 UNTRUSTED_PROFILES = ("untrusted-code-read", "untrusted-code-write")
-EGRESS_PORT = 3128             # the job's egress proxy, on 127.0.0.1 inside its network namespace (the
-                               # credential broker of the agent issue will listen beside it, on 8787)
+EGRESS_PORT = 3128             # the job's egress proxy, on 127.0.0.1 inside its network namespace
 SANDBOX_HOME = "/home/swarm"   # HOME inside bwrap; the slot's home/ is bound there
 SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 OPEN_FILES = 4096              # RLIMIT_NOFILE of a job
@@ -3602,7 +3968,8 @@ def seccomp_program(machine=None):
     Kills a foreign architecture outright; refuses (EPERM) x32 calls, io_uring, kernel
     keyrings, bpf, userfaultfd, perf events, mount and namespace calls, and creating a
     Unix socket (the only path out of the network namespace would be a socket someone
-    bound on the host); allows the rest.
+    bound on the host); allows the rest, socketpair too: an anonymous pair names nothing
+    outside, and tokio's and libuv's runtimes (codex, node) cannot start without one.
     """
     machine = machine or os.uname().machine
     if machine not in SYSCALLS:
@@ -3618,10 +3985,10 @@ def seccomp_program(machine=None):
             insn(ret, 0, 0, SECCOMP_RET_KILL_PROCESS),
             insn(ld_w, 0, 0, 0)]                                     # seccomp_data.nr
     if machine == "x86_64":
-        prog.append(insn(jge, len(denied) + 5, 0, X32_SYSCALL_BIT))  # to the EPERM at the end
+        prog.append(insn(jge, len(denied) + 4, 0, X32_SYSCALL_BIT))  # to the EPERM at the end
     for i, number in enumerate(denied):
-        prog.append(insn(jeq, len(denied) - i + 4, 0, number))
-    prog += [insn(jeq, 1, 0, nr["socket"]), insn(jeq, 0, 2, nr["socketpair"]),
+        prog.append(insn(jeq, len(denied) - i + 3, 0, number))
+    prog += [insn(jeq, 0, 2, nr["socket"]),
              insn(ld_w, 0, 0, 16),                                   # args[0], low half: the family
              insn(jeq, 1, 0, AF_UNIX_FAMILY),
              insn(ret, 0, 0, SECCOMP_RET_ALLOW),
@@ -4470,6 +4837,7 @@ class BwrapProvider:
                  "--bind", str(slot.home), SANDBOX_HOME, work, str(slot.work), "/work", "--chdir", "/work",
                  "--remount-ro", "/", "--seccomp", PipeFd(0), "--", *command]
         ports = [EGRESS_PORT] if conf["profile"] == "untrusted-code-write" else []
+        ports += [BROKER_PORT] if conf.get("broker") else []
         return Launch(argv, env, str(slot.work), conf["limits"], slot.spawner, uid=slot.uid, cgroups=slot.cgroups,
                       join=slot.join, ports=ports, data=(self.seccomp,), keep_supervisor=True, stdin=stdin)
 
@@ -4655,6 +5023,9 @@ class Sandboxes:
         etc = self.dir / f"etc-{index}"            # the worker's, outside the slot: no job can change it
         stage_etc(etc, uid if uid is not None else os.getuid(), uid if uid is not None else os.getgid())
         slot = Slot(root, uid, etc)
+        for d in (slot.work, slot.home, slot.tmp):     # what a worker killed mid-job left (an agent's runtime
+            if d.exists():                             # files hold secrets) goes now, not at the slot's next job
+                fresh_dir(d)
         self._start_spawner(slot)
         return slot
 
@@ -4727,8 +5098,8 @@ class Sandboxes:
         launch, slot.warm = slot.warm, None
         if launch is None or launch.spawner is not slot.spawner:    # made by a spawner that died since
             return None
-        same = {k: slot.warm_conf[k] for k in ("profile", "backend", "limits")} == \
-            {k: conf[k] for k in ("profile", "backend", "limits")} and slot.warm_dirs == _identities(slot)
+        same = {k: slot.warm_conf.get(k) for k in ("profile", "backend", "limits", "broker")} == \
+            {k: conf.get(k) for k in ("profile", "backend", "limits", "broker")} and slot.warm_dirs == _identities(slot)
         launch.script = warm_script(command, env) if same and launch.alive() else None
         if launch.script is None:
             launch.discard(wait=False)
@@ -4834,6 +5205,8 @@ def sandbox_env(conf, job_env, slot, provider):
     if conf["profile"] == "untrusted-code-write":
         proxy = f"http://127.0.0.1:{EGRESS_PORT}"
         env.update(HTTP_PROXY=proxy, HTTPS_PROXY=proxy, http_proxy=proxy, https_proxy=proxy, NO_PROXY="", no_proxy="")
+    if conf.get("broker"):                         # the broker is reached directly, never through the proxy
+        env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
     env.update(job_env)
     return env
 
@@ -4992,7 +5365,8 @@ def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
     if not isinstance(source.get("size"), int) or not 0 < source["size"] <= MAX_BUNDLE:
         raise SwarmError(f"the source bundle's size is not 1 to {MAX_BUNDLE} bytes", "send a smaller tree")
     answer = ask_pond(orch, job, "source", {"token": source["token"]}, cancel)
-    spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), source_spec(source))
+    spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"), job.get("broker"),
+                    source_spec(source))
     try:
         key = hpke_open(signer.keys.sealing, answer.get("sealed"), seal_info(
             job["job_id"], job["attempt"], signer.fingerprint, spec, BUNDLE_SEAL_PREFIX))
@@ -5314,13 +5688,14 @@ def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
     return code, error, ended_by
 
 
-def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None, artifacts=None):
+def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None, artifacts=None,
+           usage=None, requeue=False):
     """The final report, signed when this worker's keys are pinned (specs/attestation.md).
 
     A job that never ran is signed too, over empty output: whatever the worker says
-    of a job, the orchestrator cannot change.
+    of a job, the orchestrator cannot change. An agent job's result signs its spec and usage.
     """
-    fields = {"exit_code": exit_code}
+    fields = {"exit_code": exit_code, **({"requeue": True} if requeue else {})}
     if error:
         fields["error"] = error
     if output is not None:
@@ -5330,12 +5705,16 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
     if signer is not None:
         hashes = output.hashes if output is not None else {"stdout": b"", "stderr": b""}
         now = time.time()
+        agent = job.get("files") is not None or job.get("broker") is not None
+        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"),
+                        job.get("broker"), source_spec(job.get("source"))) if agent else None
+        usage = (usage or {"calls": [], "input_tokens": 0, "output_tokens": 0, "refused": 0}) if agent else None
         statement = result_statement(
             job_id=job["job_id"], attempt=job["attempt"], command=job["command"], sandbox=job.get("sandbox"),
             worker_fingerprint=signer.fingerprint, state=state, exit_code=exit_code, error=error or None,
             started_at=started_at or now, finished_at=now, stdout=hashes["stdout"], stderr=hashes["stderr"],
             dropped=output.dropped if output is not None else None, artifacts=artifacts,
-            source=source_spec(job.get("source")))
+            source=source_spec(job.get("source")), spec=spec, usage=usage)
         fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
     reporter.state(job, state, **fields)
     log.info("job %s attempt %s: %s, exit code %s, %.1f s", job["job_id"], job["attempt"], state, exit_code,
@@ -5362,7 +5741,55 @@ def refusal(s, signer, job, sandboxes):
             ok, reason = False, f"worker cannot enforce sandbox {conf['backend']}"
         elif conf["profile"] not in provider.profiles:
             ok, reason = False, f"sandbox {provider.name} cannot enforce profile {conf['profile']}"
+        elif job.get("broker") and not isinstance(provider, BwrapProvider):
+            ok, reason = False, f"an agent job's broker listens in a bwrap sandbox's network, not {provider.name}'s"
+    if ok and job.get("broker"):
+        try:
+            broker_upstream(job["broker"])
+        except SwarmError as e:
+            ok, reason = False, e.message
     return None if ok else f"refused by worker: {reason}"
+
+
+def write_runtime_files(slot, files, agent):
+    """An agent job's runtime files, written under its HOME before it starts: {{BROKER_URL}} and
+    {{SECRET:NAME}} filled here; a path that is not plain, or resolves outside HOME, is refused; a
+    file holding a secret is 0600. -> warnings for the job's log (which secret went into which file)."""
+    home, notes = os.path.realpath(slot.home), []
+    for item in files or ():
+        parts, used = str(item.get("path", "")).split("/"), []
+        if parts[0].startswith("~") or any(p in ("", ".", "..") for p in parts):
+            raise SwarmError(f"runtime file {clean(item.get('path'), 100)} is not a plain path under HOME",
+                             "fix the harness in pond: its file paths are relative, without . or ..")
+
+        def fill(match):
+            name = match.group(1)
+            if name == "BROKER_URL":
+                return agent.url
+            if name[7:] not in agent.file_secrets:
+                raise SwarmError(f"runtime file {clean(item['path'], 100)} asks for {name}, which the harness "
+                                 "does not declare or the credential does not hold", "the broker holds keys")
+            used.append(name[7:])
+            return agent.file_secrets[name[7:]]
+
+        content = RUNTIME_PLACEHOLDER.sub(fill, str(item.get("content", "")))
+        parent = home
+        for part in parts[:-1]:
+            parent = os.path.join(parent, part)
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            if os.path.realpath(parent) != parent:
+                raise SwarmError(f"runtime file {clean(item['path'], 100)} resolves outside HOME", "fix the harness")
+            if slot.uid is not None:
+                os.chown(parent, slot.uid, slot.uid)
+        fd = os.open(os.path.join(parent, parts[-1]), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600 if used else 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            if slot.uid is not None:
+                os.fchown(out.fileno(), slot.uid, slot.uid)
+            out.write(content)
+        notes += [f"swarm-broker: warning: runtime file {item['path']} holds secret {n} in clear text (0600)\n"
+                  for n in used]
+    return notes
 
 
 def unsealed_env(job, signer, orch, cancel):
@@ -5386,7 +5813,8 @@ def unsealed_env(job, signer, orch, cancel):
     else:
         return None, "cancelled before its credential was sealed"
     try:
-        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), source_spec(job.get("source")))
+        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"), job.get("broker"),
+                        source_spec(job.get("source")))
         return unseal_env(signer.keys.sealing, answer.get("sealed"), job["job_id"], job["attempt"],
                           signer.fingerprint, spec), None
     except SwarmError as e:
@@ -5418,13 +5846,24 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
     `trouble` (the slot loop's) records a disk that refuses the slot, retried until it takes it.
     """
     why = refusal(s, signer, job, sandboxes)
-    secret_env = {}
+    harness = job["command"][0]
+    if why is None and job.get("broker") and "/" not in harness and not shutil.which(harness, path=SANDBOX_PATH):
+        finish(job, reporter, signer, "failed", error=f"cannot start: {clean(harness, 100)} is not installed on this "
+               "worker; back to the queue", requeue=True)    # never 127: another worker may have it
+        return
+    secret_env, agent = {}, None
     if why is None and job.get("credential"):
         secret_env, why = unsealed_env(job, signer, orch, cancel)
+    if why is None and job.get("broker"):
+        try:
+            agent = agent_parts(job, secret_env)
+        except SwarmError as e:
+            why = f"{e.message} ({e.hint})"
+        secret_env = {}                  # brokered: nothing of the credential enters the job's environment
     if why is not None:
         finish(job, reporter, signer, "cancelled" if cancel.is_set() else "failed", error=why)
         return
-    conf = confinement(job.get("sandbox"))
+    conf = dict(confinement(job.get("sandbox")), broker=agent is not None)
     provider = sandboxes.providers[conf["backend"]]
     scratch, artifacts = s.state_dir / "files" / slot.root.name, None
     try:
@@ -5440,14 +5879,30 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
         output = Output(job, reporter)
         env = sandbox_env(conf, job_env(job, s.repo_root, provider.name), slot, provider.name)
         env.update(secret_env)           # the credential's variables win over the job's own
+        if agent is not None:
+            env.update(agent.env)
+            try:
+                for note in write_runtime_files(slot, job.get("files"), agent):
+                    output.note("stderr", note.encode())
+            except (SwarmError, OSError) as e:
+                finish(job, reporter, signer, "failed", error=f"cannot write its runtime files: "
+                       f"{e.message if isinstance(e, SwarmError) else e}", output=output)
+                return conf
         launch = sandboxes.take(slot, conf, job["command"], env) or provider.launch(conf, job["command"], slot, env)
-        proxies = []
+        proxies, brokers = [], []
+
+        def log_to_job(prefix):
+            return lambda d: output.note("stderr", prefix + json.dumps(d, sort_keys=True).encode() + b"\n")
 
         def start_proxies():
             for listener in launch.listeners:
-                policy = egress.with_hosts(conf["allow_hosts"])
-                proxies.append(EgressProxy(listener, policy, lambda d: output.note(
-                    "stderr", b"swarm-egress: " + json.dumps(d, sort_keys=True).encode() + b"\n")))
+                if agent is not None and listener.family == socket.AF_INET and listener.getsockname()[1] == BROKER_PORT:
+                    brokers.append(CredentialBroker(listener, job["broker"], agent.key, agent.token,
+                                                    log_to_job(b"swarm-broker: ")))
+                    proxies.append(brokers[-1])
+                else:
+                    proxies.append(EgressProxy(listener, egress.with_hosts(conf["allow_hosts"]),
+                                               log_to_job(b"swarm-egress: ")))
                 proxies[-1].start()
 
         timeout = min(job.get("timeout") or conf["limits"]["timeout"], conf["limits"]["timeout"])
@@ -5465,7 +5920,8 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
             except SwarmError as e:
                 error = f"{error}; artifacts: {e.message}" if error else f"artifacts: {e.message}"
         state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
-        finish(job, reporter, signer, state, code, error, output, started_at, artifacts)   # the result first
+        usage = brokers[0].report() if brokers else None       # the result first: cleaning up cannot lose it
+        finish(job, reporter, signer, state, code, error, output, started_at, artifacts, usage)
     finally:
         sandboxes.close_slot(slot)
         empty_slot(s, job, slot)
@@ -5565,6 +6021,19 @@ class Slots:
             t.join(CANCEL_GRACE + 5)
 
 
+# harness.<name> -> the executable a worker must find for it (any other name: an executable of that name)
+HARNESS_EXECUTABLES = {"codex": "codex", "claude": "claude", "llm": "llm", "mini-swe-agent": "mini"}
+
+
+def find_harnesses(globs):
+    """The harness names this worker can run: those its `harness.` globs name or match whose executable
+    is on its PATH or the sandbox's (a job would fail with 127 without it)."""
+    path = os.pathsep.join([os.environ.get("PATH", ""), SANDBOX_PATH])
+    names = set(HARNESS_EXECUTABLES) | {g[len("harness."):] for g in globs
+                                        if g.startswith("harness.") and not re.search(r"[*?\[]", g)}
+    return sorted(n for n in names if shutil.which(HARNESS_EXECUTABLES.get(n, n), path=path))
+
+
 def prove_sandboxes(s):
     """Preflight every provider the capability globs ask for; advertise only those that passed,
     and say what was dropped, why, and how to fix it. -> (Sandboxes, settings with capabilities)."""
@@ -5578,7 +6047,7 @@ def prove_sandboxes(s):
     for name, provider in sandboxes.providers.items():
         extra = f" ({provider.version}, {provider.path})" if name == "bwrap" else ""
         log.info("sandbox.%s enforced%s", name, extra)
-    caps, warnings = resolve_capabilities(s.capabilities, tuple(sandboxes.providers))
+    caps, warnings = resolve_capabilities(s.capabilities, tuple(sandboxes.providers), find_harnesses(s.capabilities))
     for w in warnings:
         if not any(w.startswith(f"cannot enforce sandbox.{name}:") for name in sandboxes.dropped):
             log.warning("%s; not advertised", w)
@@ -5702,7 +6171,7 @@ def status(s):
     if s.json:
         print(json.dumps(data, indent=2))
         return EXIT_ERROR if failing else EXIT_OK
-    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; outbox: {data['outbox']} message(s); "
+    print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; pond {data.get('pond_url')}; outbox: {data['outbox']} message(s); "
           f"health: {'FAILING' if failing else 'ok'}")
     _table(data["workers"], [("WORKER", "id"), ("NAME", "name"), ("ONLINE", "online"), ("SLOTS", "slots"),
                              ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
@@ -5770,7 +6239,8 @@ def build_parser():
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
 
     s = sub.add_parser("pair", help="redeem a pairing code, write backend-handle.json")
-    s.add_argument("--pond", type=named, required=True, metavar="URL", help="pond's URL")
+    s.add_argument("--pond", type=named, required=True, metavar="URL[,URL...]",
+                   help="pond's URL; replicas of one pond: a comma-separated list, tried in turn")
     s.add_argument("--code", type=named, help="the pairing code (or $SWARM_PAIRING_CODE)")
     s.add_argument("--out", type=named, default=HANDLE_FILE, help="where to write the handle (default: %(default)s)")
     s.add_argument("--name", type=named, help="a name for this orchestrator")
@@ -5789,7 +6259,8 @@ def build_parser():
     s.add_argument("--state-dir", type=named, metavar="DIR", help=f"default ./{DEFAULT_SERVE_STATE}")
     s.add_argument("--handle", type=named, metavar="FILE",
                    help=f"backend handle (default ./{HANDLE_FILE}, else DIR/{HANDLE_FILE})")
-    s.add_argument("--pond", type=named, metavar="URL", help="pond's URL, if it moved since pairing")
+    s.add_argument("--pond", type=named, metavar="URL[,URL...]",
+                   help="pond's URL(s), if they changed since pairing (default: the handle's)")
     s.add_argument("--poll-wait", type=float, default=POND_POLL_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
     s.add_argument("--snapshot-interval", type=float, default=SNAPSHOT_INTERVAL, help=argparse.SUPPRESS)
@@ -5858,7 +6329,7 @@ def run(args, env):
         code = args.code or env.get("SWARM_PAIRING_CODE")
         if not code:
             raise UsageError("pair needs a code", "pass --code CODE (mint one with `pond admin pairing-code`)")
-        return pair(PairSettings(pond_url=args.pond.rstrip("/"), code=code, out=Path(args.out), name=args.name,
+        return pair(PairSettings(pond_url=url_list(args.pond), code=code, out=Path(args.out), name=args.name,
                                  ca_file=args.ca_file or ""))
     if args.cmd == "serve":
         setup_logging("serve")

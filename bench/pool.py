@@ -118,8 +118,9 @@ def cpu_ticks(pid, children=False):
 
 def tree_ticks(name, pid):
     """CPU ticks of one pool process; a worker's include its spawners (one per slot, its
-    children) and the jobs they reaped, and the spawners it reaped."""
-    if not name.startswith("worker"):
+    children) and the jobs they reaped, and the spawners it reaped; PostgreSQL's (bench/store.py),
+    its backends."""
+    if not name.startswith(("worker", "postgres")):
         return cpu_ticks(pid)
     ticks = cpu_ticks(pid, children=True)
     for entry in os.listdir("/proc"):
@@ -361,12 +362,17 @@ def child_env():
 class BenchPool:
     """pond + one orchestrator + two workers (concurrency 2 each), all with default holds and waits."""
 
-    def __init__(self, tmp, workers=2, concurrency=2, profile_dir=None, serve_args=()):
+    def __init__(self, tmp, workers=2, concurrency=2, profile_dir=None, serve_args=(), database=None, replicas=1,
+                 env=None):
+        """`database`: pond on PostgreSQL (a URL without password; `env` carries PGPASSWORD), with
+        `replicas` ponds on it; the orchestrator is paired with all of them (it talks to the first)
+        and the bench submits through the last, so a submit wakes the poll through NOTIFY."""
+        self.database, self.replicas = database, replicas
         self.tmp = Path(tmp)
         self.profile_dir, self.serve_args = profile_dir, tuple(serve_args)    # serve_args: more `swarm.py serve` flags
         self.n_workers, self.concurrency = workers, concurrency
         self.procs = []
-        self.env = child_env()
+        self.env = child_env() if env is None else dict(child_env(), **env)
 
     def _start(self, name, argv):
         profile = Path(self.profile_dir) / f"{name}.txt" if self.profile_dir else None
@@ -375,10 +381,19 @@ class BenchPool:
         return proc
 
     def start(self):
-        pond_dir = self.tmp / "pond"
-        self.pond = self._start("pond", [sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0",
-                                         "--state-dir", str(pond_dir)])
-        self.url = self.pond.url()
+        pond_dir, urls = self.tmp / "pond", []
+        for i in range(1, self.replicas + 1):
+            state = pond_dir if i == 1 else self.tmp / f"pond{i}"
+            if i > 1:       # a replica: the first one's admin token and credential key
+                state.mkdir(mode=0o700)
+                for name in ("admin-token", "credential.key"):
+                    shutil.copy2(pond_dir / name, state / name)
+            store = ("--database", self.database) if self.database else ()
+            proc = self._start("pond" if i == 1 else f"pond{i}", [
+                sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state), *store])
+            urls.append(proc.url())
+        self.pond = self.procs[0]
+        self.url = urls[-1]
         self.token = (pond_dir / "admin-token").read_text().strip()
         api = Api(self.url, self.token)
         try:
@@ -386,7 +401,7 @@ class BenchPool:
             orch_dir.mkdir()
             handle = orch_dir / "backend-handle.json"
             code = api.call("POST", "/v1/admin/pool/pairing-codes", {"name": "bench"}, expect=201)["code"]
-            done = subprocess.run([sys.executable, str(SWARM), "pair", "--pond", self.url, "--code", code,
+            done = subprocess.run([sys.executable, str(SWARM), "pair", "--pond", ",".join(urls), "--code", code,
                                    "--out", str(handle)], capture_output=True, text=True, timeout=30,
                                   env=self.env, cwd=ROOT)
             if done.returncode != 0:

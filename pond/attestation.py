@@ -17,6 +17,7 @@ import json
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from pond import sealing
 from pond.errors import Forbidden, NotFound
 from pond.wire import canonical_json
 
@@ -161,10 +162,27 @@ def _check_sandbox(signed, stored):
 
 
 NOTHING_DROPPED = {"stdout": 0, "stderr": 0}
+MAX_USAGE_CALLS = 256     # calls a signed usage lists one by one (swarm.py's BROKER_CALLS_SIGNED); its totals count all
+CALL_FIELDS = {"model": str, "input_tokens": int, "output_tokens": int, "latency_ms": int, "status": int}
+
+
+def _check_usage(usage):
+    """An agent job's signed usage (§3): totals and the calls, each field of its type."""
+    totals = ("calls", "input_tokens", "output_tokens", "refused")
+    if not isinstance(usage, dict) or sorted(usage) != sorted(totals):
+        raise refused("the signed usage is not {calls, input_tokens, output_tokens, refused}")
+    if any(type(usage[k]) is not int or usage[k] < 0 for k in totals[1:]):
+        raise refused("the signed usage totals are not whole numbers >= 0")
+    calls = usage["calls"]
+    if not isinstance(calls, list) or len(calls) > MAX_USAGE_CALLS or not all(
+            isinstance(c, dict) and sorted(c) == sorted(CALL_FIELDS)
+            and all(type(c[k]) is t for k, t in CALL_FIELDS.items()) for c in calls):
+        raise refused(f"the signed usage calls are not a list of at most {MAX_USAGE_CALLS} "
+                      "{model, input_tokens, output_tokens, latency_ms, status}")
 
 
 def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None, outcome=None,
-                    dropped=None, sandbox=None, source=None, artifacts=False):
+                    dropped=None, sandbox=None, source=None, artifacts=False, spec=None):
     """-> the predicate, once the statement is about this job, attempt, worker, output and outcome.
 
     stdout and stderr are the output pond holds for the attempt, as bytes. Give `command`
@@ -173,7 +191,9 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
     the log cap left out as reported, to check those too, and `sandbox`, the job's stored block,
     to check the worker says it was asked for exactly that one. `source` ({sha256, size} of the
     job's bundle, or None) must be the signed one; with `artifacts`, subjects other than stdout and
-    stderr may name artifacts (the caller checks their digests). A valid signature is
+    stderr may name artifacts (the caller checks their digests). Give `spec`, an agent job's spec
+    digest (sealing.job_spec, over its runtime files and broker too), to check it and its signed
+    usage. A valid signature is
     not enough: an attestation of another job or attempt, replayed by an orchestrator, is
     signed too.
     """
@@ -207,6 +227,10 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
         _check_outcome(signed, outcome)
     if dropped is not None and predicate.get("dropped", NOTHING_DROPPED) != dropped:
         raise refused("the reported dropped bytes are not the signed ones")
+    if spec is not None:
+        if predicate.get("spec_digest") != {"sha256": spec}:
+            raise refused("the signed spec digest is not the job's (its files or broker differ)")
+        _check_usage(predicate.get("usage"))
     return predicate
 
 
@@ -226,9 +250,14 @@ def verify_job(store, job_id):
     output = store.output(job_id, job["attempt"])
     from pond.bundles import spec_source
     source = spec_source(job["source"])
+    spec = None
+    if job.get("files") is not None or job.get("broker") is not None:
+        spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"), job.get("broker"),
+                                source=source)
     check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"], output["stderr"],
                     command=job["command"], outcome=(job["state"], job["exit_code"], job["error"]),
-                    dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"], source=source, artifacts=True)
+                    dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"], source=source, artifacts=True,
+                    spec=spec)
     _check_artifacts(store, job, statement)
     return job, worker, statement
 

@@ -367,7 +367,8 @@ def redeem(pond, req):
                        "a token redeems once; the job is claimed again for a new one", code="token_used")
     bundle = pond.store.bundle(job["source"]["bundle"])
     data_key = open_at_rest(pond.settings.credential_key, bundle["id"], bundle["key_ct"])
-    spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], spec_source(job["source"]))
+    spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"), job.get("broker"),
+                            source=spec_source(job["source"]))
     sealed = seal_key(base64.b64decode(worker["x25519_public"]), data_key, job["id"], attempt,
                       worker["fingerprint"], spec)
     pond.store.add_job_event(job["id"], {"at": pond.now(), "event": "source_sealed", "attempt": attempt,

@@ -99,7 +99,7 @@ def cmd_serve(args):
                                args.credential_key_file, args.allow_unsigned_results, args.lease,
                                args.max_attempts, args.log_cap, args.require_sandbox,
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
-                               max_pending_per_address=args.max_pending_per_address)
+                               max_pending_per_address=args.max_pending_per_address, database=args.database)
     return serve(settings)
 
 
@@ -113,10 +113,15 @@ def cmd_submit(args):
     client = _client(args)
     if args.batch is not None:
         return _submit_batch(client, args)
-    if not args.command:
-        raise PondError("no command to run", "example: pond submit --wait -- python3 -c 'print(42)'", code="usage")
-    body = {"command": args.command, "tags": args.tag, "capabilities": args.capability,
-            "env": dict(_env_pair(e) for e in args.env)}
+    agent = _agent_arg(args)
+    if not args.command and agent is None:
+        raise PondError("no command to run", "example: pond submit --wait -- python3 -c 'print(42)'; or an agent: "
+                        "pond submit --harness codex --model gpt --prompt 'fix the tests'", code="usage")
+    if args.command and agent is not None:
+        raise PondError("an agent job runs its harness: give --harness with no command after --",
+                        "drop the command, or drop --harness/--model/--prompt", code="usage")
+    body = {"tags": args.tag, "capabilities": args.capability, "env": dict(_env_pair(e) for e in args.env),
+            **({"agent": agent} if agent is not None else {"command": args.command})}
     # A flag given is sent as given, 0 and "" too: pond refuses what it cannot take, never a default instead.
     body.update(_given(args, "timeout", "name", "tenant", "credential", "cancel_grace", "retries"))
     body["sandbox"] = _sandbox_arg(args)
@@ -219,7 +224,7 @@ def _submit_batch(client, args):
                                         ("--wait", args.wait or None), ("--explain", args.explain or None),
                                         ("a command", args.command or None))
                if value not in (None, [])]
-    per_job += [flag for attr, flag in SANDBOX_FLAGS if getattr(args, attr) not in (None, [])]
+    per_job += [flag for attr, flag in SANDBOX_FLAGS + AGENT_FLAGS if getattr(args, attr) not in (None, [])]
     if per_job:
         raise PondError(f"--batch takes each job whole from its file; {per_job[0]} would be ignored",
                         "put the field in each job's JSON line instead", code="usage")
@@ -257,6 +262,32 @@ SANDBOX_FLAGS = (("profile", "--profile"), ("tier", "--tier"), ("backend", "--ba
                  ("allow_host", "--allow-host"), ("memory", "--memory"), ("cpus", "--cpus"), ("pids", "--pids"),
                  ("tmpfs", "--tmpfs"))
 DEFAULT_PROFILE = "untrusted-code-write"
+
+
+AGENT_FLAGS = (("harness", "--harness"), ("model", "--model"), ("prompt", "--prompt"), ("prompt_file", "--prompt-file"),
+               ("system_prompt", "--system-prompt"), ("max_tokens", "--max-tokens"), ("max_cost", "--max-cost"),
+               ("temperature", "--temperature"))
+
+
+def _agent_arg(args):
+    """The job's agent block from --harness, --model, --prompt/--prompt-file and the rest, or None."""
+    given = [flag for attr, flag in AGENT_FLAGS if getattr(args, attr) is not None]
+    if not given:
+        return None
+    if args.harness is None or args.model is None or (args.prompt is None) == (args.prompt_file is None):
+        raise PondError(f"{given[0]} makes an agent job, which needs --harness, --model and one of --prompt, "
+                        "--prompt-file", "example: pond submit --harness codex --model gpt --prompt 'fix the tests'",
+                        code="usage")
+    prompt = args.prompt
+    if args.prompt_file is not None:
+        try:
+            with (sys.stdin if args.prompt_file == "-" else open(args.prompt_file, encoding="utf-8")) as f:
+                prompt = f.read()
+        except OSError as e:
+            raise PondError(f"cannot read {args.prompt_file}: {e.strerror}", "give a text file, or - for stdin",
+                            code="usage") from None
+    return {"harness": args.harness, "model": args.model, "prompt": prompt,
+            **_given(args, "system_prompt", "max_tokens", "max_cost", "temperature")}
 
 
 def _given(args, *names):
@@ -383,6 +414,14 @@ def cmd_job(args):
     line("command", _shown(job["command"]))
     line("needs", f"tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}")
     line("sandbox", _sandbox_line(job["sandbox"]))
+    if job.get("agent"):
+        u, agent = job["usage"], job["agent"]
+        line("agent", f"harness {agent['harness']}, model {agent['model']} ({job['broker']['model']})"
+             + (f"; budget {agent['max_tokens']} tokens" if agent.get("max_tokens") else "")
+             + (f", {agent['max_cost']} cost" if agent.get("max_cost") else ""))
+        line("usage", f"{u['input_tokens']} tokens in, {u['output_tokens']} out, {len(u['calls'])} calls"
+             + (f" ({u['refused']} refused)" if u["refused"] else "") + f"; cost {u['cost']:.6f}"
+             + ("" if u["attested"] else " (no signed result yet)"))
     for warning in job.get("warnings") or []:
         line("warning", warning["message"])
     if job.get("waiting"):
@@ -463,12 +502,19 @@ def _size(n):
 def cmd_verify(args):
     """Re-check a job's attestation and stored output with the pinned key, from the state dir: no server."""
     from pond.attestation import verify_job
+    from pond.settings import database_url
     from pond.store import Store
     state = Path(args.state_dir or os.environ.get("POND_STATE_DIR") or DEFAULT_STATE_DIR)
-    if not (state / DB_FILE).exists():
-        raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir", code="usage")
+    database = database_url(args.database, os.environ)
+    if not database and not (state / DB_FILE).exists():
+        raise PondError(f"no {DB_FILE} in {state}", "pass --state-dir DIR, pond's state dir (or --database URL)",
+                        code="usage")
     try:
-        store = Store(state / DB_FILE, readonly=True)
+        if database:
+            from pond.store_pg import PgStore
+            store = PgStore(database, readonly=True)
+        else:
+            store = Store(state / DB_FILE, readonly=True)
     except RuntimeError as e:
         raise PondError(str(e), "run the pond release that wrote it", code="config") from None
     try:
@@ -491,6 +537,45 @@ def cmd_verify(args):
     print(f"{'worker:':10}{worker['id']} fingerprint {worker['fingerprint']}")
     for name, digest in subjects.items():
         print(f"{name + ':':10}sha256 {digest}")
+
+
+def cmd_migrate_store(args):
+    """Copy a stopped pond's SQLite store (DIR/pond.db) into an empty PostgreSQL database."""
+    from pond.settings import database_url
+    from pond.store import Store
+    from pond.store_pg import PgStore, redact
+    kind, sep, where = args.source.partition(":")
+    if kind != "sqlite" or not sep or not where:
+        raise PondError(f"--from {args.source[:100]!r} is not sqlite:DIR", "example: --from sqlite:./pond-state",
+                        code="usage")
+    state = Path(where)
+    if not (state / DB_FILE).exists():
+        raise PondError(f"no {DB_FILE} in {state}", "give pond's state dir: --from sqlite:DIR", code="usage")
+    endpoint = state / "endpoint.json"
+    try:
+        pid = json.loads(endpoint.read_text())["pid"]
+        os.kill(pid, 0)
+        raise PondError(f"pond (pid {pid}) still runs on {state}", "stop it first: what it wrote meanwhile would be "
+                        "lost", code="usage")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass                # no endpoint file, or its pond is gone
+    url = database_url(args.target, os.environ, "--to")
+    if not url:
+        raise PondError("no --to URL and no POND_DATABASE_URL", "example: --to postgresql://pond@db:5432/pond",
+                        code="usage")
+    source = Store(state / DB_FILE, readonly=True)
+    target = PgStore(url)
+    try:
+        copied = target.copy_from(source)
+    except ValueError as e:
+        raise PondError(str(e), "give an empty database; nothing was copied", code="usage") from None
+    finally:
+        target.close()
+        source.close()
+    print(f"copied {state / DB_FILE} to {redact(url)}: "
+          + ", ".join(f"{n} {table}" for table, n in copied.items()))
+    print(f"start pond with --database and the same state dir ({state}): it holds the admin token and the "
+          "credential key")
 
 
 def cmd_logs(args):
@@ -538,7 +623,7 @@ def cmd_pairing_code(args):
     print(data["code"])
     ca = " --ca-file CA.pem" if client.url.startswith("https://") else ""
     print(f"one-time, expires in {data['ttl']} s; on the orchestrator host run:\n"
-          f"  python swarm.py pair --pond {client.url}{ca} --code {data['code']}", file=sys.stderr)
+          f"  python swarm.py pair --pond {','.join(client.urls)}{ca} --code {data['code']}", file=sys.stderr)
 
 
 def cmd_enrollment_code(args):
@@ -619,6 +704,96 @@ def cmd_credential_delete(args):
     print(f"credential {data['name']} deleted")
 
 
+def cmd_registry_create(args):
+    """pond admin harness|model create: the entry from flags, or whole from --from FILE (JSON)."""
+    kind = args.registry_kind
+    if args.from_file is not None:
+        try:
+            with (sys.stdin if args.from_file == "-" else open(args.from_file, encoding="utf-8")) as f:
+                body = json.load(f)
+        except (OSError, ValueError) as e:
+            raise PondError(f"cannot read {args.from_file} as JSON: {e}", f"give the {kind} as one JSON object",
+                            code="usage") from None
+    elif kind == "harness":
+        body = {"key": args.key, "capability": args.capability, "label": args.label,
+                "command_template": _json_arg(args.command_template, "--command-template") if args.command_template
+                else None, "env": dict(_env_pair(e) for e in args.env), "files": [_file_arg(f) for f in args.file],
+                "secret_files": args.secret_file}
+    else:
+        body = {"key": args.key, "label": args.label, "provider": args.provider, "model_id": args.model_id,
+                "credential": args.credential, "base_url": args.base_url,
+                "input_cost_per_mtok": args.input_cost, "output_cost_per_mtok": args.output_cost}
+    return _registry_post(args, kind, {k: v for k, v in body.items() if v not in (None, [], {})})
+
+
+def cmd_harness_preset(args):
+    from pond.agents import PRESETS
+    if args.preset not in PRESETS:
+        raise PondError(f"no preset {args.preset!r}", "presets: " + ", ".join(sorted(PRESETS)), code="usage")
+    body = dict(PRESETS[args.preset], **({"key": args.key} if args.key else {}))
+    return _registry_post(args, "harness", body)
+
+
+def _registry_post(args, kind, body):
+    data = _client(args).post(f"/v1/admin/{'harnesses' if kind == 'harness' else 'models'}", body)
+    if args.json:
+        return _print_json(data)
+    print(f"{kind} {data['key']}: " + (f"{data['capability']}, runs {' '.join(data['command_template'])}"
+                                       if kind == "harness" else
+                                       f"{data['provider']} {data['model_id']} at {data['base_url']}, "
+                                       f"credential {data['credential']}"))
+
+
+def _file_arg(text):
+    path, sep, local = text.partition("=")
+    if not sep:
+        raise PondError(f"--file {text!r} is not PATH=LOCAL_FILE", "example: --file .codex/config.toml=./config.toml",
+                        code="usage")
+    try:
+        return {"path": path, "content": Path(local).read_text(encoding="utf-8")}
+    except OSError as e:
+        raise PondError(f"cannot read {local}: {e.strerror}", "give a readable text file", code="usage") from None
+
+
+def cmd_registry_list(args):
+    plural = "harnesses" if args.registry_kind == "harness" else "models"
+    data = _client(args).get(f"/v1/admin/{plural}")
+    if args.json:
+        return _print_json(data)
+    if args.registry_kind == "harness":
+        _table(data[plural], [("KEY", "key"), ("CAPABILITY", "capability"), ("LABEL", "label"),
+                              ("COMMAND", lambda h: " ".join(h["command_template"])[:60])])
+    else:
+        _table(data[plural], [("KEY", "key"), ("PROVIDER", "provider"), ("MODEL", "model_id"),
+                              ("CREDENTIAL", "credential"), ("BASE URL", "base_url"),
+                              ("IN/MTOK", "input_cost_per_mtok"), ("OUT/MTOK", "output_cost_per_mtok")])
+
+
+def cmd_registry_show(args):
+    plural = "harnesses" if args.registry_kind == "harness" else "models"
+    _print_json(_client(args).get(f"/v1/admin/{plural}/{args.key}"))
+
+
+def cmd_registry_delete(args):
+    plural = "harnesses" if args.registry_kind == "harness" else "models"
+    data = _client(args).delete(f"/v1/admin/{plural}/{args.key}")
+    if args.json:
+        return _print_json(data)
+    print(f"{args.registry_kind} {data['key']} deleted")
+
+
+def cmd_usage(args):
+    """Tokens and cost of agent jobs, per model, harness or tenant (GET /v1/usage)."""
+    now = time.time()
+    query = {"by": args.by, "since": now - args.days * 86400 if args.days is not None else None}
+    data = _client(args).get("/v1/usage", **{k: v for k, v in query.items() if v is not None})
+    if args.json:
+        return _print_json(data)
+    _table(data["usage"], [(args.by.upper(), args.by), ("JOBS", "jobs"), ("CALLS", "calls"),
+                           ("TOKENS IN", "input_tokens"), ("TOKENS OUT", "output_tokens"), ("REFUSED", "refused"),
+                           ("COST", lambda g: f"{g['cost']:.6f}")])
+
+
 def cmd_revoke(args):
     kind = {"orchestrator": "orchestrators", "worker": "workers"}[args.kind]
     data = _client(args).delete(f"/v1/admin/pool/{kind}/{args.id}")
@@ -674,7 +849,8 @@ def _common(suppress):
     c = argparse.ArgumentParser(add_help=False)
     default = argparse.SUPPRESS if suppress else None
     c.add_argument("--pond", type=_named, metavar="URL", default=default,
-                   help="pond's URL (default: from --state-dir, or $POND_URL)")
+                   help="pond's URL; replicas: a comma-separated list, tried in turn "
+                        "(default: from --state-dir, or $POND_URL)")
     c.add_argument("--state-dir", type=_named, metavar="DIR", default=default,
                    help=f"pond's state dir, to find its URL and admin token (default: $POND_STATE_DIR or {DEFAULT_STATE_DIR})")
     c.add_argument("--token-file", type=_named, metavar="FILE", default=default,
@@ -731,6 +907,10 @@ def build_parser():
                    help="attempts of a job whose leases run out before it fails (default 3)")
     s.add_argument("--require-sandbox", action="store_true",
                    help="refuse jobs with sandbox profile none (default: $POND_REQUIRE_SANDBOX, else off)")
+    s.add_argument("--database", type=_named, metavar="URL",
+                   help="keep pond's data in PostgreSQL, shared by several pond replicas: postgresql://USER@HOST/DB, "
+                        "password in PGPASSWORD or .pgpass (default: $POND_DATABASE_URL, else DIR/pond.db; "
+                        "needs pip install 'pond-swarm[postgres]')")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])
@@ -764,6 +944,14 @@ def build_parser():
     s.add_argument("--sandbox", metavar="JSON",
                    help='the whole sandbox block instead of the flags above, e.g. \'{"profile": "none"}\'')
     s.add_argument("--credential", metavar="NAME", help="a credential whose env the job gets, sealed to its worker")
+    s.add_argument("--harness", metavar="KEY", help="an agent job: run this harness (pond admin harness list)")
+    s.add_argument("--model", metavar="KEY", help="an agent job: with this model, its key kept by the worker's broker")
+    s.add_argument("--prompt", metavar="TEXT", help="an agent job: the task")
+    s.add_argument("--prompt-file", type=_named, metavar="FILE", help="an agent job: the task, from FILE (- for stdin)")
+    s.add_argument("--system-prompt", metavar="TEXT", help="an agent job: a system prompt")
+    s.add_argument("--max-tokens", type=int, metavar="N", help="an agent job: tokens its broker lets it spend")
+    s.add_argument("--max-cost", type=float, metavar="X", help="an agent job: cost its broker lets it spend")
+    s.add_argument("--temperature", type=float, metavar="T", help="an agent job: sampling temperature")
     s.add_argument("--cancel-grace", type=float, metavar="S",
                    help="seconds from SIGTERM to SIGKILL when the job is cancelled or times out (default 10)")
     s.add_argument("--retries", type=int, metavar="N",
@@ -797,9 +985,16 @@ def build_parser():
     s.add_argument("id")
     s.set_defaults(fn=cmd_cancel)
 
+    s = sub.add_parser("usage", help="tokens and cost of agent jobs, per model, harness or tenant", parents=[common])
+    s.add_argument("--by", choices=("model", "harness", "tenant"), default="model")
+    s.add_argument("--days", type=float, metavar="N", help="only jobs that finished in the last N days")
+    s.set_defaults(fn=cmd_usage)
+
     s = sub.add_parser("verify", help="re-check a job's signed result and stored output, offline",
                        parents=[common])
     s.add_argument("id")
+    s.add_argument("--database", type=_named, metavar="URL",
+                   help="pond's PostgreSQL database (default: $POND_DATABASE_URL, else DIR/pond.db)")
     s.set_defaults(fn=cmd_verify)
 
     s = sub.add_parser("artifacts", help="list a job's artifacts, download one, or apply its changes.patch",
@@ -811,6 +1006,14 @@ def build_parser():
                    "apply cleanly")
     s.add_argument("--dir", default=".", metavar="DIR", help="the checkout to apply to (default: .)")
     s.set_defaults(fn=cmd_artifacts)
+    s = sub.add_parser("migrate-store", help="copy a stopped pond's SQLite store into an empty PostgreSQL database",
+                       parents=[common], epilog="example: PGPASSWORD=... pond migrate-store --from sqlite:./pond-state "
+                                                "--to postgresql://pond@db.internal:5432/pond")
+    s.add_argument("--from", dest="source", required=True, type=_named, metavar="sqlite:DIR",
+                   help="the state dir of the pond to move (stopped)")
+    s.add_argument("--to", dest="target", type=_named, metavar="URL",
+                   help="an empty PostgreSQL database, password in PGPASSWORD or .pgpass (default: $POND_DATABASE_URL)")
+    s.set_defaults(fn=cmd_migrate_store)
 
     s = sub.add_parser("logs", help="print a job's output", parents=[common])
     s.add_argument("id")
@@ -850,6 +1053,43 @@ def build_parser():
     s = credential.add_parser("delete", help="delete a credential", parents=[common])
     s.add_argument("name")
     s.set_defaults(fn=cmd_credential_delete)
+    for kind in ("harness", "model"):
+        plural = "harnesses" if kind == "harness" else "models"
+        reg = admin.add_parser(kind, help=f"{plural}: create, list, show, delete"
+                               + (", from-preset" if kind == "harness" else "")).add_subparsers(
+            dest=f"{kind}_cmd", metavar="COMMAND", required=True)
+        s = reg.add_parser("create", help=f"create or replace a {kind}", parents=[common])
+        s.add_argument("--from", dest="from_file", type=_named, metavar="FILE", help=f"the {kind} as JSON (- for stdin)")
+        s.add_argument("--key", help=f"the {kind}'s key, e.g. " + ("codex" if kind == "harness" else "gpt-mini"))
+        s.add_argument("--label", help="a description")
+        if kind == "harness":
+            s.add_argument("--capability", help="what a worker advertises for it, e.g. harness.codex")
+            s.add_argument("--command-template", metavar="JSON", help='argv with placeholders, e.g. '
+                           '\'["codex", "exec", "--model", "{{MODEL}}", "{{PROMPT}}"]\'')
+            s.add_argument("--file", action="append", default=[], metavar="PATH=LOCAL_FILE",
+                           help="a runtime file under the job's HOME, its content from LOCAL_FILE (repeatable)")
+            s.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", help="environment (repeatable)")
+            s.add_argument("--secret-file", action="append", default=[], metavar="NAME",
+                           help="a secret its files need in clear text ({{SECRET:NAME}}; a warning on each job)")
+        else:
+            s.add_argument("--provider", choices=("openai", "anthropic"), help="the API the model speaks")
+            s.add_argument("--model-id", help="the provider's name of the model")
+            s.add_argument("--credential", help="the credential holding its key (pond admin credential set)")
+            s.add_argument("--base-url", help="its API, https (or http on loopback), e.g. https://api.openai.com/v1")
+            s.add_argument("--input-cost", type=float, metavar="X", help="cost per million input tokens")
+            s.add_argument("--output-cost", type=float, metavar="X", help="cost per million output tokens")
+        s.set_defaults(fn=cmd_registry_create, registry_kind=kind)
+        s = reg.add_parser("list", help=f"list {plural}", parents=[common])
+        s.set_defaults(fn=cmd_registry_list, registry_kind=kind)
+        for verb, fn in (("show", cmd_registry_show), ("delete", cmd_registry_delete)):
+            s = reg.add_parser(verb, help=f"{verb} one {kind}", parents=[common])
+            s.add_argument("key")
+            s.set_defaults(fn=fn, registry_kind=kind)
+        if kind == "harness":
+            s = reg.add_parser("from-preset", help="add a preset harness: codex, claude-code, llm", parents=[common])
+            s.add_argument("preset")
+            s.add_argument("--key", help="store it under another key")
+            s.set_defaults(fn=cmd_harness_preset)
     s = admin.add_parser("evict", help="take a worker out of the pool: no new jobs, then disconnected",
                          parents=[common])
     s.add_argument("id")

@@ -8,6 +8,11 @@ connection or a 502/503 never reached pond's handlers, or was rolled back whole 
 storage_unavailable: a full disk), so any request may be sent again;
 a request cut off on the way is sent again only when that is safe (a GET, or a submit with
 an Idempotency-Key).
+
+`url` may list several replicas of one pond, comma-separated (`--pond A,B`, POND_URL=A,B):
+when the current one cannot be reached, the same request goes to the next at once, under
+the same rules (a request cut off on the way only when it is safe to send again); an
+answer, even a refusal, is final.
 """
 
 import http.client
@@ -39,21 +44,41 @@ class ClientError(PondError):
 
 class Client:
     def __init__(self, url, token=None, timeout=30.0, ca_file=None, retry_for=0.0):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ClientError(f"pond URL {url!r} is not http(s)://HOST:PORT",
-                              "example: --pond https://pond.lan:8001", exit_code=2)
-        self.url = url.rstrip("/")
-        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self.urls = [u.strip().rstrip("/") for u in url.split(",")]
+        for u in self.urls:
+            parts = urlsplit(u)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ClientError(f"pond URL {u!r} is not http(s)://HOST:PORT",
+                                  "example: --pond https://pond.lan:8001 (replicas: a comma-separated list)",
+                                  exit_code=2)
         self.ca_file = ca_file
-        self._tls = None
-        if parts.scheme == "https":
-            from pond.tls import client_context
-            self._tls = client_context(ca_file)
+        self._use(0)
         self.token = token
         self.timeout = timeout
         self.retry_for = retry_for
         self._local = threading.local()
+
+    def _use(self, index):
+        """Talk to URL number `index` from now on (every thread)."""
+        self.current, self.url = index, self.urls[index]
+        parts = urlsplit(self.url)
+        self.host, self.port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        self._tls = None
+        if parts.scheme == "https":
+            from pond.tls import client_context
+            self._tls = client_context(self.ca_file)
+
+    def _next_url(self, e, safe):
+        """After `e`, whether to send the request to the next replica now (and switch to it)."""
+        cause = e.__cause__ or e.__context__
+        if (len(self.urls) == 1 or e.code != "unreachable"
+                or not (safe or isinstance(cause, ConnectionRefusedError) or getattr(e, "unsent", False))):
+            return False
+        failed = self.url
+        self.close()
+        self._use((self.current + 1) % len(self.urls))
+        print(f"pond at {failed} is unreachable; trying {self.url}", file=sys.stderr, flush=True)
+        return True
 
     def _conn(self, timeout):
         conn = getattr(self._local, "conn", None)
@@ -77,10 +102,15 @@ class Client:
     def request(self, method, path, body=None, query=None, timeout=None, headers=None):
         deadline, delay = time.monotonic() + self.retry_for, BACKOFF_START
         safe = method == "GET" or "Idempotency-Key" in (headers or {})
+        tried = 1
         while True:
             try:
                 return self._request(method, path, body, query, timeout, headers)
             except ClientError as e:
+                if tried < len(self.urls) and self._next_url(e, safe):
+                    tried += 1
+                    continue
+                tried = 1
                 wait = random.uniform(0, delay)
                 if not self._retryable(e, safe) or time.monotonic() + wait > deadline:
                     raise
@@ -119,8 +149,11 @@ class Client:
                     continue
                 raise self._unreachable(e) from e
             except (OSError, http.client.HTTPException) as e:
+                unsent = getattr(self._local, "conn", None) is None     # the connection never opened
                 self.close()
-                raise self._unreachable(e) from e
+                error = self._unreachable(e)
+                error.unsent = unsent
+                raise error from e
         if resp.getheader("Connection", "").lower() == "close":
             self.close()
         return self._decode(resp.status, raw, method, path)

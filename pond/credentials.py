@@ -163,8 +163,8 @@ def seal_for(pond, job, worker, attempt):
                         "the job runs again elsewhere once its lease runs out", code="revoked")
     env = decrypt(pond.settings.credential_key, row)
     from pond.bundles import spec_source
-    spec = sealing.job_spec(job["command"], job["env"], job["sandbox"],
-                            spec_source(job.get("source")))       # as submitted, not as relayed
+    spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"), job.get("broker"),
+                            source=spec_source(job.get("source")))       # as submitted, not as relayed
     blob = sealing.seal_env(base64.b64decode(worker["x25519_public"]), env, job["id"], attempt,
                             worker["fingerprint"], spec)
     return {"credential": row["name"], "fingerprint": worker["fingerprint"], "sealed": blob}

@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 
-from pond import artifacts, attestation, bundles, credentials, matching, sandbox, tokens, wire
+from pond import artifacts, attestation, bundles, credentials, matching, sandbox, sealing, tokens, wire
 from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, PondError, StaleAttempt, Unauthorized
 from pond.jobs import TERMINAL, TRANSITIONS, JobState, requeue, transition
 
@@ -49,8 +49,15 @@ class Notifier:
         self.version = 0          # capacity changes
         self.jobs_version = 0     # new jobs
         self._job_waiters = 0
+        self.relay = None         # PostgreSQL: tells the other replicas, whose stores call wake() (store_pg.py)
 
     def notify(self, new_job=False):
+        if self.relay is not None:
+            self.relay(new_job)
+        self.wake(new_job)
+
+    def wake(self, new_job=False):
+        """Wake this process's waiters only."""
         with self._cond:
             if new_job:
                 self.jobs_version += 1
@@ -163,6 +170,7 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     """
     store = pond.store
     with store.transaction():
+        store.claim_lock(binding_id)        # PostgreSQL: one claim per binding across replicas
         rows, workers, slots = pond.fits.available(pond, binding_id)
         if not workers:
             return []
@@ -192,7 +200,10 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
                          max(fit, key=free.__getitem__))        # the first with the most free slots
             if free[worker_id] <= 0:
                 continue
-            out.append(_assign(pond, job, worker_id, binding_id))
+            assignment = _assign(pond, job, worker_id, binding_id)
+            if assignment is None:
+                continue
+            out.append(assignment)
             free[worker_id] -= 1
             if len(out) >= max_jobs:
                 break
@@ -229,8 +240,9 @@ def _has_free_slot(pond, binding_id):
 def _assign(pond, job, worker_id, binding_id):
     claim_token = secrets.token_urlsafe(24)
     now = pond.now()
-    pond.store.assign_job(job["id"], worker_id, binding_id, tokens.digest(claim_token), now,
-                          now + pond.settings.lease)
+    if not pond.store.assign_job(job["id"], worker_id, binding_id, tokens.digest(claim_token), now,
+                                 now + pond.settings.lease):
+        return None         # not queued any more: never hand out a job the store did not assign
     if not job["attempt"]:
         pond.metrics.pickup.observe(now - job["created_at"])
     pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id)
@@ -243,6 +255,7 @@ def _assign(pond, job, worker_id, binding_id):
         "cancel_grace": job["cancel_grace"],
         "log_cap": job["log_cap"],
         **_files(pond, job),
+        **{k: job[k] for k in ("files", "broker") if job.get(k) is not None},    # an agent job's (pond/agents.py)
     }
 
 
@@ -334,8 +347,8 @@ def _reported_job(pond, req):
 def report_state(pond, req):
     """POST /v1/orch/jobs/{id}/state: running, or a final state with exit code, trailing output and attestation."""
     job, attempt = _reported_job(pond, req)
-    body = wire.obj(req.body, "state report",
-                    ("attempt", "state", "exit_code", "error", "chunks", "attestation", "dropped"), ("attempt", "state"))
+    body = wire.obj(req.body, "state report", ("attempt", "state", "exit_code", "error", "chunks", "attestation",
+                                               "dropped", "requeue"), ("attempt", "state"))
     if not isinstance(body["state"], str) or body["state"] not in {s.value for s in REPORT_STATES}:
         raise BadRequest(f"state {str(body['state'])[:40]!r} cannot be reported",
                          "one of: " + ", ".join(s.value for s in REPORT_STATES))
@@ -348,6 +361,8 @@ def report_state(pond, req):
     dropped = _dropped(body.get("dropped"))
     if job["state"] == to_state.value:
         return 200, {"job": job["id"], "state": job["state"], "duplicate": True}
+    if body.get("requeue") is not None:
+        return _requeue(pond, job, body["requeue"], to_state, exit_code, error)
     if to_state not in TRANSITIONS[JobState(job["state"])]:
         raise InvalidTransition(job["id"], job["state"], to_state.value)     # before storing its output
     if to_state is JobState.RUNNING:
@@ -359,6 +374,18 @@ def report_state(pond, req):
         pond.work.notify()        # a slot is free
     pond.logs.notify()
     return 200, {"job": job["id"], "state": to_state.value}
+
+
+def _requeue(pond, job, requeue, to_state, exit_code, error):
+    """A worker that could not start the job (an agent job whose harness it lacks): a new attempt,
+    on another worker if one fits, up to max_attempts (specs/protocol.md §5), instead of a failure.
+    Unsigned: a relay could only delay the job this way, which it can by not relaying at all."""
+    if requeue is not True or to_state is not JobState.FAILED or exit_code is not None or not error:
+        raise BadRequest("requeue is true, on a failed report with an error and no exit_code",
+                         "send it only for a job the worker could not start")
+    if end_attempt(pond, pond.store.job(job["id"]), "cannot_start", f"worker {job['worker_id']}: {error}"):
+        _attempts_ended(pond)
+    return 200, {"job": job["id"], "state": pond.store.job(job["id"])["state"], "requeued": True}
 
 
 def _envelope(value):
@@ -451,11 +478,23 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope, dropped):
         raise attestation.refused("the result of a pinned worker carries no attestation")
     statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)
     output = pond.store.output(job["id"], attempt)
-    command, box = pond.store.job_command_sandbox(job["id"])
-    attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
-                                output["stderr"], command=command, outcome=outcome, dropped=dropped, sandbox=box,
-                                source=bundles.spec_source(pond.store.job_source(job["id"])), artifacts=True)
+    parts = pond.store.job_spec_parts(job["id"])
+    source = bundles.spec_source(parts["source"])
+    predicate = attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
+                                            output["stderr"], command=parts["command"], outcome=outcome,
+                                            dropped=dropped, sandbox=parts["sandbox"], source=source, artifacts=True,
+                                            spec=_agent_spec(parts, source))
+    if parts["broker"] is not None:
+        pond.store.set_job_usage(job["id"], predicate["usage"])
     return {s["name"]: s["digest"]["sha256"] for s in statement["subject"] if s["name"] not in ("stdout", "stderr")}
+
+
+def _agent_spec(parts, source):
+    """The job spec digest a signed result must name: an agent job's only (its files and broker are in it)."""
+    if parts["files"] is None and parts["broker"] is None:
+        return None
+    return sealing.job_spec(parts["command"], parts["env"], parts["sandbox"], parts["files"], parts["broker"],
+                            source=source)
 
 
 def _result_refused(pond, job, attempt, worker, detail):

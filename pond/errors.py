@@ -117,3 +117,10 @@ class ConfigError(PondError):
     """Bad settings at start-up; never an HTTP answer."""
 
     code = "config"
+
+
+class RegistryInvalid(BadRequest):
+    """A harness, a model or an agent block that pond will not take (specs/agents.md): the message names the field."""
+
+    status = 422
+    code = "registry_invalid"

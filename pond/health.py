@@ -91,9 +91,9 @@ class Loop:
         self.dead, tb = True, e.__traceback__
         while tb.tb_next:
             tb = tb.tb_next
+        why = " / ".join(str(e).strip().splitlines())[:300]        # one line: PostgreSQL's errors have several
         log.critical("%s loop died: %s: %s (in %s, line %d); stopping with exit code 1 so that a supervisor "
-                     "restarts pond", self.name, e.__class__.__name__, str(e)[:300], tb.tb_frame.f_code.co_name,
-                     tb.tb_lineno)
+                     "restarts pond", self.name, e.__class__.__name__, why, tb.tb_frame.f_code.co_name, tb.tb_lineno)
         self.on_death()
         timer = threading.Timer(FATAL_GRACE, os._exit, (1,))       # if the orderly stop hangs
         timer.daemon = True

@@ -14,7 +14,7 @@ import re
 import time
 from enum import Enum
 
-from pond import artifacts, bundles, credentials, matching, sandbox, tokens, wire
+from pond import agents, artifacts, bundles, credentials, matching, sandbox, tokens, wire
 from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound, PondError
 from pond.settings import MAX_LOG_CAP, MIN_LOG_CAP
 
@@ -43,7 +43,7 @@ TRANSITIONS = {
 log = logging.getLogger("pond")     # one line per job event: submitted, each state change (issue 12)
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
-                 "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap")
+                 "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap", "agent")
 MAX_RETRIES = 10
 MAX_SUBMIT_BATCH = 1000      # jobs in one POST /v1/jobs of a list (the body's 4 MiB bounds it too)
 DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeout
@@ -75,7 +75,8 @@ def transition(store, job, to_state, **fields):
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
-                     "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap")
+                     "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap", "files", "broker",
+                     "agent")
 
 
 def submit(pond, req):
@@ -115,7 +116,10 @@ def _submit_batch(pond, bodies, key):
 
 def _validated(pond, body):
     """A job as pond stores it, from a submitted body (any bad field: a 4xx naming it)."""
-    body = wire.obj(body, "job", SUBMIT_FIELDS, ("command",))
+    body = wire.obj(body, "job", SUBMIT_FIELDS)
+    if ("command" in body) == ("agent" in body):
+        raise BadRequest("a job has a command or an agent, one of them", 'example: {"command": ["python", "-c", '
+                         '"print(42)"]}, or {"agent": {"harness": "codex", "model": "gpt", "prompt": "..."}}')
     tenant = wire.optional_string(body.get("tenant"), "tenant", max_len=128, pattern=wire.TAG_RE)
     box = sandbox.parse(body.get("sandbox"), tenant, pond.settings.require_sandbox)
     tags = sorted(set(wire.string_list(body.get("tags"), "tags", wire.TAG_RE,
@@ -123,18 +127,21 @@ def _validated(pond, body):
     caps = sorted(set(wire.string_list(body.get("capabilities"), "capabilities", wire.CAPABILITY_RE,
                                        hint="capabilities look like harness.codex (no globs in a job)"))
                   | set(box.capabilities))
+    expanded = _agent(pond, body, box.block)
+    if expanded:
+        caps = sorted(set(caps) | {expanded["capability"]})
     return {
         "id": tokens.new_id("j"),
         "state": JobState.QUEUED.value,
         "name": wire.optional_string(body.get("name"), "name", max_len=64, pattern=wire.NAME_RE),
-        "command": wire.argv(body["command"]),
-        "env": wire.env(body.get("env")),
+        "command": expanded["command"] if expanded else wire.argv(body["command"]),
+        "env": {**(expanded or {}).get("env", {}), **wire.env(body.get("env"))},
         "tags": tags,
         "capabilities": caps,
         "sandbox": box.block,
         "timeout": wire.number(body.get("timeout"), "timeout", 1, MAX_TIMEOUT),
         "created_at": pond.now(),
-        "credential": _credential(pond, body.get("credential")),
+        "credential": expanded["credential"] if expanded else _credential(pond, body.get("credential")),
         "cancel_grace": wire.number(body.get("cancel_grace"), "cancel_grace", 0, 3600, default=DEFAULT_CANCEL_GRACE),
         "log_cap": wire.number(body.get("log_cap"), "log_cap", MIN_LOG_CAP, MAX_LOG_CAP, integer=True,
                                default=pond.settings.log_cap),
@@ -142,13 +149,24 @@ def _validated(pond, body):
         "source": bundles.source_of(pond, body.get("source")),
         "artifacts": artifacts.patterns(body.get("artifacts")),
         "artifact_cap": artifacts.cap(body.get("artifact_cap")),
+        **({k: expanded[k] for k in ("files", "broker", "agent")} if expanded else {}),
     }
+
+
+def _agent(pond, body, box):
+    """An agent block expanded into what runs (pond/agents.py), or None for a job with a command."""
+    if "agent" not in body:
+        return None
+    if body.get("credential") is not None:
+        raise agents.RegistryInvalid("credential: an agent job takes its credential from its model",
+                                     "drop credential; the model's is brokered")
+    return agents.expand(pond, body["agent"], box)
 
 
 def _store(pond, job, key):
     """Insert a validated job: -> (201, its row), or (200, the job stored earlier under `key`)."""
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
-    request_hash = tokens.digest(wire.canonical({k: job[k] for k in IDEMPOTENT_FIELDS})) if key else None
+    request_hash = tokens.digest(wire.canonical({k: job.get(k) for k in IDEMPOTENT_FIELDS})) if key else None
     pinned_only = bool(job["credential"] or job["source"] or job["artifacts"])     # sealed to, or signed by, a key
     earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"], sealed=pinned_only),
                                  key, request_hash)
@@ -161,7 +179,8 @@ def _store(pond, job, key):
              ",".join(job["capabilities"]) or "-")
     return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                      worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
-                     dropped=None, retries_left=job["retries"], outputs=None)
+                     dropped=None, retries_left=job["retries"], outputs=None, files=job.get("files"),
+                     broker=job.get("broker"), agent=job.get("agent"), usage=None)
 
 
 def _credential(pond, name):
@@ -188,6 +207,15 @@ def attestation(pond, req):
     return 200, {"job": job["id"], "attempt": job["attempt"], "worker": job["worker_id"],
                  "fingerprint": worker["fingerprint"], "ed25519_public": worker["ed25519_public"],
                  "envelope": job["attestation"]}
+
+
+def usage(pond, req):
+    """GET /v1/jobs/{id}/usage: an agent job's model calls, tokens and cost, as its worker signed them."""
+    job = _find(pond, req.params["id"])
+    if not job.get("broker"):
+        raise NotFound(f"job {job['id']} is not an agent job: it has no model usage",
+                       "submit with an agent block (pond submit --harness KEY --model KEY --prompt TEXT)")
+    return 200, agents.usage_view(job)
 
 
 def list_jobs(pond, req):
@@ -259,6 +287,9 @@ def view(pond, row, explain=True):
     out["attested"] = (row["attestation"] is not None) if JobState(row["state"]) in TERMINAL else None
     out["events"] = row["events"] or []
     out["warnings"] = sandbox.warnings(row["sandbox"])
+    if row.get("broker"):
+        out.update(files=row["files"] or [], broker=row["broker"], agent=row["agent"],     # no secret: unfilled
+                   usage=agents.usage_view(row))
     if explain and row["state"] == JobState.QUEUED.value:
         out["waiting"] = matching.explain(row, pond.store.workers(), pond.store.active_counts(),
                                           pond.settings.allow_unsigned, _silent(pond))

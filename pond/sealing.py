@@ -37,12 +37,12 @@ def _refuse(message, hint):
     return BadRequest(message, hint, code="seal_failed")
 
 
-def job_spec(command, env, sandbox, source=None):
-    """The digest of what a job runs, as both pond and the worker hold it (specs/sealing.md §3);
-    `source` ({sha256, size} of its bundle) only when the job has one."""
+def job_spec(command, env, sandbox, files=None, broker=None, source=None):
+    """The digest of what a job runs, as both pond and the worker hold it (specs/sealing.md §3): an agent
+    job's runtime files and broker block, and `source` ({sha256, size} of its bundle), are in it too
+    (absent, not null, for a job without them)."""
     spec = {"command": command, "env": env, "sandbox": sandbox}
-    if source is not None:
-        spec["source"] = source
+    spec.update({k: v for k, v in (("files", files), ("broker", broker), ("source", source)) if v is not None})
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 

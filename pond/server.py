@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import (PROTOCOL_VERSION, __version__, artifacts, bundles, credentials, dispatch, enrollment, health, jobs,
-                  metrics, pairing, tokens)
+from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, bundles, credentials, dispatch, enrollment, health,
+                  jobs, metrics, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
 from pond.settings import ENDPOINT_FILE, MAX_HEADER_BYTES, WORKER_OFFLINE_AFTER, write_private
-from pond.store import Store
+from pond.store import Store, open_store
 
 log = logging.getLogger("pond")
 REAPER_INTERVAL = 2.0
@@ -80,6 +80,16 @@ ROUTES = [
     ("GET", r"/v1/admin/credentials", "admin", credentials.list_all),
     ("GET", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.get),
     ("DELETE", rf"/v1/admin/credentials/{_NAME}", "admin", credentials.delete),
+    ("GET", rf"/v1/jobs/{_ID}/usage", "admin", jobs.usage),
+    ("GET", r"/v1/usage", "admin", agents.usage_summary),
+    ("POST", r"/v1/admin/harnesses", "admin", agents.put_harness),
+    ("GET", r"/v1/admin/harnesses", "admin", agents.list_entries),
+    ("GET", rf"/v1/admin/harnesses/{_NAME}", "admin", agents.get_entry),
+    ("DELETE", rf"/v1/admin/harnesses/{_NAME}", "admin", agents.delete_entry),
+    ("POST", r"/v1/admin/models", "admin", agents.put_model),
+    ("GET", r"/v1/admin/models", "admin", agents.list_entries),
+    ("GET", rf"/v1/admin/models/{_NAME}", "admin", agents.get_entry),
+    ("DELETE", rf"/v1/admin/models/{_NAME}", "admin", agents.delete_entry),
     ("POST", r"/v1/orch/pair", None, pairing.pair),
     ("GET", r"/v1/orch/whoami", "orch", pairing.whoami),
     ("POST", r"/v1/orch/poll", "orch", dispatch.poll),
@@ -719,11 +729,12 @@ class Server(HTTPServer):
 
 
 def make_server(settings):
-    store = Store(settings.db_path)
+    store = open_store(settings)
     # pond was down: no orchestrator could renew a lease meanwhile. A full lease from now
     # lets them reconnect before any held job is given up on.
     store.extend_all_leases(time.time() + settings.lease)
     pond = Pond(settings=settings, store=store)
+    store.subscribe(pond.work, pond.logs)       # PostgreSQL: wake-ups to and from the other replicas
     handler = type("PondHandler", (Handler,), {"pond": pond, "timeout": settings.request_timeout})
     try:
         server = Server((settings.host, settings.port), handler, settings)
@@ -744,6 +755,8 @@ def _reap(pond):
     """One pass of background upkeep: workers whose orchestrator went silent go offline; leases
     and timeouts expire. While pond.db refuses writes, the pass retries (health.Loop)."""
     pond.store.probe()
+    if not pond.store.reaper_turn():        # PostgreSQL: one replica reaps for all (an advisory lock)
+        return
     if pond.store.expire_workers(pond.now() - WORKER_OFFLINE_AFTER):
         pond.work.notify()
     dispatch.expire_leases(pond)
@@ -770,7 +783,8 @@ def serve(settings, ready=None):
 
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
-    print(f"pond listening on {url} (state dir {settings.state_dir})", flush=True)
+    database = f", database {settings.database_shown}" if settings.database else ""
+    print(f"pond listening on {url} (state dir {settings.state_dir}{database})", flush=True)
     if ready:
         ready(url)
     try:

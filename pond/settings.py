@@ -60,6 +60,13 @@ class ServerSettings:
     max_attempts: int = MAX_ATTEMPTS
     log_cap: int = LOG_CAP
     require_sandbox: bool = False        # refuse jobs with sandbox profile none (specs/sandbox.md §5)
+    database: str = field(default="", repr=False)     # postgresql://... (store_pg.py); "": DIR/pond.db
+
+    @property
+    def database_shown(self):
+        """The database URL as logs may show it: no password."""
+        from pond.store_pg import redact
+        return redact(self.database)
 
     @property
     def scheme(self):
@@ -124,7 +131,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
                     log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
-                    max_pending_per_address=None):
+                    max_pending_per_address=None, database=None):
     host, port = parse_bind(bind or env.get("POND_BIND") or DEFAULT_BIND)
     state = Path(state_dir or env.get("POND_STATE_DIR") or DEFAULT_STATE_DIR).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -163,7 +170,34 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           allow_unsigned=allow_unsigned or env.get("POND_ALLOW_UNSIGNED_RESULTS") == "1",
                           lease=lease, max_attempts=attempts, log_cap=cap,
                           require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
-                          head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address)
+                          head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address,
+                          database=database_url(database, env))
+
+
+def database_url(flag, env, name="--database"):
+    """The PostgreSQL URL from --database or POND_DATABASE_URL, checked; "" for SQLite in the state dir.
+
+    A password in the flag is refused: `ps` shows every process's arguments to every user of the
+    host. The environment is private to pond's user, and so are PGPASSWORD and a .pgpass file.
+    """
+    url = flag or env.get("POND_DATABASE_URL") or ""
+    if not url:
+        return ""
+    where = name if flag else "POND_DATABASE_URL"
+    scheme, sep, rest = url.partition("://")
+    if scheme not in ("postgresql", "postgres") or not sep:
+        raise ConfigError(f"{where} must be a postgresql:// URL",
+                          f"example: {name} postgresql://pond@db.example:5432/pond (password in PGPASSWORD)")
+    try:
+        from pond.store_pg import redact
+    except ImportError:
+        raise ConfigError(f"{where} needs the psycopg package, which is not installed",
+                          "install it: pip install 'pond-swarm[postgres]'") from None
+    if flag and redact(url) != url:
+        raise ConfigError(f"{name} holds a password, which `ps` shows to every user of this host",
+                          "put the password in PGPASSWORD or a .pgpass file (PGPASSFILE), or give the whole URL "
+                          "in POND_DATABASE_URL")
+    return url
 
 
 def _env_flag(env, name):

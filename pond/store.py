@@ -4,8 +4,10 @@ SQLite in WAL mode with synchronous=NORMAL: a commit survives a crash of pond's
 process (kill -9 included); only an OS crash or power loss can take the last few
 commits. One connection, guarded by a re-entrant lock; every write that must be
 atomic (a claim, a code redemption, a state change) runs in one BEGIN IMMEDIATE
-transaction and checks rowcount. A PostgreSQL store would implement the same
-functions.
+transaction and checks rowcount. pond/store_pg.py implements the same functions on
+PostgreSQL for several pond replicas on one database: it runs this class's SQL where it is
+portable (so the two cannot drift) and overrides the rest; the hooks subscribe(), claim_lock()
+and reaper_turn() cost SQLite nothing.
 
 JSON columns (tags, capabilities, command, env, sandbox, scope) are stored as text
 and returned decoded; rows come back as plain dicts.
@@ -115,7 +117,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     source           TEXT,
     artifacts        TEXT,
     artifact_cap     INTEGER,
-    outputs          TEXT
+    outputs          TEXT,
+    files            TEXT,
+    broker           TEXT,
+    agent            TEXT,
+    usage            TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_idempotency ON jobs(idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs(state, req_key, seq);
@@ -179,15 +185,29 @@ CREATE TABLE IF NOT EXISTS artifacts (
     received    INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, attempt, name)
 );
+-- Harnesses and models (pond/agents.py), each one validated JSON object under its key.
+CREATE TABLE IF NOT EXISTS registry (
+    kind        TEXT NOT NULL,
+    key         TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    PRIMARY KEY (kind, key)
+);
 """
 
+# Every table, parents first: what `pond migrate-store` copies (store_pg.PgStore.copy_from).
+TABLES = ("pairing_codes", "bindings", "enrollment_codes", "workers", "bundles", "jobs", "queue_groups", "chunks",
+          "source_tokens", "artifacts", "credentials", "registry")
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
-                 "attestation", "env_names", "secret_names", "tried", "dropped", "source", "artifacts", "outputs")
+                 "attestation", "env_names", "secret_names", "tried", "dropped", "source", "artifacts", "outputs",
+                 "files", "broker", "agent", "usage", "body")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
 # opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3:
 # eviction; a job's credential, attestation, events, lease, cancel grace, log cap, retries and
 # idempotency key (and the credentials table, created above). Schema 4: a job's source, artifact
-# patterns and cap, and the artifacts its result recorded (and the bundle and artifact tables).
+# patterns and cap, and the artifacts its result recorded (and the bundle and artifact tables); an
+# agent job's runtime files, broker, agent request and usage (and the registry table).
 ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
@@ -196,10 +216,11 @@ ADDED_COLUMNS = {
              ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"),
              ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
              ("request_hash", "TEXT"), ("source", "TEXT"), ("artifacts", "TEXT"), ("artifact_cap", "INTEGER"),
-             ("outputs", "TEXT")),
+             ("outputs", "TEXT"), ("files", "TEXT"), ("broker", "TEXT"), ("agent", "TEXT"), ("usage", "TEXT")),
 }
-_GROUP_OF_JOB = ("req_key, tags, capabilities,"
-                 " (COALESCE(credential, '') != '' OR source IS NOT NULL OR artifacts IS NOT NULL)")      # a queue_groups row
+_GROUP_OF_JOB = ("req_key, tags, capabilities,"                         # a queue_groups row
+                 " CASE WHEN COALESCE(credential, '') != '' OR source IS NOT NULL OR artifacts IS NOT NULL"
+                 " THEN 1 ELSE 0 END")
 _GROUP_EMPTY = "NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND jobs.req_key = queue_groups.req_key)"
 MAX_EVENTS = 20           # per worker or job, newest last
 # What ending an attempt (lease expiry, eviction) needs to know of a job.
@@ -228,8 +249,8 @@ class Store:
         self.dir = Path(path).resolve().parent
         self.failure = None          # {error, since} while the database cannot be written
         # binding id -> its worker rows. Every claim reads them and only enrollment,
-        # snapshots and the reaper change them, all through this object; a store shared
-        # by several pond replicas (PostgreSQL) would drop this cache.
+        # snapshots and the reaper change them, all through this object (on PostgreSQL, a
+        # change made by another replica drops it: store_pg.py).
         self._workers_cache = {}
         if readonly:         # `pond verify`: read a state dir, running pond or not, and change nothing
             self._db = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True,
@@ -258,8 +279,9 @@ class Store:
                     self._db.execute(statement)
             # If a pond that did not keep queue_groups wrote this file last, they are set right here.
             self._db.execute(f"DELETE FROM queue_groups WHERE {_GROUP_EMPTY}")
-            self._db.execute(f"INSERT OR IGNORE INTO queue_groups (req_key, tags, capabilities, sealed)"
-                             f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE state = 'queued' ORDER BY seq")
+            self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"
+                             f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE state = 'queued' ORDER BY seq"
+                             f" ON CONFLICT DO NOTHING")
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def _migrate(self, version):
@@ -334,6 +356,18 @@ class Store:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._recovered()
 
+    # -- replicas: one pond process owns a SQLite file, so these do nothing here (store_pg.py) ----
+
+    def subscribe(self, work, logs):
+        """Wake these notifiers when another pond process changes the database: none can."""
+
+    def claim_lock(self, binding_id):
+        """Serialise claims for a binding (inside claim()'s transaction): BEGIN IMMEDIATE already does."""
+
+    def reaper_turn(self):
+        """Whether this process reaps expired leases and workers: the only one always does."""
+        return True
+
     def _all(self, sql, args=()):
         with self._lock:
             try:
@@ -355,6 +389,14 @@ class Store:
     def _write(self, sql, args=()):
         with self.transaction():
             return self._db.execute(sql, args).rowcount
+
+    def export(self, table):
+        """(column names, rows as stored: JSON undecoded) of one of TABLES, for `pond migrate-store`."""
+        with self._lock:
+            cursor = self._db.cursor()
+            cursor.row_factory = None
+            cursor.execute(f"SELECT * FROM {table}")
+            return [d[0] for d in cursor.description], cursor.fetchall()
 
     # -- pairing ---------------------------------------------------------------
 
@@ -382,7 +424,7 @@ class Store:
         return self._all(
             "SELECT b.id, b.name, b.scope, b.created_at, b.last_seen, b.revoked_at,"
             " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id) AS workers,"
-            " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id AND w.online) AS workers_online"
+            " (SELECT COUNT(*) FROM workers w WHERE w.binding_id = b.id AND w.online = 1) AS workers_online"
             " FROM bindings b ORDER BY b.created_at")
 
     def revoke_binding(self, binding_id, now):
@@ -510,14 +552,15 @@ class Store:
             self._db.execute(
                 "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
                 " cancel_grace, log_cap, retries_left, created_at, credential, events, tried, idempotency_key,"
-                " request_hash, source, artifacts, artifact_cap)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?, ?, ?)",
+                " request_hash, source, artifacts, artifact_cap, files, broker, agent)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
                  job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"],
                  job["credential"], idempotency_key, request_hash,
                  None if job.get("source") is None else _dump(job["source"]),
-                 _dump(job["artifacts"]) if job.get("artifacts") else None, job.get("artifact_cap")))
+                 _dump(job["artifacts"]) if job.get("artifacts") else None, job.get("artifact_cap"),
+                 *(None if job.get(k) is None else _dump(job[k]) for k in ("files", "broker", "agent"))))
             self._add_group(job["id"])
             return None
 
@@ -538,6 +581,19 @@ class Store:
         """A job's source {bundle, sha256, size}, or None: a signed result names it too."""
         return self._one("SELECT source FROM jobs WHERE id = ?", (job_id,))["source"]
 
+    def job_spec_parts(self, job_id):
+        """command, env, sandbox, files, broker and source of a job: what sealing.job_spec binds."""
+        return self._one("SELECT command, env, sandbox, files, broker, source FROM jobs WHERE id = ?", (job_id,))
+
+    def usage_jobs(self, since, until):
+        """Agent jobs whose signed usage pond recorded, finished in [since, until): for GET /v1/usage."""
+        return self._all("SELECT id, tags, agent, broker, usage, finished_at FROM jobs WHERE usage IS NOT NULL"
+                         " AND finished_at >= ? AND finished_at < ? ORDER BY finished_at", (since, until))
+
+    def set_job_usage(self, job_id, usage):
+        """The model usage a verified result signed (an agent job's broker counted it)."""
+        self._write("UPDATE jobs SET usage = ? WHERE id = ?", (_dump(usage), job_id))
+
     def add_job_event(self, job_id, event):
         """Keep an event on the job (a refused result, a seal) for its operator; the newest MAX_EVENTS."""
         with self.transaction():
@@ -553,8 +609,8 @@ class Store:
 
     def _add_group(self, job_id):
         """The job was queued: its group has a queued job (inside the transaction that queued it)."""
-        self._db.execute(f"INSERT OR IGNORE INTO queue_groups (req_key, tags, capabilities, sealed)"
-                         f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE id = ?", (job_id,))
+        self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"
+                         f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE id = ? ON CONFLICT DO NOTHING", (job_id,))
 
     def _drop_group(self, job_id):
         """The job left the queue: drop its group if that was the last of it (inside that transaction)."""
@@ -684,7 +740,7 @@ class Store:
         """Store (stream, seq, bytes) chunks; a chunk seen before is ignored."""
         with self.transaction():
             self._db.executemany(
-                "INSERT OR IGNORE INTO chunks (job_id, attempt, stream, seq, data) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO chunks (job_id, attempt, stream, seq, data) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 [(job_id, attempt, stream, seq, data) for stream, seq, data in chunks])
 
     def output(self, job_id, attempt):
@@ -744,7 +800,8 @@ class Store:
         self._write("DELETE FROM bundles WHERE id = ?", (bundle_id,))
 
     def add_source_token(self, job_id, attempt, token_hash):
-        self._write("INSERT OR REPLACE INTO source_tokens (job_id, attempt, token_hash) VALUES (?, ?, ?)",
+        self._write("INSERT INTO source_tokens (job_id, attempt, token_hash) VALUES (?, ?, ?) ON CONFLICT"
+                    " (job_id, attempt) DO UPDATE SET token_hash = excluded.token_hash, redeemed_at = NULL",
                     (job_id, attempt, token_hash))
 
     def source_token(self, job_id, attempt):
@@ -763,9 +820,41 @@ class Store:
         return self._all("SELECT * FROM artifacts WHERE job_id = ? AND attempt = ? ORDER BY name", (job_id, attempt))
 
     def add_artifact(self, job_id, attempt, name, size, sha256):
-        self._write("INSERT OR REPLACE INTO artifacts (job_id, attempt, name, size, sha256) VALUES (?, ?, ?, ?, ?)",
+        self._write("INSERT INTO artifacts (job_id, attempt, name, size, sha256) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                    " (job_id, attempt, name) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256, received = 0",
                     (job_id, attempt, name, size, sha256))
 
     def artifact_received(self, job_id, attempt, name, received):
         self._write("UPDATE artifacts SET received = ? WHERE job_id = ? AND attempt = ? AND name = ?",
                     (received, job_id, attempt, name))
+    # -- harnesses and models ----------------------------------------------------------
+
+    def put_registry(self, kind, key, body, now):
+        """Create or replace a harness or a model; True if it is new."""
+        with self.transaction():
+            if self._db.execute("UPDATE registry SET body = ?, updated_at = ? WHERE kind = ? AND key = ?",
+                                (_dump(body), now, kind, key)).rowcount == 1:
+                return False
+            self._db.execute("INSERT INTO registry (kind, key, body, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                             (kind, key, _dump(body), now, now))
+            return True
+
+    def registry(self, kind, key):
+        row = self._one("SELECT body, created_at, updated_at FROM registry WHERE kind = ? AND key = ?", (kind, key))
+        return None if row is None else dict(row["body"], created_at=row["created_at"], updated_at=row["updated_at"])
+
+    def registry_entries(self, kind):
+        return [dict(r["body"], created_at=r["created_at"], updated_at=r["updated_at"])
+                for r in self._all("SELECT body, created_at, updated_at FROM registry WHERE kind = ? ORDER BY key",
+                                   (kind,))]
+
+    def delete_registry(self, kind, key):
+        return self._write("DELETE FROM registry WHERE kind = ? AND key = ?", (kind, key)) == 1
+
+
+def open_store(settings):
+    """The store `pond serve` runs on: PostgreSQL with --database (POND_DATABASE_URL), else DIR/pond.db."""
+    if settings.database:
+        from pond.store_pg import PgStore
+        return PgStore(settings.database)
+    return Store(settings.db_path)

@@ -1,6 +1,8 @@
 """Fixtures: real pond, orchestrator and worker processes on port 0, real SQLite files.
 
-Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse fixture
+`pytest --store postgres` runs every pond a test starts through `pool` on PostgreSQL instead
+(a private server for the session, a database per pond: tests/pg_cluster.py); `--store both`
+runs those tests once on each. Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse fixture
 fails a test that leaves a child process or a thread behind.
 """
 
@@ -30,7 +32,7 @@ JOB_PY = "/usr/bin/python3"
 def env_for_children():
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for key in ("POND_URL", "POND_STATE_DIR", "POND_ADMIN_TOKEN", "SWARM_TOKEN"):
+    for key in ("POND_URL", "POND_STATE_DIR", "POND_ADMIN_TOKEN", "SWARM_TOKEN", "POND_DATABASE_URL"):
         env.pop(key, None)
     return env
 
@@ -166,9 +168,34 @@ class PondHandle:
         except ValueError:
             return resp.status, data.decode(errors="replace")
 
+    postgres = database = None      # set by Pool.pond on PostgreSQL
+
+    def sql(self, statement, args=()):
+        """Run one statement (`?` marks) on this pond's own store, SQLite file or PostgreSQL
+        database: a real change to the store, for what no API can do quickly (expire a code).
+        -> (rowcount, rows)."""
+        if self.database is None:
+            import sqlite3
+            with sqlite3.connect(self.state_dir / "pond.db", timeout=10) as db:
+                cursor = db.execute(statement, args)
+                return cursor.rowcount, cursor.fetchall()
+        with self.postgres.connect(self.database.rsplit("/", 1)[1]) as db:
+            cursor = db.execute(statement.replace("?", "%s"), args)
+            return cursor.rowcount, cursor.fetchall() if cursor.description else []
+
+    def stored(self):
+        """Everything this pond's store holds, as bytes: the SQLite files, or a dump of its database."""
+        if self.database is None:
+            files = [self.state_dir / name for name in ("pond.db", "pond.db-wal", "pond.db-shm")]
+            return b"".join(f.read_bytes() for f in files if f.exists())
+        return self.postgres.dump(self.database.rsplit("/", 1)[1])
+
     def cli(self, *args, timeout=60):
         tls = ("--ca-file", str(self.ca_file)) if self.ca_file else ()
-        return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *tls, *args], timeout=timeout)
+        env = None if self.database is None else self.postgres.env(dict(env_for_children(),
+                                                                        POND_DATABASE_URL=self.database))
+        return run([sys.executable, "-m", "pond", "--state-dir", str(self.state_dir), *tls, *args], timeout=timeout,
+                   env=env)
 
     def pairing_code(self, **body):
         return self.client.post("/v1/admin/pool/pairing-codes", body)["code"]
@@ -212,10 +239,12 @@ class PondHandle:
 class Pool:
     """Builds pools for a test: pond, orchestrators, workers; stops them all afterwards."""
 
-    def __init__(self, tmp_path):
+    def __init__(self, tmp_path, postgres=None):
         self.tmp = tmp_path
         self.procs = []
         self.n = 0
+        self.postgres = postgres            # tests/postgres.Cluster: ponds keep their data there
+        self.databases = {}                 # state dir -> its pond's database URL
 
     def _dir(self, name):
         self.n += 1
@@ -223,17 +252,32 @@ class Pool:
         d.mkdir()
         return d
 
-    def start(self, argv, name):
-        proc = Proc(argv, self.tmp / f"{name}{self.n}.log")
+    def start(self, argv, name, env=None):
+        proc = Proc(argv, self.tmp / f"{name}{self.n}.log", env=env)
         self.procs.append(proc)
         return proc
 
-    def pond(self, poll_hold=5, extra=(), ca_file=None, state=None, port=0):
-        """A pond; give `state` and `port` of an earlier one to restart it where it was."""
+    def pond(self, poll_hold=5, extra=(), ca_file=None, state=None, port=0, database=None):
+        """A pond; give `state` and `port` of an earlier one to restart it where it was. With
+        --store postgres (self.postgres), each state dir has a database of its own, or `database`."""
         state = state or self._dir("pond")
+        env = None
+        if self.postgres is not None:
+            database = database or self.databases.get(state) or self.postgres.database()
+            self.databases[state] = database
+            extra, env = ("--database", database, *extra), self.postgres.env(env_for_children())
         proc = self.start([sys.executable, "-m", "pond", "serve", "--bind", f"127.0.0.1:{port}", "--state-dir", str(state),
-                           "--poll-hold", str(poll_hold), *extra], "pond")
-        return PondHandle(proc, state, ca_file)
+                           "--poll-hold", str(poll_hold), *extra], "pond", env)
+        handle = PondHandle(proc, state, ca_file)
+        handle.postgres, handle.database = self.postgres, database
+        return handle
+
+    def replica(self, pond, poll_hold=5, extra=(), port=0):
+        """Another pond on `pond`'s database, with its admin token and credential key."""
+        state = self._dir("pond")
+        for name in ("admin-token", "credential.key"):
+            shutil.copy2(pond.state_dir / name, state / name)
+        return self.pond(poll_hold, extra, state=state, database=self.databases[pond.state_dir], port=port)
 
     def orchestrator(self, pond, token="pool-secret", extra=(), state=None, port=0):
         """An orchestrator, paired with pond; give `state` and `port` of an earlier one to restart it."""
@@ -298,9 +342,43 @@ def shared_path():
     shutil.rmtree(d, ignore_errors=True)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--store", choices=("sqlite", "postgres", "both"), default="sqlite",
+                     help="where the ponds of tests that use the `pool` fixture keep their data (default sqlite; "
+                          "postgres starts a private server, tests/pg_cluster.py)")
+
+
+def pytest_generate_tests(metafunc):
+    if "store" in metafunc.fixturenames and metafunc.config.getoption("--store") == "both":
+        metafunc.parametrize("store", ["sqlite", "postgres"], indirect=True)
+
+
 @pytest.fixture
-def pool(tmp_path):
-    p = Pool(tmp_path)
+def store(request):
+    """"sqlite" or "postgres": where this test's ponds keep their data (--store)."""
+    return getattr(request, "param", request.config.getoption("--store"))
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A private PostgreSQL server for the session (tests/pg_cluster.py), stopped at its end. Without
+    PostgreSQL installed the tests that need it skip, except under CI=true, where they fail."""
+    from pg_cluster import Cluster, binaries
+    if binaries() is None:
+        message = "PostgreSQL is not installed (apt-get install -y postgresql; .ci/run does)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    cluster = Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pool(tmp_path, store, request):
+    p = Pool(tmp_path, request.getfixturevalue("postgres") if store == "postgres" else None)
     try:
         yield p
     finally:

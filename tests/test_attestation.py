@@ -56,7 +56,7 @@ def pond_accepts(public_key, envelope, inputs, reported=True):
     stdout, stderr = output(inputs)
     return attestation.check_statement(statement, inputs["job_id"], inputs["attempt"], inputs["worker_fingerprint"],
                                        stdout, stderr, command=inputs["command"],
-                                       outcome=outcome(inputs) if reported else None)
+                                       outcome=outcome(inputs) if reported else None, spec=inputs.get("spec"))
 
 
 def sslib_envelope(envelope):

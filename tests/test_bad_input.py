@@ -802,6 +802,50 @@ POND_CREDENTIAL_CASES = [
 ]
 
 
+HARNESSES, MODELS = "/v1/admin/harnesses", "/v1/admin/models"
+HARNESS = {"key": "fresh", "capability": "harness.fresh", "command_template": ["fresh", "{{PROMPT}}"]}
+MODEL = {"key": "fresh", "provider": "openai", "model_id": "m", "credential": "kept", "base_url": "https://x.test/v1"}
+
+# Harnesses and models (specs/agents.md): a bad shape is 400, a bad field 422 naming it; nothing is stored.
+POND_AGENT_CASES = [
+    *admin_auth_cases("POST", HARNESSES, HARNESS),
+    *body_shape_cases("POST", HARNESSES, "admin", HARNESS),
+    Case("a harness without its command", "POST", HARNESSES, {"key": "x", "capability": "harness.x"}, auth="admin",
+         says="command_template"),
+    Case("a harness with an unknown placeholder", "POST", HARNESSES, dict(HARNESS, command_template=["x", "{{KEY}}"]),
+         auth="admin", status=422, code="registry_invalid", says="command_template[1]"),
+    Case("a harness file outside HOME", "POST", HARNESSES, dict(HARNESS, files=[{"path": "../x", "content": ""}]),
+         auth="admin", status=422, code="registry_invalid", says="files[0].path"),
+    Case("a harness file that is absolute", "POST", HARNESSES, dict(HARNESS, files=[{"path": "/x", "content": ""}]),
+         auth="admin", status=422, code="registry_invalid", says="files[0].path"),
+    Case("a harness key with a slash", "POST", HARNESSES, dict(HARNESS, key="a/b"), auth="admin", status=422,
+         code="registry_invalid", says="key"),
+    *admin_auth_cases("POST", MODELS, MODEL),
+    *body_shape_cases("POST", MODELS, "admin", MODEL),
+    Case("a model of an unknown provider", "POST", MODELS, dict(MODEL, provider="x"), auth="admin", status=422,
+         code="registry_invalid", says="provider"),
+    Case("a model over plain http", "POST", MODELS, dict(MODEL, base_url="http://x.test/v1"), auth="admin",
+         status=422, code="registry_invalid", says="base_url"),
+    Case("a model with no such credential", "POST", MODELS, dict(MODEL, credential="absent"), auth="admin",
+         status=422, code="registry_invalid", says="credential"),
+    *[c for path in (HARNESSES, MODELS, HARNESSES + "/kept", MODELS + "/kept") for c in admin_auth_cases("GET", path)],
+    Case("a harness that does not exist", "GET", HARNESSES + "/absent", auth="admin", status=404, code="not_found"),
+    Case("a model that does not exist", "GET", MODELS + "/absent", auth="admin", status=404, code="not_found"),
+    Case("delete a harness that does not exist", "DELETE", HARNESSES + "/absent", auth="admin", status=404,
+         code="not_found"),
+    Case("delete a model that does not exist", "DELETE", MODELS + "/absent", auth="admin", status=404, code="not_found"),
+    *admin_auth_cases("DELETE", HARNESSES + "/absent"),
+    *admin_auth_cases("DELETE", MODELS + "/absent"),
+    *admin_auth_cases("GET", "/v1/jobs/<job>/usage"),
+    *admin_auth_cases("GET", "/v1/usage"),
+    Case("usage by something unknown", "GET", "/v1/usage?by=colour", auth="admin", says="by"),
+    Case("usage since that is not a number", "GET", "/v1/usage?since=yesterday", auth="admin", says="since"),
+    Case("usage until before 1970", "GET", "/v1/usage?until=-5", auth="admin", says="until"),
+    Case("the usage of a job that is not an agent's", "GET", "/v1/jobs/<job>/usage", auth="admin", status=404,
+         code="not_found", says="agent"),
+]
+
+
 def orch_post(what, path, body=NO_BODY, **kw):
     kw.setdefault("auth", "orch")
     return Case(what, "POST", path, body, **kw)
@@ -920,6 +964,11 @@ POND_ORCH_CASES = [
     state_report("state a list", dict(RUNNING, state=["done"])),
     state_report("state an object", dict(RUNNING, state={"done": True})),
     state_report("done without exit_code", {"attempt": 1, "state": "done"}, says="exit_code"),
+    state_report("requeue on a done report", {"attempt": 1, "state": "done", "exit_code": 0, "requeue": True},
+                 says="requeue"),
+    state_report("requeue false", {"attempt": 1, "state": "failed", "error": "x", "requeue": False}, says="requeue"),
+    state_report("requeue with an exit code", {"attempt": 1, "state": "failed", "exit_code": 127, "error": "x",
+                                               "requeue": True}, says="requeue"),
     state_report("dropped a number", {"attempt": 1, "state": "done", "exit_code": 0, "dropped": 5}, says="dropped"),
     state_report("dropped with another stream", {"attempt": 1, "state": "done", "exit_code": 0,
                                                  "dropped": {"stdin": 1}}, says="stdin"),
@@ -1201,7 +1250,7 @@ POND_FILES_CASES = [
 POND_PROTOCOL_CASES = protocol_cases("/v1/jobs", "/healthz")
 
 POND_CATALOGUE = (POND_PROTOCOL_CASES + POND_SUBMIT_CASES + POND_JOB_READ_CASES + POND_ADMIN_CASES
-                  + POND_CREDENTIAL_CASES + POND_ORCH_CASES + POND_FILES_CASES)
+                  + POND_CREDENTIAL_CASES + POND_ORCH_CASES + POND_FILES_CASES + POND_AGENT_CASES)
 
 
 # -- pond sweeps ------------------------------------------------------------------------------------------
@@ -1242,6 +1291,14 @@ def test_pond_bundle_and_artifact_endpoints_refuse_bad_input(pool, subtests):
     world = PondWorld(pool)
     sweep(world.url, POND_FILES_CASES, world.ctx, subtests)
     world.assert_intact()
+
+
+def test_pond_agent_endpoints_refuse_bad_input(pool, subtests):
+    world = PondWorld(pool)
+    sweep(world.url, POND_AGENT_CASES, world.ctx, subtests)
+    world.assert_intact()
+    for path in (HARNESSES, MODELS):
+        assert api(world.url, "GET", path, auth=f"Bearer {world.pond.token}")[1] in ({"harnesses": []}, {"models": []})
 
 
 def test_pond_orchestrator_endpoints_refuse_bad_input(pool, subtests):
@@ -1729,6 +1786,10 @@ ORCH_WORKER_CASES = [
     # last: final reports pond refuses (one the orchestrator wrongly accepts takes the job out of the worker's hands)
     worker_state("exit_code a string", {"attempt": 1, "state": "failed", "exit_code": "1"}, says="exit_code"),
     worker_state("error a number", {"attempt": 1, "state": "failed", "error": 7}, says="error"),
+    worker_state("requeue on a done report", {"attempt": 1, "state": "done", "exit_code": 0, "requeue": True},
+                 says="requeue"),
+    worker_state("requeue with an exit code", {"attempt": 1, "state": "failed", "exit_code": 1, "error": "x",
+                                               "requeue": True}, says="requeue"),
     worker_state("done with exit_code 1", {"attempt": 1, "state": "done", "exit_code": 1}, says="exit_code"),
     worker_state("failed with neither exit_code nor error", {"attempt": 1, "state": "failed"}, says="failed"),
     worker_state("an error of 2001 characters", {"attempt": 1, "state": "failed", "error": "e" * 2001},

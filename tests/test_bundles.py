@@ -195,7 +195,7 @@ def test_the_claim_carries_a_one_time_token_the_key_opens_for_that_attempt_only(
     fp_of = {w1: fp1, w2: fp2}
     status, answer = _redeem(pond, token, first)
     assert status == 200 and answer["sha256"] == sha256 and answer["size"] == size, answer
-    spec = bundles.sealing.job_spec(first["command"], first["env"], first["sandbox"], {"sha256": sha256, "size": size})
+    spec = bundles.sealing.job_spec(first["command"], first["env"], first["sandbox"], source={"sha256": sha256, "size": size})
     assert bundles.open_key(key_of[first["worker"]], answer["sealed"], job["id"], 1, fp_of[first["worker"]],
                             spec) == data_key
     other = next(w for w in key_of if w != first["worker"])

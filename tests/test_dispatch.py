@@ -76,25 +76,25 @@ def test_groups_no_worker_fits_cost_nothing_per_poll_until_the_workers_change(po
     this set of workers, so 300 groups nobody fits are not matched again on every poll."""
     pond = pool.pond()
     orch = pool.orchestrator(pond)
-    worker = pool.worker(pond, orch, capabilities="harness.a")
+    worker = pool.worker(pond, orch, capabilities="skill.a")
     # A capability the worker lacks: these groups get past the store's tag filter and are matched.
-    waiting = [pond.submit([JOB_PY, "-c", "pass"], capabilities=[f"harness.h{i}"]) for i in range(300)]
+    waiting = [pond.submit([JOB_PY, "-c", "pass"], capabilities=[f"skill.h{i}"]) for i in range(300)]
     proves_dispatch_ran(pond, worker)            # its group is newer than theirs: all were matched by now
     before = pond_metric(pond, "pond_group_matches_total")
     assert before >= 300
     for _ in range(5):
         proves_dispatch_ran(pond, worker)        # a submit, an assignment and a report each wake the poll
     assert pond_metric(pond, "pond_group_matches_total") - before <= 10     # the probe's group, once each
-    assert "no worker with capability harness.h7" in pond.job(waiting[7]["id"])["waiting"]["reason"]
+    assert "no worker with capability skill.h7" in pond.job(waiting[7]["id"])["waiting"]["reason"]
 
     # A new worker that fits an old group gets its job, and so does a worker that comes back
     # with another capability: a changed worker set is matched against every group again.
-    h7 = pool.worker(pond, orch, capabilities="harness.h7")
-    done = wait_end(pond, waiting[7]["id"], 15, "on the new worker with harness.h7")
+    h7 = pool.worker(pond, orch, capabilities="skill.h7")
+    done = wait_end(pond, waiting[7]["id"], 15, "on the new worker with skill.h7")
     assert done["state"] == "done" and done["worker"] == h7.worker_id, done
     assert worker.stop() == 0
-    back = pool.worker(pond, orch, capabilities="harness.h3", state=worker.state_dir)
-    done = wait_end(pond, waiting[3]["id"], 15, "on the worker restarted with harness.h3")
+    back = pool.worker(pond, orch, capabilities="skill.h3", state=worker.state_dir)
+    done = wait_end(pond, waiting[3]["id"], 15, "on the worker restarted with skill.h3")
     assert done["state"] == "done" and done["worker"] == back.worker_id == worker.worker_id, done
     assert pond.job(waiting[4]["id"])["state"] == "queued"
 
@@ -123,23 +123,23 @@ def test_an_orchestrator_with_descriptors_above_1024_still_hands_out_jobs(pool):
 def test_capability_globs_match_one_way(pool):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
-    codex = pool.worker(pond, orch, capabilities="harness.codex")
-    claude_job = pond.submit([JOB_PY, "-c", "pass"], capabilities=["harness.claude"])
-    codex_job = pond.submit([JOB_PY, "-c", "pass"], capabilities=["harness.codex"])
+    codex = pool.worker(pond, orch, capabilities="skill.codex")
+    claude_job = pond.submit([JOB_PY, "-c", "pass"], capabilities=["skill.claude"])
+    codex_job = pond.submit([JOB_PY, "-c", "pass"], capabilities=["skill.codex"])
     done = pond.wait_job(codex_job["id"])
     assert done["state"] == "done" and done["worker"] == codex.worker_id, done
 
-    # harness.codex does not take harness.claude...
+    # skill.codex does not take skill.claude...
     view = pond.job(claude_job["id"])
     assert view["state"] == "queued", view
-    assert "no worker with capability harness.claude" in view["waiting"]["reason"]
+    assert "no worker with capability skill.claude" in view["waiting"]["reason"]
     cli = pond.cli("job", claude_job["id"])
-    assert "no worker with capability harness.claude" in cli.stdout
+    assert "no worker with capability skill.claude" in cli.stdout
 
-    # ...and harness.* takes it.
-    anyharness = pool.worker(pond, orch, capabilities="harness.*")
+    # ...and skill.* takes it.
+    anyskill = pool.worker(pond, orch, capabilities="skill.*")
     done = pond.wait_job(claude_job["id"])
-    assert done["state"] == "done" and done["worker"] == anyharness.worker_id, done
+    assert done["state"] == "done" and done["worker"] == anyskill.worker_id, done
 
 
 def test_tier_trusted_runs_only_on_a_pool_trusted_worker(pool):

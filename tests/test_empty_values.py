@@ -12,7 +12,6 @@ and `--egress-deny ''` of `swarm.py worker` keep meaning "none", which is what t
 Every case runs the real command line against a real pond.
 """
 
-import sqlite3
 import sys
 
 from conftest import SWARM, env_for_children, run
@@ -29,11 +28,7 @@ def swarm(*args, env=None, timeout=30):
 
 
 def rows(pond, table):
-    db = sqlite3.connect(pond.state_dir / "pond.db")
-    try:
-        return db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
-    finally:
-        db.close()
+    return pond.sql(f"SELECT COUNT(*) FROM {table}")[1][0][0]
 
 
 def assert_refused_empty(done, flag):

@@ -3,7 +3,6 @@
 import hashlib
 import http.client
 import json
-import sqlite3
 import stat
 import sys
 import time
@@ -45,17 +44,17 @@ def enroll_to_completion(orch, state_dir, code, capabilities="harness.*", timeou
 
 def expire_enrollment_code(pond, code):
     # The shortest TTL pond mints is 30 s, too long to wait for in a test; moving
-    # expires_at into the past in pond's own SQLite file is a real store change
+    # expires_at into the past in pond's own store is a real store change
     # (no mock), and pond reads the row afresh on every enrollment.
     digest = hashlib.sha256(code.replace("-", "").upper().encode()).hexdigest()
-    db = sqlite3.connect(str(pond.state_dir / "pond.db"), timeout=10)
-    try:
-        with db:
-            n = db.execute("UPDATE enrollment_codes SET expires_at = ? WHERE code_hash = ?",
-                           (time.time() - 1, digest)).rowcount
-    finally:
-        db.close()
-    assert n == 1, "the minted code is not in pond.db under its hash"
+    n, _ = pond.sql("UPDATE enrollment_codes SET expires_at = ? WHERE code_hash = ?", (time.time() - 1, digest))
+    assert n == 1, "the minted code is not in pond's store under its hash"
+
+
+def found_harnesses():
+    """What `harness.*` becomes on a worker of this host (swarm.find_harnesses; specs/agents.md §6)."""
+    import swarm
+    return [f"harness.{name}" for name in swarm.find_harnesses(["harness.*"])]
 
 
 def test_enrolled_worker_is_listed_with_its_tags_capabilities_and_slots(pool):
@@ -64,8 +63,8 @@ def test_enrolled_worker_is_listed_with_its_tags_capabilities_and_slots(pool):
     w = pool.worker(pond, orch, tags="repo:acme,pool:trusted", capabilities="harness.*,sandbox.*", concurrency=3)
     (row,) = [r for r in workers(pond) if r["id"] == w.worker_id]
     assert row["tags"] == ["pool:trusted", "repo:acme"]
-    # sandbox.* is resolved to what this worker can enforce.
-    assert row["capabilities"] == ["harness.*", "sandbox.bwrap", "sandbox.process"]
+    # sandbox.* is resolved to what this worker can enforce, harness.* to the harnesses it finds.
+    assert row["capabilities"] == sorted(found_harnesses() + ["sandbox.bwrap", "sandbox.process"])
     assert row["slots"] == 3
     assert row["free"] == 3
     assert row["online"] is True
@@ -202,7 +201,7 @@ def test_unenforceable_sandbox_is_dropped_with_a_warning(pool):
     orch = pool.orchestrator(pond)
     w = pool.worker(pond, orch, capabilities="harness.*,sandbox.firecracker")
     (row,) = workers(pond)
-    assert row["capabilities"] == ["harness.*"]
+    assert row["capabilities"] == found_harnesses()
     assert "sandbox.firecracker" in w.stderr() and "WARNING" in w.stderr()
     assert "sandbox.firecracker" not in w.lines[0]
     # So a job that needs that sandbox is not given to this worker.

@@ -48,11 +48,13 @@ def test_healthz_names_each_loop_and_the_storage(pool):
 
 def test_a_pond_loop_that_meets_a_bug_ends_pond_with_exit_code_1_and_one_line(pool):
     pond = pool.pond()
-    drop_table(pond.state_dir / "pond.db", "workers")      # the reaper's next pass reads it
+    pond.sql("DROP TABLE workers")      # the reaper's next pass reads it
     assert pond.proc.proc.wait(30) == 1
     log = pond.proc.stderr()
     died = [line for line in log.splitlines() if "CRITICAL" in line]
-    assert len(died) == 1 and "reaper loop died: OperationalError: no such table: workers" in died[0], log
+    error = ('UndefinedTable: relation "workers" does not exist' if pond.database
+             else "OperationalError: no such table: workers")
+    assert len(died) == 1 and f"reaper loop died: {error}" in died[0], log
     assert "supervisor restarts pond" in died[0] and "Traceback" not in log, log
 
 

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import sqlite3
 import stat
 import sys
 import time
@@ -23,16 +22,10 @@ def code_hash(code):
 
 def expire_pairing_code(pond, code):
     # The shortest TTL pond mints is 30 s, too long to wait for in a test; moving
-    # expires_at into the past in pond's own SQLite file is a real store change
+    # expires_at into the past in pond's own store is a real store change
     # (no mock), and pond reads the row afresh on every redemption.
-    db = sqlite3.connect(str(pond.state_dir / "pond.db"), timeout=10)
-    try:
-        with db:
-            n = db.execute("UPDATE pairing_codes SET expires_at = ? WHERE code_hash = ?",
-                           (time.time() - 1, code_hash(code))).rowcount
-    finally:
-        db.close()
-    assert n == 1, "the minted code is not in pond.db under its hash"
+    n, _ = pond.sql("UPDATE pairing_codes SET expires_at = ? WHERE code_hash = ?", (time.time() - 1, code_hash(code)))
+    assert n == 1, "the minted code is not in pond's store under its hash"
 
 
 def unminted_code():
@@ -169,8 +162,7 @@ def test_codes_and_binding_secrets_are_stored_hashed(pool, tmp_path):
     assert pair(pond, used, out).returncode == 0
     secret = json.loads(out.read_text())["token"].rsplit(".", 1)[1]
 
-    files = [pond.state_dir / name for name in ("pond.db", "pond.db-wal", "pond.db-shm")]
-    stored = b"".join(f.read_bytes() for f in files if f.exists())
+    stored = pond.stored()
     for code in (used, unused, enrollment):
         assert code.encode() not in stored, "a clear code is in pond's store"
         assert code.replace("-", "").encode() not in stored, "a clear code (no dashes) is in pond's store"

@@ -14,7 +14,6 @@ import base64
 import copy
 import hashlib
 import json
-import sqlite3
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -143,16 +142,15 @@ def test_real_worker_result_verifies_with_securesystemslib_and_pond_verify_offli
     done = pond.cli("verify", job_id)
     assert done.returncode == 0 and "verified" in done.stdout, done.stderr
     pond.proc.stop()
-    done = pond.cli("verify", job_id)                       # offline: only the SQLite file
+    done = pond.cli("verify", job_id)                       # offline: only the store
     assert done.returncode == 0 and "verified" in done.stdout, done.stderr
     data = json.loads(pond.cli("verify", job_id, "--json").stdout)
     assert data["verified"] is True and data["sha256"]["stdout"] == hashlib.sha256(STDOUT).hexdigest(), data
     unknown = pond.cli("verify", "j_doesnotexist")
     assert unknown.returncode == 1 and "does not exist" in unknown.stderr and "hint:" in unknown.stderr
 
-    with sqlite3.connect(pond.state_dir / "pond.db") as db:
-        changed = db.execute("UPDATE chunks SET data = ? WHERE job_id = ? AND stream = 'stdout'",
-                             (STDOUT.replace(b"\xc3\x9f", b"ss"), job_id)).rowcount
+    changed, _ = pond.sql("UPDATE chunks SET data = ? WHERE job_id = ? AND stream = 'stdout'",
+                          (STDOUT.replace(b"\xc3\x9f", b"ss"), job_id))
     assert changed == 1
     done = pond.cli("verify", job_id)
     assert done.returncode != 0 and "does not verify" in done.stderr, (done.stdout, done.stderr)

@@ -89,10 +89,15 @@ def pyhpke_open(private_raw, blob, info):
     return context.open(base64.b64decode(blob["ct"]))
 
 
-def spec_of(command, env, sandbox):
-    """specs/sealing.md §3: SHA-256 of the canonical JSON of what the job runs, spelled out independently."""
-    body = json.dumps({"command": command, "env": env, "sandbox": sandbox},
-                      sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+def spec_of(command, env, sandbox, files=None, broker=None):
+    """specs/sealing.md §3: SHA-256 of the canonical JSON of what the job runs, spelled out independently;
+    an agent job's runtime files and broker block are in it, absent (not null) for other jobs."""
+    spec = {"command": command, "env": env, "sandbox": sandbox}
+    if files is not None:
+        spec["files"] = files
+    if broker is not None:
+        spec["broker"] = broker
+    body = json.dumps(spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
@@ -128,6 +133,13 @@ POSITIVE = [
      WRITE_SANDBOX),
     ("empty env", "j_ba9876543210", 1, {}, ["true"], {}, DEFAULT_SANDBOX),
 ]
+# An agent job (specs/agents.md): its runtime files and broker block are in the spec it is sealed for.
+AGENT_FILES = [{"path": ".codex/config.toml", "content": 'model = "gpt-5-mini"\nbase_url = "{{BROKER_URL}}"\n'}]
+AGENT_BROKER = {"provider": "openai", "base_url": "https://api.openai.com/v1", "model": "gpt-5-mini",
+                "key_env": "OPENAI_API_KEY", "max_tokens": 200000, "max_cost": None, "input_cost_per_mtok": 0.25,
+                "output_cost_per_mtok": 2.0, "secret_files": []}
+AGENT = ("an agent job: runtime files and broker", "j_a9e47c0ffee1", 1, {"OPENAI_API_KEY": "sk-live-ABCDEF"},
+         ["codex", "exec", "--model", "gpt-5-mini", "fix the tests"], {}, WRITE_SANDBOX, AGENT_FILES, AGENT_BROKER)
 
 
 def flip(b64, index):
@@ -175,14 +187,14 @@ def negative_cases(base):
 
 def build_vectors():
     positive = []
-    for i, (name, job, attempt, env, command, job_env, sandbox) in enumerate(POSITIVE):
+    for i, (name, job, attempt, env, command, job_env, sandbox, *agent) in enumerate(POSITIVE + [AGENT]):
         ephemeral = fixed_key(f"ephemeral {i}")
-        spec = spec_of(command, job_env, sandbox)
+        spec = spec_of(command, job_env, sandbox, *agent)
         info = info_bytes(job, attempt, A.fingerprint, spec)
         plaintext = sealing.canonical_json(env)
         enc, ct = pyhpke_seal(A.x25519_public, plaintext, info, ephemeral)
         positive.append({"name": name, "job": job, "attempt": attempt, "env": env, "command": command,
-                         "job_env": job_env, "sandbox": sandbox, "spec": spec,
+                         "job_env": job_env, "sandbox": sandbox, **dict(zip(("files", "broker"), agent)), "spec": spec,
                          "ephemeral_private": ephemeral.hex(), "info_hex": info.hex(),
                          "plaintext": plaintext.decode("utf-8"), "blob": blob_of(enc, ct)})
     workers = {label: {"x25519_private": w.x25519_private.hex(), "x25519_public": w.x25519_public.hex(),
@@ -195,8 +207,25 @@ def build_vectors():
         "suite": sealing.SUITE_NAME,
         "workers": workers,
         "positive": positive,
-        "negative": negative_cases(positive[0]),
+        "negative": negative_cases(positive[0]) + agent_negative_cases(positive[-1]),
     }
+
+
+def agent_negative_cases(base):
+    """An agent job's blob does not open for a changed runtime file or another upstream for its key."""
+    as_sealed = {"job": base["job"], "attempt": 1, "fingerprint": A.fingerprint,
+                 "x25519_private": A.x25519_private.hex()}
+    parts = [base[k] for k in ("command", "job_env", "sandbox", "files", "broker")]
+    files = [dict(base["files"][0], content=base["files"][0]["content"] + 'notify = ["sh", "-c", "env"]\n')]
+    return [
+        {"name": "another runtime file", "why": "info binds the job spec: a changed config file is another job",
+         "blob": base["blob"], "open_with": dict(as_sealed, spec=spec_of(*parts[:3], files, parts[4]))},
+        {"name": "another broker upstream", "why": "info binds the job spec: the key goes to the upstream pond named",
+         "blob": base["blob"], "open_with": dict(as_sealed, spec=spec_of(*parts[:4], dict(
+             parts[4], base_url="https://llm.evil.example/v1")))},
+        {"name": "the agent job without its files and broker", "why": "they are part of the spec",
+         "blob": base["blob"], "open_with": dict(as_sealed, spec=spec_of(*parts[:3]))},
+    ]
 
 
 VECTORS = json.loads(VECTORS_PATH.read_text()) if VECTORS_PATH.exists() else {"positive": [], "negative": []}
@@ -252,9 +281,8 @@ def test_vector_info_and_plaintext_bytes_match_both_sides(case):
     fp = VECTORS["workers"]["A"]["fingerprint"]
     info = bytes.fromhex(case["info_hex"])
     spec = case["spec"]
-    assert spec == spec_of(case["command"], case["job_env"], case["sandbox"]) \
-        == sealing.job_spec(case["command"], case["job_env"], case["sandbox"]) \
-        == swarm.job_spec(case["command"], case["job_env"], case["sandbox"])
+    parts = [case["command"], case["job_env"], case["sandbox"], case.get("files"), case.get("broker")]
+    assert spec == spec_of(*parts) == sealing.job_spec(*parts) == swarm.job_spec(*parts)
     assert sealing.seal_info(case["job"], case["attempt"], fp, spec) == info
     assert swarm.seal_info(case["job"], case["attempt"], fp, spec) == info
     assert sealing.canonical_json(case["env"]) == swarm.canonical_json(case["env"]) == case["plaintext"].encode()

@@ -48,7 +48,21 @@ VALID_INPUTS = [
                     "allow_hosts": ["*.example.net", "example.org"]},
         "state": "failed", "exit_code": None, "error": "killed by signal 9",
         "started_at": 1795271300.0, "finished_at": 1795271301.125, "stdout": b"", "stderr": b"Killed\n"}),
+    ("an agent job: its spec digest and the usage its broker counted", {
+        "job_id": "j_a9e47c0ffee1", "attempt": 1, "command": ["codex", "exec", "--model", "gpt-5-mini", "fix the tests"],
+        "sandbox": {"profile": "untrusted-code-write", "tier": "trusted", "backend": "bwrap",
+                    "limits": {"memory": 4294967296, "cpus": 2, "pids": 512, "tmpfs_size": 1073741824, "timeout": 86400},
+                    "allow_hosts": []},
+        "state": "done", "exit_code": 0, "error": None, "started_at": 1795271400.0, "finished_at": 1795271460.5,
+        "stdout": b"fixed 2 tests\n", "stderr": b"",
+        "spec": "5f1e3ae0d5b2c8d9a6b4f4c3e1d2a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3",
+        "usage": {"calls": [{"model": "gpt-5-mini", "input_tokens": 1200, "output_tokens": 340, "latency_ms": 812,
+                             "status": 200},
+                            {"model": "gpt-5-mini", "input_tokens": 1610, "output_tokens": 95, "latency_ms": 403,
+                             "status": 200}],
+                  "input_tokens": 2810, "output_tokens": 435, "refused": 0}}),
 ]
+AGENT_KEYS = ("spec", "usage")     # inputs of an agent job's result only
 
 
 def b64(data):
@@ -71,7 +85,7 @@ def sign_raw(private, payload, payload_type, keyid):
 def valid_case(name, given, signer):
     """One valid case, every field made by swarm.py as a worker makes it."""
     fields = dict(given, worker_fingerprint=signer["fingerprint"])
-    inputs = {k: fields[k] for k in INPUT_KEYS}
+    inputs = {k: fields[k] for k in INPUT_KEYS + AGENT_KEYS if k in fields}
     statement = swarm.result_statement(**inputs, stdout=given["stdout"], stderr=given["stderr"])
     inputs.update(stdout_b64=b64(given["stdout"]), stderr_b64=b64(given["stderr"]))
     payload = swarm.canonical_json(statement)
@@ -138,6 +152,13 @@ def refused_cases(valid0, a, b):
             {"name": "artifact", "digest": {"sha256": "0" * 64}}))),
         refused("stdout listed twice", "statement", False, signed(lambda s: s.update(subject=[stdout, stdout]))),
         *outcome_cases(env, signed),
+        # An agent job's result must sign the job's spec digest and a well-formed usage.
+        refused("an agent job's result without its spec digest", "statement", False, env,
+                against={"spec": "5f1e3ae0d5b2c8d9a6b4f4c3e1d2a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3"}),
+        refused("an agent job's usage with a negative total", "statement", False,
+                signed(lambda s: s["predicate"].update(spec_digest={"sha256": "ab" * 32}, usage={
+                    "calls": [], "input_tokens": -5, "output_tokens": 0, "refused": 0})),
+                against={"spec": "ab" * 32}),
     ]
 
 

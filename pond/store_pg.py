@@ -1,0 +1,425 @@
+"""pond's store on PostgreSQL: the interface of store.Store, for several pond replicas on one database.
+
+    replica A ── Store API ──▶ main connection ──┐                ┌── LISTEN pond ◀── replica B's
+      (one lock, as SQLite)                     ├─▶ PostgreSQL ──┤    listener thread: wakes B's
+    replica B ── Store API ──▶ main connection ──┘   NOTIFY pond ─┘    held polls and log followers
+
+Every query is store.Store's own where its SQL is portable (`?` marks become `%s` here, nothing
+else is rewritten), so the two stores cannot drift; the few that are SQLite's alone (JSON
+functions, scalar MIN/MAX, PRAGMA) are overridden below. What several replicas add:
+
+- Claims: queued_jobs() locks the rows it offers (FOR UPDATE SKIP LOCKED), so two replicas never
+  assign one job; claim_lock() serialises one binding's claims (its free slots) across replicas.
+- Requirement groups (dispatch.Fits): a transaction that adds or drops one holds an advisory lock,
+  as SQLite's one write lock does for all, so serials are committed in order and a group is never
+  dropped by one replica while another queues a job in it.
+- Wake-ups: a dispatch.Notifier's notify() is relayed with NOTIFY (sent in the caller's
+  transaction, so it arrives after the commit); each replica's listener wakes its own waiters,
+  and drops its cached worker rows when another replica changed them.
+- Reaping: one replica at a time holds the reaper's advisory lock (a session lock: it passes to
+  another when that replica dies or loses its connection).
+- Schema: versioned in pond_schema, created or migrated by one replica at a time (an advisory lock).
+
+The connection string may hold a password: it is never logged or put in an error (redact()).
+A connection lost between two statements (a restarted server, a killed backend) is replaced at
+the next one; a server that cannot be reached is StorageUnavailable (503 storage_unavailable,
+/healthz failing) until it can. copy_from() is `pond migrate-store`.
+"""
+
+import json
+import logging
+import re
+import secrets
+import threading
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+
+from pond.errors import StorageUnavailable
+from pond.health import cleared, warn_once
+from pond.store import (ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, TABLES, _GROUP_EMPTY, _GROUP_OF_JOB, _JSON_COLUMNS,
+                        Store)
+
+log = logging.getLogger("pond")
+CHANNEL = "pond"
+CONNECT_TIMEOUT = 10            # s to reach the server
+LISTEN_RETRY = 1.0              # s between attempts to get the listener's connection back
+LOCK_TIMEOUT = 10               # s a statement waits for a lock another replica holds
+STATEMENT_TIMEOUT = 60          # s a statement may run
+# Advisory lock keys: (POND, n) for pond's own locks, (POND_CLAIMS, hash of a binding id) for claims.
+POND, POND_CLAIMS = 0x706F6E64, 0x706F6E65
+MIGRATE, REAPER, GROUPS = 1, 2, 3
+# SQLite's types as PostgreSQL spells them, for store.SCHEMA and ADDED_COLUMNS (one schema, two dialects).
+TYPES = [(r"\bINTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY"), (r"\bINTEGER\b", "BIGINT"),
+         (r"\bREAL\b", "DOUBLE PRECISION"), (r"\bBLOB\b", "BYTEA")]
+
+
+def pg_types(ddl):
+    for sqlite, pg in TYPES:
+        ddl = re.sub(sqlite, pg, ddl)
+    return ddl
+
+
+@lru_cache(maxsize=1024)
+def _marks(sql):
+    """store.py's `?` parameter marks as psycopg's `%s` (pond's SQL has no `?` or `%` of its own)."""
+    return sql.replace("?", "%s")
+
+
+def redact(url):
+    """A connection URL fit for a log line: its password (in the user part or a query parameter) as ***."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "postgresql://(unparsable URL)"
+    if password is not None:
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}")
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(query=query))
+
+
+def _scrub(text, url):
+    """An error message with the URL's password taken out (and the URL shown redacted)."""
+    text = text.replace(url, redact(url))
+    try:
+        secrets_in = [urlsplit(url).password] + re.findall(r"(?i)(?:^|&)password=([^&]*)", urlsplit(url).query)
+    except ValueError:
+        return "(an error about an unparsable database URL)"
+    for secret in filter(None, secrets_in):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _rows(cursor):
+    """psycopg row factory: rows as dicts, JSON columns decoded (store._row's rule)."""
+    names = [c.name for c in cursor.description or ()]
+    decode = [name in _JSON_COLUMNS for name in names]
+
+    def make(values):
+        return {name: json.loads(v) if d and v is not None else v for name, d, v in zip(names, decode, values)}
+    return make
+
+
+class _Connection:
+    """The psycopg connection as store.Store's code calls self._db: execute(sql with `?`, args)."""
+
+    def __init__(self, url):
+        self.conn = psycopg.connect(url, autocommit=True, row_factory=_rows, connect_timeout=CONNECT_TIMEOUT)
+        # A replica's requests share this connection: a lock or statement that waits for long holds
+        # them all up. Past these it fails as StorageUnavailable (503), which clients retry.
+        self.conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}s'")
+        self.conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}s'")
+
+    def execute(self, sql, args=()):
+        return self.conn.execute(_marks(sql), args)
+
+    def executemany(self, sql, rows):
+        with self.conn.cursor() as cursor:
+            cursor.executemany(_marks(sql), rows)
+
+    @property
+    def usable(self):
+        return not self.conn.closed and not self.conn.broken
+
+    @property
+    def in_transaction(self):
+        return self.conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def close(self):
+        self.conn.close()
+
+
+class PgStore(Store):
+    """The PostgreSQL store. Thread-safe like Store: one connection per replica, one transaction at a
+    time in it; replicas run side by side, kept apart by row and advisory locks."""
+
+    def __init__(self, url, readonly=False):
+        self._url = url
+        self._lock = threading.RLock()
+        self._depth = 0
+        self.dir = None
+        self.failure = None
+        self._workers_cache = {}          # binding id -> worker rows; dropped on another replica's change
+        self._groups_locked = False       # this transaction holds the GROUPS lock
+        self._reaper = False              # this replica holds the REAPER lock
+        self.instance = secrets.token_hex(8)        # tells this replica's NOTIFYs from the others'
+        self._wake = {}
+        self._stop = threading.Event()
+        self._listener = None
+        self._db = self._connect()
+        if readonly:         # `pond verify --database`: read, whether a pond runs on it or not, and change nothing
+            self._db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+            exists = self._one("SELECT to_regclass('pond_schema') IS NOT NULL AS x")["x"]
+            version = (self._one("SELECT version FROM pond_schema") or {}).get("version") if exists else None
+            if version != SCHEMA_VERSION:
+                self.close()
+                raise RuntimeError(f"the database has pond schema {version}, not {SCHEMA_VERSION}: start this "
+                                   "pond on it once")
+            return
+        with self.transaction():
+            self._db.execute(f"SELECT pg_advisory_xact_lock({POND}, {MIGRATE})")   # one replica migrates at a time
+            self._db.execute("CREATE TABLE IF NOT EXISTS pond_schema (version INTEGER NOT NULL)")
+            row = self._one("SELECT version FROM pond_schema")
+            version = row["version"] if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"the database has pond schema {version}; this pond knows up to {SCHEMA_VERSION}")
+            self._migrate(version)
+            for statement in pg_types(SCHEMA).split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            self._lock_groups()
+            self._db.execute(f"DELETE FROM queue_groups WHERE {_GROUP_EMPTY}")
+            self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"
+                             f" SELECT {_GROUP_OF_JOB} FROM jobs WHERE state = 'queued' ORDER BY seq"
+                             f" ON CONFLICT DO NOTHING")
+            self._db.execute("DELETE FROM pond_schema")
+            self._db.execute("INSERT INTO pond_schema (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    def _connect(self):
+        try:
+            return _Connection(self._url)
+        except psycopg.Error as e:
+            raise self._failed(e) from None
+
+    def _migrate(self, version):
+        """Bring an older schema up to SCHEMA_VERSION (inside the opening transaction, under MIGRATE)."""
+        if version in (0, SCHEMA_VERSION):
+            return
+        for table, columns in ADDED_COLUMNS.items():
+            for name, kind in columns:
+                self._db.execute(f"ALTER TABLE IF EXISTS {table} ADD COLUMN IF NOT EXISTS {name} {pg_types(kind)}")
+
+    def close(self):
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.join(5)
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self):
+        """One transaction (READ COMMITTED); nested calls join the outer one."""
+        with self._lock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                self._fresh("BEGIN")
+                self._depth, self._groups_locked = 1, False
+                yield self
+                self._db.execute("COMMIT")
+            except BaseException as e:
+                if self._db.usable and self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except psycopg.Error:
+                        pass
+                self._workers_cache.clear()
+                if not isinstance(e, psycopg.OperationalError):
+                    raise
+                raise self._failed(e) from None
+            finally:
+                self._depth = 0
+            if self.failure is not None:
+                self._recovered()
+
+    def _fresh(self, sql, args=()):
+        """Run the first statement of a transaction (or one outside any); on a connection that was
+        lost meanwhile (a restarted server, a killed backend), once more on a new one."""
+        if self._db.usable:
+            try:
+                return self._db.execute(sql, args)
+            except psycopg.OperationalError:
+                if self._db.usable:
+                    raise
+        self._reconnect()
+        return self._db.execute(sql, args)
+
+    def _reconnect(self):
+        self._db.close()
+        self._db = self._connect()
+        self._reaper = False            # the lock went with the old session
+        self._workers_cache.clear()
+
+    def _failed(self, e):
+        """The database cannot be reached or refused the transaction: kept for /healthz, logged once."""
+        why = _scrub(str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__, self._url)
+        err = StorageUnavailable(f"pond cannot store this now: {why}",
+                                 f"check that PostgreSQL at {redact(self._url)} is up and lets this user in; a running "
+                                 "pond reconnects by itself: retry then")
+        if self.failure is None:
+            self.failure = {"error": err.message, "hint": err.hint, "since": round(time.time(), 3)}
+        warn_once(err.message, "storage: %s (pond answers 503 storage_unavailable until it can write again)",
+                  err.message)
+        return err
+
+    def _recovered(self):
+        log.info("storage: PostgreSQL can be written again after %.0f s", time.time() - self.failure["since"])
+        cleared(self.failure["error"])
+        self.failure = None
+
+    def probe(self):
+        """While writes fail: try one, so that /healthz clears without traffic."""
+        if self.failure is not None:
+            with self.transaction():
+                self._db.execute("UPDATE pond_schema SET version = version")
+
+    def _all(self, sql, args=()):
+        with self._lock:
+            try:
+                if self._depth:
+                    return self._db.execute(sql, args).fetchall()
+                return self._fresh(sql, args).fetchall()
+            except psycopg.OperationalError as e:
+                raise self._failed(e) from None
+
+    def _one(self, sql, args=()):
+        with self._lock:
+            try:
+                if self._depth:
+                    return self._db.execute(sql, args).fetchone()
+                return self._fresh(sql, args).fetchone()
+            except psycopg.OperationalError as e:
+                raise self._failed(e) from None
+
+    # -- replicas ----------------------------------------------------------------
+
+    def subscribe(self, work, logs):
+        """Relay `work` and `logs` (dispatch.Notifier) to the other replicas, and wake them on theirs."""
+        self._wake = {"job": lambda: work.wake(new_job=True), "capacity": work.wake, "logs": logs.wake,
+                      "workers": self._workers_changed}
+        work.relay = lambda new_job: self.publish("job" if new_job else "capacity")
+        logs.relay = lambda new_job: self.publish("logs")
+        self._listener = threading.Thread(target=self._listen, name="pg-listener", daemon=True)
+        self._listener.start()
+
+    def publish(self, kind):
+        """NOTIFY the other replicas; inside a transaction it is sent when that commits."""
+        try:
+            with self._lock:
+                self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{self.instance} {kind}"))
+        except psycopg.Error as e:
+            # The others still find the work: a held poll looks again every dispatch.LIVENESS_CHECK.
+            warn_once("notify", "storage: cannot tell the other replicas (%s)", _scrub(str(e), self._url)[:200])
+
+    def _listen(self):
+        """The listener thread: LISTEN on its own connection; wake what another replica's NOTIFY names."""
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    for wake in self._wake.values():     # anything may have happened while it was away
+                        wake()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            sender, _, kind = note.payload.partition(" ")
+                            if sender != self.instance and kind in self._wake:
+                                self._wake[kind]()
+            except psycopg.Error as e:
+                warn_once("listen", "storage: lost the connection that hears other replicas (%s); reconnecting",
+                          _scrub(str(e), self._url)[:200])
+            except Exception:           # a bug: said loudly, and the replicas keep waking each other
+                log.exception("storage: the listener for other replicas failed; starting it again")
+            self._stop.wait(LISTEN_RETRY)
+
+    def _workers_changed(self):
+        with self._lock:
+            self._workers_cache.clear()
+
+    def _worker_write(self, sql, args):
+        with self.transaction():
+            changed = super()._worker_write(sql, args)
+            if changed:
+                self.publish("workers")         # the other replicas drop their cached rows
+            return changed
+
+    def claim_lock(self, binding_id):
+        """Claims for one binding on two replicas would both count its free slots: one at a time."""
+        self._db.execute(f"SELECT pg_advisory_xact_lock({POND_CLAIMS}, hashtext(?))", (binding_id,))
+
+    def reaper_turn(self):
+        """Whether this replica reaps: the one that holds the REAPER lock, until it dies or its
+        connection is lost (then the next replica to try takes it)."""
+        if not self._reaper:
+            self._reaper = self._one(f"SELECT pg_try_advisory_lock({POND}, {REAPER}) AS got")["got"]
+        return self._reaper
+
+    def copy_from(self, source):
+        """`pond migrate-store`: every row of `source` (a Store on SQLite) into this empty database, in
+        one transaction; -> {table: rows copied}. Refused (ValueError) if this one holds pond data."""
+        with self.transaction():
+            self._db.execute(f"LOCK TABLE {', '.join(TABLES)} IN EXCLUSIVE MODE")   # no pond writes meanwhile
+            held = [t for t in TABLES if self._one(f"SELECT 1 AS x FROM {t} LIMIT 1")]
+            if held:
+                raise ValueError(f"the database already holds pond data (in {', '.join(held)})")
+            copied = {}
+            for table in TABLES:
+                columns, rows = source.export(table)
+                if rows:
+                    marks = ", ".join("?" * len(columns))
+                    self._db.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+                copied[table] = len(rows)
+            for table, column in (("jobs", "seq"), ("chunks", "id"), ("queue_groups", "serial")):
+                # The next row numbers follow the copied ones (a serial is never reused).
+                self._db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
+                                 f" (SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)")
+            return copied
+
+    # -- SQL that is SQLite's alone ------------------------------------------------
+
+    def _lock_groups(self):
+        """queue_groups changes one transaction at a time: serials then commit in order (dispatch.Fits
+        reads those above the last it saw), and a group is never dropped while a job joins it."""
+        if not self._groups_locked:
+            self._db.execute(f"SELECT pg_advisory_xact_lock({POND}, {GROUPS})")
+            self._groups_locked = True
+
+    def _add_group(self, job_id):
+        self._lock_groups()
+        super()._add_group(job_id)
+
+    def _drop_group(self, job_id):
+        self._lock_groups()
+        super()._drop_group(job_id)
+
+    def queue_groups(self, after, tags):
+        with self._lock:
+            top = self._one("SELECT MAX(serial) AS top FROM queue_groups")["top"] or 0
+            if top <= after:
+                return top, []
+            return top, self._all("SELECT serial, req_key, tags, capabilities, sealed FROM queue_groups"
+                                  " WHERE serial > ? AND tags::jsonb <@ ?::jsonb ORDER BY serial",
+                                  (after, json.dumps(sorted(tags))))
+
+    def queued_jobs(self, req_key, limit):
+        """The oldest queued jobs of a group that no other claim holds, locked until this one ends."""
+        rows = self._all("SELECT * FROM jobs WHERE state = 'queued' AND req_key = ? ORDER BY seq LIMIT ?"
+                         " FOR UPDATE SKIP LOCKED", (req_key, limit))
+        if not rows and self._one("SELECT 1 AS x FROM jobs WHERE state = 'queued' AND req_key = ? LIMIT 1",
+                                  (req_key,)):
+            # Another replica's claim holds them all. dispatch.Fits forgets a group that offers
+            # nothing; should that claim leave some queued, the group comes back as a new one.
+            self._lock_groups()
+            self._db.execute("UPDATE queue_groups SET serial = nextval(pg_get_serial_sequence('queue_groups',"
+                             " 'serial')) WHERE req_key = ?", (req_key,))
+        return rows
+
+    def overdue_jobs(self, now, margin):
+        # LEAST ignores a null: the sooner of the job's timeout and its sandbox's, or either alone.
+        effective = "LEAST(timeout, (sandbox::jsonb #>> '{limits,timeout}')::double precision)"
+        return self._all("SELECT id, state, attempt, worker_id, binding_id, timeout, sandbox, started_at FROM jobs"
+                         f" WHERE state IN ('assigned', 'running') AND {effective} IS NOT NULL"
+                         f" AND COALESCE(started_at, assigned_at) + {effective} + COALESCE(cancel_grace, 10) + ? < ?",
+                         (margin, now))
+
+    def extend_all_leases(self, until):
+        self._write("UPDATE jobs SET lease_until = GREATEST(COALESCE(lease_until, 0), ?)"
+                    " WHERE state IN ('assigned', 'running')", (until,))
