@@ -13,6 +13,7 @@ import binascii
 import functools
 import hashlib
 import json
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -234,9 +235,10 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
     return predicate
 
 
-def verify_job(store, job_id):
+def verify_job(store, job_id, state_dir):
     """`pond verify`: re-check a finished job's stored attestation against the stored output
-    and the worker's pinned key, as pond did when it recorded the result. -> (job, worker, statement)."""
+    and the worker's pinned key, as pond did when it recorded the result; its artifacts are in
+    `state_dir`/blobs (pond's state dir, on PostgreSQL too). -> (job, worker, statement)."""
     job = store.job(job_id)
     if job is None:
         raise NotFound(f"job {job_id[:64]!r} does not exist in this state dir", "check the id and --state-dir")
@@ -258,18 +260,18 @@ def verify_job(store, job_id):
                     command=job["command"], outcome=(job["state"], job["exit_code"], job["error"]),
                     dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"], source=source, artifacts=True,
                     spec=spec)
-    _check_artifacts(store, job, statement)
+    _check_artifacts(store, job, statement, state_dir)
     return job, worker, statement
 
 
-def _check_artifacts(store, job, statement):
+def _check_artifacts(store, job, statement, state_dir):
     """The artifacts pond recorded are exactly those signed, and each stored file still has its digest."""
     from pond.bundles import FileBlobs
     signed = {s["name"]: s["digest"]["sha256"] for s in statement["subject"] if s["name"] not in SUBJECT_NAMES}
     recorded = {a["name"]: a["sha256"] for a in job["outputs"] or []}
     if signed != recorded:
         raise refused("the artifacts pond recorded are not the ones the worker signed")
-    blobs = FileBlobs(store.dir / "blobs")
+    blobs = FileBlobs(Path(state_dir) / "blobs")
     for name, digest in signed.items():
         try:
             ok = blobs.sha256(f"artifacts/{job['id']}/{job['attempt']}/{name}") == digest

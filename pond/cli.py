@@ -518,7 +518,7 @@ def cmd_verify(args):
     except RuntimeError as e:
         raise PondError(str(e), "run the pond release that wrote it", code="config") from None
     try:
-        job, worker, statement = verify_job(store, args.id)
+        job, worker, statement = verify_job(store, args.id, state)
     except PondError as e:
         if e.code == "attestation_failed":
             e.message = f"job {args.id} does not verify: {e.detail}"
