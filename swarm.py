@@ -53,6 +53,7 @@ import errno
 import fcntl
 import functools
 import gc
+import glob
 import hashlib
 import hmac
 import inspect
@@ -76,6 +77,7 @@ import ssl
 import struct
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import types
@@ -657,24 +659,24 @@ def _hpke():
     return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.CHACHA20_POLY1305), x25519, InvalidTag
 
 
-def job_spec(command, env, sandbox, files=None, broker=None):
+def job_spec(command, env, sandbox, files=None, broker=None, source=None):
     """The digest of what a job runs, from its assignment (specs/sealing.md §3): a credential
-    sealed for one command, env, sandbox (and an agent job's runtime files and broker) does not
-    open for another, so an orchestrator cannot change what runs, or where the key goes, to read it."""
+    sealed for one command, env, sandbox (an agent job's runtime files and broker, a job's source
+    {sha256, size}) does not open for another, so an orchestrator cannot change what runs, or
+    where the key goes, to read it."""
     spec = {"command": command, "env": env, "sandbox": sandbox}
-    spec.update({k: v for k, v in (("files", files), ("broker", broker)) if v is not None})
+    spec.update({k: v for k, v in (("files", files), ("broker", broker), ("source", source)) if v is not None})
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
-def seal_info(job_id, attempt, fingerprint, spec):
+def seal_info(job_id, attempt, fingerprint, spec, prefix=SEAL_INFO_PREFIX):
     """HPKE `info` for one attempt of one job, running `spec` (job_spec), on one worker."""
     if (not isinstance(job_id, str) or not job_id or not isinstance(attempt, int) or isinstance(attempt, bool)
             or attempt < 1 or not isinstance(fingerprint, str) or not FINGERPRINT_RE.match(fingerprint)
             or not isinstance(spec, str) or not FINGERPRINT_RE.match(spec)):
         raise SwarmError("credential could not be unsealed",
                          "the assignment's job id, attempt, worker fingerprint or spec digest is malformed")
-    return SEAL_INFO_PREFIX + canonical_json({"attempt": attempt, "fingerprint": fingerprint, "job": job_id,
-                                              "spec": spec})
+    return prefix + canonical_json({"attempt": attempt, "fingerprint": fingerprint, "job": job_id, "spec": spec})
 
 
 def _unsealable(hint):
@@ -696,8 +698,20 @@ def _blob_bytes(blob, field, length=None, minimum=0):
 def unseal_env(private_raw, blob, job_id, attempt, fingerprint, spec):
     """The secret env sealed for this attempt of this job, running `spec`, to this worker's X25519 key;
     SwarmError otherwise."""
+    plaintext = hpke_open(private_raw, blob, seal_info(job_id, attempt, fingerprint, spec))
+    try:
+        env = json.loads(plaintext.decode("utf-8"))
+    except ValueError:          # UnicodeDecodeError is one
+        env = None
+    if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(v, str)
+                                            and "\x00" not in v for k, v in env.items()):
+        raise _unsealable("it opened but does not hold a {NAME: value} object")
+    return env
+
+
+def hpke_open(private_raw, blob, info):
+    """The plaintext of a sealed blob {enc, ct, suite} for `info`; SwarmError (_unsealable) otherwise."""
     suite, x25519, InvalidTag = _hpke()
-    info = seal_info(job_id, attempt, fingerprint, spec)
     if not isinstance(blob, dict) or sorted(blob) != ["ct", "enc", "suite"]:
         raise _unsealable('a sealed blob has exactly the fields "enc", "ct", "suite"')
     if blob["suite"] != SEAL_SUITE:
@@ -709,15 +723,8 @@ def unseal_env(private_raw, blob, job_id, attempt, fingerprint, spec):
         plaintext = suite.decrypt(enc + ct, key, info=info)
     except (InvalidTag, TypeError, ValueError):
         raise _unsealable("it was sealed for another worker key, job, attempt, fingerprint or job spec "
-                          "(command, env, sandbox), or altered on the way") from None
-    try:
-        env = json.loads(plaintext.decode("utf-8"))
-    except ValueError:          # UnicodeDecodeError is one
-        env = None
-    if not isinstance(env, dict) or not all(isinstance(k, str) and ENV_NAME_RE.match(k) and isinstance(v, str)
-                                            and "\x00" not in v for k, v in env.items()):
-        raise _unsealable("it opened but does not hold a {NAME: value} object")
-    return env
+                          "(command, env, sandbox, source), or altered on the way") from None
+    return plaintext
 
 
 # ============================================================================
@@ -736,13 +743,15 @@ def sha256_digest(data):
 
 
 def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, state, exit_code, error,
-                     started_at, finished_at, stdout, stderr, dropped=None, spec=None, usage=None):
+                     started_at, finished_at, stdout, stderr, dropped=None, source=None, artifacts=None, spec=None,
+                     usage=None):
     """The in-toto Statement v1 a worker signs for one attempt's result (specs/attestation.md §3).
 
     stdout and stderr are the output as delivered (past the log cap: its head and tail), as
     bytes or as sha256 objects (hashlib) fed as it streamed; the statement carries only their
     digests, and `dropped` how many bytes of each stream the cap left out. The outcome (state,
     exit code, error) is signed too, so no relay can turn a failure into a success or back.
+    `source` ({sha256, size}) when the job has one; `artifacts` {name: sha256 hex}, each a subject.
     An agent job's result also signs its spec digest (job_spec: files and broker too) and the
     model usage its broker counted.
     """
@@ -750,13 +759,15 @@ def result_statement(*, job_id, attempt, command, sandbox, worker_fingerprint, s
     return {
         "_type": STATEMENT_TYPE,
         "subject": [{"name": "stdout", "digest": sha256_digest(stdout)},
-                    {"name": "stderr", "digest": sha256_digest(stderr)}],
+                    {"name": "stderr", "digest": sha256_digest(stderr)}]
+        + [{"name": name, "digest": {"sha256": hexdigest}} for name, hexdigest in sorted((artifacts or {}).items())],
         "predicateType": RESULT_PREDICATE_TYPE,
         "predicate": {"job_id": job_id, "attempt": attempt, "worker_fingerprint": worker_fingerprint,
                       "state": state, "exit_code": exit_code, "error": error,
                       "started_at": started_at, "finished_at": finished_at,
                       "command_digest": sha256_digest(canonical_json(list(command))), "sandbox": sandbox,
-                      "dropped": dict(dropped or {"stdout": 0, "stderr": 0}), **agent},
+                      "dropped": dict(dropped or {"stdout": 0, "stderr": 0}), **({"source": source} if source else {}),
+                      **agent},
     }
 
 
@@ -2698,6 +2709,24 @@ class Pool:
             raise HttpError(503, "pond_unreachable", "the orchestrator cannot reach pond to seal the credential",
                             "retry when pond is back") from e
 
+    def relay(self, session, job_id, claim_token, body, what):
+        """The worker's source redeem and reads and its artifact pieces, relayed to pond as they are
+        (specs/bundles.md §5): pond never dials out, so the orchestrator carries them both ways. The
+        data key travels sealed to the worker; the bundle and the artifacts are what they are."""
+        job = self.held_job(session, job_id, claim_token)
+        if not isinstance(body, dict) or "attempt" not in body:
+            raise HttpError(400, "bad_request", f"{what}: a JSON object with attempt", "see specs/bundles.md §5")
+        if body["attempt"] != job["attempt"] or isinstance(body["attempt"], bool):
+            raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop the job")
+        try:
+            return self.pond.call("POST", f"/v1/orch/jobs/{job_id}/{what}", body,
+                                  headers={"X-Claim-Token": job["claim_token"]}, timeout=60)
+        except Refused as e:
+            raise HttpError(e.status if e.status < 500 else 502, e.code, e.message, e.hint) from None
+        except Unreachable as e:
+            raise HttpError(503, "pond_unreachable", f"the orchestrator cannot reach pond for the job's {what}",
+                            "retry when pond is back") from e
+
     def _report(self, job, body, release=None):
         self.outbox.put({"kind": "state", "job_id": job["job_id"], "claim_token": job["claim_token"], "body": body},
                         release)
@@ -2960,6 +2989,8 @@ def orchestrator_routes(pool, token_hash):
         ("POST", job + r"/chunk", worker_auth,
          lambda h, m, b: (200, pool.report_chunk(h.who, m["id"], claim_token(h), b))),
         ("POST", job + r"/seal", worker_auth, lambda h, m, b: (200, pool.seal(h.who, m["id"], claim_token(h), b))),
+        ("POST", job + r"/(?P<what>source|source/read|artifacts)", worker_auth,
+         lambda h, m, b: (200, pool.relay(h.who, m["id"], claim_token(h), b, m["what"]))),
         ("GET", r"/v1/pool/status", operator_auth, lambda h, m, b: (200, pool.status())),
         ("GET", r"/v1/pool/jobs", operator_auth, lambda h, m, b: (200, pool.jobs())),
         ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", operator_auth, cancel),
@@ -5247,6 +5278,331 @@ def sandbox_env(conf, job_env, slot, provider):
 
 
 # ============================================================================
+# Bundles and artifacts (specs/bundles.md: a job's source in, its artifacts and changes.patch out)
+# ============================================================================
+
+BUNDLE_MAGIC = b"pond-bundle-v1\n"        # the ciphertext's header and each chunk's associated data
+BUNDLE_CHUNK = 64 * 1024                  # plaintext bytes per chunk; a sealed chunk is 16 more
+BUNDLE_SEAL_PREFIX = b"pond-bundle-seal-v1\x00"
+MAX_BUNDLE = 1024 * 1024 * 1024           # bytes of ciphertext this worker takes for one job
+SOURCE_MAX_FILES = 100_000                # entries of a source archive
+SOURCE_MAX_BYTES = 4 * 1024 * 1024 * 1024  # bytes of its files, unpacked
+PIECE = 1024 * 1024                       # bytes of a bundle read or an artifact upload in one request
+PATCH_NAME = "changes.patch"
+GIT_URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+=,/-]*)?\Z")     # as pond's
+GIT_REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])\Z")
+# git as the worker runs it on a job's tree: no hooks, no fsmonitor, no config but ours (GIT_DIR is
+# the worker's own, so the tree's .git/config and includes are never read), any owner of the tree.
+GIT_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "safe.directory=*",
+            "-c", "core.autocrlf=false", "-c", "core.symlinks=true", "-c", "core.quotepath=false",
+            "-c", "core.looseCompression=0")                  # a throwaway object store: hash, do not deflate
+
+
+def ask_pond(orch, job, what, body, cancel):
+    """POST /v1/worker/jobs/{id}/{what} through the orchestrator, again while it or pond is away
+    -> the answer; SwarmError when refused or cancelled."""
+    backoff = Backoff()
+    while not cancel.is_set():
+        try:
+            return orch.call("POST", f"/v1/worker/jobs/{job['job_id']}/{what}", dict(body, attempt=job["attempt"]),
+                             headers={"X-Claim-Token": job["claim_token"]}, timeout=90)
+        except Refused as e:
+            if not e.retryable:
+                raise Refused(e.status, e.code, clean(e.message), clean(e.hint)) from None
+        except Unreachable:
+            pass
+        cancel.wait(backoff.next())
+    raise SwarmError("cancelled", "the job was cancelled while its files moved")
+
+
+def source_spec(source):
+    """What of an assignment's source its spec and its signed result bind: a bundle's sha256 and size
+    (never the token), or a git URL and ref."""
+    if not source:
+        return None
+    return {"git": source["git"], "ref": source["ref"]} if "git" in source else \
+        {"sha256": source["sha256"], "size": source["size"]}
+
+
+def decrypt_bundle(key, src, dst, size):
+    """The STREAM of specs/bundles.md §2: chunk i opens with nonce i (11 bytes, big-endian) and a
+    last-chunk flag byte, so a bundle cut short, reordered or altered does not decrypt."""
+    try:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+    except ImportError:
+        raise MissingCryptography("opening a source bundle") from None
+    if src.read(len(BUNDLE_MAGIC)) != BUNDLE_MAGIC:
+        raise SwarmError("the source bundle is not pond-bundle-v1", "submit the job again with pond submit --source")
+    aead, left, counter = ChaCha20Poly1305(key), size - len(BUNDLE_MAGIC), 0
+    while left > 0 or counter == 0:
+        n = min(left, BUNDLE_CHUNK + 16)
+        sealed, left = src.read(n), left - n
+        if len(sealed) != n or n < 16 or (left == 0 and n == 16 and counter > 0):
+            raise SwarmError("the source bundle ends early or has an empty chunk after a full one", "submit it again")
+        try:
+            dst.write(aead.decrypt(counter.to_bytes(11, "big") + (b"\x01" if left == 0 else b"\x00"), sealed,
+                                   BUNDLE_MAGIC))
+        except InvalidTag:
+            raise SwarmError(f"chunk {counter} of the source bundle does not decrypt", "submit it again") from None
+        counter += 1
+
+
+def _member_path(name):
+    """A tar member's path as a list of parts, or SwarmError: relative, no `..`, no NUL, not empty."""
+    if not name or "\x00" in name or name.startswith("/") or len(name) > 4096:
+        raise SwarmError(f"the source archive has an absolute or empty path {clean(name, 80)!r}",
+                         "pack relative paths only (pond submit --source does)")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise SwarmError(f"the source archive has a path with '..': {clean(name, 80)!r}", "pack the tree as it is")
+    return parts
+
+
+def extract_source(archive, dest, uid=None, max_files=SOURCE_MAX_FILES, max_bytes=SOURCE_MAX_BYTES):
+    """Unpack a gzip'd tar into the empty directory `dest`, refusing whatever could reach out of it:
+    absolute paths, `..`, links pointing out (or through another link), hard links, devices, fifos,
+    setuid, setgid and sticky bits; at most `max_files` entries and `max_bytes` of file data.
+    Links are made last, so no file is ever written through one. -> (files, bytes); SwarmError."""
+    try:
+        return _unpack(archive, dest, uid, max_files, max_bytes)
+    except SwarmError:
+        raise
+    except Exception as e:      # noqa: BLE001  authenticated but untrusted bytes: whatever tarfile, gzip or zlib raise
+        raise SwarmError(f"the source archive cannot be unpacked: {e.__class__.__name__}: {clean(str(e), 120)}",
+                         "submit it again") from None
+
+
+def _unpack(archive, dest, uid, max_files, max_bytes):
+    files, total, links = 0, 0, []
+    with tarfile.open(archive, "r:gz") as tar:
+        for m in tar:
+            files += 1
+            if files > max_files:
+                raise SwarmError(f"the source archive has more than {max_files} entries", "send a smaller tree")
+            parts = _member_path(m.name)
+            if m.mode & 0o7000:
+                raise SwarmError(f"{clean(m.name, 80)!r} in the source archive has a setuid, setgid or sticky bit",
+                                 "pack plain files")
+            if not parts:
+                continue
+            path = dest.joinpath(*parts)
+            if m.isdir():
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            elif m.isfile():
+                total += m.size
+                if total > max_bytes:
+                    raise SwarmError(f"the source archive unpacks to more than {max_bytes} bytes", "send a smaller tree")
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as out, tar.extractfile(m) as data:
+                    shutil.copyfileobj(data, out, PIECE)
+                os.chmod(path, (m.mode & 0o755) | 0o600)
+            elif m.issym():
+                target = m.linkname
+                if not target or target.startswith("/") or "\x00" in target or os.path.normpath(
+                        os.path.join(*parts[:-1], target) if parts[:-1] else target).split("/")[0] == "..":
+                    raise SwarmError(f"link {clean(m.name, 80)!r} in the source archive points out of the tree",
+                                     "pack links that stay inside it")
+                links.append((parts, target))
+            else:
+                raise SwarmError(f"{clean(m.name, 80)!r} in the source archive is not a file, directory or link",
+                                 "pack plain files (no devices, fifos or hard links)")
+    real = os.path.realpath(dest)
+    for parts, target in links:
+        parent = dest.joinpath(*parts[:-1])
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.path.realpath(parent) != os.path.join(real, *parts[:-1]).rstrip("/"):
+            raise SwarmError(f"link {clean('/'.join(parts), 80)!r} in the source archive lies behind another link",
+                             "pack links that stay inside the tree")
+        os.symlink(target, parent / parts[-1])
+    if uid is not None:
+        for root, dirs, names in os.walk(dest):
+            for name in dirs + names:
+                os.lchown(os.path.join(root, name), uid, uid)
+    return files, total
+
+
+def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
+    """Redeem the assignment's one-time source token, open the data key sealed to this worker,
+    read the bundle in pieces (its size and sha256 checked as it comes), decrypt it and unpack it
+    into `dest`, the job's work tree. SwarmError when anything does not check out."""
+    source = job["source"]
+    if not isinstance(source.get("size"), int) or not 0 < source["size"] <= MAX_BUNDLE:
+        raise SwarmError(f"the source bundle's size is not 1 to {MAX_BUNDLE} bytes", "send a smaller tree")
+    answer = ask_pond(orch, job, "source", {"token": source["token"]}, cancel)
+    spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"), job.get("broker"),
+                    source_spec(source))
+    try:
+        key = hpke_open(signer.keys.sealing, answer.get("sealed"), seal_info(
+            job["job_id"], job["attempt"], signer.fingerprint, spec, BUNDLE_SEAL_PREFIX))
+    except SwarmError as e:
+        raise SwarmError("the source bundle's key could not be unsealed", e.hint) from None
+    digest, got = hashlib.sha256(), 0
+    with open(scratch / "bundle", "wb") as f:
+        while got < source["size"]:
+            piece = ask_pond(orch, job, "source/read", {"token": source["token"], "offset": got}, cancel)
+            data = base64.b64decode(piece.get("data") or "")
+            if not data or got + len(data) > source["size"]:
+                raise SwarmError("the source bundle is not the size its assignment says", "submit the job again")
+            digest.update(data)
+            f.write(data)
+            got += len(data)
+    if digest.hexdigest() != source["sha256"]:
+        raise SwarmError("the source bundle does not have the sha256 its assignment says (altered on the way)",
+                         "submit the job again; if it persists, look at the orchestrator between pond and here")
+    with open(scratch / "bundle", "rb") as src, open(scratch / "source.tar.gz", "wb") as dst:
+        decrypt_bundle(key, src, dst, got)
+    (scratch / "bundle").unlink()
+    try:
+        return extract_source(scratch / "source.tar.gz", dest, uid)
+    finally:
+        (scratch / "source.tar.gz").unlink()
+
+
+def git_tree(work, scratch, *args, git_dir=None, index="index", config=()):
+    """Run git on the job's tree with the worker's own git dir and index (GIT_SAFE) -> stdout bytes."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(scratch), "LC_ALL": "C",
+           "GIT_DIR": str(git_dir or scratch / "git"), "GIT_INDEX_FILE": str(scratch / index),
+           "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1",
+           "GIT_TERMINAL_PROMPT": "0", **({"GIT_WORK_TREE": str(work)} if work else {})}     # None: a bare mirror
+    try:
+        done = subprocess.run(["git", *GIT_SAFE, *config, *args], cwd=work or scratch, env=env, capture_output=True,
+                              timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SwarmError(f"git {args[0]}: {clean(str(e), 120)}", "see the worker's log") from None
+    if done.returncode != 0:
+        raise SwarmError(f"git {args[0]} failed: {clean(done.stderr.decode(errors='replace'), 200)}",
+                         "see the worker's log")
+    return done.stdout
+
+
+def fetch_git(job, repo_root, work, scratch, policy, uid=None):
+    """A git source: fetched into this worker's bare mirror of the repository under --repo-root (one
+    per URL, kept for the next job), through an egress proxy of the job's policy, then its ref
+    checked out into the job's work tree. The job never sees the mirror. -> the commit id."""
+    url, ref = job["source"]["git"], job["source"]["ref"]
+    if not GIT_URL_RE.match(url) or not GIT_REF_RE.match(ref):
+        raise SwarmError("the git source's URL or ref is not one pond would take", "check the assignment's source")
+    mirrors = Path(repo_root) / "mirrors"
+    mirrors.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mirror = mirrors / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".git")
+    listener = socket.create_server(("127.0.0.1", 0))
+    proxy = EgressProxy(listener, policy, lambda d: log.info("job %s git fetch: %s", job["job_id"], json.dumps(d)))
+    proxy.start()
+    config = ("-c", f"http.proxy=http://127.0.0.1:{listener.getsockname()[1]}", "-c", "protocol.allow=never",
+              "-c", "protocol.http.allow=always", "-c", "protocol.https.allow=always")
+    try:
+        with open(mirrors / (mirror.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)            # one fetch into a mirror at a time
+            if not mirror.exists():
+                git_tree(None, scratch, "init", "-q", "--bare", git_dir=mirror)
+            git_tree(None, scratch, "fetch", "--quiet", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*",
+                     "+refs/tags/*:refs/tags/*", git_dir=mirror, config=config)
+            commit = git_tree(None, scratch, "rev-parse", "--verify", "--end-of-options", ref + "^{commit}",
+                              git_dir=mirror).decode().strip()
+            git_tree(work, scratch, "read-tree", commit, git_dir=mirror, index="checkout")
+            git_tree(work, scratch, "checkout-index", "-a", "-f", git_dir=mirror, index="checkout")
+    finally:
+        proxy.close()
+    if uid is not None:
+        for root, dirs, names in os.walk(work):
+            for name in dirs + names:
+                os.lchown(os.path.join(root, name), uid, uid)
+    return commit
+
+
+def baseline(work, scratch):
+    """Record the tree as received, so that changes.patch is exactly what the job changed -> its tree id."""
+    git_tree(work, scratch, "init", "-q")
+    git_tree(work, scratch, "add", "-A", "-f")
+    return git_tree(work, scratch, "write-tree").decode().strip()
+
+
+def changes_patch(work, scratch, tree):
+    """The diff of the work tree now against `tree`, in git's binary patch form (git apply takes it)."""
+    git_tree(work, scratch, "add", "-A", "-f")
+    return git_tree(work, scratch, "diff", "--cached", "--binary", "--no-color", "--no-ext-diff", "--no-textconv",
+                    "--no-renames", tree)
+
+
+def declared_artifacts(job, work):
+    """(name, path) of each regular file the job's artifact patterns match under /work, no link out."""
+    real, out = os.path.realpath(work), {}
+    for pattern in job.get("artifacts") or []:
+        relative = pattern[len("/work/"):] if pattern.startswith("/work/") else pattern
+        for match in sorted(glob.glob(relative, root_dir=work, recursive=True)):
+            path = os.path.realpath(os.path.join(work, match))
+            rel = os.path.relpath(path, real)
+            if not rel.startswith("../") and os.path.isfile(path) and not os.path.islink(path):
+                out[f"work/{rel}"] = path
+    return sorted(out.items())
+
+
+def upload_artifact(job, orch, cancel, name, data):
+    """One artifact to pond through the orchestrator, in pieces -> its sha256 hex."""
+    sha = hashlib.sha256(data).hexdigest()
+    offset, again = 0, True
+    while True:
+        piece = data[offset:offset + PIECE]
+        try:
+            ask_pond(orch, job, "artifacts", {"name": name, "size": len(data), "sha256": sha, "offset": offset,
+                                              "data": b64(piece)}, cancel)
+        except Refused as e:          # a piece stored whose answer was lost: start the artifact again, once
+            if e.code != "offset_mismatch" or not again:
+                raise
+            offset, again = 0, False
+            continue
+        offset += len(piece)
+        if offset >= len(data):
+            return sha
+
+
+def hand_back(job, orch, cancel, work, scratch, tree):
+    """changes.patch (when there is a baseline) and the declared artifacts, each within the
+    assignment's artifact_cap, uploaded -> {name: sha256} for the attestation; SwarmError otherwise."""
+    cap = job.get("artifact_cap") or 16 * 1024 * 1024
+    files = [(PATCH_NAME, changes_patch(work, scratch, tree))] if tree else []
+    for name, path in declared_artifacts(job, work):
+        if os.path.getsize(path) > cap:
+            raise SwarmError(f"artifact {clean(name, 80)} is {os.path.getsize(path)} bytes, over the job's "
+                             f"artifact cap of {cap}", "write less, or submit with a larger artifact_cap")
+        with open(path, "rb") as f:
+            files.append((name, f.read()))
+    if len(files) > 64:
+        raise SwarmError(f"{len(files)} artifacts, more than 64", "declare fewer files")
+    out = {}
+    for name, data in files:
+        if len(data) > cap:
+            raise SwarmError(f"artifact {name} is {len(data)} bytes, over the job's artifact cap of {cap}",
+                             "change less, or submit with a larger artifact_cap")
+        out[name] = upload_artifact(job, orch, cancel, name, data)
+    return out
+
+
+def receive_source(job, signer, orch, cancel, slot, scratch, writable, repo_root, policy):
+    """Before the job starts: its source unpacked or checked out into the slot's work tree, and for a
+    tree the job may write, the baseline changes.patch is made against -> that tree's id, or None."""
+    fresh_dir(scratch)
+    if not job.get("source"):
+        return None
+    if "git" in job["source"]:
+        fetch_git(job, repo_root, slot.work, scratch, policy, slot.uid)
+    else:
+        fetch_source(job, signer, orch, cancel, slot.work, scratch, slot.uid)
+    return baseline(slot.work, scratch) if writable else None
+
+
+def files_refusal(job, signer):
+    """Why this worker cannot take a job's files, or None: no pinned keys, no bundle; no git, no patch."""
+    if (job.get("source") or job.get("artifacts")) and signer is None:
+        return "the job has a source or artifacts and this worker has no pinned keys to open or sign them"
+    if job.get("source") and shutil.which("git") is None:
+        return "the job has a source and this worker has no git to make its changes.patch"
+    return None
+
+
+# ============================================================================
 # Worker: running one job (in the sandbox it declares)
 # ============================================================================
 
@@ -5398,8 +5754,8 @@ def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
     return code, error, ended_by
 
 
-def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None, usage=None,
-           requeue=False):
+def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None, artifacts=None,
+           usage=None, requeue=False):
     """The final report, signed when this worker's keys are pinned (specs/attestation.md).
 
     A job that never ran is signed too, over empty output: whatever the worker says
@@ -5417,13 +5773,14 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
         now = time.time()
         agent = job.get("files") is not None or job.get("broker") is not None
         spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"),
-                        job.get("broker")) if agent else None
+                        job.get("broker"), source_spec(job.get("source"))) if agent else None
         usage = (usage or {"calls": [], "input_tokens": 0, "output_tokens": 0, "refused": 0}) if agent else None
         statement = result_statement(
             job_id=job["job_id"], attempt=job["attempt"], command=job["command"], sandbox=job.get("sandbox"),
             worker_fingerprint=signer.fingerprint, state=state, exit_code=exit_code, error=error or None,
             started_at=started_at or now, finished_at=now, stdout=hashes["stdout"], stderr=hashes["stderr"],
-            dropped=output.dropped if output is not None else None, spec=spec, usage=usage)
+            dropped=output.dropped if output is not None else None, artifacts=artifacts,
+            source=source_spec(job.get("source")), spec=spec, usage=usage)
         fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
     reporter.state(job, state, **fields)
     log.info("job %s attempt %s: %s, exit code %s, %.1f s", job["job_id"], job["attempt"], state, exit_code,
@@ -5438,6 +5795,8 @@ def refusal(s, signer, job, sandboxes):
     ok, reason = job_matches(s.tags, s.capabilities, job)
     if ok and job.get("credential") and signer is None:
         ok, reason = False, "the job names a credential and this worker has no pinned keys to open it"
+    if ok and files_refusal(job, signer):
+        ok, reason = False, files_refusal(job, signer)
     if ok:
         try:
             conf = confinement(job.get("sandbox"))
@@ -5520,7 +5879,8 @@ def unsealed_env(job, signer, orch, cancel):
     else:
         return None, "cancelled before its credential was sealed"
     try:
-        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"), job.get("broker"))
+        spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"), job.get("broker"),
+                        source_spec(job.get("source")))
         return unseal_env(signer.keys.sealing, answer.get("sealed"), job["job_id"], job["attempt"],
                           signer.fingerprint, spec), None
     except SwarmError as e:
@@ -5571,9 +5931,16 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
         return
     conf = dict(confinement(job.get("sandbox")), broker=agent is not None)
     provider = sandboxes.providers[conf["backend"]]
+    scratch, artifacts = s.state_dir / "files" / slot.root.name, None
     try:
         if not open_slot(sandboxes, slot, job, conf, cancel, trouble):
             finish(job, reporter, signer, "cancelled", error="cancelled before it started")
+            return
+        try:
+            tree = receive_source(job, signer, orch, cancel, slot, scratch, conf["profile"] != "untrusted-code-read",
+                                  s.repo_root, (egress or EgressPolicy()).with_hosts(conf["allow_hosts"]))
+        except SwarmError as e:
+            finish(job, reporter, signer, "cancelled" if cancel.is_set() else "failed", error=f"source: {e.message}")
             return
         output = Output(job, reporter)
         env = sandbox_env(conf, job_env(job, s.repo_root, provider.name), slot, provider.name)
@@ -5613,12 +5980,18 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
                 proxy.close()
             left = launch.end()
         error = f"{error}; {left}" if error and left else error or left
+        if ended_by != "cancel" and (tree or job.get("artifacts")):
+            try:
+                artifacts = hand_back(job, orch, cancel, slot.work, scratch, tree)
+            except SwarmError as e:
+                error = f"{error}; artifacts: {e.message}" if error else f"artifacts: {e.message}"
         state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
         usage = brokers[0].report() if brokers else None       # the result first: cleaning up cannot lose it
-        finish(job, reporter, signer, state, code, error, output, started_at, usage)
+        finish(job, reporter, signer, state, code, error, output, started_at, artifacts, usage)
     finally:
         sandboxes.close_slot(slot)
         empty_slot(s, job, slot)
+        shutil.rmtree(scratch, ignore_errors=True)
     return conf
 
 

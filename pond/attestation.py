@@ -13,6 +13,7 @@ import binascii
 import functools
 import hashlib
 import json
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -107,17 +108,20 @@ def verify_envelope(ed25519_public, envelope):
     return statement
 
 
-def _subject_digests(subject):
-    """{"stdout": hex, "stderr": hex} from the statement's subject list, which must name each exactly once."""
+def _subject_digests(subject, artifacts=False):
+    """{"stdout": hex, "stderr": hex} from the statement's subject list, which must name each exactly once;
+    with `artifacts`, also {name: hex} of each artifact it names (changes.patch, work/...), once each."""
+    from pond.artifacts import NAME_RE
     out = {}
     for item in subject if isinstance(subject, list) else [None]:
         name = item.get("name") if isinstance(item, dict) else None
         digest = item.get("digest") if isinstance(item, dict) else None
-        if name not in SUBJECT_NAMES or name in out or not isinstance(digest, dict) \
-                or not isinstance(digest.get("sha256"), str):
-            raise refused("the subject must list stdout and stderr once each, with a sha256 digest")
+        known = name in SUBJECT_NAMES or (artifacts and isinstance(name, str) and NAME_RE.match(name))
+        if not known or name in out or not isinstance(digest, dict) or not isinstance(digest.get("sha256"), str):
+            raise refused("the subject must list stdout and stderr once each, with a sha256 digest, and "
+                          "artifacts once each")
         out[name] = digest["sha256"]
-    if len(out) != len(SUBJECT_NAMES):
+    if not all(name in out for name in SUBJECT_NAMES):
         raise refused("the subject must list stdout and stderr once each, with a sha256 digest")
     return out
 
@@ -179,15 +183,18 @@ def _check_usage(usage):
 
 
 def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, command=None, outcome=None,
-                    dropped=None, sandbox=None, spec=None):
+                    dropped=None, sandbox=None, source=None, artifacts=False, spec=None):
     """-> the predicate, once the statement is about this job, attempt, worker, output and outcome.
 
     stdout and stderr are the output pond holds for the attempt, as bytes. Give `command`
     (the job's argv) to check the command digest too, and `outcome`, the (state, exit_code,
     error) reported with the envelope, to check it is the signed one, and `dropped`, the bytes
     the log cap left out as reported, to check those too, and `sandbox`, the job's stored block,
-    to check the worker says it was asked for exactly that one, and `spec`, an agent job's spec digest
-    (sealing.job_spec, over its runtime files and broker too), to check it and its signed usage. A valid signature is
+    to check the worker says it was asked for exactly that one. `source` ({sha256, size} of the
+    job's bundle, or None) must be the signed one; with `artifacts`, subjects other than stdout and
+    stderr may name artifacts (the caller checks their digests). Give `spec`, an agent job's spec
+    digest (sealing.job_spec, over its runtime files and broker too), to check it and its signed
+    usage. A valid signature is
     not enough: an attestation of another job or attempt, replayed by an orchestrator, is
     signed too.
     """
@@ -205,7 +212,7 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
         raise refused(f"the statement is for attempt {repr(got)[:20]}, not {attempt}")
     if predicate.get("worker_fingerprint") != fingerprint:
         raise refused("the statement names another worker fingerprint")
-    digests = _subject_digests(statement.get("subject"))
+    digests = _subject_digests(statement.get("subject"), artifacts)
     for name, data in (("stdout", stdout), ("stderr", stderr)):
         if digests[name] != hashlib.sha256(data).hexdigest():
             raise refused(f"{name} does not match the signed digest")
@@ -214,6 +221,8 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
         raise refused("the command does not match the signed command digest")
     if sandbox is not None:
         _check_sandbox(predicate.get("sandbox"), sandbox)
+    if predicate.get("source") != source:
+        raise refused("the signed source is not the job's (its bundle's sha256 and size)")
     signed = _signed_outcome(predicate)        # checked even with no outcome: a result has ended
     if outcome is not None:
         _check_outcome(signed, outcome)
@@ -226,9 +235,10 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
     return predicate
 
 
-def verify_job(store, job_id):
+def verify_job(store, job_id, state_dir):
     """`pond verify`: re-check a finished job's stored attestation against the stored output
-    and the worker's pinned key, as pond did when it recorded the result. -> (job, worker, statement)."""
+    and the worker's pinned key, as pond did when it recorded the result; its artifacts are in
+    `state_dir`/blobs (pond's state dir, on PostgreSQL too). -> (job, worker, statement)."""
     job = store.job(job_id)
     if job is None:
         raise NotFound(f"job {job_id[:64]!r} does not exist in this state dir", "check the id and --state-dir")
@@ -240,10 +250,32 @@ def verify_job(store, job_id):
         raise refused(f"worker {job['worker_id']} has no pinned key in this store")
     statement = verify_envelope(base64.b64decode(worker["ed25519_public"]), job["attestation"])
     output = store.output(job_id, job["attempt"])
+    from pond.bundles import spec_source
+    source = spec_source(job["source"])
     spec = None
     if job.get("files") is not None or job.get("broker") is not None:
-        spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"), job.get("broker"))
+        spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"), job.get("broker"),
+                                source=source)
     check_statement(statement, job_id, job["attempt"], worker["fingerprint"], output["stdout"], output["stderr"],
                     command=job["command"], outcome=(job["state"], job["exit_code"], job["error"]),
-                    dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"], spec=spec)
+                    dropped=job["dropped"] or NOTHING_DROPPED, sandbox=job["sandbox"], source=source, artifacts=True,
+                    spec=spec)
+    _check_artifacts(store, job, statement, state_dir)
     return job, worker, statement
+
+
+def _check_artifacts(store, job, statement, state_dir):
+    """The artifacts pond recorded are exactly those signed, and each stored file still has its digest."""
+    from pond.bundles import FileBlobs
+    signed = {s["name"]: s["digest"]["sha256"] for s in statement["subject"] if s["name"] not in SUBJECT_NAMES}
+    recorded = {a["name"]: a["sha256"] for a in job["outputs"] or []}
+    if signed != recorded:
+        raise refused("the artifacts pond recorded are not the ones the worker signed")
+    blobs = FileBlobs(Path(state_dir) / "blobs")
+    for name, digest in signed.items():
+        try:
+            ok = blobs.sha256(f"artifacts/{job['id']}/{job['attempt']}/{name}") == digest
+        except OSError:
+            ok = False
+        if not ok:
+            raise refused(f"artifact {name} as stored does not match its signed sha256")

@@ -129,6 +129,10 @@ def cmd_submit(args):
     # A flag given is sent as given, 0 and "" too: pond refuses what it cannot take, never a default instead.
     body.update(_given(args, "timeout", "name", "tenant", "credential", "cancel_grace", "retries"))
     body["sandbox"] = _sandbox_arg(args)
+    if args.artifact:
+        body["artifacts"] = args.artifact
+    if args.source is not None:
+        body["source"] = _upload_source(client, args.source)
     # Always a key: a submit retried after a lost answer then gives back the same job, never two.
     key = f"pond-cli-{uuid.uuid4().hex}" if args.idempotency_key is None else args.idempotency_key
     if args.explain:
@@ -140,6 +144,78 @@ def cmd_submit(args):
         return 0
     print(f"submitted {job['id']}", file=sys.stderr)
     return _follow(client, job["id"], announce_wait=True)
+
+
+def _upload_source(client, directory):
+    """Pack DIR (git-tracked files of a work tree, else all but .git), encrypt it with a fresh key, upload it."""
+    import tempfile
+    from pond import bundles
+    if not Path(directory).is_dir():
+        raise PondError(f"--source {directory}: not a directory", "give the checkout the job works on", code="usage")
+    with tempfile.TemporaryDirectory(prefix="pond-bundle-") as tmp:
+        packed = bundles.pack_and_encrypt(directory, Path(tmp) / "bundle")
+        bundle_id = bundles.upload(client, Path(tmp) / "bundle", packed["key"], packed["sha256"], packed["size"])
+    print(f"source: {packed['files']} files, {_size(packed['size'])} bytes encrypted, sha256 {packed['sha256']}",
+          file=sys.stderr)
+    return {"bundle": bundle_id}
+
+
+def cmd_artifacts(args):
+    """List a job's artifacts; --get NAME downloads one (its signed sha256 checked); --apply applies changes.patch."""
+    client = _client(args)
+    listing = client.get(f"/v1/jobs/{args.id}/artifacts")
+    items = {a["name"]: a for a in listing["artifacts"]}
+    name = "changes.patch" if args.apply else args.get
+    if name is None:
+        if args.json:
+            return _print_json(listing)
+        _table(listing["artifacts"], (("NAME", "name"), ("SIZE", "size"), ("SHA256", "sha256")))
+        return 0
+    if name not in items:
+        raise PondError(f"job {args.id} has no artifact {name!r}",
+                        "list them with `pond artifacts ID`" if items else "its result recorded no artifacts",
+                        code="not_found")
+    data = _download(client, args.id, items[name])
+    if not args.apply:
+        if args.output in (None, "-"):
+            sys.stdout.buffer.write(data)
+        else:
+            Path(args.output).write_bytes(data)
+        return 0
+    return _apply(data, Path(args.dir))
+
+
+def _download(client, job_id, item):
+    import hashlib
+    from urllib.parse import quote
+    parts, got = [], 0
+    while True:
+        piece = client.get(f"/v1/jobs/{job_id}/artifacts/{quote(item['name'])}", offset=str(got))
+        parts.append(base64.b64decode(piece["data"]))
+        got += len(parts[-1])
+        if got >= item["size"] or not parts[-1]:
+            break
+    data = b"".join(parts)
+    if hashlib.sha256(data).hexdigest() != item["sha256"]:
+        raise PondError(f"artifact {item['name']} does not match the sha256 its worker signed",
+                        "download it again; if it persists, run `pond verify ID` on pond's host",
+                        code="artifact_mismatch")
+    return data
+
+
+def _apply(patch, directory):
+    """git apply changes.patch in DIR, only if all of it applies cleanly."""
+    import subprocess
+    for check in (True, False):
+        done = subprocess.run(["git", "-C", str(directory), "apply", "--binary", "--whitespace=nowarn",
+                               *(["--check"] if check else []), "-"], input=patch, capture_output=True, timeout=120)
+        if done.returncode != 0:
+            raise PondError(f"changes.patch does not apply cleanly in {directory}: "
+                            f"{done.stderr.decode(errors='replace').strip()[:300]}",
+                            "apply it to the checkout it was packed from, at the same commit; or save it with "
+                            "--get changes.patch -o FILE", code="patch_refused")
+    print(f"applied changes.patch in {directory}", file=sys.stderr)
+    return 0
 
 
 def _submit_batch(client, args):
@@ -446,7 +522,7 @@ def cmd_verify(args):
     except RuntimeError as e:
         raise PondError(str(e), "run the pond release that wrote it", code="config") from None
     try:
-        job, worker, statement = verify_job(store, args.id)
+        job, worker, statement = verify_job(store, args.id, state)
     except PondError as e:
         if e.code == "attestation_failed":
             e.message = f"job {args.id} does not verify: {e.detail}"
@@ -886,6 +962,10 @@ def build_parser():
                    help="run the job again up to N times (0..10) if it exits non-zero (default 0)")
     s.add_argument("--idempotency-key", metavar="KEY",
                    help="submit at most once: the same key gives back the same job (safe to retry)")
+    s.add_argument("--source", type=_named, metavar="DIR",
+                   help="ship DIR to /work (its git-tracked files, or all but .git), encrypted to the worker")
+    s.add_argument("--artifact", action="append", default=[], metavar="PATH",
+                   help="a path or glob under /work to hand back (repeatable); see `pond artifacts ID`")
     s.add_argument("--wait", action="store_true", help="stream the output and exit with the job's exit code")
     s.add_argument("--explain", action="store_true",
                    help="submit nothing: say which pools could take this job now, and what the others lack")
@@ -921,6 +1001,15 @@ def build_parser():
                    help="pond's PostgreSQL database (default: $POND_DATABASE_URL, else DIR/pond.db)")
     s.set_defaults(fn=cmd_verify)
 
+    s = sub.add_parser("artifacts", help="list a job's artifacts, download one, or apply its changes.patch",
+                       parents=[common])
+    s.add_argument("id")
+    s.add_argument("--get", metavar="NAME", help="download this artifact (its signed sha256 is checked)")
+    s.add_argument("-o", "--output", metavar="FILE", help="write it here (default: stdout)")
+    s.add_argument("--apply", action="store_true", help="git apply changes.patch in --dir, refusing if it does not "
+                   "apply cleanly")
+    s.add_argument("--dir", default=".", metavar="DIR", help="the checkout to apply to (default: .)")
+    s.set_defaults(fn=cmd_artifacts)
     s = sub.add_parser("migrate-store", help="copy a stopped pond's SQLite store into an empty PostgreSQL database",
                        parents=[common], epilog="example: PGPASSWORD=... pond migrate-store --from sqlite:./pond-state "
                                                 "--to postgresql://pond@db.internal:5432/pond")

@@ -162,8 +162,9 @@ def seal_for(pond, job, worker, attempt):
         raise Forbidden(f"worker {worker['id']} was revoked: pond seals nothing to it",
                         "the job runs again elsewhere once its lease runs out", code="revoked")
     env = decrypt(pond.settings.credential_key, row)
-    spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"),
-                            job.get("broker"))       # as submitted, not as relayed
+    from pond.bundles import spec_source
+    spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"), job.get("broker"),
+                            source=spec_source(job.get("source")))       # as submitted, not as relayed
     blob = sealing.seal_env(base64.b64decode(worker["x25519_public"]), env, job["id"], attempt,
                             worker["fingerprint"], spec)
     return {"credential": row["name"], "fingerprint": worker["fingerprint"], "sealed": blob}

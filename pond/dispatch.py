@@ -20,7 +20,7 @@ import secrets
 import threading
 import time
 
-from pond import attestation, credentials, matching, sandbox, sealing, tokens, wire
+from pond import artifacts, attestation, bundles, credentials, matching, sandbox, sealing, tokens, wire
 from pond.errors import BadRequest, Forbidden, InvalidTransition, NotFound, PondError, StaleAttempt, Unauthorized
 from pond.jobs import TERMINAL, TRANSITIONS, JobState, requeue, transition
 
@@ -254,8 +254,24 @@ def _assign(pond, job, worker_id, binding_id):
         "credential": job["credential"],     # the intent only: the worker asks for it sealed (seal())
         "cancel_grace": job["cancel_grace"],
         "log_cap": job["log_cap"],
+        **_files(pond, job),
         **{k: job[k] for k in ("files", "broker") if job.get(k) is not None},    # an agent job's (pond/agents.py)
     }
+
+
+def _files(pond, job):
+    """The assignment's source (a one-time redeem token, the digest and size: never the bundle itself)
+    and artifact patterns (specs/bundles.md §5)."""
+    out = {}
+    if job.get("source") and "git" in job["source"]:
+        out["source"] = {"git": job["source"]["git"], "ref": job["source"]["ref"]}     # the worker fetches it
+    elif job.get("source"):
+        out["source"] = {"token": bundles.token_for(pond, job["id"], job["attempt"] + 1),
+                         "sha256": job["source"]["sha256"], "size": job["source"]["size"]}
+    if job.get("artifacts") or job.get("source"):
+        out["artifacts"] = job.get("artifacts") or []
+        out["artifact_cap"] = job.get("artifact_cap") or artifacts.DEFAULT_CAP
+    return out
 
 
 def poll(pond, req):
@@ -405,11 +421,13 @@ def _finish(pond, job, attempt, state, exit_code, error, chunks, envelope, dropp
             if chunks:
                 pond.store.add_chunks(job["id"], attempt, chunks)
             signed = _verify_result(pond, job, attempt, worker, (state.value, exit_code, error), envelope, dropped)
+            outputs = artifacts.signed(pond, job["id"], attempt, signed) if signed else None
             if state is JobState.FAILED and exit_code is not None and _retry(pond, job, attempt, exit_code):
                 return
             transition(pond.store, job, state, started_at=job["started_at"] or pond.now(), finished_at=pond.now(),
-                       exit_code=exit_code, error=error, attestation=wire.canonical(envelope) if signed else None,
-                       dropped=wire.canonical(dropped) if any(dropped.values()) else None)
+                       exit_code=exit_code, error=error, attestation=wire.canonical(envelope) if signed is not None else None,
+                       dropped=wire.canonical(dropped) if any(dropped.values()) else None,
+                       outputs=wire.canonical(outputs) if outputs else None)
     except Forbidden as e:
         if e.code == "attestation_failed":
             _result_refused(pond, job, attempt, worker, e.detail)
@@ -438,8 +456,8 @@ def _worker(pond, job):
 
 
 def _verify_result(pond, job, attempt, worker, outcome, envelope, dropped):
-    """True: the report's attestation verifies against the worker's pinned key, for this job,
-    attempt, output and outcome. False: it may be recorded unsigned. Refused otherwise.
+    """{name: sha256} of the artifacts it names: the report's attestation verifies against the worker's
+    pinned key, for this job, attempt, output and outcome. None: it may be recorded unsigned. Refused otherwise.
 
     Unsigned is allowed only for a job that never ran (no exit code, no output: cancelled
     before it started, refused by its worker) or, with --allow-unsigned-results, for a
@@ -452,28 +470,31 @@ def _verify_result(pond, job, attempt, worker, outcome, envelope, dropped):
         raise attestation.refused(f"worker {worker['id']} was revoked; its results are not recorded")
     if not worker["fingerprint"]:
         if pond.settings.allow_unsigned or never_ran():
-            return False
+            return None
         raise attestation.refused(f"worker {worker['id']} has no pinned keys and pond takes only signed results")
     if envelope is None:
         if never_ran():
-            return False
+            return None
         raise attestation.refused("the result of a pinned worker carries no attestation")
     statement = attestation.verify_envelope(base64.b64decode(worker["ed25519_public"]), envelope)
     output = pond.store.output(job["id"], attempt)
     parts = pond.store.job_spec_parts(job["id"])
+    source = bundles.spec_source(parts["source"])
     predicate = attestation.check_statement(statement, job["id"], attempt, worker["fingerprint"], output["stdout"],
                                             output["stderr"], command=parts["command"], outcome=outcome,
-                                            dropped=dropped, sandbox=parts["sandbox"], spec=_agent_spec(parts))
+                                            dropped=dropped, sandbox=parts["sandbox"], source=source, artifacts=True,
+                                            spec=_agent_spec(parts, source))
     if parts["broker"] is not None:
         pond.store.set_job_usage(job["id"], predicate["usage"])
-    return True
+    return {s["name"]: s["digest"]["sha256"] for s in statement["subject"] if s["name"] not in ("stdout", "stderr")}
 
 
-def _agent_spec(parts):
+def _agent_spec(parts, source):
     """The job spec digest a signed result must name: an agent job's only (its files and broker are in it)."""
     if parts["files"] is None and parts["broker"] is None:
         return None
-    return sealing.job_spec(parts["command"], parts["env"], parts["sandbox"], parts["files"], parts["broker"])
+    return sealing.job_spec(parts["command"], parts["env"], parts["sandbox"], parts["files"], parts["broker"],
+                            source=source)
 
 
 def _result_refused(pond, job, attempt, worker, detail):

@@ -14,7 +14,7 @@ import re
 import time
 from enum import Enum
 
-from pond import agents, credentials, matching, sandbox, tokens, wire
+from pond import agents, artifacts, bundles, credentials, matching, sandbox, tokens, wire
 from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound, PondError
 from pond.settings import MAX_LOG_CAP, MIN_LOG_CAP
 
@@ -43,7 +43,7 @@ TRANSITIONS = {
 log = logging.getLogger("pond")     # one line per job event: submitted, each state change (issue 12)
 MAX_TIMEOUT = 7 * 24 * 3600
 SUBMIT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "tenant", "credential",
-                 "cancel_grace", "log_cap", "retries", "agent")
+                 "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap", "agent")
 MAX_RETRIES = 10
 MAX_SUBMIT_BATCH = 1000      # jobs in one POST /v1/jobs of a list (the body's 4 MiB bounds it too)
 DEFAULT_CANCEL_GRACE = 10.0     # s from SIGTERM to SIGKILL, on cancel and timeout
@@ -75,7 +75,8 @@ def transition(store, job, to_state, **fields):
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
 IDEMPOTENT_FIELDS = ("command", "env", "tags", "capabilities", "sandbox", "timeout", "name", "credential",
-                     "cancel_grace", "log_cap", "retries", "files", "broker", "agent")
+                     "cancel_grace", "log_cap", "retries", "source", "artifacts", "artifact_cap", "files", "broker",
+                     "agent")
 
 
 def submit(pond, req):
@@ -145,6 +146,9 @@ def _validated(pond, body):
         "log_cap": wire.number(body.get("log_cap"), "log_cap", MIN_LOG_CAP, MAX_LOG_CAP, integer=True,
                                default=pond.settings.log_cap),
         "retries": wire.number(body.get("retries"), "retries", 0, MAX_RETRIES, integer=True, default=0),
+        "source": bundles.source_of(pond, body.get("source")),
+        "artifacts": artifacts.patterns(body.get("artifacts")),
+        "artifact_cap": artifacts.cap(body.get("artifact_cap")),
         **({k: expanded[k] for k in ("files", "broker", "agent")} if expanded else {}),
     }
 
@@ -163,8 +167,9 @@ def _store(pond, job, key):
     """Insert a validated job: -> (201, its row), or (200, the job stored earlier under `key`)."""
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job.get(k) for k in IDEMPOTENT_FIELDS})) if key else None
-    earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"],
-                                                               sealed=bool(job["credential"])), key, request_hash)
+    pinned_only = bool(job["credential"] or job["source"] or job["artifacts"])     # sealed to, or signed by, a key
+    earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"], sealed=pinned_only),
+                                 key, request_hash)
     if earlier is not None:
         if earlier["request_hash"] != request_hash:
             raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",
@@ -174,8 +179,8 @@ def _store(pond, job, key):
              ",".join(job["capabilities"]) or "-")
     return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                      worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
-                     dropped=None, retries_left=job["retries"], files=job.get("files"), broker=job.get("broker"),
-                     agent=job.get("agent"), usage=None)
+                     dropped=None, retries_left=job["retries"], outputs=None, files=job.get("files"),
+                     broker=job.get("broker"), agent=job.get("agent"), usage=None)
 
 
 def _credential(pond, name):
@@ -271,7 +276,9 @@ def view(pond, row, explain=True):
     out = {k: row[k] for k in ("id", "name", "state", "command", "env", "tags", "capabilities", "sandbox",
                                "timeout", "attempt", "exit_code", "error", "created_at", "assigned_at",
                                "started_at", "finished_at", "credential", "cancel_grace", "log_cap", "dropped",
-                               "retries_left")}
+                               "retries_left", "artifacts", "artifact_cap", "outputs")}
+    out["artifacts"] = out["artifacts"] or []
+    out["source"] = row["source"] and dict(row["source"])
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
     out["cancel_requested"] = bool(row["cancel_requested"])

@@ -40,9 +40,10 @@ def matches(worker, tags, capabilities):
 
 
 def needs_keys(job, allow_unsigned):
-    """Whether only a worker with pinned keys may take the job: it names a credential (sealed to
-    the worker's key), or pond accepts only signed results (the default)."""
-    return bool(job["credential"]) or not allow_unsigned
+    """Whether only a worker with pinned keys may take the job: it names a credential or a source
+    (sealed to the worker's key) or artifacts (recorded only when signed), or pond accepts only
+    signed results (the default)."""
+    return bool(job["credential"] or job.get("source") or job.get("artifacts")) or not allow_unsigned
 
 
 def explain(job, workers, active, allow_unsigned=False, silent=None):
@@ -61,7 +62,8 @@ def explain(job, workers, active, allow_unsigned=False, silent=None):
         unpinned = [w for w in workers if w["online"] and not w["fingerprint"] and matches(w, tags, caps)]
         workers = [w for w in workers if w["fingerprint"]]
         if unpinned and not any(w["online"] and matches(w, tags, caps) for w in workers):
-            why = ("it names a credential, sealed only to a pinned key" if job["credential"] else
+            why = ("it names a credential, a source or artifacts: only a pinned worker opens or signs them"
+                   if job["credential"] or job.get("source") or job.get("artifacts") else
                    "pond accepts only signed results (pond serve --allow-unsigned-results lets them in)")
             return dict(out, verdict="unpinned", online=len(unpinned), lacks=_lacks([], [], [], pinned_keys=True),
                         reason=f"{len(unpinned)} matching worker(s) online, none with pinned keys: {why}; "

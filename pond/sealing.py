@@ -37,16 +37,18 @@ def _refuse(message, hint):
     return BadRequest(message, hint, code="seal_failed")
 
 
-def job_spec(command, env, sandbox, files=None, broker=None):
+def job_spec(command, env, sandbox, files=None, broker=None, source=None):
     """The digest of what a job runs, as both pond and the worker hold it (specs/sealing.md §3): an agent
-    job's runtime files and broker block are in it too (absent, not null, for a job without them)."""
+    job's runtime files and broker block, and `source` ({sha256, size} of its bundle), are in it too
+    (absent, not null, for a job without them)."""
     spec = {"command": command, "env": env, "sandbox": sandbox}
-    spec.update({k: v for k, v in (("files", files), ("broker", broker)) if v is not None})
+    spec.update({k: v for k, v in (("files", files), ("broker", broker), ("source", source)) if v is not None})
     return hashlib.sha256(canonical_json(spec)).hexdigest()
 
 
-def seal_info(job_id, attempt, fingerprint, spec):
-    """HPKE `info` for one attempt of one job, running `spec` (job_spec), on one worker."""
+def seal_info(job_id, attempt, fingerprint, spec, prefix=INFO_PREFIX):
+    """HPKE `info` for one attempt of one job, running `spec` (job_spec), on one worker; a source
+    bundle's data key is sealed with another prefix (bundles.SEAL_PREFIX)."""
     if not isinstance(job_id, str) or not job_id:
         raise _refuse("cannot seal: the job id must be a non-empty string", "this is a bug in the caller")
     if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 1:
@@ -56,7 +58,7 @@ def seal_info(job_id, attempt, fingerprint, spec):
                       "specs/sealing.md §1 defines the fingerprint")
     if not isinstance(spec, str) or not FINGERPRINT_RE.match(spec):
         raise _refuse("cannot seal: the job spec digest must be 64 lowercase hex digits", "use job_spec()")
-    return INFO_PREFIX + canonical_json({"attempt": attempt, "fingerprint": fingerprint, "job": job_id,
+    return prefix + canonical_json({"attempt": attempt, "fingerprint": fingerprint, "job": job_id,
                                          "spec": spec})
 
 

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import (PROTOCOL_VERSION, __version__, agents, credentials, dispatch, enrollment, health, jobs, metrics,
-                  pairing, tokens)
+from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, bundles, credentials, dispatch, enrollment, health,
+                  jobs, metrics, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
@@ -64,6 +64,11 @@ ROUTES = [
     ("GET", rf"/v1/jobs/{_ID}/explain", "admin", jobs.explain),
     ("POST", r"/v1/jobs/explain", "admin", jobs.explain_spec),
     ("POST", rf"/v1/jobs/{_ID}/cancel", "admin", jobs.cancel),
+    ("GET", rf"/v1/jobs/{_ID}/artifacts", "admin", artifacts.list_all),
+    ("GET", rf"/v1/jobs/{_ID}/artifacts/(?P<name>[A-Za-z0-9._+@=/-]{{1,256}})", "admin", artifacts.get),
+    ("POST", r"/v1/bundles", "admin", bundles.create),
+    ("GET", rf"/v1/bundles/{_ID}", "admin", bundles.get),
+    ("POST", rf"/v1/bundles/{_ID}/parts", "admin", bundles.put_part),
     ("POST", r"/v1/admin/pool/pairing-codes", "admin", pairing.mint_code),
     ("POST", r"/v1/admin/pool/enrollment-codes", "admin", enrollment.mint_code),
     ("GET", r"/v1/admin/pool/orchestrators", "admin", pairing.list_orchestrators),
@@ -92,6 +97,9 @@ ROUTES = [
     ("POST", rf"/v1/orch/jobs/{_ID}/state", "orch", dispatch.report_state),
     ("POST", rf"/v1/orch/jobs/{_ID}/chunk", "orch", dispatch.report_chunk),
     ("POST", rf"/v1/orch/jobs/{_ID}/seal", "orch", dispatch.seal),
+    ("POST", rf"/v1/orch/jobs/{_ID}/source", "orch", bundles.redeem),
+    ("POST", rf"/v1/orch/jobs/{_ID}/source/read", "orch", bundles.read),
+    ("POST", rf"/v1/orch/jobs/{_ID}/artifacts", "orch", artifacts.upload),
     ("POST", r"/v1/orch/heartbeat", "orch", dispatch.heartbeat),
     ("POST", rf"/v1/orch/workers/{_ID}/evict", "orch", enrollment.evict_from_orchestrator),
     ("POST", r"/v1/orch/workers/snapshot", "orch", enrollment.snapshot),

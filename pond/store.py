@@ -114,6 +114,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     tried            TEXT,
     idempotency_key  TEXT,
     request_hash     TEXT,
+    source           TEXT,
+    artifacts        TEXT,
+    artifact_cap     INTEGER,
+    outputs          TEXT,
     files            TEXT,
     broker           TEXT,
     agent            TEXT,
@@ -153,6 +157,34 @@ CREATE TABLE IF NOT EXISTS credentials (
     created_at   REAL NOT NULL,
     updated_at   REAL NOT NULL
 );
+-- Source bundles (pond/bundles.py): the ciphertext is in the blob store, its data key here,
+-- encrypted under the credential key. A one-time redeem token per attempt of a job with a source.
+CREATE TABLE IF NOT EXISTS bundles (
+    id          TEXT PRIMARY KEY,
+    sha256      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    received    INTEGER NOT NULL DEFAULT 0,
+    complete    INTEGER NOT NULL DEFAULT 0,
+    key_ct      BLOB NOT NULL,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS source_tokens (
+    job_id      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    token_hash  TEXT NOT NULL,
+    redeemed_at REAL,
+    PRIMARY KEY (job_id, attempt)
+);
+-- Artifacts a worker uploaded for an attempt (pond/artifacts.py), each a file in the blob store.
+CREATE TABLE IF NOT EXISTS artifacts (
+    job_id      TEXT NOT NULL,
+    attempt     INTEGER NOT NULL,
+    name        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256      TEXT NOT NULL,
+    received    INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, attempt, name)
+);
 -- Harnesses and models (pond/agents.py), each one validated JSON object under its key.
 CREATE TABLE IF NOT EXISTS registry (
     kind        TEXT NOT NULL,
@@ -165,16 +197,17 @@ CREATE TABLE IF NOT EXISTS registry (
 """
 
 # Every table, parents first: what `pond migrate-store` copies (store_pg.PgStore.copy_from).
-TABLES = ("pairing_codes", "bindings", "enrollment_codes", "workers", "jobs", "queue_groups", "chunks", "credentials",
-          "registry")
+TABLES = ("pairing_codes", "bindings", "enrollment_codes", "workers", "bundles", "jobs", "queue_groups", "chunks",
+          "source_tokens", "artifacts", "credentials", "registry")
 _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "tag_ceiling", "events",
-                 "attestation", "env_names", "secret_names", "tried", "dropped", "files", "broker", "agent", "usage",
-                 "body")
+                 "attestation", "env_names", "secret_names", "tried", "dropped", "source", "artifacts", "outputs",
+                 "files", "broker", "agent", "usage", "body")
 # Columns added since schema 1, by table: an older pond.db gets them with ALTER TABLE when it is
 # opened. Schema 2: pinned keys, enrollment ceiling, revocation, events of workers. Schema 3:
 # eviction; a job's credential, attestation, events, lease, cancel grace, log cap, retries and
-# idempotency key (and the credentials table, created above). Schema 4: an agent job's runtime files,
-# broker, agent request and usage (and the registry table).
+# idempotency key (and the credentials table, created above). Schema 4: a job's source, artifact
+# patterns and cap, and the artifacts its result recorded (and the bundle and artifact tables); an
+# agent job's runtime files, broker, agent request and usage (and the registry table).
 ADDED_COLUMNS = {
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
@@ -182,10 +215,12 @@ ADDED_COLUMNS = {
     "jobs": (("credential", "TEXT"), ("attestation", "TEXT"), ("events", "TEXT"), ("lease_until", "REAL"),
              ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"),
              ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
-             ("request_hash", "TEXT"), ("files", "TEXT"), ("broker", "TEXT"), ("agent", "TEXT"), ("usage", "TEXT")),
+             ("request_hash", "TEXT"), ("source", "TEXT"), ("artifacts", "TEXT"), ("artifact_cap", "INTEGER"),
+             ("outputs", "TEXT"), ("files", "TEXT"), ("broker", "TEXT"), ("agent", "TEXT"), ("usage", "TEXT")),
 }
 _GROUP_OF_JOB = ("req_key, tags, capabilities,"                         # a queue_groups row
-                 " CASE WHEN COALESCE(credential, '') != '' THEN 1 ELSE 0 END")
+                 " CASE WHEN COALESCE(credential, '') != '' OR source IS NOT NULL OR artifacts IS NOT NULL"
+                 " THEN 1 ELSE 0 END")
 _GROUP_EMPTY = "NOT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued' AND jobs.req_key = queue_groups.req_key)"
 MAX_EVENTS = 20           # per worker or job, newest last
 # What ending an attempt (lease expiry, eviction) needs to know of a job.
@@ -517,13 +552,15 @@ class Store:
             self._db.execute(
                 "INSERT INTO jobs (id, state, name, command, env, tags, capabilities, req_key, sandbox, timeout,"
                 " cancel_grace, log_cap, retries_left, created_at, credential, events, tried, idempotency_key,"
-                " request_hash, files, broker, agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]',"
-                " ?, ?, ?, ?, ?)",
+                " request_hash, source, artifacts, artifact_cap, files, broker, agent)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '[]', '[]', ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job["id"], job["state"], job["name"], _dump(job["command"]), _dump(job["env"]),
                  _dump(job["tags"]), _dump(job["capabilities"]), req_key, _dump(job["sandbox"]),
                  job["timeout"], job["cancel_grace"], job["log_cap"], job["retries"], job["created_at"],
-                 job["credential"], idempotency_key, request_hash, *(None if job.get(k) is None else _dump(job[k])
-                                                                     for k in ("files", "broker", "agent"))))
+                 job["credential"], idempotency_key, request_hash,
+                 None if job.get("source") is None else _dump(job["source"]),
+                 _dump(job["artifacts"]) if job.get("artifacts") else None, job.get("artifact_cap"),
+                 *(None if job.get(k) is None else _dump(job[k]) for k in ("files", "broker", "agent"))))
             self._add_group(job["id"])
             return None
 
@@ -540,9 +577,13 @@ class Store:
         row = self._one("SELECT command, sandbox FROM jobs WHERE id = ?", (job_id,))
         return row["command"], row["sandbox"]
 
+    def job_source(self, job_id):
+        """A job's source {bundle, sha256, size}, or None: a signed result names it too."""
+        return self._one("SELECT source FROM jobs WHERE id = ?", (job_id,))["source"]
+
     def job_spec_parts(self, job_id):
-        """command, env, sandbox, files and broker of a job: what sealing.job_spec binds."""
-        return self._one("SELECT command, env, sandbox, files, broker FROM jobs WHERE id = ?", (job_id,))
+        """command, env, sandbox, files, broker and source of a job: what sealing.job_spec binds."""
+        return self._one("SELECT command, env, sandbox, files, broker, source FROM jobs WHERE id = ?", (job_id,))
 
     def usage_jobs(self, since, until):
         """Agent jobs whose signed usage pond recorded, finished in [since, until): for GET /v1/usage."""
@@ -664,7 +705,7 @@ class Store:
             return True
 
     _UPDATABLE = frozenset(("started_at", "finished_at", "exit_code", "error", "cancel_requested", "attestation",
-                            "dropped"))
+                            "dropped", "outputs"))
 
     def update_job_state(self, job_id, from_state, to_state, fields):
         """Move a job from exactly `from_state` to `to_state`, setting fields; False if it was not there."""
@@ -743,6 +784,49 @@ class Store:
     def delete_credential(self, name):
         return self._write("DELETE FROM credentials WHERE name = ?", (name,)) == 1
 
+    # -- source bundles, redeem tokens, artifacts -------------------------------------------
+
+    def add_bundle(self, bundle_id, sha256, size, key_ct, now):
+        self._write("INSERT INTO bundles (id, sha256, size, key_ct, created_at) VALUES (?, ?, ?, ?, ?)",
+                    (bundle_id, sha256, size, key_ct, now))
+
+    def bundle(self, bundle_id):
+        return self._one("SELECT * FROM bundles WHERE id = ?", (bundle_id,))
+
+    def bundle_received(self, bundle_id, received, complete):
+        self._write("UPDATE bundles SET received = ?, complete = ? WHERE id = ?", (received, int(complete), bundle_id))
+
+    def delete_bundle(self, bundle_id):
+        self._write("DELETE FROM bundles WHERE id = ?", (bundle_id,))
+
+    def add_source_token(self, job_id, attempt, token_hash):
+        self._write("INSERT INTO source_tokens (job_id, attempt, token_hash) VALUES (?, ?, ?) ON CONFLICT"
+                    " (job_id, attempt) DO UPDATE SET token_hash = excluded.token_hash, redeemed_at = NULL",
+                    (job_id, attempt, token_hash))
+
+    def source_token(self, job_id, attempt):
+        return self._one("SELECT * FROM source_tokens WHERE job_id = ? AND attempt = ?", (job_id, attempt))
+
+    def redeem_source_token(self, job_id, attempt, now):
+        """Mark the attempt's token redeemed -> False if it was already (a token redeems once)."""
+        return self._write("UPDATE source_tokens SET redeemed_at = ? WHERE job_id = ? AND attempt = ?"
+                           " AND redeemed_at IS NULL", (now, job_id, attempt)) == 1
+
+    def artifact(self, job_id, attempt, name):
+        return self._one("SELECT * FROM artifacts WHERE job_id = ? AND attempt = ? AND name = ?",
+                         (job_id, attempt, name))
+
+    def artifacts_of(self, job_id, attempt):
+        return self._all("SELECT * FROM artifacts WHERE job_id = ? AND attempt = ? ORDER BY name", (job_id, attempt))
+
+    def add_artifact(self, job_id, attempt, name, size, sha256):
+        self._write("INSERT INTO artifacts (job_id, attempt, name, size, sha256) VALUES (?, ?, ?, ?, ?) ON CONFLICT"
+                    " (job_id, attempt, name) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256, received = 0",
+                    (job_id, attempt, name, size, sha256))
+
+    def artifact_received(self, job_id, attempt, name, received):
+        self._write("UPDATE artifacts SET received = ? WHERE job_id = ? AND attempt = ? AND name = ?",
+                    (received, job_id, attempt, name))
     # -- harnesses and models ----------------------------------------------------------
 
     def put_registry(self, kind, key, body, now):
@@ -766,6 +850,7 @@ class Store:
 
     def delete_registry(self, kind, key):
         return self._write("DELETE FROM registry WHERE kind = ? AND key = ?", (kind, key)) == 1
+
 
 def open_store(settings):
     """The store `pond serve` runs on: PostgreSQL with --database (POND_DATABASE_URL), else DIR/pond.db."""

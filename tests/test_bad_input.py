@@ -1184,10 +1184,73 @@ POND_ORCH_CASES = [
     Case("GET on consumed", "GET", CONSUMED, auth="orch", status=405, code="method_not_allowed"),
 ]
 
+BUNDLES = "/v1/bundles"
+NO_BUNDLE = "/v1/bundles/b_unknown"
+A_BUNDLE = {"key": "A" * 43 + "=", "sha256": "0" * 64, "size": 100}
+A_PART = {"offset": 0, "data": "aGk="}
+SOURCE = "/v1/orch/jobs/<assigned>/source"
+A_REDEEM = {"attempt": 1, "token": "t" * 32}
+AN_ARTIFACT = {"attempt": 1, "name": "work/x", "size": 2, "sha256": "0" * 64, "offset": 0, "data": "aGk="}
+
+
+def files_cases(path, body):
+    """An orchestrator's source redeem, source read or artifact piece (specs/bundles.md §5, §6)."""
+    return [*orch_auth_cases("POST", path, body, CLAIM), *body_shape_cases("POST", path, "orch", body, CLAIM),
+            orch_post("no X-Claim-Token", path, body, status=401, code="unauthorized"),
+            orch_post("the next attempt", path, dict(body, attempt=2), headers=CLAIM, status=409,
+                      code="stale_attempt")]
+
+
+# Source bundles and artifacts (issue 11): uploads by the admin, redeem and pieces by an orchestrator.
+POND_FILES_CASES = [
+    *admin_auth_cases("POST", BUNDLES, A_BUNDLE),
+    *body_shape_cases("POST", BUNDLES, "admin", A_BUNDLE),
+    admin_post("a data key of 31 bytes", BUNDLES, dict(A_BUNDLE, key="A" * 40 + "=="), says="key"),
+    admin_post("a data key that is not base64", BUNDLES, dict(A_BUNDLE, key="!" * 44), says="key"),
+    admin_post("a sha256 in upper case", BUNDLES, dict(A_BUNDLE, sha256="A" * 64), says="sha256"),
+    admin_post("a size smaller than a header and a tag", BUNDLES, dict(A_BUNDLE, size=10), says="size"),
+    admin_post("a size over pond's limit", BUNDLES, dict(A_BUNDLE, size=2 ** 40), status=413,
+               code="payload_too_large"),
+    admin_post("a size that is a string", BUNDLES, dict(A_BUNDLE, size="100"), says="size"),
+    *admin_auth_cases("GET", NO_BUNDLE),
+    job_get("a bundle that does not exist", NO_BUNDLE),
+    *admin_auth_cases("POST", NO_BUNDLE + "/parts", A_PART),
+    *body_shape_cases("POST", NO_BUNDLE + "/parts", "admin", A_PART),
+    admin_post("a part of a bundle that does not exist", NO_BUNDLE + "/parts", A_PART, status=404,
+               code="not_found"),
+    admin_post("a part at a negative offset", NO_BUNDLE + "/parts", dict(A_PART, offset=-1), says="offset"),
+    admin_post("a part that is not base64", NO_BUNDLE + "/parts", dict(A_PART, data="!!"), says="data"),
+    *admin_auth_cases("GET", "/v1/jobs/<job>/artifacts"),
+    *admin_auth_cases("GET", "/v1/jobs/<job>/artifacts/changes.patch"),
+    job_get("artifacts of a job that does not exist", f"/v1/jobs/{UNKNOWN_JOB}/artifacts"),
+    job_get("an artifact the job does not have", "/v1/jobs/<job>/artifacts/changes.patch", says="artifacts"),
+    job_get("an artifact name with a space", "/v1/jobs/<job>/artifacts/a%20b"),
+    *files_cases(SOURCE, A_REDEEM),
+    orch_post("a redeem token that is not the attempt's", SOURCE, A_REDEEM, headers=CLAIM, status=403,
+              code="token_invalid"),
+    orch_post("a redeem without a token", SOURCE, {"attempt": 1}, headers=CLAIM, says="token"),
+    *files_cases(SOURCE + "/read", dict(A_REDEEM, offset=0)),
+    orch_post("a read with a token that is not the attempt's", SOURCE + "/read", dict(A_REDEEM, offset=0),
+              headers=CLAIM, status=403, code="token_invalid"),
+    *files_cases("/v1/orch/jobs/<assigned>/artifacts", AN_ARTIFACT),
+    orch_post("an artifact name with ..", "/v1/orch/jobs/<assigned>/artifacts", dict(AN_ARTIFACT, name="work/../x"),
+              headers=CLAIM, says="name"),
+    orch_post("an artifact name that is absolute", "/v1/orch/jobs/<assigned>/artifacts",
+              dict(AN_ARTIFACT, name="/etc/passwd"), headers=CLAIM, says="name"),
+    orch_post("an artifact name with an empty part", "/v1/orch/jobs/<assigned>/artifacts",
+              dict(AN_ARTIFACT, name="work/a//b"), headers=CLAIM, says="name"),
+    orch_post("an artifact name outside work/", "/v1/orch/jobs/<assigned>/artifacts",
+              dict(AN_ARTIFACT, name="x.txt"), headers=CLAIM, says="name"),
+    orch_post("an artifact over the job's cap", "/v1/orch/jobs/<assigned>/artifacts",
+              dict(AN_ARTIFACT, size=2 ** 40), headers=CLAIM, status=413, code="artifact_too_large"),
+    orch_post("an artifact piece past its size", "/v1/orch/jobs/<assigned>/artifacts", dict(AN_ARTIFACT, size=1),
+              headers=CLAIM, status=409, code="offset_mismatch"),
+]
+
 POND_PROTOCOL_CASES = protocol_cases("/v1/orch/pair", "/healthz")    # open: a token is checked before a body is read
 
 POND_CATALOGUE = (POND_PROTOCOL_CASES + POND_SUBMIT_CASES + POND_JOB_READ_CASES + POND_ADMIN_CASES
-                  + POND_CREDENTIAL_CASES + POND_ORCH_CASES + POND_AGENT_CASES)
+                  + POND_CREDENTIAL_CASES + POND_ORCH_CASES + POND_FILES_CASES + POND_AGENT_CASES)
 
 
 # -- pond sweeps ------------------------------------------------------------------------------------------
@@ -1221,6 +1284,12 @@ def test_pond_refuses_bad_job_ids_and_queries(pool, subtests):
 def test_pond_admin_endpoints_refuse_bad_input(pool, subtests):
     world = PondWorld(pool)
     sweep(world.url, POND_ADMIN_CASES, world.ctx, subtests)
+    world.assert_intact()
+
+
+def test_pond_bundle_and_artifact_endpoints_refuse_bad_input(pool, subtests):
+    world = PondWorld(pool)
+    sweep(world.url, POND_FILES_CASES, world.ctx, subtests)
     world.assert_intact()
 
 
@@ -1683,6 +1752,21 @@ ORCH_WORKER_CASES = [
     worker_seal("a malformed job id", {"attempt": 1}, path="/v1/worker/jobs/a.b/seal", status=404,
                 code="not_found"),
     worker_seal("a job that names no credential (pond says)", {"attempt": 1}, says="credential"),
+    # source redeem, reads and artifact pieces: relayed to pond as they are, once the worker holds the job
+    *[case for what, body in (("source", {"attempt": 1, "token": "t" * 32}),
+                              ("source/read", {"attempt": 1, "token": "t" * 32, "offset": 0}),
+                              ("artifacts", {"attempt": 1, "name": "work/x", "size": 2, "sha256": "0" * 64,
+                                             "offset": 0, "data": "aGk="}))
+      for case in (*worker_auth_cases("POST", f"/v1/worker/jobs/<x>/{what}", body, headers=WCLAIM_X),
+                   *body_shape_cases("POST", f"/v1/worker/jobs/<x>/{what}", "worker", body, headers=WCLAIM_X),
+                   worker_seal("no X-Claim-Token", body, path=f"/v1/worker/jobs/<x>/{what}", headers=(),
+                               status=401, code="unauthorized"),
+                   worker_seal("the next attempt", dict(body, attempt=2), path=f"/v1/worker/jobs/<x>/{what}",
+                               status=409, code="stale_attempt"),
+                   worker_seal("attempt missing", {}, path=f"/v1/worker/jobs/<x>/{what}", says="attempt"),
+                   worker_seal("pond's refusal, relayed (a token not the attempt's, a wrong sha256)", body,
+                               path=f"/v1/worker/jobs/<x>/{what}", status=(400, 403),
+                               code=("token_invalid", "bundle_invalid")))],
     Case("GET on a seal", "GET", WSEAL, auth="worker", headers=WCLAIM_X, status=405, code="method_not_allowed"),
     # reports: what they say (the orchestrator must refuse what pond would refuse, or the job is stranded)
     *body_shape_cases("POST", WSTATE, "worker", X_RUNNING, headers=WCLAIM_X),

@@ -334,6 +334,11 @@ def test_a_version_1_database_is_migrated_when_pond_opens_it(tmp_path):
         assert row["fingerprint"] is None and row["revoked_at"] is None and row["events"] is None
         assert store.revoke_worker("w_old", 5.0) and store.worker("w_old")["revoked_at"] == 5.0
         assert store._one("PRAGMA user_version")["user_version"] == SCHEMA_VERSION == 4
+        columns = {r["name"] for r in store._all("PRAGMA table_info(jobs)")}
+        assert {"source", "artifacts", "artifact_cap", "outputs", "files", "broker", "agent", "usage"} <= columns, \
+            columns     # schema 4
+        tables = {r["name"] for r in store._all("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert {"bundles", "source_tokens", "artifacts", "registry"} <= tables, tables
     finally:
         store.close()
     Store(path).close()          # opening a version-2 file again changes nothing

@@ -381,6 +381,19 @@ def test_job_spec_is_the_same_on_both_sides(name):
     assert len(independent) == 64 and independent == independent.lower()
 
 
+def test_one_spec_binds_an_agent_jobs_files_and_broker_and_a_source_on_both_sides():
+    """Issues 10 and 11 merged: one definition; each optional part is in the digest only when present."""
+    files, broker = [{"path": ".codex/config.toml", "content": "x"}], {"base_url": "https://api.example/v1"}
+    source = {"sha256": "ab" * 32, "size": 1234}
+    box = DEFAULT_SANDBOX
+    variants = [(), (files,), (files, broker), (None, None, source), (files, broker, source)]
+    specs = [sealing.job_spec(["a"], {}, box, *v) for v in variants]
+    assert specs == [swarm.job_spec(["a"], {}, box, *v) for v in variants]
+    assert len(set(specs)) == len(variants) and specs[0] == spec_of(["a"], {}, box)
+    with_all = dict(command=["a"], env={}, sandbox=box, files=files, broker=broker, source=source)
+    assert specs[-1] == hashlib.sha256(json.dumps(with_all, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def test_every_change_to_what_runs_is_another_spec():
     specs = {name: spec_of(*inputs) for name, inputs in SPEC_INPUTS.items()}
     assert len(set(specs.values())) == len(specs)
