@@ -2544,7 +2544,8 @@ class Pool:
         for item in body["reports"]:
             try:
                 item = obj(item, "report", ("job_id", "claim_token", "kind", "body"), ("job_id", "claim_token", "kind"))
-                handler = {"state": self.report_state, "chunk": self.report_chunk}.get(item["kind"])
+                kind = item["kind"] if isinstance(item["kind"], str) else None    # a list is no dict key
+                handler = {"state": self.report_state, "chunk": self.report_chunk}.get(kind)
                 if handler is None or not isinstance(item["job_id"], str) or not isinstance(item["claim_token"], str):
                     raise HttpError(400, "bad_request", "a report has kind state or chunk, and string job_id and "
                                     "claim_token", "echo them from the assignment")

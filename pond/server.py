@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from pond import (PROTOCOL_VERSION, __version__, agents, credentials, dispatch, enrollment, health, jobs, metrics,
-                  pairing, tokens)
+                  openapi, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
@@ -56,6 +56,7 @@ def healthz(pond, req):
 ROUTES = [
     ("GET", r"/healthz", None, healthz),
     ("GET", r"/metrics", None, metrics.render),
+    ("GET", r"/v1/openapi\.json", None, openapi.serve),
     ("POST", r"/v1/jobs", "admin", jobs.submit),
     ("GET", r"/v1/jobs", "admin", jobs.list_jobs),
     ("GET", rf"/v1/jobs/{_ID}", "admin", jobs.get),
