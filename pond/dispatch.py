@@ -245,7 +245,9 @@ def _assign(pond, job, worker_id, binding_id):
         return None         # not queued any more: never hand out a job the store did not assign
     if not job["attempt"]:
         pond.metrics.pickup.observe(now - job["created_at"])
-    pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id)
+    pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id,
+                  extra={"job": job["id"], "event": "assigned", "attempt": job["attempt"] + 1, "worker": worker_id,
+                         "orchestrator": binding_id, "state": "assigned"})
     return {
         "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
         "worker": worker_id, "command": job["command"], "env": job["env"], "name": job["name"],
@@ -484,7 +486,8 @@ def _result_refused(pond, job, attempt, worker, detail):
     pond.metrics.refused.add("attestation_failed")
     if pond.store.worker(worker["id"]):
         pond.store.add_worker_event(worker["id"], event)
-    pond.log.warning("job %s attempt %d: result refused, not recorded: %s", job["id"], attempt, detail)
+    pond.log.warning("job %s attempt %d: result refused, not recorded: %s", job["id"], attempt, detail,
+                     extra={"job": job["id"], "event": "result_refused", "attempt": attempt, "worker": worker["id"]})
 
 
 def heartbeat(pond, req):

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import (PROTOCOL_VERSION, __version__, agents, credentials, dispatch, enrollment, health, jobs, metrics,
-                  openapi, pairing, tokens)
+from pond import (PROTOCOL_VERSION, __version__, agents, credentials, dispatch, enrollment, health, jobs, logfmt,
+                  metrics, openapi, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
@@ -758,8 +758,7 @@ def _reap(pond):
 
 def serve(settings, ready=None):
     """Run pond until SIGINT/SIGTERM. Prints one 'pond listening on URL' line on stdout when ready."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s pond %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logfmt.setup(settings.log_format)
     pond, server = make_server(settings)
     host, port = server.server_address[:2]
     url = f"{settings.scheme}://{host}:{port}"

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 5929     # issue 12 (+4), issue 10's broker and agent jobs (+403); a report's kind that is not a string (+1)
+MAX_LINES = 6006     # issue 12 (+4), issue 10's broker and agent jobs (+403); a report's kind that is not a string (+1); --log-format json, the orchestrator's /metrics (+77)
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -53,10 +53,10 @@ BANNER_RULE = re.compile(r"^# ={20,}$")
 
 # Lines each section may grow to: a section past its budget should be split or cut, on purpose.
 SECTION_BUDGETS = {
-    "Imports": 50, "Constants and defaults": 45, "Errors": 70, "Utilities": 232, "Wire format": 81,
+    "Imports": 50, "Constants and defaults": 45, "Errors": 70, "Utilities": 249, "Wire format": 81,
     "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 60, "HTTP client": 170, "HTTP server": 702,
-    "Settings": 240, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 630,
-    "Orchestrator: the two links to pond": 280, "Job proxies": 420, "Credential broker": 292, "Worker: identity and enrollment": 75,
+    "Settings": 240, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 634,
+    "Orchestrator: the two links to pond": 286, "Job proxies": 420, "Credential broker": 292, "Worker: identity and enrollment": 75,
     "Worker: reporting to the orchestrator": 100, "Sandbox: confining one job": 375, "Sandbox: starting a job": 505,
     "Sandbox providers": 200, "Sandbox slots": 308,
     "Worker: running one job": 388, "Worker: the claim loop and slots": 200,
