@@ -65,8 +65,9 @@ def _flag(action):
 def _command(prog, helptext, parser, out, common=()):
     """A command's section, then its sub-commands'. `common`: the (flag, help) rows of the
     top command that a sub-command repeats (pond's --pond, --state-dir...), said once there."""
+    hidden = (argparse._HelpAction, argparse._SubParsersAction)
     rows = [(_flag(a), _help(a, prog)) for a in parser._actions
-            if a.help is not argparse.SUPPRESS and not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction))]
+            if a.help is not argparse.SUPPRESS and not isinstance(a, hidden)]
     shared = [row for row in rows if row in common and row[0] != "`--version`"]
     rows = [row for row in rows if row not in shared]
     subs = _subcommands(parser)

@@ -68,7 +68,7 @@ SANDBOX = _obj(("profile",),
                overrides=_obj(memory={"type": ["integer", "string"]}, cpus=NUM, pids=INT,
                               tmpfs_size={"type": ["integer", "string"]}, timeout=NUM),
                allow_hosts={"type": "array", "maxItems": 64, "items": STR})
-JOB_SPEC = _obj(("command",),
+JOB_SPEC = _obj(("command", "sandbox"),
                 command={"type": "array", "minItems": 1, "maxItems": wire.MAX_ARGV, "items": STR},
                 env=ENV, tags=TAGS, capabilities=CAPABILITIES, sandbox=SANDBOX,
                 timeout={"type": ["number", "null"], "minimum": 1, "maximum": 604800},
