@@ -26,8 +26,17 @@ def _ref(name):
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-def _obj(required=(), closed=True, **props):
-    """An object schema; `closed`: pond refuses any other field (400), as wire.obj does."""
+def _nullable(schema):
+    if "enum" in schema:
+        return dict(schema, enum=[*schema["enum"], None])
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    return dict(schema, type=[*kinds, "null"])
+
+
+def _obj(required=(), closed=True, nulls=(), **props):
+    """An object schema; `closed`: pond refuses any other field (400), as wire.obj does; `nulls`:
+    the optional fields that may be null, which pond reads as not given (wire.number and the like)."""
+    props = {k: _nullable(v) if k in nulls else v for k, v in props.items()}
     schema = {"type": "object", "properties": props}
     if required:
         schema["required"] = list(required)
@@ -68,10 +77,11 @@ SANDBOX = _obj(("profile",),
                overrides=_obj(memory={"type": ["integer", "string"]}, cpus=NUM, pids=INT,
                               tmpfs_size={"type": ["integer", "string"]}, timeout=NUM),
                allow_hosts={"type": "array", "maxItems": 64, "items": STR})
-JOB_SPEC = _obj(("command", "sandbox"),
+JOB_SPEC = _obj(("command", "sandbox"), nulls=("env", "tags", "capabilities", "timeout", "retries", "log_cap",
+                                                "cancel_grace", "name", "tenant", "credential"),
                 command={"type": "array", "minItems": 1, "maxItems": wire.MAX_ARGV, "items": STR},
                 env=ENV, tags=TAGS, capabilities=CAPABILITIES, sandbox=SANDBOX,
-                timeout={"type": ["number", "null"], "minimum": 1, "maximum": 604800},
+                timeout={"type": "number", "minimum": 1, "maximum": 604800},
                 retries={"type": "integer", "minimum": 0, "maximum": 10},
                 log_cap={"type": "integer", "minimum": 65536, "maximum": 2**30},
                 cancel_grace={"type": "number", "minimum": 0, "maximum": 3600},
@@ -93,7 +103,8 @@ EXPLAIN = _answer(("job", "state", "tags", "capabilities", "waiting", "pools"),
                   waiting={"oneOf": [{"type": "null"}, WAITING]}, pools={"type": "array", "items": {"type": "object"}})
 CREDENTIAL = _answer(("name", "env", "secrets"), name=STR, provider=NULLABLE_STR,
                      env={"type": "array", "items": STR}, secrets={"type": "array", "items": STR})
-WORKER_ENTRY = _obj(name=NAME, tags=TAGS, capabilities=GLOBS, slots={"type": "integer", "minimum": 1, "maximum": 256},
+WORKER_ENTRY = _obj(nulls=("name", "tags", "capabilities", "slots", "x25519_public", "ed25519_public", "fingerprint"),
+                    name=NAME, tags=TAGS, capabilities=GLOBS, slots={"type": "integer", "minimum": 1, "maximum": 256},
                     online=BOOL, x25519_public=KEY, ed25519_public=KEY, fingerprint=FINGERPRINT)
 HELD = _obj(("job_id", "attempt", "claim_token"), job_id=STR, attempt=ATTEMPT, claim_token=STR)
 HEALTH = _answer(("ok", "version", "loops", "storage"), ok=BOOL, version=STR, protocol_version=INT,
@@ -147,7 +158,8 @@ EMPTY = _obj()
 JOB_OR_BATCH = {"oneOf": [JOB_SPEC, {"type": "array", "minItems": 1, "maxItems": 1000, "items": JOB_SPEC}]}
 IDEMPOTENCY = {"name": "Idempotency-Key", "in": "header", "required": False,
                "schema": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}}
-STATE_REPORT = _obj(("attempt", "state"), attempt=ATTEMPT, state={"enum": ["running", "done", "failed", "cancelled"]},
+STATE_REPORT = _obj(("attempt", "state"), nulls=("exit_code", "error", "chunks"), attempt=ATTEMPT,
+                    state={"enum": ["running", "done", "failed", "cancelled"]},
                     exit_code={"type": "integer", "minimum": -255, "maximum": 255},
                     error={"type": "string", "minLength": 1, "maxLength": 2000},
                     chunks={"type": "array", "maxItems": wire.MAX_CHUNKS_PER_REPORT, "items": CHUNK},
@@ -192,12 +204,13 @@ OPERATIONS = {
     ("POST", "/v1/admin/pool/pairing-codes"): _op(
         "Mint a one-time orchestrator pairing code", "admin", "admin",
         {201: _answer(("code", "name", "expires_at", "ttl", "scope"))},
-        body=_obj(ttl={"type": "integer", "minimum": 30, "maximum": 604800}, name=NAME,
-                  scope=dict(TAGS, minItems=1))),
+        body=_obj(nulls=("ttl", "name", "scope"), ttl={"type": "integer", "minimum": 30, "maximum": 604800},
+                  name=NAME, scope=dict(TAGS, minItems=1))),
     ("POST", "/v1/admin/pool/enrollment-codes"): _op(
         "Mint a worker enrollment code", "admin", "admin",
         {201: _answer(("code", "expires_at", "ttl", "uses", "fingerprint", "tags"))},
-        body=_obj(ttl={"type": "integer", "minimum": 30, "maximum": 604800},
+        body=_obj(nulls=("ttl", "uses", "fingerprint", "tags"),
+                  ttl={"type": "integer", "minimum": 30, "maximum": 604800},
                   uses={"type": "integer", "minimum": 1, "maximum": 10000}, fingerprint=FINGERPRINT,
                   tags=dict(TAGS, minItems=1))),
     ("GET", "/v1/admin/pool/orchestrators"): _op(
@@ -217,7 +230,8 @@ OPERATIONS = {
     ("POST", "/v1/admin/credentials"): _op(
         "Create or replace a credential", "admin", "admin", {201: CREDENTIAL, 200: CREDENTIAL},
         body=_obj(("name", "secrets"), name={"type": "string", "pattern": CRED_NAME["schema"]["pattern"]},
-                  provider=STR, env=ENV, secrets=dict(ENV, minProperties=1)), body_required=True),
+                  provider=STR, env=ENV, secrets=dict(ENV, minProperties=1), nulls=("provider", "env")),
+        body_required=True),
     ("GET", "/v1/admin/credentials"): _op(
         "Credentials by name (never a value)", "admin", "admin",
         {200: _answer(("credentials",), credentials={"type": "array", "items": CREDENTIAL})}),
@@ -228,19 +242,19 @@ OPERATIONS = {
     ("POST", "/v1/orch/pair"): _op(
         "Redeem a pairing code for a binding token", "orch", None,
         {201: _answer(("binding_id", "token", "name", "scope", "protocol_version"))}, 403, 410,
-        body=_obj(("code",), code=STR, name=NAME), body_required=True),
+        body=_obj(("code",), code=STR, name=NAME, nulls=("name",)), body_required=True),
     ("GET", "/v1/orch/whoami"): _op("This binding", "orch", "orch",
                                     {200: _answer(("binding_id", "name", "scope", "protocol_version"))}),
     ("POST", "/v1/orch/poll"): _op(
         "Wait for assignments and cancels (held; streamed with stream: true)", "orch", "orch",
         {200: _answer(("jobs", "cancels"), jobs={"type": "array"}, cancels={"type": "array"})},
-        body=_obj(wait={"type": "number", "minimum": 0, "maximum": 3600}, stream=BOOL), stream=True),
+        body=_obj(wait={"type": "number", "minimum": 0, "maximum": 3600}, stream=BOOL, nulls=("wait",)), stream=True),
     ("POST", "/v1/orch/reports"): _op(
         "Many state and chunk reports, each answered on its own", "orch", "orch",
         {200: _answer(("results",), results={"type": "array", "items": _answer(("status",))})},
-        body=_obj(("reports",), reports={"type": "array", "minItems": 1, "maxItems": 64, "items": _obj(
-            ("job_id", "claim_token", "kind"), job_id=STR, claim_token=STR, kind={"enum": ["state", "chunk"]},
-            body={"type": "object"})}), body_required=True),
+        body=_obj(("reports",), reports={"type": "array", "minItems": 1, "maxItems": 64, "items": {
+            "description": "{job_id, claim_token, kind: state|chunk, body}; a bad one is refused in its result "
+                           "(400), not the batch"}}), body_required=True),
     ("POST", "/v1/orch/jobs/{id}/state"): _op(
         "Report an attempt's state (a final one with its signed result)", "orch", "orch",
         {200: _answer(("job", "state"))}, 404, 409, body=STATE_REPORT, body_required=True, params=[ID, CLAIM]),
