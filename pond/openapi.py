@@ -9,6 +9,7 @@ is not, and because the patterns would otherwise be copied by hand. What each ca
 specs/protocol.md's to say; this document gives shapes, statuses and auth.
 """
 
+import functools
 import json
 import sys
 
@@ -332,14 +333,14 @@ def text():
     return json.dumps(document(), indent=2) + "\n"
 
 
-_served = None
+@functools.cache
+def _built():
+    return document()
 
 
 def serve(pond, req):
-    global _served
-    if _served is None:
-        _served = document()
-    return 200, _served
+    """GET /v1/openapi.json (open): the same document for every pond of this version."""
+    return 200, _built()
 
 
 if __name__ == "__main__":
