@@ -563,7 +563,8 @@ def end_attempt(pond, job, event_name, why, retry_always=False):
         return 0
     pond.store.add_job_event(job["id"], event)
     pond.metrics.ended.add(event_name)
-    pond.log.warning("job %s: %s", job["id"], why)
+    pond.log.warning("job %s: %s", job["id"], why, extra={"job": job["id"], "event": event_name,
+                                                          "attempt": job["attempt"], "worker": job["worker_id"]})
     return 1
 
 
