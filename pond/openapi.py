@@ -78,8 +78,14 @@ SANDBOX = _obj(("profile",),
                overrides=_obj(memory={"type": ["integer", "string"]}, cpus=NUM, pids=INT,
                               tmpfs_size={"type": ["integer", "string"]}, timeout=NUM),
                allow_hosts={"type": "array", "maxItems": 64, "items": STR})
-JOB_SPEC = _obj(("command", "sandbox"), nulls=("env", "tags", "capabilities", "timeout", "retries", "log_cap",
-                                                "cancel_grace", "name", "tenant", "credential"),
+AGENT = _obj(("harness", "model", "prompt"), nulls=("role", "system_prompt", "temperature", "max_tokens", "max_cost",
+                                                   "tools"),
+             harness=STR, model=STR, prompt=STR, role=STR, system_prompt=STR,
+             temperature={"type": "number", "minimum": 0, "maximum": 2},
+             max_tokens={"type": "integer", "minimum": 1, "maximum": 10**9},
+             max_cost={"type": "number", "minimum": 0, "maximum": 10**6}, tools={"type": "array", "items": STR})
+JOB_SPEC = _obj(("sandbox",), nulls=("env", "tags", "capabilities", "timeout", "retries", "log_cap",
+                                     "cancel_grace", "name", "tenant", "credential"), agent=AGENT,
                 command={"type": "array", "minItems": 1, "maxItems": wire.MAX_ARGV, "items": STR},
                 env=ENV, tags=TAGS, capabilities=CAPABILITIES, sandbox=SANDBOX,
                 timeout={"type": "number", "minimum": 1, "maximum": 604800},
@@ -87,6 +93,16 @@ JOB_SPEC = _obj(("command", "sandbox"), nulls=("env", "tags", "capabilities", "t
                 log_cap={"type": "integer", "minimum": 65536, "maximum": 2**30},
                 cancel_grace={"type": "number", "minimum": 0, "maximum": 3600},
                 name=NAME, tenant={"type": "string", "pattern": _pattern(wire.TAG_RE)}, credential=STR)
+JOB_SPEC["oneOf"] = [{"required": ["command"]}, {"required": ["agent"]}]     # a command, or an agent (agents.md §3)
+HARNESS = _obj(("key", "capability", "command_template"), nulls=("label", "env", "files", "secret_files"),
+               key=STR, label=STR, capability=STR, env=ENV, secret_files={"type": "array", "items": STR},
+               command_template={"type": "array", "minItems": 1, "maxItems": wire.MAX_ARGV, "items": STR},
+               files={"type": "array", "maxItems": 16, "items": _obj(("path", "content"), path=STR, content=STR)})
+MODEL = _obj(("key", "provider", "model_id", "credential", "base_url"),
+             nulls=("label", "input_cost_per_mtok", "output_cost_per_mtok"), key=STR, label=STR,
+             provider={"enum": ["openai", "anthropic"]}, model_id=STR, credential=STR, base_url=STR,
+             input_cost_per_mtok={"type": "number", "minimum": 0, "maximum": 10000},
+             output_cost_per_mtok={"type": "number", "minimum": 0, "maximum": 10000})
 WAITING = _answer(("verdict", "reason"), verdict=STR, reason=STR, online=INT, matching=INT, free=INT, evicted=INT,
                   lacks={"type": ["object", "null"]})
 JOB = _answer(("id", "state", "command", "env", "tags", "capabilities", "sandbox", "attempt", "created_at",
@@ -240,6 +256,25 @@ OPERATIONS = {
                                                {200: CREDENTIAL}, 404, params=[CRED_NAME]),
     ("DELETE", "/v1/admin/credentials/{id}"): _op("Delete a credential", "admin", "admin",
                                                   {200: _answer(("name", "deleted"))}, 404, params=[CRED_NAME]),
+    ("GET", "/v1/jobs/{id}/usage"): _op(
+        "An agent job's model calls, tokens and cost, as its worker signed them", "agents", "admin",
+        {200: _answer(("job", "input_tokens", "output_tokens", "calls", "cost", "attested"))}, 404, params=[ID]),
+    ("GET", "/v1/usage"): _op(
+        "Tokens, calls and cost of the agent jobs that finished in [since, until), by model, harness or tenant",
+        "agents", "admin", {200: _answer(("by", "since", "until", "usage"), usage={"type": "array"})},
+        params=[_query("since", STR), _query("until", STR), _query("by", {"enum": ["model", "harness", "tenant"]})]),
+    **{op: spec for kind, plural, body in (("harness", "harnesses", HARNESS), ("model", "models", MODEL))
+       for op, spec in {
+           ("POST", f"/v1/admin/{plural}"): _op(f"Create or replace a {kind}", "agents", "admin",
+                                               {201: _answer(("key",)), 200: _answer(("key",))}, 422,
+                                               body=body, body_required=True),
+           ("GET", f"/v1/admin/{plural}"): _op(f"The {plural}", "agents", "admin",
+                                              {200: _answer((plural,), **{plural: {"type": "array"}})}),
+           ("GET", f"/v1/admin/{plural}/{{id}}"): _op(f"One {kind}", "agents", "admin", {200: _answer(("key",))},
+                                                     404, params=[CRED_NAME]),
+           ("DELETE", f"/v1/admin/{plural}/{{id}}"): _op(f"Delete a {kind}", "agents", "admin",
+                                                        {200: _answer(("key", "deleted"))}, 404, params=[CRED_NAME]),
+       }.items()},
     ("POST", "/v1/orch/pair"): _op(
         "Redeem a pairing code for a binding token", "orch", None,
         {201: _answer(("binding_id", "token", "name", "scope", "protocol_version"))}, 403, 410,
@@ -288,7 +323,7 @@ OPERATIONS = {
 
 
 # Schemas the document names once, in components, and refers to wherever they occur.
-NAMED = {"Job": JOB, "JobSpec": JOB_SPEC, "Sandbox": SANDBOX, "Waiting": WAITING, "Explain": EXPLAIN,
+NAMED = {"Job": JOB, "JobSpec": JOB_SPEC, "Agent": AGENT, "Harness": HARNESS, "Model": MODEL, "Sandbox": SANDBOX, "Waiting": WAITING, "Explain": EXPLAIN,
          "Credential": CREDENTIAL, "Chunk": CHUNK, "Held": HELD, "WorkerEntry": WORKER_ENTRY, "Health": HEALTH,
          "Env": ENV, "Tags": TAGS}
 

@@ -62,6 +62,14 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_document(pool):
     (a,) = pond.api("POST", "/v1/orch/poll", {"wait": 1}, token=orch_token)[1]["jobs"]   # held: a claim token
     queued = pond.submit(["true"])["id"]      # the slot is taken: it waits (to explain, then cancel)
     pond.client.post("/v1/admin/credentials", {"name": "api", "secrets": {"API_KEY": "s3cret"}})
+    pond.client.post("/v1/admin/credentials", {"name": "llm", "secrets": {"OPENAI_API_KEY": "s3cret"}})
+    harness = {"key": "h", "capability": "harness.h", "command_template": ["h", "{{PROMPT}}"]}
+    model = {"key": "m", "provider": "openai", "model_id": "gpt", "credential": "llm",
+             "base_url": "https://api.openai.com/v1"}
+    pond.client.post("/v1/admin/harnesses", dict(harness, key="pre"))
+    pond.client.post("/v1/admin/models", dict(model, key="pre"))
+    agent_job = pond.client.post("/v1/jobs", {"agent": {"harness": "pre", "model": "pre", "prompt": "hi"},
+                                              "sandbox": {"profile": "untrusted-code-write"}})["id"]
     spare = [pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {}, token=orch_token)[1]
              ["worker_id"] for _ in range(2)]
     other = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["binding_id"]
@@ -93,6 +101,13 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_document(pool):
                                                    body=dict(chunk, attempt=a["attempt"])),
         ("POST", "/v1/orch/jobs/{id}/seal"): dict(path_parameters={"id": held}, headers=claim,
                                                   body={"attempt": a["attempt"]}),
+        ("GET", "/v1/jobs/{id}/usage"): dict(path_parameters={"id": agent_job}),
+        ("POST", "/v1/admin/harnesses"): dict(body=harness),
+        ("GET", "/v1/admin/harnesses/{id}"): dict(path_parameters={"id": "h"}),
+        ("DELETE", "/v1/admin/harnesses/{id}"): dict(path_parameters={"id": "h"}),
+        ("POST", "/v1/admin/models"): dict(body=model),
+        ("GET", "/v1/admin/models/{id}"): dict(path_parameters={"id": "m"}),
+        ("DELETE", "/v1/admin/models/{id}"): dict(path_parameters={"id": "m"}),
         ("POST", "/v1/orch/reports"): dict(body={"reports": [{
             "job_id": held, "claim_token": a["claim_token"], "kind": "chunk",
             "body": dict(chunk, seq=1, attempt=a["attempt"])}]}),
