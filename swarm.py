@@ -212,13 +212,6 @@ class StorageUnavailable(HttpError):
 # ============================================================================
 
 log = logging.getLogger("swarm")
-
-
-def setup_logging(role):
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"%(asctime)s swarm[{role}] %(levelname)s %(message)s")
-
-
 REDACTED = "[redacted]"
 CODE_CHARS = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"      # of pond's codes (pond/tokens.py)
 # What redact() takes out of a log line or an error, keeping its shape: pond/tokens.py's table.
@@ -243,6 +236,35 @@ def redact(text):
 def clean(text, limit=200):
     """Untrusted text made safe for one log line: no code or token (redact), printable, short."""
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in redact(text)[:limit])
+
+
+LOG_FIELDS = ("job", "event", "attempt", "worker", "state", "exit_code")     # extra= keys a log line may carry
+
+
+class JsonLogFormatter(logging.Formatter):
+    """--log-format json: one object a line, {time, level, process, pid, message, ...LOG_FIELDS
+    given}, every string redacted; pond/logfmt.py writes the same shape."""
+
+    def __init__(self, process):
+        super().__init__()
+        self.process = process
+
+    def format(self, record):
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(), "process": self.process, "pid": record.process,
+                "message": redact(record.getMessage())}
+        line.update((k, redact(v) if isinstance(v, str) else v) for k in LOG_FIELDS
+                    if (v := getattr(record, k, None)) is not None)
+        if record.exc_info:
+            line["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(line, ensure_ascii=False)
+
+
+def setup_logging(role, log_format="text"):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter(f"swarm-{role}") if log_format == "json" else
+                         logging.Formatter(f"%(asctime)s swarm[{role}] %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 def write_private(path, text):
@@ -1793,6 +1815,14 @@ class OperatorSettings:
     ca_file: str = ""
 
 
+def log_format(args, env):
+    """--log-format, else $SWARM_LOG_FORMAT, else text."""
+    value = args.log_format or env.get("SWARM_LOG_FORMAT") or "text"
+    if value not in ("text", "json"):
+        raise UsageError(f"log format {value!r} is neither text nor json", "give --log-format text|json")
+    return value
+
+
 def is_loopback(host):
     if host == "localhost":
         return True
@@ -2298,11 +2328,12 @@ def output_bytes(msg):
     return 8192 + len(body.get("data") or "") + sum(len(c.get("data") or "") for c in body.get("chunks") or ())
 
 
-def deliver(client, path, outbox, stop, loop, peer):
+def deliver(client, path, outbox, stop, loop, peer, count=lambda *key: None):
     """One round of an outbox's sender: its oldest reports, in one POST `path` (specs/protocol.md
     §5, batches). What the peer stored, or refused for good, leaves the outbox, in order; at
     the first it could not take now, the round waits (`loop`'s trouble) and the rest is sent
-    again. -> False once the outbox is empty and `stop` is set, or a retry is due while stopping."""
+    again. -> False once the outbox is empty and `stop` is set, or a retry is due while stopping.
+    `count("report", "sent"|"refused")` is told of each report that left the outbox."""
     batch = outbox.peek(0.5)
     if not batch:
         loop.beat()
@@ -2329,6 +2360,7 @@ def deliver(client, path, outbox, stop, loop, peer):
             (log.info if error.get("code") in ("stale_attempt", "not_found") else log.warning)(
                 "%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
                         clean(error.get("message")), clean(error.get("code"), 40))
+        count("report", "refused" if status >= 300 else "sent")
         outbox.pop(msg)
     loop.beat()
     return True
@@ -2380,6 +2412,11 @@ class Pool:
         self.recent = collections.deque(maxlen=200)      # finished jobs, for `swarm.py jobs`
         self.pond_ok = False
         self.loops = Loops()        # serve's supervised loops, for /healthz and `status`
+        self.tally, self.tally_lock = collections.Counter(), threading.Lock()     # /metrics counters
+
+    def count(self, *key):
+        with self.tally_lock:
+            self.tally[key] += 1
 
     # -- enrollment ----------------------------------------------------------
 
@@ -2654,6 +2691,8 @@ class Pool:
         # The report is on disk in the commit that releases the hold: never neither, never both. Before
         # the job is let go here, so that a report the disk refused (503) is taken when the worker retries.
         self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
+        if body["state"] == "failed" and str(body.get("error")).startswith("refused by worker:"):
+            self.count("refused", "sandbox" if "sandbox" in body["error"] else "requirements")
         if body["state"] in TERMINAL_STATES:
             with self.lock:
                 session.jobs.pop(job_id, None)
@@ -2672,7 +2711,8 @@ class Pool:
         for item in body["reports"]:
             try:
                 item = obj(item, "report", ("job_id", "claim_token", "kind", "body"), ("job_id", "claim_token", "kind"))
-                handler = {"state": self.report_state, "chunk": self.report_chunk}.get(item["kind"])
+                kind = item["kind"] if isinstance(item["kind"], str) else None    # a list is no dict key
+                handler = {"state": self.report_state, "chunk": self.report_chunk}.get(kind)
                 if handler is None or not isinstance(item["job_id"], str) or not isinstance(item["claim_token"], str):
                     raise HttpError(400, "bad_request", "a report has kind state or chunk, and string job_id and "
                                     "claim_token", "echo them from the assignment")
@@ -2867,7 +2907,7 @@ def hand_over(loop, pool, answer, stop):
 def push_loop(loop, pool, pond, stop):
     """Send the outbox to pond in order, in batches; retry what pond did not get, drop what it
     refused. Stopping with pond gone leaves the rest in swarm.db for the next start."""
-    while deliver(pond, "/v1/orch/reports", pool.outbox, stop, loop, "pond"):
+    while deliver(pond, "/v1/orch/reports", pool.outbox, stop, loop, "pond", pool.count):
         pass
 
 
@@ -2976,8 +3016,23 @@ def orchestrator_routes(pool, token_hash):
             raise HttpError(400, "bad_request", "evict.drain must be true or false")
         return 200, pool.evict(m["id"], body.get("drain", False))
 
+    def counted(pattern, fn):
+        """`fn`, counting its answers by route and status for /metrics (an unknown path is no route)."""
+        route = re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern)
+
+        def handler(h, m, b):
+            try:
+                answer = fn(h, m, b)
+            except Exception as e:
+                pool.count("request", route, getattr(e, "status", 500))
+                raise
+            pool.count("request", route, answer[0])
+            return answer
+        return handler
+
     job = r"/v1/worker/jobs/(?P<id>[A-Za-z0-9_-]{1,64})"
-    return [      # (method, path, auth: run on the head, before the body is read; handler)
+    return [(method, pattern, auth, counted(pattern, fn)) for method, pattern, auth, fn in [
+        # (method, path, auth: run on the head, before the body is read; handler)
         ("GET", r"/healthz", None, lambda h, m, b: healthz(pool)),
         ("GET", r"/metrics", None, lambda h, m, b: (200, _orchestrator_metrics(pool))),
         ("POST", r"/v1/worker/enroll", None, lambda h, m, b: (201, pool.enroll(b))),
@@ -2995,7 +3050,7 @@ def orchestrator_routes(pool, token_hash):
         ("GET", r"/v1/pool/jobs", operator_auth, lambda h, m, b: (200, pool.jobs())),
         ("POST", r"/v1/pool/jobs/(?P<id>[A-Za-z0-9_-]{1,64})/cancel", operator_auth, cancel),
         ("POST", r"/v1/pool/workers/(?P<id>[A-Za-z0-9_-]{1,64})/evict", operator_auth, evict),
-    ]
+    ]]
 
 
 def healthz(pool):
@@ -3011,14 +3066,34 @@ def healthz(pool):
 
 
 def _orchestrator_metrics(pool):
-    status = pool.status()
-    return "\n".join([
-        "# TYPE swarm_workers gauge",
-        f'swarm_workers{{online="true"}} {sum(1 for w in status["workers"] if w["online"])}',
-        f'swarm_workers{{online="false"}} {sum(1 for w in status["workers"] if not w["online"])}',
-        "# TYPE swarm_jobs_running gauge", f"swarm_jobs_running {sum(w['running'] for w in status['workers'])}",
-        "# TYPE swarm_outbox gauge", f"swarm_outbox {status['outbox']}",
-        "# TYPE swarm_pond_reachable gauge", f"swarm_pond_reachable {int(status['pond_reachable'])}", ""])
+    """GET /metrics, open like pond's (specs/protocol.md §8): counts only, no id, name or token."""
+    status, held = pool.status(), pool.jobs()["jobs"]
+    with pool.tally_lock:
+        tally = collections.Counter(pool.tally)
+    workers = collections.Counter("evicting" if w["evicting"] else "online" if w["online"] else "offline"
+                                  for w in status["workers"])
+    out = []
+
+    def family(name, kind, helptext, samples):
+        out.extend([f"# HELP {name} {helptext}", f"# TYPE {name} {kind}", *samples])
+
+    family("swarm_workers", "gauge", "Enrolled workers by state.",
+           [f'swarm_workers{{state="{s}"}} {workers[s]}' for s in ("online", "offline", "evicting")])
+    family("swarm_jobs_held", "gauge", "Jobs held for workers: assigned (waiting for a claim) or running.",
+           [f'swarm_jobs_held{{state="{s}"}} {sum(j["state"] == s for j in held)}' for s in ("assigned", "running")])
+    family("swarm_jobs_running", "gauge", "Jobs the workers run.",
+           [f"swarm_jobs_running {sum(j['state'] == 'running' for j in held)}"])
+    family("swarm_outbox", "gauge", "Reports waiting to go to pond.", [f"swarm_outbox {status['outbox']}"])
+    family("swarm_pond_reachable", "gauge", "1 while pond answers.",
+           [f"swarm_pond_reachable {int(status['pond_reachable'])}"])
+    family("swarm_reports_total", "counter", "Reports pond took (sent) or refused for good, since start.",
+           [f'swarm_reports_total{{result="{r}"}} {tally["report", r]}' for r in ("sent", "refused")])
+    family("swarm_jobs_refused_total", "counter", "Jobs a worker refused: it lacks their sandbox, or else.",
+           [f'swarm_jobs_refused_total{{reason="{r}"}} {tally["refused", r]}' for r in ("sandbox", "requirements")])
+    family("swarm_http_requests_total", "counter", "Requests answered by a route, by route and status.",
+           [f'swarm_http_requests_total{{route="{k[1]}",code="{k[2]}"}} {n}'
+            for k, n in sorted(tally.items(), key=str) if k[0] == "request"])
+    return "\n".join(out) + "\n"
 
 
 def serve(s):
@@ -5784,7 +5859,9 @@ def finish(job, reporter, signer, state, exit_code=None, error=None, output=None
         fields["attestation"] = sign_envelope(signer.keys.signing, statement, signer.fingerprint)
     reporter.state(job, state, **fields)
     log.info("job %s attempt %s: %s, exit code %s, %.1f s", job["job_id"], job["attempt"], state, exit_code,
-             time.time() - (started_at or time.time()))      # one line a job; its error and output stay out
+             time.time() - (started_at or time.time()),      # one line a job; its error and output stay out
+             extra={"job": job["job_id"], "event": "finished", "attempt": job["attempt"], "state": state,
+                    "exit_code": exit_code})
 
 
 def refusal(s, signer, job, sandboxes):
@@ -6287,6 +6364,7 @@ EXAMPLES = """examples:
 """
 
 
+LOG_FORMAT_HELP = "text lines, or one JSON object a line (default: $SWARM_LOG_FORMAT, else text)"
 CA_FILE_HELP = "CA certificate (PEM) to verify an https:// {} with (default: the system trust store)"
 
 
@@ -6341,6 +6419,7 @@ def build_parser():
     s.add_argument("--max-pending-per-address", type=int, metavar="N",
                    help=f"... of them from one client address (default {MAX_PENDING_PER_ADDRESS} + "
                         f"{PENDING_PER_CLIENT} per enrolled worker, at most --max-pending)")
+    s.add_argument("--log-format", choices=("text", "json"), help=LOG_FORMAT_HELP)
     s.add_argument("--worker-lost-after", type=float, default=WORKER_LOST_AFTER, metavar="S",
                    help="a worker without a heartbeat this long is lost: its jobs run elsewhere (default %(default)g)")
 
@@ -6368,6 +6447,7 @@ def build_parser():
                         "registries and GitHub; '' allows none); a job adds its own allow_hosts")
     s.add_argument("--egress-deny", metavar="HOSTS", help="hosts never reached, whatever is allowed (deny wins)")
     s.add_argument("--egress-ports", type=named, metavar="PORTS", help="ports the proxy connects to (default 443)")
+    s.add_argument("--log-format", choices=("text", "json"), help=LOG_FORMAT_HELP)
     s.add_argument("--egress-allow-loopback", metavar="ADDR", help=argparse.SUPPRESS)   # tests only
     s.add_argument("--claim-wait", type=float, default=CLAIM_WAIT, help=argparse.SUPPRESS)
 
@@ -6400,12 +6480,12 @@ def run(args, env):
         return pair(PairSettings(pond_url=url_list(args.pond), code=code, out=Path(args.out), name=args.name,
                                  ca_file=args.ca_file or ""))
     if args.cmd == "serve":
-        setup_logging("serve")
+        setup_logging("serve", log_format(args, env))
         return serve(serve_settings(args, env))
     if args.cmd == "worker":
         if args.show_fingerprint:
             return show_fingerprint(args.state_dir or DEFAULT_WORKER_STATE)
-        setup_logging("worker")
+        setup_logging("worker", log_format(args, env))
         return worker(worker_settings(args, env))
     s = operator_settings(args, env)
     return {"status": lambda: status(s), "jobs": lambda: jobs(s), "cancel": lambda: cancel(s, args.job_id),

@@ -103,7 +103,8 @@ def cmd_serve(args):
                                args.credential_key_file, args.allow_unsigned_results, args.lease,
                                args.max_attempts, args.log_cap, args.require_sandbox,
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
-                               max_pending_per_address=args.max_pending_per_address, database=args.database)
+                               max_pending_per_address=args.max_pending_per_address, database=args.database,
+                               log_format=args.log_format)
     return serve(settings)
 
 
@@ -884,6 +885,8 @@ def build_parser():
                    help="admin token (required off loopback)")
     s.add_argument("--poll-hold", type=float, metavar="S", help="seconds an idle poll is held (default 25)")
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--log-format", choices=("text", "json"),
+                   help="text lines, or one JSON object a line (default: $POND_LOG_FORMAT, else text)")
     s.add_argument("--tls-cert", type=_named, metavar="FILE", help="serve HTTPS with this PEM certificate (chain)")
     s.add_argument("--tls-key", type=_named, metavar="FILE", help="the certificate's PEM private key")
     s.add_argument("--insecure-no-tls", action="store_true",

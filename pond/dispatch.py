@@ -245,7 +245,9 @@ def _assign(pond, job, worker_id, binding_id):
         return None         # not queued any more: never hand out a job the store did not assign
     if not job["attempt"]:
         pond.metrics.pickup.observe(now - job["created_at"])
-    pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id)
+    pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id,
+                  extra={"job": job["id"], "event": "assigned", "attempt": job["attempt"] + 1, "worker": worker_id,
+                         "orchestrator": binding_id, "state": "assigned"})
     return {
         "job_id": job["id"], "attempt": job["attempt"] + 1, "claim_token": claim_token,
         "worker": worker_id, "command": job["command"], "env": job["env"], "name": job["name"],
@@ -505,7 +507,8 @@ def _result_refused(pond, job, attempt, worker, detail):
     pond.metrics.refused.add("attestation_failed")
     if pond.store.worker(worker["id"]):
         pond.store.add_worker_event(worker["id"], event)
-    pond.log.warning("job %s attempt %d: result refused, not recorded: %s", job["id"], attempt, detail)
+    pond.log.warning("job %s attempt %d: result refused, not recorded: %s", job["id"], attempt, detail,
+                     extra={"job": job["id"], "event": "result_refused", "attempt": attempt, "worker": worker["id"]})
 
 
 def heartbeat(pond, req):
@@ -581,7 +584,8 @@ def end_attempt(pond, job, event_name, why, retry_always=False):
         return 0
     pond.store.add_job_event(job["id"], event)
     pond.metrics.ended.add(event_name)
-    pond.log.warning("job %s: %s", job["id"], why)
+    pond.log.warning("job %s: %s", job["id"], why, extra={"job": job["id"], "event": event_name,
+                                                          "attempt": job["attempt"], "worker": job["worker_id"]})
     return 1
 
 
@@ -640,7 +644,8 @@ def report_batch(pond, req):
     for item in body["reports"]:
         try:
             item = wire.obj(item, "report", ("job_id", "claim_token", "kind", "body"), ("job_id", "claim_token", "kind"))
-            handler = {"state": report_state, "chunk": report_chunk}.get(item["kind"])
+            kind = item["kind"] if isinstance(item["kind"], str) else None    # a list is no dict key
+            handler = {"state": report_state, "chunk": report_chunk}.get(kind)
             if handler is None or not isinstance(item["job_id"], str) or not isinstance(item["claim_token"], str):
                 raise BadRequest("a report has kind state or chunk, and string job_id and claim_token",
                                  "echo them from the assignment")

@@ -57,7 +57,8 @@ def requeue(store, job, tried):
             job["id"], from_state.value, job["attempt"], tried):
         raise InvalidTransition(job["id"], from_state.value, JobState.QUEUED.value)
     log.info("job %s: %s -> queued (attempt %d on worker %s ended)", job["id"], from_state.value, job["attempt"],
-             job["worker_id"])
+             job["worker_id"], extra={"job": job["id"], "event": "requeued", "attempt": job["attempt"],
+                                      "worker": job["worker_id"], "state": "queued"})
 
 
 def transition(store, job, to_state, **fields):
@@ -70,7 +71,9 @@ def transition(store, job, to_state, **fields):
         current = store.job(job["id"])
         raise InvalidTransition(job["id"], current["state"], to_state.value)
     log.info("job %s: %s -> %s (attempt %d%s)", job["id"], from_state.value, to_state.value, job["attempt"],
-             "" if fields.get("exit_code") is None else f", exit code {fields['exit_code']}")
+             "" if fields.get("exit_code") is None else f", exit code {fields['exit_code']}",
+             extra={"job": job["id"], "event": to_state.value, "attempt": job["attempt"], "state": to_state.value,
+                    "exit_code": fields.get("exit_code")})
 
 
 IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}\Z")
@@ -176,7 +179,7 @@ def _store(pond, job, key):
                            "use a new key for a new job", code="idempotency_conflict")
         return 200, earlier
     log.info("job %s submitted: tags %s; capabilities %s", job["id"], ",".join(job["tags"]) or "-",
-             ",".join(job["capabilities"]) or "-")
+             ",".join(job["capabilities"]) or "-", extra={"job": job["id"], "event": "submitted", "state": "queued"})
     return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                      worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
                      dropped=None, retries_left=job["retries"], outputs=None, files=job.get("files"),

@@ -28,7 +28,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
 from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, bundles, credentials, dispatch, enrollment, health,
-                  jobs, metrics, pairing, tokens)
+                  jobs, logfmt, metrics, openapi, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
@@ -56,6 +56,7 @@ def healthz(pond, req):
 ROUTES = [
     ("GET", r"/healthz", None, healthz),
     ("GET", r"/metrics", None, metrics.render),
+    ("GET", r"/v1/openapi\.json", None, openapi.serve),
     ("POST", r"/v1/jobs", "admin", jobs.submit),
     ("GET", r"/v1/jobs", "admin", jobs.list_jobs),
     ("GET", rf"/v1/jobs/{_ID}", "admin", jobs.get),
@@ -783,8 +784,7 @@ def _reap(pond):
 
 def serve(settings, ready=None):
     """Run pond until SIGINT/SIGTERM. Prints one 'pond listening on URL' line on stdout when ready."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s pond %(levelname)s %(message)s",
-                        stream=sys.stderr)
+    logfmt.setup(settings.log_format)
     pond, server = make_server(settings)
     host, port = server.server_address[:2]
     url = f"{settings.scheme}://{host}:{port}"

@@ -52,6 +52,7 @@ class ServerSettings:
     max_pending: int = MAX_PENDING
     max_pending_per_address: int = MAX_PENDING_PER_ADDRESS
     access_log: bool = False
+    log_format: str = "text"             # or "json": one object a line (pond/logfmt.py)
     tls_cert: str = ""                   # both set: serve HTTPS
     tls_key: str = ""
     credential_key: bytes = field(default=b"", repr=False)     # encrypts credentials at rest
@@ -152,7 +153,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
                     log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
-                    max_pending_per_address=None, database=None):
+                    max_pending_per_address=None, database=None, log_format=None):
     host, port = parse_bind(bind or env_setting(env, "POND_BIND", DEFAULT_BIND))
     state = Path(state_dir or env_setting(env, "POND_STATE_DIR", DEFAULT_STATE_DIR)).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,10 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
         raise ConfigError(f"max pending {pending} and per address {per_address} are out of range",
                           f"give 1 <= per address <= max pending <= 65536 (defaults {MAX_PENDING_PER_ADDRESS}, "
                           f"{MAX_PENDING})")
-    return ServerSettings(host=host, port=port, state_dir=state, admin_token=token,
+    log_format = log_format or env.get("POND_LOG_FORMAT") or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"log format {log_format!r} is not text or json", "give --log-format text|json")
+    return ServerSettings(host=host, port=port, state_dir=state, admin_token=token, log_format=log_format,
                           poll_hold=hold, access_log=access_log, request_timeout=timeout,
                           tls_cert=tls_cert, tls_key=tls_key,
                           credential_key=_credential_key(state, env, credential_key_file),

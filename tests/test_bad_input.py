@@ -623,6 +623,8 @@ POND_ADMIN_CASES = [
     *get_body_cases("GET", "/metrics", None),
     Case("POST on /healthz", "POST", "/healthz", {}, status=405, code="method_not_allowed"),
     Case("PUT on /metrics", "PUT", "/metrics", status=405, code="method_not_allowed"),
+    *get_body_cases("GET", "/v1/openapi.json", None),
+    Case("POST on /v1/openapi.json", "POST", "/v1/openapi.json", {}, status=405, code="method_not_allowed"),
     # pairing codes
     *admin_auth_cases("POST", PAIRING_CODES, {}),
     *body_shape_cases("POST", PAIRING_CODES, "admin", {"ttl": 60}),

@@ -52,10 +52,11 @@ def test_pond_takes_many_jobs_reports_in_one_request_each_on_its_own(pool):
         report("j_doesnotexist", "x", RUNNING),
         report(a["job_id"], a["claim_token"], RUNNING, kind="cancel"),
         {"job_id": a["job_id"]},
+        report(a["job_id"], a["claim_token"], RUNNING, kind=["state"]),      # not a string: 400, not a 500
     ]}, token=token)
     assert status == 200, answer
     statuses = [r["status"] for r in answer["results"]]
-    assert statuses == [200, 200, 200, 409, 404, 400, 400], answer
+    assert statuses == [200, 200, 200, 409, 404, 400, 400, 400], answer
     assert answer["results"][3]["error"]["code"] == "stale_attempt"
     assert pond.job(a["job_id"])["state"] == "running"
     assert pond.job(b["job_id"])["state"] == "done"
@@ -84,9 +85,10 @@ def test_the_orchestrator_takes_a_worker_s_batch_each_report_on_its_own(pool):
     identity = json.loads((worker.state_dir / "worker.json").read_text())
     auth = {"Authorization": f"Bearer {identity['token']}"}
     status, answer = api_json(orch.url(), "/v1/worker/reports", {"reports": [
-        report(job, "no-such-claim", RUNNING), report("j_unknown", "x", RUNNING), {"kind": "state"}]}, auth)
+        report(job, "no-such-claim", RUNNING), report("j_unknown", "x", RUNNING), {"kind": "state"},
+        report(job, "x", RUNNING, kind={"state": 1})]}, auth)
     assert status == 200, answer
-    assert [r["status"] for r in answer["results"]] == [409, 409, 400], answer
+    assert [r["status"] for r in answer["results"]] == [409, 409, 400, 400], answer
     assert answer["results"][0]["error"]["code"] == "stale_attempt"
     for body in ({"reports": []}, {"reports": [report(job, "x", RUNNING)] * 65}, {"reports": "x"}):
         status, answer = api_json(orch.url(), "/v1/worker/reports", body, auth)

@@ -6,7 +6,7 @@ and the other relative paths land there), one command at a time: a line that end
 goes on to the next, blank and comment lines are skipped, the rest is bash's
 (`bash -e -o pipefail -c LINE`), with `pond` and `python` on PATH meaning this checkout's.
 
-- A server (`pond serve`, `python -m swarm serve`, `python -m swarm worker`) starts in the
+- A server (`pond serve`, `pond up`, `python -m swarm serve`, `python -m swarm worker`) starts in the
   background and is waited for until it prints its ready line; it is stopped once the
   file's last block has run.
 - `NAME=$(...)` keeps its value for the commands after it, as a shell would.
@@ -56,7 +56,7 @@ def runnable_blocks(path):
 
 def is_server(command):
     words = shlex.split(command, comments=True)
-    if words[:2] == ["pond", "serve"]:
+    if words[:2] in (["pond", "serve"], ["pond", "up"]):
         return True
     return (words[:3] in (["python", "-m", "swarm"], ["python3", "-m", "swarm"]) and len(words) > 3
             and words[3] in ("serve", "worker") and "--show-fingerprint" not in words)
