@@ -263,3 +263,12 @@ def test_console_follows_a_job_live_cancels_one_and_runs_the_pool(pool, browser,
     wait_for(lambda: "evicted" in text(browser, row), 10, what="the page to say evicted")
     assert not browser.find_element("id", "error").is_displayed(), text(browser, "#error")
     assert not csp_violations(browser)
+
+
+def test_a_console_file_missing_from_the_install_is_a_503_that_says_to_reinstall(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from pond.errors import Unavailable
+    monkeypatch.setattr(console, "UI_DIR", tmp_path)         # an install without pond/ui/
+    with pytest.raises(Unavailable) as refused:
+        console.static(None, SimpleNamespace(params={"name": "/"}, path="/ui/"))
+    assert "index.html" in refused.value.message and "reinstall pond" in refused.value.hint
