@@ -232,6 +232,12 @@ def test_console_follows_a_job_live_cancels_one_and_runs_the_pool(pool, browser,
     wait_for(lambda: text(browser, "[data-fact=attested]").startswith("yes"), 10, what="the attestation")
     assert text(browser, "#job-output").index("attempt 1") < text(browser, "#job-output").index("first line")
 
+    # A job no worker can take says why, pool by pool.
+    nowhere = pond.submit(["true"], tags=["repo:nobody"])
+    browser.get(f"{pond.url}/ui/#job/{nowhere['id']}")
+    wait_for(lambda: "no worker with tag repo:nobody" in text(browser, "#job-waiting"), 10, what="the waiting reason")
+    wait_for(lambda: "lacks" in text(browser, "#explain tbody"), 10, what="the explain table")
+
     # Cancel a running job from its page.
     stuck = pond.submit([JOB_PY, "-c", "import time\ntime.sleep(120)"], name="stuck")
     wait_for(lambda: pond.job(stuck["id"])["state"] == "running", 15, what="the job to run")

@@ -18,6 +18,7 @@ const main = document.getElementById("view");
 const errorBox = document.getElementById("error");
 const filters = {state: "", tag: "", worker: ""};     // the jobs list's, kept while the tab lives
 let current = null;                                   // the view shown now: {stop()}
+let errorFrom = null;                                 // what showed the error shown now (showError)
 
 // -- the page's building blocks ----------------------------------------------------------------
 
@@ -114,30 +115,48 @@ async function api(method, path, body, signal) {
   throw new ApiError(answer.status, error);
 }
 
-function showError(e) {
+// `from`: "refresh" for a failed periodic read (the next good one clears it), else "action".
+function showError(e, from = "action") {
   if (e && e.name === "AbortError") return;
-  const text = e instanceof ApiError ? `${e.message}${e.hint ? " (" + e.hint + ")" : ""}` : String(e);
-  errorBox.textContent = text;
+  errorBox.textContent = e instanceof ApiError ? `${e.message}${e.hint ? " (" + e.hint + ")" : ""}` : String(e);
   errorBox.hidden = false;
+  errorFrom = from;
 }
 
 function clearError() {
   errorBox.hidden = true;
   errorBox.textContent = "";
+  errorFrom = null;
 }
 
-// Run `read` now and every `ms` until stopped; its failures are shown, and it runs on.
+// Run `read` now and every `ms` until stopped. Its failures are shown until a read succeeds; a
+// call of now() during a read runs one more read after it, so the newest answer is shown last.
 function every(ms, read) {
   let timer = null;
   let stopped = false;
+  let busy = false;
+  let again = false;
   async function tick() {
     clearTimeout(timer);
+    if (busy) {
+      again = true;
+      return;
+    }
+    busy = true;
     try {
       await read();
+      if (!stopped && errorFrom === "refresh") clearError();
     } catch (e) {
-      if (!stopped) showError(e);
+      if (!stopped) showError(e, "refresh");
     }
-    if (!stopped) timer = setTimeout(tick, ms);
+    busy = false;
+    if (stopped) return;
+    if (again) {
+      again = false;
+      tick();
+    } else {
+      timer = setTimeout(tick, ms);
+    }
   }
   tick();
   return {stop() { stopped = true; clearTimeout(timer); }, now: tick};
@@ -328,7 +347,7 @@ function jobView(id) {
                          undefined, aborter.signal);
       } catch (e) {
         if (aborter.signal.aborted || e.status === 404) return;     // a job that does not exist: said once
-        showError(e);
+        showError(e, "refresh");
         await new Promise((resolve) => setTimeout(resolve, RETRY_MS));
         continue;
       }
