@@ -181,6 +181,11 @@ document.getElementById("login-form").addEventListener("submit", async (event) =
   const token = input.value.trim();
   input.value = "";
   if (!token) return;
+  if (!/^[\x21-\x7e]+$/.test(token)) {         // fetch cannot send it; pond's tokens are printable ASCII
+    showError(new ApiError(0, {code: "token_invalid", message: "the admin token is not valid: it has a character "
+                               + "no token has", hint: "paste the contents of <state-dir>/admin-token"}));
+    return;
+  }
   sessionStorage.setItem(TOKEN_KEY, token);
   try {
     await api("GET", "/v1/jobs?limit=1");     // a wrong token is refused here, before any view
@@ -205,7 +210,7 @@ function route() {
   document.getElementById("login").hidden = true;
   document.getElementById("nav").hidden = false;
   const [name, arg] = location.hash.replace(/^#/, "").split("/", 2);
-  if (name === "job" && arg) current = jobView(decodeURIComponent(arg));
+  if (name === "job" && /^[A-Za-z0-9_-]{1,64}$/.test(arg || "")) current = jobView(arg);
   else if (name === "pools") current = poolsView();
   else current = jobsView();
 }
