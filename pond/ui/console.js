@@ -1,4 +1,4 @@
-// pond's web console (docs/operator-guide.md §2.13): jobs, one job live, the pools, and the
+// pond's web console (docs/operator-guide.md §2.14): jobs, one job live, the pools, and the
 // operator's actions, through pond's JSON API (specs/protocol.md §9) with the admin token the
 // operator typed, which this tab keeps in its sessionStorage.
 //
