@@ -329,6 +329,10 @@ function jobView(id) {
       ["finished", job.finished_at && when(job.finished_at)],
       ["duration", job.started_at && job.finished_at ? `${(job.finished_at - job.started_at).toFixed(1)} s` : null],
       ["dropped", dropped.length ? dropped.join(", ") + " past the log cap" : null],
+      ["agent", job.agent ? `harness ${job.agent.harness}, model ${job.agent.model}` : null],
+      ["usage", job.usage ? `${job.usage.calls.length} model call(s), ${job.usage.input_tokens} input and `
+        + `${job.usage.output_tokens} output tokens, cost ${job.usage.cost}`
+        + (job.usage.attested ? " (as the worker signed it)" : " (not signed yet)") : null],
       ...(job.warnings || []).map((w) => ["warning", w.message]),
     ]));
     waiting.textContent = job.waiting ? "Waiting: " + job.waiting.reason : "";
