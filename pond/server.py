@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, bundles, credentials, dispatch, enrollment, health,
-                  jobs, logfmt, metrics, openapi, pairing, tokens)
+from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, bundles, console, credentials, dispatch,
+                  enrollment, health, jobs, logfmt, metrics, openapi, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
 from pond.metrics import Metrics
@@ -57,6 +57,7 @@ ROUTES = [
     ("GET", r"/healthz", None, healthz),
     ("GET", r"/metrics", None, metrics.render),
     ("GET", r"/v1/openapi\.json", None, openapi.serve),
+    ("GET", r"/ui(?P<name>/[A-Za-z0-9._-]{0,64})?", None, console.static),     # files only; the page asks for the token
     ("POST", r"/v1/jobs", "admin", jobs.submit),
     ("GET", r"/v1/jobs", "admin", jobs.list_jobs),
     ("GET", rf"/v1/jobs/{_ID}", "admin", jobs.get),
@@ -464,12 +465,17 @@ class Handler(BaseHTTPRequestHandler):
         return b"".join(parts)
 
     def _send(self, status, payload):
-        if isinstance(payload, str):
+        extra = ""
+        if isinstance(payload, console.File):
+            body, ctype, extra = payload.body, payload.content_type, console.HEADERS
+        elif isinstance(payload, str):
             body, ctype = payload.encode(), "text/plain; version=0.0.4"
         else:
             body, ctype = json.dumps(payload, separators=(",", ":")).encode(), "application/json"
+        # No answer is cached (the console's data is the admin's) or read as another type than it says.
         head = (f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}\r\n"
-                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\n{extra}"
+                "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
                 f"Connection: {'close' if self.close_connection else 'keep-alive'}\r\n\r\n")
         if self.command == "HEAD":
             body = b""

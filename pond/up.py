@@ -218,6 +218,7 @@ def _sandboxes(admin, worker_line, stop, timeout=READY_TIMEOUT):
 def _summary(out, state, pond_url, orch_url, worker_line, state_dir_arg, sandboxes):
     flag = "" if state_dir_arg in (None, ".pond-state") else f" --state-dir {state_dir_arg}"
     out(f"pond          {pond_url}   (state: {state})")
+    out(f"console       {pond_url}/ui/   (admin token: {state / 'admin-token'})")
     out(f"orchestrator  {orch_url}")
     out(f"worker        {worker_line.removeprefix('swarm worker ')}")
     out(f"              worker {sandboxes}")

@@ -625,6 +625,10 @@ POND_ADMIN_CASES = [
     Case("PUT on /metrics", "PUT", "/metrics", status=405, code="method_not_allowed"),
     *get_body_cases("GET", "/v1/openapi.json", None),
     Case("POST on /v1/openapi.json", "POST", "/v1/openapi.json", {}, status=405, code="method_not_allowed"),
+    *get_body_cases("GET", "/ui/", None),
+    Case("POST on the console", "POST", "/ui/", {}, status=405, code="method_not_allowed"),
+    Case("a file the console does not have", "GET", "/ui/console.py", status=404, code="not_found"),
+    Case("a dot-dot under /ui/", "GET", "/ui/..", status=404, code="not_found"),
     # pairing codes
     *admin_auth_cases("POST", PAIRING_CODES, {}),
     *body_shape_cases("POST", PAIRING_CODES, "admin", {"ttl": 60}),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from conftest import children, env_for_children, run, wait_for
@@ -108,6 +109,10 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
         assert not [cmdline(p) for p in kids if b"--enroll-code" in cmdline(p)]
         # The sandboxes the worker enforces, as pond sees them.
         assert any(line.strip() == "worker enforces sandboxes: bwrap, process" for line in up.lines), up.output()
+        # The web console's address, as the README says to open it.
+        console = next(line.split()[1] for line in up.lines if line.startswith("console "))
+        with urllib.request.urlopen(console, timeout=10) as page:
+            assert page.status == 200 and b"/ui/console.js" in page.read()
 
         # The README's first job, as printed: the default profile, untrusted-code-write, under bwrap.
         done = pond_cli(state, "submit", "--wait", "--", "python3", "-c", "print(42)")
