@@ -88,7 +88,8 @@ AGENT = _obj(("harness", "model", "prompt"), nulls=("role", "system_prompt", "te
              max_cost={"type": "number", "minimum": 0, "maximum": 10**6}, tools={"type": "array", "items": STR})
 HEX64 = {"type": "string", "pattern": _pattern(bundles.HEX64_RE)}
 SOURCE = {"oneOf": [_obj(("bundle",), bundle={"type": "string", "pattern": _pattern(bundles.BUNDLE_ID_RE)}),
-                    _obj(("git", "ref"), git={"type": "string", "maxLength": 500, "pattern": _pattern(bundles.GIT_URL_RE)},
+                    _obj(("git", "ref"),
+                         git={"type": "string", "maxLength": 500, "pattern": _pattern(bundles.GIT_URL_RE)},
                          ref={"type": "string", "pattern": _pattern(bundles.GIT_REF_RE)})]}
 JOB_SPEC = _obj(("sandbox",), nulls=("env", "tags", "capabilities", "timeout", "retries", "log_cap",
                                      "cancel_grace", "name", "tenant", "credential", "source", "artifacts",

@@ -81,7 +81,8 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_document(pool):
              ["worker_id"] for _ in range(2)]
     other = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["binding_id"]
     piece = b"pond-bundle-v1\n" + bytes(16)          # the first bytes of a bundle of 31 (pond checks the sha256 at the end)
-    bundle = {"key": base64.b64encode(bytes(32)).decode(), "sha256": hashlib.sha256(bytes(31)).hexdigest(), "size": 31}
+    bundle = {"key": base64.b64encode(bytes(32)).decode(), "sha256": hashlib.sha256(bytes(31)).hexdigest(),
+              "size": 31}
     bundle_id = pond.client.post("/v1/bundles", bundle)["id"]
     tokens = {"admin": pond.token, "orch": orch_token}
     claim = {"X-Claim-Token": a["claim_token"]}
