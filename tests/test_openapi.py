@@ -80,7 +80,7 @@ def test_schemathesis_finds_no_5xx_and_no_answer_outside_the_document(pool):
     spare = [pond.api("POST", f"/v1/orch/enrollment/{pond.enrollment_code()}/consumed", {}, token=orch_token)[1]
              ["worker_id"] for _ in range(2)]
     other = pond.client.post("/v1/orch/pair", {"code": pond.pairing_code()})["binding_id"]
-    piece = b"pond-bundle-v1\n" + bytes(16)          # the first bytes of a bundle of 31 (pond checks the sha256 at the end)
+    piece = b"pond-bundle-v1\n" + bytes(16)    # 20 of a bundle's 31 bytes (pond checks the sha256 at the end)
     bundle = {"key": base64.b64encode(bytes(32)).decode(), "sha256": hashlib.sha256(bytes(31)).hexdigest(),
               "size": 31}
     bundle_id = pond.client.post("/v1/bundles", bundle)["id"]
