@@ -13,7 +13,7 @@ import functools
 import json
 import sys
 
-from pond import PROTOCOL_VERSION, __version__, wire
+from pond import PROTOCOL_VERSION, __version__, artifacts, bundles, wire
 
 MAX_2_53, MAX_ATTEMPT = 2**53, 2**31
 
@@ -30,6 +30,8 @@ def _ref(name):
 def _nullable(schema):
     if "enum" in schema:
         return dict(schema, enum=[*schema["enum"], None])
+    if "oneOf" in schema:
+        return dict(schema, oneOf=[*schema["oneOf"], {"type": "null"}])
     kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
     return dict(schema, type=[*kinds, "null"])
 
@@ -84,8 +86,17 @@ AGENT = _obj(("harness", "model", "prompt"), nulls=("role", "system_prompt", "te
              temperature={"type": "number", "minimum": 0, "maximum": 2},
              max_tokens={"type": "integer", "minimum": 1, "maximum": 10**9},
              max_cost={"type": "number", "minimum": 0, "maximum": 10**6}, tools={"type": "array", "items": STR})
+HEX64 = {"type": "string", "pattern": _pattern(bundles.HEX64_RE)}
+SOURCE = {"oneOf": [_obj(("bundle",), bundle={"type": "string", "pattern": _pattern(bundles.BUNDLE_ID_RE)}),
+                    _obj(("git", "ref"),
+                         git={"type": "string", "maxLength": 500, "pattern": _pattern(bundles.GIT_URL_RE)},
+                         ref={"type": "string", "pattern": _pattern(bundles.GIT_REF_RE)})]}
 JOB_SPEC = _obj(("sandbox",), nulls=("env", "tags", "capabilities", "timeout", "retries", "log_cap",
-                                     "cancel_grace", "name", "tenant", "credential"), agent=AGENT,
+                                     "cancel_grace", "name", "tenant", "credential", "source", "artifacts",
+                                     "artifact_cap"), agent=AGENT,
+                source=SOURCE, artifacts={"type": "array", "maxItems": artifacts.MAX_PATTERNS, "items": {
+                    "type": "string", "pattern": _pattern(artifacts.PATTERN_RE)}},
+                artifact_cap={"type": "integer", "minimum": artifacts.MIN_CAP, "maximum": artifacts.MAX_CAP},
                 command={"type": "array", "minItems": 1, "maxItems": wire.MAX_ARGV, "items": STR},
                 env=ENV, tags=TAGS, capabilities=CAPABILITIES, sandbox=SANDBOX,
                 timeout={"type": "number", "minimum": 1, "maximum": 604800},
@@ -182,6 +193,12 @@ STATE_REPORT = _obj(("attempt", "state"), nulls=("exit_code", "error", "chunks")
                     chunks={"type": "array", "maxItems": wire.MAX_CHUNKS_PER_REPORT, "items": CHUNK},
                     attestation={"type": "object"},
                     dropped=_obj(stdout={"type": "integer", "minimum": 0}, stderr={"type": "integer", "minimum": 0}))
+BUNDLE = _answer(("id", "sha256", "size", "received", "complete", "created_at"), id=STR, sha256=HEX64, size=INT,
+                 received=INT, complete=BOOL, created_at=TIME)
+ARTIFACT = _answer(("name", "size", "sha256"), name=STR, size=INT, sha256=HEX64)
+ARTIFACT_NAME = _path_param("name", _pattern(artifacts.NAME_RE))
+DATA = {"type": "string", "format": "byte", "maxLength": (wire.MAX_CHUNK_BYTES * 4) // 3 + 4}
+TOKEN = {"type": "string", "minLength": 1, "maxLength": 64}
 CHUNK_REPORT = _obj(("attempt", "stream", "seq", "data"), attempt=ATTEMPT, **CHUNK["properties"])
 
 # (method, path) -> operation. tests/test_openapi.py checks these are exactly server.ROUTES.
@@ -218,6 +235,28 @@ OPERATIONS = {
                                       {200: EXPLAIN}, 404, 422, body=JOB_SPEC, body_required=True),
     ("POST", "/v1/jobs/{id}/cancel"): _op("Cancel a job", "jobs", "admin", {200: JOB, 202: JOB}, 404,
                                           body=EMPTY, params=[ID]),
+    ("GET", "/v1/jobs/{id}/artifacts"): _op(
+        "The artifacts of a job's recorded result, as its worker signed them", "artifacts", "admin",
+        {200: _answer(("job", "attempt", "artifacts"), job=STR, attempt=INT,
+                      artifacts={"type": "array", "items": ARTIFACT})}, 404, params=[ID]),
+    ("GET", "/v1/jobs/{id}/artifacts/{name}"): _op(
+        "A piece (at most 1 MiB) of one recorded artifact, from `offset`", "artifacts", "admin",
+        {200: _answer(("name", "size", "sha256", "offset", "data"), offset=INT, data={"type": "string",
+                                                                                      "format": "byte"},
+                      **ARTIFACT["properties"])},
+        404, params=[ID, ARTIFACT_NAME, _query("offset", {"type": "string", "pattern": "^[0-9]+$"})]),
+    ("POST", "/v1/bundles"): _op(
+        "Announce an encrypted source bundle; its parts follow", "bundles", "admin", {201: BUNDLE},
+        body=_obj(("key", "sha256", "size"), key={"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$"},
+                  sha256=HEX64, size={"type": "integer", "minimum": len(bundles.MAGIC) + bundles.TAG,
+                                      "maximum": MAX_2_53}), body_required=True),
+    ("GET", "/v1/bundles/{id}"): _op("A bundle and how much of it arrived", "bundles", "admin", {200: BUNDLE}, 404,
+                                     params=[ID]),
+    ("POST", "/v1/bundles/{id}/parts"): _op(
+        "The next piece of a bundle's ciphertext (the last one checks its sha256)", "bundles", "admin",
+        {200: BUNDLE}, 404, 409, body=_obj(("offset", "data"), offset={"type": "integer", "minimum": 0,
+                                                                        "maximum": MAX_2_53}, data=DATA),
+        body_required=True, params=[ID]),
     ("POST", "/v1/admin/pool/pairing-codes"): _op(
         "Mint a one-time orchestrator pairing code", "admin", "admin",
         {201: _answer(("code", "name", "expires_at", "ttl", "scope"))},
@@ -301,6 +340,25 @@ OPERATIONS = {
         "The job's credential sealed to its worker's pinned key", "orch", "orch",
         {200: _answer(("credential", "fingerprint", "sealed"))}, 404, 409,
         body=_obj(("attempt",), attempt=ATTEMPT), body_required=True, params=[ID, CLAIM]),
+    ("POST", "/v1/orch/jobs/{id}/source"): _op(
+        "Redeem the attempt's source token: the bundle's data key sealed to the worker's pinned key", "orch",
+        "orch", {200: _answer(("sealed", "sha256", "size"), sealed=_answer(("enc", "ct", "suite")), sha256=HEX64,
+                              size=INT)}, 404, 409,
+        body=_obj(("attempt", "token"), attempt=ATTEMPT, token=TOKEN), body_required=True, params=[ID, CLAIM]),
+    ("POST", "/v1/orch/jobs/{id}/source/read"): _op(
+        "A piece (at most 1 MiB) of the bundle's ciphertext, once the token was redeemed", "orch", "orch",
+        {200: _answer(("offset", "data", "size"), offset=INT, data={"type": "string", "format": "byte"}, size=INT)},
+        404, 409, body=_obj(("attempt", "token", "offset"), attempt=ATTEMPT, token=TOKEN,
+                            offset={"type": "integer", "minimum": 0, "maximum": MAX_2_53}),
+        body_required=True, params=[ID, CLAIM]),
+    ("POST", "/v1/orch/jobs/{id}/artifacts"): _op(
+        "A piece of one artifact of the attempt, before its final report", "orch", "orch",
+        {200: _answer(("name", "received", "complete"), name=STR, received=INT, complete=BOOL)}, 404, 409,
+        body=_obj(("attempt", "name", "size", "sha256", "offset", "data"), attempt=ATTEMPT,
+                  name={"type": "string", "pattern": _pattern(artifacts.NAME_RE)},
+                  size={"type": "integer", "minimum": 0, "maximum": MAX_2_53}, sha256=HEX64,
+                  offset={"type": "integer", "minimum": 0, "maximum": MAX_2_53}, data=DATA),
+        body_required=True, params=[ID, CLAIM]),
     ("POST", "/v1/orch/heartbeat"): _op(
         "Renew the leases of held attempts; release a lost worker's", "orch", "orch",
         {200: _answer(("renewed", "stale", "released", "lease"))},
@@ -325,7 +383,7 @@ OPERATIONS = {
 # Schemas the document names once, in components, and refers to wherever they occur.
 NAMED = {"Job": JOB, "JobSpec": JOB_SPEC, "Agent": AGENT, "Harness": HARNESS, "Model": MODEL, "Sandbox": SANDBOX, "Waiting": WAITING, "Explain": EXPLAIN,
          "Credential": CREDENTIAL, "Chunk": CHUNK, "Held": HELD, "WorkerEntry": WORKER_ENTRY, "Health": HEALTH,
-         "Env": ENV, "Tags": TAGS}
+         "Env": ENV, "Bundle": BUNDLE, "Artifact": ARTIFACT, "Tags": TAGS}
 
 
 def _named(node, skip=None):

@@ -281,13 +281,26 @@ def assert_key_nowhere(agents, key, *texts):
         assert key not in text
     assert environ_holding(key) == []
     assert not [p for p in processes() if key in p[2]]
-    for root in (agents.worker.state_dir, agents.worker.sandbox_dir, agents.orch.state_dir):
-        for path in Path(root).rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                try:
-                    assert key.encode() not in path.read_bytes(), path
-                except PermissionError:
-                    pass
+    for path in files_under(agents.worker.state_dir, agents.worker.sandbox_dir, agents.orch.state_dir):
+        try:
+            assert key.encode() not in path.read_bytes(), path
+        except (PermissionError, FileNotFoundError):    # not ours to read, or gone since the walk saw it
+            pass
+
+
+def files_under(*roots):
+    """Every regular file under `roots`, walked while jobs may still remove theirs (a harness's
+    .codex/sessions): a directory that vanishes mid-walk has nothing left to check; any other
+    error but a permission one is raised."""
+    def vanished_or_refused(error):
+        if not isinstance(error, (FileNotFoundError, PermissionError)):
+            raise error
+    for root in roots:
+        for top, _, names in os.walk(root, onerror=vanished_or_refused):
+            for name in names:
+                path = Path(top, name)
+                if path.is_file() and not path.is_symlink():
+                    yield path
 
 
 # -- through the broker ------------------------------------------------------------------------------------
