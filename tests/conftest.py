@@ -377,6 +377,16 @@ def postgres():
 
 
 @pytest.fixture
+def pg_pool(tmp_path, postgres):
+    """A pool whose ponds keep their data in the session's PostgreSQL server, whatever --store says."""
+    p = Pool(tmp_path, postgres)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+
+
+@pytest.fixture
 def pool(tmp_path, store, request):
     p = Pool(tmp_path, request.getfixturevalue("postgres") if store == "postgres" else None)
     try:
@@ -440,14 +450,18 @@ def _unlocked(path):
         return False
 
 
+SHARED_PIDS = set()      # processes of a module's long-lived pool (test_sandbox_escape, test_agents): no test's leak
+
+
 @pytest.fixture(autouse=True)
 def no_leaks():
     """Fail a test that leaves a child process or a non-daemon thread behind."""
     threads_before = set(threading.enumerate())
     yield
+    left = lambda: [p for p in children(os.getpid()) if p not in SHARED_PIDS]   # noqa: E731
     deadline = time.monotonic() + 5
-    while children(os.getpid()) and time.monotonic() < deadline:
+    while left() and time.monotonic() < deadline:
         time.sleep(0.05)        # a stopped child may take a moment to be reaped
-    assert not children(os.getpid()), f"child processes left behind: {children(os.getpid())}"
+    assert not left(), f"child processes left behind: {left()}"
     extra = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
     assert not extra, f"threads left behind: {extra}"

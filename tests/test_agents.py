@@ -20,13 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_PY, Pool, Proc, children, wait_for
+from conftest import JOB_PY, SHARED_PIDS, Pool, Proc, wait_for
 from sandboxing import environ_holding, prepare_root_dirs, processes, start_worker
 
 from pond import sealing
 
 SLOT_UID_BASE = 200_000_000 + 512 * (os.getpid() % 50_000)     # this run's own slot uids
-SHARED_PIDS = set()
 JOB_TIMEOUT = 60
 
 
@@ -209,19 +208,6 @@ def agent_harness(key="fake-agent", **extra):
 
 
 # -- one pool for the module -----------------------------------------------------------------------------
-
-@pytest.fixture(autouse=True)
-def no_leaks():
-    """conftest's leak check, minus the module's shared pool."""
-    threads_before = set(threading.enumerate())
-    yield
-    left = lambda: [p for p in children(os.getpid()) if p not in SHARED_PIDS]   # noqa: E731
-    deadline = time.monotonic() + 5
-    while left() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not left(), f"child processes left behind: {left()}"
-    extra = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
-    assert not extra, f"threads left behind: {extra}"
 
 
 class Agents:

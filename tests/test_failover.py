@@ -9,18 +9,8 @@ import sys
 import time
 import types
 
-import pytest
 
 from conftest import JOB_PY, SWARM, Pool, free_port, run, wait_for
-
-
-@pytest.fixture
-def pg_pool(tmp_path, postgres):
-    p = Pool(tmp_path, postgres)
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def listed(*ponds):

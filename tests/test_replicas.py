@@ -8,20 +8,10 @@ import statistics
 import threading
 import time
 
-import pytest
 
-from conftest import JOB_PY, Pool, free_port, wait_for
+from conftest import JOB_PY, free_port, wait_for
 
 SUBMIT = {"command": [JOB_PY, "-c", "pass"], "sandbox": {"profile": "none"}}
-
-
-@pytest.fixture
-def pg_pool(tmp_path, postgres):
-    p = Pool(tmp_path, postgres)
-    try:
-        yield p
-    finally:
-        p.stop_all()
 
 
 def bare(pond, slots=1):

@@ -24,28 +24,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Pool, children, wait_for
+from conftest import SHARED_PIDS, Pool, wait_for
 from sandboxing import (CI_USER, SYSTEM_PYTHON, Listener, Upstream, UserHome, ci_user, egress_lines,
                         environ_holding, of_uids, prepare_root_dirs, processes, sandbox, start_worker, user_env, with_marker)
 
 PY = SYSTEM_PYTHON
 JOB_TIMEOUT = 30
 SLOT_UID_BASE = 5_000_000 + 2048 * (os.getpid() % 50_000)     # this run's own slot uids: 8 workers x 256
-SHARED_PIDS = set()          # the module's long-lived pool: not a leak of any one test
 
-
-@pytest.fixture(autouse=True)
-def no_leaks():
-    """conftest's leak check, minus the module's shared pool."""
-    threads_before = set(threading.enumerate())
-    yield
-    left = lambda: [p for p in children(os.getpid()) if p not in SHARED_PIDS]   # noqa: E731
-    deadline = time.monotonic() + 5
-    while left() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not left(), f"child processes left behind: {left()}"
-    extra = [t for t in threading.enumerate() if t not in threads_before and t.is_alive() and not t.daemon]
-    assert not extra, f"threads left behind: {extra}"
 
 
 class Escape:
