@@ -4173,7 +4173,6 @@ class Cgroups:
 
     def __init__(self, parents, version):
         self.parents, self.version = parents, version      # {controller: dir this worker owns}
-        self.written = {}                                  # dir -> the limits last written there (v1 slots)
         self.made = {}                                     # v1 slot name -> (limits, its dirs), as last made
 
     @classmethod
@@ -4221,7 +4220,7 @@ class Cgroups:
     def make(self, name, limits):
         """The cgroup directories `name` runs in, with these limits written; -> [dir], the memory
         cgroup first. v1: a slot's for good, every controller (its spawner sits in them all),
-        written only when the limits change; v2: the job's own."""
+        written only when the limits change (`made`); v2: the job's own."""
         if self.version == 1 and self.made.get(name, (None,))[0] == limits:
             return list(self.made[name][1])        # a slot's, as last made: its spawner in them keeps them there
         dirs = []
@@ -4230,10 +4229,7 @@ class Cgroups:
                 continue                          # nothing to limit: spare the job a cgroup move
             d = parent / name                     # the parents were made by open()
             dirs.append(d)
-            if self.written.get(d) == limits and d.is_dir():
-                continue
             d.mkdir(parents=True, exist_ok=True)  # parents too: an operator may have removed an idle one
-            self.written[d] = dict(limits) if self.version == 1 else None
             try:
                 if self.version == 2:
                     _write_limits_v2(d, limits)
