@@ -74,6 +74,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import stat
 import struct
 import subprocess
 import sys
@@ -4516,8 +4517,12 @@ def start_helper(state_dir):
     $CC (default cc): -> (its path, None), or (None, why not) and jobs are forked by Python."""
     source = START_HELPER_C.encode()
     path = Path(state_dir) / f"swarm-start-{hashlib.sha256(source).hexdigest()[:16]}"
-    if os.access(path, os.X_OK):
-        return str(path), None
+    try:
+        st = os.lstat(path)                        # a root spawner runs it: ours alone, or made again
+        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022 and st.st_mode & 0o100:
+            return str(path), None
+    except FileNotFoundError:
+        pass
     compiler = os.environ.get("CC") or "cc"
     tmp = path.with_name(path.name + ".tmp")
     src = path.with_name(path.name + ".c")
@@ -4529,7 +4534,7 @@ def start_helper(state_dir):
                 os.chmod(tmp, 0o700)
                 os.replace(tmp, path)
                 return str(path), None
-        return None, f"{compiler} failed: {clean(done.stderr.decode(errors='replace'), 200)}"
+        return None, f"{compiler} failed (exit {done.returncode}): {clean(done.stderr.decode(errors='replace'), 200)}"
     except (OSError, subprocess.TimeoutExpired) as e:
         return None, f"no C compiler ({compiler}: {getattr(e, 'strerror', None) or e})"
     finally:

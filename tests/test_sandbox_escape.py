@@ -604,7 +604,7 @@ def test_the_start_helper_confines_a_job_exactly_as_the_fork_does(escape):
     command that is not there fails the same way."""
     fork = escape.worker("fork", capabilities="sandbox.process",
                          env=dict(os.environ if escape.kind == "root" else user_env(ci_user()), CC="/bin/false"))
-    assert "jobs start by fork: /bin/false failed" in fork.stderr(), fork.stderr()
+    assert "jobs start by fork: /bin/false failed (exit 1)" in fork.stderr(), fork.stderr()
     assert list(escape.proc.state_dir.glob("swarm-start-*")), "the helper was not compiled"
     assert not list(fork.state_dir.glob("swarm-start-*"))
     seen = {}
