@@ -4512,20 +4512,39 @@ int main(int argc, char **argv) {
 """
 
 
-def start_helper(state_dir):
-    """The start helper compiled from START_HELPER_C into the state dir (once per source), with
-    $CC (default cc): -> (its path, None), or (None, why not) and jobs are forked by Python."""
-    source = START_HELPER_C.encode()
-    path = Path(state_dir) / f"swarm-start-{hashlib.sha256(source).hexdigest()[:16]}"
+def _ours_alone(path, kind):
+    """Whether `path` is a `kind` (stat.S_ISREG, S_ISDIR) of this user's that no one else may change:
+    a root spawner runs what is found there."""
     try:
-        st = os.lstat(path)                        # a root spawner runs it: ours alone, or made again
-        if stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022 and st.st_mode & 0o100:
-            return str(path), None
+        st = os.lstat(path)
     except FileNotFoundError:
+        return False
+    return kind(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _helper_dir(state_dir):
+    """Where the start helper is built: this user's cache (one build for all the user's workers),
+    else the state dir."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "swarm"
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if _ours_alone(cache, stat.S_ISDIR) and _ours_alone(cache.parent, stat.S_ISDIR) and os.access(cache, os.W_OK):
+            return cache
+    except OSError:
         pass
+    return Path(state_dir)
+
+
+def start_helper(state_dir):
+    """The start helper compiled from START_HELPER_C (once per source and user), with $CC
+    (default cc): -> (its path, None), or (None, why not) and jobs are forked by Python."""
+    source = START_HELPER_C.encode()
+    path = _helper_dir(state_dir) / f"swarm-start-{hashlib.sha256(source).hexdigest()[:16]}"
+    if _ours_alone(path, stat.S_ISREG) and os.access(path, os.X_OK):
+        return str(path), None
     compiler = os.environ.get("CC") or "cc"
-    tmp = path.with_name(path.name + ".tmp")
-    src = path.with_name(path.name + ".c")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")     # two workers may build it at once
+    src = tmp.with_suffix(".c")
     try:
         src.write_bytes(source)
         for static in (["-static"], []):           # static: no dynamic loader at each job's start
@@ -5293,6 +5312,8 @@ class Sandboxes:
         if self.helper is None:
             log.info("jobs start by fork: %s; with a C compiler (apt-get install gcc) each job costs 2-3 ms "
                      "less CPU to start", why)
+        else:
+            log.info("jobs start through the start helper %s", self.helper)
         self._prepare(wanted)
 
     def _prepare(self, wanted):
