@@ -4386,17 +4386,16 @@ def kill_uid(uid):
 # job's descriptors) and starts the job; it answers with the pid, later with the exit status.
 # To start it, it posix_spawns the start helper (a small C program compiled once from
 # START_HELPER_C into the state dir), which takes the set-up steps and execs the job: no
-# memory of the spawner's is copied. Without a C compiler, and for a job that needs a
-# network namespace of its own, it forks instead and its child (Python) takes the same steps:
-# 2-3 ms more CPU a job. When the worker's end closes (the worker died, kill -9 included)
+# memory of the spawner's is copied. Without a C compiler it forks instead, and its child
+# (Python) takes the same steps: 2-3 ms more CPU a job. When the worker's end closes (the worker died, kill -9 included)
 # the spawner exits, and its jobs die with it (their PR_SET_PDEATHSIG).
 
 START_HELPER_C = r"""
 /* swarm-start: the last step from a slot's spawner to a job, in C so that the spawner can
    posix_spawn it (no copy of its memory) instead of forking itself. The same steps, in the
    same order, as _job_child in swarm.py; an option absent is a step skipped.
-   swarm-start [-c DIR] [-g CGROUP_PROCS]... [-o] [-u UID] [-r RESOURCE=VALUE]... [-p PPID]
-               [-l RULESET_FD] [-k FD]... [-e ERRNO_FD] -- COMMAND [ARG]...
+   swarm-start [-c DIR] [-g CGROUP_PROCS]... [-o] [-n CHAN_FD [-P PORT]...] [-u UID]
+               [-r RESOURCE=VALUE]... [-p PPID] [-l RULESET_FD] [-k FD]... [-e ERRNO_FD] -- COMMAND [ARG]...
    A step that fails: "swarm: sandbox setup failed: ..." on stderr, exit 125. An exec that
    fails: its errno in decimal on ERRNO_FD, exit 127. */
 #define _GNU_SOURCE
@@ -4406,8 +4405,13 @@ START_HELPER_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <net/if.h>
+#include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -4428,17 +4432,65 @@ static long number(const char *text, const char *what) {
 
 static int by_value(const void *a, const void *b) { return *(const int *)a - *(const int *)b; }
 
+static void write_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, text, strlen(text)) != (ssize_t)strlen(text)) fail(path);
+    close(fd);
+}
+
+/* A network namespace of the job's own with only loopback, and a listener on 127.0.0.1:PORT
+   for each port, sent out over CHAN (SCM_RIGHTS) to the worker, as _job_network does. */
+static void job_network(int chan, const long *ports, int nports) {
+    uid_t uid = getuid();
+    gid_t gid = getgid();
+    if (unshare(CLONE_NEWNET | (uid ? CLONE_NEWUSER : 0))) fail("unshare");
+    if (uid) {                /* an unprivileged worker owns the namespace through a user namespace */
+        char map[64];
+        write_file("/proc/self/setgroups", "deny");
+        snprintf(map, sizeof map, "%u %u 1", uid, uid);
+        write_file("/proc/self/uid_map", map);
+        snprintf(map, sizeof map, "%u %u 1", gid, gid);
+        write_file("/proc/self/gid_map", map);
+    }
+    struct ifreq ifr = {0};
+    int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    strcpy(ifr.ifr_name, "lo");
+    if (s < 0 || ioctl(s, SIOCGIFFLAGS, &ifr)) fail("loopback");
+    ifr.ifr_flags |= IFF_UP;
+    if (ioctl(s, SIOCSIFFLAGS, &ifr)) fail("loopback up");
+    close(s);
+    for (int i = 0; i < nports; i++) {
+        struct sockaddr_in at = {.sin_family = AF_INET, .sin_port = htons((uint16_t)ports[i]),
+                                 .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        int l = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (l < 0 || bind(l, (struct sockaddr *)&at, sizeof at) || listen(l, 64)) fail("listener");
+        char data = 'L', control[CMSG_SPACE(sizeof(int))] = {0};
+        struct iovec iov = {&data, 1};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+        struct cmsghdr *cmsg = CMSG_FIRSTHDR(&msg);
+        cmsg->cmsg_level = SOL_SOCKET;
+        cmsg->cmsg_type = SCM_RIGHTS;
+        cmsg->cmsg_len = CMSG_LEN(sizeof(int));
+        memcpy(CMSG_DATA(cmsg), &l, sizeof(int));
+        if (sendmsg(chan, &msg, MSG_NOSIGNAL) != 1) fail("send listener");
+        close(l);
+    }
+    close(chan);
+}
+
 int main(int argc, char **argv) {
     const char *cwd = NULL, *cgroups[MAX_LIST];
-    int ncgroups = 0, oom = 0, nlimits = 0, nkeep = 0, ruleset = -1, errors = -1, opt;
-    long uid = -1, ppid = -1, limits[MAX_LIST][2];
+    int ncgroups = 0, oom = 0, nlimits = 0, nkeep = 0, nports = 0, ruleset = -1, errors = -1, chan = -1, opt;
+    long uid = -1, ppid = -1, limits[MAX_LIST][2], ports[MAX_LIST];
     int keep[MAX_LIST + 1];
-    while ((opt = getopt(argc, argv, "+c:g:ou:r:p:l:k:e:")) != -1) {
+    while ((opt = getopt(argc, argv, "+c:g:on:P:u:r:p:l:k:e:")) != -1) {
         char *eq;
         switch (opt) {
         case 'c': cwd = optarg; break;
         case 'g': if (ncgroups == MAX_LIST) { errno = E2BIG; fail("-g"); } cgroups[ncgroups++] = optarg; break;
         case 'o': oom = 1; break;
+        case 'n': chan = (int)number(optarg, "-n"); break;
+        case 'P': if (nports == MAX_LIST) { errno = E2BIG; fail("-P"); } ports[nports++] = number(optarg, "-P"); break;
         case 'u': uid = number(optarg, "-u"); break;
         case 'r':
             if (nlimits == MAX_LIST || !(eq = strchr(optarg, '='))) { errno = EINVAL; fail("-r"); }
@@ -4465,6 +4517,7 @@ int main(int argc, char **argv) {
         if (fd < 0 || write(fd, "0", 1) != 1) fail("oom_score_adj");
         close(fd);
     }
+    if (chan >= 0) job_network(chan, ports, nports);
     if (uid >= 0 && (setgroups(0, NULL) || setresgid(uid, uid, uid) || setresuid(uid, uid, uid))) fail("set uid");
     for (int i = 0; i < nlimits; i++) {
         struct rlimit lim = {(rlim_t)limits[i][1], (rlim_t)limits[i][1]};
@@ -4699,6 +4752,7 @@ def _spawn_helper(helper, plan, fds, parent, ruleset):
     again at the exec (2-3 ms of CPU a job on a small VM, most of a /bin/true job's cost).
     -> (pid, errno of a failed exec or None)."""
     stdin, stdout, stderr, *data = fds
+    chan = data.pop() if plan["ports"] is not None else None
     argv = list(plan["argv"])
     for index, n in plan["pipe_args"]:
         argv[index] = str(data[n])
@@ -4707,11 +4761,12 @@ def _spawn_helper(helper, plan, fds, parent, ruleset):
     opts = [helper, "-c", plan["cwd"], "-p", str(parent), "-e", str(w)]
     opts += [a for d in plan["join"] for a in ("-g", os.path.join(d, "cgroup.procs"))]
     opts += ["-o"] if plan["reset_oom"] else []
+    opts += ["-n", str(chan), *[a for port in plan["ports"] for a in ("-P", str(port))]] if chan is not None else []
     opts += ["-u", str(plan["uid"])] if plan["uid"] is not None else []
     opts += [a for which, value in plan["rlimits"] for a in ("-r", f"{which}={value}")]
     opts += ["-l", str(ruleset)] if ruleset is not None else []
     opts += [a for fd in kept for a in ("-k", str(fd))]
-    passed = [w, *kept] + ([ruleset] if ruleset is not None else [])
+    passed = [w, *kept] + [fd for fd in (ruleset, chan) if fd is not None]
     try:
         for fd in passed:                          # inheritable only across this one spawn (one thread)
             os.set_inheritable(fd, True)
@@ -4742,7 +4797,7 @@ def _spawn_job(request, reset_oom, rulesets, helper=None):
     plan["reset_oom"] = reset_oom
     ruleset = _landlock_cached(plan["landlock"], rulesets) if plan["landlock"] else None
     parent = os.getpid()
-    if helper and plan["ports"] is None:           # a namespace of the job's own needs the Python child below
+    if helper:
         return _spawn_helper(helper, plan, fds, parent, ruleset)
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()

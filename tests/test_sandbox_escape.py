@@ -597,6 +597,16 @@ print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups
 """
 
 
+NETWORK = """
+import json, socket
+names = [l.split(":")[0].strip() for l in open("/proc/net/dev") if ":" in l and "|" not in l]
+with socket.create_connection(("127.0.0.1", 3128), timeout=10) as s:
+    s.sendall(b"CONNECT 169.254.169.254:80 HTTP/1.1\\r\\nHost: 169.254.169.254:80\\r\\n\\r\\n")
+    status = s.recv(200).split(b"\\r\\n")[0].decode()
+print(json.dumps({"interfaces": names, "proxy": status}))
+"""
+
+
 def test_the_start_helper_confines_a_job_exactly_as_the_fork_does(escape):
     """A process job started through the compiled start helper (the default where a C compiler
     is) and one forked by the spawner (a worker whose $CC fails, with no cache to find a build
@@ -604,7 +614,7 @@ def test_the_start_helper_confines_a_job_exactly_as_the_fork_does(escape):
     descriptors, environment and cgroups; and a command that is not there fails the same way."""
     env = dict(os.environ if escape.kind == "root" else user_env(ci_user()), CC="/bin/false",
                XDG_CACHE_HOME="/proc/no-cache-here")
-    fork = escape.worker("fork", capabilities="sandbox.process", env=env)
+    fork = escape.worker("fork", capabilities="sandbox.bwrap,sandbox.process", env=env)
     assert "jobs start by fork: /bin/false failed (exit 1)" in fork.stderr(), fork.stderr()
     assert "jobs start through the start helper" in escape.proc.stderr(), escape.proc.stderr()
     seen = {}
@@ -624,6 +634,13 @@ def test_the_start_helper_confines_a_job_exactly_as_the_fork_does(escape):
     assert got["missing"][0] == "failed" and "no-such-command-here" in (got["missing"][2] or ""), got
     if escape.kind == "root":
         assert got["groups"] == [] and got["oom_score_adj"] == "0", got
+    net = {}
+    for on in ("main", "fork"):          # a write job: its own network namespace, the proxy's listener in it
+        job, out, err = escape.run(py(NETWORK), WRITE, on=on)
+        assert job["state"] == "done", (on, job.get("error"), out, err)
+        net[on] = json.loads(out)
+    assert net["main"] == net["fork"] and net["main"]["interfaces"] == ["lo"], net
+    assert net["main"]["proxy"].startswith("HTTP/1.1 403"), net
     escape.pool.procs.remove(fork)
     fork.stop()
 
