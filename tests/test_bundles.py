@@ -201,8 +201,19 @@ def test_the_claim_carries_a_one_time_token_the_key_opens_for_that_attempt_only(
     other = next(w for w in key_of if w != first["worker"])
     with pytest.raises(Exception, match="could not be unsealed"):      # not for the other worker's key
         bundles.open_key(key_of[other], answer["sealed"], job["id"], 1, fp_of[other], spec)
+    # Redeemed again by its worker soon after (the answer was lost): a fresh seal of the same key.
     status, again = _redeem(pond, token, first)
-    assert status == 409 and again["error"]["code"] == "token_used", again
+    assert status == 200 and again["sealed"]["enc"] != answer["sealed"]["enc"], again
+    assert bundles.open_key(key_of[first["worker"]], again["sealed"], job["id"], 1, fp_of[first["worker"]],
+                            spec) == data_key
+    # ... but not once another worker redeemed it, nor past its life.
+    pond.sql("UPDATE source_tokens SET redeemed_by = ? WHERE job_id = ?", (fp_of[other], job["id"]))
+    status, used = _redeem(pond, token, first)
+    assert status == 409 and used["error"]["code"] == "token_used", used
+    pond.sql("UPDATE source_tokens SET redeemed_by = ?, redeemed_at = redeemed_at - ? WHERE job_id = ?",
+             (fp_of[first["worker"]], bundles.REDEEM_AGAIN + 1, job["id"]))
+    status, late = _redeem(pond, token, first)
+    assert status == 409 and late["error"]["code"] == "token_used", late
     status, wrong = _redeem(pond, token, first, token="x" * 32)
     assert status == 403 and wrong["error"]["code"] == "token_invalid", wrong
     status, stale = _redeem(pond, token, first, attempt=2)
