@@ -54,11 +54,15 @@ def test_a_bundle_uploaded_through_one_replica_is_redeemed_through_another_and_a
     applied = a.cli("artifacts", job_id, "--apply", "--dir", str(repo))
     assert applied.returncode == 0, applied.stderr
     assert (repo / "a.txt").read_text() == "alpha, edited\n" and not (repo / "gone.txt").exists()
+    verified = a.cli("verify", job_id)         # reads the artifacts from the database
+    assert verified.returncode == 0, verified.stderr
     # The digest is checked against what the worker signed: a row altered in the database is refused.
     key = f"artifacts/{job_id}/1/work/out/report.txt"
     assert a.sql("UPDATE blobs SET data = ? WHERE key = ?", (b"all bad\n", key))[0] == 1
     got = a.cli("artifacts", job_id, "--get", "work/out/report.txt")
     assert got.returncode != 0 and "does not match the sha256 its worker signed" in got.stderr, got.stderr
+    tampered = a.cli("verify", job_id)
+    assert tampered.returncode != 0 and "work/out/report.txt" in tampered.stderr, tampered.stderr
 
 
 def test_a_blob_in_postgresql_is_written_and_read_in_rows_never_whole(postgres, monkeypatch):
@@ -111,6 +115,8 @@ def test_the_reaper_deletes_bundles_no_live_job_needs_and_artifacts_past_their_r
     assert status == 410 and body["error"]["code"] == "expired", body
     got = pond.cli("artifacts", ran["id"], "--get", "work/out/report.txt")
     assert got.returncode != 0 and "--artifact-retention" in got.stderr, got.stderr
+    verified = pond.cli("verify", ran["id"])        # the signed result still verifies; their digests stay in it
+    assert verified.returncode == 0, verified.stderr
     # The queued job's bundle outlived its retention twice over: a job that has not ended needs it.
     assert _blob_exists(pond, f"bundles/{waiting}") and pond.api("GET", f"/v1/bundles/{waiting}")[0] == 200
     pond.client.post(f"/v1/jobs/{queued['id']}/cancel", {})
