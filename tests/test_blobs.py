@@ -9,6 +9,7 @@
 """
 
 import fcntl
+import hashlib
 import os
 import socket
 import subprocess
@@ -17,7 +18,7 @@ import threading
 import time
 
 from conftest import JOB_PY, SWARM, run, wait_for
-from test_bundles import EDIT, GIT_ENV, _packed, make_repo
+from test_bundles import EDIT, GIT_ENV, _packed, git, git_server, make_repo  # noqa: F401 (a fixture)
 
 import swarm
 from pond import bundles
@@ -128,6 +129,21 @@ def test_the_reaper_deletes_bundles_no_live_job_needs_and_artifacts_past_their_r
     assert "collected 1 bundles" in pond.proc.stderr() or "collected 2 bundles" in pond.proc.stderr()
 
 
+def test_on_postgresql_one_replica_collects_for_all(pg_pool, tmp_path):
+    retention = ("--bundle-retention", "1", "--artifact-retention", "1")
+    a = pg_pool.pond(extra=retention)
+    b = pg_pool.replica(a, extra=retention)
+    repo = make_repo(tmp_path / "repo")
+    ids = [bundles.upload(p.client, *_packed(repo, tmp_path)) for p in (a, b, a)]
+    wait_for(lambda: all(a.api("GET", f"/v1/bundles/{i}")[0] == 404 for i in ids), 15, interval=0.2,
+             what="the bundles to be collected")
+    assert a.sql("SELECT COUNT(*) FROM blobs")[1][0][0] == 0
+    said = [p for p in (a, b) if "collected" in p.proc.stderr()]
+    assert len(said) == 1, [p.proc.stderr()[-500:] for p in (a, b)]    # the replica holding the reaper's lock
+    metrics = said[0].api("GET", "/metrics")[1]
+    assert 'pond_blobs_collected_total{kind="bundle"} 3' in metrics, metrics
+
+
 def test_a_retention_out_of_range_is_refused_at_start(tmp_path):
     done = run([sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(tmp_path),
                 "--artifact-retention", "0"])
@@ -152,6 +168,26 @@ def test_a_worker_keeps_its_most_recently_used_mirrors_and_never_removes_one_in_
         assert sorted(p.name for p in mirrors.glob("*.git")) == ["new.git", "old.git"]
     swarm.prune_mirrors(mirrors, 1)                         # its job is done with it
     assert sorted(p.name for p in mirrors.glob("*.git")) == ["new.git"]
+
+
+def test_a_worker_with_repo_mirrors_1_keeps_the_mirror_of_its_last_repository(pool, tmp_path, git_server):
+    url, _ = git_server
+    served = tmp_path / "served"
+    subprocess.run(["git", "clone", "-q", "--bare", str(served / "repo.git"), str(served / "other.git")], check=True,
+                   env=GIT_ENV)
+    git(served / "other.git", "update-server-info")
+    other = url.replace("/repo.git", "/other.git")
+    port = url.split(":")[2].split("/")[0]
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    worker = pool.worker(pond, orch, extra=("--egress-allow", "127.0.0.1", "--egress-allow-loopback", "127.0.0.1",
+                                            "--egress-ports", port, "--repo-mirrors", "1"))
+    mirrors = worker.state_dir / "checkouts" / "mirrors"
+    for repo in (url, other):
+        done = pond.wait_job(pond.submit(["true"], source={"git": repo, "ref": "master"})["id"], timeout=60)
+        assert done["state"] == "done", done
+        assert [p.name for p in mirrors.glob("*.git")] == [hashlib.sha256(repo.encode()).hexdigest()[:32] + ".git"]
+    assert "removed git mirror" in worker.stderr()
 
 
 def test_repo_mirrors_must_be_at_least_one(tmp_path):
@@ -243,3 +279,33 @@ def test_a_redeem_whose_answer_is_lost_is_asked_again_and_sealed_afresh(pool, tm
         assert events.count("source_sealed") == 1 and events.count("source_resealed") >= 1, events
     finally:
         proxy.close()
+
+
+def test_a_schema_4_store_gets_the_redeeming_worker_and_on_postgresql_the_blobs_table(tmp_path, postgres,
+                                                                                     monkeypatch):
+    from pond.store import Store
+    from pond.store_pg import PgStore
+    store = Store(tmp_path / "pond.db")
+    store._db.execute("ALTER TABLE source_tokens DROP COLUMN redeemed_by")
+    store._db.execute("PRAGMA user_version=4")
+    store.close()
+    store = Store(tmp_path / "pond.db")
+    try:
+        assert "redeemed_by" in {r["name"] for r in store._all("PRAGMA table_info(source_tokens)")}
+    finally:
+        store.close()
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    url = postgres.database()
+    store = PgStore(url)
+    with store.transaction():
+        store._db.execute("ALTER TABLE source_tokens DROP COLUMN redeemed_by")
+        store._db.execute("DROP TABLE blobs")
+        store._db.execute("UPDATE pond_schema SET version = 4")
+    store.close()
+    store = PgStore(url)
+    try:
+        store.add_source_token("j_x", 1, "h")
+        assert store.redeem_source_token("j_x", 1, 5.0, "f" * 64) and store.source_token("j_x", 1)["redeemed_by"] == "f" * 64
+        assert store.blob_append("bundles/b_y", 0, b"abc") == 3 and store.blob_read("bundles/b_y", 1, 5) == b"bc"
+    finally:
+        store.close()
