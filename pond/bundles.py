@@ -319,8 +319,8 @@ def redeem(pond, req):
     sealed = seal_key(base64.b64decode(worker["x25519_public"]), data_key, job["id"], attempt,
                       worker["fingerprint"], spec)
     pond.store.add_job_event(job["id"], {"at": pond.now(), "event": "source_resealed" if again else "source_sealed",
-                                         "attempt": attempt,
-                                         "fingerprint": worker["fingerprint"], "sha256": bundle["sha256"]})
+                                         "attempt": attempt, "fingerprint": worker["fingerprint"],
+                                         "sha256": bundle["sha256"]})
     return 200, {"sealed": sealed, "sha256": bundle["sha256"], "size": bundle["size"]}
 
 
