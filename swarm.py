@@ -100,6 +100,7 @@ VERSION = "0.1.0"
 PROTOCOL_VERSION = 1                  # specs/protocol.md; pond answers it on pair and whoami
 POND_POLL_WAIT = 25.0                 # s pond may hold the orchestrator's poll
 CLAIM_WAIT = 25.0                     # s the orchestrator may hold a worker's claim
+REPO_MIRRORS = 16                     # git mirrors a worker keeps under --repo-root (a few busy repositories)
 WORKER_GRACE = 15.0                   # s after its last claim that a worker still counts as online
 SNAPSHOT_INTERVAL = 20.0              # s between worker snapshots when nothing changes
 WORKER_LOST_AFTER = 10.0              # s without a heartbeat before a worker is lost (serve --worker-lost-after)
@@ -1816,6 +1817,7 @@ class WorkerSettings:
     concurrency: int
     repo_root: Path
     claim_wait: float = CLAIM_WAIT
+    repo_mirrors: int = REPO_MIRRORS    # git mirrors kept under repo_root, least recently used removed first
     keep_job_dirs: bool = False
     ca_file: str = ""         # CA to verify an https:// orchestrator with
     sandbox_dir: Path = None  # the slots' directories (as root: one the slots' own uids can reach)
@@ -1959,12 +1961,15 @@ def worker_settings(args, env):
         repo_root.mkdir(exist_ok=True)
     if not repo_root.is_dir():
         raise UsageError(f"--repo-root {repo_root} is not a directory", "create it, or leave --repo-root out")
+    if not 1 <= args.repo_mirrors <= 10000:
+        raise UsageError("--repo-mirrors must be from 1 to 10000", f"example: --repo-mirrors {REPO_MIRRORS}")
     code = args.enroll_code or env_setting(env, "SWARM_ENROLL_CODE")
     if code and not CODE_RE.match(code):
         raise UsageError("--enroll-code is not an enrollment code", "codes look like ABCD-EFGH-JKMN")
     return WorkerSettings(orchestrator=args.orchestrator.rstrip("/"), state_dir=state, enroll_code=code,
                           name=args.name or socket.gethostname()[:64], tags=tuple(tags), capabilities=tuple(globs),
                           concurrency=args.concurrency, repo_root=repo_root, claim_wait=args.claim_wait,
+                          repo_mirrors=args.repo_mirrors,
                           keep_job_dirs=args.keep_job_dirs, ca_file=args.ca_file or "",
                           sandbox_dir=Path(args.sandbox_dir or default_sandbox_dir(state)).resolve(),
                           slot_uid_base=slot_uids(args.slot_uids, state), **egress_settings(args))
@@ -5657,6 +5662,7 @@ MAX_BUNDLE = 1024 * 1024 * 1024           # bytes of ciphertext this worker take
 SOURCE_MAX_FILES = 100_000                # entries of a source archive
 SOURCE_MAX_BYTES = 4 * 1024 * 1024 * 1024  # bytes of its files, unpacked
 PIECE = 1024 * 1024                       # bytes of a bundle read or an artifact upload in one request
+REDEEM_RETRY = 120.0                      # s a lost redeem answer is asked for again (pond honours 300)
 PATCH_NAME = "changes.patch"
 GIT_URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%+=,/-]*)?\Z")     # as pond's
 GIT_REF_RE = re.compile(r"^(?!-)(?!.*\.\.)(?!.*//)[A-Za-z0-9._/-]{1,200}(?<![./])\Z")
@@ -5667,11 +5673,11 @@ GIT_SAFE = ("-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c"
             "-c", "core.looseCompression=0")                  # a throwaway object store: hash, do not deflate
 
 
-def ask_pond(orch, job, what, body, cancel):
+def ask_pond(orch, job, what, body, cancel, within=None):
     """POST /v1/worker/jobs/{id}/{what} through the orchestrator, again while it or pond is away
-    -> the answer; SwarmError when refused or cancelled."""
-    backoff = Backoff()
-    while not cancel.is_set():
+    (for at most `within` s if given) -> the answer; SwarmError when refused, cancelled or out of time."""
+    backoff, deadline = Backoff(), time.monotonic() + (within or float("inf"))
+    while not cancel.is_set() and time.monotonic() < deadline:
         try:
             return orch.call("POST", f"/v1/worker/jobs/{job['job_id']}/{what}", dict(body, attempt=job["attempt"]),
                              headers={"X-Claim-Token": job["claim_token"]}, timeout=90)
@@ -5680,7 +5686,9 @@ def ask_pond(orch, job, what, body, cancel):
                 raise Refused(e.status, e.code, clean(e.message), clean(e.hint)) from None
         except Unreachable:
             pass
-        cancel.wait(backoff.next())
+        cancel.wait(min(backoff.next(), max(0.0, deadline - time.monotonic())))
+    if not cancel.is_set():
+        raise SwarmError(f"pond did not answer {what} within {within:g} s", "see the orchestrator's log")
     raise SwarmError("cancelled", "the job was cancelled while its files moved")
 
 
@@ -5799,7 +5807,8 @@ def fetch_source(job, signer, orch, cancel, dest, scratch, uid=None):
     source = job["source"]
     if not isinstance(source.get("size"), int) or not 0 < source["size"] <= MAX_BUNDLE:
         raise SwarmError(f"the source bundle's size is not 1 to {MAX_BUNDLE} bytes", "send a smaller tree")
-    answer = ask_pond(orch, job, "source", {"token": source["token"]}, cancel)
+    # An answer lost on the way is asked for again: pond seals the key afresh for this worker (§5).
+    answer = ask_pond(orch, job, "source", {"token": source["token"]}, cancel, within=REDEEM_RETRY)
     spec = job_spec(job["command"], job.get("env") or {}, job.get("sandbox"), job.get("files"), job.get("broker"),
                     source_spec(source))
     try:
@@ -5846,10 +5855,28 @@ def git_tree(work, scratch, *args, git_dir=None, index="index", config=()):
     return done.stdout
 
 
-def fetch_git(job, repo_root, work, scratch, policy, uid=None):
+def prune_mirrors(mirrors, keep):
+    """At most `keep` mirrors under `mirrors`, the least recently used (their lock file's mtime, touched
+    at each use) removed first; never one a job is fetching into or checking out of (its lock held)."""
+    def used_at(mirror):
+        try:
+            return (mirrors / (mirror.name + ".lock")).stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+    for mirror in sorted(mirrors.glob("*.git"), key=used_at, reverse=True)[keep:]:
+        with open(mirrors / (mirror.name + ".lock"), "a") as lock:   # kept: a job may hold it open
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue                        # in use: it goes at a later prune
+            shutil.rmtree(mirror, ignore_errors=True)
+            log.info("removed git mirror %s, the least recently used of more than %d", mirror.name, keep)
+
+
+def fetch_git(job, repo_root, work, scratch, policy, uid=None, keep=None):
     """A git source: fetched into this worker's bare mirror of the repository under --repo-root (one
-    per URL, kept for the next job), through an egress proxy of the job's policy, then its ref
-    checked out into the job's work tree. The job never sees the mirror. -> the commit id."""
+    per URL, kept for the next job; `keep` of them at most), through an egress proxy of the job's policy,
+    then its ref checked out into the job's work tree. The job never sees the mirror. -> the commit id."""
     url, ref = job["source"]["git"], job["source"]["ref"]
     if not GIT_URL_RE.match(url) or not GIT_REF_RE.match(ref):
         raise SwarmError("the git source's URL or ref is not one pond would take", "check the assignment's source")
@@ -5864,6 +5891,7 @@ def fetch_git(job, repo_root, work, scratch, policy, uid=None):
     try:
         with open(mirrors / (mirror.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)            # one fetch into a mirror at a time
+            os.utime(lock.fileno())                     # used now: the last the prune removes
             if not mirror.exists():
                 git_tree(None, scratch, "init", "-q", "--bare", git_dir=mirror)
             git_tree(None, scratch, "fetch", "--quiet", "--prune", "--no-tags", url, "+refs/heads/*:refs/heads/*",
@@ -5874,6 +5902,8 @@ def fetch_git(job, repo_root, work, scratch, policy, uid=None):
             git_tree(work, scratch, "checkout-index", "-a", "-f", git_dir=mirror, index="checkout")
     finally:
         proxy.close()
+    if keep:
+        prune_mirrors(mirrors, keep)
     if uid is not None:
         for root, dirs, names in os.walk(work):
             for name in dirs + names:
@@ -5949,14 +5979,14 @@ def hand_back(job, orch, cancel, work, scratch, tree):
     return out
 
 
-def receive_source(job, signer, orch, cancel, slot, scratch, writable, repo_root, policy):
+def receive_source(job, signer, orch, cancel, slot, scratch, writable, repo_root, policy, mirrors=None):
     """Before the job starts: its source unpacked or checked out into the slot's work tree, and for a
     tree the job may write, the baseline changes.patch is made against -> that tree's id, or None."""
     fresh_dir(scratch)
     if not job.get("source"):
         return None
     if "git" in job["source"]:
-        fetch_git(job, repo_root, slot.work, scratch, policy, slot.uid)
+        fetch_git(job, repo_root, slot.work, scratch, policy, slot.uid, mirrors)
     else:
         fetch_source(job, signer, orch, cancel, slot.work, scratch, slot.uid)
     return baseline(slot.work, scratch) if writable else None
@@ -6309,7 +6339,8 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
             return
         try:
             tree = receive_source(job, signer, orch, cancel, slot, scratch, conf["profile"] != "untrusted-code-read",
-                                  s.repo_root, (egress or EgressPolicy()).with_hosts(conf["allow_hosts"]))
+                                  s.repo_root, (egress or EgressPolicy()).with_hosts(conf["allow_hosts"]),
+                                  s.repo_mirrors)
         except SwarmError as e:
             finish(job, reporter, signer, "cancelled" if cancel.is_set() else "failed", error=f"source: {e.message}")
             return
@@ -6727,6 +6758,8 @@ def build_parser():
     s.add_argument("--tags", default="", help="comma-separated, e.g. pool:trusted,repo:acme")
     s.add_argument("--capabilities", default="", help="comma-separated globs, e.g. 'harness.*,sandbox.process'")
     s.add_argument("--repo-root", type=named, metavar="DIR", help="where checkouts live (default DIR/checkouts)")
+    s.add_argument("--repo-mirrors", type=int, default=REPO_MIRRORS, metavar="N",
+                   help="git mirrors kept under --repo-root, least recently used removed first (default %(default)s)")
     s.add_argument("--concurrency", type=int, default=1, help="jobs at once (default %(default)s)")
     s.add_argument("--state-dir", type=named, metavar="DIR",
                    help=f"identity and job directories (default ./{DEFAULT_WORKER_STATE})")

@@ -104,7 +104,8 @@ def cmd_serve(args):
                                args.max_attempts, args.log_cap, args.require_sandbox,
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
                                max_pending_per_address=args.max_pending_per_address, database=args.database,
-                               log_format=args.log_format)
+                               log_format=args.log_format, bundle_retention=args.bundle_retention,
+                               artifact_retention=args.artifact_retention)
     return serve(settings)
 
 
@@ -912,6 +913,12 @@ def build_parser():
                    help="output kept per job unless it says: the head and tail of each stream (default 4 MiB)")
     s.add_argument("--max-attempts", type=int, metavar="N",
                    help="attempts of a job whose leases run out before it fails (default 3)")
+    s.add_argument("--bundle-retention", type=float, metavar="S",
+                   help="seconds a source bundle is kept once no job needs it (default: $POND_BUNDLE_RETENTION, "
+                        "else 604800: 7 days)")
+    s.add_argument("--artifact-retention", type=float, metavar="S",
+                   help="seconds a job's artifacts are kept after it ends (default: $POND_ARTIFACT_RETENTION, "
+                        "else 604800: 7 days)")
     s.add_argument("--require-sandbox", action="store_true",
                    help="refuse jobs with sandbox profile none (default: $POND_REQUIRE_SANDBOX, else off)")
     s.add_argument("--database", type=_named, metavar="URL",

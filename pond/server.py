@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, bundles, console, credentials, dispatch,
+from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, blobs, bundles, console, credentials, dispatch,
                   enrollment, health, jobs, logfmt, metrics, openapi, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
@@ -162,6 +162,7 @@ class Pond:
     polled: dict = field(default_factory=dict)     # binding id -> when a poll of it was last held
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(default_factory=Metrics)    # what /metrics counts
+    collected_at: float = None                     # monotonic s of the reaper's last blob collection
 
 
 def _route_name(fn):
@@ -786,6 +787,7 @@ def _reap(pond):
         pond.work.notify()
     dispatch.expire_leases(pond)
     dispatch.expire_overdue(pond)
+    blobs.collect_if_due(pond)               # bundles and artifacts past their retention
 
 
 def serve(settings, ready=None):

@@ -52,6 +52,18 @@ STATEMENT_TIMEOUT = 60          # s a statement may run
 # Advisory lock keys: (POND, n) for pond's own locks, (POND_CLAIMS, hash of a binding id) for claims.
 POND, POND_CLAIMS = 0x706F6E64, 0x706F6E65
 MIGRATE, REAPER, GROUPS = 1, 2, 3
+POND_BLOBS = 0x706F6E66         # (POND_BLOBS, hash of a blob key): one append to a blob at a time
+# Schema 5: the blob store (pond/blobs.py PgBlobs), PostgreSQL's alone (pond on SQLite keeps files).
+# A blob is rows of at most BLOB_ROW bytes, `off` its first byte's offset: read and written a row at
+# a time, never whole.
+BLOB_ROW = 256 * 1024
+BLOB_SCHEMA = """CREATE TABLE IF NOT EXISTS blobs (
+    key   TEXT NOT NULL,
+    off   BIGINT NOT NULL,
+    len   INTEGER NOT NULL,
+    data  BYTEA NOT NULL,
+    PRIMARY KEY (key, off)
+)"""
 # SQLite's types as PostgreSQL spells them, for store.SCHEMA and ADDED_COLUMNS (one schema, two dialects).
 TYPES = [(r"\bINTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY"), (r"\bINTEGER\b", "BIGINT"),
          (r"\bREAL\b", "DOUBLE PRECISION"), (r"\bBLOB\b", "BYTEA")]
@@ -171,6 +183,7 @@ class PgStore(Store):
             for statement in pg_types(SCHEMA).split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            self._db.execute(BLOB_SCHEMA)
             self._lock_groups()
             self._db.execute(f"DELETE FROM queue_groups WHERE {_GROUP_EMPTY}")
             self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"
@@ -372,6 +385,35 @@ class PgStore(Store):
                 self._db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
                                  f" (SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)")
             return copied
+
+    # -- the blob store (pond/blobs.py PgBlobs) --------------------------------------
+
+    def blob_append(self, key, offset, data):
+        """Add `data` at `offset`, which must be the blob's size now -> the new size (ValueError if not)."""
+        with self.transaction():
+            self._db.execute(f"SELECT pg_advisory_xact_lock({POND_BLOBS}, hashtext(?))", (key,))
+            if self.blob_size(key) != offset:
+                raise ValueError("offset is not the end of the blob")
+            for i in range(0, len(data), BLOB_ROW):
+                row = data[i:i + BLOB_ROW]
+                self._db.execute("INSERT INTO blobs (key, off, len, data) VALUES (?, ?, ?, ?)",
+                                 (key, offset + i, len(row), row))
+            return offset + len(data)
+
+    def blob_size(self, key):
+        row = self._one("SELECT off + len AS n FROM blobs WHERE key = ? ORDER BY off DESC LIMIT 1", (key,))
+        return row["n"] if row else 0
+
+    def blob_read(self, key, offset, n):
+        """At most `n` bytes from `offset`: the rows that hold them, sliced; b"" past the end."""
+        rows = self._all("SELECT off, data FROM blobs WHERE key = ? AND off < ? AND off + len > ? ORDER BY off",
+                         (key, offset + n, offset))
+        out = b"".join(bytes(r["data"]) for r in rows)
+        start = offset - rows[0]["off"] if rows else 0
+        return out[start:start + n]
+
+    def blob_delete(self, key):
+        self._write("DELETE FROM blobs WHERE key = ?", (key,))
 
     # -- SQL that is SQLite's alone ------------------------------------------------
 
