@@ -572,7 +572,7 @@ def cmd_migrate_store(args):
     source = Store(state / DB_FILE, readonly=True)
     target = PgStore(url)
     try:
-        copied = target.copy_from(source)
+        copied = target.copy_from(source, state / "blobs")
     except ValueError as e:
         raise PondError(str(e), "give an empty database; nothing was copied", code="usage") from None
     finally:

@@ -34,6 +34,7 @@ import threading
 import time
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -365,12 +366,13 @@ class PgStore(Store):
             self._reaper = self._one(f"SELECT pg_try_advisory_lock({POND}, {REAPER}) AS got")["got"]
         return self._reaper
 
-    def copy_from(self, source):
-        """`pond migrate-store`: every row of `source` (a Store on SQLite) into this empty database, in
-        one transaction; -> {table: rows copied}. Refused (ValueError) if this one holds pond data."""
+    def copy_from(self, source, blob_dir=None):
+        """`pond migrate-store`: every row of `source` (a Store on SQLite) and every file under
+        `blob_dir` (its FileBlobs: bundles and artifacts) into this empty database, in one
+        transaction; -> {table: rows copied, "blobs": files}. Refused (ValueError) if this one holds pond data."""
         with self.transaction():
-            self._db.execute(f"LOCK TABLE {', '.join(TABLES)} IN EXCLUSIVE MODE")   # no pond writes meanwhile
-            held = [t for t in TABLES if self._one(f"SELECT 1 AS x FROM {t} LIMIT 1")]
+            self._db.execute(f"LOCK TABLE {', '.join(TABLES)}, blobs IN EXCLUSIVE MODE")   # no pond writes meanwhile
+            held = [t for t in (*TABLES, "blobs") if self._one(f"SELECT 1 AS x FROM {t} LIMIT 1")]
             if held:
                 raise ValueError(f"the database already holds pond data (in {', '.join(held)})")
             copied = {}
@@ -384,7 +386,21 @@ class PgStore(Store):
                 # The next row numbers follow the copied ones (a serial is never reused).
                 self._db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
                                  f" (SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)")
+            copied["blobs"] = self._copy_blobs(Path(blob_dir)) if blob_dir and Path(blob_dir).is_dir() else 0
             return copied
+
+    def _copy_blobs(self, root):
+        """Each file under `root` as blob rows, keyed by its path there, a row at a time (never a
+        whole file in memory) -> files copied."""
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            key, offset = path.relative_to(root).as_posix(), 0
+            with open(path, "rb") as f:
+                while data := f.read(BLOB_ROW):
+                    self._db.execute("INSERT INTO blobs (key, off, len, data) VALUES (?, ?, ?, ?)",
+                                     (key, offset, len(data), data))
+                    offset += len(data)
+        return len(files)
 
     # -- the blob store (pond/blobs.py PgBlobs) --------------------------------------
 
