@@ -2208,6 +2208,13 @@ def worker_health(value):
              "since": v["since"] if type(v.get("since")) in (int, float) else None} for v in value]
 
 
+def log_job(job, event, worker, what, level=logging.INFO, **fields):
+    """One line per job event the orchestrator sees (issue 12): `what` for people, the fields for
+    --log-format json. Worker-sent text reaches `what` through clean() only; no lookups here."""
+    log.log(level, "job %s attempt %s: %s", job["job_id"], job["attempt"], what,
+            extra=dict(fields, job=job["job_id"], event=event, attempt=job["attempt"], worker=worker))
+
+
 class Session:
     """One enrolled worker as the orchestrator sees it: its queue of assignments and its cancels."""
 
@@ -2491,6 +2498,7 @@ class Pool:
             if not drain:      # pond has queued these again: drop the waiting ones, stop the running ones
                 for job in session.queue:
                     self.registry.release(job["job_id"])      # first: a refused write is tried again
+                    log_job(job, "released", worker_id, f"released: worker {worker_id} is evicted")
                 session.queue.clear()
                 session.cancels += [{"job_id": j["job_id"], "attempt": j["attempt"]} for j in session.jobs.values()]
                 session.cond.notify_all()
@@ -2635,6 +2643,8 @@ class Pool:
                 log.error("pond assigned %s to unknown worker %s", job.get("job_id"), clean(job.get("worker")))
                 self._report(job, {"attempt": job["attempt"], "state": "failed",
                                    "error": "worker unknown to its orchestrator"})
+            else:
+                log_job(job, "assigned", job["worker"], f"assigned to worker {job['worker']}", state="assigned")
         with self.lock:
             for job in jobs:
                 session = self.sessions.get(job.get("worker"))
@@ -2651,6 +2661,7 @@ class Pool:
                     self._report(job, {"attempt": job["attempt"], "state": "cancelled",
                                        "error": f"cancelled by {by} before it started"}, release=job_id)
                     session.queue.remove(job)         # once on disk: a refused write leaves it queued
+                    log_job(job, "cancelled", session.id, f"cancelled by {by} before it started", state="cancelled")
                     return True
             if job_id in session.jobs:
                 session.cancels.append({"job_id": job_id, "attempt": session.jobs[job_id]["attempt"]})
@@ -2691,8 +2702,19 @@ class Pool:
         # The report is on disk in the commit that releases the hold: never neither, never both. Before
         # the job is let go here, so that a report the disk refused (503) is taken when the worker retries.
         self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
-        if body["state"] == "failed" and str(body.get("error")).startswith("refused by worker:"):
+        state, code = body["state"], body.get("exit_code")
+        if state == "failed" and str(body.get("error")).startswith("refused by worker:"):
             self.count("refused", "sandbox" if "sandbox" in body["error"] else "requirements")
+            log_job(job, "refused", session.id, f"{clean(body['error'])} (worker {session.id})", logging.WARNING,
+                    state=state)
+        elif body.get("requeue"):
+            log_job(job, "requeued", session.id, f"handed back by worker {session.id} for another attempt",
+                    state=state)
+        elif state == "running":
+            log_job(job, "started", session.id, f"running on worker {session.id}", state=state)
+        else:
+            log_job(job, "finished", session.id, f"{state}, exit code {code} (worker {session.id})", state=state,
+                    exit_code=code)
         if body["state"] in TERMINAL_STATES:
             with self.lock:
                 session.jobs.pop(job_id, None)
@@ -2811,6 +2833,7 @@ class Pool:
                 self.snapshot_due.set()
         for session, job in taken:
             self.registry.release(job["job_id"])
+            log_job(job, "released", session.id, f"released: worker {session.id} is lost", logging.WARNING)
             self._evicted_once_empty(session)
         return [{"job_id": j["job_id"], "attempt": j["attempt"], "claim_token": j["claim_token"]} for _, j in taken]
 
