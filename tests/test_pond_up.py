@@ -19,8 +19,9 @@ READY = "submit a job"
 class Up:
     """A running `pond up`, its stdout collected line by line."""
 
-    def __init__(self, state_dir):
-        self.proc = subprocess.Popen([PY, "-m", "pond", "up", "--state-dir", str(state_dir), "--bind", "127.0.0.1:0"],
+    def __init__(self, state_dir, *extra):
+        self.proc = subprocess.Popen([PY, "-m", "pond", "up", "--state-dir", str(state_dir), "--bind", "127.0.0.1:0",
+                                      *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      env=env_for_children(), start_new_session=True)
         self.lines, self.err = [], []
@@ -138,7 +139,9 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
     finally:
         first.cleanup()
 
-    second = Up(state)
+    logs = {name: state / "logs" / f"{name}.log" for name in ("pond", "orchestrator", "worker")}
+    seen = {name: path.stat().st_size for name, path in logs.items()}       # the first run's lines, in text
+    second = Up(state, "--log-format", "json")
     try:
         second.wait_ready()
         assert [o["id"] for o in admin_list(state, "orchestrators")] == [orch["id"]]
@@ -160,6 +163,12 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
         assert len(admin_list(state, "orchestrators")) == 1 and len(admin_list(state, "workers")) == 1
 
         assert second.interrupt() == 0, second.output()
+        # --log-format reached all three: their lines of this run are JSON, with the job's events on each.
+        for name, path in logs.items():
+            lines = path.read_bytes()[seen[name]:].decode().splitlines()
+            records = [json.loads(line) for line in lines if line.startswith("{")]
+            assert records and all(" INFO " not in line for line in lines if not line.startswith("{")), lines
+            assert any(r.get("job") == last["id"] for r in records), (name, lines)
     finally:
         second.cleanup()
 
