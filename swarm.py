@@ -2702,19 +2702,15 @@ class Pool:
         # The report is on disk in the commit that releases the hold: never neither, never both. Before
         # the job is let go here, so that a report the disk refused (503) is taken when the worker retries.
         self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
-        state, code = body["state"], body.get("exit_code")
-        if state == "failed" and str(body.get("error")).startswith("refused by worker:"):
+        state, code, by = body["state"], body.get("exit_code"), session.id
+        refused = state == "failed" and str(body.get("error")).startswith("refused by worker:")
+        if refused:
             self.count("refused", "sandbox" if "sandbox" in body["error"] else "requirements")
-            log_job(job, "refused", session.id, f"{clean(body['error'])} (worker {session.id})", logging.WARNING,
-                    state=state)
-        elif body.get("requeue"):
-            log_job(job, "requeued", session.id, f"handed back by worker {session.id} for another attempt",
-                    state=state)
-        elif state == "running":
-            log_job(job, "started", session.id, f"running on worker {session.id}", state=state)
-        else:
-            log_job(job, "finished", session.id, f"{state}, exit code {code} (worker {session.id})", state=state,
-                    exit_code=code)
+        event, what = (("refused", f"{clean(body['error'])} (worker {by})") if refused else
+                       ("requeued", f"handed back by worker {by} for another attempt") if body.get("requeue") else
+                       ("started", f"running on worker {by}") if state == "running" else
+                       ("finished", f"{state}, exit code {code} (worker {by})"))
+        log_job(job, event, by, what, logging.WARNING if refused else logging.INFO, state=state, exit_code=code)
         if body["state"] in TERMINAL_STATES:
             with self.lock:
                 session.jobs.pop(job_id, None)
