@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 6540     # issue 12 orchestrator job log lines (+19), issue 12 (+4), issue 10's broker and agent jobs (+403), issue 13 pond URL lists (+57), issue 9 idle workers and leftovers (+69), issue 11 bundles and artifacts, issue 12 log format and orchestrator metrics
+MAX_LINES = 6543     # issue 12 orchestrator job log lines (+19) and redact()'s one-pass check (+3), issue 12 (+4), issue 10's broker and agent jobs (+403), issue 13 pond URL lists (+57), issue 9 idle workers and leftovers (+69), issue 11 bundles and artifacts, issue 12 log format and orchestrator metrics
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -54,7 +54,7 @@ BANNER_RULE = re.compile(r"^# ={20,}$")
 
 # Lines each section may grow to: a section past its budget should be split or cut, on purpose.
 SECTION_BUDGETS = {
-    "Imports": 50, "Constants and defaults": 47, "Errors": 70, "Utilities": 249, "Wire format": 81,
+    "Imports": 50, "Constants and defaults": 47, "Errors": 70, "Utilities": 252, "Wire format": 81,
     "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 63, "HTTP client": 216, "HTTP server": 733,
     "Settings": 249, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 690,
     "Orchestrator: the two links to pond": 290, "Job proxies": 420, "Credential broker": 296, "Worker: identity and enrollment": 75,
