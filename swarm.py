@@ -6447,7 +6447,7 @@ def build_parser():
     s.add_argument("--show-fingerprint", action="store_true",
                    help="create this worker's keys if needed, print their fingerprint and exit (no enrollment)")
     s.add_argument("--enroll-code", type=named, metavar="CODE",
-                   help="needed the first time only (or $SWARM_ENROLL_CODE)")
+                   help="needed the first time only; `ps` shows it: prefer $SWARM_ENROLL_CODE")
     s.add_argument("--tags", default="", help="comma-separated, e.g. pool:trusted,repo:acme")
     s.add_argument("--capabilities", default="", help="comma-separated globs, e.g. 'harness.*,sandbox.process'")
     s.add_argument("--repo-root", type=named, metavar="DIR", help="where checkouts live (default DIR/checkouts)")
@@ -6504,6 +6504,8 @@ def run(args, env):
         if args.show_fingerprint:
             return show_fingerprint(args.state_dir or DEFAULT_WORKER_STATE)
         setup_logging("worker", log_format(args, env))
+        if args.enroll_code:      # the environment keeps it out of `ps`; the flag stays for the docs' command lines
+            log.warning("--enroll-code shows the code in `ps` to every user of this host; prefer $SWARM_ENROLL_CODE")
         return worker(worker_settings(args, env))
     s = operator_settings(args, env)
     return {"status": lambda: status(s), "jobs": lambda: jobs(s), "cancel": lambda: cancel(s, args.job_id),

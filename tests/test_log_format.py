@@ -52,6 +52,8 @@ def test_pond_orchestrator_and_worker_log_json_lines_with_job_fields_and_no_secr
     assert events["done"]["exit_code"] == 0 and events["done"]["state"] == "done"
     (finished,) = [line for line in logs["swarm-worker"] if line.get("job") == job]
     assert finished["event"] == "finished" and finished["state"] == "done" and finished["exit_code"] == 0
+    argv_warning = "--enroll-code shows the code in `ps` to every user of this host; prefer $SWARM_ENROLL_CODE"
+    assert [line["level"] for line in logs["swarm-worker"] if line["message"] == argv_warning] == ["warning"]
     orch_events = {line["event"]: line for line in logs["swarm-serve"] if line.get("job") == job}
     assert list(orch_events) == ["assigned", "started", "finished"], logs["swarm-serve"]
     assert all(line["worker"] == worker.worker_id and line["attempt"] == 1 for line in orch_events.values())

@@ -108,6 +108,7 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
         assert kids == {pond_pid, orch_pid, workers[0]}
         # The worker's enrollment code is a secret: in its environment, never in an argv `ps` shows.
         assert not [cmdline(p) for p in kids if b"--enroll-code" in cmdline(p)]
+        assert "--enroll-code shows the code in `ps`" not in (state / "logs" / "worker.log").read_text()
         # The sandboxes the worker enforces, as pond sees them.
         assert any(line.strip() == "worker enforces sandboxes: bwrap, process" for line in up.lines), up.output()
         # The web console's address, as the README says to open it.
