@@ -2718,7 +2718,8 @@ class Pool:
             with self.lock:
                 session.jobs.pop(job_id, None)
                 self.recent.append({"job_id": job_id, "worker": session.id, "state": body["state"],
-                                    "exit_code": body.get("exit_code"), "finished_at": time.time()})
+                                    "exit_code": body.get("exit_code"), "finished_at": time.time(),
+                                    "command": job["command"]})
         self._evicted_once_empty(session)
         return {"accepted": True}
 
@@ -6303,6 +6304,7 @@ def claim_loop(s, orch, slots, stop, identity, loops):
 
 
 def _table(rows, columns):
+    """An aligned text table as `pond` prints one: "-" for none, yes/no, one line a row, escapes shown."""
     cells = [[title for title, _ in columns]]
     for row in rows:
         cells.append(["-" if (v := (key(row) if callable(key) else row.get(key))) is None else
@@ -6334,21 +6336,32 @@ def status(s):
         return EXIT_ERROR if failing else EXIT_OK
     print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; pond {data.get('pond_url')}; outbox: {data['outbox']} message(s); "
           f"health: {'FAILING' if failing else 'ok'}")
-    _table(data["workers"], [("WORKER", "id"), ("NAME", "name"), ("ONLINE", "online"), ("SLOTS", "slots"),
-                             ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
-                             ("CAPABILITIES", lambda w: ",".join(w["capabilities"]))])
+    _table(data["workers"], [("ID", "id"), ("NAME", "name"), ("ONLINE", "online"), ("EVICTED", "evicting"),
+                             ("SLOTS", "slots"), ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
+                             ("CAPABILITIES", lambda w: ",".join(w["capabilities"])),
+                             ("LAST SEEN", lambda w: _ago(w.get("last_seen")))])
     for line in failing:
         print(f"failing: {line}")
     return EXIT_ERROR if failing else EXIT_OK
 
 
+def _ago(ts):
+    if not ts:
+        return None
+    ago = max(0, time.time() - ts)
+    return f"{ago:.0f}s ago" if ago < 120 else f"{ago / 60:.0f}m ago" if ago < 7200 else f"{ago / 3600:.0f}h ago"
+
+
 def jobs(s):
+    """The jobs this orchestrator holds, then the last 50 that ended here, newest first."""
     data = HttpClient(s.orchestrator, s.token, what="orchestrator", ca_file=s.ca_file).call("GET", "/v1/pool/jobs")
     if s.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    _table(data["jobs"], [("JOB", "job_id"), ("WORKER", "worker"), ("STATE", "state"),
-                          ("COMMAND", lambda j: shlex.join(j["command"])[:60])])
+    _table(data["jobs"] + data["recent"][::-1], [
+        ("ID", "job_id"), ("STATE", "state"), ("EXIT", "exit_code"), ("WORKER", "worker"),
+        ("ENDED", lambda j: _ago(j.get("finished_at"))),
+        ("COMMAND", lambda j: shlex.join(j["command"])[:60] if j.get("command") else None)])
     return EXIT_OK
 
 
