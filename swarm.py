@@ -225,11 +225,14 @@ SECRETS = [
     (re.compile(r"\b(?:orch|wkr)\.[\w-]+\.[\w-]+|\bpond_admin_[\w-]+"), ""),   # tokens by their shape
     (re.compile(rf"\b[{CODE_CHARS}]{{4}}-[{CODE_CHARS}]{{4}}-[{CODE_CHARS}]{{4}}\b"), ""),   # codes by shape
 ]
+ANY_SECRET = re.compile("|".join(f"(?:{p.pattern})" for p, _ in SECRETS), re.I)   # one pass: most text has none
 
 
 def redact(text):
     """`text` with every code and token in it replaced by [redacted] (as pond/tokens.py redact)."""
     text = str(text)
+    if not ANY_SECRET.search(text):       # a superset of SECRETS' matches (case-blind): nothing to take out
+        return text
     for pattern, keep in SECRETS:
         text = pattern.sub(keep + REDACTED, text)
     return text
@@ -2232,6 +2235,13 @@ def worker_health(value):
              "since": v["since"] if type(v.get("since")) in (int, float) else None} for v in value]
 
 
+def log_job(job, event, worker, what, level=logging.INFO, **fields):
+    """One line per job event the orchestrator sees (issue 12): `what` for people, the fields for
+    --log-format json. Worker-sent text reaches `what` through clean() only; no lookups here."""
+    log.log(level, "job %s attempt %s: %s", job["job_id"], job["attempt"], what,
+            extra=dict(fields, job=job["job_id"], event=event, attempt=job["attempt"], worker=worker))
+
+
 class Session:
     """One enrolled worker as the orchestrator sees it: its queue of assignments and its cancels."""
 
@@ -2515,6 +2525,7 @@ class Pool:
             if not drain:      # pond has queued these again: drop the waiting ones, stop the running ones
                 for job in session.queue:
                     self.registry.release(job["job_id"])      # first: a refused write is tried again
+                    log_job(job, "released", worker_id, f"released: worker {worker_id} is evicted")
                 session.queue.clear()
                 session.cancels += [{"job_id": j["job_id"], "attempt": j["attempt"]} for j in session.jobs.values()]
                 session.cond.notify_all()
@@ -2659,6 +2670,8 @@ class Pool:
                 log.error("pond assigned %s to unknown worker %s", job.get("job_id"), clean(job.get("worker")))
                 self._report(job, {"attempt": job["attempt"], "state": "failed",
                                    "error": "worker unknown to its orchestrator"})
+            else:
+                log_job(job, "assigned", job["worker"], f"assigned to worker {job['worker']}", state="assigned")
         with self.lock:
             for job in jobs:
                 session = self.sessions.get(job.get("worker"))
@@ -2675,6 +2688,7 @@ class Pool:
                     self._report(job, {"attempt": job["attempt"], "state": "cancelled",
                                        "error": f"cancelled by {by} before it started"}, release=job_id)
                     session.queue.remove(job)         # once on disk: a refused write leaves it queued
+                    log_job(job, "cancelled", session.id, f"cancelled by {by} before it started", state="cancelled")
                     return True
             if job_id in session.jobs:
                 session.cancels.append({"job_id": job_id, "attempt": session.jobs[job_id]["attempt"]})
@@ -2715,13 +2729,21 @@ class Pool:
         # The report is on disk in the commit that releases the hold: never neither, never both. Before
         # the job is let go here, so that a report the disk refused (503) is taken when the worker retries.
         self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
-        if body["state"] == "failed" and str(body.get("error")).startswith("refused by worker:"):
+        state, code, by = body["state"], body.get("exit_code"), session.id
+        refused = state == "failed" and str(body.get("error")).startswith("refused by worker:")
+        if refused:
             self.count("refused", "sandbox" if "sandbox" in body["error"] else "requirements")
+        event, what = (("refused", f"{clean(body['error'])} (worker {by})") if refused else
+                       ("requeued", f"handed back by worker {by} for another attempt") if body.get("requeue") else
+                       ("started", f"running on worker {by}") if state == "running" else
+                       ("finished", f"{state}, exit code {code} (worker {by})"))
+        log_job(job, event, by, what, logging.WARNING if refused else logging.INFO, state=state, exit_code=code)
         if body["state"] in TERMINAL_STATES:
             with self.lock:
                 session.jobs.pop(job_id, None)
                 self.recent.append({"job_id": job_id, "worker": session.id, "state": body["state"],
-                                    "exit_code": body.get("exit_code"), "finished_at": time.time()})
+                                    "exit_code": body.get("exit_code"), "finished_at": time.time(),
+                                    "command": job["command"]})
         self._evicted_once_empty(session)
         return {"accepted": True}
 
@@ -2835,6 +2857,7 @@ class Pool:
                 self.snapshot_due.set()
         for session, job in taken:
             self.registry.release(job["job_id"])
+            log_job(job, "released", session.id, f"released: worker {session.id} is lost", logging.WARNING)
             self._evicted_once_empty(session)
         return [{"job_id": j["job_id"], "attempt": j["attempt"], "claim_token": j["claim_token"]} for _, j in taken]
 
@@ -6610,6 +6633,7 @@ def claim_loop(s, orch, slots, stop, identity, loops):
 
 
 def _table(rows, columns):
+    """An aligned text table as `pond` prints one: "-" for none, yes/no, one line a row, escapes shown."""
     cells = [[title for title, _ in columns]]
     for row in rows:
         cells.append(["-" if (v := (key(row) if callable(key) else row.get(key))) is None else
@@ -6641,21 +6665,32 @@ def status(s):
         return EXIT_ERROR if failing else EXIT_OK
     print(f"pond reachable: {'yes' if data['pond_reachable'] else 'no'}; pond {data.get('pond_url')}; outbox: {data['outbox']} message(s); "
           f"health: {'FAILING' if failing else 'ok'}")
-    _table(data["workers"], [("WORKER", "id"), ("NAME", "name"), ("ONLINE", "online"), ("SLOTS", "slots"),
-                             ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
-                             ("CAPABILITIES", lambda w: ",".join(w["capabilities"]))])
+    _table(data["workers"], [("ID", "id"), ("NAME", "name"), ("ONLINE", "online"), ("EVICTED", "evicting"),
+                             ("SLOTS", "slots"), ("RUNNING", "running"), ("TAGS", lambda w: ",".join(w["tags"])),
+                             ("CAPABILITIES", lambda w: ",".join(w["capabilities"])),
+                             ("LAST SEEN", lambda w: _ago(w.get("last_seen")))])
     for line in failing:
         print(f"failing: {line}")
     return EXIT_ERROR if failing else EXIT_OK
 
 
+def _ago(ts):
+    if not ts:
+        return None
+    ago = max(0, time.time() - ts)
+    return f"{ago:.0f}s ago" if ago < 120 else f"{ago / 60:.0f}m ago" if ago < 7200 else f"{ago / 3600:.0f}h ago"
+
+
 def jobs(s):
+    """The jobs this orchestrator holds, then the last 50 that ended here, newest first."""
     data = HttpClient(s.orchestrator, s.token, what="orchestrator", ca_file=s.ca_file).call("GET", "/v1/pool/jobs")
     if s.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    _table(data["jobs"], [("JOB", "job_id"), ("WORKER", "worker"), ("STATE", "state"),
-                          ("COMMAND", lambda j: shlex.join(j["command"])[:60])])
+    _table(data["jobs"] + data["recent"][::-1], [
+        ("ID", "job_id"), ("STATE", "state"), ("EXIT", "exit_code"), ("WORKER", "worker"),
+        ("ENDED", lambda j: _ago(j.get("finished_at"))),
+        ("COMMAND", lambda j: shlex.join(j["command"])[:60] if j.get("command") else None)])
     return EXIT_OK
 
 
@@ -6754,7 +6789,7 @@ def build_parser():
     s.add_argument("--show-fingerprint", action="store_true",
                    help="create this worker's keys if needed, print their fingerprint and exit (no enrollment)")
     s.add_argument("--enroll-code", type=named, metavar="CODE",
-                   help="needed the first time only (or $SWARM_ENROLL_CODE)")
+                   help="needed the first time only; `ps` shows it: prefer $SWARM_ENROLL_CODE")
     s.add_argument("--tags", default="", help="comma-separated, e.g. pool:trusted,repo:acme")
     s.add_argument("--capabilities", default="", help="comma-separated globs, e.g. 'harness.*,sandbox.process'")
     s.add_argument("--repo-root", type=named, metavar="DIR", help="where checkouts live (default DIR/checkouts)")
@@ -6813,6 +6848,8 @@ def run(args, env):
         if args.show_fingerprint:
             return show_fingerprint(args.state_dir or DEFAULT_WORKER_STATE)
         setup_logging("worker", log_format(args, env))
+        if args.enroll_code:      # the environment keeps it out of `ps`; the flag stays for the docs' command lines
+            log.warning("--enroll-code shows the code in `ps` to every user of this host; prefer $SWARM_ENROLL_CODE")
         return worker(worker_settings(args, env))
     s = operator_settings(args, env)
     return {"status": lambda: status(s), "jobs": lambda: jobs(s), "cancel": lambda: cancel(s, args.job_id),

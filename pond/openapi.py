@@ -216,6 +216,8 @@ OPERATIONS = {
                                            counts={"type": "object", "additionalProperties": INT})},
                              params=[_query("state", {"enum": ["queued", "assigned", "running", "done", "failed",
                                                                "cancelled"]}),
+                                     _query("tag", {"type": "string", "pattern": _pattern(wire.TAG_RE)}),
+                                     _query("worker", ID["schema"]),
                                      _query("limit", {"type": "string", "pattern": "^[0-9]+$"})]),
     ("GET", "/v1/jobs/{id}"): _op("One job", "jobs", "admin", {200: JOB}, 404, params=[ID]),
     ("GET", "/v1/jobs/{id}/logs"): _op(

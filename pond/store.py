@@ -602,10 +602,14 @@ class Store:
         with self.transaction():
             self._db.execute("UPDATE jobs SET events = ? WHERE id = ?", (self._events_with("jobs", job_id, event), job_id))
 
-    def jobs(self, state=None, limit=100):
-        if state:
-            return self._all("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit))
-        return self._all("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+    HAS_TAG = "EXISTS (SELECT 1 FROM json_each(tags) WHERE value = ?)"       # store_pg.py: PostgreSQL's
+
+    def jobs(self, state=None, limit=100, tag=None, worker=None):
+        """The newest `limit` jobs, of `state`, requiring `tag`, last run by `worker`: each one given."""
+        given = [(sql, value) for sql, value in (("state = ?", state), (self.HAS_TAG, tag), ("worker_id = ?", worker))
+                 if value is not None]
+        where = " WHERE " + " AND ".join(sql for sql, _ in given) if given else ""
+        return self._all(f"SELECT * FROM jobs{where} ORDER BY seq DESC LIMIT ?", (*(v for _, v in given), limit))
 
     def job_counts(self):
         return {r["state"]: r["n"] for r in self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}

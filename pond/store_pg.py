@@ -448,6 +448,8 @@ class PgStore(Store):
         self._lock_groups()
         super()._drop_group(job_id)
 
+    HAS_TAG = "tags::jsonb @> jsonb_build_array(?::text)"     # store.Store.jobs's tag filter
+
     def queue_groups(self, after, tags):
         with self._lock:
             top = self._one("SELECT MAX(serial) AS top FROM queue_groups")["top"] or 0

@@ -19,8 +19,9 @@ READY = "submit a job"
 class Up:
     """A running `pond up`, its stdout collected line by line."""
 
-    def __init__(self, state_dir):
-        self.proc = subprocess.Popen([PY, "-m", "pond", "up", "--state-dir", str(state_dir), "--bind", "127.0.0.1:0"],
+    def __init__(self, state_dir, *extra):
+        self.proc = subprocess.Popen([PY, "-m", "pond", "up", "--state-dir", str(state_dir), "--bind", "127.0.0.1:0",
+                                      *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      env=env_for_children(), start_new_session=True)
         self.lines, self.err = [], []
@@ -107,6 +108,7 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
         assert kids == {pond_pid, orch_pid, workers[0]}
         # The worker's enrollment code is a secret: in its environment, never in an argv `ps` shows.
         assert not [cmdline(p) for p in kids if b"--enroll-code" in cmdline(p)]
+        assert "--enroll-code shows the code in `ps`" not in (state / "logs" / "worker.log").read_text()
         # The sandboxes the worker enforces, as pond sees them.
         assert any(line.strip() == "worker enforces sandboxes: bwrap, process" for line in up.lines), up.output()
         # The web console's address, as the README says to open it.
@@ -138,7 +140,9 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
     finally:
         first.cleanup()
 
-    second = Up(state)
+    logs = {name: state / "logs" / f"{name}.log" for name in ("pond", "orchestrator", "worker")}
+    seen = {name: path.stat().st_size for name, path in logs.items()}       # the first run's lines, in text
+    second = Up(state, "--log-format", "json")
     try:
         second.wait_ready()
         assert [o["id"] for o in admin_list(state, "orchestrators")] == [orch["id"]]
@@ -160,6 +164,12 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
         assert len(admin_list(state, "orchestrators")) == 1 and len(admin_list(state, "workers")) == 1
 
         assert second.interrupt() == 0, second.output()
+        # --log-format reached all three: their lines of this run are JSON, with the job's events on each.
+        for name, path in logs.items():
+            lines = path.read_bytes()[seen[name]:].decode().splitlines()
+            records = [json.loads(line) for line in lines if line.startswith("{")]
+            assert records and all(" INFO " not in line for line in lines if not line.startswith("{")), lines
+            assert any(r.get("job") == last["id"] for r in records), (name, lines)
     finally:
         second.cleanup()
 
