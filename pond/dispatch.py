@@ -262,8 +262,7 @@ def _assign(pond, job, worker_id, binding_id):
     if not pond.store.assign_job(job["id"], worker_id, binding_id, tokens.digest(claim_token), now,
                                  now + pond.settings.lease):
         return None         # not queued any more: never hand out a job the store did not assign
-    if not job["attempt"]:
-        pond.metrics.pickup.observe(now - job["created_at"])
+    pond.metrics.assigned(job, now)
     pond.log.info("job %s: queued -> assigned (attempt %d, worker %s)", job["id"], job["attempt"] + 1, worker_id,
                   extra={"job": job["id"], "event": "assigned", "attempt": job["attempt"] + 1, "worker": worker_id,
                          "orchestrator": binding_id, "state": "assigned"})

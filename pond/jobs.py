@@ -14,7 +14,7 @@ import re
 import time
 from enum import Enum
 
-from pond import agents, artifacts, bundles, credentials, matching, sandbox, tokens, wire
+from pond import agents, artifacts, bundles, credentials, matching, metrics, sandbox, tokens, wire
 from pond.errors import BadRequest, Conflict, InvalidTransition, NotFound, PondError
 from pond.settings import MAX_LOG_CAP, MIN_LOG_CAP
 
@@ -171,8 +171,8 @@ def _store(pond, job, key):
     # The job as validated, not the body as sent: `"env": {}` and no env are the same request.
     request_hash = tokens.digest(wire.canonical({k: job.get(k) for k in IDEMPOTENT_FIELDS})) if key else None
     pinned_only = bool(job["credential"] or job["source"] or job["artifacts"])     # sealed to, or signed by, a key
-    earlier = pond.store.add_job(job, matching.requirement_key(job["tags"], job["capabilities"], sealed=pinned_only),
-                                 key, request_hash)
+    req_key = matching.requirement_key(job["tags"], job["capabilities"], sealed=pinned_only)
+    earlier = pond.store.add_job(job, req_key, key, request_hash)
     if earlier is not None:
         if earlier["request_hash"] != request_hash:
             raise Conflict(f"Idempotency-Key {key!r} was used for another job ({earlier['id']}) with another body",
@@ -180,7 +180,7 @@ def _store(pond, job, key):
         return 200, earlier
     log.info("job %s submitted: tags %s; capabilities %s", job["id"], ",".join(job["tags"]) or "-",
              ",".join(job["capabilities"]) or "-", extra={"job": job["id"], "event": "submitted", "state": "queued"})
-    return 201, dict(job, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
+    return 201, dict(job, req_key=req_key, attempt=0, exit_code=None, error=None, assigned_at=None, started_at=None, finished_at=None,
                      worker_id=None, binding_id=None, cancel_requested=0, attestation=None, events=[], tried=[],
                      dropped=None, retries_left=job["retries"], outputs=None, files=job.get("files"),
                      broker=job.get("broker"), agent=job.get("agent"), usage=None)
@@ -291,6 +291,7 @@ def view(pond, row, explain=True):
     out["source"] = row["source"] and dict(row["source"])
     out["worker"] = row["worker_id"]
     out["orchestrator"] = row["binding_id"]
+    out["group"] = metrics.group_label(row["req_key"])      # its requirement group's label on /metrics
     out["cancel_requested"] = bool(row["cancel_requested"])
     # attested: true, the result was signed by the worker's pinned key and verified; false, recorded
     # unsigned (never ran, or an unpinned worker); null, no result yet.

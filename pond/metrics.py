@@ -2,14 +2,27 @@
 
 Gauges are read from the store when scraped (jobs by state, workers by state, orchestrators);
 counters and histograms are kept in memory since pond started (requests and their latency by
-route, pickup latency, attempts ended by pond, results refused), so they start from zero
+route, pickup latency, attempts made and ended by pond, results refused), so they start from zero
 after a restart, which Prometheus reads as a counter reset. specs/protocol.md §9 lists them.
+
+A requirement group (the jobs with the same tags and capabilities) is labelled by
+group_label(): 12 hex of its key's SHA-256, never its tags, since /metrics needs no token.
+`GET /v1/jobs/{id}` shows a job's group under that name. At most GROUP_SERIES groups get a
+series of their own; the rest are summed under group="other", so 50,000 tenant groups cost a
+scrape GROUP_SERIES + 1 series.
 """
 
+import hashlib
 import threading
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PICKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
+GROUP_SERIES = 20       # requirement groups with series of their own, per family; the rest: group="other"
+
+
+def group_label(req_key):
+    """A requirement group's name on /metrics and in a job's view: no tag or capability shows."""
+    return hashlib.sha256(req_key.encode()).hexdigest()[:12]
 
 
 class Histogram:
@@ -63,6 +76,8 @@ class Metrics:
         self.requests = Counters()           # (route, status) -> n
         self.latency = {}                    # route -> Histogram
         self.pickup = Histogram(PICKUP_BUCKETS)     # submit -> first assignment, s
+        self.group_pickup = {}               # group_label (the first GROUP_SERIES seen) or "other" -> Histogram
+        self.attempts = Counters()           # "assigned" -> attempts handed out
         self.ended = Counters()              # attempts pond ended: lease_expired, evicted, worker_lost
         self.refused = Counters()            # results refused: attestation_failed
         self.collected = Counters()          # blobs the reaper deleted past their retention: bundle, artifact
@@ -76,17 +91,39 @@ class Metrics:
                 histogram = self.latency.setdefault(route, Histogram(LATENCY_BUCKETS))
         histogram.observe(seconds)
 
+    def assigned(self, job, now):
+        """An attempt was handed out (dispatch._assign): counted; a job's first one times its pickup,
+        overall and in its requirement group's series (the first GROUP_SERIES groups seen, or "other")."""
+        self.attempts.add("assigned")
+        if job["attempt"]:
+            return
+        self.pickup.observe(now - job["created_at"])
+        label = group_label(job["req_key"])
+        histogram = self.group_pickup.get(label)
+        if histogram is None:
+            with self._lock:
+                if label not in self.group_pickup and len(self.group_pickup) >= GROUP_SERIES:
+                    label = "other"
+                histogram = self.group_pickup.setdefault(label, Histogram(PICKUP_BUCKETS))
+        histogram.observe(now - job["created_at"])
+
 
 def render(pond, req):
     """The /metrics page: HELP and TYPE before each family, one sample a line."""
-    m, workers = pond.metrics, pond.store.workers()
+    m, workers, counts = pond.metrics, pond.store.workers(), pond.store.job_counts()
+    groups, largest = pond.store.queue_depths(GROUP_SERIES)
     out = []
 
     def family(name, kind, helptext, samples):
         out.extend([f"# HELP {name} {helptext}", f"# TYPE {name} {kind}", *samples])
 
     family("pond_jobs", "gauge", "Jobs by state.",
-           [f'pond_jobs{{state="{state}"}} {n}' for state, n in sorted(pond.store.job_counts().items())])
+           [f'pond_jobs{{state="{state}"}} {n}' for state, n in sorted(counts.items())])
+    family("pond_queue_groups", "gauge", "Requirement groups with a queued job.", [f"pond_queue_groups {groups}"])
+    family("pond_queue_depth", "gauge",
+           f"Queued jobs by requirement group: the {GROUP_SERIES} largest, the rest summed as other.",
+           [f'pond_queue_depth{{group="{group_label(key)}"}} {n}' for key, n in largest]
+           + [f'pond_queue_depth{{group="other"}} {counts.get("queued", 0) - sum(n for _, n in largest)}'])
     family("pond_workers", "gauge", "Enrolled workers, online or not.",
            [f'pond_workers{{online="true"}} {sum(1 for w in workers if w["online"])}',
             f'pond_workers{{online="false"}} {sum(1 for w in workers if not w["online"])}'])
@@ -106,6 +143,13 @@ def render(pond, req):
            "Seconds from a request's head to its answer (a held poll: its hold), by route.", samples)
     family("pond_pickup_seconds", "histogram", "Seconds from a job's submit to the assignment of its first attempt.",
            m.pickup.lines("pond_pickup_seconds"))
+    samples = []
+    for label, histogram in sorted(m.group_pickup.items()):
+        samples += histogram.lines("pond_group_pickup_seconds", f'group="{label}"')
+    family("pond_group_pickup_seconds", "histogram", f"pond_pickup_seconds by requirement group: the first "
+           f"{GROUP_SERIES} groups picked up since start, the rest as other.", samples)
+    family("pond_attempts_total", "counter", "Attempts handed out to workers (a job's retries each count).",
+           [f"pond_attempts_total {dict(m.attempts.items()).get('assigned', 0)}"])
     family("pond_attempts_ended_total", "counter", "Attempts pond took away from their worker, by why.",
            [f'pond_attempts_ended_total{{reason="{reason}"}} {n}' for reason, n in m.ended.items()])
     family("pond_results_refused_total", "counter", "Final reports whose signed result did not verify.",

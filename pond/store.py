@@ -614,6 +614,13 @@ class Store:
     def job_counts(self):
         return {r["state"]: r["n"] for r in self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
 
+    def queue_depths(self, limit):
+        """-> (requirement groups with a queued job, [(req_key, queued jobs)] of the `limit` largest)."""
+        return (self._one("SELECT COUNT(*) AS n FROM queue_groups")["n"],
+                [(r["req_key"], r["n"]) for r in self._all(
+                    "SELECT req_key, COUNT(*) AS n FROM jobs WHERE state = 'queued' GROUP BY req_key"
+                    " ORDER BY n DESC, req_key LIMIT ?", (limit,))])
+
     def _add_group(self, job_id):
         """The job was queued: its group has a queued job (inside the transaction that queued it)."""
         self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"

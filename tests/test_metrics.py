@@ -54,3 +54,43 @@ def test_metrics_parse_and_count_jobs_requests_pickup_and_evictions(pool):
                  route="dispatch.poll") == 1
     buckets = [s for s in latency.samples if s.name.endswith("_bucket") and s.labels["route"] == "jobs.submit"]
     assert [s.value for s in buckets] == sorted(s.value for s in buckets) and buckets[-1].labels["le"] == "+Inf"
+
+
+def test_queue_depth_pickup_and_attempts_by_requirement_group_name_no_tag(pool):
+    """Per requirement group: queue depth and pickup latency, labelled by the group's hashed key (a
+    job's view shows it as "group"), never by its tags, since /metrics needs no token; attempts."""
+    pond = pool.pond(extra=("--allow-unsigned-results",))
+    token = pond.bare_orchestrator()
+    taken = pond.submit(["true"])
+    waiting = [pond.submit(["true"], tags=["tenant-acme-secret"]) for _ in range(3)]   # no worker has the tag
+    status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 0}, token=token)
+    assert status == 200 and [a["job_id"] for a in answer["jobs"]] == [taken["id"]], answer
+    group, other = pond.job(waiting[0]["id"])["group"], pond.job(taken["id"])["group"]
+    assert len(group) == 12 and int(group, 16) >= 0 and group != other
+    assert {pond.job(j["id"])["group"] for j in waiting} == {group}
+
+    status, text = pond.api("GET", "/metrics", token=None)
+    assert status == 200 and "tenant-acme-secret" not in text and "sandbox.process" not in text
+    families = scrape(pond)
+    assert value(families, "pond_queue_depth", group=group) == 3
+    assert value(families, "pond_queue_depth", group="other") == 0
+    assert value(families, "pond_queue_groups") == 1
+    assert value(families, "pond_group_pickup_seconds", "pond_group_pickup_seconds_count", group=other) == 1
+    assert value(families, "pond_group_pickup_seconds", "pond_group_pickup_seconds_bucket",
+                 group=other, le="+Inf") == 1
+    assert not [s for s in families["pond_group_pickup_seconds"].samples if s.labels["group"] == group]
+    assert value(families, "pond_attempts_total") == 1
+
+
+def test_group_series_are_bounded_the_rest_summed_as_other(pool):
+    """More groups than GROUP_SERIES: the largest keep their series, the rest add up under other."""
+    from pond.metrics import GROUP_SERIES
+    pond = pool.pond()
+    for i in range(GROUP_SERIES + 5):
+        for _ in range(2 if i < GROUP_SERIES else 1):       # the first GROUP_SERIES groups are the largest
+            pond.submit(["true"], tags=[f"tenant-{i}"])
+    families = scrape(pond)
+    depth = {s.labels["group"]: s.value for s in families["pond_queue_depth"].samples}
+    assert len(depth) == GROUP_SERIES + 1 and depth["other"] == 5
+    assert sum(depth.values()) == 2 * GROUP_SERIES + 5
+    assert value(families, "pond_queue_groups") == GROUP_SERIES + 5
