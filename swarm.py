@@ -121,6 +121,7 @@ MAX_CHUNK_BYTES = 1024 * 1024         # bytes of output in one chunk, as pond
 MAX_CHUNKS_PER_REPORT = 64            # chunks on one state report, as pond
 MAX_ERROR = 2000                      # characters of a report's error, as pond
 MAX_ENVELOPE = 64 * 1024              # bytes of a result's attestation, as pond
+REPORT_COUNTS = {"egress": ("allowed", "denied"), "tokens": ("input", "output")}   # final report, not for pond
 MAX_HEARTBEAT = 4096                  # attempts in one heartbeat, as pond
 MAX_HOLDING = 4096                    # job ids a worker lists as held when it claims
 MAX_BATCH = 64                        # reports in one POST .../reports, as pond
@@ -1468,6 +1469,12 @@ def check_state_report(body):
                                 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2 ** 53
                                            for v in dropped.values())):
         raise HttpError(400, "bad_request", "dropped must be {stdout: bytes, stderr: bytes}, whole numbers")
+    for name, keys in REPORT_COUNTS.items():
+        value = body.get(name)
+        if value is not None and (not isinstance(value, dict) or set(value) != set(keys) or state == "running"
+                                  or not all(type(v) is int and 0 <= v < 2 ** 53 for v in value.values())):
+            raise HttpError(400, "bad_request", f"{name} must be {{{', '.join(keys)}}}, whole numbers, "
+                            "on a final report")
     envelope = body.get("attestation")
     if envelope is not None and (not isinstance(envelope, dict) or len(json.dumps(envelope)) > MAX_ENVELOPE):
         raise HttpError(400, "bad_request", f"attestation must be a DSSE envelope of at most {MAX_ENVELOPE} bytes",
@@ -2448,9 +2455,9 @@ class Pool:
         self.loops = Loops()        # serve's supervised loops, for /healthz and `status`
         self.tally, self.tally_lock = collections.Counter(), threading.Lock()     # /metrics counters
 
-    def count(self, *key):
+    def count(self, *key, n=1):
         with self.tally_lock:
-            self.tally[key] += 1
+            self.tally[key] += n
 
     # -- enrollment ----------------------------------------------------------
 
@@ -2722,13 +2729,17 @@ class Pool:
     def report_state(self, session, job_id, claim_token, body):
         job = self.held_job(session, job_id, claim_token)
         body = obj(body, "state report", ("attempt", "state", "exit_code", "error", "chunks", "attestation",
-                                          "dropped", "requeue"), ("attempt", "state"))
+                                          "dropped", "requeue", *REPORT_COUNTS), ("attempt", "state"))
         check_state_report(body)
         if body["attempt"] != job["attempt"]:
             raise HttpError(409, "stale_attempt", "attempt does not match the assignment", "drop this report")
         # The report is on disk in the commit that releases the hold: never neither, never both. Before
         # the job is let go here, so that a report the disk refused (503) is taken when the worker retries.
-        self._report(job, body, release=job_id if body["state"] in TERMINAL_STATES else None)
+        self._report(job, {k: v for k, v in body.items() if k not in REPORT_COUNTS},      # counts stay here
+                     release=job_id if body["state"] in TERMINAL_STATES else None)
+        for name, counts in REPORT_COUNTS.items():
+            for key in counts if name in body else ():
+                self.count(name, key, n=body[name][key])
         state, code, by = body["state"], body.get("exit_code"), session.id
         refused = state == "failed" and str(body.get("error")).startswith("refused by worker:")
         if refused:
@@ -3137,6 +3148,10 @@ def _orchestrator_metrics(pool):
            [f'swarm_reports_total{{result="{r}"}} {tally["report", r]}' for r in ("sent", "refused")])
     family("swarm_jobs_refused_total", "counter", "Jobs a worker refused: it lacks their sandbox, or else.",
            [f'swarm_jobs_refused_total{{reason="{r}"}} {tally["refused", r]}' for r in ("sandbox", "requirements")])
+    family("swarm_egress_total", "counter", "Requests workers' egress proxies decided for jobs, by verdict.",
+           [f'swarm_egress_total{{verdict="{v}"}} {tally["egress", v]}' for v in REPORT_COUNTS["egress"]])
+    family("swarm_broker_tokens_total", "counter", "Model tokens agent jobs used through workers' brokers.",
+           [f'swarm_broker_tokens_total{{kind="{k}"}} {tally["tokens", k]}' for k in REPORT_COUNTS["tokens"]])
     family("swarm_http_requests_total", "counter", "Requests answered by a route, by route and status.",
            [f'swarm_http_requests_total{{route="{k[1]}",code="{k[2]}"}} {n}'
             for k, n in sorted(tally.items(), key=str) if k[0] == "request"])
@@ -3420,6 +3435,7 @@ class EgressProxy:
         self._stopping = threading.Event()
         self._lock, self._log_lock = threading.Lock(), threading.Lock()
         self._threads = set()              # connection handlers running now
+        self.verdicts = collections.Counter()      # allow, deny: for the job's final report (egress)
         self._sockets = set()              # client and upstream sockets open now
         self._acceptor = None
 
@@ -3591,6 +3607,7 @@ class EgressProxy:
     def _decided(self, host, port, verdict, reason, address):
         # Never request bodies or headers: they may hold the job's secrets.
         with self._log_lock:
+            self.verdicts[verdict] += 1
             self.log_line({"host": host, "port": port, "verdict": verdict, "reason": reason, "address": address})
 
     def _track(self, sock):
@@ -6177,13 +6194,19 @@ def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
 
 
 def finish(job, reporter, signer, state, exit_code=None, error=None, output=None, started_at=None, artifacts=None,
-           usage=None, requeue=False):
+           usage=None, requeue=False, proxies=()):
     """The final report, signed when this worker's keys are pinned (specs/attestation.md).
 
     A job that never ran is signed too, over empty output: whatever the worker says
     of a job, the orchestrator cannot change. An agent job's result signs its spec and usage.
+    Unsigned, for the orchestrator's /metrics: its egress proxies' verdicts and its broker's tokens.
     """
     fields = {"exit_code": exit_code, **({"requeue": True} if requeue else {})}
+    egress = [p.verdicts for p in proxies if not isinstance(p, CredentialBroker)]
+    if egress:
+        fields["egress"] = {"allowed": sum(v["allow"] for v in egress), "denied": sum(v["deny"] for v in egress)}
+    if usage is not None:
+        fields["tokens"] = {"input": usage["input_tokens"], "output": usage["output_tokens"]}
     if error:
         fields["error"] = error
     if output is not None:
@@ -6412,7 +6435,7 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
                 error = f"{error}; artifacts: {e.message}" if error else f"artifacts: {e.message}"
         state = "cancelled" if ended_by == "cancel" else "done" if code == 0 and not error else "failed"
         usage = brokers[0].report() if brokers else None       # the result first: cleaning up cannot lose it
-        finish(job, reporter, signer, state, code, error, output, started_at, artifacts, usage)
+        finish(job, reporter, signer, state, code, error, output, started_at, artifacts, usage, proxies=proxies)
     finally:
         sandboxes.close_slot(slot)
         empty_slot(s, job, slot)

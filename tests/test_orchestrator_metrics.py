@@ -71,3 +71,67 @@ def test_orchestrator_metrics_count_workers_jobs_reports_refusals_and_requests(p
     for secret in (token, worker["worker_id"], "manual", refused, held, job["claim_token"]):
         assert secret not in text
     assert "# HELP swarm_workers " in text and "# TYPE swarm_reports_total counter" in text
+
+
+DENIED = ("import urllib.request\n"
+          "for host in ('blocked-one.invalid', 'blocked-two.invalid'):\n"
+          "    try:\n"
+          "        urllib.request.urlopen('http://%s/' % host, timeout=10)\n"
+          "    except Exception as e:\n"
+          "        print(host, e)\n")
+
+
+def test_egress_verdicts_of_a_write_job_reach_the_orchestrator_s_metrics(pool, tmp_path):
+    """The worker's egress proxy decides each request of an untrusted-code-write job; its final report
+    carries the counts, which the orchestrator counts and does not pass on to pond (pond would refuse
+    a field it does not know)."""
+    import os
+    import shutil
+
+    import pytest
+    from sandboxing import prepare_root_dirs, sandbox, start_worker
+    if os.getuid() != 0 or not shutil.which("bwrap"):
+        pytest.skip("the egress proxy serves a bwrap sandbox's network: root and bwrap needed")
+    root_dir = prepare_root_dirs(tmp_path)
+    try:
+        pond = pool.pond()
+        orch = pool.orchestrator(pond)
+        pool.procs.append(start_worker(root_dir, tmp_path, pond, orch, "root", capabilities="sandbox.bwrap",
+                                       extra=("--slot-uids", str(340_000_000 + 256 * (os.getpid() % 100_000)))))
+        job = pond.submit([JOB_PY, "-c", DENIED], sandbox=sandbox("untrusted-code-write"))
+        done = pond.wait_job(job["id"], timeout=60)
+        assert done["state"] == "done", done
+        assert pond.output(job["id"])["stdout"].count(b"403") == 2
+        _, samples = scrape(orch)
+        assert samples[("swarm_egress_total", (("verdict", "denied"),))] == 2
+        assert samples[("swarm_egress_total", (("verdict", "allowed"),))] == 0
+        assert samples[("swarm_broker_tokens_total", (("kind", "input"),))] == 0
+    finally:
+        pool.stop_all()
+        shutil.rmtree(root_dir, ignore_errors=True)
+
+
+def test_a_report_s_counts_are_checked(pool):
+    """egress and tokens: whole numbers, on a final report; anything else is a 400 naming the field."""
+    pond = pool.pond(extra=("--allow-unsigned-results",))
+    orch = pool.orchestrator(pond)
+    token = post(orch.url(), "/v1/worker/enroll", {"code": pond.enrollment_code(), "name": "manual",
+                                                    "capabilities": ["sandbox.process"]}, token="")["token"]
+    job_id = pond.submit([JOB_PY, "-c", "print(1)"])["id"]
+    job = claim(orch, token)
+    for bad in ({"egress": {"allowed": -1, "denied": 0}}, {"egress": {"denied": 1}},
+                {"tokens": {"input": 1.5, "output": 0}}, {"tokens": {"input": True, "output": 0}}, {"egress": []}):
+        answer = post(orch.url(), "/v1/worker/reports", {"reports": [{
+            "job_id": job_id, "claim_token": job["claim_token"], "kind": "state",
+            "body": {"attempt": job["attempt"], "state": "done", "exit_code": 0, **bad}}]}, token)["results"][0]
+        assert answer["status"] == 400 and next(iter(bad)) in answer["error"]["message"], (bad, answer)
+    post(orch.url(), "/v1/worker/reports", {"reports": [{
+        "job_id": job_id, "claim_token": job["claim_token"], "kind": "state",
+        "body": {"attempt": job["attempt"], "state": "done", "exit_code": 0, "egress": {"allowed": 3, "denied": 1},
+                 "tokens": {"input": 40, "output": 2}}}]}, token)
+    wait_for(lambda: pond.job(job_id)["state"] == "done", 15, what="the report to reach pond")
+    _, samples = scrape(orch)
+    assert samples[("swarm_egress_total", (("verdict", "allowed"),))] == 3
+    assert samples[("swarm_egress_total", (("verdict", "denied"),))] == 1
+    assert samples[("swarm_broker_tokens_total", (("kind", "input"),))] == 40
+    assert samples[("swarm_broker_tokens_total", (("kind", "output"),))] == 2
