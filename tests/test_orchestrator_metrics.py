@@ -4,12 +4,17 @@ or refused, jobs workers refused (sandbox or other), requests by route and statu
 token. A real pond and orchestrator; the test speaks a worker's side over HTTP."""
 
 import json
+import os
+import secrets
+import shutil
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import JOB_PY, wait_for
+from sandboxing import prepare_root_dirs, sandbox, start_worker
 
 
 def post(url, path, body, token, headers=None):
@@ -81,34 +86,61 @@ DENIED = ("import urllib.request\n"
           "        print(host, e)\n")
 
 
-def test_egress_verdicts_of_a_write_job_reach_the_orchestrator_s_metrics(pool, tmp_path):
-    """The worker's egress proxy decides each request of an untrusted-code-write job; its final report
-    carries the counts, which the orchestrator counts and does not pass on to pond (pond would refuse
-    a field it does not know)."""
-    import os
-    import shutil
-
-    import pytest
-    from sandboxing import prepare_root_dirs, sandbox, start_worker
+@pytest.fixture
+def bwrap_pool(pool, tmp_path):
+    """pond, an orchestrator and a root worker whose jobs run in bwrap (their slots' own uids) -> (pond, orch)."""
     if os.getuid() != 0 or not shutil.which("bwrap"):
-        pytest.skip("the egress proxy serves a bwrap sandbox's network: root and bwrap needed")
+        pytest.skip("a job's egress proxy and broker serve a bwrap sandbox's network: root and bwrap needed")
     root_dir = prepare_root_dirs(tmp_path)
     try:
         pond = pool.pond()
         orch = pool.orchestrator(pond)
-        pool.procs.append(start_worker(root_dir, tmp_path, pond, orch, "root", capabilities="sandbox.bwrap",
+        pool.procs.append(start_worker(root_dir, tmp_path, pond, orch, "root",
+                                       capabilities="sandbox.bwrap,harness.python3",
                                        extra=("--slot-uids", str(340_000_000 + 256 * (os.getpid() % 100_000)))))
-        job = pond.submit([JOB_PY, "-c", DENIED], sandbox=sandbox("untrusted-code-write"))
-        done = pond.wait_job(job["id"], timeout=60)
-        assert done["state"] == "done", done
-        assert pond.output(job["id"])["stdout"].count(b"403") == 2
-        _, samples = scrape(orch)
-        assert samples[("swarm_egress_total", (("verdict", "denied"),))] == 2
-        assert samples[("swarm_egress_total", (("verdict", "allowed"),))] == 0
-        assert samples[("swarm_broker_tokens_total", (("kind", "input"),))] == 0
+        yield pond, orch
     finally:
         pool.stop_all()
         shutil.rmtree(root_dir, ignore_errors=True)
+
+
+def test_egress_verdicts_of_a_write_job_reach_the_orchestrator_s_metrics(bwrap_pool):
+    """The worker's egress proxy decides each request of an untrusted-code-write job; its final report
+    carries the counts, which the orchestrator counts and does not pass on to pond (pond would refuse
+    a field it does not know)."""
+    pond, orch = bwrap_pool
+    job = pond.submit([JOB_PY, "-c", DENIED], sandbox=sandbox("untrusted-code-write"))
+    done = pond.wait_job(job["id"], timeout=60)
+    assert done["state"] == "done", done
+    assert pond.output(job["id"])["stdout"].count(b"403") == 2
+    _, samples = scrape(orch)
+    assert samples[("swarm_egress_total", (("verdict", "denied"),))] == 2
+    assert samples[("swarm_egress_total", (("verdict", "allowed"),))] == 0
+    assert samples[("swarm_broker_tokens_total", (("kind", "input"),))] == 0
+
+
+def test_an_agent_job_s_model_tokens_reach_the_orchestrator_s_metrics(bwrap_pool):
+    """The tokens the job's credential broker counted (the fake model's usage fields) are counted too."""
+    from test_agents import Upstream, agent_harness
+    pond, orch = bwrap_pool
+    upstream = Upstream("openai")
+    try:
+        assert pond.api("POST", "/v1/admin/credentials", {"name": "openai", "secrets": {
+            "OPENAI_API_KEY": "sk-test-" + secrets.token_urlsafe(16)}})[0] == 201
+        assert pond.api("POST", "/v1/admin/models", {"key": "openai", "provider": "openai", "model_id": "m-1",
+                                                     "credential": "openai", "base_url": upstream.url})[0] == 201
+        assert pond.api("POST", "/v1/admin/harnesses", agent_harness())[0] == 201
+        job = pond.client.post("/v1/jobs", {"agent": {"harness": "fake-agent", "model": "openai", "prompt": "hi"},
+                                            "sandbox": {"profile": "untrusted-code-write"}})
+        done = pond.wait_job(job["id"], timeout=60)
+        assert done["state"] == "done", done
+        usage = pond.client.get(f"/v1/jobs/{job['id']}/usage")
+        assert (usage["input_tokens"], usage["output_tokens"]) == (11 + 21, 7 + 9)
+        _, samples = scrape(orch)
+        assert samples[("swarm_broker_tokens_total", (("kind", "input"),))] == 32
+        assert samples[("swarm_broker_tokens_total", (("kind", "output"),))] == 16
+    finally:
+        upstream.close()
 
 
 def test_a_report_s_counts_are_checked(pool):
