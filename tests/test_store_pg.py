@@ -51,6 +51,8 @@ def test_both_stores_keep_the_same_contract(any_store):
     assert s.add_job(job("j2", ["tenant:x"]), "k-x", idempotency_key="key") is None
     assert s.add_job(job("j3", ["gpu"], timeout=7), "k-gpu") is None
     assert s.add_job(job("j9"), "k-x", idempotency_key="key")["id"] == "j2"       # the job stored under the key
+    assert s.queue_depths(5) == (2, [("k-gpu", 2), ("k-x", 1)])      # /metrics: groups, the largest first
+    assert s.queue_depths(1) == (2, [("k-gpu", 2)])
     top, groups = s.queue_groups(0, {"gpu", "cpu"})
     assert [(g["req_key"], g["tags"], g["sealed"]) for g in groups] == [("k-gpu", ["gpu"], 0)]   # tenant:x left out
     assert s.queue_groups(top, {"gpu"}) == (top, [])
