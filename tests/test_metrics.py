@@ -94,3 +94,16 @@ def test_group_series_are_bounded_the_rest_summed_as_other(pool):
     assert len(depth) == GROUP_SERIES + 1 and depth["other"] == 5
     assert sum(depth.values()) == 2 * GROUP_SERIES + 5
     assert value(families, "pond_queue_groups") == GROUP_SERIES + 5
+
+
+def test_pickup_series_are_bounded_too():
+    """The first GROUP_SERIES groups picked up keep a pickup series; later ones add to other; retries
+    count as attempts, not pickups."""
+    from pond.metrics import GROUP_SERIES, Metrics, group_label
+    m = Metrics()
+    for i in range(GROUP_SERIES + 5):
+        m.assigned({"attempt": 0, "created_at": 0.0, "req_key": f'[["tenant:{i}"],[]]'}, 2.0)
+    m.assigned({"attempt": 1, "created_at": 0.0, "req_key": '[["tenant:0"],[]]'}, 9.0)
+    assert len(m.group_pickup) == GROUP_SERIES + 1 and m.group_pickup["other"].lines("x")[-1] == "x_count 5"
+    assert m.group_pickup[group_label('[["tenant:0"],[]]')].lines("x")[-1] == "x_count 1"
+    assert dict(m.attempts.items()) == {"assigned": GROUP_SERIES + 6}
