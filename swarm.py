@@ -6141,6 +6141,8 @@ def run_process(job, launch, output, cancel, timeout, on_start=lambda: None):
     except OSError as e:
         code = 127 if e.errno == errno.ENOENT else 126
         return code, f"cannot start {clean(launch.argv[0], 100)}: {e.strerror}", None
+    log.info("job %s attempt %s: started, pid %s", job["job_id"], job["attempt"], proc.pid,
+             extra={"job": job["job_id"], "event": "started", "attempt": job["attempt"], "state": "running"})
     on_start()
     sel = selectors.DefaultSelector()
     for stream, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
@@ -6374,6 +6376,9 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
             why = f"{e.message} ({e.hint})"
         secret_env = {}                  # brokered: nothing of the credential enters the job's environment
     if why is not None:
+        if not cancel.is_set():
+            log.warning("job %s attempt %s: refused: %s", job["job_id"], job["attempt"], clean(why),
+                        extra={"job": job["job_id"], "event": "refused", "attempt": job["attempt"]})
         finish(job, reporter, signer, "cancelled" if cancel.is_set() else "failed", error=why)
         return
     conf = dict(confinement(job.get("sandbox")), broker=agent is not None)

@@ -50,7 +50,8 @@ def test_pond_orchestrator_and_worker_log_json_lines_with_job_fields_and_no_secr
     assert {"submitted", "assigned", "done"} <= set(events), logs["pond"]
     assert events["assigned"]["attempt"] == 1 and events["assigned"]["worker"] == worker.worker_id
     assert events["done"]["exit_code"] == 0 and events["done"]["state"] == "done"
-    (finished,) = [line for line in logs["swarm-worker"] if line.get("job") == job]
+    started, finished = [line for line in logs["swarm-worker"] if line.get("job") == job]
+    assert started["event"] == "started" and started["attempt"] == 1 and started["state"] == "running", started
     assert finished["event"] == "finished" and finished["state"] == "done" and finished["exit_code"] == 0
     argv_warning = "--enroll-code shows the code in `ps` to every user of this host; prefer $SWARM_ENROLL_CODE"
     assert [line["level"] for line in logs["swarm-worker"] if line["message"] == argv_warning] == ["warning"]
