@@ -1,8 +1,13 @@
 """Fixtures: real pond, orchestrator and worker processes on port 0, real SQLite files.
 
-`pytest --store postgres` runs every pond a test starts through `pool` on PostgreSQL instead
-(a private server for the session, a database per pond: tests/pg_cluster.py); `--store both`
-runs those tests once on each. Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse fixture
+`pytest --store postgres` runs every pond a test starts on PostgreSQL instead (a private server
+for the session, a database per pond: tests/pg_cluster.py): ponds started through `pool` (or a
+module's own Pool made with store_pool()), and ponds a test starts by hand with pool.pond_env()
+(`pond up`, `pond serve` with its own flags, the docs' runnable blocks). A `pond serve` that is
+refused at start never opens its store, so those refusals run the same on both. `--store both`
+runs the tests that take the `store` fixture once on each. With --store postgres, the files in
+STORE_INDEPENDENT (no pond process at all) and the tests marked sqlite_only (about SQLite's files
+themselves) are skipped with their reason; nothing else is left out. Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse fixture
 fails a test that leaves a child process or a thread behind.
 """
 
@@ -260,7 +265,7 @@ class Pool:
     def pond(self, poll_hold=5, extra=(), ca_file=None, state=None, port=0, database=None):
         """A pond; give `state` and `port` of an earlier one to restart it where it was. With
         --store postgres (self.postgres), each state dir has a database of its own, or `database`."""
-        state = state or self._dir("pond")
+        state = Path(state) if state else self._dir("pond")
         env = None
         if self.postgres is not None:
             database = database or self.databases.get(state) or self.postgres.database()
@@ -270,6 +275,22 @@ class Pool:
                            "--poll-hold", str(poll_hold), *extra], "pond", env)
         handle = PondHandle(proc, state, ca_file)
         handle.postgres, handle.database = self.postgres, database
+        return handle
+
+    def pond_env(self, state, env=None):
+        """The environment for a pond a test starts by hand (`pond up`, `pond serve` with flags of its
+        own) on state dir `state`: on PostgreSQL, POND_DATABASE_URL (that state dir's database) and
+        PGPASSWORD; on SQLite, `env` or env_for_children() as is."""
+        env = dict(env if env is not None else env_for_children())
+        if self.postgres is None:
+            return env
+        database = self.databases.setdefault(Path(state), self.postgres.database())
+        return self.postgres.env(dict(env, POND_DATABASE_URL=database))
+
+    def handle(self, proc, state, ca_file=None):
+        """A PondHandle for a pond started by hand on `state` (with pond_env)."""
+        handle = PondHandle(proc, state, ca_file)
+        handle.postgres, handle.database = self.postgres, self.databases.get(Path(state))
         return handle
 
     def replica(self, pond, poll_hold=5, extra=(), port=0):
@@ -342,6 +363,37 @@ def shared_path():
     shutil.rmtree(d, ignore_errors=True)
 
 
+# Files that never start pond: under --store postgres they would run exactly as they do on SQLite.
+STORE_INDEPENDENT = {
+    "test_attestation.py": "signing vectors and interop: swarm.py and pond's functions, no pond process",
+    "test_cli_reference.py": "compares docs/cli.md with the argument parsers",
+    "test_egress.py": "swarm.py's egress proxy on loopback sockets",
+    "test_errors_doc.py": "reads docs/errors.md and the sources",
+    "test_keys.py": "key files and fingerprints: swarm.py and pond's functions, no pond process",
+    "test_sealing.py": "HPKE sealing vectors and interop, no pond process",
+    "test_swarm_file.py": "reads swarm.py's text",
+    "test_vectors.py": "matching vectors against pond.matching and swarm.py, no pond process",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only(reason): a test about SQLite's own files; skipped, with the "
+                                       "reason, under --store postgres")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--store") != "postgres":
+        return
+    for item in items:
+        name = Path(str(item.fspath)).name
+        mark = item.get_closest_marker("sqlite_only")
+        if name in STORE_INDEPENDENT:
+            item.add_marker(pytest.mark.skip(reason=f"store-independent, run once on SQLite: "
+                                                    f"{STORE_INDEPENDENT[name]}"))
+        elif mark is not None:
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {mark.args[0]}"))
+
+
 def pytest_addoption(parser):
     parser.addoption("--store", choices=("sqlite", "postgres", "both"), default="sqlite",
                      help="where the ponds of tests that use the `pool` fixture keep their data (default sqlite; "
@@ -384,6 +436,12 @@ def pg_pool(tmp_path, postgres):
         yield p
     finally:
         p.stop_all()
+
+
+def store_pool(request, tmp):
+    """A Pool on the store --store names, for a fixture of a wider scope than `pool`'s (a module's)."""
+    postgres = request.getfixturevalue("postgres") if request.config.getoption("--store") == "postgres" else None
+    return Pool(tmp, postgres)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_PIDS, Pool, wait_for
+from conftest import SHARED_PIDS, store_pool, wait_for
 from sandboxing import (CI_USER, SYSTEM_PYTHON, Listener, Upstream, UserHome, ci_user, egress_lines,
                         environ_holding, of_uids, prepare_root_dirs, processes, sandbox, start_worker, user_env, with_marker)
 
@@ -37,11 +37,11 @@ SLOT_UID_BASE = 5_000_000 + 2048 * (os.getpid() % 50_000)     # this run's own s
 class Escape:
     """The shared pool of one user kind, and how a test runs a job on it."""
 
-    def __init__(self, kind, tmp):
+    def __init__(self, kind, tmp, pool):
         self.kind, self.tmp = kind, tmp
         self.home, self.upstream, self.listener = None, None, None
         self.dir = prepare_root_dirs(tmp)
-        self.pool = Pool(tmp)                  # pond's and the orchestrator's state, every log
+        self.pool = pool                       # pond's and the orchestrator's state, every log
 
     def start(self):
         kind = self.kind
@@ -104,7 +104,8 @@ class Escape:
 
 @pytest.fixture(scope="module", params=["root", "user"])
 def escape(request, tmp_path_factory):
-    pool = Escape(request.param, tmp_path_factory.mktemp(f"escape-{request.param}"))
+    tmp = tmp_path_factory.mktemp(f"escape-{request.param}")
+    pool = Escape(request.param, tmp, store_pool(request, tmp))
     try:
         pool.start()
         SHARED_PIDS.update(p.proc.pid for p in pool.pool.procs)
