@@ -15,6 +15,8 @@ from pond.errors import ConfigError
 
 DEFAULT_STATE_DIR = ".pond-state"       # the public docs' POND_STATE_DIR default
 DEFAULT_BIND = "127.0.0.1:8001"          # the public docs' example port
+DATABASE_POOL = 4                        # connections per pond to PostgreSQL (store_pg.py)
+MAX_DATABASE_POOL = 64
 DEFAULT_POLL_HOLD = 25.0                 # s a /v1/orch/poll is held open when there is no work
 MAX_POLL_HOLD = 60.0                     # s; a client asking for more gets this
 MAX_BODY = 4 * 1024 * 1024               # bytes in one request body
@@ -62,6 +64,7 @@ class ServerSettings:
     log_cap: int = LOG_CAP
     require_sandbox: bool = False        # refuse jobs with sandbox profile none (specs/sandbox.md §5)
     database: str = field(default="", repr=False)     # postgresql://... (store_pg.py); "": DIR/pond.db
+    database_pool: int = DATABASE_POOL   # connections to it (store_pg.py's pool)
 
     @property
     def database_shown(self):
@@ -153,7 +156,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
                     log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
-                    max_pending_per_address=None, database=None, log_format=None):
+                    max_pending_per_address=None, database=None, log_format=None, database_pool=None):
     host, port = parse_bind(bind or env_setting(env, "POND_BIND", DEFAULT_BIND))
     state = Path(state_dir or env_setting(env, "POND_STATE_DIR", DEFAULT_STATE_DIR)).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -186,6 +189,11 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
         raise ConfigError(f"max pending {pending} and per address {per_address} are out of range",
                           f"give 1 <= per address <= max pending <= 65536 (defaults {MAX_PENDING_PER_ADDRESS}, "
                           f"{MAX_PENDING})")
+    pool = int(database_pool) if database_pool is not None else env_number(env, "POND_DATABASE_POOL", int,
+                                                                            DATABASE_POOL)
+    if not 1 <= pool <= MAX_DATABASE_POOL:
+        raise ConfigError(f"database pool {pool} is out of range",
+                          f"give 1 to {MAX_DATABASE_POOL} connections (default {DATABASE_POOL})")
     log_format = log_format or env.get("POND_LOG_FORMAT") or "text"
     if log_format not in ("text", "json"):
         raise ConfigError(f"log format {log_format!r} is not text or json", "give --log-format text|json")
@@ -197,7 +205,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           lease=lease, max_attempts=attempts, log_cap=cap,
                           require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
                           head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address,
-                          database=database_url(database, env))
+                          database=database_url(database, env), database_pool=pool)
 
 
 def database_url(flag, env, name="--database"):
