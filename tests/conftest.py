@@ -6,9 +6,10 @@ module's own Pool made with store_pool()), and ponds a test starts by hand with 
 (`pond up`, `pond serve` with its own flags, the docs' runnable blocks). A `pond serve` that is
 refused at start never opens its store, so those refusals run the same on both. `--store both`
 runs the tests that take the `store` fixture once on each. With --store postgres, the files in
-STORE_INDEPENDENT (no pond process at all) and the tests marked sqlite_only (about SQLite's files
-themselves) are skipped with their reason; nothing else is left out. Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse fixture
-fails a test that leaves a child process or a thread behind.
+STORE_INDEPENDENT (no pond process at all), those in ALWAYS_ON_POSTGRES (on it in the default
+pass too) and the tests marked sqlite_only (about SQLite's files themselves) are skipped with
+their reason; nothing else is left out. Nothing of ours is mocked. Every wait has a deadline
+(wait_for), and an autouse fixture fails a test that leaves a child process or a thread behind.
 """
 
 import importlib
@@ -284,8 +285,9 @@ class Pool:
         env = dict(env if env is not None else env_for_children())
         if self.postgres is None:
             return env
-        database = self.databases.setdefault(Path(state), self.postgres.database())
-        return self.postgres.env(dict(env, POND_DATABASE_URL=database))
+        if Path(state) not in self.databases:
+            self.databases[Path(state)] = self.postgres.database()
+        return self.postgres.env(dict(env, POND_DATABASE_URL=self.databases[Path(state)]))
 
     def handle(self, proc, state, ca_file=None):
         """A PondHandle for a pond started by hand on `state` (with pond_env)."""
@@ -352,6 +354,15 @@ class Pool:
         for proc in reversed(self.procs):
             proc.stop()
 
+    def close(self):
+        """The end of the test: stop every process, and give the ponds' databases back to the
+        PostgreSQL server to be emptied for another test (pg_cluster.Cluster.recycle())."""
+        self.stop_all()
+        if self.postgres is not None:
+            for database in set(self.databases.values()):
+                self.postgres.recycle(database)
+            self.databases.clear()
+
 
 @pytest.fixture
 def shared_path():
@@ -375,6 +386,14 @@ STORE_INDEPENDENT = {
     "test_vectors.py": "matching vectors against pond.matching and swarm.py, no pond process",
 }
 
+# Files whose ponds are on PostgreSQL whatever --store says (pg_pool, the postgres fixture): the
+# first pass has run them there already.
+ALWAYS_ON_POSTGRES = {
+    "test_replicas.py": "two replicas on one database (pg_pool)",
+    "test_failover.py": "replicas and URL lists (pg_pool); its one SQLite pond only answers a refusal",
+    "test_store_pg.py": "the PostgreSQL store itself, and SQLite beside it in the contract test",
+}
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "sqlite_only(reason): a test about SQLite's own files; skipped, with the "
@@ -390,6 +409,8 @@ def pytest_collection_modifyitems(config, items):
         if name in STORE_INDEPENDENT:
             item.add_marker(pytest.mark.skip(reason=f"store-independent, run once on SQLite: "
                                                     f"{STORE_INDEPENDENT[name]}"))
+        elif name in ALWAYS_ON_POSTGRES:
+            item.add_marker(pytest.mark.skip(reason=f"on PostgreSQL in every pass already: {ALWAYS_ON_POSTGRES[name]}"))
         elif mark is not None:
             item.add_marker(pytest.mark.skip(reason=f"SQLite only: {mark.args[0]}"))
 
@@ -435,7 +456,7 @@ def pg_pool(tmp_path, postgres):
     try:
         yield p
     finally:
-        p.stop_all()
+        p.close()
 
 
 def store_pool(request, tmp):
@@ -450,7 +471,7 @@ def pool(tmp_path, store, request):
     try:
         yield p
     finally:
-        p.stop_all()
+        p.close()
 
 
 def children(pid):

@@ -146,8 +146,9 @@ for p in sys.argv[1:]:
 
 def secret_paths(escape):
     w, pond, orch = escape.main, escape.pond, escape.orch
+    store = [] if pond.database else [pond.state_dir / "pond.db"]      # on PostgreSQL, no file of pond's holds it
     paths = [w.state_dir / "sealing.x25519", w.state_dir / "signing.ed25519", w.state_dir / "worker.json",
-             pond.state_dir / "admin-token", pond.state_dir / "pond.db", pond.state_dir / "credential.key",
+             pond.state_dir / "admin-token", *store, pond.state_dir / "credential.key",
              *sorted(p for p in orch.state_dir.iterdir() if p.is_file()),
              w.sandbox_dir / "slot-0" / "home" / "canary", w.sandbox_dir / "slot-1" / "home" / "canary"]
     return [str(p) for p in paths] + [f"/proc/1/root{p}" for p in paths[:3]] + ["/etc/shadow", "/root/.bashrc"]
