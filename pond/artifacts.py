@@ -11,8 +11,8 @@ specs/bundles.md §6 is normative.
 
 import re
 
-from pond import bundles, wire
-from pond.errors import BadRequest, Conflict, NotFound, PayloadTooLarge, StaleAttempt
+from pond import blobs, bundles, wire
+from pond.errors import BadRequest, Conflict, Gone, NotFound, PayloadTooLarge, StaleAttempt
 
 PATCH = "changes.patch"
 # An artifact's name: changes.patch, or work/<path relative to /work>, plain characters only.
@@ -67,7 +67,7 @@ def upload(pond, req):
     offset = wire.number(body["offset"], "offset", 0, size, integer=True)
     data = wire.b64decode(body["data"], "data")
     row = pond.store.artifact(job["id"], attempt, name)
-    store, key = bundles.blobs(pond), _key(job["id"], attempt, name)
+    store, key = blobs.for_store(pond), _key(job["id"], attempt, name)
     if offset == 0 and (row is None or row["received"] != 0 or (row["size"], row["sha256"]) != (size, sha256)):
         if row is None and len(pond.store.artifacts_of(job["id"], attempt)) >= MAX_ARTIFACTS:
             raise PayloadTooLarge(f"job {job['id']} attempt {attempt} has {MAX_ARTIFACTS} artifacts already",
@@ -79,7 +79,7 @@ def upload(pond, req):
         raise Conflict(f"artifact {name}: a piece at offset {offset} does not follow the {row['received']} bytes "
                        f"received of {row['size']}", "start the artifact again at offset 0", code="offset_mismatch")
     received = store.append(key, offset, data)
-    if received == size and store.sha256(key) != sha256:
+    if received == size and blobs.sha256(store, key) != sha256:
         store.delete(key)
         pond.store.add_artifact(job["id"], attempt, name, size, sha256)
         raise BadRequest(f"artifact {name}: what arrived does not have the sha256 announced; it was dropped",
@@ -125,5 +125,9 @@ def get(pond, req):
     raw = req.query.get("offset", "0")
     if not (raw.isascii() and raw.isdigit()) or int(raw) > item["size"]:
         raise BadRequest(f"offset={raw[:20]!r} must be a whole number from 0 to {item['size']}")
-    data = bundles.blobs(pond).read(_key(job["id"], job["attempt"], item["name"]), int(raw), bundles.PIECE)
+    if pond.store.artifact(job["id"], job["attempt"], item["name"]) is None:
+        raise Gone(f"job {job['id']}: artifact {item['name'][:80]} was deleted {pond.settings.artifact_retention:g} s "
+                   "after the job ended (pond's --artifact-retention)", "run the job again to have it anew",
+                   code="expired")
+    data = blobs.for_store(pond).read(_key(job["id"], job["attempt"], item["name"]), int(raw), bundles.PIECE)
     return 200, {**item, "offset": int(raw), "data": wire.b64encode(data)}

@@ -238,7 +238,7 @@ def check_statement(statement, job_id, attempt, fingerprint, stdout, stderr, com
 def verify_job(store, job_id, state_dir):
     """`pond verify`: re-check a finished job's stored attestation against the stored output
     and the worker's pinned key, as pond did when it recorded the result; its artifacts are in
-    `state_dir`/blobs (pond's state dir, on PostgreSQL too). -> (job, worker, statement)."""
+    `state_dir`/blobs, or on PostgreSQL in the database's blobs table. -> (job, worker, statement)."""
     job = store.job(job_id)
     if job is None:
         raise NotFound(f"job {job_id[:64]!r} does not exist in this state dir", "check the id and --state-dir")
@@ -266,15 +266,17 @@ def verify_job(store, job_id, state_dir):
 
 def _check_artifacts(store, job, statement, state_dir):
     """The artifacts pond recorded are exactly those signed, and each stored file still has its digest."""
-    from pond.bundles import FileBlobs
+    from pond import blobs
     signed = {s["name"]: s["digest"]["sha256"] for s in statement["subject"] if s["name"] not in SUBJECT_NAMES}
     recorded = {a["name"]: a["sha256"] for a in job["outputs"] or []}
     if signed != recorded:
         raise refused("the artifacts pond recorded are not the ones the worker signed")
-    blobs = FileBlobs(Path(state_dir) / "blobs")
+    kept = blobs.PgBlobs(store) if hasattr(store, "blob_append") else blobs.FileBlobs(Path(state_dir) / "blobs")
     for name, digest in signed.items():
+        if store.artifact(job["id"], job["attempt"], name) is None:
+            continue        # collected past --artifact-retention (specs/bundles.md §9): its digest stays signed
         try:
-            ok = blobs.sha256(f"artifacts/{job['id']}/{job['attempt']}/{name}") == digest
+            ok = blobs.sha256(kept, f"artifacts/{job['id']}/{job['attempt']}/{name}") == digest
         except OSError:
             ok = False
         if not ok:

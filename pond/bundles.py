@@ -9,8 +9,8 @@
     worker ──▶ orch ── POST /v1/orch/jobs/{id}/source/read {attempt, token, offset} ──▶ 1 MiB pieces
 
 pond never dials out: the worker reaches pond through its orchestrator, as reports and seals do.
-The ciphertext lives in a blob store (files under the state dir; the interface is small so
-that an S3-compatible store can follow), the data key in pond.db encrypted under the
+The ciphertext lives in the blob store of pond's store (pond/blobs.py: files under the state dir,
+or PostgreSQL's blobs table that every replica reads), the data key in pond.db encrypted under the
 credential key with the bundle id as associated data. specs/bundles.md is normative.
 """
 
@@ -28,8 +28,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from pond import sealing, tokens, wire
-from pond.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, StaleAttempt
+from pond import blobs, sealing, tokens, wire
+from pond.errors import BadRequest, Conflict, Forbidden, Gone, NotFound, PayloadTooLarge, StaleAttempt
 
 MAGIC = b"pond-bundle-v1\n"          # the ciphertext's header, and each chunk's associated data
 CHUNK = 64 * 1024                    # plaintext bytes per chunk; each sealed chunk is CHUNK + 16
@@ -37,6 +37,7 @@ TAG = 16
 KEY_BYTES = 32
 PIECE = 1024 * 1024                  # bytes of ciphertext in one upload or read request
 MAX_BUNDLE = 1024 * 1024 * 1024      # bytes of ciphertext pond takes for one bundle
+REDEEM_AGAIN = 300.0                 # s after its redeem that a token's worker may redeem it again (§5)
 KEY_AAD = b"pond-bundle-key-v1\x00"  # at rest: the data key under the credential key, with the bundle id
 SEAL_PREFIX = b"pond-bundle-seal-v1\x00"   # the HPKE info prefix of a sealed data key (specs/bundles.md §4)
 BUNDLE_ID_RE = re.compile(r"^b_[A-Za-z0-9_-]{1,60}\Z")
@@ -165,64 +166,6 @@ def upload(client, path, key, sha256, size):
     return bundle["id"]
 
 
-# -- the blob store -------------------------------------------------------------------
-
-class FileBlobs:
-    """Blobs as files under one directory (0700; files 0600). Keys are slash-separated names
-    made by pond (bundles/b_..., artifacts/j_.../1/...), never by a client. Another store (S3)
-    implements the same four verbs."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-
-    def _path(self, key):
-        parts = key.split("/")
-        if any(p in ("", ".", "..") for p in parts):
-            raise ValueError(f"bad blob key {key!r}")
-        return self.root.joinpath(*parts)
-
-    def append(self, key, offset, data):
-        """Write `data` at `offset`, which must be the blob's size now -> the new size."""
-        path = self._path(key)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            if os.fstat(fd).st_size != offset:
-                raise ValueError("offset is not the end of the blob")
-            os.write(fd, data)
-            return os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-
-    def size(self, key):
-        try:
-            return self._path(key).stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def read(self, key, offset, n):
-        with open(self._path(key), "rb") as f:
-            f.seek(offset)
-            return f.read(n)
-
-    def delete(self, key):
-        try:
-            self._path(key).unlink()
-        except FileNotFoundError:
-            pass
-
-    def sha256(self, key):
-        digest = hashlib.sha256()
-        with open(self._path(key), "rb") as f:
-            while block := f.read(PIECE):
-                digest.update(block)
-        return digest.hexdigest()
-
-
-def blobs(pond):
-    return FileBlobs(Path(pond.settings.state_dir) / "blobs")
-
-
 # -- the data key at rest ------------------------------------------------------------------
 
 def seal_at_rest(key, bundle_id, data_key):
@@ -271,10 +214,10 @@ def put_part(pond, req):
         raise Conflict(f"bundle {row['id']}: a part at offset {offset} of {len(data)} bytes does not follow the "
                        f"{row['received']} bytes received of {row['size']}", f"send offset {row['received']} next",
                        code="offset_mismatch")
-    store = blobs(pond)
+    store = blobs.for_store(pond)
     received = store.append(f"bundles/{row['id']}", offset, data)
     complete = received == row["size"]
-    if complete and store.sha256(f"bundles/{row['id']}") != row["sha256"]:
+    if complete and blobs.sha256(store, f"bundles/{row['id']}") != row["sha256"]:
         store.delete(f"bundles/{row['id']}")
         pond.store.delete_bundle(row["id"])
         raise BadRequest(f"bundle {row['id']}: what arrived does not have the sha256 announced; it was dropped",
@@ -355,24 +298,29 @@ def _redeemable(pond, req, fields):
 
 def redeem(pond, req):
     """POST /v1/orch/jobs/{id}/source {attempt, token}: the data key sealed to the assigned worker's pinned
-    X25519 key for this job, attempt and spec. The token redeems once."""
+    X25519 key for this job, attempt and spec. The token redeems once; within REDEEM_AGAIN of that, the
+    same worker may redeem it again (its answer was lost) and gets a fresh seal of the same key."""
     job, attempt, _, row = _redeemable(pond, req, ("attempt", "token"))
     worker = pond.store.worker(job["worker_id"])
     if not worker or not worker["fingerprint"] or not worker["x25519_public"] or worker["revoked_at"] is not None:
         raise Forbidden(f"worker {job['worker_id']} has no pinned key: pond gives a source bundle only to pinned keys",
                         "enroll the worker with the cryptography package installed (it sends its keys)",
                         code="unpinned")
-    if not pond.store.redeem_source_token(job["id"], attempt, pond.now()):
+    again = not pond.store.redeem_source_token(job["id"], attempt, pond.now(), worker["fingerprint"])
+    row = pond.store.source_token(job["id"], attempt) if again else row
+    if again and (row["redeemed_by"] != worker["fingerprint"] or pond.now() - row["redeemed_at"] > REDEEM_AGAIN):
+        # pond may redeem a token again only for the worker that redeemed it first, soon after (§5)
         raise Conflict(f"job {job['id']} attempt {attempt}: the source token was redeemed already",
                        "a token redeems once; the job is claimed again for a new one", code="token_used")
-    bundle = pond.store.bundle(job["source"]["bundle"])
+    bundle = _kept(pond, job)
     data_key = open_at_rest(pond.settings.credential_key, bundle["id"], bundle["key_ct"])
     spec = sealing.job_spec(job["command"], job["env"], job["sandbox"], job.get("files"), job.get("broker"),
                             source=spec_source(job["source"]))
     sealed = seal_key(base64.b64decode(worker["x25519_public"]), data_key, job["id"], attempt,
                       worker["fingerprint"], spec)
-    pond.store.add_job_event(job["id"], {"at": pond.now(), "event": "source_sealed", "attempt": attempt,
-                                         "fingerprint": worker["fingerprint"], "sha256": bundle["sha256"]})
+    pond.store.add_job_event(job["id"], {"at": pond.now(), "event": "source_resealed" if again else "source_sealed",
+                                         "attempt": attempt, "fingerprint": worker["fingerprint"],
+                                         "sha256": bundle["sha256"]})
     return 200, {"sealed": sealed, "sha256": bundle["sha256"], "size": bundle["size"]}
 
 
@@ -383,10 +331,19 @@ def read(pond, req):
     if row["redeemed_at"] is None:
         raise Conflict(f"job {job['id']} attempt {attempt}: the source token was not redeemed",
                        "redeem it first (POST .../source)", code="token_unredeemed")
-    bundle = pond.store.bundle(job["source"]["bundle"])
+    bundle = _kept(pond, job)
     offset = wire.number(body["offset"], "offset", 0, bundle["size"], integer=True)
-    data = blobs(pond).read(f"bundles/{bundle['id']}", offset, PIECE)
+    data = blobs.for_store(pond).read(f"bundles/{bundle['id']}", offset, PIECE)
     return 200, {"offset": offset, "data": wire.b64encode(data), "size": bundle["size"]}
+
+
+def _kept(pond, job):
+    """The bundle of a job's source; Gone if the reaper deleted it (a submit that raced its collection)."""
+    bundle = pond.store.bundle(job["source"]["bundle"])
+    if bundle is None:
+        raise Gone(f"job {job['id']}: its source bundle {job['source']['bundle']} was deleted past pond's "
+                   "--bundle-retention", "upload the source again and submit a new job", code="expired")
+    return bundle
 
 
 # -- sealing the data key (specs/bundles.md §4) -------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pond import __version__
 from pond.client import Client
-from pond.errors import PondError
+from pond.errors import ConfigError, PondError
 from pond.health import storage_failure
 from pond.settings import (DB_FILE, DEFAULT_STATE_DIR, client_settings, env_number, env_setting, read_private,
                            server_settings)
@@ -104,14 +104,18 @@ def cmd_serve(args):
                                args.max_attempts, args.log_cap, args.require_sandbox,
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
                                max_pending_per_address=args.max_pending_per_address, database=args.database,
-                               log_format=args.log_format, database_pool=args.database_pool)
+                               log_format=args.log_format, bundle_retention=args.bundle_retention,
+                               artifact_retention=args.artifact_retention, database_pool=args.database_pool)
     return serve(settings)
 
 
 def cmd_up(args):
     from pond.up import up
     state = args.state_dir or env_setting(os.environ, "POND_STATE_DIR", DEFAULT_STATE_DIR)
-    return up(state, args.bind, args.tags, args.capabilities, args.concurrency)
+    log_format = args.log_format or os.environ.get("POND_LOG_FORMAT") or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"log format {log_format!r} is not text or json", "give --log-format text|json")
+    return up(state, args.bind, args.tags, args.capabilities, args.concurrency, log_format=log_format)
 
 
 def cmd_submit(args):
@@ -391,7 +395,7 @@ def _exit_status(job):
 
 
 def cmd_jobs(args):
-    data = _client(args).get("/v1/jobs", state=args.state, limit=args.limit)
+    data = _client(args).get("/v1/jobs", state=args.state, tag=args.tag, worker=args.worker, limit=args.limit)
     if args.json:
         return _print_json(data)
     _table(data["jobs"], [("ID", "id"), ("STATE", "state"), ("EXIT", "exit_code"), ("WORKER", "worker"),
@@ -571,7 +575,7 @@ def cmd_migrate_store(args):
     source = Store(state / DB_FILE, readonly=True)
     target = PgStore(url)
     try:
-        copied = target.copy_from(source)
+        copied = target.copy_from(source, state / "blobs")
     except ValueError as e:
         raise PondError(str(e), "give an empty database; nothing was copied", code="usage") from None
     finally:
@@ -912,6 +916,12 @@ def build_parser():
                    help="output kept per job unless it says: the head and tail of each stream (default 4 MiB)")
     s.add_argument("--max-attempts", type=int, metavar="N",
                    help="attempts of a job whose leases run out before it fails (default 3)")
+    s.add_argument("--bundle-retention", type=float, metavar="S",
+                   help="seconds a source bundle is kept once no job needs it (default: $POND_BUNDLE_RETENTION, "
+                        "else 604800: 7 days)")
+    s.add_argument("--artifact-retention", type=float, metavar="S",
+                   help="seconds a job's artifacts are kept after it ends (default: $POND_ARTIFACT_RETENTION, "
+                        "else 604800: 7 days)")
     s.add_argument("--require-sandbox", action="store_true",
                    help="refuse jobs with sandbox profile none (default: $POND_REQUIRE_SANDBOX, else off)")
     s.add_argument("--database", type=_named, metavar="URL",
@@ -929,6 +939,9 @@ def build_parser():
     s.add_argument("--tags", default="pool:trusted,pool:local", help="the worker's tags (default: %(default)s)")
     s.add_argument("--capabilities", default="harness.*,sandbox.*", help="the worker's capability globs (default: %(default)s)")
     s.add_argument("--concurrency", type=int, default=2, help="the worker's slots (default: %(default)s)")
+    s.add_argument("--log-format", choices=("text", "json"),
+                   help="the three processes' log lines, text or one JSON object a line "
+                        "(default: $POND_LOG_FORMAT, else text)")
     s.set_defaults(fn=cmd_up)
 
     s = sub.add_parser("submit", help="submit a job: pond submit [options] -- COMMAND [ARG...]", parents=[common])
@@ -982,7 +995,9 @@ def build_parser():
 
     s = sub.add_parser("jobs", help="list jobs", parents=[common])
     s.add_argument("--state", choices=STATES, help="only jobs in this state")
-    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--tag", type=_named, metavar="TAG", help="only jobs that require this tag (pond filters all its jobs)")
+    s.add_argument("--worker", type=_named, metavar="ID", help="only jobs whose last attempt ran on this worker")
+    s.add_argument("--limit", type=int, default=50, help="the newest N that match (default: %(default)s)")
     s.set_defaults(fn=cmd_jobs)
 
     s = sub.add_parser("job", help="show one job (and why it waits)", parents=[common])

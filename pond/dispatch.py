@@ -15,6 +15,7 @@ report, which wakes held polls, so a poll never works from a stale offer
 """
 
 import base64
+import contextlib
 import dataclasses
 import secrets
 import threading
@@ -50,8 +51,13 @@ class Notifier:
         self.jobs_version = 0     # new jobs
         self._job_waiters = 0
         self.relay = None         # PostgreSQL: tells the other replicas, whose stores call wake() (store_pg.py)
+        self._deferred = threading.local()
 
     def notify(self, new_job=False):
+        pending = getattr(self._deferred, "pending", None)
+        if pending is not None:
+            pending.add(new_job)
+            return
         if self.relay is not None:
             self.relay(new_job)
         self.wake(new_job)
@@ -66,6 +72,19 @@ class Notifier:
             else:
                 self.version += 1
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Within, this thread's notify() only notes the change; one wake of each kind at the end.
+        A batch of 64 reports wakes the held polls once, not 64 times (each wake of every waiter
+        costs its thread a switch, and pond a tenth of its CPU at full load)."""
+        self._deferred.pending = set()
+        try:
+            yield
+        finally:
+            pending, self._deferred.pending = self._deferred.pending, None
+            for new_job in sorted(pending):
+                self.notify(new_job)
 
     def snapshot(self):
         return self.version, self.jobs_version
@@ -641,21 +660,26 @@ def report_batch(pond, req):
         raise BadRequest(f"reports must be a list of 1 to {MAX_BATCH} reports",
                          "send the oldest reports first, at most that many at once")
     results = []
-    for item in body["reports"]:
-        try:
-            item = wire.obj(item, "report", ("job_id", "claim_token", "kind", "body"), ("job_id", "claim_token", "kind"))
-            kind = item["kind"] if isinstance(item["kind"], str) else None    # a list is no dict key
-            handler = {"state": report_state, "chunk": report_chunk}.get(kind)
-            if handler is None or not isinstance(item["job_id"], str) or not isinstance(item["claim_token"], str):
-                raise BadRequest("a report has kind state or chunk, and string job_id and claim_token",
-                                 "echo them from the assignment")
-            one = dataclasses.replace(req, params={"id": item["job_id"]}, body=item.get("body"),
-                                      headers={"X-Claim-Token": item["claim_token"]})
-            status, answer = handler(pond, one)
-            results.append({"status": status, **answer})
-        except PondError as e:
-            results.append({"status": e.status, **e.to_json()})
+    with pond.work.deferred(), pond.logs.deferred():
+        for item in body["reports"]:
+            results.append(_report_one(pond, req, item))
     return 200, {"results": results}
+
+
+def _report_one(pond, req, item):
+    try:
+        item = wire.obj(item, "report", ("job_id", "claim_token", "kind", "body"), ("job_id", "claim_token", "kind"))
+        kind = item["kind"] if isinstance(item["kind"], str) else None    # a list is no dict key
+        handler = {"state": report_state, "chunk": report_chunk}.get(kind)
+        if handler is None or not isinstance(item["job_id"], str) or not isinstance(item["claim_token"], str):
+            raise BadRequest("a report has kind state or chunk, and string job_id and claim_token",
+                             "echo them from the assignment")
+        one = dataclasses.replace(req, params={"id": item["job_id"]}, body=item.get("body"),
+                                  headers={"X-Claim-Token": item["claim_token"]})
+        status, answer = handler(pond, one)
+        return {"status": status, **answer}
+    except PondError as e:
+        return {"status": e.status, **e.to_json()}
 
 
 def report_chunk(pond, req):

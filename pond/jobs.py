@@ -222,11 +222,18 @@ def usage(pond, req):
 
 
 def list_jobs(pond, req):
-    state = req.query.get("state")
+    """GET /v1/jobs?state=&tag=&worker=&limit=: the newest jobs first, each filter given narrowing them
+    (tag: the job requires it; worker: its last attempt ran there); an empty filter is refused."""
+    state, tag, worker = (req.query.get(name) for name in ("state", "tag", "worker"))
     if state is not None and state not in {s.value for s in JobState}:
         raise BadRequest(f"state {state[:40]!r} is unknown", "one of: " + ", ".join(s.value for s in JobState))
+    if tag is not None and not wire.TAG_RE.match(tag):
+        raise BadRequest(f"tag {tag[:40]!r} is not a tag", "a tag is 1-128 of A-Z a-z 0-9 . _ : / = + -, "
+                         "starting with a letter or digit")
+    if worker is not None and not wire.ID_RE.match(worker):
+        raise BadRequest(f"worker {worker[:40]!r} is not a worker id", "list workers with `pond admin workers`")
     limit = _int_query(req, "limit", 100, 1, 1000)
-    return 200, {"jobs": [view(pond, row, explain=False) for row in pond.store.jobs(state, limit)],
+    return 200, {"jobs": [view(pond, row, explain=False) for row in pond.store.jobs(state, limit, tag, worker)],
                  "counts": pond.store.job_counts()}
 
 

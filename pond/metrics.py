@@ -65,6 +65,7 @@ class Metrics:
         self.pickup = Histogram(PICKUP_BUCKETS)     # submit -> first assignment, s
         self.ended = Counters()              # attempts pond ended: lease_expired, evicted, worker_lost
         self.refused = Counters()            # results refused: attestation_failed
+        self.collected = Counters()          # blobs the reaper deleted past their retention: bundle, artifact
         self._lock = threading.Lock()
 
     def request(self, route, status, seconds):
@@ -109,6 +110,8 @@ def render(pond, req):
            [f'pond_attempts_ended_total{{reason="{reason}"}} {n}' for reason, n in m.ended.items()])
     family("pond_results_refused_total", "counter", "Final reports whose signed result did not verify.",
            [f"pond_results_refused_total {sum(n for _, n in m.refused.items())}"])
+    family("pond_blobs_collected_total", "counter", "Bundles and artifacts deleted past their retention, by kind.",
+           [f'pond_blobs_collected_total{{kind="{kind}"}} {n}' for kind, n in m.collected.items()])
     family("pond_group_matches_total", "counter", "Requirement groups matched against a pool's workers.",
            [f"pond_group_matches_total {pond.fits.checks}"])
     return 200, "\n".join(out) + "\n"

@@ -142,7 +142,7 @@ ERROR = _answer(("error",), error=_answer(("code", "message"), code=STR, message
 ERRORS = {400: "Bad input: the message names the field, the hint what is allowed",
           401: "No token, or not a Bearer token", 403: "The token is not valid, or the operation is refused",
           404: "No such thing", 405: "Another method is allowed on this path", 409: "Conflicts with the state",
-          410: "The code was used or has expired", 413: "Body over 4 MiB", 422: "The sandbox block is refused",
+          410: "The code was used or has expired; the bundle or artifact was deleted past its retention", 413: "Body over 4 MiB", 422: "The sandbox block is refused",
           431: "Headers too large", 503: "pond is busy or cannot store this now; retry"}
 
 
@@ -216,6 +216,8 @@ OPERATIONS = {
                                            counts={"type": "object", "additionalProperties": INT})},
                              params=[_query("state", {"enum": ["queued", "assigned", "running", "done", "failed",
                                                                "cancelled"]}),
+                                     _query("tag", {"type": "string", "pattern": _pattern(wire.TAG_RE)}),
+                                     _query("worker", ID["schema"]),
                                      _query("limit", {"type": "string", "pattern": "^[0-9]+$"})]),
     ("GET", "/v1/jobs/{id}"): _op("One job", "jobs", "admin", {200: JOB}, 404, params=[ID]),
     ("GET", "/v1/jobs/{id}/logs"): _op(
@@ -244,7 +246,7 @@ OPERATIONS = {
         {200: _answer(("name", "size", "sha256", "offset", "data"), offset=INT, data={"type": "string",
                                                                                       "format": "byte"},
                       **ARTIFACT["properties"])},
-        404, params=[ID, ARTIFACT_NAME, _query("offset", {"type": "string", "pattern": "^[0-9]+$"})]),
+        404, 410, params=[ID, ARTIFACT_NAME, _query("offset", {"type": "string", "pattern": "^[0-9]+$"})]),
     ("POST", "/v1/bundles"): _op(
         "Announce an encrypted source bundle; its parts follow", "bundles", "admin", {201: BUNDLE},
         body=_obj(("key", "sha256", "size"), key={"type": "string", "pattern": "^[A-Za-z0-9+/]{43}=$"},
@@ -343,12 +345,12 @@ OPERATIONS = {
     ("POST", "/v1/orch/jobs/{id}/source"): _op(
         "Redeem the attempt's source token: the bundle's data key sealed to the worker's pinned key", "orch",
         "orch", {200: _answer(("sealed", "sha256", "size"), sealed=_answer(("enc", "ct", "suite")), sha256=HEX64,
-                              size=INT)}, 404, 409,
+                              size=INT)}, 404, 409, 410,
         body=_obj(("attempt", "token"), attempt=ATTEMPT, token=TOKEN), body_required=True, params=[ID, CLAIM]),
     ("POST", "/v1/orch/jobs/{id}/source/read"): _op(
         "A piece (at most 1 MiB) of the bundle's ciphertext, once the token was redeemed", "orch", "orch",
         {200: _answer(("offset", "data", "size"), offset=INT, data={"type": "string", "format": "byte"}, size=INT)},
-        404, 409, body=_obj(("attempt", "token", "offset"), attempt=ATTEMPT, token=TOKEN,
+        404, 409, 410, body=_obj(("attempt", "token", "offset"), attempt=ATTEMPT, token=TOKEN,
                             offset={"type": "integer", "minimum": 0, "maximum": MAX_2_53}),
         body_required=True, params=[ID, CLAIM]),
     ("POST", "/v1/orch/jobs/{id}/artifacts"): _op(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qsl, urlsplit
 
-from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, bundles, console, credentials, dispatch,
+from pond import (PROTOCOL_VERSION, __version__, agents, artifacts, blobs, bundles, console, credentials, dispatch,
                   enrollment, health, jobs, logfmt, metrics, openapi, pairing, tokens)
 from pond.errors import (BadRequest, ConfigError, HeadersTooLarge, MethodNotAllowed, NotFound, PayloadTooLarge, PondError,
                          StorageUnavailable, Unauthorized, Unavailable, Unhealthy, Forbidden)
@@ -108,6 +108,10 @@ ROUTES = [
     ("POST", r"/v1/orch/enrollment/(?P<code>[A-Za-z0-9-]{1,32})/consumed", "orch", enrollment.consumed),
 ]
 _COMPILED = [(m, re.compile(p + r"\Z"), who, fn) for m, p, who, fn in ROUTES]
+# The query parameters a handler reads; any other is refused (400), on every route, so that a typo
+# (?stat=queued) is never taken for "no filter". tests/test_openapi.py checks the document says the same.
+QUERY = {jobs.list_jobs: ("state", "tag", "worker", "limit"), jobs.logs: ("after", "wait", "limit"),
+         artifacts.get: ("offset",), agents.usage_summary: ("since", "until", "by")}
 
 
 @dataclass
@@ -162,6 +166,7 @@ class Pond:
     polled: dict = field(default_factory=dict)     # binding id -> when a poll of it was last held
     started: float = field(default_factory=time.time)
     metrics: Metrics = field(default_factory=Metrics)    # what /metrics counts
+    collected_at: float = None                     # monotonic s of the reaper's last blob collection
 
 
 def _route_name(fn):
@@ -395,11 +400,16 @@ class Handler(BaseHTTPRequestHandler):
             self._check_admin()
         elif who == "orch":
             principal = pairing.authenticate(self.pond, self.headers.get("Authorization"))
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        unknown = sorted(set(query) - set(QUERY.get(fn, ())))
+        if unknown:         # before the body is read; a value may be a secret (?token=...): only the name is echoed
+            allowed = QUERY.get(fn)
+            raise BadRequest(f"unknown query parameter {_clean(unknown[0])[:40]!r}",
+                             "allowed: " + ", ".join(allowed) if allowed else "this endpoint takes no query parameters")
         s = self.pond.settings                  # an open route's body is small: it gets the head's time
         raw = self._read_exactly(length, s.request_timeout if who else s.head_timeout) if length else None
         self.close_connection = keep
         body = None if raw is None else self._json(raw)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
         req = Request(method, parts.path, params, query, self.headers, body,
                       alive=lambda: not peer_gone(self.connection))
         req.principal = principal
@@ -786,6 +796,7 @@ def _reap(pond):
         pond.work.notify()
     dispatch.expire_leases(pond)
     dispatch.expire_overdue(pond)
+    blobs.collect_if_due(pond)               # bundles and artifacts past their retention
 
 
 def serve(settings, ready=None):

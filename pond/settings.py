@@ -34,6 +34,11 @@ LEASE = 60.0                             # s an attempt lives without a heartbea
 MAX_ATTEMPTS = 3                         # attempts of a job whose leases run out, before it fails
 LOG_CAP = 4 * 1024 * 1024                # bytes of a job's output kept (head and tail), unless the job says
 MIN_LOG_CAP, MAX_LOG_CAP = 64 * 1024, 1024 ** 3
+# s a source bundle is kept after its last job ended (or, never used, after its upload), and a job's
+# artifacts after it ended: a week, so a change made on Friday can be reviewed and applied on Monday
+# (specs/bundles.md §9). The reaper deletes them then.
+BUNDLE_RETENTION = ARTIFACT_RETENTION = 7 * 24 * 3600.0
+MAX_RETENTION = 3650 * 24 * 3600.0
 
 ADMIN_TOKEN_FILE = "admin-token"         # in the state dir, mode 0600
 ENDPOINT_FILE = "endpoint.json"          # in the state dir: where this pond listens
@@ -65,6 +70,8 @@ class ServerSettings:
     require_sandbox: bool = False        # refuse jobs with sandbox profile none (specs/sandbox.md §5)
     database: str = field(default="", repr=False)     # postgresql://... (store_pg.py); "": DIR/pond.db
     database_pool: int = DATABASE_POOL   # connections to it (store_pg.py's pool)
+    bundle_retention: float = BUNDLE_RETENTION
+    artifact_retention: float = ARTIFACT_RETENTION
 
     @property
     def database_shown(self):
@@ -156,7 +163,8 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                     request_timeout=None, tls_cert=None, tls_key=None, insecure_no_tls=False,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
                     log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
-                    max_pending_per_address=None, database=None, log_format=None, database_pool=None):
+                    max_pending_per_address=None, database=None, log_format=None, bundle_retention=None,
+                    artifact_retention=None, database_pool=None):
     host, port = parse_bind(bind or env_setting(env, "POND_BIND", DEFAULT_BIND))
     state = Path(state_dir or env_setting(env, "POND_STATE_DIR", DEFAULT_STATE_DIR)).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -194,6 +202,14 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
     if not 1 <= pool <= MAX_DATABASE_POOL:
         raise ConfigError(f"database pool {pool} is out of range",
                           f"give 1 to {MAX_DATABASE_POOL} connections (default {DATABASE_POOL})")
+    retention = {}
+    for name, flag, default in (("bundle", bundle_retention, BUNDLE_RETENTION),
+                                ("artifact", artifact_retention, ARTIFACT_RETENTION)):
+        value = float(flag) if flag is not None else env_number(env, f"POND_{name.upper()}_RETENTION", float, default)
+        if not 1 <= value <= MAX_RETENTION:
+            raise ConfigError(f"{name} retention {value:g} s is out of range",
+                              f"give --{name}-retention 1 to {MAX_RETENTION:.0f} seconds (default {default:.0f}: 7 days)")
+        retention[name] = value
     log_format = log_format or env.get("POND_LOG_FORMAT") or "text"
     if log_format not in ("text", "json"):
         raise ConfigError(f"log format {log_format!r} is not text or json", "give --log-format text|json")
@@ -205,7 +221,8 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           lease=lease, max_attempts=attempts, log_cap=cap,
                           require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
                           head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address,
-                          database=database_url(database, env), database_pool=pool)
+                          database=database_url(database, env), bundle_retention=retention["bundle"],
+                          artifact_retention=retention["artifact"], database_pool=pool)
 
 
 def database_url(flag, env, name="--database"):

@@ -29,7 +29,7 @@ from pathlib import Path
 from pond.errors import StorageUnavailable
 from pond.health import cleared, storage_failure, warn_once
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairing_codes (
@@ -173,6 +173,7 @@ CREATE TABLE IF NOT EXISTS source_tokens (
     attempt     INTEGER NOT NULL,
     token_hash  TEXT NOT NULL,
     redeemed_at REAL,
+    redeemed_by TEXT,
     PRIMARY KEY (job_id, attempt)
 );
 -- Artifacts a worker uploaded for an attempt (pond/artifacts.py), each a file in the blob store.
@@ -207,8 +208,10 @@ _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "
 # eviction; a job's credential, attestation, events, lease, cancel grace, log cap, retries and
 # idempotency key (and the credentials table, created above). Schema 4: a job's source, artifact
 # patterns and cap, and the artifacts its result recorded (and the bundle and artifact tables); an
-# agent job's runtime files, broker, agent request and usage (and the registry table).
+# agent job's runtime files, broker, agent request and usage (and the registry table). Schema 5:
+# the worker that redeemed a source token (a lost answer is redeemed again by it alone).
 ADDED_COLUMNS = {
+    "source_tokens": (("redeemed_by", "TEXT"),),
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
                 ("tag_ceiling", "TEXT"), ("revoked_at", "REAL"), ("events", "TEXT"), ("evicted_at", "REAL"),
                 ("drain", "INTEGER NOT NULL DEFAULT 0")),
@@ -599,10 +602,14 @@ class Store:
         with self.transaction():
             self._db.execute("UPDATE jobs SET events = ? WHERE id = ?", (self._events_with("jobs", job_id, event), job_id))
 
-    def jobs(self, state=None, limit=100):
-        if state:
-            return self._all("SELECT * FROM jobs WHERE state = ? ORDER BY seq DESC LIMIT ?", (state, limit))
-        return self._all("SELECT * FROM jobs ORDER BY seq DESC LIMIT ?", (limit,))
+    HAS_TAG = "EXISTS (SELECT 1 FROM json_each(tags) WHERE value = ?)"       # store_pg.py: PostgreSQL's
+
+    def jobs(self, state=None, limit=100, tag=None, worker=None):
+        """The newest `limit` jobs, of `state`, requiring `tag`, last run by `worker`: each one given."""
+        given = [(sql, value) for sql, value in (("state = ?", state), (self.HAS_TAG, tag), ("worker_id = ?", worker))
+                 if value is not None]
+        where = " WHERE " + " AND ".join(sql for sql, _ in given) if given else ""
+        return self._all(f"SELECT * FROM jobs{where} ORDER BY seq DESC LIMIT ?", (*(v for _, v in given), limit))
 
     def job_counts(self):
         return {r["state"]: r["n"] for r in self._all("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
@@ -807,10 +814,29 @@ class Store:
     def source_token(self, job_id, attempt):
         return self._one("SELECT * FROM source_tokens WHERE job_id = ? AND attempt = ?", (job_id, attempt))
 
-    def redeem_source_token(self, job_id, attempt, now):
-        """Mark the attempt's token redeemed -> False if it was already (a token redeems once)."""
-        return self._write("UPDATE source_tokens SET redeemed_at = ? WHERE job_id = ? AND attempt = ?"
-                           " AND redeemed_at IS NULL", (now, job_id, attempt)) == 1
+    def redeem_source_token(self, job_id, attempt, now, fingerprint):
+        """Mark the attempt's token redeemed by the worker of `fingerprint` -> False if it was already."""
+        return self._write("UPDATE source_tokens SET redeemed_at = ?, redeemed_by = ? WHERE job_id = ? AND attempt = ?"
+                           " AND redeemed_at IS NULL", (now, fingerprint, job_id, attempt)) == 1
+
+    def bundles_to_collect(self, before, limit):
+        """Ids of bundles made before `before` that no job needs: every job that names one ended
+        before `before` (specs/bundles.md §9)."""
+        held = {r["source"]["bundle"] for r in self._all(
+            "SELECT source FROM jobs WHERE source IS NOT NULL AND (state NOT IN ('done', 'failed', 'cancelled')"
+            " OR finished_at IS NULL OR finished_at >= ?)", (before,)) if "bundle" in r["source"]}
+        rows = self._all("SELECT id FROM bundles WHERE created_at < ? ORDER BY created_at LIMIT ?",
+                         (before, limit + len(held)))
+        return [r["id"] for r in rows if r["id"] not in held][:limit]
+
+    def artifacts_to_collect(self, before, limit):
+        """Artifacts (of any attempt) of jobs that ended before `before`."""
+        return self._all("SELECT a.job_id, a.attempt, a.name FROM artifacts a JOIN jobs j ON j.id = a.job_id"
+                         " WHERE j.state IN ('done', 'failed', 'cancelled') AND j.finished_at < ?"
+                         " ORDER BY j.finished_at LIMIT ?", (before, limit))
+
+    def delete_artifact(self, job_id, attempt, name):
+        self._write("DELETE FROM artifacts WHERE job_id = ? AND attempt = ? AND name = ?", (job_id, attempt, name))
 
     def artifact(self, job_id, attempt, name):
         return self._one("SELECT * FROM artifacts WHERE job_id = ? AND attempt = ? AND name = ?",

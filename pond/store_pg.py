@@ -40,6 +40,7 @@ import threading
 import time
 from contextlib import contextmanager
 from functools import lru_cache
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -60,6 +61,18 @@ STATEMENT_TIMEOUT = 60          # s a statement may run
 # Advisory lock keys: (POND, n) for pond's own locks, (POND_CLAIMS, hash of a binding id) for claims.
 POND, POND_CLAIMS = 0x706F6E64, 0x706F6E65
 MIGRATE, REAPER, GROUPS = 1, 2, 3
+POND_BLOBS = 0x706F6E66         # (POND_BLOBS, hash of a blob key): one append to a blob at a time
+# Schema 5: the blob store (pond/blobs.py PgBlobs), PostgreSQL's alone (pond on SQLite keeps files).
+# A blob is rows of at most BLOB_ROW bytes, `off` its first byte's offset: read and written a row at
+# a time, never whole.
+BLOB_ROW = 256 * 1024
+BLOB_SCHEMA = """CREATE TABLE IF NOT EXISTS blobs (
+    key   TEXT NOT NULL,
+    off   BIGINT NOT NULL,
+    len   INTEGER NOT NULL,
+    data  BYTEA NOT NULL,
+    PRIMARY KEY (key, off)
+)"""
 # SQLite's types as PostgreSQL spells them, for store.SCHEMA and ADDED_COLUMNS (one schema, two dialects).
 TYPES = [(r"\bINTEGER PRIMARY KEY( AUTOINCREMENT)?", "BIGSERIAL PRIMARY KEY"), (r"\bINTEGER\b", "BIGINT"),
          (r"\bREAL\b", "DOUBLE PRECISION"), (r"\bBLOB\b", "BYTEA")]
@@ -289,6 +302,7 @@ class PgStore(Store):
             for statement in pg_types(SCHEMA).split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            self._db.execute(BLOB_SCHEMA)
             self._lock_groups()
             self._db.execute(f"DELETE FROM queue_groups WHERE {_GROUP_EMPTY}")
             self._db.execute(f"INSERT INTO queue_groups (req_key, tags, capabilities, sealed)"
@@ -502,12 +516,13 @@ class PgStore(Store):
             self._reaper = self._db if got else None
         return got
 
-    def copy_from(self, source):
-        """`pond migrate-store`: every row of `source` (a Store on SQLite) into this empty database, in
-        one transaction; -> {table: rows copied}. Refused (ValueError) if this one holds pond data."""
+    def copy_from(self, source, blob_dir=None):
+        """`pond migrate-store`: every row of `source` (a Store on SQLite) and every file under
+        `blob_dir` (its FileBlobs: bundles and artifacts) into this empty database, in one
+        transaction; -> {table: rows copied, "blobs": files}. Refused (ValueError) if this one holds pond data."""
         with self.transaction():
-            self._db.execute(f"LOCK TABLE {', '.join(TABLES)} IN EXCLUSIVE MODE")   # no pond writes meanwhile
-            held = [t for t in TABLES if self._one(f"SELECT 1 AS x FROM {t} LIMIT 1")]
+            self._db.execute(f"LOCK TABLE {', '.join(TABLES)}, blobs IN EXCLUSIVE MODE")   # no pond writes meanwhile
+            held = [t for t in (*TABLES, "blobs") if self._one(f"SELECT 1 AS x FROM {t} LIMIT 1")]
             if held:
                 raise ValueError(f"the database already holds pond data (in {', '.join(held)})")
             copied = {}
@@ -521,7 +536,50 @@ class PgStore(Store):
                 # The next row numbers follow the copied ones (a serial is never reused).
                 self._db.execute(f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
                                  f" (SELECT COALESCE(MAX({column}), 0) + 1 FROM {table}), false)")
+            copied["blobs"] = self._copy_blobs(Path(blob_dir)) if blob_dir and Path(blob_dir).is_dir() else 0
             return copied
+
+    def _copy_blobs(self, root):
+        """Each file under `root` as blob rows, keyed by its path there, a row at a time (never a
+        whole file in memory) -> files copied."""
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        for path in files:
+            key, offset = path.relative_to(root).as_posix(), 0
+            with open(path, "rb") as f:
+                while data := f.read(BLOB_ROW):
+                    self._db.execute("INSERT INTO blobs (key, off, len, data) VALUES (?, ?, ?, ?)",
+                                     (key, offset, len(data), data))
+                    offset += len(data)
+        return len(files)
+
+    # -- the blob store (pond/blobs.py PgBlobs) --------------------------------------
+
+    def blob_append(self, key, offset, data):
+        """Add `data` at `offset`, which must be the blob's size now -> the new size (ValueError if not)."""
+        with self.transaction():
+            self._db.execute(f"SELECT pg_advisory_xact_lock({POND_BLOBS}, hashtext(?))", (key,))
+            if self.blob_size(key) != offset:
+                raise ValueError("offset is not the end of the blob")
+            for i in range(0, len(data), BLOB_ROW):
+                row = data[i:i + BLOB_ROW]
+                self._db.execute("INSERT INTO blobs (key, off, len, data) VALUES (?, ?, ?, ?)",
+                                 (key, offset + i, len(row), row))
+            return offset + len(data)
+
+    def blob_size(self, key):
+        row = self._one("SELECT off + len AS n FROM blobs WHERE key = ? ORDER BY off DESC LIMIT 1", (key,))
+        return row["n"] if row else 0
+
+    def blob_read(self, key, offset, n):
+        """At most `n` bytes from `offset`: the rows that hold them, sliced; b"" past the end."""
+        rows = self._all("SELECT off, data FROM blobs WHERE key = ? AND off < ? AND off + len > ? ORDER BY off",
+                         (key, offset + n, offset))
+        out = b"".join(bytes(r["data"]) for r in rows)
+        start = offset - rows[0]["off"] if rows else 0
+        return out[start:start + n]
+
+    def blob_delete(self, key):
+        self._write("DELETE FROM blobs WHERE key = ?", (key,))
 
     # -- SQL that is SQLite's alone ------------------------------------------------
 
@@ -539,6 +597,8 @@ class PgStore(Store):
     def _drop_group(self, job_id):
         self._lock_groups()
         super()._drop_group(job_id)
+
+    HAS_TAG = "tags::jsonb @> jsonb_build_array(?::text)"     # store.Store.jobs's tag filter
 
     def queue_groups(self, after, tags):
         with self._lock:

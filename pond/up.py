@@ -113,8 +113,9 @@ def _url_from(line, name):
     return url
 
 
-def _start_pond(state, bind, explicit_bind, py, logs):
-    pond = Child("pond", [py, "-m", "pond", "serve", "--bind", bind, "--state-dir", str(state)], logs / "pond.log")
+def _start_pond(state, bind, explicit_bind, py, logs, logged):
+    pond = Child("pond", [py, "-m", "pond", "serve", "--bind", bind, "--state-dir", str(state), *logged],
+                 logs / "pond.log")
     try:
         return pond, _url_from(pond.wait_ready(), "pond")
     except ConfigError:
@@ -122,12 +123,12 @@ def _start_pond(state, bind, explicit_bind, py, logs):
             raise
     # The default port is taken (or pond failed there): any free loopback port will do,
     # since the CLI finds pond through DIR/endpoint.json.
-    pond = Child("pond", [py, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state)],
+    pond = Child("pond", [py, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state), *logged],
                  logs / "pond.log")
     return pond, _url_from(pond.wait_ready(), "pond")
 
 
-def up(state_dir, bind, tags, capabilities, concurrency, out=print):
+def up(state_dir, bind, tags, capabilities, concurrency, out=print, log_format="text"):
     state = Path(state_dir).resolve()
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
@@ -140,13 +141,14 @@ def up(state_dir, bind, tags, capabilities, concurrency, out=print):
     signal.signal(signal.SIGINT, lambda *a: stop.set())
     signal.signal(signal.SIGTERM, lambda *a: stop.set())
     try:
-        pond, pond_url = _start_pond(state, bind or "127.0.0.1:8001", bind is not None, py, logs)
+        logged = ["--log-format", log_format]          # each child's lines in the one format asked for
+        pond, pond_url = _start_pond(state, bind or "127.0.0.1:8001", bind is not None, py, logs, logged)
         children.append(pond)
         admin = Client(pond_url, read_private(state / ADMIN_TOKEN_FILE))
-        orch, orch_url = _start_orchestrator(state / "orchestrator", pond_url, admin, py, swarm, logs)
+        orch, orch_url = _start_orchestrator(state / "orchestrator", pond_url, admin, py, swarm, logs, logged)
         children.append(orch)
         worker, worker_line = _start_worker(state / "worker", orch_url, admin, py, swarm, logs,
-                                            tags, capabilities, concurrency)
+                                            tags, capabilities, concurrency, logged)
         children.append(worker)
         _summary(out, state, pond_url, orch_url, worker_line, state_dir, _sandboxes(admin, worker_line, stop))
         while not stop.wait(0.5):
@@ -164,7 +166,7 @@ def up(state_dir, bind, tags, capabilities, concurrency, out=print):
         lock.close()
 
 
-def _start_orchestrator(orch_dir, pond_url, admin, py, swarm, logs):
+def _start_orchestrator(orch_dir, pond_url, admin, py, swarm, logs, logged):
     orch_dir.mkdir(exist_ok=True)
     os.chmod(orch_dir, 0o700)
     handle = orch_dir / "backend-handle.json"
@@ -178,19 +180,20 @@ def _start_orchestrator(orch_dir, pond_url, admin, py, swarm, logs):
     if not token_file.exists():
         write_private(token_file, secrets.token_urlsafe(32) + "\n")
     orch = Child("orchestrator", [py, swarm, "serve", "--bind", "127.0.0.1:0", "--state-dir", str(orch_dir),
-                                  "--handle", str(handle), "--pond", pond_url, "--token-file", str(token_file)],
+                                  "--handle", str(handle), "--pond", pond_url, "--token-file", str(token_file),
+                                  *logged],
                  logs / "orchestrator.log")
     return orch, _url_from(orch.wait_ready(), "orchestrator")
 
 
-def _start_worker(worker_dir, orch_url, admin, py, swarm, logs, tags, capabilities, concurrency):
+def _start_worker(worker_dir, orch_url, admin, py, swarm, logs, tags, capabilities, concurrency, logged):
     worker_dir.mkdir(exist_ok=True)
     os.chmod(worker_dir, 0o700)
     repo_root = worker_dir / "checkouts"
     repo_root.mkdir(exist_ok=True)
     argv = [py, swarm, "worker", "--orchestrator", orch_url, "--state-dir", str(worker_dir),
             "--tags", tags, "--capabilities", capabilities, "--concurrency", str(concurrency),
-            "--repo-root", str(repo_root)]
+            "--repo-root", str(repo_root), *logged]
     env = None
     if not (worker_dir / "worker.json").exists():     # in the environment, never in an argv `ps` shows
         env = dict(os.environ, SWARM_ENROLL_CODE=admin.post("/v1/admin/pool/enrollment-codes", {})["code"])

@@ -559,6 +559,11 @@ POND_JOB_READ_CASES = [
     job_get("limit over the cap", "/v1/jobs?limit=1001", 400, "bad_request", says="limit"),
     job_get("limit of 400 digits", "/v1/jobs?limit=" + "9" * 400, 400, "bad_request", says="limit"),
     job_get("limit in superscript digits", "/v1/jobs?limit=%C2%B2", 400, "bad_request", says="limit"),
+    job_get("a query parameter pond does not take", "/v1/jobs?stat=queued", 400, "bad_request", says="stat"),
+    job_get("tag empty", "/v1/jobs?tag=", 400, "bad_request", says="tag"),
+    job_get("worker not an id", "/v1/jobs?worker=..%2F", 400, "bad_request", says="worker"),
+    job_get("logs with a query parameter it does not take", "/v1/jobs/<job>/logs?cursor=3", 400, "bad_request",
+            says="cursor"),
     # GET /v1/jobs/{id}
     job_get("a job that does not exist", f"/v1/jobs/{UNKNOWN_JOB}", says=UNKNOWN_JOB),
     job_get("a job id of 65 characters", "/v1/jobs/" + "j" * 65),

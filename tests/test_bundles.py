@@ -201,8 +201,19 @@ def test_the_claim_carries_a_one_time_token_the_key_opens_for_that_attempt_only(
     other = next(w for w in key_of if w != first["worker"])
     with pytest.raises(Exception, match="could not be unsealed"):      # not for the other worker's key
         bundles.open_key(key_of[other], answer["sealed"], job["id"], 1, fp_of[other], spec)
+    # Redeemed again by its worker soon after (the answer was lost): a fresh seal of the same key.
     status, again = _redeem(pond, token, first)
-    assert status == 409 and again["error"]["code"] == "token_used", again
+    assert status == 200 and again["sealed"]["enc"] != answer["sealed"]["enc"], again
+    assert bundles.open_key(key_of[first["worker"]], again["sealed"], job["id"], 1, fp_of[first["worker"]],
+                            spec) == data_key
+    # ... but not once another worker redeemed it, nor past its life.
+    pond.sql("UPDATE source_tokens SET redeemed_by = ? WHERE job_id = ?", (fp_of[other], job["id"]))
+    status, used = _redeem(pond, token, first)
+    assert status == 409 and used["error"]["code"] == "token_used", used
+    pond.sql("UPDATE source_tokens SET redeemed_by = ?, redeemed_at = redeemed_at - ? WHERE job_id = ?",
+             (fp_of[first["worker"]], bundles.REDEEM_AGAIN + 1, job["id"]))
+    status, late = _redeem(pond, token, first)
+    assert status == 409 and late["error"]["code"] == "token_used", late
     status, wrong = _redeem(pond, token, first, token="x" * 32)
     assert status == 403 and wrong["error"]["code"] == "token_invalid", wrong
     status, stale = _redeem(pond, token, first, attempt=2)
@@ -389,6 +400,55 @@ def test_the_bundle_vectors_file_is_what_its_script_writes(tmp_path):
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "b.json").read_text()) == VECTORS
+
+
+COMBINED = json.loads((Path(__file__).resolve().parents[1] / "specs" / "vectors" / "combined.json").read_text())
+
+
+def test_the_combined_vector_is_what_pond_and_the_worker_bind_and_sign():
+    """One agent job with a source and artifacts (specs/vectors/combined.json): the spec's exact bytes,
+    the info of both seals and the signed result, from pond's code and swarm.py's alike."""
+    from cryptography.hazmat.primitives.asymmetric import x25519
+    from pond import attestation, sealing, wire
+    v, job = COMBINED, COMBINED["job"]
+    keys = json.loads((Path(__file__).resolve().parents[1] / "specs" / "vectors" / "keys.json").read_text())["workers"][0]
+    parts = (job["command"], job["env"], job["sandbox"], job["files"], job["broker"])
+    spec_obj = dict(zip(("command", "env", "sandbox", "files", "broker"), parts), source=job["source"])
+    assert wire.canonical_json(spec_obj) == swarm.canonical_json(spec_obj) == v["spec_json"].encode()
+    assert sealing.job_spec(*parts, source=job["source"]) == swarm.job_spec(*parts, job["source"]) == v["spec_digest"]
+    fp, spec = v["fingerprint"], v["spec_digest"]
+    assert sealing.seal_info(job["job_id"], 1, fp, spec).hex() == v["credential_info_hex"]
+    assert swarm.seal_info(job["job_id"], 1, fp, spec).hex() == v["credential_info_hex"]
+    info = bytes.fromhex(v["bundle_key_info_hex"])
+    assert sealing.seal_info(job["job_id"], 1, fp, spec, bundles.SEAL_PREFIX) == info
+    assert swarm.seal_info(job["job_id"], 1, fp, spec, swarm.BUNDLE_SEAL_PREFIX) == info
+    # A data key pond seals for this job opens on worker A with exactly that info.
+    private = bytes.fromhex(keys["x25519_private"])
+    public = x25519.X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+    sealed = bundles.seal_key(public, b"k" * 32, job["job_id"], 1, fp, spec)
+    assert swarm.hpke_open(private, sealed, info) == b"k" * 32
+    # The result worker A signs, byte for byte, and pond accepts it for this job.
+    result, artifacts = v["result"], {n: base64.b64decode(d) for n, d in v["artifacts_b64"].items()}
+    stdout, stderr = base64.b64decode(result["stdout_b64"]), base64.b64decode(result["stderr_b64"])
+    statement = swarm.result_statement(
+        job_id=job["job_id"], attempt=1, command=job["command"], sandbox=job["sandbox"], worker_fingerprint=fp,
+        state=result["state"], exit_code=result["exit_code"], error=result["error"],
+        started_at=result["started_at"], finished_at=result["finished_at"], stdout=stdout, stderr=stderr,
+        dropped=None, artifacts={n: hashlib.sha256(d).hexdigest() for n, d in artifacts.items()},
+        source=swarm.source_spec(dict(job["source"], token="t")), spec=spec, usage=result["usage"])
+    assert swarm.canonical_json(statement).decode() == v["statement_json"] and statement["subject"] == v["subjects"]
+    assert swarm.sign_envelope(bytes.fromhex(keys["ed25519_private"]), statement, fp) == v["envelope"]
+    signed = attestation.verify_envelope(bytes.fromhex(keys["ed25519_public"]), v["envelope"])
+    attestation.check_statement(signed, job["job_id"], 1, fp, stdout, stderr, command=job["command"],
+                                outcome=(result["state"], result["exit_code"], result["error"]),
+                                sandbox=job["sandbox"], source=job["source"], artifacts=True, spec=spec)
+    assert [s["name"] for s in v["subjects"]] == ["stdout", "stderr", "changes.patch", "work/out/report.txt"]
+
+
+def test_the_combined_vector_file_is_what_its_script_writes(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "specs" / "vectors" / "make_combined.py"
+    subprocess.run([sys.executable, str(script), str(tmp_path / "combined.json")], check=True, timeout=60)
+    assert json.loads((tmp_path / "combined.json").read_text()) == COMBINED
 
 
 def test_an_archive_that_is_not_gzip_or_tar_is_refused_with_a_reason(tmp_path):

@@ -271,6 +271,31 @@ def test_console_follows_a_job_live_cancels_one_and_runs_the_pool(pool, browser,
     assert not csp_violations(browser)
 
 
+def test_console_filters_by_tag_and_worker_over_all_jobs_not_the_newest_thousand(pool, browser):
+    """pond filters (GET /v1/jobs?tag=&worker=): a job older than the newest 1000 is still found."""
+    pond = pool.pond()
+    orch = pool.orchestrator(pond)
+    worker = pool.worker(pond, orch, tags="repo:old")
+    old = pond.submit(["true"], tags=["repo:old"])
+    pond.wait_job(old["id"])
+    newer = [{"command": ["true"], "tags": ["repo:nobody"], "sandbox": {"profile": "none"}}] * 1000
+    assert pond.api("POST", "/v1/jobs", newer)[0] == 201                   # no worker takes them
+    row = f"#jobs tr[data-job={old['id']}]"          # looked up by selector: the text of 1000 rows is slow
+    sign_in(browser, pond, pond.token)
+    wait_for(lambda: "showing 1000 " in text(browser, "#job-counts"), 15, what="the newest 1000")
+    assert not browser.find_elements("css selector", row)
+    for field, value in (("tag", "repo:old"), ("worker", worker.worker_id)):
+        box = browser.find_element("id", f"filter-{field}")
+        box.send_keys(value + "\n")
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", box)
+        wait_for(lambda: text(browser, "#job-counts").endswith("showing 1") and browser.find_elements("css selector", row),
+                 10, what=f"the old job alone, filtered by {field}")
+        box.clear()
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", box)
+        wait_for(lambda: "showing 1000 " in text(browser, "#job-counts"), 10, what="the filter cleared")
+    assert not browser.find_element("id", "error").is_displayed(), text(browser, "#error")
+
+
 def test_a_console_file_missing_from_the_install_is_a_503_that_says_to_reinstall(tmp_path, monkeypatch):
     from types import SimpleNamespace
     from pond.errors import Unavailable

@@ -6,9 +6,9 @@ and the other relative paths land there), one command at a time: a line that end
 goes on to the next, blank and comment lines are skipped, the rest is bash's
 (`bash -e -o pipefail -c LINE`), with `pond` and `python` on PATH meaning this checkout's.
 
-- A server (`pond serve`, `pond up`, `python -m swarm serve`, `python -m swarm worker`) starts in the
-  background and is waited for until it prints its ready line; it is stopped once the
-  file's last block has run.
+- A server (`pond serve`, `pond up`, `python -m swarm serve`, `python -m swarm worker`, after any
+  `NAME=value` that sets its environment) starts in the background and is waited for until it
+  prints its ready line; it is stopped once the file's last block has run.
 - `NAME=$(...)` keeps its value for the commands after it, as a shell would.
 - Any other command must exit 0.
 
@@ -31,6 +31,7 @@ MARKER = "<!-- runnable -->"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PORTS = ("127.0.0.1:8001", "127.0.0.1:8080")
 ASSIGNMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=\$\(")
+ASSIGNMENT_PREFIX = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")          # NAME=value before a command
 
 
 def runnable_blocks(path):
@@ -56,6 +57,8 @@ def runnable_blocks(path):
 
 def is_server(command):
     words = shlex.split(command, comments=True)
+    while words and ASSIGNMENT_PREFIX.match(words[0]):       # SWARM_ENROLL_CODE="$CODE" python -m swarm worker
+        words = words[1:]
     if words[:2] in (["pond", "serve"], ["pond", "up"]):
         return True
     return (words[:3] in (["python", "-m", "swarm"], ["python3", "-m", "swarm"]) and len(words) > 3
@@ -89,8 +92,10 @@ def test_runnable_blocks_run_as_printed(doc, tmp_path, pool):
                     command = command.replace(text, port)
                 where = f"{doc.name}, block at line {line}: {command}"
                 if is_server(command):
-                    proc = Proc(["bash", "-c", f"exec {command}"], tmp_path / f"server{len(servers)}.log",
-                                env=dict(env), cwd=work)
+                    # `NAME=value exec server`: the assignments reach the server; exec keeps its pid the Proc's
+                    prefix = re.match(r"((?:[A-Za-z_][A-Za-z0-9_]*=(?:\"[^\"]*\"|'[^']*'|\S+)\s+)*)", command)[1]
+                    proc = Proc(["bash", "-c", f"{prefix}exec {command[len(prefix):]}"],
+                                tmp_path / f"server{len(servers)}.log", env=dict(env), cwd=work)
                     servers.append(proc)
                     proc.ready()
                     assert proc.alive(), f"{where}\nexited: {proc.stderr()}"

@@ -35,9 +35,9 @@ EXAMPLES = 6          # per operation and mode, plus the requests about things t
 NOT_API = {console.static}
 
 
-def routes():
-    """server.ROUTES as {(METHOD, /path/{param}): who may call}: each named group becomes {name}."""
-    return {(method, re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\.", ".")): who
+def routes(what=lambda who, fn: who):
+    """server.ROUTES as {(METHOD, /path/{param}): who may call (or `what` of it)}: each named group becomes {name}."""
+    return {(method, re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("\\.", ".")): what(who, fn)
             for method, pattern, who, fn in server.ROUTES if fn not in NOT_API}
 
 
@@ -53,6 +53,14 @@ def test_the_document_lists_exactly_the_routes_pond_answers_with_their_auth():
                                               f"only in server.ROUTES: {sorted(set(routes()) - set(documented))}")
     for key, who in routes().items():
         assert documented[key]["security"] == ([{who: []}] if who else []), f"{key}: auth {who}"
+
+
+def test_the_document_lists_exactly_the_query_parameters_pond_takes_on_each_route():
+    """pond refuses any other query parameter (server.QUERY), so the two lists must be one."""
+    takes = routes(lambda who, fn: set(server.QUERY.get(fn, ())))
+    documented = {(method.upper(), path): {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
+                  for path, ops in openapi.document()["paths"].items() for method, op in ops.items()}
+    assert documented == takes
 
 
 def test_pond_serves_the_document_without_a_token(pool):

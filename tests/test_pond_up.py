@@ -19,9 +19,10 @@ READY = "submit a job"
 class Up:
     """A running `pond up`, its stdout collected line by line."""
 
-    def __init__(self, state_dir, env=None):
+    def __init__(self, state_dir, *extra, env=None):
         """`env`: pool.pond_env(state_dir), so that its pond keeps its data where --store says."""
-        self.proc = subprocess.Popen([PY, "-m", "pond", "up", "--state-dir", str(state_dir), "--bind", "127.0.0.1:0"],
+        self.proc = subprocess.Popen([PY, "-m", "pond", "up", "--state-dir", str(state_dir), "--bind", "127.0.0.1:0",
+                                      *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
                                      env=env or env_for_children(), start_new_session=True)
         self.lines, self.err = [], []
@@ -98,7 +99,7 @@ def admin_list(state, what):
 
 def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path, pool):
     state = tmp_path / "pool"
-    up = Up(state, pool.pond_env(state))
+    up = Up(state, env=pool.pond_env(state))
     try:
         up.wait_ready()
         pond_pid, orch_pid = pool_pids(state)
@@ -108,6 +109,7 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path, pool):
         assert kids == {pond_pid, orch_pid, workers[0]}
         # The worker's enrollment code is a secret: in its environment, never in an argv `ps` shows.
         assert not [cmdline(p) for p in kids if b"--enroll-code" in cmdline(p)]
+        assert "--enroll-code shows the code in `ps`" not in (state / "logs" / "worker.log").read_text()
         # The sandboxes the worker enforces, as pond sees them.
         assert any(line.strip() == "worker enforces sandboxes: bwrap, process" for line in up.lines), up.output()
         # The web console's address, as the README says to open it.
@@ -130,7 +132,7 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path, pool):
 
 def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path, pool):
     state = tmp_path / "pool"
-    first = Up(state, pool.pond_env(state))
+    first = Up(state, env=pool.pond_env(state))
     try:
         first.wait_ready()
         (orch,) = admin_list(state, "orchestrators")
@@ -139,7 +141,9 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
     finally:
         first.cleanup()
 
-    second = Up(state, pool.pond_env(state))
+    logs = {name: state / "logs" / f"{name}.log" for name in ("pond", "orchestrator", "worker")}
+    seen = {name: path.stat().st_size for name, path in logs.items()}       # the first run's lines, in text
+    second = Up(state, "--log-format", "json", env=pool.pond_env(state))
     try:
         second.wait_ready()
         assert [o["id"] for o in admin_list(state, "orchestrators")] == [orch["id"]]
@@ -162,6 +166,12 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
         assert len(admin_list(state, "orchestrators")) == 1 and len(admin_list(state, "workers")) == 1
 
         assert second.interrupt() == 0, second.output()
+        # --log-format reached all three: their lines of this run are JSON, with the job's events on each.
+        for name, path in logs.items():
+            lines = path.read_bytes()[seen[name]:].decode().splitlines()
+            records = [json.loads(line) for line in lines if line.startswith("{")]
+            assert records and all(" INFO " not in line for line in lines if not line.startswith("{")), lines
+            assert any(r.get("job") == last["id"] for r in records), (name, lines)
     finally:
         second.cleanup()
 

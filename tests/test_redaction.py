@@ -146,6 +146,6 @@ def test_no_code_or_token_reaches_any_log(pool, tmp_path):
     access = next(text for name, text in logs.items() if name.startswith("pond"))
     for line in ("POST /v1/orch/pair 201", "POST /v1/orch/enrollment/[redacted]/consumed 201",
                  "GET /v1/orch/enrollment/[redacted]/consumed 404", "GET /v1/orch/[redacted]/whoami 404",
-                 "GET /v1/jobs?state=queued&token=[redacted] 200", "GET /v1/orch/whoami?access_token=[redacted] 200",
+                 "GET /v1/jobs?state=queued&token=[redacted] 400", "GET /v1/orch/whoami?access_token=[redacted] 400",
                  "POST /v1/orch/workers/snapshot 200"):
         assert line in access, f"{line!r} is not in pond's access log"

@@ -11,6 +11,7 @@ told apart by a `kind:` tag. `main` (bwrap and process, concurrency 2), `loop` (
 reach the test's upstream on 127.0.0.1), `proc` (process only).
 """
 
+import json
 import os
 import subprocess
 import re
@@ -74,7 +75,7 @@ class Escape:
         return w
 
     def slot_uids(self, name):
-        return SLOT_UID_BASE + 256 * ("main", "loop", "proc", "kill", "bundled", "kill-process").index(name)
+        return SLOT_UID_BASE + 256 * ("main", "loop", "proc", "kill", "bundled", "kill-process", "fork").index(name)
 
     def job_uids(self, w):
         """The uids a root worker's jobs run as (none of their own for a user worker)."""
@@ -230,6 +231,7 @@ def test_a_job_cannot_read_another_running_job_s_environment(escape):
     holder = escape.submit(sh("sleep 6"), WRITE, env={"API_KEY": canary})
     wait_for(lambda: environ_holding(canary), 15, what="the canary job running (its environ on the host)")
     scanner = """
+import json
 import os
 import subprocess
 seen, pids = [], []
@@ -573,6 +575,76 @@ def test_every_worker_enforces_bwrap(escape):
     for w in (escape.main, escape.loop):
         assert re.search(r"sandboxes \S*bwrap", w.lines[0]), (w.lines[0], w.stderr())
         assert "dropped" not in w.stderr(), w.stderr()
+
+
+# --- the start helper and the fork it replaces ----------------------------------------------
+
+CONFINEMENT = """
+import ctypes, json, os, resource, sys
+libc = ctypes.CDLL(None, use_errno=True)
+sig = ctypes.c_int(0)
+libc.prctl(2, ctypes.byref(sig), 0, 0, 0)               # PR_GET_PDEATHSIG
+try:
+    open("/var/tmp/swarm-start-probe", "w")
+    outside = "written"
+except OSError as e:
+    outside = e.errno
+limits = {n: resource.getrlimit(getattr(resource, "RLIMIT_" + n)) for n in ("CORE", "NOFILE", "FSIZE", "CPU", "NPROC")}
+print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "session_leader": os.getsid(0) == os.getpid(),
+                  "pdeathsig": sig.value, "no_new_privs": libc.prctl(39, 0, 0, 0, 0), "outside": outside,
+                  "cwd": os.getcwd().rsplit("/", 2)[-1], "fds": sorted(os.listdir("/proc/self/fd")), "limits": limits,
+                  "env": sorted(os.environ), "oom_score_adj": open("/proc/self/oom_score_adj").read().strip(),
+                  "cgroups": sorted(l.split(":", 2)[2].strip().rsplit("/", 1)[-1].split("-")[0] for l in open("/proc/self/cgroup")
+                                    if "memory" in l or "pids" in l or l.startswith("0::"))}))
+"""
+
+
+NETWORK = """
+import json, socket
+names = [l.split(":")[0].strip() for l in open("/proc/net/dev") if ":" in l and "|" not in l]
+with socket.create_connection(("127.0.0.1", 3128), timeout=10) as s:
+    s.sendall(b"CONNECT 169.254.169.254:80 HTTP/1.1\\r\\nHost: 169.254.169.254:80\\r\\n\\r\\n")
+    status = s.recv(200).split(b"\\r\\n")[0].decode()
+print(json.dumps({"interfaces": names, "proxy": status}))
+"""
+
+
+def test_the_start_helper_confines_a_job_exactly_as_the_fork_does(escape):
+    """A process job started through the compiled start helper (the default where a C compiler
+    is) and one forked by the spawner (a worker whose $CC fails, with no cache to find a build
+    in: /proc takes no directory): the same uid, session, parent-death signal, Landlock, limits,
+    descriptors, environment and cgroups; and a command that is not there fails the same way."""
+    env = dict(os.environ if escape.kind == "root" else user_env(ci_user()), CC="/bin/false",
+               XDG_CACHE_HOME="/proc/no-cache-here")
+    fork = escape.worker("fork", capabilities="sandbox.bwrap,sandbox.process", env=env)
+    assert "jobs start by fork: /bin/false failed (exit 1)" in fork.stderr(), fork.stderr()
+    assert "jobs start through the start helper" in escape.proc.stderr(), escape.proc.stderr()
+    seen = {}
+    for on, w in (("proc", escape.proc), ("fork", fork)):
+        job, out, err = escape.run(py(CONFINEMENT), NONE, on=on)
+        assert job["state"] == "done", (on, job.get("error"), out, err)
+        seen[on] = json.loads(out)
+        if w.slot_uid_base:
+            assert seen[on]["uid"] in escape.job_uids(w) and seen[on]["gid"] == seen[on]["uid"], seen[on]
+            seen[on]["uid"] = seen[on]["gid"] = "slot"
+        missing = escape.run(["no-such-command-here"], NONE, on=on)[0]
+        seen[on]["missing"] = (missing["state"], missing.get("exit_code"), missing.get("error"))
+    assert seen["proc"] == seen["fork"], seen
+    got = seen["proc"]
+    assert got["session_leader"] and got["pdeathsig"] == signal.SIGKILL and got["fds"] == ["0", "1", "2", "3"], got
+    assert got["limits"]["CORE"] == [0, 0] and got["limits"]["NOFILE"][0] == got["limits"]["NOFILE"][1], got
+    assert got["missing"][0] == "failed" and "no-such-command-here" in (got["missing"][2] or ""), got
+    if escape.kind == "root":
+        assert got["groups"] == [] and got["oom_score_adj"] == "0", got
+    net = {}
+    for on in ("main", "fork"):          # a write job: its own network namespace, the proxy's listener in it
+        job, out, err = escape.run(py(NETWORK), WRITE, on=on)
+        assert job["state"] == "done", (on, job.get("error"), out, err)
+        net[on] = json.loads(out)
+    assert net["main"] == net["fork"] and net["main"]["interfaces"] == ["lo"], net
+    assert net["main"]["proxy"].startswith("HTTP/1.1 403"), net
+    escape.pool.procs.remove(fork)
+    fork.stop()
 
 
 # --- bugs these tests ran into ------------------------------------------------------------

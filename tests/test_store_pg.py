@@ -246,13 +246,21 @@ def test_migrate_store_moves_an_install_from_sqlite_to_postgresql(tmp_path, post
         sqlite_pool.worker(pond, orch)
         first = pond.wait_job(pond.submit([JOB_PY, "-c", "print('before')"])["id"])
         assert first["state"] == "done"
+        src = tmp_path / "src"                     # a bundle and an artifact: blobs in pond's state dir
+        src.mkdir()
+        (src / "in.txt").write_text("moved along\n")
+        sourced = pond.cli("submit", "--profile", "none", "--source", str(src), "--artifact", "out.txt", "--wait",
+                           "--", "/bin/sh", "-c", "cat in.txt > out.txt")
+        assert sourced.returncode == 0, sourced.stderr
+        sourced_id = sourced.stderr.split("submitted ")[1].split()[0]
         url = postgres.database()
         migrate = [sys.executable, "-m", "pond", "migrate-store", "--from", f"sqlite:{pond.state_dir}", "--to", url]
         running = run(migrate, env=postgres.env(env_for_children()))
         assert running.returncode == 2 and "still runs on" in running.stderr, running.stderr
         sqlite_pool.stop_all()
         done = run(migrate, env=postgres.env(env_for_children()))
-        assert done.returncode == 0 and "1 jobs" in done.stdout and "1 workers" in done.stdout, done.stderr
+        assert done.returncode == 0 and "2 jobs" in done.stdout and "1 workers" in done.stdout, done.stderr
+        assert "3 blobs" in done.stdout, done.stdout        # the bundle and both artifacts
         again = run(migrate, env=postgres.env(env_for_children()))
         assert again.returncode == 2 and "already holds pond data" in again.stderr, again.stderr
 
@@ -260,6 +268,9 @@ def test_migrate_store_moves_an_install_from_sqlite_to_postgresql(tmp_path, post
         job = moved.job(first["id"])
         assert (job["state"], job["attested"]) == ("done", True) and moved.output(first["id"])["stdout"] == b"before\n"
         assert moved.cli("verify", first["id"]).returncode == 0
+        got = moved.cli("artifacts", sourced_id, "--get", "work/out.txt")
+        assert got.returncode == 0 and got.stdout == "moved along\n", got.stderr
+        assert moved.cli("verify", sourced_id).returncode == 0
         orch = pg_pool.orchestrator(moved, state=orch.state_dir)       # paired before the move
         pg_pool.worker(moved, orch, state=sqlite_pool.procs[-1].state_dir)
         second = moved.wait_job(moved.submit([JOB_PY, "-c", "print('after')"])["id"], timeout=30)

@@ -6,6 +6,7 @@ Errors are `error: ...` plus `hint: ...` lines on stderr, never a traceback.
 
 import json
 import os
+import re
 import socket
 import stat
 import sys
@@ -163,7 +164,8 @@ def test_operator_commands_print_tables_json_and_refuse_a_wrong_token(pool, tmp_
     # pond_reachable turns true only when the first held poll returns, so it may still say no here.
     assert done.stdout.startswith(("pond reachable: yes;", "pond reachable: no;")), done.stdout
     header, *rows = done.stdout.splitlines()[1:]
-    assert header.split()[:3] == ["WORKER", "NAME", "ONLINE"]
+    assert header.split() == ["ID", "NAME", "ONLINE", "EVICTED", "SLOTS", "RUNNING", "TAGS", "CAPABILITIES", "LAST",
+                              "SEEN"]
     assert any(row.startswith(worker.worker_id) for row in rows), done.stdout
 
     done = swarm("status", *by_url, "--json", env=env)
@@ -175,8 +177,8 @@ def test_operator_commands_print_tables_json_and_refuse_a_wrong_token(pool, tmp_
     done = swarm("jobs", *by_url, env=env)
     assert done.returncode == 0, done.stderr
     header, *rows = done.stdout.splitlines()
-    assert header.split() == ["JOB", "WORKER", "STATE", "COMMAND"]
-    assert any(row.split()[:2] == [job["id"], worker.worker_id] for row in rows), done.stdout
+    assert header.split() == ["ID", "STATE", "EXIT", "WORKER", "ENDED", "COMMAND"]
+    assert any(row.split()[:4] == [job["id"], "running", "-", worker.worker_id] for row in rows), done.stdout
     done = swarm("jobs", *by_dir, "--json")
     assert done.returncode == 0, done.stderr
     assert job["id"] in [j["job_id"] for j in json.loads(done.stdout)["jobs"]]
@@ -192,6 +194,16 @@ def test_operator_commands_print_tables_json_and_refuse_a_wrong_token(pool, tmp_
     assert f"{job['id']}: cancel sent" in done.stdout
     ended = pond.wait_job(job["id"], timeout=20)
     assert ended["state"] == "cancelled", ended
+    # Ended jobs too, as `pond jobs` shows them: exit code, when, the command quoted on one line, escapes shown.
+    odd = pond.submit([JOB_PY, "-c", "import sys\nsys.exit(3)", "\x1b[31mred"], tags=["lane:cli"])
+    pond.wait_job(odd["id"])
+    done = swarm("jobs", *by_url, env=env)
+    assert done.returncode == 0 and "\x1b" not in done.stdout, done.stdout
+    header, *rows = done.stdout.splitlines()
+    assert [row.split()[:4] for row in rows[:2]] == [[odd["id"], "failed", "3", worker.worker_id],
+                                                     [job["id"], "cancelled", "143", worker.worker_id]], done.stdout
+    assert re.fullmatch(r"\d+s", rows[0].split()[4]) and rows[0].split()[5] == "ago", rows[0]
+    assert "'import sys\\x0asys.exit(3)' '\\x1b[31mred'" in rows[0], rows[0]
 
     done = swarm("cancel", "j_000000000000", *by_url, env=env)
     assert_error(done, 4, "not held")

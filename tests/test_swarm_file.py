@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, SWARM
 
-MAX_LINES = 6521     # issue 12 (+4), issue 10's broker and agent jobs (+403), issue 13 pond URL lists (+57), issue 9 idle workers and leftovers (+69), issue 11 bundles and artifacts, issue 12 log format and orchestrator metrics
+MAX_LINES = 6890     # issue 12 (+4), issue 10's broker and agent jobs (+403), issue 13 pond URL lists (+57), issue 9 idle workers and leftovers (+69), issue 11 bundles and artifacts, issue 12 log format and orchestrator metrics, issue 9 the start helper (its C source, +190) and cheaper log lines, issue 11 blob stores, retention, mirror cap, redeem retry (+33), issue 12 orchestrator job lines, status/jobs tables (+37)
 # Modules swarm.py may import beyond the standard library, and only inside a function
 # (so the file still runs where they are not installed).
 OPTIONAL_LAZY = {"cryptography"}
@@ -54,14 +54,14 @@ BANNER_RULE = re.compile(r"^# ={20,}$")
 
 # Lines each section may grow to: a section past its budget should be split or cut, on purpose.
 SECTION_BUDGETS = {
-    "Imports": 50, "Constants and defaults": 47, "Errors": 70, "Utilities": 249, "Wire format": 81,
+    "Imports": 51, "Constants and defaults": 48, "Errors": 70, "Utilities": 270, "Wire format": 81,
     "Keys and fingerprint": 125, "Sealing": 100, "Attestation": 63, "HTTP client": 216, "HTTP server": 733,
-    "Settings": 249, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 671,
+    "Settings": 252, "Pairing": 30, "Orchestrator: worker registry": 178, "Orchestrator: the pool": 691,
     "Orchestrator: the two links to pond": 290, "Job proxies": 420, "Credential broker": 296, "Worker: identity and enrollment": 75,
-    "Worker: reporting to the orchestrator": 104, "Sandbox: confining one job": 375, "Sandbox: starting a job": 505,
-    "Sandbox providers": 200, "Sandbox slots": 311,
-    "Worker: running one job": 407, "Worker: the claim loop and slots": 200,
-    "Operator commands: status, jobs, cancel": 78, "Command line": 168, "Bundles and artifacts": 325,
+    "Worker: reporting to the orchestrator": 104, "Sandbox: confining one job": 375, "Sandbox: starting a job": 776,
+    "Sandbox providers": 200, "Sandbox slots": 317,
+    "Worker: running one job": 413, "Worker: the claim loop and slots": 200,
+    "Operator commands: status, jobs, cancel": 83, "Command line": 172, "Bundles and artifacts": 350,
 }
 
 

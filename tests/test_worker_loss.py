@@ -52,6 +52,9 @@ def test_a_job_whose_worker_is_killed_runs_again_elsewhere_within_10_s(pool):
     (event,) = lost_events(done)
     assert event["worker"] == first.worker_id and event["attempt"] == 1, done["events"]
     assert "lost" in orch.stderr() and first.worker_id in orch.stderr()
+    # One line per job event on the orchestrator: the attempt it took back, then the next one's.
+    assert f"WARNING job {job['id']} attempt 1: released: worker {first.worker_id} is lost" in orch.stderr()
+    assert f"job {job['id']} attempt 2: assigned to worker {second.worker_id}" in orch.stderr()
 
 
 def test_a_worker_paused_for_less_than_the_grace_keeps_its_job(pool):

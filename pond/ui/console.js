@@ -219,7 +219,7 @@ function jobsView() {
   const state = h("select", {id: "filter-state"}, h("option", {value: ""}, "any"),
                   STATES.map((s) => h("option", {value: s}, s)));
   const tag = h("input", {id: "filter-tag", placeholder: "repo:acme"});
-  const worker = h("input", {id: "filter-worker", placeholder: "w_…"});
+  const worker = h("input", {id: "filter-worker", placeholder: "a worker id"});
   state.value = filters.state;
   tag.value = filters.tag;
   worker.value = filters.worker;
@@ -232,18 +232,16 @@ function jobsView() {
               table("jobs", ["Job", "Name", "State", "Command", "Tags", "Worker", "Attempt", "Exit", "Created"], rows));
   const poller = every(REFRESH_MS, async () => {
     const query = new URLSearchParams({limit: "1000"});
-    if (filters.state) query.set("state", filters.state);
-    const data = await api("GET", "/v1/jobs?" + query);
-    // pond filters by state; the tag and worker filters apply to the newest 1000 jobs it sent.
-    const shown = data.jobs.filter((j) => (!filters.tag || j.tags.includes(filters.tag))
-                                         && (!filters.worker || (j.worker || "").startsWith(filters.worker)));
+    for (const key of ["state", "tag", "worker"]) if (filters[key]) query.set(key, filters[key]);
+    const data = await api("GET", "/v1/jobs?" + query);      // pond filters them all, newest first
+    const shown = data.jobs;
     rows.replaceChildren(...shown.map((j) => h("tr", {"data-job": j.id},
       h("td", {class: "mono"}, jobLink(j.id)), h("td", {}, j.name || "-"),
       h("td", {class: "state-" + j.state}, j.state), h("td", {class: "command mono"}, commandLine(j.command)),
       h("td", {}, list(j.tags)), h("td", {class: "mono"}, j.worker || "-"), h("td", {}, j.attempt),
       h("td", {}, j.exit_code ?? "-"), h("td", {}, when(j.created_at)))));
     counts.textContent = STATES.map((s) => `${s} ${data.counts[s] || 0}`).join(" · ")
-      + ` — showing ${shown.length}` + (data.jobs.length === 1000 ? " of the newest 1000" : "");
+      + ` — showing ${shown.length}` + (data.jobs.length === 1000 ? " (the newest 1000 that match)" : "");
   });
   const changed = () => {
     Object.assign(filters, {state: state.value, tag: tag.value.trim(), worker: worker.value.trim()});
