@@ -105,7 +105,7 @@ def cmd_serve(args):
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
                                max_pending_per_address=args.max_pending_per_address, database=args.database,
                                log_format=args.log_format, bundle_retention=args.bundle_retention,
-                               artifact_retention=args.artifact_retention)
+                               artifact_retention=args.artifact_retention, database_pool=args.database_pool)
     return serve(settings)
 
 
@@ -928,6 +928,9 @@ def build_parser():
                    help="keep pond's data in PostgreSQL, shared by several pond replicas: postgresql://USER@HOST/DB, "
                         "password in PGPASSWORD or .pgpass (default: $POND_DATABASE_URL, else DIR/pond.db; "
                         "needs pip install 'pond-swarm[postgres]')")
+    s.add_argument("--database-pool", type=int, metavar="N",
+                   help="connections this pond keeps to PostgreSQL, for requests side by side "
+                        "(default: $POND_DATABASE_POOL, else 4; 1 to 64)")
     s.set_defaults(fn=cmd_serve)
 
     s = sub.add_parser("up", help="run a whole local pool (pond, one orchestrator, one worker)", parents=[common])

@@ -15,6 +15,8 @@ from pond.errors import ConfigError
 
 DEFAULT_STATE_DIR = ".pond-state"       # the public docs' POND_STATE_DIR default
 DEFAULT_BIND = "127.0.0.1:8001"          # the public docs' example port
+DATABASE_POOL = 4                        # connections per pond to PostgreSQL (store_pg.py)
+MAX_DATABASE_POOL = 64
 DEFAULT_POLL_HOLD = 25.0                 # s a /v1/orch/poll is held open when there is no work
 MAX_POLL_HOLD = 60.0                     # s; a client asking for more gets this
 MAX_BODY = 4 * 1024 * 1024               # bytes in one request body
@@ -67,6 +69,7 @@ class ServerSettings:
     log_cap: int = LOG_CAP
     require_sandbox: bool = False        # refuse jobs with sandbox profile none (specs/sandbox.md §5)
     database: str = field(default="", repr=False)     # postgresql://... (store_pg.py); "": DIR/pond.db
+    database_pool: int = DATABASE_POOL   # connections to it (store_pg.py's pool)
     bundle_retention: float = BUNDLE_RETENTION
     artifact_retention: float = ARTIFACT_RETENTION
 
@@ -161,7 +164,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
                     log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
                     max_pending_per_address=None, database=None, log_format=None, bundle_retention=None,
-                    artifact_retention=None):
+                    artifact_retention=None, database_pool=None):
     host, port = parse_bind(bind or env_setting(env, "POND_BIND", DEFAULT_BIND))
     state = Path(state_dir or env_setting(env, "POND_STATE_DIR", DEFAULT_STATE_DIR)).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -194,6 +197,11 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
         raise ConfigError(f"max pending {pending} and per address {per_address} are out of range",
                           f"give 1 <= per address <= max pending <= 65536 (defaults {MAX_PENDING_PER_ADDRESS}, "
                           f"{MAX_PENDING})")
+    pool = int(database_pool) if database_pool is not None else env_number(env, "POND_DATABASE_POOL", int,
+                                                                            DATABASE_POOL)
+    if not 1 <= pool <= MAX_DATABASE_POOL:
+        raise ConfigError(f"database pool {pool} is out of range",
+                          f"give 1 to {MAX_DATABASE_POOL} connections (default {DATABASE_POOL})")
     retention = {}
     for name, flag, default in (("bundle", bundle_retention, BUNDLE_RETENTION),
                                 ("artifact", artifact_retention, ARTIFACT_RETENTION)):
@@ -214,7 +222,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
                           head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address,
                           database=database_url(database, env), bundle_retention=retention["bundle"],
-                          artifact_retention=retention["artifact"])
+                          artifact_retention=retention["artifact"], database_pool=pool)
 
 
 def database_url(flag, env, name="--database"):

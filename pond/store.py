@@ -889,5 +889,5 @@ def open_store(settings):
     """The store `pond serve` runs on: PostgreSQL with --database (POND_DATABASE_URL), else DIR/pond.db."""
     if settings.database:
         from pond.store_pg import PgStore
-        return PgStore(settings.database)
+        return PgStore(settings.database, pool=settings.database_pool)
     return Store(settings.db_path)

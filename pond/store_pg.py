@@ -1,8 +1,8 @@
 """pond's store on PostgreSQL: the interface of store.Store, for several pond replicas on one database.
 
-    replica A ── Store API ──▶ main connection ──┐                ┌── LISTEN pond ◀── replica B's
-      (one lock, as SQLite)                     ├─▶ PostgreSQL ──┤    listener thread: wakes B's
-    replica B ── Store API ──▶ main connection ──┘   NOTIFY pond ─┘    held polls and log followers
+    replica A ── Store API ──▶ pool of connections ──┐                ┌── LISTEN pond ◀── replica B's
+      (a request thread holds one at a time)        ├─▶ PostgreSQL ──┤    listener thread: wakes B's
+    replica B ── Store API ──▶ pool of connections ──┘   NOTIFY pond ─┘    held polls and log followers
 
 Every query is store.Store's own where its SQL is portable (`?` marks become `%s` here, nothing
 else is rewritten), so the two stores cannot drift; the few that are SQLite's alone (JSON
@@ -20,12 +20,18 @@ functions, scalar MIN/MAX, PRAGMA) are overridden below. What several replicas a
   another when that replica dies or loses its connection).
 - Schema: versioned in pond_schema, created or migrated by one replica at a time (an advisory lock).
 
+Connections: each replica keeps a small pool (--database-pool, default settings.DATABASE_POOL). A thread
+takes one for the outermost `with self._lock` or transaction and gives it back at its end, so a
+replica's requests run side by side as the replicas do: kept apart by the same row and advisory
+locks. The LISTEN connection is the listener thread's own, outside the pool.
+
 The connection string may hold a password: it is never logged or put in an error (redact()).
 A connection lost between two statements (a restarted server, a killed backend) is replaced at
 the next one; a server that cannot be reached is StorageUnavailable (503 storage_unavailable,
 /healthz failing) until it can. copy_from() is `pond migrate-store`.
 """
 
+import collections
 import json
 import logging
 import re
@@ -41,6 +47,7 @@ import psycopg
 
 from pond.errors import StorageUnavailable
 from pond.health import cleared, warn_once
+from pond.settings import DATABASE_POOL
 from pond.store import (ADDED_COLUMNS, SCHEMA, SCHEMA_VERSION, TABLES, _GROUP_EMPTY, _GROUP_OF_JOB, _JSON_COLUMNS,
                         Store)
 
@@ -49,6 +56,7 @@ CHANNEL = "pond"
 CONNECT_TIMEOUT = 10            # s to reach the server
 LISTEN_RETRY = 1.0              # s between attempts to get the listener's connection back
 LOCK_TIMEOUT = 10               # s a statement waits for a lock another replica holds
+POOL_WAIT = 30                  # s a thread waits for a free connection of the pool
 STATEMENT_TIMEOUT = 60          # s a statement may run
 # Advisory lock keys: (POND, n) for pond's own locks, (POND_CLAIMS, hash of a binding id) for claims.
 POND, POND_CLAIMS = 0x706F6E64, 0x706F6E65
@@ -120,12 +128,14 @@ def _rows(cursor):
 class _Connection:
     """The psycopg connection as store.Store's code calls self._db: execute(sql with `?`, args)."""
 
-    def __init__(self, url):
+    def __init__(self, url, readonly=False):
         self.conn = psycopg.connect(url, autocommit=True, row_factory=_rows, connect_timeout=CONNECT_TIMEOUT)
-        # A replica's requests share this connection: a lock or statement that waits for long holds
-        # them all up. Past these it fails as StorageUnavailable (503), which clients retry.
+        # A lock or statement that waits for long holds up a connection of the pool, and the
+        # request on it. Past these it fails as StorageUnavailable (503), which clients retry.
         self.conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}s'")
         self.conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}s'")
+        if readonly:         # `pond verify --database`: read, whether a pond runs on it or not, and change nothing
+            self.conn.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
 
     def execute(self, sql, args=()):
         return self.conn.execute(_marks(sql), args)
@@ -146,26 +156,134 @@ class _Connection:
         self.conn.close()
 
 
-class PgStore(Store):
-    """The PostgreSQL store. Thread-safe like Store: one connection per replica, one transaction at a
-    time in it; replicas run side by side, kept apart by row and advisory locks."""
+class _Pool:
+    """Up to `size` connections, made when first needed; a lost one is dropped and made again."""
 
-    def __init__(self, url, readonly=False):
+    def __init__(self, connect, size):
+        self._connect, self.size = connect, size
+        self._idle = collections.deque()        # first in, first out: every connection is used, none goes stale
+        self._count = 0                         # idle + lent
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def acquire(self):
+        deadline = time.monotonic() + POOL_WAIT
+        with self._cond:
+            while not self._idle and self._count >= self.size:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise StorageUnavailable(f"all {self.size} of pond's connections to PostgreSQL were busy for "
+                                             f"{POOL_WAIT} s", "retry; if it lasts, raise --database-pool or look for "
+                                             "a long lock in PostgreSQL (pg_stat_activity)")
+                self._cond.wait(left)
+            if self._idle:
+                return self._idle.popleft()
+            self._count += 1
+        return self._new()
+
+    def _new(self):
+        try:
+            return self._connect()
+        except BaseException:
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            raise
+
+    def release(self, conn):
+        with self._cond:
+            if not self._closed and conn.usable and not conn.in_transaction:
+                self._idle.append(conn)
+                self._cond.notify()
+                return
+            self._count -= 1
+            self._cond.notify()
+        conn.close()
+
+    def replace(self, conn):
+        """A lent connection that was lost -> a new one in its place (StorageUnavailable if none can be made)."""
+        conn.close()
+        return self._new()
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            idle, self._idle = list(self._idle), collections.deque()
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()
+
+
+class _Thread(threading.local):
+    """What one thread holds of the store: its connection, and where it is in a transaction."""
+    conn = None
+    held = 0                    # depth of `with store._lock` (the connection goes back at 0)
+    depth = 0                   # depth of store.transaction()
+    groups_locked = False       # this transaction holds the GROUPS lock
+    workers_changed = False     # this transaction changed workers: drop the cache again after its commit
+
+
+class _Lease:
+    """`with store._lock`: this thread's connection of the pool, taken at the outermost `with` and
+    given back at its end. Store's code holds it around statements that belong together, as it
+    holds SQLite's one lock."""
+
+    def __init__(self, pool, thread):
+        self._pool, self._thread = pool, thread
+
+    def __enter__(self):
+        t = self._thread
+        if not t.held:
+            t.conn = self._pool.acquire()
+        t.held += 1
+        return self
+
+    def __exit__(self, *exc):
+        t = self._thread
+        t.held -= 1
+        if not t.held:
+            conn, t.conn = t.conn, None
+            if conn is not None:
+                self._pool.release(conn)
+
+
+class _WorkersCache(dict):
+    """binding id -> worker rows. clear() moves the generation on, so that rows read before it are not
+    cached after it (another thread of this replica may be reading them meanwhile)."""
+
+    def __init__(self):
+        super().__init__()
+        self.generation = 0
+        self.mutex = threading.Lock()
+
+    def clear(self):
+        with self.mutex:
+            self.generation += 1
+            super().clear()
+
+
+class PgStore(Store):
+    """The PostgreSQL store. Thread-safe like Store: each thread runs its statements and transaction on
+    a connection of the pool it holds meanwhile; threads and replicas run side by side, kept apart by
+    row and advisory locks."""
+
+    def __init__(self, url, readonly=False, pool=DATABASE_POOL):
         self._url = url
-        self._lock = threading.RLock()
-        self._depth = 0
         self.dir = None
         self.failure = None
-        self._workers_cache = {}          # binding id -> worker rows; dropped on another replica's change
-        self._groups_locked = False       # this transaction holds the GROUPS lock
-        self._reaper = False              # this replica holds the REAPER lock
+        self._workers_cache = _WorkersCache()     # dropped on a change, here or on another replica
+        self._reaper = None               # the connection that holds the REAPER lock (a session lock)
         self.instance = secrets.token_hex(8)        # tells this replica's NOTIFYs from the others'
         self._wake = {}
         self._stop = threading.Event()
         self._listener = None
-        self._db = self._connect()
-        if readonly:         # `pond verify --database`: read, whether a pond runs on it or not, and change nothing
-            self._db.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+        self._thread = _Thread()
+        self._pool = _Pool(lambda: self._connect(readonly), pool)
+        self._lock = _Lease(self._pool, self._thread)
+        with self._lock:
+            pass                # the first connection now: a wrong URL or password fails pond's start
+        if readonly:
             exists = self._one("SELECT to_regclass('pond_schema') IS NOT NULL AS x")["x"]
             version = (self._one("SELECT version FROM pond_schema") or {}).get("version") if exists else None
             if version != SCHEMA_VERSION:
@@ -193,9 +311,17 @@ class PgStore(Store):
             self._db.execute("DELETE FROM pond_schema")
             self._db.execute("INSERT INTO pond_schema (version) VALUES (?)", (SCHEMA_VERSION,))
 
-    def _connect(self):
+    @property
+    def _db(self):
+        """This thread's connection (only inside `with self._lock` or a transaction)."""
+        conn = self._thread.conn
+        if conn is None:
+            raise RuntimeError("store_pg: a statement outside `with self._lock` and outside a transaction")
+        return conn
+
+    def _connect(self, readonly=False):
         try:
-            return _Connection(self._url)
+            return _Connection(self._url, readonly)
         except psycopg.Error as e:
             raise self._failed(e) from None
 
@@ -211,29 +337,30 @@ class PgStore(Store):
         self._stop.set()
         if self._listener is not None:
             self._listener.join(5)
-        with self._lock:
-            self._db.close()
+        self._pool.close()
 
     @contextmanager
     def transaction(self):
-        """One transaction (READ COMMITTED); nested calls join the outer one."""
+        """One transaction (READ COMMITTED) on this thread's connection; nested calls join the outer one."""
+        t = self._thread
         with self._lock:
-            if self._depth:
-                self._depth += 1
+            if t.depth:
+                t.depth += 1
                 try:
                     yield self
                 finally:
-                    self._depth -= 1
+                    t.depth -= 1
                 return
             try:
                 self._fresh("BEGIN")
-                self._depth, self._groups_locked = 1, False
+                t.depth, t.groups_locked, t.workers_changed = 1, False, False
                 yield self
                 self._db.execute("COMMIT")
             except BaseException as e:
-                if self._db.usable and self._db.in_transaction:
+                conn = t.conn
+                if conn is not None and conn.usable and conn.in_transaction:
                     try:
-                        self._db.execute("ROLLBACK")
+                        conn.execute("ROLLBACK")
                     except psycopg.Error:
                         pass
                 self._workers_cache.clear()
@@ -241,7 +368,9 @@ class PgStore(Store):
                     raise
                 raise self._failed(e) from None
             finally:
-                self._depth = 0
+                t.depth = 0
+            if t.workers_changed:       # another thread may have cached the rows before this commit
+                self._workers_cache.clear()
             if self.failure is not None:
                 self._recovered()
 
@@ -258,9 +387,11 @@ class PgStore(Store):
         return self._db.execute(sql, args)
 
     def _reconnect(self):
-        self._db.close()
-        self._db = self._connect()
-        self._reaper = False            # the lock went with the old session
+        """This thread's connection was lost: a new one in its place. A REAPER lock it held went with
+        it (reaper_turn() sees that the connection is closed)."""
+        t = self._thread
+        conn, t.conn = t.conn, None
+        t.conn = self._pool.replace(conn)
         self._workers_cache.clear()
 
     def _failed(self, e):
@@ -276,9 +407,10 @@ class PgStore(Store):
         return err
 
     def _recovered(self):
-        log.info("storage: PostgreSQL can be written again after %.0f s", time.time() - self.failure["since"])
-        cleared(self.failure["error"])
-        self.failure = None
+        failure, self.failure = self.failure, None
+        if failure is not None:         # two threads may both see the failure end
+            log.info("storage: PostgreSQL can be written again after %.0f s", time.time() - failure["since"])
+            cleared(failure["error"])
 
     def probe(self):
         """While writes fail: try one, so that /healthz clears without traffic."""
@@ -289,7 +421,7 @@ class PgStore(Store):
     def _all(self, sql, args=()):
         with self._lock:
             try:
-                if self._depth:
+                if self._thread.depth:
                     return self._db.execute(sql, args).fetchall()
                 return self._fresh(sql, args).fetchall()
             except psycopg.OperationalError as e:
@@ -298,7 +430,7 @@ class PgStore(Store):
     def _one(self, sql, args=()):
         with self._lock:
             try:
-                if self._depth:
+                if self._thread.depth:
                     return self._db.execute(sql, args).fetchone()
                 return self._fresh(sql, args).fetchone()
             except psycopg.OperationalError as e:
@@ -345,26 +477,44 @@ class PgStore(Store):
             self._stop.wait(LISTEN_RETRY)
 
     def _workers_changed(self):
-        with self._lock:
-            self._workers_cache.clear()
+        self._workers_cache.clear()
 
     def _worker_write(self, sql, args):
         with self.transaction():
             changed = super()._worker_write(sql, args)
             if changed:
+                self._thread.workers_changed = True
                 self.publish("workers")         # the other replicas drop their cached rows
             return changed
+
+    def workers(self, binding_id=None):
+        """Store.workers(), its cache kept only if no change came while the rows were read."""
+        if binding_id is None:
+            return super().workers()
+        cache = self._workers_cache
+        rows = cache.get(binding_id)
+        if rows is None:
+            generation = cache.generation
+            rows = self._all("SELECT * FROM workers WHERE binding_id = ? ORDER BY enrolled_at", (binding_id,))
+            with cache.mutex:
+                if cache.generation == generation:
+                    cache[binding_id] = rows
+        return rows
 
     def claim_lock(self, binding_id):
         """Claims for one binding on two replicas would both count its free slots: one at a time."""
         self._db.execute(f"SELECT pg_advisory_xact_lock({POND_CLAIMS}, hashtext(?))", (binding_id,))
 
     def reaper_turn(self):
-        """Whether this replica reaps: the one that holds the REAPER lock, until it dies or its
-        connection is lost (then the next replica to try takes it)."""
-        if not self._reaper:
-            self._reaper = self._one(f"SELECT pg_try_advisory_lock({POND}, {REAPER}) AS got")["got"]
-        return self._reaper
+        """Whether this replica reaps: the one that holds the REAPER lock, until it dies or the pool's
+        connection that took it is lost (then the next replica to try takes it)."""
+        held = self._reaper
+        if held is not None and held.usable:
+            return True
+        with self._lock:
+            got = self._one(f"SELECT pg_try_advisory_lock({POND}, {REAPER}) AS got")["got"]
+            self._reaper = self._db if got else None
+        return got
 
     def copy_from(self, source, blob_dir=None):
         """`pond migrate-store`: every row of `source` (a Store on SQLite) and every file under
@@ -436,9 +586,9 @@ class PgStore(Store):
     def _lock_groups(self):
         """queue_groups changes one transaction at a time: serials then commit in order (dispatch.Fits
         reads those above the last it saw), and a group is never dropped while a job joins it."""
-        if not self._groups_locked:
+        if not self._thread.groups_locked:
             self._db.execute(f"SELECT pg_advisory_xact_lock({POND}, {GROUPS})")
-            self._groups_locked = True
+            self._thread.groups_locked = True
 
     def _add_group(self, job_id):
         self._lock_groups()

@@ -1,9 +1,15 @@
 """Fixtures: real pond, orchestrator and worker processes on port 0, real SQLite files.
 
-`pytest --store postgres` runs every pond a test starts through `pool` on PostgreSQL instead
-(a private server for the session, a database per pond: tests/pg_cluster.py); `--store both`
-runs those tests once on each. Nothing of ours is mocked. Every wait has a deadline (wait_for), and an autouse fixture
-fails a test that leaves a child process or a thread behind.
+`pytest --store postgres` runs every pond a test starts on PostgreSQL instead (a private server
+for the session, a database per pond: tests/pg_cluster.py): ponds started through `pool` (or a
+module's own Pool made with store_pool()), and ponds a test starts by hand with pool.pond_env()
+(`pond up`, `pond serve` with its own flags, the docs' runnable blocks). A `pond serve` that is
+refused at start never opens its store, so those refusals run the same on both. `--store both`
+runs the tests that take the `store` fixture once on each. With --store postgres, the files in
+STORE_INDEPENDENT (no pond process at all), those in ALWAYS_ON_POSTGRES (on it in the default
+pass too) and the tests marked sqlite_only (about SQLite's files themselves) are skipped with
+their reason; nothing else is left out. Nothing of ours is mocked. Every wait has a deadline
+(wait_for), and an autouse fixture fails a test that leaves a child process or a thread behind.
 """
 
 import importlib
@@ -260,7 +266,7 @@ class Pool:
     def pond(self, poll_hold=5, extra=(), ca_file=None, state=None, port=0, database=None):
         """A pond; give `state` and `port` of an earlier one to restart it where it was. With
         --store postgres (self.postgres), each state dir has a database of its own, or `database`."""
-        state = state or self._dir("pond")
+        state = Path(state) if state else self._dir("pond")
         env = None
         if self.postgres is not None:
             database = database or self.databases.get(state) or self.postgres.database()
@@ -270,6 +276,23 @@ class Pool:
                            "--poll-hold", str(poll_hold), *extra], "pond", env)
         handle = PondHandle(proc, state, ca_file)
         handle.postgres, handle.database = self.postgres, database
+        return handle
+
+    def pond_env(self, state, env=None):
+        """The environment for a pond a test starts by hand (`pond up`, `pond serve` with flags of its
+        own) on state dir `state`: on PostgreSQL, POND_DATABASE_URL (that state dir's database) and
+        PGPASSWORD; on SQLite, `env` or env_for_children() as is."""
+        env = dict(env if env is not None else env_for_children())
+        if self.postgres is None:
+            return env
+        if Path(state) not in self.databases:
+            self.databases[Path(state)] = self.postgres.database()
+        return self.postgres.env(dict(env, POND_DATABASE_URL=self.databases[Path(state)]))
+
+    def handle(self, proc, state, ca_file=None):
+        """A PondHandle for a pond started by hand on `state` (with pond_env)."""
+        handle = PondHandle(proc, state, ca_file)
+        handle.postgres, handle.database = self.postgres, self.databases.get(Path(state))
         return handle
 
     def replica(self, pond, poll_hold=5, extra=(), port=0):
@@ -331,6 +354,15 @@ class Pool:
         for proc in reversed(self.procs):
             proc.stop()
 
+    def close(self):
+        """The end of the test: stop every process, and give the ponds' databases back to the
+        PostgreSQL server to be emptied for another test (pg_cluster.Cluster.recycle())."""
+        self.stop_all()
+        if self.postgres is not None:
+            for database in set(self.databases.values()):
+                self.postgres.recycle(database)
+            self.databases.clear()
+
 
 @pytest.fixture
 def shared_path():
@@ -340,6 +372,47 @@ def shared_path():
     d.chmod(0o777)
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+# Files that never start pond: under --store postgres they would run exactly as they do on SQLite.
+STORE_INDEPENDENT = {
+    "test_attestation.py": "signing vectors and interop: swarm.py and pond's functions, no pond process",
+    "test_cli_reference.py": "compares docs/cli.md with the argument parsers",
+    "test_egress.py": "swarm.py's egress proxy on loopback sockets",
+    "test_errors_doc.py": "reads docs/errors.md and the sources",
+    "test_keys.py": "key files and fingerprints: swarm.py and pond's functions, no pond process",
+    "test_sealing.py": "HPKE sealing vectors and interop, no pond process",
+    "test_swarm_file.py": "reads swarm.py's text",
+    "test_vectors.py": "matching vectors against pond.matching and swarm.py, no pond process",
+}
+
+# Files whose ponds are on PostgreSQL whatever --store says (pg_pool, the postgres fixture): the
+# first pass has run them there already.
+ALWAYS_ON_POSTGRES = {
+    "test_replicas.py": "two replicas on one database (pg_pool)",
+    "test_failover.py": "replicas and URL lists (pg_pool); its one SQLite pond only answers a refusal",
+    "test_store_pg.py": "the PostgreSQL store itself, and SQLite beside it in the contract test",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "sqlite_only(reason): a test about SQLite's own files; skipped, with the "
+                                       "reason, under --store postgres")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--store") != "postgres":
+        return
+    for item in items:
+        name = Path(str(item.fspath)).name
+        mark = item.get_closest_marker("sqlite_only")
+        if name in STORE_INDEPENDENT:
+            item.add_marker(pytest.mark.skip(reason=f"store-independent, run once on SQLite: "
+                                                    f"{STORE_INDEPENDENT[name]}"))
+        elif name in ALWAYS_ON_POSTGRES:
+            item.add_marker(pytest.mark.skip(reason=f"on PostgreSQL in every pass already: {ALWAYS_ON_POSTGRES[name]}"))
+        elif mark is not None:
+            item.add_marker(pytest.mark.skip(reason=f"SQLite only: {mark.args[0]}"))
 
 
 def pytest_addoption(parser):
@@ -383,7 +456,13 @@ def pg_pool(tmp_path, postgres):
     try:
         yield p
     finally:
-        p.stop_all()
+        p.close()
+
+
+def store_pool(request, tmp):
+    """A Pool on the store --store names, for a fixture of a wider scope than `pool`'s (a module's)."""
+    postgres = request.getfixturevalue("postgres") if request.config.getoption("--store") == "postgres" else None
+    return Pool(tmp, postgres)
 
 
 @pytest.fixture
@@ -392,7 +471,7 @@ def pool(tmp_path, store, request):
     try:
         yield p
     finally:
-        p.stop_all()
+        p.close()
 
 
 def children(pid):

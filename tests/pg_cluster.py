@@ -5,7 +5,9 @@ our own, as an unprivileged user (PostgreSQL refuses root: as root, its `postgre
 password authentication, no fsync (a test database need not survive a power cut) and its
 socket in that temp dir. pg_ctl starts the server detached, so it is no child of pytest's
 (the no_leaks fixture would count it); stop() runs `pg_ctl stop` and waits until the
-postmaster's pid is gone. Each pond a test starts gets a database of its own (database()).
+postmaster's pid is gone. Each pond a test starts gets a database of its own (database()): a new
+one, or one that an earlier test gave back (recycle()) emptied, which is ~10 x cheaper than
+CREATE DATABASE (a file copy and two checkpoints: 0.15-0.7 s and ~12 MB each on the CI machine).
 
     python tests/pg_cluster.py    # start one by hand, print its URL, stop it on Enter
 """
@@ -52,6 +54,7 @@ class Cluster:
         self.password = secrets.token_urlsafe(18)
         self.port = _free_port()
         self.count = 0
+        self.free = []          # databases given back by recycle(), empty, for the next database()
         self.pid = None
         if self.run_as:
             pw = pwd.getpwnam(self.run_as)
@@ -97,12 +100,26 @@ class Cluster:
         return psycopg.connect(self.url(database), password=self.password, autocommit=True)
 
     def database(self, prefix="t"):
-        """A new empty database -> its URL (no password in it)."""
+        """An empty database of its own -> its URL (no password in it)."""
+        if self.free and prefix == "t":
+            return self.url(self.free.pop())
         self.count += 1
         name = f"{prefix}{self.count}_{secrets.token_hex(3)}"
         with self.connect() as conn:
             conn.execute(f"CREATE DATABASE {name} STRATEGY FILE_COPY")
         return self.url(name)
+
+    def recycle(self, url):
+        """Take back a database whose ponds have stopped: its sessions are ended (a pond killed with
+        -9 may leave one, holding an advisory lock) and everything in it is dropped, so that the next
+        database() hands it out as empty as a new one."""
+        name = url.rsplit("/", 1)[1]
+        with self.connect() as conn:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+        with self.connect(name) as conn:
+            conn.execute("DROP SCHEMA public CASCADE")
+            conn.execute("CREATE SCHEMA public")
+        self.free.append(name)
 
     def dump(self, database):
         """pg_dump of a database: all it stores, as bytes."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_PY, SHARED_PIDS, Pool, Proc, wait_for
+from conftest import JOB_PY, SHARED_PIDS, Proc, store_pool, wait_for
 from sandboxing import environ_holding, prepare_root_dirs, processes, start_worker
 
 from pond import sealing
@@ -211,8 +211,8 @@ def agent_harness(key="fake-agent", **extra):
 
 
 class Agents:
-    def __init__(self, tmp):
-        self.tmp, self.dir, self.pool = tmp, prepare_root_dirs(tmp), Pool(tmp)
+    def __init__(self, tmp, pool):
+        self.tmp, self.dir, self.pool = tmp, prepare_root_dirs(tmp), pool
         self.upstreams = {"openai": Upstream("openai"), "anthropic": Upstream("anthropic")}
         self.keys = {kind: f"sk-real-{kind}-" + secrets.token_urlsafe(24) for kind in self.upstreams}
         self.pond = self.pool.pond()
@@ -247,10 +247,11 @@ class Agents:
 
 
 @pytest.fixture(scope="module")
-def agents(tmp_path_factory):
+def agents(request, tmp_path_factory):
     if os.getuid() != 0 or not shutil.which("bwrap"):
         pytest.skip("the broker runs beside a bwrap sandbox: root and bwrap needed")
-    pool = Agents(tmp_path_factory.mktemp("agents"))
+    tmp = tmp_path_factory.mktemp("agents")
+    pool = Agents(tmp, store_pool(request, tmp))
     try:
         yield pool
     finally:

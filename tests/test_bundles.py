@@ -99,8 +99,8 @@ def test_a_source_goes_to_work_and_its_changes_come_back_as_a_patch_that_applies
     verified = pond.cli("verify", job_id)
     assert verified.returncode == 0, verified.stderr
     assert names["changes.patch"]["sha256"] in verified.stdout and names["work/out/report.txt"]["sha256"] in verified.stdout
-    stored = pond.state_dir / "blobs" / "artifacts" / job_id / "1" / "work" / "out" / "report.txt"
-    stored.write_text("all bad\n")                 # changed on pond's disk after it was recorded
+    # changed in pond's blob store (its disk, or PostgreSQL's blobs table) after it was recorded
+    alter_blob(pond, f"artifacts/{job_id}/1/work/out/report.txt", lambda data: b"all bad\n")
     tampered = pond.cli("verify", job_id)
     assert tampered.returncode != 0 and "work/out/report.txt" in tampered.stderr, tampered.stderr
     got = pond.cli("artifacts", job_id, "--get", "work/out/report.txt")
@@ -248,16 +248,26 @@ def test_a_source_job_never_goes_to_an_unpinned_worker(pool, tmp_path):
     assert "none with pinned keys" in waiting and "source" in waiting, waiting
 
 
+def alter_blob(pond, key, change):
+    """Replace a blob of pond's by change(its bytes), where pond keeps it: a file under the state
+    dir's blobs/ on SQLite, rows of the blobs table on PostgreSQL (written back as one row)."""
+    if pond.database is None:
+        path = pond.state_dir / "blobs" / key
+        path.write_bytes(change(path.read_bytes()))
+        return
+    data = change(b"".join(bytes(r[0]) for r in pond.sql("SELECT data FROM blobs WHERE key = ? ORDER BY off",
+                                                          (key,))[1]))
+    pond.sql("DELETE FROM blobs WHERE key = ?", (key,))
+    pond.sql("INSERT INTO blobs (key, off, len, data) VALUES (?, 0, ?, ?)", (key, len(data), data))
+
+
 def test_a_bundle_altered_in_pond_fails_the_job_before_it_runs(pool, tmp_path):
     pond = pool.pond()
     orch = pool.orchestrator(pond)
     pool.worker(pond, orch)
     repo = make_repo(tmp_path / "repo")
     bundle_id = bundles.upload(pond.client, *_packed(repo, tmp_path))
-    blob = pond.state_dir / "blobs" / "bundles" / bundle_id
-    data = bytearray(blob.read_bytes())
-    data[100] ^= 1
-    blob.write_bytes(bytes(data))
+    alter_blob(pond, f"bundles/{bundle_id}", lambda data: data[:100] + bytes([data[100] ^ 1]) + data[101:])
     job = pond.submit([JOB_PY, "-c", "print('ran')"], source={"bundle": bundle_id})
     done = pond.wait_job(job["id"], timeout=30)
     assert done["state"] == "failed" and "sha256" in done["error"], done

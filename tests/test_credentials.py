@@ -14,7 +14,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from conftest import JOB_PY, PondHandle, run, wait_for
+from conftest import JOB_PY, run, wait_for
 
 SECRET_NAME = "ANTHROPIC_API_KEY"
 
@@ -37,6 +37,13 @@ def forms_of(secret):
         encoded = base64.b64encode(b"\0" * pad + raw)[4 * ((pad + 2) // 3):-4]    # drop the edges that mix in pad
         forms.append(encoded)
     return forms
+
+
+def in_store(pond, secret):
+    """Whether pond's store holds the secret in any form: its SQLite files, or a dump of its
+    PostgreSQL database (where a BYTEA column is dumped as hex)."""
+    stored = pond.stored()
+    return any(n in stored for n in [*forms_of(secret), secret.encode().hex().encode()])
 
 
 def files_containing(root, needles):
@@ -150,6 +157,7 @@ def test_a_job_gets_its_credential_and_the_secret_is_nowhere_else(pool):
     # Nowhere at rest or in a log: not in any state dir (pond.db and its WAL included), not in any log.
     needles = forms_of(secret)
     assert files_containing(pool.tmp, needles) == []
+    assert not in_store(pond, secret)
     # Not on any command line, and in no process environment (the job has exited).
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -176,9 +184,11 @@ def test_what_the_job_prints_is_the_only_copy(pool):
     assert pond.wait_job(job["id"])["state"] == "done"
     assert pond.output(job["id"])["stdout"].decode().strip() == secret
     hits = files_containing(pool.tmp, forms_of(secret))
-    # The job printed it: its output is stored in pond.db (or its WAL), and nowhere else but, in
-    # transit, the orchestrator's outbox in swarm.db (its WAL), which only its user can read.
-    assert hits and any(Path(h).name.startswith("pond.db") for h in hits), hits
+    # The job printed it: its output is in pond's store (pond.db or its WAL, or the PostgreSQL
+    # database), and nowhere else but, in transit, the orchestrator's outbox in swarm.db (its WAL),
+    # which only its user can read.
+    assert in_store(pond, secret)
+    assert pond.database or any(Path(h).name.startswith("pond.db") for h in hits), hits
     for hit in hits:
         assert Path(hit).name.startswith(("pond.db", "swarm.db")), hits
         assert Path(hit).stat().st_mode & 0o077 == 0, f"{hit} is readable by others"
@@ -203,10 +213,8 @@ def test_a_credential_stored_under_another_key_fails_clearly(pool, tmp_path):
     first = pool.pond()
     set_credential(first)
     first.proc.stop()
-    # The same state dir, restarted with another credential key.
-    proc = pool.start([sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir",
-                       str(first.state_dir), "--poll-hold", "5", "--credential-key-file", str(key)], "pond")
-    pond = PondHandle(proc, first.state_dir)
+    # The same state dir (and database), restarted with another credential key.
+    pond = pool.pond(state=first.state_dir, extra=("--credential-key-file", str(key)))
     orch = pool.orchestrator(pond)
     pool.worker(pond, orch)
     job = pond.submit(["true"], credential="anthropic")

@@ -74,14 +74,14 @@ def test_the_readme_and_the_operator_guide_have_runnable_blocks():
 
 
 @pytest.mark.parametrize("doc", marked_files(), ids=lambda p: p.name)
-def test_runnable_blocks_run_as_printed(doc, tmp_path):
+def test_runnable_blocks_run_as_printed(doc, tmp_path, pool):
     work, bin_dir = tmp_path / "work", tmp_path / "bin"
     work.mkdir()
     bin_dir.mkdir()
     for name, argv in (("python", ""), ("pond", " -m pond")):
         (bin_dir / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)}{argv} "$@"\n')
         (bin_dir / name).chmod(0o755)
-    env = env_for_children()
+    env = pool.pond_env(work / "pond-state")     # on PostgreSQL, the docs' pond keeps its data there
     env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
     ports = {text: f"127.0.0.1:{free_port()}" for text in PORTS}
     servers = []

@@ -228,6 +228,8 @@ def assert_no_traceback(*procs):
         assert "Traceback" not in proc.stderr(), proc.stderr()[-3000:]
 
 
+@pytest.mark.sqlite_only("a full disk under pond's state dir fills pond.db; on PostgreSQL the state dir holds "
+                        "no data (a lost database is tests/test_store_pg.py's and test_failover.py's)")
 def test_pond_on_a_full_disk_answers_503_serves_reads_and_recovers(pool, tmp_path):
     with small_disk(pool, tmp_path / "pond-disk") as disk:
         pond = pool.pond(state=disk.path)

@@ -6,6 +6,8 @@ import json
 import sqlite3
 import sys
 
+import pytest
+
 from conftest import JOB_PY, SWARM, run, wait_for
 
 ROOT_VECTORS = __import__("pathlib").Path(__file__).resolve().parents[1] / "specs" / "vectors" / "keys.json"
@@ -317,6 +319,8 @@ CREATE INDEX IF NOT EXISTS chunks_job ON chunks(job_id, id);
 """
 
 
+@pytest.mark.sqlite_only("opens a version-1 SQLite file with store.Store (no pond, no --store); PostgreSQL's "
+                        "schema and its migration are tests/test_store_pg.py's")
 def test_a_version_1_database_is_migrated_when_pond_opens_it(tmp_path):
     from pond.store import SCHEMA_VERSION, Store
     path = tmp_path / "pond.db"

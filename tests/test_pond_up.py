@@ -19,11 +19,12 @@ READY = "submit a job"
 class Up:
     """A running `pond up`, its stdout collected line by line."""
 
-    def __init__(self, state_dir, *extra):
+    def __init__(self, state_dir, *extra, env=None):
+        """`env`: pool.pond_env(state_dir), so that its pond keeps its data where --store says."""
         self.proc = subprocess.Popen([PY, "-m", "pond", "up", "--state-dir", str(state_dir), "--bind", "127.0.0.1:0",
                                       *extra],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                     env=env_for_children(), start_new_session=True)
+                                     env=env or env_for_children(), start_new_session=True)
         self.lines, self.err = [], []
         self.readers = [threading.Thread(target=lambda: self.lines.extend(
                             line.decode(errors="replace").rstrip("\n") for line in self.proc.stdout), daemon=True),
@@ -96,9 +97,9 @@ def admin_list(state, what):
     return json.loads(done.stdout)[what]
 
 
-def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
+def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path, pool):
     state = tmp_path / "pool"
-    up = Up(state)
+    up = Up(state, env=pool.pond_env(state))
     try:
         up.wait_ready()
         pond_pid, orch_pid = pool_pids(state)
@@ -129,9 +130,9 @@ def test_pond_up_runs_a_job_and_ctrl_c_stops_all_three(tmp_path):
         up.cleanup()
 
 
-def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path):
+def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path, pool):
     state = tmp_path / "pool"
-    first = Up(state)
+    first = Up(state, env=pool.pond_env(state))
     try:
         first.wait_ready()
         (orch,) = admin_list(state, "orchestrators")
@@ -142,7 +143,7 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
 
     logs = {name: state / "logs" / f"{name}.log" for name in ("pond", "orchestrator", "worker")}
     seen = {name: path.stat().st_size for name, path in logs.items()}       # the first run's lines, in text
-    second = Up(state, "--log-format", "json")
+    second = Up(state, "--log-format", "json", env=pool.pond_env(state))
     try:
         second.wait_ready()
         assert [o["id"] for o in admin_list(state, "orchestrators")] == [orch["id"]]
@@ -155,7 +156,8 @@ def test_second_pond_up_reuses_the_pool_and_a_concurrent_one_is_refused(tmp_path
         assert (last["state"], last["worker"]) == ("done", worker["id"])
 
         started = time.monotonic()
-        third = run([PY, "-m", "pond", "up", "--state-dir", str(state), "--bind", "127.0.0.1:0"], timeout=30)
+        third = run([PY, "-m", "pond", "up", "--state-dir", str(state), "--bind", "127.0.0.1:0"], timeout=30,
+                    env=pool.pond_env(state))
         assert third.returncode == 2, third.stdout + third.stderr
         assert "another `pond up` is running" in third.stderr
         assert "hint:" in third.stderr

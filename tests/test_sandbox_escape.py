@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SHARED_PIDS, Pool, wait_for
+from conftest import SHARED_PIDS, store_pool, wait_for
 from sandboxing import (CI_USER, SYSTEM_PYTHON, Listener, Upstream, UserHome, ci_user, egress_lines,
                         environ_holding, of_uids, prepare_root_dirs, processes, sandbox, start_worker, user_env, with_marker)
 
@@ -38,11 +38,11 @@ SLOT_UID_BASE = 5_000_000 + 2048 * (os.getpid() % 50_000)     # this run's own s
 class Escape:
     """The shared pool of one user kind, and how a test runs a job on it."""
 
-    def __init__(self, kind, tmp):
+    def __init__(self, kind, tmp, pool):
         self.kind, self.tmp = kind, tmp
         self.home, self.upstream, self.listener = None, None, None
         self.dir = prepare_root_dirs(tmp)
-        self.pool = Pool(tmp)                  # pond's and the orchestrator's state, every log
+        self.pool = pool                       # pond's and the orchestrator's state, every log
 
     def start(self):
         kind = self.kind
@@ -105,7 +105,8 @@ class Escape:
 
 @pytest.fixture(scope="module", params=["root", "user"])
 def escape(request, tmp_path_factory):
-    pool = Escape(request.param, tmp_path_factory.mktemp(f"escape-{request.param}"))
+    tmp = tmp_path_factory.mktemp(f"escape-{request.param}")
+    pool = Escape(request.param, tmp, store_pool(request, tmp))
     try:
         pool.start()
         SHARED_PIDS.update(p.proc.pid for p in pool.pool.procs)
@@ -146,8 +147,9 @@ for p in sys.argv[1:]:
 
 def secret_paths(escape):
     w, pond, orch = escape.main, escape.pond, escape.orch
+    store = [] if pond.database else [pond.state_dir / "pond.db"]      # on PostgreSQL, no file of pond's holds it
     paths = [w.state_dir / "sealing.x25519", w.state_dir / "signing.ed25519", w.state_dir / "worker.json",
-             pond.state_dir / "admin-token", pond.state_dir / "pond.db", pond.state_dir / "credential.key",
+             pond.state_dir / "admin-token", *store, pond.state_dir / "credential.key",
              *sorted(p for p in orch.state_dir.iterdir() if p.is_file()),
              w.sandbox_dir / "slot-0" / "home" / "canary", w.sandbox_dir / "slot-1" / "home" / "canary"]
     return [str(p) for p in paths] + [f"/proc/1/root{p}" for p in paths[:3]] + ["/etc/shadow", "/root/.bashrc"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import JOB_PY, PondHandle, Proc, env_for_children, run, wait_for
+from conftest import JOB_PY, Proc, env_for_children, run, wait_for
 from pond import attestation
 from pond.errors import Forbidden
 from pond.sandbox import DEFAULT_LIMITS, GIB, MIB
@@ -219,9 +219,10 @@ def test_pond_require_sandbox_env_refuses_profile_none(pool, tmp_path):
     state = tmp_path / "pond-env"
     state.mkdir()
     argv = [PY, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state)]
-    proc = Proc(argv, tmp_path / "pond-env.log", env=dict(env_for_children(), POND_REQUIRE_SANDBOX="true"))
+    proc = Proc(argv, tmp_path / "pond-env.log", env=pool.pond_env(state, dict(env_for_children(),
+                                                                                 POND_REQUIRE_SANDBOX="true")))
     pool.procs.append(proc)
-    pond = PondHandle(proc, state)
+    pond = pool.handle(proc, state)
     status, answer = submit(pond, {"profile": "none"})
     assert status == 422 and answer["error"]["code"] == "unconfined_refused", answer
 

@@ -29,7 +29,7 @@ from conftest import SWARM, run
 
 SLOW_PER_SERVER = 300
 JOBS = 50
-PICKUP_P99_MS = 100.0
+PICKUP_P99_MS = 100.0        # twice that on PostgreSQL: a pickup is ~2 x SQLite's there (bench/README.md, "Store")
 JOB_DEADLINE = 60.0          # s one job may take from its first submit attempt (before the fix: 30 s and more)
 STORM_DEADLINE = 150.0       # s for all the jobs: before the fix they would take half an hour
 WARM_UP = 3.0                # s of storm before the first measurement: every slow client has connected
@@ -221,7 +221,8 @@ def test_jobs_start_promptly_during_a_slow_client_storm(pool, sources):
     assert storm.opened >= 2 * SLOW_PER_SERVER
     assert failure is None, failure
     assert states == {"done": JOBS}, states
-    assert p99 < PICKUP_P99_MS, f"pickup p99 {p99:.1f} ms during the storm (want < {PICKUP_P99_MS:g} ms)"
+    bound = PICKUP_P99_MS * (2 if pond.database else 1)
+    assert p99 < bound, f"pickup p99 {p99:.1f} ms during the storm (want < {bound:g} ms)"
 
 
 def test_calls_with_a_token_and_held_connections_survive_a_slow_client_storm(pool):

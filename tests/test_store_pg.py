@@ -94,6 +94,46 @@ def test_one_replica_at_a_time_holds_the_reaper_lock(postgres, monkeypatch):
         b.close()
 
 
+def test_a_replica_s_requests_run_side_by_side_on_its_pool_of_connections(postgres, monkeypatch):
+    """One thread inside a transaction (a claim holding its rows, a slow commit) holds up only its own
+    connection: another thread's statements go on on another one of the pool. With a pool of one,
+    they wait for it, as every request did when a replica had one connection."""
+    from pond.store_pg import PgStore
+    monkeypatch.setenv("PGPASSWORD", postgres.password)
+    url = postgres.database()
+    for size, waits in ((2, False), (1, True)):
+        store, inside, leave, done = PgStore(url, pool=size), threading.Event(), threading.Event(), threading.Event()
+
+        def hold():
+            with store.transaction():
+                store.add_job(job(f"j{size}"), "k")
+                inside.set()
+                leave.wait(10)
+
+        holder = threading.Thread(target=hold)
+        reader = threading.Thread(target=lambda: (store.job_counts(), done.set()))
+        try:
+            holder.start()
+            assert inside.wait(10)
+            reader.start()
+            assert done.wait(2) is not waits, f"pool of {size}"
+            if not waits:
+                assert store.job(f"j{size}") is None        # the open transaction is not seen outside it
+        finally:
+            leave.set()
+            holder.join(10)
+            reader.join(10)
+            store.close()
+        assert done.is_set()
+
+
+def test_a_database_pool_out_of_range_is_refused_at_start(tmp_path):
+    from conftest import env_for_children
+    for flags, env in ((("--database-pool", "0"), {}), ((), {"POND_DATABASE_POOL": "65"})):
+        done = serve(tmp_path, *flags, env=dict(env_for_children(), **env))
+        assert done.returncode == 2 and "database pool" in done.stderr and "1 to 64" in done.stderr, done.stderr
+
+
 def test_replicas_starting_at_once_create_the_schema_once(postgres, monkeypatch):
     """Without the migration lock, concurrent CREATE TABLE IF NOT EXISTS fail on PostgreSQL's catalog."""
     from pond.store_pg import PgStore

@@ -115,7 +115,7 @@ def test_pond_refuses_plain_http_off_loopback_unless_told(pool, tmp_path):
     no_token = run([sys.executable, "-m", "pond", "serve", "--bind", "0.0.0.0:0", "--state-dir",
                     str(tmp_path / "q"), "--insecure-no-tls"])
     assert no_token.returncode == 2 and "admin token" in no_token.stderr
-    proc = Proc(argv + ["--insecure-no-tls"], tmp_path / "pond.log")
+    proc = Proc(argv + ["--insecure-no-tls"], tmp_path / "pond.log", env=pool.pond_env(tmp_path / "p"))
     try:
         assert proc.ready().startswith("pond listening on http://0.0.0.0:")
     finally:
