@@ -331,7 +331,8 @@ def test_the_broker_is_no_proxy_and_scrubs_the_key_from_upstream_errors(agents):
     assert lines(out, "OTHER") == ["HTTP/1.1 403 Forbidden"] and lines(out, "TRAVERSAL") == ["403"]
     assert lines(out, "BADTOKEN") == ["401"]
     job, out, err = agents.run("openai", "ECHO_KEY")
-    assert lines(out, "STATUS")[0] == "False 401" and "[redacted]" in lines(out, "ANSWER")[0]
+    assert lines(out, "STATUS")[:1] == ["False 401"], (job, out[-3000:], err[-3000:])
+    assert "[redacted]" in lines(out, "ANSWER")[0]
     assert agents.upstreams["openai"].calls[-1]["key"] == key          # it was sent, and its echo scrubbed
     assert_key_nowhere(agents, key, out, err)
 
