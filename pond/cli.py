@@ -421,7 +421,8 @@ def cmd_job(args):
     for key, value in _times(job):
         line(key, value)
     line("command", _shown(job["command"]))
-    line("needs", f"tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}")
+    line("needs", f"tags {', '.join(job['tags']) or '-'}; capabilities {', '.join(job['capabilities']) or '-'}"
+         + (f" (group {job['group']})" if job.get("group") else ""))     # its name on /metrics
     line("sandbox", _sandbox_line(job["sandbox"]))
     if job.get("agent"):
         u, agent = job["usage"], job["agent"]

@@ -57,6 +57,7 @@ def test_job_needing_a_tag_no_worker_has_waits_then_runs_where_the_tag_is(pool):
     cli = pond.cli("job", job["id"])
     assert cli.returncode == 0, cli.stderr
     assert "waiting:" in cli.stdout and "no worker with tag repo:acme" in cli.stdout
+    assert f"(group {view['group']})" in cli.stdout and len(view['group']) == 12     # its name on /metrics
 
     acme = pool.worker(pond, orch, tags="repo:acme")
     done = pond.wait_job(job["id"])
