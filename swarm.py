@@ -6495,9 +6495,24 @@ class Slots:
         return sorted(held | self.reporter.pending_finals())
 
     def cancel(self, job_id):
-        event = self.cancels.get(job_id)
-        if event is not None:
+        """Stop a running job; one still waiting for a slot (pond's --assign-ahead) ends at once."""
+        with self.cond:
+            waiting = next((job for job in self.queue if job["job_id"] == job_id), None)
+            if waiting is not None:
+                self.queue.remove(waiting)
+                self._ended(waiting)
+            event = self.cancels.get(job_id)
+        if waiting is not None:
+            finish(waiting, self.reporter, self.signer, "cancelled", error="cancelled before it started")
+        elif event is not None:
             event.set()
+
+    def _ended(self, job):
+        """(Under self.cond.) The job's attempt ran here, or never will: a hand-over again is ignored."""
+        self.finished[job["job_id"], job["attempt"]] = True
+        if len(self.finished) > 4096:
+            self.finished.popitem(last=False)
+        self.cancels.pop(job["job_id"], None)
 
     def _run(self, loop, slot):
         while True:
@@ -6515,10 +6530,7 @@ class Slots:
                 self.reporter.state(job, "failed", exit_code=None, error=f"worker error: {e.__class__.__name__}")
             finally:
                 with self.cond:
-                    self.finished[job["job_id"], job["attempt"]] = True
-                    if len(self.finished) > 4096:
-                        self.finished.popitem(last=False)
-                    self.cancels.pop(job["job_id"], None)
+                    self._ended(job)
             with self.cond:
                 idle = not self.queue and not self.stopping.is_set()
             if conf is not None and idle:               # with jobs waiting, making one ahead would only delay them
@@ -6532,7 +6544,8 @@ class Slots:
             self.queue.clear()
             self.cond.notify_all()
         for job in dropped:
-            finish(job, self.reporter, self.signer, "cancelled", error="worker stopped before the job started")
+            finish(job, self.reporter, self.signer, "failed", error="worker stopped before the job started",
+                   requeue=True)     # another worker runs it: with pond's --assign-ahead, a stop often has some
         if cancel_running:
             for event in list(self.cancels.values()):
                 event.set()

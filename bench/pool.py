@@ -363,13 +363,14 @@ class BenchPool:
     """pond + one orchestrator + two workers (concurrency 2 each), all with default holds and waits."""
 
     def __init__(self, tmp, workers=2, concurrency=2, profile_dir=None, serve_args=(), database=None, replicas=1,
-                 env=None):
+                 env=None, pond_args=()):
         """`database`: pond on PostgreSQL (a URL without password; `env` carries PGPASSWORD), with
         `replicas` ponds on it; the orchestrator is paired with all of them (it talks to the first)
         and the bench submits through the last, so a submit wakes the poll through NOTIFY."""
         self.database, self.replicas = database, replicas
         self.tmp = Path(tmp)
         self.profile_dir, self.serve_args = profile_dir, tuple(serve_args)    # serve_args: more `swarm.py serve` flags
+        self.pond_args = tuple(pond_args)                                      # ... and `pond serve` flags
         self.n_workers, self.concurrency = workers, concurrency
         self.procs = []
         self.env = child_env() if env is None else dict(child_env(), **env)
@@ -390,7 +391,8 @@ class BenchPool:
                     shutil.copy2(pond_dir / name, state / name)
             store = ("--database", self.database) if self.database else ()
             proc = self._start("pond" if i == 1 else f"pond{i}", [
-                sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state), *store])
+                sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(state), *store,
+                *self.pond_args])
             urls.append(proc.url())
         self.pond = self.procs[0]
         self.url = urls[-1]
@@ -976,6 +978,8 @@ def parse_args(argv):
     p.add_argument("--submitters", type=int, default=1, help="client threads submitting (default %(default)s)")
     p.add_argument("--submit-batch", type=int, default=1, metavar="N", help="jobs per POST /v1/jobs in "
                    "throughput (a list; default %(default)s: one job per request)")
+    p.add_argument("--assign-ahead", type=int, default=0, metavar="N", help="pond serve --assign-ahead N: jobs "
+                   "each worker may hold beyond its slots (default %(default)s)")
     p.add_argument("--compare", choices=sorted(PEER_CONFIGS), help="also run this peer's throughput, alternating "
                    "with ours, and print the ratio (its scripts: --peers, run from a copy in --peers-scratch)")
     p.add_argument("--reps", type=int, default=1, help="throughput runs of each (default %(default)s; the medians "
@@ -1026,14 +1030,15 @@ def main(argv=None):
             return 2
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="pond-bench-")
-    pool = BenchPool(tmp, profile_dir=args.profile)
+    pool = BenchPool(tmp, profile_dir=args.profile, pond_args=("--assign-ahead", str(args.assign_ahead)))
     code = 0
     try:
         t = time.monotonic()
         pool.start()
         print(f"pool:    started in {time.monotonic() - t:.1f} s in {tmp}: "
               + ", ".join(f"{name} pid {pid}" for name, pid in pool.pids().items()))
-        print("         default holds: pond poll hold 25 s, orchestrator claim wait 25 s; 2 workers x concurrency 2")
+        print("         default holds: pond poll hold 25 s, orchestrator claim wait 25 s; 2 workers x concurrency 2"
+              + (f"; pond --assign-ahead {args.assign_ahead}" if args.assign_ahead else ""))
         if args.what in ("pickup", "all"):
             results["pickup"] = bench_pickup(pool, stamp, args)
             pool.check_alive()

@@ -105,7 +105,8 @@ def cmd_serve(args):
                                head_timeout=args.head_timeout, max_pending=args.max_pending,
                                max_pending_per_address=args.max_pending_per_address, database=args.database,
                                log_format=args.log_format, bundle_retention=args.bundle_retention,
-                               artifact_retention=args.artifact_retention, database_pool=args.database_pool)
+                               artifact_retention=args.artifact_retention, database_pool=args.database_pool,
+                               assign_ahead=args.assign_ahead)
     return serve(settings)
 
 
@@ -917,6 +918,10 @@ def build_parser():
                    help="output kept per job unless it says: the head and tail of each stream (default 4 MiB)")
     s.add_argument("--max-attempts", type=int, metavar="N",
                    help="attempts of a job whose leases run out before it fails (default 3)")
+    s.add_argument("--assign-ahead", type=int, metavar="N",
+                   help="jobs each worker may hold beyond its free slots, started as soon as a slot frees: "
+                        "for many short jobs; a job may then wait behind a long one (default: "
+                        "$POND_ASSIGN_AHEAD, else 0)")
     s.add_argument("--bundle-retention", type=float, metavar="S",
                    help="seconds a source bundle is kept once no job needs it (default: $POND_BUNDLE_RETENTION, "
                         "else 604800: 7 days)")

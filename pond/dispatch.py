@@ -118,14 +118,17 @@ class Fits:
         self.checks = 0         # groups matched against a binding's workers, for /metrics
 
     def available(self, pond, binding_id):
-        """(rows, available rows, {worker id: slots} of those, in enrollment order) for a binding,
+        """(rows, available rows, {worker id: capacity} of those, in enrollment order) for a binding,
         worked out again only when the store's cached rows change: a poll with 1,000 workers
-        then walks them once, not once per check. Safe without a lock: it only replaces a tuple."""
+        then walks them once, not once per check. Safe without a lock: it only replaces a tuple.
+        A worker's capacity is its slots and pond's --assign-ahead: the jobs it may hold at once,
+        those beyond its slots waiting on the worker to start as soon as a slot frees."""
         rows = pond.store.workers(binding_id)
         got = self._workers.get(binding_id)
         if got is None or got[0] is not rows:
             workers = [w for w in rows if _available(pond, w)]
-            got = self._workers[binding_id] = (rows, workers, {w["id"]: w["slots"] for w in workers})
+            ahead = pond.settings.assign_ahead
+            got = self._workers[binding_id] = (rows, workers, {w["id"]: w["slots"] + ahead for w in workers})
         return got
 
     def fitting(self, store, binding_id, rows, workers):
@@ -185,15 +188,16 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     grouped by requirements; each group that some free worker fits offers its oldest
     jobs, and the offers are taken in submission order across groups. Among matching
     workers, the one with the most free slots gets the job. Which groups fit is kept
-    between polls (Fits).
+    between polls (Fits). With --assign-ahead, a worker's free slots count the jobs it may
+    hold beyond its slots too (Fits.available).
     """
     store = pond.store
     with store.transaction():
         store.claim_lock(binding_id)        # PostgreSQL: one claim per binding across replicas
-        rows, workers, slots = pond.fits.available(pond, binding_id)
+        rows, workers, capacity = pond.fits.available(pond, binding_id)
         if not workers:
             return []
-        free = dict(slots)
+        free = dict(capacity)
         for worker_id, n in store.active_counts(binding_id).items():
             if worker_id in free:
                 free[worker_id] -= n
@@ -251,9 +255,9 @@ def _available(pond, worker):
 
 
 def _has_free_slot(pond, binding_id):
-    slots = pond.fits.available(pond, binding_id)[2]
+    capacity = pond.fits.available(pond, binding_id)[2]
     active = pond.store.active_counts(binding_id)
-    return any(n > active.get(worker_id, 0) for worker_id, n in slots.items())
+    return any(n > active.get(worker_id, 0) for worker_id, n in capacity.items())
 
 
 def _assign(pond, job, worker_id, binding_id):
@@ -610,10 +614,12 @@ def end_attempt(pond, job, event_name, why, retry_always=False):
 def expire_overdue(pond):
     """The timeout backstop: a job still not ended BACKSTOP_MARGIN after its effective timeout
     (sandbox.effective_timeout) and grace (the worker enforces both) fails here, and the next
-    heartbeat tells its orchestrator to stop it."""
+    heartbeat tells its orchestrator to stop it. With --assign-ahead, a job not yet started may be
+    waiting on its worker for a slot, which its timeout does not count: only started ones fail here."""
     failed = 0
     # Half a lease at most: a worker that went silent loses its lease first anyway.
-    for job in pond.store.overdue_jobs(pond.now(), min(BACKSTOP_MARGIN, pond.settings.lease / 2)):
+    for job in pond.store.overdue_jobs(pond.now(), min(BACKSTOP_MARGIN, pond.settings.lease / 2),
+                                       started_only=pond.settings.assign_ahead > 0):
         try:
             transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
                        error=f"timed out after {sandbox.effective_timeout(job):g} s; its worker did not report the end "

@@ -32,6 +32,7 @@ MAX_CODE_TTL = 7 * 24 * 3600
 WORKER_OFFLINE_AFTER = 60.0              # s without a snapshot that lists a worker online
 LEASE = 60.0                             # s an attempt lives without a heartbeat from its orchestrator
 MAX_ATTEMPTS = 3                         # attempts of a job whose leases run out, before it fails
+MAX_ASSIGN_AHEAD = 64                    # jobs a worker may be given beyond its free slots (--assign-ahead)
 LOG_CAP = 4 * 1024 * 1024                # bytes of a job's output kept (head and tail), unless the job says
 MIN_LOG_CAP, MAX_LOG_CAP = 64 * 1024, 1024 ** 3
 # s a source bundle is kept after its last job ended (or, never used, after its upload), and a job's
@@ -66,6 +67,7 @@ class ServerSettings:
     allow_unsigned: bool = False         # accept results of workers without pinned keys
     lease: float = LEASE
     max_attempts: int = MAX_ATTEMPTS
+    assign_ahead: int = 0                # jobs each worker may hold beyond its slots, to start when one frees
     log_cap: int = LOG_CAP
     require_sandbox: bool = False        # refuse jobs with sandbox profile none (specs/sandbox.md §5)
     database: str = field(default="", repr=False)     # postgresql://... (store_pg.py); "": DIR/pond.db
@@ -164,7 +166,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                     credential_key_file=None, allow_unsigned=False, lease=None, max_attempts=None,
                     log_cap=None, require_sandbox=False, head_timeout=None, max_pending=None,
                     max_pending_per_address=None, database=None, log_format=None, bundle_retention=None,
-                    artifact_retention=None, database_pool=None):
+                    artifact_retention=None, database_pool=None, assign_ahead=None):
     host, port = parse_bind(bind or env_setting(env, "POND_BIND", DEFAULT_BIND))
     state = Path(state_dir or env_setting(env, "POND_STATE_DIR", DEFAULT_STATE_DIR)).resolve()
     state.mkdir(parents=True, exist_ok=True)
@@ -181,6 +183,10 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                                                                               MAX_ATTEMPTS)
     if not 1 <= attempts <= 100:
         raise ConfigError(f"max attempts {attempts} is out of range", "give a value from 1 to 100 (default 3)")
+    ahead = int(assign_ahead) if assign_ahead is not None else env_number(env, "POND_ASSIGN_AHEAD", int, 0)
+    if not 0 <= ahead <= MAX_ASSIGN_AHEAD:
+        raise ConfigError(f"assign ahead {ahead} is out of range",
+                          f"give 0 to {MAX_ASSIGN_AHEAD} jobs a worker may hold beyond its slots (default 0)")
     cap = int(log_cap) if log_cap is not None else env_number(env, "POND_LOG_CAP", int, LOG_CAP)
     if not MIN_LOG_CAP <= cap <= MAX_LOG_CAP:
         raise ConfigError(f"log cap {cap} bytes is out of range", f"give {MIN_LOG_CAP} to {MAX_LOG_CAP} (default 4 MiB)")
@@ -218,7 +224,7 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                           tls_cert=tls_cert, tls_key=tls_key,
                           credential_key=_credential_key(state, env, credential_key_file),
                           allow_unsigned=allow_unsigned or env_setting(env, "POND_ALLOW_UNSIGNED_RESULTS") == "1",
-                          lease=lease, max_attempts=attempts, log_cap=cap,
+                          lease=lease, max_attempts=attempts, assign_ahead=ahead, log_cap=cap,
                           require_sandbox=require_sandbox or _env_flag(env, "POND_REQUIRE_SANDBOX"),
                           head_timeout=head_timeout, max_pending=pending, max_pending_per_address=per_address,
                           database=database_url(database, env), bundle_retention=retention["bundle"],

@@ -690,14 +690,16 @@ class Store:
         return self._write("UPDATE jobs SET retries_left = retries_left - 1 WHERE id = ? AND retries_left > 0",
                            (job_id,)) == 1
 
-    def overdue_jobs(self, now, margin):
-        """Jobs with a timeout whose worker has not reported their end long after it should have."""
+    def overdue_jobs(self, now, margin, started_only=False):
+        """Jobs with a timeout whose worker has not reported their end long after it should have;
+        `started_only`: of those reported running (an assigned one may wait for a slot)."""
         # The effective timeout, sandbox.effective_timeout in SQL: min(timeout, sandbox.limits.timeout),
         # either one alone when the other is null (SQLite's two-argument MIN is null if one is).
         effective = ("COALESCE(MIN(timeout, json_extract(sandbox, '$.limits.timeout')), timeout,"
                      " json_extract(sandbox, '$.limits.timeout'))")
+        states = "'running'" if started_only else "'assigned', 'running'"
         return self._all("SELECT id, state, attempt, worker_id, binding_id, timeout, sandbox, started_at FROM jobs"
-                         f" WHERE state IN ('assigned', 'running') AND {effective} IS NOT NULL"
+                         f" WHERE state IN ({states}) AND {effective} IS NOT NULL"
                          # a job from before per-job grace has none stored: the default, 10 s
                          f" AND COALESCE(started_at, assigned_at) + {effective} + COALESCE(cancel_grace, 10) + ? < ?",
                          (margin, now))

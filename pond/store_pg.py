@@ -622,11 +622,12 @@ class PgStore(Store):
                              " 'serial')) WHERE req_key = ?", (req_key,))
         return rows
 
-    def overdue_jobs(self, now, margin):
+    def overdue_jobs(self, now, margin, started_only=False):
         # LEAST ignores a null: the sooner of the job's timeout and its sandbox's, or either alone.
         effective = "LEAST(timeout, (sandbox::jsonb #>> '{limits,timeout}')::double precision)"
+        states = "'running'" if started_only else "'assigned', 'running'"
         return self._all("SELECT id, state, attempt, worker_id, binding_id, timeout, sandbox, started_at FROM jobs"
-                         f" WHERE state IN ('assigned', 'running') AND {effective} IS NOT NULL"
+                         f" WHERE state IN ({states}) AND {effective} IS NOT NULL"
                          f" AND COALESCE(started_at, assigned_at) + {effective} + COALESCE(cancel_grace, 10) + ? < ?",
                          (margin, now))
 

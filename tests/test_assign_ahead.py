@@ -1,0 +1,88 @@
+"""pond serve --assign-ahead N (issue 9, throughput): each worker may hold N jobs beyond its free
+slots, waiting on the worker, which starts one as soon as a slot frees, instead of a slot idling
+through the round trip to pond and back. Real processes: pond, `swarm.py serve`, one worker with
+one slot. What a job waiting ahead must not suffer: pond's timeout backstop (its timeout counts
+from its start), or a cancel that waits for the slot."""
+
+import sys
+import time
+
+from conftest import JOB_PY, run, wait_for
+
+SLEEPS = "import time; print('long', flush=True); time.sleep({})"
+
+
+def started(pond, job_id):
+    return wait_for(lambda: (j := pond.job(job_id))["state"] == "running" and j, 20, what=f"{job_id} running")
+
+
+def test_a_worker_holds_a_job_ahead_and_starts_it_when_its_slot_frees(pool):
+    # A short lease makes pond's backstop look every second, with a margin of 2 s: a job waiting
+    # ahead behind a 6 s job with timeout 1 and no grace would be failed at 3 s if its wait counted.
+    pond = pool.pond(extra=("--assign-ahead", "1", "--lease", "4"))
+    orch = pool.orchestrator(pond)
+    worker = pool.worker(pond, orch, concurrency=1)
+    long = pond.submit([JOB_PY, "-c", SLEEPS.format(6)])
+    started(pond, long["id"])
+    ahead = pond.submit([JOB_PY, "-c", "print('ahead')"], timeout=1, cancel_grace=0)
+    queued = pond.submit([JOB_PY, "-c", "print('queued')"])
+    held = wait_for(lambda: (j := pond.job(ahead["id"]))["state"] == "assigned" and j, 10, what="assigned ahead")
+    assert held["worker"] == worker.worker_id
+    time.sleep(4)                                   # past when the backstop would fail it, were it running
+    assert pond.job(ahead["id"])["state"] == "assigned"
+    third = pond.job(queued["id"])
+    assert third["state"] == "queued" and third["waiting"] is not None, third    # one ahead, not two
+
+    first = pond.wait_job(long["id"])
+    done = pond.wait_job(ahead["id"])
+    assert first["state"] == done["state"] == "done", (first, done)
+    assert pond.output(ahead["id"])["stdout"] == b"ahead\n" and done["attempt"] == 1
+    # It started when the long one ended, not a round trip through pond later.
+    assert done["started_at"] >= first["finished_at"] - 0.5, (first, done)
+    assert pond.wait_job(queued["id"])["state"] == "done"
+
+
+def test_a_job_waiting_ahead_is_cancelled_at_once_not_when_the_slot_frees(pool):
+    pond = pool.pond(extra=("--assign-ahead", "1",))
+    orch = pool.orchestrator(pond)
+    pool.worker(pond, orch, concurrency=1)
+    long = pond.submit([JOB_PY, "-c", SLEEPS.format(60)])
+    started(pond, long["id"])
+    ahead = pond.submit([JOB_PY, "-c", "print('never')"])
+    wait_for(lambda: pond.job(ahead["id"])["state"] == "assigned", 10, what="assigned ahead")
+    asked = time.monotonic()
+    pond.client.post(f"/v1/jobs/{ahead['id']}/cancel", {})
+    ended = pond.wait_job(ahead["id"], timeout=10)
+    assert ended["state"] == "cancelled" and time.monotonic() - asked < 8, ended
+    assert "before it started" in ended["error"] and pond.output(ahead["id"])["stdout"] == b""
+    assert pond.job(long["id"])["state"] == "running"          # the slot's job goes on
+    pond.client.post(f"/v1/jobs/{long['id']}/cancel", {})
+    assert pond.wait_job(long["id"], timeout=30)["state"] == "cancelled"
+
+
+def test_assign_ahead_out_of_range_is_refused_with_the_range(tmp_path):
+    for value in ("-1", "65"):
+        done = run([sys.executable, "-m", "pond", "serve", "--bind", "127.0.0.1:0", "--state-dir", str(tmp_path / value),
+                    "--assign-ahead", value], timeout=30)
+        assert done.returncode != 0 and "assign ahead" in done.stderr and "0 to 64" in done.stderr, done.stderr
+
+
+def test_a_stopped_worker_hands_back_the_jobs_it_held_ahead(pool):
+    """Not cancelled, as a job not yet started used to be at a stop: back to pond, preferring
+    another worker (were this one the only fit, the job would wait for it to come back)."""
+    pond = pool.pond(extra=("--assign-ahead", "1",))
+    orch = pool.orchestrator(pond)
+    first = pool.worker(pond, orch, concurrency=1)
+    long = pond.submit([JOB_PY, "-c", SLEEPS.format(60)])
+    started(pond, long["id"])
+    ahead = pond.submit([JOB_PY, "-c", "print('handed back')"])
+    wait_for(lambda: pond.job(ahead["id"])["state"] == "assigned", 10, what="assigned ahead")
+    second = pool.worker(pond, orch, concurrency=1)        # online now, with nothing to do
+    time.sleep(1)               # pond -> orchestrator -> worker: a few ms; then the first worker holds it
+    assert first.stop() == 0
+    assert pond.wait_job(long["id"], timeout=30)["state"] == "cancelled"       # a stop cancels what runs
+    done = pond.wait_job(ahead["id"], timeout=30)
+    assert done["state"] == "done" and done["worker"] == second.worker_id and done["attempt"] == 2, done
+    assert any(e["event"] == "cannot_start" and "worker stopped before the job started" in e["message"]
+               for e in done["events"]), done["events"]
+    assert pond.output(ahead["id"])["stdout"] == b"handed back\n"
