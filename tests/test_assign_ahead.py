@@ -18,18 +18,18 @@ def started(pond, job_id):
 
 def test_a_worker_holds_a_job_ahead_and_starts_it_when_its_slot_frees(pool):
     # A short lease makes pond's backstop look every second, with a margin of 2 s: a job waiting
-    # ahead behind a 6 s job with timeout 1 and no grace would be failed at 3 s if its wait counted.
+    # ahead behind a 12 s job with timeout 1 and no grace would be failed at 3 s if its wait counted.
     pond = pool.pond(extra=("--assign-ahead", "1", "--lease", "4"))
     orch = pool.orchestrator(pond)
     worker = pool.worker(pond, orch, concurrency=1)
-    long = pond.submit([JOB_PY, "-c", SLEEPS.format(6)])
+    long = pond.submit([JOB_PY, "-c", SLEEPS.format(12)])
     started(pond, long["id"])
     ahead = pond.submit([JOB_PY, "-c", "print('ahead')"], timeout=1, cancel_grace=0)
     queued = pond.submit([JOB_PY, "-c", "print('queued')"])
     held = wait_for(lambda: (j := pond.job(ahead["id"]))["state"] == "assigned" and j, 10, what="assigned ahead")
     assert held["worker"] == worker.worker_id
     time.sleep(4)                                   # past when the backstop would fail it, were it running
-    assert pond.job(ahead["id"])["state"] == "assigned"
+    assert pond.job(ahead["id"])["state"] == "assigned" and pond.job(long["id"])["state"] == "running"
     third = pond.job(queued["id"])
     assert third["state"] == "queued" and third["waiting"] is not None, third    # one ahead, not two
 
