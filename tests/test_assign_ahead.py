@@ -37,7 +37,7 @@ def test_a_worker_holds_a_job_ahead_and_starts_it_when_its_slot_frees(pool):
     done = pond.wait_job(ahead["id"])
     assert first["state"] == done["state"] == "done", (first, done)
     assert pond.output(ahead["id"])["stdout"] == b"ahead\n" and done["attempt"] == 1
-    # It started when the long one ended, not a round trip through pond later.
+    # In order: pond recorded its start only after the end of the job in the slot.
     assert done["started_at"] >= first["finished_at"] - 0.5, (first, done)
     assert pond.wait_job(queued["id"])["state"] == "done"
 
