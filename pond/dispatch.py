@@ -594,17 +594,18 @@ def end_attempt(pond, job, event_name, why, retry_always=False):
     event = {"at": pond.now(), "event": event_name, "attempt": job["attempt"], "worker": job["worker_id"],
              "message": why}
     try:
-        if job["cancel_requested"]:
-            transition(pond.store, job, JobState.CANCELLED, finished_at=pond.now(),
-                       error=f"cancelled; {why} before it confirmed")
-        elif job["attempt"] >= pond.settings.max_attempts and not retry_always:
-            transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
-                       error=f"{why}; gave up after {job['attempt']} attempt(s)")
-        else:
-            requeue(pond.store, job, tried)
+        with pond.store.transaction():      # the new state with its reason: a reader never sees one alone
+            if job["cancel_requested"]:
+                transition(pond.store, job, JobState.CANCELLED, finished_at=pond.now(),
+                           error=f"cancelled; {why} before it confirmed")
+            elif job["attempt"] >= pond.settings.max_attempts and not retry_always:
+                transition(pond.store, job, JobState.FAILED, finished_at=pond.now(),
+                           error=f"{why}; gave up after {job['attempt']} attempt(s)")
+            else:
+                requeue(pond.store, job, tried)
+            pond.store.add_job_event(job["id"], event)
     except InvalidTransition:
         return 0
-    pond.store.add_job_event(job["id"], event)
     pond.metrics.ended.add(event_name)
     pond.log.warning("job %s: %s", job["id"], why, extra={"job": job["id"], "event": event_name,
                                                           "attempt": job["attempt"], "worker": job["worker_id"]})
