@@ -4108,9 +4108,13 @@ def fresh_dir(path):
     What cannot be removed (a job made it read-only) is made writable and removed; if
     even that fails, it is moved aside to jobs/trash/, so a slot never stays broken.
     """
-    if path.is_symlink() or (path.exists() and not path.is_dir()):
-        path.unlink()
-    elif path.is_dir():
+    try:
+        mode = os.lstat(path).st_mode              # os-level: it runs six times a job
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISDIR(mode):
+        os.unlink(path)
+    elif mode is not None:
         with os.scandir(path) as entries:
             if next(entries, None) is None:
                 return
@@ -6022,9 +6026,9 @@ def hand_back(job, orch, cancel, work, scratch, tree):
 def receive_source(job, signer, orch, cancel, slot, scratch, writable, repo_root, policy, mirrors=None):
     """Before the job starts: its source unpacked or checked out into the slot's work tree, and for a
     tree the job may write, the baseline changes.patch is made against -> that tree's id, or None."""
-    fresh_dir(scratch)
     if not job.get("source"):
         return None
+    fresh_dir(scratch)
     if "git" in job["source"]:
         fetch_git(job, repo_root, slot.work, scratch, policy, slot.uid, mirrors)
     else:
@@ -6444,7 +6448,8 @@ def run_job(job, s, reporter, cancel, slot, sandboxes, signer=None, orch=None, e
     finally:
         sandboxes.close_slot(slot)
         empty_slot(s, job, slot)
-        shutil.rmtree(scratch, ignore_errors=True)
+        if os.path.lexists(scratch):               # made only for a job with a source
+            shutil.rmtree(scratch, ignore_errors=True)
     return conf
 
 
