@@ -2190,9 +2190,9 @@ class Registry:
                 db.execute("DELETE FROM outbox WHERE seq = ?", (replaced,))
             return seq
 
-    def outbox_remove(self, seq):
-        with self._locked():
-            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    def outbox_remove(self, seqs):
+        with self._transaction() as db:            # a batch's, in one commit
+            db.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs])
 
     def outbox_all(self):
         with self._locked():
@@ -2344,15 +2344,16 @@ class Outbox:
                     batch.append(msg)
             return batch
 
-    def pop(self, msg):
-        """`msg` was delivered (or refused for good): it leaves, with the skipped ones before it."""
+    def pop(self, msgs):
+        """`msgs`, oldest first, were delivered (or refused for good): they leave, with the skipped ones before each."""
         with self._cond:
-            while self._items and (self._items[0] is msg or self._items[0].get("skip")):
-                first = self._items.popleft()
-                if self._running.get(first["job_id"]) is first:
-                    del self._running[first["job_id"]]
-                if first is msg:
-                    break
+            for msg in msgs:
+                while self._items and (self._items[0] is msg or self._items[0].get("skip")):
+                    first = self._items.popleft()
+                    if self._running.get(first["job_id"]) is first:
+                        del self._running[first["job_id"]]
+                    if first is msg:
+                        break
 
     def __len__(self):
         return len(self._items)
@@ -2391,10 +2392,12 @@ def deliver(client, path, outbox, stop, loop, peer, count=lambda *key: None):
         return again(f"{peer} refused a batch of reports: {e.status} {e.code}: {clean(e.message)}")
     except Unreachable as e:
         return again(e.message)
+    done = []                                      # what leaves the outbox, in one commit
     for msg, result in zip(batch, results):
         status = result.get("status", 500) if isinstance(result, dict) else 500
         error = (result.get("error") if isinstance(result, dict) else None) or {}
         if status >= 500 or status == 429:
+            outbox.pop(done)
             return again(f"{peer} answered {status} {clean(error.get('code'), 40)} to a {msg['kind']} report: "
                          f"{clean(error.get('message'))}")
         if status >= 300:       # stale_attempt, not_found: the attempt ended there (evicted, requeued): fencing
@@ -2402,7 +2405,8 @@ def deliver(client, path, outbox, stop, loop, peer, count=lambda *key: None):
                 "%s refused %s for %s: %s (%s)", peer, msg["kind"], msg["job_id"],
                         clean(error.get("message")), clean(error.get("code"), 40))
         count("report", "refused" if status >= 300 else "sent")
-        outbox.pop(msg)
+        done.append(msg)
+    outbox.pop(done)
     loop.beat()
     return True
 
@@ -2427,9 +2431,10 @@ class DurableOutbox(Outbox):
                                               replaced and replaced["seq"])
         super().put(msg)
 
-    def pop(self, msg):
-        self.registry.outbox_remove(msg["seq"])        # first: if the disk refuses, it is sent again
-        super().pop(msg)
+    def pop(self, msgs):
+        if msgs:
+            self.registry.outbox_remove([m["seq"] for m in msgs])   # first: if the disk refuses, they are sent again
+        super().pop(msgs)
 
 
 class Pool:
