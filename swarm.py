@@ -4434,24 +4434,25 @@ def kill_uid(uid):
 #
 # A job needs set-up between fork and exec (its cgroup, network namespace, uid, rlimits,
 # Landlock), so CPython cannot vfork it, and forking the worker itself (tens of MB, threads)
-# copies its page tables: 5-10 ms a job on a small VM. Each slot has instead a spawner: a
-# fresh `python3 -I -S` running only the functions below (spawner_source()), ~11 MB. Per job
-# it reads one request on a SOCK_SEQPACKET socket (a memfd with the plan as JSON, then the
-# job's descriptors) and starts the job; it answers with the pid, later with the exit status.
-# To start it, it posix_spawns the start helper (a small C program compiled once from
-# START_HELPER_C into the state dir), which takes the set-up steps and execs the job: no
-# memory of the spawner's is copied. Without a C compiler it forks instead, and its child
-# (Python) takes the same steps: 2-3 ms more CPU a job. When the worker's end closes (the worker died, kill -9 included)
+# copies its page tables: 5-10 ms a job on a small VM. Each slot has instead a spawner: the
+# start helper (a small static C program compiled once from START_HELPER_C) run as
+# `--serve FD`. Per job it reads one request on a SOCK_SEQPACKET socket (a memfd with the
+# plan, then the job's descriptors), forks (a copy of little), and its child takes the
+# set-up steps and execs the job; it answers with the pid, later with the exit status.
+# Without a C compiler the spawner is a fresh `python3 -I -S` running only the functions
+# below (spawner_source(), ~11 MB, the plan as JSON), whose forked child takes the same
+# steps in Python: 2-3 ms more CPU a job. When the worker's end closes (the worker died, kill -9 included)
 # the spawner exits, and its jobs die with it (their PR_SET_PDEATHSIG).
 
 START_HELPER_C = r"""
-/* swarm-start: the last step from a slot's spawner to a job, in C so that the spawner can
-   posix_spawn it (no copy of its memory) instead of forking itself. The same steps, in the
+/* swarm-start: a slot's spawner, and the last step from it to a job. The same steps, in the
    same order, as _job_child in swarm.py; an option absent is a step skipped.
+   swarm-start --serve FD: the spawner (serve() below): reads requests on FD and forks each
+   job, which takes the steps of
    swarm-start [-c DIR] [-g CGROUP_PROCS]... [-o] [-n CHAN_FD [-P PORT]...] [-u UID]
                [-r RESOURCE=VALUE]... [-p PPID] [-l RULESET_FD] [-k FD]... [-e ERRNO_FD] -- COMMAND [ARG]...
-   A step that fails: "swarm: sandbox setup failed: ..." on stderr, exit 125. An exec that
-   fails: its errno in decimal on ERRNO_FD, exit 127. */
+   and execs COMMAND. A step that fails: "swarm: sandbox setup failed: ..." on stderr, exit
+   125. An exec that fails: its errno in decimal on ERRNO_FD, exit 127. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -4461,15 +4462,24 @@ START_HELPER_C = r"""
 #include <string.h>
 #include <arpa/inet.h>
 #include <net/if.h>
+#include <poll.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define MAX_LIST 32
+#define MAX_FDS 32            /* descriptors of one request */
+#define MAX_JOBS 64           /* jobs of one spawner not yet reaped */
+#define MAX_PLAN (64 << 20)   /* bytes of one request's plan */
+
+extern char **environ;
 
 static void fail(const char *what) {
     dprintf(2, "swarm: sandbox setup failed: %s: %s\n", what, strerror(errno));
@@ -4532,7 +4542,7 @@ static void job_network(int chan, const long *ports, int nports) {
     close(chan);
 }
 
-int main(int argc, char **argv) {
+static int start(int argc, char **argv) {
     const char *cwd = NULL, *cgroups[MAX_LIST];
     int ncgroups = 0, oom = 0, nlimits = 0, nkeep = 0, nports = 0, ruleset = -1, errors = -1, chan = -1, opt;
     long uid = -1, ppid = -1, limits[MAX_LIST][2], ports[MAX_LIST];
@@ -4615,6 +4625,165 @@ int main(int argc, char **argv) {
     }
     if (errors >= 0) dprintf(errors, "%d", first ? first : last);
     _exit(127);
+}
+
+/* The next NUL-terminated field of a plan, or NULL past its end. */
+static char *field(char **at, char *end) {
+    char *text = *at, *nul = text < end ? memchr(text, 0, (size_t)(end - text)) : NULL;
+    if (!nul) return NULL;
+    *at = nul + 1;
+    return text;
+}
+
+static long count(char **at, char *end, long most) {
+    char *text = field(at, end), *stop;
+    long n = text ? strtol(text, &stop, 10) : -1;
+    return text && *text && !*stop && n >= 0 && n <= most ? n : -1;
+}
+
+/* One job: its plan (fds[0], a memfd of NUL-terminated fields: the number of substitutions and
+   their (argv index, fds index or -1 for the error pipe) pairs, argc and argv, envc and the
+   environment), its stdin, stdout and stderr (fds[1..3]) and what the plan's substitutions
+   name. The child takes start()'s steps with those descriptors' numbers filled in, and execs.
+   -> 0 and *pid, or an errno (*pid set if the exec failed: reaped already). */
+static int launch(int *fds, int nfds, int oom, pid_t *pid) {
+    struct stat st;
+    *pid = -1;
+    if (nfds < 4) return EINVAL;
+    if (fstat(fds[0], &st)) return errno;
+    if (st.st_size <= 0 || st.st_size > MAX_PLAN) return E2BIG;
+    char *plan = malloc((size_t)st.st_size), *at = plan, *end = plan + st.st_size;
+    char **argv = NULL, **envp = NULL;
+    long subs[MAX_LIST][2], nsubs, argc = -1, envc = -1, done = 0;
+    int err = plan ? 0 : ENOMEM, pipefd[2];
+    while (!err && done < st.st_size) {
+        ssize_t n = pread(fds[0], plan + done, (size_t)(st.st_size - done), done);
+        if (n <= 0) err = n ? errno : EIO;
+        done += n > 0 ? n : 0;
+    }
+    nsubs = err ? -1 : count(&at, end, MAX_LIST);
+    for (long i = 0; i < nsubs && !err; i++) {
+        subs[i][0] = count(&at, end, 1 << 20);
+        char *text = field(&at, end), *stop;
+        subs[i][1] = text ? strtol(text, &stop, 10) : -2;
+        if (subs[i][0] < 0 || !text || *stop || subs[i][1] < -1 || subs[i][1] >= nfds || (subs[i][1] >= 0 && subs[i][1] < 4))
+            err = EINVAL;
+    }
+    if (!err && ((argc = count(&at, end, 1 << 20)) < 1 || !(argv = calloc((size_t)argc + 1, sizeof *argv)))) err = EINVAL;
+    for (long i = 0; i < argc && !err; i++)
+        if (!(argv[i] = field(&at, end))) err = EINVAL;
+    if (!err && ((envc = count(&at, end, 1 << 20)) < 0 || !(envp = calloc((size_t)envc + 1, sizeof *envp)))) err = EINVAL;
+    for (long i = 0; i < envc && !err; i++)
+        if (!(envp[i] = field(&at, end))) err = EINVAL;
+    for (long i = 0; i < nsubs && !err; i++)
+        if (subs[i][0] >= argc) err = EINVAL;
+    if (!err && pipe2(pipefd, O_CLOEXEC)) err = errno;
+    if (!err && (*pid = fork()) < 0) {
+        err = errno;
+        close(pipefd[0]);
+        close(pipefd[1]);
+    }
+    if (!err && *pid == 0) {                       /* the job: start()'s steps, then its exec */
+        static char numbers[MAX_LIST][16];
+        close(pipefd[0]);
+        for (long i = 0; i < nsubs; i++) {
+            int fd = subs[i][1] < 0 ? pipefd[1] : fds[subs[i][1]];
+            if (subs[i][1] >= 0 && fcntl(fd, F_SETFD, 0)) fail("descriptor");   /* received close-on-exec */
+            snprintf(numbers[i], sizeof numbers[i], "%d", fd);
+            argv[subs[i][0]] = numbers[i];
+        }
+        for (int i = 0; i < 3; i++)
+            if (dup2(fds[1 + i], i) < 0) _exit(125);
+        if (setsid() < 0) fail("setsid");
+        if (oom) {                                 /* the spawner is never the OOM killer's choice; the job may be */
+            int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+            if (fd < 0 || write(fd, "0", 1) != 1) fail("oom_score_adj");
+            close(fd);
+        }
+        environ = envp;
+        optind = 1;
+        start((int)argc, argv);
+    }
+    if (!err) {                                    /* empty once the job's exec succeeded */
+        char text[16] = {0};
+        close(pipefd[1]);
+        ssize_t n = read(pipefd[0], text, sizeof text - 1);
+        close(pipefd[0]);
+        if (n > 0) {
+            err = (int)strtol(text, NULL, 10);
+            waitpid(*pid, NULL, 0);
+        }
+    }
+    free(argv);
+    free(envp);
+    free(plan);
+    return err;
+}
+
+/* The spawner: one request a message on SOCK (one byte, the descriptors as SCM_RIGHTS), answered
+   {"pid", "errno"}; a job's exit later {"pid", "exit"}. End of file (the worker is gone) ends it,
+   and its jobs with it (their PR_SET_PDEATHSIG). */
+static int serve(int sock) {
+    struct pollfd polls[MAX_JOBS + 1];
+    pid_t pids[MAX_JOBS + 1];
+    int jobs = 0, oom = 0, fd;
+    char reply[96];
+    if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0)) fail("pdeathsig");
+    if (fcntl(sock, F_SETFD, FD_CLOEXEC)) fail("socket");
+    if ((fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC)) >= 0) {
+        oom = write(fd, "-1000", 5) == 5;          /* unprivileged: the kernel may pick it; the worker starts another */
+        close(fd);
+    }
+    for (;;) {
+        polls[0] = (struct pollfd){.fd = sock, .events = POLLIN};
+        if (poll(polls, (nfds_t)jobs + 1, -1) < 0) {
+            if (errno == EINTR) continue;
+            fail("poll");
+        }
+        for (int i = jobs; i >= 1; i--) {          /* backwards: the last moves into a reaped one's place */
+            int status;
+            if (!polls[i].revents) continue;
+            if (waitpid(pids[i], &status, 0) < 0) fail("waitpid");
+            snprintf(reply, sizeof reply, "{\"pid\": %d, \"exit\": %d}", pids[i],
+                     WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status));
+            send(sock, reply, strlen(reply), MSG_NOSIGNAL);
+            close(polls[i].fd);
+            polls[i] = polls[jobs];
+            pids[i] = pids[jobs--];
+        }
+        if (!polls[0].revents) continue;
+        char byte, control[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+        struct iovec iov = {&byte, 1};
+        struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = control, .msg_controllen = sizeof control};
+        ssize_t n = recvmsg(sock, &msg, MSG_CMSG_CLOEXEC);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return 0;
+        int fds[MAX_FDS], nfds = 0, err;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c))
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS)
+                for (size_t k = 0; k < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int) && nfds < MAX_FDS; k++)
+                    memcpy(&fds[nfds++], CMSG_DATA(c) + k * sizeof(int), sizeof(int));
+        pid_t pid = -1;
+        err = msg.msg_flags & MSG_CTRUNC ? EMSGSIZE : jobs == MAX_JOBS ? EAGAIN : launch(fds, nfds, oom, &pid);
+        for (int k = 0; k < nfds; k++) close(fds[k]);
+        if (!err) {
+            if ((fd = (int)syscall(434 /* pidfd_open */, pid, 0)) < 0) fail("pidfd_open");
+            jobs++;
+            polls[jobs] = (struct pollfd){.fd = fd, .events = POLLIN};
+            pids[jobs] = pid;
+            snprintf(reply, sizeof reply, "{\"pid\": %d, \"errno\": null}", pid);
+        } else if (pid > 0) {
+            snprintf(reply, sizeof reply, "{\"pid\": %d, \"errno\": %d}", pid, err);
+        } else {
+            snprintf(reply, sizeof reply, "{\"pid\": null, \"errno\": %d}", err);
+        }
+        send(sock, reply, strlen(reply), MSG_NOSIGNAL);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "--serve")) return serve((int)number(argv[2], "--serve"));
+    return start(argc, argv);
 }
 """
 
@@ -4800,50 +4969,7 @@ def _exec(argv, env):
     raise first or last
 
 
-def _spawn_helper(helper, plan, fds, parent, ruleset):
-    """posix_spawn the compiled start helper (START_HELPER_C), which takes the steps of _job_child
-    and execs the job: the spawner is not forked, so none of its memory is copied, nor unmapped
-    again at the exec (2-3 ms of CPU a job on a small VM, most of a /bin/true job's cost).
-    -> (pid, errno of a failed exec or None)."""
-    stdin, stdout, stderr, *data = fds
-    chan = data.pop() if plan["ports"] is not None else None
-    argv = list(plan["argv"])
-    for index, n in plan["pipe_args"]:
-        argv[index] = str(data[n])
-    r, w = os.pipe2(os.O_CLOEXEC)
-    kept = sorted({data[n] for _, n in plan["pipe_args"]})
-    opts = [helper, "-c", plan["cwd"], "-p", str(parent), "-e", str(w)]
-    opts += [a for d in plan["join"] for a in ("-g", os.path.join(d, "cgroup.procs"))]
-    opts += ["-o"] if plan["reset_oom"] else []
-    opts += ["-n", str(chan), *[a for port in plan["ports"] for a in ("-P", str(port))]] if chan is not None else []
-    opts += ["-u", str(plan["uid"])] if plan["uid"] is not None else []
-    opts += [a for which, value in plan["rlimits"] for a in ("-r", f"{which}={value}")]
-    opts += ["-l", str(ruleset)] if ruleset is not None else []
-    opts += [a for fd in kept for a in ("-k", str(fd))]
-    passed = [w, *kept] + [fd for fd in (ruleset, chan) if fd is not None]
-    try:
-        for fd in passed:                          # inheritable only across this one spawn (one thread)
-            os.set_inheritable(fd, True)
-        pid = os.posix_spawn(helper, opts + ["--", *argv], plan["env"], setsid=True,
-                             file_actions=[(os.POSIX_SPAWN_DUP2, fd, n) for n, fd in enumerate((stdin, stdout, stderr))])
-    except BaseException:
-        os.close(r)
-        raise
-    finally:
-        for fd in passed:
-            os.set_inheritable(fd, False)
-        os.close(w)
-    for fd in fds:
-        os.close(fd)
-    with open(r, "rb") as f:                       # empty once the job's exec succeeded
-        failed = f.read()
-    if failed:
-        os.waitpid(pid, 0)
-        return pid, int(failed)
-    return pid, None
-
-
-def _spawn_job(request, reset_oom, rulesets, helper=None):
+def _spawn_job(request, reset_oom, rulesets):
     """Fork one job (above) -> (pid, errno of a failed exec or None)."""
     fds = list(request)
     with open(fds.pop(0), "rb") as f:
@@ -4851,8 +4977,6 @@ def _spawn_job(request, reset_oom, rulesets, helper=None):
     plan["reset_oom"] = reset_oom
     ruleset = _landlock_cached(plan["landlock"], rulesets) if plan["landlock"] else None
     parent = os.getpid()
-    if helper:
-        return _spawn_helper(helper, plan, fds, parent, ruleset)
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -4872,10 +4996,10 @@ def _spawn_job(request, reset_oom, rulesets, helper=None):
     return pid, None
 
 
-def spawner_main(fd, helper):
-    """The spawner's loop: a request starts a job (through `helper`, the compiled start helper's
-    path, when there is one); a job's pidfd turning readable reports its exit; end of file on
-    the socket (the worker is gone) ends the spawner and so its jobs."""
+def spawner_main(fd):
+    """The spawner's loop where the start helper could not be built (the helper's serve() does
+    the same in C): a request forks a job; a job's pidfd turning readable reports its exit; end
+    of file on the socket (the worker is gone) ends the spawner and so its jobs."""
     sock = socket.socket(fileno=fd)
     sock.set_inheritable(False)
     _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -4904,7 +5028,7 @@ def spawner_main(fd, helper):
             if not msg:
                 return
             try:
-                pid, failed = _spawn_job(fds, reset_oom, rulesets, helper)
+                pid, failed = _spawn_job(fds, reset_oom, rulesets)
             except OSError as e:                   # fork refused (pids limit, memory): the job fails to start
                 for fd in fds:
                     try:
@@ -4918,7 +5042,7 @@ def spawner_main(fd, helper):
 
 
 SPAWNER_FUNCTIONS = (_check, _loopback_up, _landlock_ruleset, _landlock_cached, _job_network, _job_child, _exec,
-                     _spawn_helper, _spawn_job, spawner_main)
+                     _spawn_job, spawner_main)
 SPAWNER_CONSTANTS = ("SIOCGIFFLAGS", "SIOCSIFFLAGS", "IFF_UP", "CLONE_NEWNET", "CLONE_NEWUSER", "PR_SET_PDEATHSIG",
                      "PR_SET_NO_NEW_PRIVS", "LANDLOCK_CREATE_RULESET", "LANDLOCK_ADD_RULE", "LANDLOCK_RESTRICT_SELF",
                      "LANDLOCK_WRITE_RIGHTS", "LANDLOCK_FILE_RIGHTS", "LANDLOCK_SCOPES")
@@ -4931,19 +5055,25 @@ def spawner_source():
              "_libc = ctypes.CDLL(None, use_errno=True)"]
     lines += [f"{name} = {globals()[name]!r}" for name in SPAWNER_CONSTANTS]
     lines += [inspect.getsource(fn) for fn in SPAWNER_FUNCTIONS]
-    return "\n".join(lines + ["spawner_main(int(sys.argv[1]), sys.argv[2])"])
+    return "\n".join(lines + ["spawner_main(int(sys.argv[1]))"])
 
 
 class Spawner:
-    """The worker's end of one slot's spawner (above). Used by the slot's thread alone."""
+    """The worker's end of one slot's spawner (above): the start helper's `--serve`, else Python's
+    spawner_main(). Used by the slot's thread alone."""
 
     def __init__(self, cgroups=(), helper=None):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.helper, self.rulesets = helper, {}    # the slot's Landlock ruleset, made here for the helper
         with theirs:                               # its own session: a terminal's ^C reaches the worker, not it
-            self.proc = subprocess.Popen([sys.executable or "python3", "-I", "-S", "-", str(theirs.fileno()), helper or ""],
-                                         pass_fds=[theirs.fileno()], stdin=subprocess.PIPE, start_new_session=True)
-        with self.proc.stdin:                      # its program on stdin: `ps` shows `python3 -I -S - N`, not the source
-            self.proc.stdin.write(spawner_source().encode())
+            if helper:
+                self.proc = subprocess.Popen([helper, "--serve", str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
+            else:
+                self.proc = subprocess.Popen([sys.executable or "python3", "-I", "-S", "-", str(theirs.fileno())],
+                                             pass_fds=[theirs.fileno()], stdin=subprocess.PIPE, start_new_session=True)
+                with self.proc.stdin:              # its program on stdin: `ps` shows `python3 -I -S - N`, not the source
+                    self.proc.stdin.write(spawner_source().encode())
         self.sock, self.pid = ours, self.proc.pid
         try:
             for d in cgroups:                      # v1: the spawner sits in the slot's cgroups; its jobs are born there
@@ -4960,7 +5090,11 @@ class Spawner:
         """Start a job: -> its pid. OSError if it could not be started (as Popen raises it)."""
         memfd = os.memfd_create("swarm-plan", os.MFD_CLOEXEC)
         try:
-            os.write(memfd, json.dumps(plan).encode())
+            if self.helper:
+                data, fds = self._helper_plan(plan, fds)
+            else:
+                data = json.dumps(plan).encode()
+            os.write(memfd, data)
             os.lseek(memfd, 0, os.SEEK_SET)
             socket.send_fds(self.sock, [b"J"], [memfd, *fds])
         finally:
@@ -4973,6 +5107,42 @@ class Spawner:
         if reply["errno"] is not None:
             raise OSError(reply["errno"], os.strerror(reply["errno"]))
         return reply["pid"]
+
+    def _helper_plan(self, plan, fds):
+        """The plan as the start helper's options (its header says what each is), in the fields its
+        launch() reads -> (bytes, the descriptors to send). A descriptor's number is the
+        spawner's, so an argument that names one is a substitution: (argv index, index among the
+        descriptors sent: the plan's memfd, stdin, stdout, stderr, then the rest), -1 the exec's
+        error pipe the spawner makes."""
+        stdio, data = list(fds[:3]), list(fds[3:])
+        chan = data.pop() if plan["ports"] is not None else None
+        extra = data + [fd for fd in (chan,) if fd is not None]
+        argv, subs = [self.helper, "-c", plan["cwd"], "-p", str(self.pid), "-e", ""], [(6, -1)]
+
+        def descriptor(option, fd):
+            if fd not in extra:
+                extra.append(fd)
+            subs.append((len(argv) + 1, 4 + extra.index(fd)))
+            argv.extend([option, ""])
+
+        argv += [a for d in plan["join"] for a in ("-g", os.path.join(d, "cgroup.procs"))]
+        if chan is not None:
+            descriptor("-n", chan)
+            argv += [a for port in plan["ports"] for a in ("-P", str(port))]
+        argv += ["-u", str(plan["uid"])] if plan["uid"] is not None else []
+        argv += [a for which, value in plan["rlimits"] for a in ("-r", f"{which}={value}")]
+        if plan["landlock"]:
+            descriptor("-l", _landlock_cached(plan["landlock"], self.rulesets))
+        for n in sorted({n for _, n in plan["pipe_args"]}):
+            descriptor("-k", data[n])
+        argv.append("--")
+        subs += [(len(argv) + index, 4 + n) for index, n in plan["pipe_args"]]
+        argv += plan["argv"]
+        env = [f"{k}={v}" for k, v in plan["env"].items()]
+        fields = [str(f) for f in (len(subs), *[x for sub in subs for x in sub], len(argv), *argv, len(env), *env)]
+        if any("\0" in f for f in fields):        # a field's end: one inside would shift the rest
+            raise OSError(errno.EINVAL, "an argument or environment variable holds a NUL byte")
+        return "\0".join(fields).encode() + b"\0", stdio + extra
 
     def receive(self, timeout):
         """The spawner's next message, or None when `timeout` passes; an "exit" with an
@@ -4991,6 +5161,8 @@ class Spawner:
         return json.loads(msg)
 
     def close(self):
+        if self.rulesets.get("fd") is not None:
+            os.close(self.rulesets.pop("fd"))
         self.sock.close()                          # the spawner reads end of file and exits
         try:
             self.proc.wait(5)

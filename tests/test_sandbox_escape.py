@@ -695,7 +695,8 @@ def test_a_write_job_runs_on_a_worker_with_the_default_allowlist(escape):
 def spawner_above(pid):
     """The spawner a job's process descends from (it forks bwrap, or the job itself), or None."""
     while pid > 1:
-        if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[1:4] == [b"-I", b"-S", b"-"]:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if argv[1:4] == [b"-I", b"-S", b"-"] or argv[1:2] == [b"--serve"]:     # Python's, or the start helper
             return pid
         status = Path(f"/proc/{pid}/status").read_text()
         pid = int(next(line for line in status.splitlines() if line.startswith("PPid:")).split()[1])
