@@ -4445,14 +4445,14 @@ def kill_uid(uid):
 # the spawner exits, and its jobs die with it (their PR_SET_PDEATHSIG).
 
 START_HELPER_C = r"""
-/* swarm-start: a slot's spawner, and the last step from it to a job. The same steps, in the
-   same order, as _job_child in swarm.py; an option absent is a step skipped.
-   swarm-start --serve FD: the spawner (serve() below): reads requests on FD and forks each
-   job, which takes the steps of
-   swarm-start [-c DIR] [-g CGROUP_PROCS]... [-o] [-n CHAN_FD [-P PORT]...] [-u UID]
-               [-r RESOURCE=VALUE]... [-p PPID] [-l RULESET_FD] [-k FD]... [-e ERRNO_FD] -- COMMAND [ARG]...
-   and execs COMMAND. A step that fails: "swarm: sandbox setup failed: ..." on stderr, exit
-   125. An exec that fails: its errno in decimal on ERRNO_FD, exit 127. */
+/* swarm-start --serve FD: a slot's spawner (serve() below). It reads requests on FD and forks
+   each job, whose plan is the options
+       [-c DIR] [-g CGROUP_PROCS]... [-n CHAN_FD [-P PORT]...] [-u UID] [-r RESOURCE=VALUE]...
+       [-p PPID] [-l RULESET_FD] [-k FD]... [-e ERRNO_FD] -- COMMAND [ARG]...
+   The child takes the steps they name (start()), in the same order as _job_child in swarm.py
+   (an option absent is a step skipped), and execs COMMAND. A step that fails: "swarm: sandbox
+   setup failed: ..." on stderr, exit 125. An exec that fails: its errno in decimal on
+   ERRNO_FD, exit 127. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -4542,17 +4542,16 @@ static void job_network(int chan, const long *ports, int nports) {
     close(chan);
 }
 
-static int start(int argc, char **argv) {
+static int start(int argc, char **argv, int oom) {
     const char *cwd = NULL, *cgroups[MAX_LIST];
-    int ncgroups = 0, oom = 0, nlimits = 0, nkeep = 0, nports = 0, ruleset = -1, errors = -1, chan = -1, opt;
+    int ncgroups = 0, nlimits = 0, nkeep = 0, nports = 0, ruleset = -1, errors = -1, chan = -1, opt;
     long uid = -1, ppid = -1, limits[MAX_LIST][2], ports[MAX_LIST];
     int keep[MAX_LIST + 1];
-    while ((opt = getopt(argc, argv, "+c:g:on:P:u:r:p:l:k:e:")) != -1) {
+    while ((opt = getopt(argc, argv, "+c:g:n:P:u:r:p:l:k:e:")) != -1) {
         char *eq;
         switch (opt) {
         case 'c': cwd = optarg; break;
         case 'g': if (ncgroups == MAX_LIST) { errno = E2BIG; fail("-g"); } cgroups[ncgroups++] = optarg; break;
-        case 'o': oom = 1; break;
         case 'n': chan = (int)number(optarg, "-n"); break;
         case 'P': if (nports == MAX_LIST) { errno = E2BIG; fail("-P"); } ports[nports++] = number(optarg, "-P"); break;
         case 'u': uid = number(optarg, "-u"); break;
@@ -4576,7 +4575,7 @@ static int start(int argc, char **argv) {
         if (fd < 0 || dprintf(fd, "%d", getpid()) < 0) fail("join cgroup");
         close(fd);
     }
-    if (oom) {
+    if (oom) {                /* the spawner is never the OOM killer's choice; the job may be */
         int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
         if (fd < 0 || write(fd, "0", 1) != 1) fail("oom_score_adj");
         close(fd);
@@ -4695,14 +4694,9 @@ static int launch(int *fds, int nfds, int oom, pid_t *pid) {
         for (int i = 0; i < 3; i++)
             if (dup2(fds[1 + i], i) < 0) _exit(125);
         if (setsid() < 0) fail("setsid");
-        if (oom) {                                 /* the spawner is never the OOM killer's choice; the job may be */
-            int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-            if (fd < 0 || write(fd, "0", 1) != 1) fail("oom_score_adj");
-            close(fd);
-        }
         environ = envp;
         optind = 1;
-        start((int)argc, argv);
+        start((int)argc, argv, oom);
     }
     if (!err) {                                    /* empty once the job's exec succeeded */
         char text[16] = {0};
@@ -4782,8 +4776,11 @@ static int serve(int sock) {
 }
 
 int main(int argc, char **argv) {
-    if (argc == 3 && !strcmp(argv[1], "--serve")) return serve((int)number(argv[2], "--serve"));
-    return start(argc, argv);
+    if (argc != 3 || strcmp(argv[1], "--serve")) {
+        errno = EINVAL;
+        fail("usage: swarm-start --serve FD");
+    }
+    return serve((int)number(argv[2], "--serve"));
 }
 """
 

@@ -230,12 +230,12 @@ MAX_EVENTS = 20           # per worker or job, newest last
 ATTEMPT_COLUMNS = "id, state, attempt, worker_id, binding_id, tried, cancel_requested, started_at"
 
 
-_ROW_PLANS = {}           # column names -> (names, [(index, name) of the JSON columns]), see _row
+_ROW_PLANS = {}           # column names -> [(index, name) of the JSON columns], see _row
 
 
 def _row(cursor, row):
     """A row as a dict, its JSON columns decoded. Which columns are JSON is worked out once per
-    shape of row, not per column of every row: a job row has 40 columns, and every claim and
+    shape of row, not per column of every row: a job row has 42 columns, and every claim and
     report reads some (this was 13 % of pond's CPU a job)."""
     names = tuple(d[0] for d in cursor.description)
     plan = _ROW_PLANS.get(names)
