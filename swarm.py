@@ -2250,7 +2250,7 @@ def log_job(job, event, worker, what, level=logging.INFO, **fields):
 
 
 class Session:
-    """One enrolled worker as the orchestrator sees it: its queue of assignments and its cancels."""
+    """One enrolled worker as the orchestrator sees it: its queue of assignments, its cancels and withdrawals."""
 
     def __init__(self, row, lock):
         self.id, self.name, self.token_hash = row["id"], row["name"], row["token_hash"]
@@ -2261,6 +2261,7 @@ class Session:
         self.queue = collections.deque()       # assigned by pond, not yet handed to the worker
         self.jobs = {}                          # job id -> assignment the worker holds
         self.cancels = []
+        self.withdrawals = []                  # jobs it holds that pond asked back, if not started (§4)
         self.claiming = 0
         self.last_seen = 0.0
         self.health = []                        # the worker's loops in trouble, as its last claim said
@@ -2587,7 +2588,7 @@ class Pool:
         return next(answers, {"jobs": [], "cancels": []})
 
     def _answers(self, session, deadline, alive, watch=None):
-        """Yield each non-empty {jobs, cancels} for a worker until `deadline`; while held, it is online.
+        """Yield each non-empty {jobs, cancels, withdrawals?} for a worker until `deadline`; while held, it is online.
 
         It stops as soon as the worker has hung up (`watch` wakes it; without it, or once it
         fired, it checks every LIVENESS_CHECK) and never hands jobs to one that has; if the
@@ -2607,7 +2608,7 @@ class Pool:
         try:
             while True:
                 with self.lock:
-                    while not session.queue and not session.cancels:
+                    while not session.queue and not session.cancels and not session.withdrawals:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0 or session.revoked:
                             return
@@ -2619,16 +2620,18 @@ class Pool:
                     jobs = list(session.queue)
                     session.queue.clear()
                     cancels, session.cancels = session.cancels, []
+                    withdrawals, session.withdrawals = session.withdrawals, []
                     for job in jobs:
                         session.jobs[job["job_id"]] = job
                 try:
-                    yield {"jobs": jobs, "cancels": cancels}
+                    yield {"jobs": jobs, "cancels": cancels, **({"withdrawals": withdrawals} if withdrawals else {})}
                 except Undelivered:
                     with self.lock:
                         for job in reversed(jobs):
                             session.jobs.pop(job["job_id"], None)
                             session.queue.appendleft(job)
                         session.cancels[:0] = cancels
+                        session.withdrawals[:0] = withdrawals
                     return
         finally:
             if unwatch:
@@ -2670,8 +2673,9 @@ class Pool:
 
     # -- from pond --------------------------------------------------------------
 
-    def deliver(self, jobs, cancels):
-        """Hand a poll answer to the workers: assignments to their queues, cancels to whoever holds the job.
+    def deliver(self, jobs, cancels, withdrawals=()):
+        """Hand a poll answer to the workers: assignments to their queues, cancels and withdrawals to
+        whoever holds the job.
 
         What goes to disk goes first, so that a write the disk refuses (StorageUnavailable)
         changes nothing here and the poll loop can deliver the same answer again."""
@@ -2692,6 +2696,8 @@ class Pool:
                     session.cond.notify_all()
             for cancel in cancels:
                 self._cancel_locked(cancel["job_id"], "pond")
+            for withdrawal in withdrawals:
+                self._withdraw_locked(withdrawal["job_id"])
 
     def _cancel_locked(self, job_id, by):
         for session in self.sessions.values():
@@ -2711,6 +2717,22 @@ class Pool:
     def cancel(self, job_id):
         with self.lock:
             return self._cancel_locked(job_id, "the pool operator")
+
+    def _withdraw_locked(self, job_id):
+        """pond asks a job back (§4, Withdrawal): one its worker has not claimed goes back from here;
+        one it holds, it gives back unless it has started it."""
+        for session in self.sessions.values():
+            for job in list(session.queue):
+                if job["job_id"] == job_id:
+                    self._report(job, {"attempt": job["attempt"], "state": "failed", "requeue": True,
+                                       "error": "withdrawn before its worker claimed it"}, release=job_id)
+                    session.queue.remove(job)         # once on disk: a refused write leaves it queued
+                    log_job(job, "withdrawn", session.id, "withdrawn before its worker claimed it", state="queued")
+                    return
+            if job_id in session.jobs:
+                session.withdrawals.append({"job_id": job_id, "attempt": session.jobs[job_id]["attempt"]})
+                session.cond.notify_all()
+                return
 
     # -- from workers ------------------------------------------------------------
 
@@ -2960,7 +2982,7 @@ def hand_over(loop, pool, answer, stop):
     jobs assigned meanwhile, and requeues them if this outlasts their lease)."""
     while True:
         try:
-            pool.deliver(answer.get("jobs", []), answer.get("cancels", []))
+            pool.deliver(answer.get("jobs", []), answer.get("cancels", []), answer.get("withdrawals", []))
             return loop.beat()
         except StorageUnavailable as e:
             if stop.wait(loop.trouble(e.message)):
@@ -6716,6 +6738,17 @@ class Slots:
                 self.sandboxes.prepare(slot, conf)      # the next job like this one starts in a sandbox made now
             loop.beat()
 
+    def withdraw(self, job_id):
+        """pond asks back a job waiting for a slot here (another worker has a free one): give it back
+        unless it has started (specs/protocol.md §4, Withdrawal)."""
+        with self.cond:
+            waiting = next((job for job in self.queue if job["job_id"] == job_id), None)
+            if waiting is None:
+                return
+            self.queue.remove(waiting)
+            self._ended(waiting)
+        finish(waiting, self.reporter, self.signer, "failed", error="withdrawn before it started", requeue=True)
+
     def stop(self, cancel_running):
         with self.cond:
             self.stopping.set()
@@ -6832,6 +6865,8 @@ def claim_loop(s, orch, slots, stop, identity, loops):
                                       on_open=loop.beat):
                 for cancel in answer.get("cancels", []):     # first: a cancel is never for a job in the same line
                     slots.cancel(cancel["job_id"])
+                for withdrawal in answer.get("withdrawals", []):
+                    slots.withdraw(withdrawal["job_id"])
                 for job in answer.get("jobs", []):
                     slots.add(job)
         except Refused as e:

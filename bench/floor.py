@@ -66,8 +66,8 @@ def run(tree, args):
     """One `pool.py throughput --compare huey` in `tree`: -> (jobs/s, huey jobs/s, ratio, CPU ms a job)."""
     argv = [sys.executable, str(tree / "bench" / "pool.py"), "throughput", "--compare", "huey", "--reps", "1",
             "--peers", args.peers, "--peers-scratch", args.peers_scratch, "--sandboxed-jobs", "0",
-            "--throughput-jobs", str(args.throughput_jobs), "--assign-ahead", str(args.assign_ahead),
-            "--submit-batch", str(args.submit_batch)]
+            "--throughput-jobs", str(args.throughput_jobs), "--submit-batch", str(args.submit_batch),
+            *(() if args.assign_ahead is None else ("--assign-ahead", str(args.assign_ahead)))]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -82,7 +82,7 @@ def main():
     p.add_argument("--each", action="store_true", help="also each switch alone (default: as is, and all off)")
     p.add_argument("--reps", type=int, default=1, help="rounds of every variant (default %(default)s)")
     p.add_argument("--throughput-jobs", type=int, default=2000)
-    p.add_argument("--assign-ahead", type=int, default=0, metavar="N")
+    p.add_argument("--assign-ahead", type=int, metavar="N", help="pond serve --assign-ahead N (default: pond's)")
     p.add_argument("--submit-batch", type=int, default=1, metavar="N")
     p.add_argument("--peers", default=str(ROOT.parent / "shared" / "peers-bench"))
     p.add_argument("--peers-scratch", default=str(Path(tempfile.gettempdir()) / "pond-bench-peers"))
@@ -102,7 +102,8 @@ def main():
                 jobs, huey, ratio, cpu = results[name][-1]
                 print(f"round {rep + 1}  {name:15s} {jobs:6.1f} jobs/s  huey {huey:6.1f}  ratio {ratio:.2f}x  "
                       f"{cpu:.2f} ms of CPU a job", flush=True)
-    print(f"\n{args.throughput_jobs} x /bin/true, --assign-ahead {args.assign_ahead}, --submit-batch "
+    ahead = "pond's default" if args.assign_ahead is None else args.assign_ahead
+    print(f"\n{args.throughput_jobs} x /bin/true, --assign-ahead {ahead}, --submit-batch "
           f"{args.submit_batch}, {args.reps} round(s): the ratio to huey-tuned in the same run, lowest to highest")
     for name, rows in results.items():
         ratios, cpus = [r[2] for r in rows], [r[3] for r in rows]

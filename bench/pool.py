@@ -978,8 +978,8 @@ def parse_args(argv):
     p.add_argument("--submitters", type=int, default=1, help="client threads submitting (default %(default)s)")
     p.add_argument("--submit-batch", type=int, default=1, metavar="N", help="jobs per POST /v1/jobs in "
                    "throughput (a list; default %(default)s: one job per request)")
-    p.add_argument("--assign-ahead", type=int, default=0, metavar="N", help="pond serve --assign-ahead N: jobs "
-                   "each worker may hold beyond its slots (default %(default)s)")
+    p.add_argument("--assign-ahead", type=int, metavar="N", help="pond serve --assign-ahead N: jobs "
+                   "each worker may hold beyond its slots (default: pond's)")
     p.add_argument("--compare", choices=sorted(PEER_CONFIGS), help="also run this peer's throughput, alternating "
                    "with ours, and print the ratio (its scripts: --peers, run from a copy in --peers-scratch)")
     p.add_argument("--reps", type=int, default=1, help="throughput runs of each (default %(default)s; the medians "
@@ -1030,7 +1030,8 @@ def main(argv=None):
             return 2
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="pond-bench-")
-    pool = BenchPool(tmp, profile_dir=args.profile, pond_args=("--assign-ahead", str(args.assign_ahead)))
+    pool = BenchPool(tmp, profile_dir=args.profile,
+                     pond_args=() if args.assign_ahead is None else ("--assign-ahead", str(args.assign_ahead)))
     code = 0
     try:
         t = time.monotonic()
@@ -1038,7 +1039,7 @@ def main(argv=None):
         print(f"pool:    started in {time.monotonic() - t:.1f} s in {tmp}: "
               + ", ".join(f"{name} pid {pid}" for name, pid in pool.pids().items()))
         print("         default holds: pond poll hold 25 s, orchestrator claim wait 25 s; 2 workers x concurrency 2"
-              + (f"; pond --assign-ahead {args.assign_ahead}" if args.assign_ahead else ""))
+              + ("" if args.assign_ahead is None else f"; pond --assign-ahead {args.assign_ahead}"))
         if args.what in ("pickup", "all"):
             results["pickup"] = bench_pickup(pool, stamp, args)
             pool.check_alive()

@@ -919,9 +919,9 @@ def build_parser():
     s.add_argument("--max-attempts", type=int, metavar="N",
                    help="attempts of a job whose leases run out before it fails (default 3)")
     s.add_argument("--assign-ahead", type=int, metavar="N",
-                   help="jobs each worker may hold beyond its free slots, started as soon as a slot frees: "
-                        "for many short jobs; a job may then wait behind a long one (default: "
-                        "$POND_ASSIGN_AHEAD, else 0)")
+                   help="jobs each worker may hold beyond its free slots, started as soon as a slot frees "
+                        "(one that waits over 1 s while another worker has a free slot goes there; 0: none) "
+                        "(default: $POND_ASSIGN_AHEAD, else 4)")
     s.add_argument("--bundle-retention", type=float, metavar="S",
                    help="seconds a source bundle is kept once no job needs it (default: $POND_BUNDLE_RETENTION, "
                         "else 604800: 7 days)")

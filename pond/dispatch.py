@@ -33,6 +33,7 @@ MAX_HEARTBEAT = 4096      # attempts renewed by one heartbeat
 MAX_BATCH = 64            # reports in one POST /v1/orch/reports
 MAX_VERDICTS = 10000      # groups whose verdict a binding keeps after they emptied
 MAX_ENVELOPE = 64 * 1024    # bytes of an attestation: one signature over a statement is ~1.5 KiB
+WITHDRAW_AFTER = 1.0      # s a job waits ahead on its worker before a free slot elsewhere may ask for it
 REPORT_STATES = (JobState.RUNNING, JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
@@ -189,10 +190,11 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
     jobs, and the offers are taken in submission order across groups. Among matching
     workers, the one with the most free slots gets the job. Which groups fit is kept
     between polls (Fits). With --assign-ahead, a worker's free slots count the jobs it may
-    hold beyond its slots too (Fits.available).
+    hold beyond its slots too (Fits.available), and a worker left with a free slot of its own and
+    nothing to take asks for jobs waiting ahead on busy workers (_withdraw).
     """
     store = pond.store
-    with store.transaction():
+    with pond.work.deferred(), store.transaction():      # the holders' polls wake once this has committed
         store.claim_lock(binding_id)        # PostgreSQL: one claim per binding across replicas
         rows, workers, capacity = pond.fits.available(pond, binding_id)
         if not workers:
@@ -230,7 +232,37 @@ def claim(pond, binding_id, max_jobs=MAX_CLAIM):
             free[worker_id] -= 1
             if len(out) >= max_jobs:
                 break
+        if len(out) < max_jobs and pond.settings.assign_ahead:
+            _withdraw(pond, workers, free)
         return out
+
+
+def _withdraw(pond, workers, free):
+    """Ask back, for this binding's workers with a slot of their own free and nothing queued they
+    fit, jobs that have waited ahead on another worker for WITHDRAW_AFTER (specs/protocol.md §4,
+    Withdrawal): a job given ahead then waits for the first fitting slot, not only its worker's.
+    The holder gives back only a job it has not started; pond then queues it again (_requeue)."""
+    ahead = pond.settings.assign_ahead
+    idle = [w for w in workers if free[w["id"]] > ahead]
+    slots = sum(free[w["id"]] - ahead for w in idle)
+    if not slots:
+        return
+    idle_ids = {w["id"] for w in idle}
+    for job in pond.store.withdrawable(pond.now() - WITHDRAW_AFTER, MAX_CLAIM):
+        sealed = matching.needs_keys(job, pond.settings.allow_unsigned)
+        if job["worker_id"] in idle_ids or not any(
+                (w["fingerprint"] or not sealed) and matching.matches(w, job["tags"], job["capabilities"])
+                for w in idle):
+            continue            # its own worker has a free slot (it starts it now), or no idle one fits
+        if pond.store.ask_withdraw(job["id"], job["attempt"]):
+            pond.log.info("job %s: asked back from worker %s for a free slot elsewhere (attempt %d)", job["id"],
+                          job["worker_id"], job["attempt"],
+                          extra={"job": job["id"], "event": "withdraw", "attempt": job["attempt"],
+                                 "worker": job["worker_id"]})
+            pond.work.notify()          # its holder's poll sends it
+            slots -= 1
+            if not slots:
+                return
 
 
 def _room(fitting, free, most):
@@ -336,11 +368,15 @@ def _answers(pond, binding_id, deadline, alive):
             return              # revoked while held: the next poll is refused (pairing.authenticate)
         free = _has_free_slot(pond, binding_id)     # checked without the write lock
         jobs = claim(pond, binding_id) if free else []
-        cancels = pond.store.cancels_to_send(binding_id)
-        if jobs or cancels:
+        cancels, withdrawals = pond.store.to_send(binding_id)
+        if jobs or cancels or withdrawals:
             pond.logs.notify()
-            yield {"jobs": jobs, "cancels": [{"job_id": c["id"], "attempt": c["attempt"], "worker": c["worker_id"]}
-                                             for c in cancels]}
+            answer = {"jobs": jobs, "cancels": [{"job_id": c["id"], "attempt": c["attempt"], "worker": c["worker_id"]}
+                                                for c in cancels]}
+            if withdrawals:     # only when there are some: an answer without them is as it always was
+                answer["withdrawals"] = [{"job_id": w["id"], "attempt": w["attempt"], "worker": w["worker_id"]}
+                                         for w in withdrawals]
+            yield answer
             continue
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -403,11 +439,17 @@ def report_state(pond, req):
 def _requeue(pond, job, requeue, to_state, exit_code, error):
     """A worker that could not start the job (an agent job whose harness it lacks): a new attempt,
     on another worker if one fits, up to max_attempts (specs/protocol.md §5), instead of a failure.
+    One pond asked back (_withdraw) is queued again whatever its attempts: it did not fail.
     Unsigned: a relay could only delay the job this way, which it can by not relaying at all."""
     if requeue is not True or to_state is not JobState.FAILED or exit_code is not None or not error:
         raise BadRequest("requeue is true, on a failed report with an error and no exit_code",
                          "send it only for a job the worker could not start")
-    if end_attempt(pond, pond.store.job(job["id"]), "cannot_start", f"worker {job['worker_id']}: {error}"):
+    job = pond.store.job(job["id"])
+    if job["withdraw"]:       # pond asked for it back (_withdraw): it did not fail, it goes where a slot is free
+        ended = end_attempt(pond, job, "withdrawn", f"worker {job['worker_id']}: {error}", retry_always=True)
+    else:
+        ended = end_attempt(pond, job, "cannot_start", f"worker {job['worker_id']}: {error}")
+    if ended:
         _attempts_ended(pond)
     return 200, {"job": job["id"], "state": pond.store.job(job["id"])["state"], "requeued": True}
 

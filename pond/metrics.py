@@ -78,7 +78,7 @@ class Metrics:
         self.pickup = Histogram(PICKUP_BUCKETS)     # submit -> first assignment, s
         self.group_pickup = {}               # group_label (the first GROUP_SERIES seen) or "other" -> Histogram
         self.attempts = Counters()           # "assigned" -> attempts handed out
-        self.ended = Counters()              # attempts pond ended: lease_expired, evicted, worker_lost
+        self.ended = Counters()              # attempts pond ended, by event: lease_expired, withdrawn, ...
         self.refused = Counters()            # results refused: attestation_failed
         self.collected = Counters()          # blobs the reaper deleted past their retention: bundle, artifact
         self._lock = threading.Lock()

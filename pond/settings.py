@@ -33,6 +33,7 @@ WORKER_OFFLINE_AFTER = 60.0              # s without a snapshot that lists a wor
 LEASE = 60.0                             # s an attempt lives without a heartbeat from its orchestrator
 MAX_ATTEMPTS = 3                         # attempts of a job whose leases run out, before it fails
 MAX_ASSIGN_AHEAD = 64                    # jobs a worker may be given beyond its free slots (--assign-ahead)
+ASSIGN_AHEAD = 4                         # the default: 4-34 % more jobs/s of /bin/true than 0; 8 or 16 no more
 LOG_CAP = 4 * 1024 * 1024                # bytes of a job's output kept (head and tail), unless the job says
 MIN_LOG_CAP, MAX_LOG_CAP = 64 * 1024, 1024 ** 3
 # s a source bundle is kept after its last job ended (or, never used, after its upload), and a job's
@@ -67,7 +68,7 @@ class ServerSettings:
     allow_unsigned: bool = False         # accept results of workers without pinned keys
     lease: float = LEASE
     max_attempts: int = MAX_ATTEMPTS
-    assign_ahead: int = 0                # jobs each worker may hold beyond its slots, to start when one frees
+    assign_ahead: int = ASSIGN_AHEAD     # jobs each worker may hold beyond its slots, to start when one frees
     log_cap: int = LOG_CAP
     require_sandbox: bool = False        # refuse jobs with sandbox profile none (specs/sandbox.md §5)
     database: str = field(default="", repr=False)     # postgresql://... (store_pg.py); "": DIR/pond.db
@@ -183,10 +184,11 @@ def server_settings(bind, state_dir, env, admin_token_file=None, poll_hold=None,
                                                                               MAX_ATTEMPTS)
     if not 1 <= attempts <= 100:
         raise ConfigError(f"max attempts {attempts} is out of range", "give a value from 1 to 100 (default 3)")
-    ahead = int(assign_ahead) if assign_ahead is not None else env_number(env, "POND_ASSIGN_AHEAD", int, 0)
+    ahead = int(assign_ahead) if assign_ahead is not None else env_number(env, "POND_ASSIGN_AHEAD", int, ASSIGN_AHEAD)
     if not 0 <= ahead <= MAX_ASSIGN_AHEAD:
         raise ConfigError(f"assign ahead {ahead} is out of range",
-                          f"give 0 to {MAX_ASSIGN_AHEAD} jobs a worker may hold beyond its slots (default 0)")
+                          f"give 0 to {MAX_ASSIGN_AHEAD} jobs a worker may hold beyond its slots "
+                          f"(default {ASSIGN_AHEAD})")
     cap = int(log_cap) if log_cap is not None else env_number(env, "POND_LOG_CAP", int, LOG_CAP)
     if not MIN_LOG_CAP <= cap <= MAX_LOG_CAP:
         raise ConfigError(f"log cap {cap} bytes is out of range", f"give {MIN_LOG_CAP} to {MAX_LOG_CAP} (default 4 MiB)")

@@ -29,7 +29,7 @@ from pathlib import Path
 from pond.errors import StorageUnavailable
 from pond.health import cleared, storage_failure, warn_once
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS pairing_codes (
@@ -103,6 +103,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     error            TEXT,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     cancel_sent      INTEGER NOT NULL DEFAULT 0,
+    withdraw         INTEGER NOT NULL DEFAULT 0,
     credential       TEXT,
     attestation      TEXT,
     events           TEXT,
@@ -209,7 +210,8 @@ _JSON_COLUMNS = ("scope", "tags", "capabilities", "command", "env", "sandbox", "
 # idempotency key (and the credentials table, created above). Schema 4: a job's source, artifact
 # patterns and cap, and the artifacts its result recorded (and the bundle and artifact tables); an
 # agent job's runtime files, broker, agent request and usage (and the registry table). Schema 5:
-# the worker that redeemed a source token (a lost answer is redeemed again by it alone).
+# the worker that redeemed a source token (a lost answer is redeemed again by it alone). Schema 6:
+# a job's withdrawal from a busy worker (WITHDRAW_ASKED, WITHDRAW_SENT; dispatch.claim).
 ADDED_COLUMNS = {
     "source_tokens": (("redeemed_by", "TEXT"),),
     "workers": (("x25519_public", "TEXT"), ("ed25519_public", "TEXT"), ("fingerprint", "TEXT"),
@@ -219,8 +221,10 @@ ADDED_COLUMNS = {
              ("cancel_grace", "REAL"), ("log_cap", "INTEGER"), ("dropped", "TEXT"),
              ("retries_left", "INTEGER NOT NULL DEFAULT 0"), ("tried", "TEXT"), ("idempotency_key", "TEXT"),
              ("request_hash", "TEXT"), ("source", "TEXT"), ("artifacts", "TEXT"), ("artifact_cap", "INTEGER"),
-             ("outputs", "TEXT"), ("files", "TEXT"), ("broker", "TEXT"), ("agent", "TEXT"), ("usage", "TEXT")),
+             ("outputs", "TEXT"), ("files", "TEXT"), ("broker", "TEXT"), ("agent", "TEXT"), ("usage", "TEXT"),
+             ("withdraw", "INTEGER NOT NULL DEFAULT 0")),
 }
+WITHDRAW_ASKED, WITHDRAW_SENT = 1, 2      # jobs.withdraw: 0, none asked for this attempt
 _GROUP_OF_JOB = ("req_key, tags, capabilities,"                         # a queue_groups row
                  " CASE WHEN COALESCE(credential, '') != '' OR source IS NOT NULL OR artifacts IS NOT NULL"
                  " THEN 1 ELSE 0 END")
@@ -667,7 +671,7 @@ class Store:
         with self.transaction():
             if self._write(
                     "UPDATE jobs SET state = 'assigned', attempt = attempt + 1, worker_id = ?, binding_id = ?,"
-                    " claim_hash = ?, assigned_at = ?, lease_until = ? WHERE id = ? AND state = 'queued'",
+                    " claim_hash = ?, assigned_at = ?, lease_until = ?, withdraw = 0 WHERE id = ? AND state = 'queued'",
                     (worker_id, binding_id, claim_hash, now, lease_until, job_id)) != 1:
                 return False
             self._drop_group(job_id)
@@ -725,7 +729,7 @@ class Store:
         with self.transaction():
             if self._write(
                     "UPDATE jobs SET state = 'queued', worker_id = NULL, binding_id = NULL, claim_hash = NULL,"
-                    " lease_until = NULL, cancel_sent = 0, started_at = NULL, tried = ?"
+                    " lease_until = NULL, cancel_sent = 0, withdraw = 0, started_at = NULL, tried = ?"
                     " WHERE id = ? AND state = ? AND attempt = ?", (_dump(tried), job_id, from_state, attempt)) != 1:
                 return False
             self._add_group(job_id)
@@ -749,17 +753,33 @@ class Store:
     def request_cancel(self, job_id):
         return self._write("UPDATE jobs SET cancel_requested = 1 WHERE id = ?", (job_id,)) == 1
 
-    def cancels_to_send(self, binding_id):
-        """Jobs of this binding with a cancel requested and not yet sent; marks them sent."""
-        sql = ("SELECT id, attempt, worker_id FROM jobs WHERE binding_id = ? AND cancel_requested = 1"
-               " AND cancel_sent = 0 AND state IN ('assigned', 'running')")
+    def to_send(self, binding_id):
+        """Jobs of this binding with a cancel or a withdrawal asked for and not yet sent; marks them
+        sent. -> (cancels, withdrawals), rows of id, attempt, worker_id; a cancel outranks a withdrawal."""
+        sql = ("SELECT id, attempt, worker_id, cancel_requested, cancel_sent FROM jobs WHERE binding_id = ?"
+               " AND state IN ('assigned', 'running')"
+               f" AND ((cancel_requested = 1 AND cancel_sent = 0) OR withdraw = {WITHDRAW_ASKED})")
         if not self._all(sql, (binding_id,)):      # the common case: no write lock taken
-            return []
+            return [], []
         with self.transaction():
             rows = self._all(sql, (binding_id,))
             for r in rows:
-                self._db.execute("UPDATE jobs SET cancel_sent = 1 WHERE id = ?", (r["id"],))
-            return rows
+                self._db.execute(f"UPDATE jobs SET cancel_sent = cancel_requested, withdraw = {WITHDRAW_SENT}"
+                                 " WHERE id = ?", (r["id"],))
+            cancels = [r for r in rows if r["cancel_requested"] and not r["cancel_sent"]]
+            return cancels, [r for r in rows if not r["cancel_requested"]]
+
+    def withdrawable(self, before, limit):
+        """Jobs assigned before `before` and not started, with nothing asked of them yet, newest first:
+        those a busy worker holds ahead the longest (dispatch.claim)."""
+        return self._all("SELECT id, attempt, worker_id, tags, capabilities, credential, source, artifacts FROM jobs"
+                         " WHERE state = 'assigned' AND withdraw = 0 AND cancel_requested = 0 AND assigned_at < ?"
+                         " ORDER BY seq DESC LIMIT ?", (before, limit))
+
+    def ask_withdraw(self, job_id, attempt):
+        """Ask for this attempt back from its worker; False if it started, moved, or was asked for already."""
+        return self._write(f"UPDATE jobs SET withdraw = {WITHDRAW_ASKED} WHERE id = ? AND attempt = ?"
+                           " AND state = 'assigned' AND withdraw = 0 AND cancel_requested = 0", (job_id, attempt)) == 1
 
     # -- chunks ----------------------------------------------------------------
 

@@ -378,6 +378,7 @@ def shared_path():
 # Files that never start pond: under --store postgres they would run exactly as they do on SQLite.
 STORE_INDEPENDENT = {
     "test_attestation.py": "signing vectors and interop: swarm.py and pond's functions, no pond process",
+    "test_bench_floor.py": "bench/floor.py's switches applied to a copy of the tree, no pond process",
     "test_cli_reference.py": "compares docs/cli.md with the argument parsers",
     "test_egress.py": "swarm.py's egress proxy on loopback sockets",
     "test_errors_doc.py": "reads docs/errors.md and the sources",

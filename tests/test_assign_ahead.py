@@ -68,21 +68,56 @@ def test_assign_ahead_out_of_range_is_refused_with_the_range(tmp_path):
 
 
 def test_a_stopped_worker_hands_back_the_jobs_it_held_ahead(pool):
-    """Not cancelled, as a job not yet started used to be at a stop: back to pond, preferring
-    another worker (were this one the only fit, the job would wait for it to come back)."""
+    """Not cancelled, as a job not yet started used to be at a stop: back to pond, for a new attempt.
+    Only this worker fits it (another worker with a free slot would have asked for it back
+    already, the test below), so it runs when the worker is back."""
     pond = pool.pond(extra=("--assign-ahead", "1",))
     orch = pool.orchestrator(pond)
-    first = pool.worker(pond, orch, concurrency=1)
-    long = pond.submit([JOB_PY, "-c", SLEEPS.format(60)])
+    first = pool.worker(pond, orch, tags="pool:a", concurrency=1)
+    pool.worker(pond, orch, concurrency=1)                  # online, with nothing to do, and no pool:a
+    long = pond.submit([JOB_PY, "-c", SLEEPS.format(60)], tags=["pool:a"])
     started(pond, long["id"])
-    ahead = pond.submit([JOB_PY, "-c", "print('handed back')"])
+    ahead = pond.submit([JOB_PY, "-c", "print('handed back')"], tags=["pool:a"])
     wait_for(lambda: pond.job(ahead["id"])["state"] == "assigned", 10, what="assigned ahead")
-    second = pool.worker(pond, orch, concurrency=1)        # online now, with nothing to do
     time.sleep(1)               # pond -> orchestrator -> worker: a few ms; then the first worker holds it
     assert first.stop() == 0
     assert pond.wait_job(long["id"], timeout=30)["state"] == "cancelled"       # a stop cancels what runs
+    def handed_back():
+        job = pond.job(ahead["id"])
+        return any(e["event"] == "cannot_start" for e in job["events"]) and job
+
+    back = wait_for(handed_back, 20, what="handed back")
+    assert any("worker stopped before the job started" in e["message"] for e in back["events"]), back["events"]
+    pool.worker(pond, orch, tags="pool:a", concurrency=1, state=first.state_dir)     # the same worker, back
     done = pond.wait_job(ahead["id"], timeout=30)
-    assert done["state"] == "done" and done["worker"] == second.worker_id and done["attempt"] == 2, done
-    assert any(e["event"] == "cannot_start" and "worker stopped before the job started" in e["message"]
-               for e in done["events"]), done["events"]
+    assert done["state"] == "done" and done["worker"] == first.worker_id and done["attempt"] == 2, done
     assert pond.output(ahead["id"])["stdout"] == b"handed back\n"
+
+
+def test_a_job_waiting_ahead_moves_to_a_worker_whose_slot_frees_first(pool):
+    """A job given ahead to a worker busy with a long job does not wait for that job: once another
+    worker has a free slot and nothing to take, pond asks the job back (withdrawal) and gives it
+    there. Without that, it would wait the whole minute."""
+    pond = pool.pond(extra=("--assign-ahead", "2"))
+    orch = pool.orchestrator(pond)
+    first = pool.worker(pond, orch, concurrency=1)
+    second = pool.worker(pond, orch, concurrency=1)
+    long = pond.submit([JOB_PY, "-c", SLEEPS.format(60)])          # the first worker: both free, it enrolled first
+    assert started(pond, long["id"])["worker"] == first.worker_id
+    short = pond.submit([JOB_PY, "-c", SLEEPS.format(3)])          # the second: it has more free
+    assert started(pond, short["id"])["worker"] == second.worker_id
+    moved = pond.submit([JOB_PY, "-c", "print('moved')"])
+    held = wait_for(lambda: (j := pond.job(moved["id"]))["state"] == "assigned" and j, 10, what="assigned ahead")
+    assert held["worker"] == first.worker_id, held                 # ahead, behind the long job
+
+    freed = pond.wait_job(short["id"], timeout=30)
+    done = pond.wait_job(moved["id"], timeout=20)
+    assert done["state"] == "done" and done["worker"] == second.worker_id and done["attempt"] == 2, done
+    # Asked back within WITHDRAW_AFTER (1 s) and a poll's liveness check (2 s) of the free slot, with room.
+    assert done["finished_at"] - freed["finished_at"] < 8, (freed, done)
+    assert any(e["event"] == "withdrawn" and "withdrawn before it started" in e["message"] for e in done["events"]), \
+        done["events"]
+    assert pond.output(moved["id"])["stdout"] == b"moved\n"
+    assert pond.job(long["id"])["state"] == "running"               # the long job was never disturbed
+    pond.client.post(f"/v1/jobs/{long['id']}/cancel", {})
+    assert pond.wait_job(long["id"], timeout=30)["state"] == "cancelled"

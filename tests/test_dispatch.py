@@ -160,7 +160,7 @@ def test_tier_trusted_runs_only_on_a_pool_trusted_worker(pool):
 
 
 def test_worker_never_holds_more_jobs_than_its_concurrency(pool, shared_path):
-    pond = pool.pond()
+    pond = pool.pond(extra=("--assign-ahead", "0"))        # none held beyond its slots (test_assign_ahead.py)
     orch = pool.orchestrator(pond)
     w = pool.worker(pond, orch, concurrency=2)
     release = {}

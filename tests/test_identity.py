@@ -337,10 +337,11 @@ def test_a_version_1_database_is_migrated_when_pond_opens_it(tmp_path):
         assert row["id"] == "w_old" and row["tags"] == ["lane:a"] and row["slots"] == 2
         assert row["fingerprint"] is None and row["revoked_at"] is None and row["events"] is None
         assert store.revoke_worker("w_old", 5.0) and store.worker("w_old")["revoked_at"] == 5.0
-        assert store._one("PRAGMA user_version")["user_version"] == SCHEMA_VERSION == 5
+        assert store._one("PRAGMA user_version")["user_version"] == SCHEMA_VERSION == 6
         columns = {r["name"] for r in store._all("PRAGMA table_info(jobs)")}
         assert {"source", "artifacts", "artifact_cap", "outputs", "files", "broker", "agent", "usage"} <= columns, \
             columns     # schema 4
+        assert "withdraw" in columns, columns       # schema 6
         tables = {r["name"] for r in store._all("SELECT name FROM sqlite_master WHERE type = 'table'")}
         assert {"bundles", "source_tokens", "artifacts", "registry"} <= tables, tables
     finally:

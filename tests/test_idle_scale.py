@@ -20,7 +20,7 @@ def online(pond, worker_id):
 
 
 def test_an_idle_worker_stopped_past_the_grace_is_not_lost_until_it_is_given_a_job(pool):
-    pond = pool.pond()
+    pond = pool.pond(extra=("--assign-ahead", "0"))        # the job is not asked back for the other worker
     orch = pool.orchestrator(pond, extra=("--worker-lost-after", "3"))      # a busy worker beats every 1.2 s
     idle = pool.worker(pond, orch, tags="lane:a")
     wait_for(lambda: online(pond, idle.worker_id), 10, what="the worker online")

@@ -91,8 +91,10 @@ def test_a_job_that_ignores_sigterm_is_killed_after_its_own_grace(pool):
 
 
 def test_pond_fails_a_job_past_its_timeout_when_the_worker_never_says(pool):
-    """The backstop: an orchestrator keeps the lease alive but its worker never reports."""
-    pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results"))
+    """The backstop: an orchestrator keeps the lease alive but its worker never reports. With
+    --assign-ahead 0: above it, a job not started may be waiting for a slot, and only a started
+    one is failed (specs/protocol.md §4)."""
+    pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results", "--assign-ahead", "0"))
     token = pond.bare_orchestrator()
     job = pond.submit(["sleep", "60"], timeout=1, cancel_grace=0)
     status, answer = pond.api("POST", "/v1/orch/poll", {"wait": 5}, token=token)

@@ -84,7 +84,7 @@ def test_submit_wait_says_why_the_job_waits_within_a_second_or_two(pool):
 
 
 def test_explain_says_per_pool_what_it_lacks_or_that_its_workers_are_busy_or_evicted(pool, shared_path):
-    pond = pool.pond()
+    pond = pool.pond(extra=("--assign-ahead", "0"))        # a job waits queued behind a busy worker
     orch = pool.orchestrator(pond)
     w = pool.worker(pond, orch, tags="pool:trusted,repo:acme")
     gate = shared_path / "go"

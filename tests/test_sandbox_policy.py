@@ -254,8 +254,9 @@ def test_a_bwrap_job_on_a_pool_of_process_workers_says_which_provider_is_missing
 
 def test_the_sandbox_timeout_bounds_the_assignment_and_the_backstop(pool):
     """A job's own timeout of 60 s, its sandbox's of 1 s: the worker is told 1 s, and pond's backstop
-    fails the job after 1 s (+ grace + margin) when its worker never reports."""
-    pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results"))
+    fails the job after 1 s (+ grace + margin) when its worker never reports (--assign-ahead 0: as
+    tests/test_leases.py's backstop test)."""
+    pond = pool.pond(extra=("--lease", "4", "--allow-unsigned-results", "--assign-ahead", "0"))
     token = pond.bare_orchestrator()
     job = pond.submit(["sleep", "600"], timeout=60, cancel_grace=0,
                       sandbox={"profile": "none", "overrides": {"timeout": 1}})

@@ -73,6 +73,12 @@ def test_both_stores_keep_the_same_contract(any_store):
     assert [j["id"] for j in s.expired_leases(25.0)] == [] and s.job("j3")["lease_until"] == 30.0
     assert s.requeue_job("j1", "assigned", 1, ["w1"]) and s.job("j1")["tried"] == ["w1"]
     assert [g["req_key"] for g in s.queue_groups(0, {"gpu"})[1]] == ["k-gpu"]             # back, as a new group
+    # A withdrawal (dispatch._withdraw): j3 has waited assigned since 10.0; asked back once, sent once.
+    assert [j["id"] for j in s.withdrawable(11.0, 5)] == ["j3"] and s.withdrawable(10.0, 5) == []
+    assert s.ask_withdraw("j3", 1) and not s.ask_withdraw("j3", 1) and s.withdrawable(11.0, 5) == []
+    cancels, withdrawals = s.to_send("b1")
+    assert cancels == [] and [(w["id"], w["attempt"]) for w in withdrawals] == [("j3", 1)]
+    assert s.to_send("b1") == ([], [])
     s.add_chunks("j3", 1, [("stdout", 1, b"b"), ("stdout", 0, b"a\x00"), ("stdout", 0, b"dup")])
     assert s.output("j3", 1) == {"stdout": b"a\x00b", "stderr": b""}
     assert s.put_credential("c", None, ["E"], [], b"\x01\x02", "k1", 1.0)
