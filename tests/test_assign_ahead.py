@@ -4,6 +4,8 @@ through the round trip to pond and back. Real processes: pond, `swarm.py serve`,
 one slot. What a job waiting ahead must not suffer: pond's timeout backstop (its timeout counts
 from its start), or a cancel that waits for the slot."""
 
+import os
+import signal
 import sys
 import time
 
@@ -121,3 +123,28 @@ def test_a_job_waiting_ahead_moves_to_a_worker_whose_slot_frees_first(pool):
     assert pond.job(long["id"])["state"] == "running"               # the long job was never disturbed
     pond.client.post(f"/v1/jobs/{long['id']}/cancel", {})
     assert pond.wait_job(long["id"], timeout=30)["state"] == "cancelled"
+
+
+def test_a_job_its_worker_never_claimed_is_given_back_by_the_orchestrator(pool):
+    """The other end of a withdrawal: the worker is stopped (SIGSTOP) and its claim has ended, so the
+    job pond gave it waits in the orchestrator's queue for it. Asked back, the orchestrator gives it
+    back itself, and it runs on the worker that is free, long before the stopped one is found lost."""
+    pond = pool.pond()                                              # the default: --assign-ahead 4
+    orch = pool.orchestrator(pond)                                  # the default grace: lost after 10 s
+    stopped = pool.worker(pond, orch, tags="lane:a")
+    os.kill(stopped.proc.pid, signal.SIGSTOP)
+    try:
+        time.sleep(6)                   # past its claim's hold (5 s): nothing takes from its queue now
+        job = pond.submit([JOB_PY, "-c", "print('moved')"], tags=["lane:a"])
+        wait_for(lambda: pond.job(job["id"])["worker"] == stopped.worker_id, 10, what="given to the stopped worker")
+        given = time.monotonic()
+        free = pool.worker(pond, orch, tags="lane:a")
+        done = pond.wait_job(job["id"], timeout=30)
+        took = time.monotonic() - given
+    finally:
+        os.kill(stopped.proc.pid, signal.SIGCONT)
+    assert done["state"] == "done" and done["worker"] == free.worker_id and done["attempt"] == 2, done
+    first = done["events"][0]
+    assert first["event"] == "withdrawn" and "withdrawn before its worker claimed it" in first["message"], done["events"]
+    assert took < 10, took                                          # not the lost worker's path
+    assert pond.output(job["id"])["stdout"] == b"moved\n"
