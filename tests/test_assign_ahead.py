@@ -10,6 +10,7 @@ import sys
 import time
 
 from conftest import JOB_PY, run, wait_for
+from test_idle_scale import given_while_stopped
 
 SLEEPS = "import time; print('long', flush=True); time.sleep({})"
 
@@ -135,16 +136,11 @@ def test_a_job_its_worker_never_claimed_is_given_back_by_the_orchestrator(pool):
     os.kill(stopped.proc.pid, signal.SIGSTOP)
     try:
         time.sleep(6)                   # past its claim's hold (5 s): nothing takes from its queue now
-        job = pond.submit([JOB_PY, "-c", "print('moved')"], tags=["lane:a"])
-        wait_for(lambda: pond.job(job["id"])["worker"] == stopped.worker_id, 10, what="given to the stopped worker")
-        given = time.monotonic()
-        free = pool.worker(pond, orch, tags="lane:a")
-        done = pond.wait_job(job["id"], timeout=30)
-        took = time.monotonic() - given
+        done, free, took = given_while_stopped(pool, pond, orch, stopped, "lane:a", timeout=30)
     finally:
         os.kill(stopped.proc.pid, signal.SIGCONT)
     assert done["state"] == "done" and done["worker"] == free.worker_id and done["attempt"] == 2, done
     first = done["events"][0]
     assert first["event"] == "withdrawn" and "withdrawn before its worker claimed it" in first["message"], done["events"]
     assert took < 10, took                                          # not the lost worker's path
-    assert pond.output(job["id"])["stdout"] == b"moved\n"
+    assert pond.output(done["id"])["stdout"] == b"ran\n"

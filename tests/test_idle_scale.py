@@ -19,6 +19,16 @@ def online(pond, worker_id):
     return any(w["id"] == worker_id and w["online"] for w in pond.client.get("/v1/admin/pool/workers")["workers"])
 
 
+def given_while_stopped(pool, pond, orch, stopped, tag, timeout=20):
+    """A job for `tag` given to `stopped` (a worker the caller stopped with SIGSTOP), then another
+    worker with `tag` started: -> (the job once it ended, that worker, seconds from given to ended)."""
+    job = pond.submit([JOB_PY, "-c", "print('ran')"], tags=[tag])
+    wait_for(lambda: pond.job(job["id"])["worker"] == stopped.worker_id, 10, what="the job given to the stopped worker")
+    given = time.monotonic()
+    other = pool.worker(pond, orch, tags=tag)
+    return pond.wait_job(job["id"], timeout=timeout), other, time.monotonic() - given
+
+
 def test_an_idle_worker_stopped_past_the_grace_is_not_lost_until_it_is_given_a_job(pool):
     pond = pool.pond(extra=("--assign-ahead", "0"))        # the job is not asked back for the other worker
     orch = pool.orchestrator(pond, extra=("--worker-lost-after", "3"))      # a busy worker beats every 1.2 s
@@ -30,12 +40,7 @@ def test_an_idle_worker_stopped_past_the_grace_is_not_lost_until_it_is_given_a_j
         assert "lost" not in orch.stderr(), orch.stderr()
         assert online(pond, idle.worker_id)
         # Given a job, it has 3 s to beat: it cannot, so the job runs on another worker.
-        job = pond.submit([JOB_PY, "-c", "print('ran')"], tags=["lane:a"])
-        wait_for(lambda: pond.job(job["id"])["worker"] == idle.worker_id, 10, what="the job given to the stopped worker")
-        given = time.monotonic()
-        other = pool.worker(pond, orch, tags="lane:a")
-        done = pond.wait_job(job["id"], timeout=20)
-        took = time.monotonic() - given
+        done, other, took = given_while_stopped(pool, pond, orch, idle, "lane:a")
     finally:
         os.kill(idle.proc.pid, signal.SIGCONT)
     print(f"\njob given to a stopped idle worker (grace 3 s) to done on another: {took:.1f} s")
